@@ -1,0 +1,267 @@
+"""Exact PyTorch path for dilated attention: forward and backward, any device, any N.
+
+A branch's rows for one head group are a strided view of the (padded) sequence::
+
+    x[B, H, N_pad, D].view(B, H, n_seg, w // r, r, D)[..., offset, :]   # rows seg*w + a*r + offset
+
+so no gather of Q/K/V along the sequence is made. Each branch runs attention on its views chunk by chunk
+(bounded memory) and its result is merged into one accumulator with an online log-sum-exp, which is
+exactly LongNet's denominator-weighted mixing.
+
+The backward is the FlashAttention-2 backward of each branch fed the *merged* LSE and
+``delta = rowsum(dO * O)``: with ``P_pj = m_pj exp(s_pj - LSE_p)`` the softmax over the union of branches
+splits into one term per branch, so the gradients through the mixing weights come out exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..strategies.dilated import Branch, DilatedPlan, HeadGroup
+
+# Elements of one chunk's score tensor; a few such tensors live at once.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _padded_len(n: int, w: int) -> int:
+    return -(-n // w) * w
+
+
+def _pad_seq(x: Tensor, n_pad: int) -> Tensor:
+    n = x.shape[-2] if x.dim() == 4 else x.shape[-1]
+    if n_pad == n:
+        return x
+    if x.dim() == 4:
+        return F.pad(x, (0, 0, 0, n_pad - n))
+    return F.pad(x, (0, n_pad - n))
+
+
+def _rows(x: Tensor, branch: Branch, offset: int) -> Tensor:
+    """View ``[B, H, n_seg, w // r, D]`` (or ``[B, H, n_seg, w // r]``) of the rows ``seg*w + a*r + offset``."""
+    w, r = branch.segment_length, branch.dilation_rate
+    if x.dim() == 4:
+        B, H, n, D = x.shape
+        return x.view(B, H, n // w, w // r, r, D)[..., offset, :]
+    B, H, n = x.shape
+    return x.view(B, H, n // w, w // r, r)[..., offset]
+
+
+class _BranchTiles:
+    """The pieces shared by forward and backward for one (branch, head group)."""
+
+    def __init__(self, branch: Branch, group: HeadGroup, seq_len: int, num_q_heads: int, num_kv_heads: int, device):
+        self.branch, self.group = branch, group
+        self.heads = slice(group.start, group.stop, group.step)
+        w, r = branch.segment_length, branch.dilation_rate
+        self.n_pad = _padded_len(seq_len, w)
+        self.n_seg, self.rows_per_seg = self.n_pad // w, w // r
+        self.num_heads = len(group.heads())
+        gqa = num_q_heads // num_kv_heads
+        self.kv_heads = torch.tensor([h // gqa for h in group.heads()], device=device)
+        # Positions of the rows, [n_seg, w // r].
+        self.pos = (
+            torch.arange(self.n_seg, device=device).view(-1, 1) * w
+            + torch.arange(self.rows_per_seg, device=device).view(1, -1) * r
+            + group.offset
+        )
+        self.seq_len = seq_len
+
+    def chunks(self, batch: int) -> Iterator[slice]:
+        per_seg = batch * self.num_heads * self.rows_per_seg * self.rows_per_seg
+        step = max(1, _CHUNK_ELEMENTS // max(per_seg, 1))
+        for s0 in range(0, self.n_seg, step):
+            yield slice(s0, min(s0 + step, self.n_seg))
+
+    def scores(self, q_rows: Tensor, k_rows: Tensor, segs: slice, scale: float, is_causal: bool,
+               attn_mask: Optional[Tensor]) -> Tensor:
+        """Masked scores ``[B, h, n_chunk, a, a]``; pairs that are not linked hold ``-inf``."""
+        s = torch.matmul(q_rows, k_rows.transpose(-1, -2)) * scale
+        pos = self.pos[segs]
+        linked = (pos < self.seq_len).unsqueeze(-2).expand(-1, self.rows_per_seg, -1)
+        if is_causal:
+            linked = linked & torch.ones(self.rows_per_seg, self.rows_per_seg, dtype=torch.bool,
+                                         device=s.device).tril()
+        if attn_mask is not None:
+            B = q_rows.shape[0]
+            idx = pos.clamp(max=self.seq_len - 1)
+            full = attn_mask.expand(B, -1, self.seq_len, self.seq_len)
+            if full.shape[1] != 1:
+                full = full[:, self.heads]
+            m = full[:, :, idx.unsqueeze(-1), idx.unsqueeze(-2)]
+            if m.dtype == torch.bool:
+                linked = linked & m
+            else:
+                s = s + m.to(s.dtype)
+        return s.masked_fill(~linked, float("-inf"))
+
+    def dropout_scale(self, seed: int, tile: int, chunk: int, shape, p: float, device) -> Tensor:
+        """``keep / (1 - p)`` for one chunk; a function of (seed, tile, chunk) only, so backward regenerates it."""
+        gen = torch.Generator(device=device)
+        gen.manual_seed((seed * 1_000_003 + tile * 65_537 + chunk) % (2**63 - 1))
+        return (torch.rand(shape, generator=gen, device=device) >= p).to(torch.get_default_dtype()) / (1.0 - p)
+
+
+def _merge_into(o_view: Tensor, l_view: Tensor, o: Tensor, lse: Tensor) -> None:
+    """Online log-sum-exp merge of one branch's ``(o, lse)`` into the accumulators' views, in place."""
+    l_old = l_view
+    l_new = torch.logaddexp(l_old, lse)
+    safe = torch.where(torch.isinf(l_new), 0.0, l_new)
+    w_old = torch.exp(l_old - safe).unsqueeze(-1)
+    w_new = torch.exp(lse - safe).unsqueeze(-1)
+    o_view.mul_(w_old).add_(o.mul_(w_new))
+    l_view.copy_(l_new)
+
+
+def _fused_parts(x: Tensor, t: "_BranchTiles", kv: bool = False) -> list[Tensor]:
+    """``x [B, H, >=N, (D)]`` at the tile's heads and rows, without padding: the full segments
+    ``[B, h, n_full, w // r, (D)]`` and the partial last segment ``[B, h, c, (D)]``. Query-side heads are a
+    slice (views, writable); ``kv=True`` picks the GQA heads, copying only the selected rows."""
+    w, r, o, n = t.branch.segment_length, t.branch.dilation_rate, t.group.offset, t.seq_len
+    full = n // w
+    parts = []
+    if full:
+        head = x[:, :, : full * w]
+        parts.append(head.view(*head.shape[:2], full, w // r, r, *head.shape[3:])[:, :, :, :, o])
+    if full * w + o < n:
+        parts.append(x[:, :, full * w + o : n : r])
+    return [p.index_select(1, t.kv_heads) if kv else p[:, t.heads] for p in parts]
+
+
+def _as_batch(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``[B, h, (n_seg,) L, D]`` -> contiguous ``[B, h * n_seg, L, D]`` in ``dtype`` (one copy)."""
+    return x.reshape(x.shape[0], -1, x.shape[-2], x.shape[-1]).to(dtype).contiguous()
+
+
+def fused_route_applies(q: Tensor, attn_mask: Optional[Tensor], dropout_p: float) -> bool:
+    """The CPU flash-attention kernel (returns the LSE, takes it back in backward) runs each branch."""
+    return q.device.type == "cpu" and attn_mask is None and dropout_p == 0.0
+
+
+_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+_flash_cpu_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+
+def _tiles(plan: DilatedPlan, seq_len: int, hq: int, hkv: int, device) -> Iterator[_BranchTiles]:
+    for branch in plan.branches:
+        for group in branch.head_groups:
+            yield _BranchTiles(branch, group, seq_len, hq, hkv, device)
+
+
+def _forward_tile_fused(t: _BranchTiles, q, k, v, out_acc, lse_acc, scale, is_causal, wdt) -> None:
+    for qp, kp, vp, o_view, l_view in zip(_fused_parts(q, t), _fused_parts(k, t, kv=True),
+                                          _fused_parts(v, t, kv=True), _fused_parts(out_acc, t),
+                                          _fused_parts(lse_acc, t)):
+        o, lse = _flash_cpu(_as_batch(qp, wdt), _as_batch(kp, wdt), _as_batch(vp, wdt), 0.0, is_causal, scale=scale)
+        _merge_into(o_view, l_view, o.view(o_view.shape), lse.to(wdt).view(l_view.shape))
+
+
+def _forward_tile_chunked(t: _BranchTiles, tile: int, q, k, v, out_acc, lse_acc, scale, is_causal, attn_mask,
+                          dropout_p, seed, wdt) -> None:
+    off = t.group.offset
+    q_b = _rows(_pad_seq(q[:, t.heads], t.n_pad), t.branch, off)
+    k_b = _rows(_pad_seq(k.index_select(1, t.kv_heads), t.n_pad), t.branch, off)
+    v_b = _rows(_pad_seq(v.index_select(1, t.kv_heads), t.n_pad), t.branch, off)
+    o_view = _rows(out_acc[:, t.heads, : t.n_pad], t.branch, off)
+    l_view = _rows(lse_acc[:, t.heads, : t.n_pad], t.branch, off)
+    for chunk, segs in enumerate(t.chunks(q.shape[0])):
+        s = t.scores(q_b[:, :, segs].to(wdt), k_b[:, :, segs].to(wdt), segs, scale, is_causal, attn_mask)
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1))
+        if dropout_p > 0.0:
+            p = p * t.dropout_scale(seed, tile, chunk, p.shape, dropout_p, q.device).to(wdt)
+        _merge_into(o_view[:, :, segs], l_view[:, :, segs], torch.matmul(p, v_b[:, :, segs].to(wdt)), lse)
+
+
+def dilated_attention_forward_eager(
+    q: Tensor, k: Tensor, v: Tensor, plan: DilatedPlan, *, is_causal: bool, scale: float,
+    attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0, seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Returns ``out [B, Hq, N, D]`` (q's dtype) and the merged ``lse [B, Hq, N]`` (float32, or float64)."""
+    B, Hq, N, D = q.shape
+    wdt = work_dtype(q.dtype)
+    n_acc = max([_padded_len(N, b.segment_length) for b in plan.branches] + [N])
+    out_acc = torch.zeros(B, Hq, n_acc, D, dtype=wdt, device=q.device)
+    lse_acc = torch.full((B, Hq, n_acc), float("-inf"), dtype=wdt, device=q.device)
+    fused = fused_route_applies(q, attn_mask, dropout_p)
+    for tile, t in enumerate(_tiles(plan, N, Hq, k.shape[1], q.device)):
+        if fused:
+            _forward_tile_fused(t, q, k, v, out_acc, lse_acc, scale, is_causal, wdt)
+        else:
+            _forward_tile_chunked(t, tile, q, k, v, out_acc, lse_acc, scale, is_causal, attn_mask, dropout_p, seed,
+                                  wdt)
+    out = out_acc[:, :, :N]
+    if plan.output_scale != 1.0:
+        out = out * plan.output_scale
+    return out.to(q.dtype).contiguous(), lse_acc[:, :, :N].contiguous()
+
+
+def _backward_tile_fused(t: _BranchTiles, q, k, v, d_att, out_att, lse, grads, scale, is_causal, wdt) -> None:
+    parts = [_fused_parts(q, t), _fused_parts(k, t, kv=True), _fused_parts(v, t, kv=True)]
+    parts += [_fused_parts(x, t) for x in (d_att, out_att, lse) + tuple(grads)]
+    for qp, kp, vp, dop, op, lp, *grad_views in zip(*parts):
+        part_grads = _flash_cpu_bwd(
+            _as_batch(dop, wdt), _as_batch(qp, wdt), _as_batch(kp, wdt), _as_batch(vp, wdt), _as_batch(op, wdt),
+            lp.reshape(lp.shape[0], -1, lp.shape[-1]).contiguous(), 0.0, is_causal, scale=scale)
+        for view, g in zip(grad_views, part_grads):
+            view += g.view(view.shape)
+
+
+def _backward_tile_chunked(t: _BranchTiles, tile: int, q, k, v, d_att, lse, delta, grads, scale, is_causal,
+                           attn_mask, dropout_p, seed, wdt) -> None:
+    off = t.group.offset
+    rows = lambda x: _rows(_pad_seq(x, t.n_pad), t.branch, off)  # noqa: E731
+    q_b, k_b, v_b = rows(q[:, t.heads]), rows(k.index_select(1, t.kv_heads)), rows(v.index_select(1, t.kv_heads))
+    do_b, lse_b, delta_b = rows(d_att[:, t.heads]), rows(lse[:, t.heads]), rows(delta[:, t.heads])
+    dq_b, dk_b, dv_b = (_rows(g[:, t.heads, : t.n_pad], t.branch, off) for g in grads)
+    for chunk, segs in enumerate(t.chunks(q.shape[0])):
+        qs, ks, vs = (x[:, :, segs].to(wdt) for x in (q_b, k_b, v_b))
+        dos = do_b[:, :, segs]
+        s = t.scores(qs, ks, segs, scale, is_causal, attn_mask)
+        p = torch.exp(s - lse_b[:, :, segs].unsqueeze(-1))
+        dp = torch.matmul(dos, vs.transpose(-1, -2))
+        if dropout_p > 0.0:
+            keep = t.dropout_scale(seed, tile, chunk, p.shape, dropout_p, q.device).to(wdt)
+            dv_b[:, :, segs] += torch.matmul((p * keep).transpose(-1, -2), dos)
+            dp = dp * keep
+        else:
+            dv_b[:, :, segs] += torch.matmul(p.transpose(-1, -2), dos)
+        ds = p * (dp - delta_b[:, :, segs].unsqueeze(-1))
+        dq_b[:, :, segs] += torch.matmul(ds, ks) * scale
+        dk_b[:, :, segs] += torch.matmul(ds.transpose(-1, -2), qs) * scale
+
+
+def dilated_attention_backward_eager(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, plan: DilatedPlan, *,
+    is_causal: bool, scale: float, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0, seed: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    B, Hq, N, D = q.shape
+    Hkv = k.shape[1]
+    wdt = work_dtype(q.dtype)
+    dout_w = dout.to(wdt)
+    d_att = dout_w * plan.output_scale if plan.output_scale != 1.0 else dout_w
+    n_acc = max([_padded_len(N, b.segment_length) for b in plan.branches] + [N])
+    # dq, and dk/dv per *query* head (summed over each GQA group at the end).
+    grads = tuple(torch.zeros(B, Hq, n_acc, D, dtype=wdt, device=q.device) for _ in range(3))
+    lse_w = lse.to(wdt)
+    lse_w = torch.where(torch.isinf(lse_w), 0.0, lse_w)
+    if fused_route_applies(q, attn_mask, dropout_p):
+        out_att = out.to(wdt) / plan.output_scale if plan.output_scale != 1.0 else out.to(wdt)
+        for t in _tiles(plan, N, Hq, Hkv, q.device):
+            _backward_tile_fused(t, q, k, v, d_att, out_att, lse_w, grads, scale, is_causal, wdt)
+    else:
+        delta = (dout_w * out.to(wdt)).sum(-1)
+        for tile, t in enumerate(_tiles(plan, N, Hq, Hkv, q.device)):
+            _backward_tile_chunked(t, tile, q, k, v, d_att, lse_w, delta, grads, scale, is_causal, attn_mask,
+                                   dropout_p, seed, wdt)
+    dq, dk_h, dv_h = (g[:, :, :N] for g in grads)
+    dk = dk_h.reshape(B, Hkv, Hq // Hkv, N, D).sum(2)
+    dv = dv_h.reshape(B, Hkv, Hq // Hkv, N, D).sum(2)
+    return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()

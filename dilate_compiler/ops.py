@@ -1,0 +1,132 @@
+"""Public attention ops. Shapes follow ``F.scaled_dot_product_attention``: ``[B, H, N, D]``."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .lowering import dilated_op  # noqa: F401  (registers the ops)
+from .strategies.dilated import MIXINGS, Dilated
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """Validate SDPA-layout q ``[B, Hq, N, D]``, k/v ``[B, Hkv, N, D]`` for self-attention-shaped ops."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dims [B, H, N, D], got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; accepted: float16, bfloat16, float32, float64")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"q and k must have the same sequence length (self-attention shaped), got {q.shape[2]} and {k.shape[2]}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k must have the same head dim, got {q.shape[3]} and {k.shape[3]}")
+    hq, hkv = q.shape[1], k.shape[1]
+    if hkv == 0 or hq % hkv:
+        raise ValueError(
+            f"the number of query heads ({hq}) must be a multiple of the number of key/value heads ({hkv})")
+
+
+def check_scale(scale: Optional[float], head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0:
+        raise ValueError(f"scale must be a finite non-zero float or None, got {scale!r}")
+    return float(scale)
+
+
+def check_dropout(dropout_p: float) -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    return float(dropout_p)
+
+
+def check_attn_mask(attn_mask: Optional[Tensor], q: Tensor) -> Optional[Tensor]:
+    """Return the mask as a 4-D tensor broadcastable to ``[B, Hq, N, N]`` (bool: True attends; or additive)."""
+    if attn_mask is None:
+        return None
+    if not isinstance(attn_mask, Tensor):
+        raise TypeError(f"attn_mask must be a Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(f"attn_mask must be bool (True attends) or floating (added to scores), got {attn_mask.dtype}")
+    if attn_mask.requires_grad:
+        raise NotImplementedError(
+            "attn_mask.requires_grad=True: gradients with respect to an additive attention bias are not "
+            "implemented by dilated attention")
+    B, H, N, _ = q.shape
+    if attn_mask.dim() > 4:
+        raise ValueError(f"attn_mask must have at most 4 dims, got shape {tuple(attn_mask.shape)}")
+    mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    try:
+        torch.broadcast_shapes(mask.shape, (B, H, N, N))
+    except RuntimeError:
+        raise ValueError(
+            f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to [B, Hq, N, N] = {[B, H, N, N]}"
+        ) from None
+    if mask.shape[1] not in (1, H):
+        raise ValueError(f"attn_mask's head dim must be 1 or {H}, got shape {tuple(attn_mask.shape)}")
+    return mask
+
+
+def dilated_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    mixing: str = "lse",
+    dropout_p: float = 0.0,
+    attn_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """LongNet dilated attention (exact semantics: ``dilate_compiler.strategies.dilated``).
+
+    Args:
+        q: ``[B, Hq, N, D]``. k, v: ``[B, Hkv, N, D]`` with ``Hq % Hkv == 0`` (GQA: head h reads kv head
+            ``h // (Hq // Hkv)``). float16, bfloat16, float32 or float64.
+        segment_lengths, dilation_rates: one entry per branch, ``w % r == 0``; segments may exceed N, and N
+            need not divide by them.
+        is_causal: key j is linked to query p only if ``j <= p``.
+        scale: score scale, default ``1 / sqrt(D)``.
+        mixing: ``"lse"`` or ``"head_groups"``.
+        dropout_p: dropout on each branch's attention probabilities (apply only in training).
+        attn_mask: optional mask broadcastable to ``[B, Hq, N, N]`` applied on top of the pattern: bool
+            (True attends) or floating (added to the scores).
+
+    Returns:
+        ``[B, Hq, N, D]`` in q's dtype. Rows no branch links are 0.
+    """
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
+    if mixing not in MIXINGS:
+        raise ValueError(f"mixing must be one of {MIXINGS}, got {mixing!r}")
+    strategy = Dilated(segment_lengths, dilation_rates, mixing)
+    check_qkv(q, k, v)
+    scale = check_scale(scale, q.shape[-1])
+    dropout_p = check_dropout(dropout_p)
+    mask = check_attn_mask(attn_mask, q)
+    seed = None
+    if dropout_p > 0.0:
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu")
+    out, _ = torch.ops.dilate_compiler.dilated_attention_forward(
+        q, k, v, mask, list(strategy.segment_lengths), list(strategy.dilation_rates), is_causal, scale,
+        strategy.mixing, dropout_p, seed,
+    )
+    return out

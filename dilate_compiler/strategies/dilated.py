@@ -1,0 +1,196 @@
+"""LongNet dilated attention: the strategy, its compile-time plan, and its float64 reference.
+
+Semantics (the one definition every path agrees on): branch ``i`` has segment length ``w_i`` and dilation
+rate ``r_i`` (``w_i % r_i == 0``). With ``mixing="lse"``, query position ``p`` of query head ``h`` and key
+position ``j`` are linked by branch ``i`` iff ``p // w_i == j // w_i`` and ``p % r_i == j % r_i == h % r_i``
+(and ``j <= p`` when causal). The output is one softmax in which each key counts once per linking branch::
+
+    out_p = sum_j m_pj exp(s_pj) v_j / sum_j m_pj exp(s_pj),      s = scale * q . k
+
+A row no branch links is 0. With ``mixing="head_groups"`` (the numerics of dilated-attention-pytorch), heads
+split into ``len(segment_lengths)`` contiguous groups (the first ``H % n`` get one extra head), group ``i``
+uses only branch ``i`` with residue ``i % r_i``, and the output is divided by ``n``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+MIXINGS = ("lse", "head_groups")
+
+
+def _as_int_tuple(name: str, value) -> tuple[int, ...]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of positive ints, got {value!r}") from None
+    if not items:
+        raise ValueError(f"{name} must be non-empty, got {value!r}")
+    for x in items:
+        if isinstance(x, bool) or not isinstance(x, int) or x <= 0:
+            raise ValueError(f"{name} must hold positive ints, got {value!r} (bad entry {x!r})")
+    return items
+
+
+@dataclass(frozen=True)
+class HeadGroup:
+    """Query heads ``range(start, stop, step)`` read the rows ``p`` with ``p % rate == offset`` of a branch."""
+
+    start: int
+    stop: int
+    step: int
+    offset: int
+
+    def heads(self) -> range:
+        return range(self.start, self.stop, self.step)
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One dilated branch as run on a sequence of a known length: ``segment_length`` is already clipped."""
+
+    segment_length: int
+    dilation_rate: int
+    head_groups: tuple[HeadGroup, ...]
+
+
+@dataclass(frozen=True)
+class DilatedPlan:
+    """Everything a kernel needs, fixed at compile time: branches, their head groups, the output scale."""
+
+    branches: tuple[Branch, ...]
+    output_scale: float
+
+
+def clip_segment(segment_length: int, dilation_rate: int, seq_len: int) -> int:
+    """Smallest multiple of ``dilation_rate`` that is >= ``seq_len``, if that is shorter than the segment.
+
+    A segment longer than the sequence holds the whole sequence; keeping the clipped length a multiple of
+    the rate keeps "position mod rate" the same inside the segment and globally.
+    """
+    return min(segment_length, -(-max(seq_len, 1) // dilation_rate) * dilation_rate)
+
+
+@dataclass(frozen=True)
+class Dilated:
+    """LongNet dilated attention strategy.
+
+    Args:
+        segment_lengths: segment length ``w_i`` of each branch.
+        dilation_rates: dilation rate ``r_i`` of each branch; ``w_i % r_i == 0``.
+        mixing: ``"lse"`` (LongNet eq. 10, exact softmax-denominator mixing; default) or ``"head_groups"``.
+    """
+
+    segment_lengths: tuple[int, ...]
+    dilation_rates: tuple[int, ...]
+    mixing: str = "lse"
+
+    def __post_init__(self):
+        segs = _as_int_tuple("segment_lengths", self.segment_lengths)
+        rates = _as_int_tuple("dilation_rates", self.dilation_rates)
+        if len(segs) != len(rates):
+            raise ValueError(
+                f"segment_lengths and dilation_rates must have equal lengths, got {len(segs)} "
+                f"({segs!r}) and {len(rates)} ({rates!r})"
+            )
+        for w, r in zip(segs, rates):
+            if w % r:
+                raise ValueError(
+                    f"each segment length must be a multiple of its dilation rate, got segment {w} with rate {r} "
+                    f"(segment_lengths={segs!r}, dilation_rates={rates!r})"
+                )
+        if self.mixing not in MIXINGS:
+            raise ValueError(f"mixing must be one of {MIXINGS}, got {self.mixing!r}")
+        object.__setattr__(self, "segment_lengths", segs)
+        object.__setattr__(self, "dilation_rates", rates)
+
+    @property
+    def num_branches(self) -> int:
+        return len(self.segment_lengths)
+
+    def head_group_bounds(self, num_heads: int) -> list[tuple[int, int]]:
+        """``[start, stop)`` of each branch's heads under ``mixing="head_groups"``."""
+        n = self.num_branches
+        base, extra = divmod(num_heads, n)
+        bounds, start = [], 0
+        for i in range(n):
+            stop = start + base + (1 if i < extra else 0)
+            bounds.append((start, stop))
+            start = stop
+        return bounds
+
+    def plan(self, seq_len: int, num_heads: int) -> DilatedPlan:
+        """The compile-time plan for ``num_heads`` query heads over ``seq_len`` tokens."""
+        branches = []
+        if self.mixing == "lse":
+            for w, r in zip(self.segment_lengths, self.dilation_rates):
+                groups = tuple(HeadGroup(o, num_heads, r, o) for o in range(min(r, num_heads)))
+                branches.append(Branch(clip_segment(w, r, seq_len), r, groups))
+            return DilatedPlan(tuple(branches), 1.0)
+        for i, ((w, r), (start, stop)) in enumerate(
+            zip(zip(self.segment_lengths, self.dilation_rates), self.head_group_bounds(num_heads))
+        ):
+            groups = (HeadGroup(start, stop, 1, i % r),) if stop > start else ()
+            branches.append(Branch(clip_segment(w, r, seq_len), r, groups))
+        return DilatedPlan(tuple(branches), 1.0 / self.num_branches)
+
+    def multiplicity(self, seq_len: int, num_heads: int, *, is_causal: bool = False, device=None) -> torch.Tensor:
+        """``m[h, p, j]``: how many branches link query ``p`` of head ``h`` to key ``j`` (O(N^2), for references)."""
+        p = torch.arange(seq_len, device=device).view(1, -1, 1)
+        j = torch.arange(seq_len, device=device).view(1, 1, -1)
+        h = torch.arange(num_heads, device=device).view(-1, 1, 1)
+        m = torch.zeros(num_heads, seq_len, seq_len, dtype=torch.int64, device=device)
+        if self.mixing == "lse":
+            for w, r in zip(self.segment_lengths, self.dilation_rates):
+                m += ((p // w == j // w) & (p % r == h % r) & (j % r == h % r)).long()
+        else:
+            for i, ((w, r), (start, stop)) in enumerate(
+                zip(zip(self.segment_lengths, self.dilation_rates), self.head_group_bounds(num_heads))
+            ):
+                in_group = (h >= start) & (h < stop)
+                m += (in_group & (p // w == j // w) & (p % r == i % r) & (j % r == i % r)).long()
+        if is_causal:
+            m = m * (j <= p).long()
+        return m
+
+    def reference(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        is_causal: bool = False,
+        scale: Optional[float] = None,
+        attn_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Dense float64 reference straight from the definition: a multiplicity-weighted masked softmax.
+
+        q ``[B, Hq, N, D]``, k/v ``[B, Hkv, N, D]``; ``attn_mask`` (bool: True attends, or additive float)
+        broadcastable to ``[B, Hq, N, N]``. Differentiable; O(N^2) memory.
+        """
+        B, Hq, N, D = q.shape
+        group = Hq // k.shape[1]
+        q64, k64, v64 = (t.to(torch.float64) for t in (q, k, v))
+        k64 = k64.repeat_interleave(group, dim=1)
+        v64 = v64.repeat_interleave(group, dim=1)
+        scale = 1.0 / math.sqrt(D) if scale is None else scale
+        s = (q64 @ k64.transpose(-1, -2)) * scale
+        m = self.multiplicity(N, Hq, is_causal=is_causal, device=q.device).to(torch.float64)
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                m = m * attn_mask.to(torch.float64)
+            else:
+                s = s + attn_mask.to(torch.float64)
+        weights = m * torch.exp(s - s.amax(-1, keepdim=True).detach())
+        denom = weights.sum(-1, keepdim=True)
+        probs = torch.where(denom > 0, weights / torch.where(denom > 0, denom, 1.0), 0.0)
+        out = probs @ v64
+        if self.mixing == "head_groups":
+            out = out / self.num_branches
+        return out
