@@ -81,7 +81,7 @@ class _BranchTiles:
             yield slice(s0, min(s0 + step, self.n_seg))
 
     def scores(self, q_rows: Tensor, k_rows: Tensor, segs: slice, scale: float, is_causal: bool,
-               attn_mask: Optional[Tensor]) -> Tensor:
+               attn_mask: Optional[Tensor], mask_shift: Optional[Tensor] = None) -> Tensor:
         """Masked scores ``[B, h, n_chunk, a, a]``; pairs that are not linked hold ``-inf``."""
         s = torch.matmul(q_rows, k_rows.transpose(-1, -2)) * scale
         pos = self.pos[segs]
@@ -100,6 +100,11 @@ class _BranchTiles:
                 linked = linked & m
             else:
                 s = s + m.to(s.dtype)
+                if mask_shift is not None:
+                    shift = mask_shift.expand(B, -1, self.seq_len, 1)
+                    if shift.shape[1] != 1:
+                        shift = shift[:, self.heads]
+                    s = s - shift[:, :, idx].to(s.dtype)
         return s.masked_fill(~linked, float("-inf"))
 
     def dropout_scale(self, seed: int, tile: int, chunk: int, shape, p: float, device) -> Tensor:
@@ -149,6 +154,27 @@ _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _flash_cpu_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
 
+def as_4d(mask: Optional[Tensor]) -> Optional[Tensor]:
+    """A mask broadcastable to ``[B, H, N, N]`` with fewer dims gets leading 1s."""
+    if mask is None or mask.dim() == 4:
+        return mask
+    return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+
+
+def row_shift(mask: Optional[Tensor], wdt: torch.dtype) -> Optional[Tensor]:
+    """Per-row max of an additive mask (finite rows only), subtracted from the scores.
+
+    Softmax is invariant to a per-row shift, but a row masked everywhere with ``finfo.min`` (a left-padded
+    query in HF models) has scores ``min + s == min``: its log-sum-exp ``min + log(n)`` is not representable
+    and ``exp(s - lse)`` would be 1 instead of 1/n. Shifted, that row is 0 everywhere: exact and uniform,
+    as eager softmax gives it. Rows of ordinary masks have max 0 and are left alone.
+    """
+    if mask is None or mask.dtype == torch.bool:
+        return None
+    shift = mask.to(wdt).amax(-1, keepdim=True)
+    return torch.where(torch.isfinite(shift), shift, 0.0)
+
+
 def _tiles(plan: DilatedPlan, seq_len: int, hq: int, hkv: int, device) -> Iterator[_BranchTiles]:
     for branch in plan.branches:
         for group in branch.head_groups:
@@ -171,8 +197,9 @@ def _forward_tile_chunked(t: _BranchTiles, tile: int, q, k, v, out_acc, lse_acc,
     v_b = _rows(_pad_seq(v.index_select(1, t.kv_heads), t.n_pad), t.branch, off)
     o_view = _rows(out_acc[:, t.heads, : t.n_pad], t.branch, off)
     l_view = _rows(lse_acc[:, t.heads, : t.n_pad], t.branch, off)
+    shift = row_shift(attn_mask, wdt)
     for chunk, segs in enumerate(t.chunks(q.shape[0])):
-        s = t.scores(q_b[:, :, segs].to(wdt), k_b[:, :, segs].to(wdt), segs, scale, is_causal, attn_mask)
+        s = t.scores(q_b[:, :, segs].to(wdt), k_b[:, :, segs].to(wdt), segs, scale, is_causal, attn_mask, shift)
         lse = torch.logsumexp(s, dim=-1)
         p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1))
         if dropout_p > 0.0:
@@ -186,6 +213,7 @@ def dilated_attention_forward_eager(
 ) -> tuple[Tensor, Tensor]:
     """Returns ``out [B, Hq, N, D]`` (q's dtype) and the merged ``lse [B, Hq, N]`` (float32, or float64)."""
     B, Hq, N, D = q.shape
+    attn_mask = as_4d(attn_mask)
     wdt = work_dtype(q.dtype)
     n_acc = max([_padded_len(N, b.segment_length) for b in plan.branches] + [N])
     out_acc = torch.zeros(B, Hq, n_acc, D, dtype=wdt, device=q.device)
@@ -221,10 +249,11 @@ def _backward_tile_chunked(t: _BranchTiles, tile: int, q, k, v, d_att, lse, delt
     q_b, k_b, v_b = rows(q[:, t.heads]), rows(k.index_select(1, t.kv_heads)), rows(v.index_select(1, t.kv_heads))
     do_b, lse_b, delta_b = rows(d_att[:, t.heads]), rows(lse[:, t.heads]), rows(delta[:, t.heads])
     dq_b, dk_b, dv_b = (_rows(g[:, t.heads, : t.n_pad], t.branch, off) for g in grads)
+    shift = row_shift(attn_mask, wdt)
     for chunk, segs in enumerate(t.chunks(q.shape[0])):
         qs, ks, vs = (x[:, :, segs].to(wdt) for x in (q_b, k_b, v_b))
         dos = do_b[:, :, segs]
-        s = t.scores(qs, ks, segs, scale, is_causal, attn_mask)
+        s = t.scores(qs, ks, segs, scale, is_causal, attn_mask, shift)
         p = torch.exp(s - lse_b[:, :, segs].unsqueeze(-1))
         dp = torch.matmul(dos, vs.transpose(-1, -2))
         if dropout_p > 0.0:
@@ -243,6 +272,7 @@ def dilated_attention_backward_eager(
     is_causal: bool, scale: float, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0, seed: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     B, Hq, N, D = q.shape
+    attn_mask = as_4d(attn_mask)
     Hkv = k.shape[1]
     wdt = work_dtype(q.dtype)
     dout_w = dout.to(wdt)

@@ -82,6 +82,9 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, _dlse):
+    if ctx.needs_input_grad[3]:
+        raise NotImplementedError(
+            "dilated attention: gradients with respect to attn_mask (a learned attention bias) are not implemented")
     q, k, v, attn_mask, out, lse, seed = ctx.saved_tensors
     segment_lengths, dilation_rates, is_causal, scale, mixing, dropout_p = ctx.params
     dq, dk, dv = torch.ops.dilate_compiler.dilated_attention_backward(

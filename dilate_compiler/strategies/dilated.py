@@ -159,6 +159,28 @@ class Dilated:
             m = m * (j <= p).long()
         return m
 
+    # --- compiler hooks: how a rewritten site calls this strategy's op ---------------------------------
+
+    def check_site(self, site) -> Optional[str]:
+        """Why this strategy can't take ``site``, or None."""
+        q, k = site.q_shape, site.k_shape
+        if len(q) != 4 or q[2] != k[2]:
+            return f"dilated attention needs self-attention shapes (Nq == Nk), got q {q} and k {k}"
+        return None
+
+    def emit_call(self, emit, q, k, v, attn_mask, *, is_causal: bool, scale: float, dropout_p: float):
+        """Emit the op call through ``emit(target, args, kwargs)``; returns the output node."""
+        import operator
+
+        seed = None
+        if dropout_p > 0.0:
+            seed = emit(torch.ops.aten.randint.low, (0, 2**62, []),
+                        {"dtype": torch.int64, "device": torch.device("cpu")})
+        fwd = emit(torch.ops.dilate_compiler.dilated_attention_forward.default,
+                   (q, k, v, attn_mask, list(self.segment_lengths), list(self.dilation_rates), bool(is_causal),
+                    float(scale), self.mixing, float(dropout_p), seed))
+        return emit(operator.getitem, (fwd, 0))
+
     def reference(
         self,
         q: torch.Tensor,
@@ -194,3 +216,4 @@ class Dilated:
         if self.mixing == "head_groups":
             out = out / self.num_branches
         return out
+

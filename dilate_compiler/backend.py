@@ -1,0 +1,62 @@
+"""``torch.compile(model, backend="dilated", options={"strategy": ..., "where": ..., "strict": ...})``.
+
+Registered through the ``torch_dynamo_backends`` entry point (pyproject.toml). Each Dynamo graph (one per
+graph break) is re-traced to pre-dispatch ATen with ``make_fx`` under Dynamo's fake mode, run through the
+pass pipeline, and handed to Inductor's ``compile_fx`` (which adds autograd, so training works).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from .api import check_strategy
+from .passes.pipeline import attention_visible, run_pipeline
+from .passes.site import Report
+
+log = logging.getLogger(__name__)
+OPTIONS = ("strategy", "where", "strict", "inductor")
+
+# Reports of the graphs compiled in this process, newest last (read them after a compile).
+REPORTS: list = []
+
+
+def _check_options(options: Optional[dict]) -> dict:
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for backend 'dilated'; accepted: {list(OPTIONS)}")
+    options["strategy"] = check_strategy(options.get("strategy"))
+    return options
+
+
+def to_pre_dispatch(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
+    """Re-trace a Dynamo graph to pre-dispatch ATen with ``make_fx`` (fake tensors; symbolic when Dynamo
+    hands over symbolic sizes, so a dynamic sequence length stays symbolic)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    symbolic = any(isinstance(x, torch.SymInt) for x in example_inputs)
+    with attention_visible():
+        return make_fx(gm, pre_dispatch=True, tracing_mode="symbolic" if symbolic else "fake")(*example_inputs)
+
+
+def dilated_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None):
+    """Dynamo backend: rewrite attention, then compile with Inductor."""
+    from torch._inductor.compile_fx import compile_fx
+
+    opts = _check_options(options)
+    traced = to_pre_dispatch(gm, example_inputs)
+    report = run_pipeline(traced, opts["strategy"], where=opts.get("where"), strict=bool(opts.get("strict", False)))
+    REPORTS.append(report)
+    log.info("backend 'dilated':\n%s", report)
+    return compile_fx(traced, example_inputs, config_patches=opts.get("inductor"))
+
+
+def last_report() -> Report:
+    """The report of the most recently compiled graph."""
+    if not REPORTS:
+        raise RuntimeError("no graph has been compiled with backend='dilated' in this process yet")
+    return REPORTS[-1]

@@ -1,0 +1,1 @@
+"""Graph -> graph passes on pre-dispatch ATen; ``pipeline.py`` orders them."""

@@ -1,0 +1,415 @@
+"""Find attention in a pre-dispatch ATen graph.
+
+Two structural anchors, each followed by a semantic check that reads ``meta["val"]`` and either accepts
+the site or records why not (never a bare False):
+
+- ``aten.scaled_dot_product_attention`` with any argument spelling (positional or keyword);
+- ``aten.softmax`` with, above it, a chain of score ops over a q.kᵀ product and, below it, casts and dropout
+  into a product with v. Before::
+
+      mm = matmul(q, transpose(k, -1, -2)); s = mul(mm, 0.125); s = add(s, mask)
+      p = softmax(s, -1, float32); p = to(p, bf16); p = dropout(p, 0.1, True); out = matmul(p, v)
+
+  The product may be ``matmul``/``bmm``/``baddbmm``/``einsum``; score ops are ``mul``/``div`` by constants,
+  additive masks, ``masked_fill``/``where`` with -inf or very negative fills, and dtype casts. GQA written as
+  ``repeat_kv`` (unsqueeze + expand + reshape) or ``repeat_interleave`` is peeled back to the kv heads.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from .site import AttentionSite
+
+A = torch.ops.aten
+SOFTMAX = {A.softmax.int, A._softmax.default, A._safe_softmax.default}
+CASTS = {A.to.dtype, A._to_copy.default, A.clone.default, A.contiguous.default, A.alias.default}
+IGNORED_USERS = {A._assert_tensor_metadata.default}
+PRODUCTS = {A.matmul.default, A.bmm.default}
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# masked_fill / where fills at or below this are "excluded"; their additive form is exact in float32.
+VERY_NEGATIVE = -1e30
+
+
+def val(n):
+    return n.meta.get("val") if isinstance(n, fx.Node) else None
+
+
+def real_users(n: fx.Node) -> list:
+    return [u for u in n.users if u.target not in IGNORED_USERS]
+
+
+def kwargs_of(n: fx.Node) -> dict:
+    """The node's arguments by their schema names, defaults filled in (never read arguments by position)."""
+    out = {}
+    positional = list(n.args)
+    for arg in n.target._schema.arguments:
+        if positional and not arg.kwarg_only:
+            out[arg.name] = positional.pop(0)
+        elif arg.name in n.kwargs:
+            out[arg.name] = n.kwargs[arg.name]
+        elif arg.has_default_value():
+            out[arg.name] = arg.default_value
+    return out
+
+
+def constant(x) -> Optional[float]:
+    """A Python number, or a node that builds a 0-d constant (``torch.full([], c)``); else None."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return float(x)
+    if isinstance(x, fx.Node) and x.target in (A.full.default, A.scalar_tensor.default):
+        kw = kwargs_of(x)
+        if x.target == A.full.default and list(kw["size"]) != []:
+            return None
+        return constant(kw.get("fill_value", kw.get("s")))
+    return None
+
+
+def location(n: fx.Node) -> str:
+    stack = n.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return path.replace("L['self'].", "").replace("L__self___", "")
+
+
+# --- score chain ---------------------------------------------------------------------------------------
+
+
+class Scores:
+    """``softmax`` input == ``factor * (q @ kᵀ) + sum(terms)``; terms are ("add", node, f) or ("fill", mask, value, keep_when)."""
+
+    def __init__(self):
+        self.factor = 1.0
+        self.terms: list = []
+        self.nodes: list = []  # intermediate nodes, softmax input first
+        self.qk: Optional[fx.Node] = None
+        self.reason = ""
+
+
+def walk_scores(n: fx.Node, sc: Scores) -> bool:
+    """Walk from the softmax input up to the q.kᵀ product, recording the ops outer -> inner."""
+    ops = []
+    while True:
+        if n.target in PRODUCTS or n.target in (A.baddbmm.default, A.einsum.default):
+            sc.qk = n
+            break
+        sc.nodes.append(n)
+        if n.target in CASTS:
+            n = n.args[0]
+            continue
+        if n.target in (A.mul.Tensor, A.mul.Scalar, A.div.Tensor, A.div.Scalar):
+            kw = kwargs_of(n)
+            a, b = kw["self"], kw["other"]
+            c = constant(b)
+            if c is None and n.target in (A.mul.Tensor, A.mul.Scalar):
+                a, c = b, constant(a)
+            if c is None or not isinstance(a, fx.Node):
+                sc.reason = f"the scores are scaled by a run-time tensor ({n.name}), not a constant"
+                return False
+            ops.append(("scale", 1.0 / c if n.target in (A.div.Tensor, A.div.Scalar) else c))
+            n = a
+            continue
+        if n.target == A.add.Tensor:
+            kw = kwargs_of(n)
+            if kw.get("alpha", 1) != 1:
+                sc.reason = f"add with alpha={kw['alpha']} ({n.name})"
+                return False
+            branch = _score_operand(kw["self"], kw["other"])
+            if branch is None:
+                sc.reason = f"could not tell scores from mask in {n.name}"
+                return False
+            scores, mask = branch
+            ops.append(("add", mask))
+            n = scores
+            continue
+        if n.target in (A.masked_fill.Scalar, A.masked_fill.Tensor):
+            kw = kwargs_of(n)
+            fill = constant(kw["value"])
+            if fill is None or not (fill == -math.inf or fill <= VERY_NEGATIVE):
+                sc.reason = (f"masked_fill with value {kw['value']!r} ({n.name}): only -inf or fills <= "
+                             f"{VERY_NEGATIVE:g} keep their meaning as a mask")
+                return False
+            ops.append(("fill", kw["mask"], fill, False))
+            n = kw["self"]
+            continue
+        if n.target in (A.where.self, A.where.ScalarOther):
+            kw = kwargs_of(n)
+            fill = constant(kw["other"])
+            if fill is None or not (fill == -math.inf or fill <= VERY_NEGATIVE) or not isinstance(kw["self"], fx.Node):
+                sc.reason = f"where with a fill that is not a constant <= {VERY_NEGATIVE:g} ({n.name})"
+                return False
+            ops.append(("fill", kw["condition"], fill, True))
+            n = kw["self"]
+            continue
+        sc.reason = f"unsupported op {n.target} between the q.kᵀ product and the softmax ({n.name})"
+        return False
+    # Apply inner -> outer.
+    for op in reversed(ops):
+        if op[0] == "scale":
+            sc.factor *= op[1]
+            sc.terms = [(t[0], t[1], t[2] * op[1]) if t[0] == "add" else (t[0], t[1], t[2] * op[1], t[3])
+                        for t in sc.terms]
+        elif op[0] == "add":
+            sc.terms.append(("add", op[1], 1.0))
+        else:
+            sc.terms.append(op)
+    for t in sc.terms:
+        if t[0] == "fill" and not t[2] < 0:
+            sc.reason = "a mask fill was scaled by a negative factor"
+            return False
+    return True
+
+
+def _leads_to_product(n, depth=12) -> bool:
+    while isinstance(n, fx.Node) and depth > 0:
+        if n.target in PRODUCTS or n.target in (A.baddbmm.default, A.einsum.default):
+            return True
+        if n.target in CASTS or n.target in (A.mul.Tensor, A.div.Tensor, A.mul.Scalar, A.div.Scalar,
+                                              A.masked_fill.Scalar, A.masked_fill.Tensor):
+            n = n.args[0]
+        elif n.target in (A.where.self, A.where.ScalarOther):
+            n = n.args[1]
+        elif n.target == A.add.Tensor:
+            return _leads_to_product(n.args[0], depth - 1) or _leads_to_product(n.args[1], depth - 1)
+        else:
+            return False
+        depth -= 1
+    return False
+
+
+def _score_operand(a, b):
+    if _leads_to_product(a) and not _leads_to_product(b):
+        return a, b
+    if _leads_to_product(b) and not _leads_to_product(a):
+        return b, a
+    return None
+
+
+# --- products --------------------------------------------------------------------------------------------
+
+
+def _swaps_last_two(n: fx.Node) -> bool:
+    rank = len(val(n).shape)
+    if n.target == A.mT.default:
+        return True
+    if n.target == A.transpose.int:
+        kw = kwargs_of(n)
+        return sorted(d % rank for d in (kw["dim0"], kw["dim1"])) == [rank - 2, rank - 1]
+    if n.target == A.permute.default:
+        dims = [d % rank for d in kwargs_of(n)["dims"]]
+        return dims == list(range(rank - 2)) + [rank - 1, rank - 2]
+    return False
+
+
+def _einsum_operands(n: fx.Node, kind: str):
+    """(left, right) if the einsum is a batched q.kᵀ (``kind='qk'``) or p.v (``'pv'``) product."""
+    kw = kwargs_of(n)
+    eq, operands = kw["equation"].replace(" ", ""), kw["tensors"]
+    if "->" not in eq or len(operands) != 2 or "." in eq:
+        return None
+    lhs, out = eq.split("->")
+    a, b = lhs.split(",")
+    if not (len(a) == len(b) == len(out) >= 3):
+        return None
+    batch = out[:-2]
+    if a[:-2] != batch or b[:-2] != batch:
+        return None
+    if kind == "qk" and a[-1] == b[-1] and out[-2:] == a[-2] + b[-2] and a[-1] not in out:
+        return operands
+    if kind == "pv" and a[-1] == b[-2] and out[-2:] == a[-2] + b[-1] and a[-1] not in out:
+        return operands
+    return None
+
+
+def qk_operands(n: fx.Node):
+    """``(q, k_or_None, kT, extra_term)``: k is None when kᵀ isn't a plain transpose (then k = kᵀ.mT)."""
+    extra = None
+    if n.target == A.einsum.default:
+        ops = _einsum_operands(n, "qk")
+        if ops is None:
+            return None
+        return ops[0], ops[1], None, None
+    kw = kwargs_of(n)
+    if n.target == A.baddbmm.default:
+        if kw.get("beta", 1) != 1 or kw.get("alpha", 1) != 1:
+            return None
+        extra = kw["self"]
+        a, b = kw["batch1"], kw["batch2"]
+    else:
+        a, b = list(kw.values())[:2]  # matmul(self, other) / bmm(self, mat2)
+    transposes = (A.transpose.int, A.permute.default, A.mT.default)
+    k = b.args[0] if isinstance(b, fx.Node) and b.target in transposes and _swaps_last_two(b) else None
+    return a, k, b, extra
+
+
+def pv_operands(n: fx.Node):
+    if n.target == A.einsum.default:
+        return _einsum_operands(n, "pv")
+    if n.target in PRODUCTS:
+        return tuple(list(kwargs_of(n).values())[:2])
+    return None
+
+
+def peel_repeat_kv(k: fx.Node):
+    """``(k_kv, g)`` when k is k_kv repeated g times per head (repeat_kv or repeat_interleave), else ``(k, 1)``."""
+    if not isinstance(k, fx.Node):
+        return k, 1
+    if k.target == A.repeat_interleave.self_int:
+        kw = kwargs_of(k)
+        if kw.get("dim") in (1, -3) and isinstance(kw["repeats"], int) and len(val(k).shape) == 4:
+            return kw["self"], kw["repeats"]
+    if k.target in (A.reshape.default, A.view.default, A._unsafe_view.default):
+        e = k.args[0]
+        if isinstance(e, fx.Node) and e.target == A.expand.default:
+            u = e.args[0]
+            if isinstance(u, fx.Node) and u.target == A.unsqueeze.default and kwargs_of(u)["dim"] in (2, -3):
+                src, shape = u.args[0], val(e).shape
+                out = val(k).shape
+                if (len(shape) == 5 and len(out) == 4 and len(val(src).shape) == 4
+                        and out[1] == shape[1] * shape[2] and shape[1] == val(src).shape[1]):
+                    g = shape[2]
+                    return (src, int(g)) if isinstance(g, int) or hasattr(g, "node") else (k, 1)
+    return k, 1
+
+
+# --- the pass ----------------------------------------------------------------------------------------------
+
+
+def find_attention(gm: fx.GraphModule) -> list:
+    """Every attention site of ``gm``, accepted (``status="found"``) or skipped with a reason."""
+    sites = []
+    for n in list(gm.graph.nodes):
+        if n.op != "call_function":
+            continue
+        if n.target == A.scaled_dot_product_attention.default:
+            sites.append(_sdpa_site(n, len(sites)))
+        elif n.target in SOFTMAX:
+            site = _softmax_site(n, len(sites))
+            if site is not None:
+                sites.append(site)
+    return sites
+
+
+def _sdpa_site(n: fx.Node, index: int) -> AttentionSite:
+    kw = kwargs_of(n)
+    q, k, v, mask = kw["query"], kw["key"], kw["value"], kw.get("attn_mask")
+    site = AttentionSite(f"attention_{index}", "sdpa", location(n))
+    site.is_causal = bool(kw.get("is_causal", False))
+    site.dropout_p = float(kw.get("dropout_p", 0.0))
+    site.scale = kw.get("scale")
+    site.nodes = {"out": n, "q": q, "k": k, "v": v, "mask": mask, "remove": [n]}
+    if mask is not None:
+        site.mask_kind = "bool" if val(mask).dtype == torch.bool else "additive"
+        site.nodes["terms"] = [("keep", mask)] if site.mask_kind == "bool" else [("add", mask, 1.0)]
+    else:
+        site.nodes["terms"] = []
+    return _check_shapes(site)
+
+
+def _softmax_site(sm: fx.Node, index: int) -> Optional[AttentionSite]:
+    kw = kwargs_of(sm)
+    sc = Scores()
+    if not walk_scores(kw["self"], sc):
+        return None  # not attention (or not one we recognise): softmax elsewhere is not a site
+    q, k, kT, extra = qk_operands(sc.qk) or (None, None, None, None)
+    if q is None:
+        return None
+    site = AttentionSite(f"attention_{index}", "matmul-softmax", location(sm))
+    if extra is not None:
+        sc.terms.append(("add", extra, sc.factor))
+    # below the softmax: casts, dropout, then the product with v
+    chain, x, dropout_p = [sm], sm, 0.0
+    while True:
+        users = real_users(x)
+        if len(users) != 1:
+            return site.skip(_escape_reason(x, users, sc.qk, k, kT))
+        u = users[0]
+        if u.target in CASTS:
+            chain.append(u)
+            x = u
+            continue
+        if u.target == A.dropout.default:
+            dkw = kwargs_of(u)
+            dropout_p = float(dkw["p"]) if dkw["train"] else 0.0
+            chain.append(u)
+            x = u
+            continue
+        break
+    pv = pv_operands(u)
+    if pv is None or pv[0] is not x:
+        site.q_shape = tuple(val(q).shape)
+        return site.skip(f"the softmax output goes to {u.target} ({u.name}), not into a product with v")
+    v = pv[1]
+    transposes = [kT] if (kT is not None and k is not None) else []
+    for node in sc.nodes + [sc.qk] + transposes:
+        users = real_users(node)
+        if len(users) != 1:
+            site.q_shape = tuple(val(q).shape)
+            return site.skip(f"an intermediate of the attention ({node.name}) is also used elsewhere")
+    site.scale, site.dropout_p = sc.factor, dropout_p
+    fills = [t for t in sc.terms if t[0] == "fill"]
+    adds = [t for t in sc.terms if t[0] == "add"]
+    site.mask_kind = "none" if not sc.terms else ("bool" if not adds and all(t[2] == -math.inf for t in fills)
+                                                  else "additive")
+    terms = [("add", t[1], t[2]) for t in adds]
+    for _, m, fill, keep_when in fills:
+        terms.append(("keep", m, keep_when) if site.mask_kind == "bool" else ("fill", m, fill, keep_when))
+    remove = [u] + chain[::-1] + sc.nodes + [sc.qk] + transposes
+    site.nodes = {"out": u, "q": q, "k": k, "kT": kT, "v": v, "terms": terms, "remove": remove}
+    return _check_shapes(site)
+
+
+def _escape_reason(x, users, qk, k, kT) -> str:
+    if not users:
+        return f"the attention weights ({x.name}) are not used by a product with v"
+    outputs = [u for u in users if u.op == "output"]
+    what = "returned from the graph" if outputs else f"used by {', '.join(u.name for u in users)}"
+    return f"the attention weights ({x.name}) escape: {what}"
+
+
+def _check_shapes(site: AttentionSite) -> AttentionSite:
+    nodes = site.nodes
+    q, v = nodes["q"], nodes["v"]
+    k = nodes["k"] if nodes.get("k") is not None else None
+    qv, vv = val(q), val(v)
+    kv = val(k) if k is not None else val(nodes["kT"]).transpose(-1, -2)
+    site.q_shape, site.k_shape, site.dtype = tuple(qv.shape), tuple(kv.shape), qv.dtype
+    if qv.dim() != 4 or kv.dim() != 4 or vv.dim() != 4:
+        return site.skip(f"q/k/v must be 4-D [B, H, N, D]; got {qv.dim()}-D q {tuple(qv.shape)} "
+                         "(the head index of a merged [B*H, N, D] layout is not known)")
+    if qv.dtype not in DTYPES:
+        return site.skip(f"dtype {qv.dtype} is not supported (float16, bfloat16, float32, float64)")
+    if not (qv.dtype == kv.dtype == vv.dtype):
+        return site.skip(f"q, k, v dtypes differ ({qv.dtype}, {kv.dtype}, {vv.dtype})")
+    if qv.shape[2] != kv.shape[2]:
+        return site.skip(f"cross-attention: query length {qv.shape[2]} != key length {kv.shape[2]}")
+    if site.scale is None:
+        site.scale = 1.0 / math.sqrt(qv.shape[-1])
+    if k is not None:
+        k0, g = peel_repeat_kv(k)
+        v0, gv = peel_repeat_kv(v)
+        if g > 1 and g == gv:
+            nodes["k"], nodes["v"] = k0, v0
+            site.gqa_ratio = int(g)
+    if site.gqa_ratio == 1 and kv.shape[1] != qv.shape[1]:
+        if kv.shape[1] == 0 or qv.shape[1] % kv.shape[1]:
+            return site.skip(f"query heads {qv.shape[1]} not a multiple of kv heads {kv.shape[1]}")
+        site.gqa_ratio = int(qv.shape[1] // kv.shape[1])
+    for t in nodes["terms"]:
+        m = val(t[1])
+        if m is None or m.dim() > 4:
+            return site.skip(f"mask {t[1]} has no shape or more than 4 dims")
+        shape = (1,) * (4 - m.dim()) + tuple(m.shape)
+        try:
+            torch.broadcast_shapes(shape, (qv.shape[0], qv.shape[1], qv.shape[2], kv.shape[2]))
+        except RuntimeError:
+            return site.skip(f"mask {t[1].name} of shape {tuple(m.shape)} does not broadcast to the scores")
+        if shape[1] not in (1, qv.shape[1]):
+            return site.skip(f"mask {t[1].name} of shape {tuple(m.shape)}: head dim must be 1 or {qv.shape[1]}")
+    return site

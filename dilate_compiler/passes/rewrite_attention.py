@@ -1,0 +1,121 @@
+"""Replace accepted attention sites with the strategy's op, keeping mask, scale, dropout and GQA.
+
+Before (a hand-written site)::
+
+    mm = matmul(q, transpose(k, -1, -2)); s = add(mul(mm, 0.125), mask); p = softmax(s, -1); out = matmul(p, v)
+
+After::
+
+    fwd = dilate_compiler.dilated_attention_forward(q, k, mask, ..., scale=0.125, ...); out = getitem(fwd, 0)
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Callable, Optional, Union
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+from torch.utils._pytree import tree_map
+
+from .find_attention import IGNORED_USERS, val
+from .site import AttentionSkipped, AttentionSite
+
+A = torch.ops.aten
+
+Where = Union[None, int, Callable[[AttentionSite], bool]]
+
+
+def selected(site: AttentionSite, where: Where) -> bool:
+    if where is None:
+        return True
+    if isinstance(where, int) and not isinstance(where, bool):
+        try:
+            return int(site.seq_len) >= where
+        except TypeError:  # symbolic length: keep it (the op handles any N)
+            return True
+    if callable(where):
+        return bool(where(site))
+    raise TypeError(f"where must be None, a minimum sequence length (int) or a callable(site) -> bool, got {where!r}")
+
+
+def rewrite_attention(gm: fx.GraphModule, sites: list, strategy, *, where: Where = None, strict: bool = False) -> list:
+    """Rewrite every accepted site of ``gm`` in place; returns the sites with their final status."""
+    for site in sites:
+        if site.status == "skipped":
+            if strict:
+                raise AttentionSkipped(f"{site.name} at {site.location or '?'}: {site.reason}")
+            continue
+        if not selected(site, where):
+            site.skip("not selected by where=")
+            continue
+        reason = strategy.check_site(site)
+        if reason:
+            site.skip(reason)
+            if strict:
+                raise AttentionSkipped(f"{site.name} at {site.location or '?'}: {reason}")
+            continue
+        _replace(gm, site, strategy)
+        site.status = "rewritten"
+    return sites
+
+
+def _emitter(graph: fx.Graph, fake_mode):
+    def emit(target, args, kwargs=None):
+        kwargs = kwargs or {}
+        node = graph.call_function(target, tuple(args), kwargs)
+        to_val = lambda a: val(a) if isinstance(a, fx.Node) else a  # noqa: E731
+        with fake_mode:
+            node.meta["val"] = target(*tree_map(to_val, tuple(args)), **tree_map(to_val, kwargs))
+        return node
+    return emit
+
+
+def _build_mask(emit, terms: list) -> Optional[fx.Node]:
+    if not terms:
+        return None
+    if all(t[0] == "keep" for t in terms):
+        mask = None
+        for _, m, *rest in terms:
+            keep_when = rest[0] if rest else True
+            m = m if keep_when else emit(A.logical_not.default, (m,))
+            mask = m if mask is None else emit(A.logical_and.default, (mask, m))
+        return mask
+    mask = None
+    for t in terms:
+        if t[0] == "add":
+            term = t[1] if t[2] == 1.0 else emit(A.mul.Tensor, (t[1], t[2]))
+        elif t[0] == "fill":
+            _, m, fill, keep_when = t
+            term = emit(A.where.Scalar, (m, 0.0, fill) if keep_when else (m, fill, 0.0))
+        else:  # a bool keep-mask beside additive terms
+            _, m, keep_when = t
+            term = emit(A.where.Scalar, (m, 0.0, float("-inf")) if keep_when else (m, float("-inf"), 0.0))
+        mask = term if mask is None else emit(A.add.Tensor, (mask, term))
+    return mask
+
+
+def _replace(gm: fx.GraphModule, site: AttentionSite, strategy) -> None:
+    nodes = site.nodes
+    out = nodes["out"]
+    fake_mode = detect_fake_mode([val(nodes["q"])])
+    with gm.graph.inserting_before(out):
+        emit = _emitter(gm.graph, fake_mode)
+        k = nodes["k"] if nodes.get("k") is not None else emit(A.transpose.int, (nodes["kT"], -2, -1))
+        mask = _build_mask(emit, nodes["terms"])
+        new = strategy.emit_call(emit, nodes["q"], k, nodes["v"], mask, is_causal=site.is_causal,
+                                 scale=float(site.scale), dropout_p=site.dropout_p)
+        if val(new).dtype != val(out).dtype:
+            new = emit(A.to.dtype, (new, val(out).dtype))
+    new.meta["nn_module_stack"] = out.meta.get("nn_module_stack", {})
+    new.meta["dilate_compiler_site"] = site.name
+    out.replace_all_uses_with(new)
+    for n in nodes["remove"]:
+        if n.graph is None:
+            continue
+        for u in list(n.users):
+            if u.target in IGNORED_USERS and not u.users:
+                gm.graph.erase_node(u)
+        if not n.users:
+            gm.graph.erase_node(n)

@@ -1,0 +1,83 @@
+"""What the passes record about each attention site, and the report users read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch.fx as fx
+
+
+@dataclass
+class AttentionSite:
+    """One attention found in a graph.
+
+    ``kind``: ``"sdpa"`` (``scaled_dot_product_attention``) or ``"matmul-softmax"`` (written out by hand, with
+    ``matmul``/``bmm``/``baddbmm``/``einsum``). ``mask_kind``: ``"none"``, ``"bool"`` or ``"additive"``.
+    ``status``: ``"found"`` -> ``"rewritten"`` or ``"skipped"`` (with ``reason``).
+    """
+
+    name: str
+    kind: str
+    location: str = ""
+    q_shape: tuple = ()
+    k_shape: tuple = ()
+    dtype: Any = None
+    mask_kind: str = "none"
+    is_causal: bool = False
+    scale: Optional[float] = None
+    dropout_p: float = 0.0
+    gqa_ratio: int = 1
+    status: str = "found"
+    reason: str = ""
+    # Graph handles, filled by find_attention for rewrite_attention (not part of the printed report).
+    nodes: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.q_shape[-2]) if self.q_shape else 0
+
+    def skip(self, reason: str) -> "AttentionSite":
+        self.status, self.reason = "skipped", reason
+        return self
+
+
+class AttentionSkipped(RuntimeError):
+    """Raised under ``strict=True`` when a site can't be rewritten."""
+
+
+@dataclass
+class Report:
+    sites: list = field(default_factory=list)
+
+    @property
+    def found(self) -> list:
+        return list(self.sites)
+
+    @property
+    def rewritten(self) -> list:
+        return [s for s in self.sites if s.status == "rewritten"]
+
+    @property
+    def skipped(self) -> list:
+        return [s for s in self.sites if s.status == "skipped"]
+
+    def extend(self, other: "Report") -> None:
+        self.sites.extend(other.sites)
+
+    def __str__(self) -> str:
+        head = ("site", "kind", "location", "q shape", "dtype", "mask", "causal", "scale", "gqa", "status")
+        rows = [head]
+        for s in self.sites:
+            rows.append((
+                s.name, s.kind, s.location or "-", "x".join(str(d) for d in s.q_shape),
+                str(s.dtype).replace("torch.", ""), s.mask_kind, str(s.is_causal),
+                "-" if s.scale is None else f"{s.scale:.4g}", str(s.gqa_ratio),
+                s.status + (f": {s.reason}" if s.reason else ""),
+            ))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]
+        summary = f"{len(self.sites)} attention site(s): {len(self.rewritten)} rewritten, {len(self.skipped)} skipped"
+        return "\n".join(lines[:1] + lines[1:] + [summary])
+
+    __repr__ = __str__
