@@ -34,13 +34,19 @@ def _check_options(options: Optional[dict]) -> dict:
 
 
 def to_pre_dispatch(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
-    """Re-trace a Dynamo graph to pre-dispatch ATen with ``make_fx`` (fake tensors; symbolic when Dynamo
-    hands over symbolic sizes, so a dynamic sequence length stays symbolic)."""
+    """Re-trace a Dynamo graph to pre-dispatch ATen with ``make_fx``, under Dynamo's own fake mode (so sizes
+    stay the symbols Dynamo guards on; a dynamic sequence length stays symbolic)."""
+    from torch._guards import TracingContext
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    symbolic = any(isinstance(x, torch.SymInt) for x in example_inputs)
+    ctx = TracingContext.try_get()
+    fake_mode = ctx.fake_mode if ctx is not None else None
     with attention_visible():
-        return make_fx(gm, pre_dispatch=True, tracing_mode="symbolic" if symbolic else "fake")(*example_inputs)
+        if fake_mode is None:
+            return make_fx(gm, pre_dispatch=True, tracing_mode="fake")(*example_inputs)
+        fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+        with fake_mode:
+            return make_fx(gm, pre_dispatch=True, tracing_mode="real")(*fakes)
 
 
 def dilated_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None):

@@ -1,0 +1,112 @@
+"""Real models: Hugging Face (built from configs, no downloads) and torch.nn attention modules."""
+
+import warnings
+
+import pytest
+import torch
+
+from tests.passes.helpers import check_rewrite
+
+transformers = pytest.importorskip("transformers")
+warnings.filterwarnings("ignore", category=UserWarning)
+
+IDS = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+PADDED = torch.ones(2, 12, dtype=torch.long)
+PADDED[0, :3] = 0  # left padding: fully masked query rows in causal models
+
+
+class LastHidden(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, attention_mask=None):
+        kw = {} if attention_mask is None else {"attention_mask": attention_mask}
+        return self.model(x, **kw).last_hidden_state
+
+
+def _hf(name, impl):
+    t = transformers
+    common = {"attn_implementation": impl}
+    if name == "llama":
+        cfg = t.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, use_cache=False, bos_token_id=1,
+                            eos_token_id=2, pad_token_id=0, **common)
+        return t.LlamaModel(cfg)
+    if name == "gpt2":
+        cfg = t.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64, use_cache=False,
+                           bos_token_id=1, eos_token_id=2, **common)
+        return t.GPT2Model(cfg)
+    if name == "bert":
+        return t.BertModel(t.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=64, **common))
+    return t.ViTModel(t.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=64, **common))
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "vit"])
+def test_hugging_face_models(name, impl):
+    torch.manual_seed(0)
+    model = LastHidden(_hf(name, impl).eval())
+    if name == "vit":
+        args, kwargs = (torch.randn(2, 3, 32, 32),), {}
+    else:
+        args, kwargs = (IDS,), {"attention_mask": PADDED}
+    res = check_rewrite(model, args, 2, grads=False, kwargs=kwargs)
+    sites = res.report.rewritten
+    assert all(s.location for s in sites), str(res.report)
+    if name == "llama":
+        assert {s.gqa_ratio for s in sites} == {2}
+
+
+def test_hugging_face_training_gradients():
+    torch.manual_seed(0)
+    model = LastHidden(_hf("llama", "eager").train())
+    res = check_rewrite(model, (IDS,), 2, grads=False, kwargs={"attention_mask": PADDED})
+    out = res.module(IDS, attention_mask=PADDED)
+    out.sum().backward()
+    grads = {n: p.grad.clone() for n, p in res.module.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model(IDS, attention_mask=PADDED).sum().backward()
+    ref = dict(model.named_parameters())
+    assert grads
+    for n, g in grads.items():
+        torch.testing.assert_close(g, ref[n].grad, atol=1e-5, rtol=1e-4)
+
+
+class MHA(torch.nn.Module):
+    def __init__(self, need_weights):
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+        self.need_weights = need_weights
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=self.need_weights)[0]
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("kind", ["mha", "encoder", "decoder"])
+def test_torch_nn_attention_modules(kind, mode):
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 32)
+    if kind == "mha":
+        model, args, n = MHA(need_weights=False), (x,), 1
+    elif kind == "encoder":
+        model, args, n = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), (x,), 1
+    else:
+        memory = torch.randn(2, 12, 32)
+        model, args, n = torch.nn.TransformerDecoderLayer(32, 4, 64, dropout=0.0, batch_first=True), (x, memory), 2
+    getattr(model, mode)()
+    check_rewrite(model, args, n, grads=(mode == "train"))
+
+
+def test_mha_with_weights_requested_is_skipped_with_reason():
+    """need_weights=True: nn.MultiheadAttention computes and returns the weights, so they escape."""
+    import dilate_compiler as dc
+    from tests.passes.helpers import DENSE
+
+    torch.manual_seed(0)
+    res = dc.rewrite(MHA(need_weights=True).eval(), (torch.randn(2, 12, 32),), DENSE)
+    assert not res.report.rewritten
+    assert res.report.skipped and "escape" in res.report.skipped[0].reason
