@@ -63,6 +63,9 @@ def test_sdpa_dropout_kept_in_training():
     assert not torch.allclose(a, F.scaled_dot_product_attention(q, k, v))  # dropout happened
 
 
+ADDITIVE = torch.randn(N, N, generator=torch.Generator().manual_seed(2))
+
+
 def _mask_bool():
     return torch.ones(N, N, dtype=torch.bool).tril()
 
@@ -75,8 +78,7 @@ HAND_WRITTEN = {
     "no_scale_t5": lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2), -1) @ v,
     "einsum": lambda q, k, v: torch.einsum("bhqk,bhkd->bhqd",
                                            torch.einsum("bhqd,bhkd->bhqk", q, k).mul(0.3).softmax(-1), v),
-    "additive_mask": lambda q, k, v: torch.softmax(q @ k.mT * 0.3 + torch.randn(N, N,
-                                                   generator=torch.Generator().manual_seed(2)), -1) @ v,
+    "additive_mask": lambda q, k, v: torch.softmax(q @ k.mT * 0.3 + ADDITIVE, -1) @ v,
     "masked_fill_finfo_min": lambda q, k, v: torch.softmax((q @ k.mT * 0.3).masked_fill(
         ~_mask_bool(), torch.finfo(torch.float32).min), -1) @ v,
     "masked_fill_inf": lambda q, k, v: torch.softmax((q @ k.mT * 0.3).masked_fill(~_mask_bool(), -math.inf),
@@ -230,3 +232,20 @@ def test_random_formulations_found_exactly_once(product, scale, mask, cast, gqa)
     res = check_rewrite(Fn(fn), qkv(), 1, grads=False)
     # A sqrt-scale applied after the repeat hides the repeat from the peel: still exact, k/v stay repeated.
     assert res.report.rewritten[0].gqa_ratio == (1 if gqa == "none" or scale == "split" else 2)
+
+
+@pytest.mark.parametrize("name", sorted(HAND_WRITTEN) + ["sdpa_" + n for n in sorted(SDPA_SPELLINGS)])
+def test_every_pattern_compiles_fullgraph_with_backend(name):
+    from dilate_compiler import backend
+
+    torch._dynamo.reset()
+    q, k, v = qkv()
+    if name.startswith("sdpa_"):
+        m = torch.ones(N, N, dtype=torch.bool).tril()
+        fn, args = SDPA_SPELLINGS[name[5:]], (q, k, v, m)
+    else:
+        fn, args = HAND_WRITTEN[name], (q, k, v)
+    compiled = torch.compile(Fn(fn), backend="dilated", options={"strategy": DENSE}, fullgraph=True)
+    torch.testing.assert_close(compiled(*args), fn(*args), atol=1e-5, rtol=1e-5)
+    assert len(backend.last_report().rewritten) == 1, str(backend.last_report())
+    torch._dynamo.reset()
