@@ -37,16 +37,21 @@ def to_pre_dispatch(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
     """Re-trace a Dynamo graph to pre-dispatch ATen with ``make_fx``, under Dynamo's own fake mode (so sizes
     stay the symbols Dynamo guards on; a dynamic sequence length stays symbolic)."""
     from torch._guards import TracingContext
+    from torch.fx import traceback as fx_traceback
     from torch.fx.experimental.proxy_tensor import make_fx
+
+    def run(*args):  # through an Interpreter, so each new node can copy the meta of the node it came from
+        return fx.Interpreter(gm).run(*args)
 
     ctx = TracingContext.try_get()
     fake_mode = ctx.fake_mode if ctx is not None else None
-    with attention_visible():
+    # preserve_node_meta: new nodes keep nn_module_stack / stack_trace of their Dynamo node (report locations).
+    with attention_visible(), fx_traceback.preserve_node_meta():
         if fake_mode is None:
-            return make_fx(gm, pre_dispatch=True, tracing_mode="fake")(*example_inputs)
+            return make_fx(run, pre_dispatch=True, tracing_mode="fake")(*example_inputs)
         fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
         with fake_mode:
-            return make_fx(gm, pre_dispatch=True, tracing_mode="real")(*fakes)
+            return make_fx(run, pre_dispatch=True, tracing_mode="real")(*fakes)
 
 
 def dilated_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None):

@@ -45,6 +45,7 @@ def test_inference_and_training_fullgraph():
     torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-5)
     report = backend.last_report()
     assert len(report.rewritten) == 2
+    assert [s.location for s in report.rewritten] == ["0", "1"]
     out.sum().backward()
     g = model[0].qkv.weight.grad.clone()
     model.zero_grad()

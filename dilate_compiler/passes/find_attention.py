@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import operator
+import re
 from typing import Optional
 
 import torch
@@ -75,7 +76,11 @@ def location(n: fx.Node) -> str:
     if not stack:
         return ""
     path = list(stack.values())[-1][0]
-    return path.replace("L['self'].", "").replace("L__self___", "")
+    # Dynamo spells paths from its frame's locals: L['self'].blocks[0].attn, L['fn']._modules['0']
+    path = re.sub(r"^L\['[^']*'\]", "", path)
+    path = re.sub(r"\._modules\['([^']*)'\]|\['([^']*)'\]|\[(\d+)\]",
+                  lambda m: "." + (m.group(1) or m.group(2) or m.group(3)), path)
+    return path.lstrip(".")
 
 
 # --- score chain ---------------------------------------------------------------------------------------
@@ -373,6 +378,51 @@ def _escape_reason(x, users, qk, k, kT) -> str:
     return f"the attention weights ({x.name}) escape: {what}"
 
 
+_SHAPE_OPS = CASTS | {A.transpose.int, A.permute.default, A.mul.Tensor, A.div.Tensor, A.view.default,
+                      A.reshape.default, A._unsafe_view.default, A.select.int}
+
+
+def merged_heads(n: fx.Node, depth: int = 8) -> Optional[int]:
+    """H for a merged-head tensor ``[B*H, N, D]``, found at the reshape that merged B and H, so that index
+    ``i`` of the merged dim is ``b * H + h``: either ``[.., B, H*D] -> [.., B*H, D]`` (``nn.MultiheadAttention``:
+    ``view(q, [N, B * H, D])`` of ``q [N, B, E]``) or ``[B, H, N, D] -> [B*H, N, D]``. None when no such
+    reshape is visible."""
+    shape = val(n).shape
+    bh, d = shape[0], shape[-1]
+    while isinstance(n, fx.Node) and depth > 0 and n.target in _SHAPE_OPS:
+        if n.target in (A.view.default, A.reshape.default, A._unsafe_view.default):
+            out, inp = list(val(n).shape), list(val(n.args[0]).shape)
+            for i in range(len(out)):
+                if out[i] == bh:
+                    for j in range(len(inp) - 1):
+                        if inp[j] * inp[j + 1] == bh and inp[j + 2:] == out[i + 1:] and inp[:j] == out[:i]:
+                            return int(inp[j + 1])
+            for i in range(len(out) - 1):
+                if (out[i], out[i + 1]) == (bh, d):
+                    for j in range(len(inp) - 1):
+                        b, e = inp[j], inp[j + 1]
+                        if b * e == bh * d and e % d == 0 and bh % b == 0 and bh // b == e // d:
+                            return int(e // d)
+        n = n.args[0]
+        depth -= 1
+    return None
+
+
+def _merged_head_shapes(site: AttentionSite, qv, kv, vv) -> Optional[str]:
+    """For 3-D ``[B*H, N, D]`` sites: recover H from q, k and v, or say why not."""
+    nodes = site.nodes
+    k = nodes["k"] if nodes.get("k") is not None else nodes["kT"]
+    heads = {merged_heads(nodes["q"]), merged_heads(k), merged_heads(nodes["v"])}
+    if len(heads) != 1 or None in heads:
+        return ("3-D attention [B*H, N, D] whose head split is not visible in the graph (no reshape "
+                "[.., B, H*D] -> [.., B*H, D] found for q, k and v)")
+    if any(isinstance(x, torch.SymInt) for x in tuple(qv.shape) + tuple(kv.shape)):
+        return "3-D attention [B*H, N, D] with symbolic sizes"
+    h = heads.pop()
+    nodes["heads_3d"] = h
+    return None
+
+
 def _check_shapes(site: AttentionSite) -> AttentionSite:
     nodes = site.nodes
     q, v = nodes["q"], nodes["v"]
@@ -380,9 +430,17 @@ def _check_shapes(site: AttentionSite) -> AttentionSite:
     qv, vv = val(q), val(v)
     kv = val(k) if k is not None else val(nodes["kT"]).transpose(-1, -2)
     site.q_shape, site.k_shape, site.dtype = tuple(qv.shape), tuple(kv.shape), qv.dtype
+    if qv.dim() == kv.dim() == vv.dim() == 3 and site.kind == "matmul-softmax":
+        reason = _merged_head_shapes(site, qv, kv, vv)
+        if reason:
+            return site.skip(reason)
+        h = nodes["heads_3d"]
+        split = lambda t: (t.shape[0] // h, h) + tuple(t.shape[1:])  # noqa: E731
+        qv, kv, vv = (torch.empty(split(t), dtype=t.dtype, device="meta") for t in (qv, kv, vv))
+        site.q_shape, site.k_shape = tuple(qv.shape), tuple(kv.shape)
     if qv.dim() != 4 or kv.dim() != 4 or vv.dim() != 4:
-        return site.skip(f"q/k/v must be 4-D [B, H, N, D]; got {qv.dim()}-D q {tuple(qv.shape)} "
-                         "(the head index of a merged [B*H, N, D] layout is not known)")
+        return site.skip(f"q/k/v must be 4-D [B, H, N, D] (or [B*H, N, D] with a visible head split); got "
+                         f"{qv.dim()}-D q {tuple(qv.shape)}")
     if qv.dtype not in DTYPES:
         return site.skip(f"dtype {qv.dtype} is not supported (float16, bfloat16, float32, float64)")
     if not (qv.dtype == kv.dtype == vv.dtype):
@@ -391,7 +449,7 @@ def _check_shapes(site: AttentionSite) -> AttentionSite:
         return site.skip(f"cross-attention: query length {qv.shape[2]} != key length {kv.shape[2]}")
     if site.scale is None:
         site.scale = 1.0 / math.sqrt(qv.shape[-1])
-    if k is not None:
+    if k is not None and "heads_3d" not in nodes:
         k0, g = peel_repeat_kv(k)
         v0, gv = peel_repeat_kv(v)
         if g > 1 and g == gv:
@@ -406,6 +464,10 @@ def _check_shapes(site: AttentionSite) -> AttentionSite:
         if m is None or m.dim() > 4:
             return site.skip(f"mask {t[1]} has no shape or more than 4 dims")
         shape = (1,) * (4 - m.dim()) + tuple(m.shape)
+        if "heads_3d" in nodes and m.dim() == 3 and m.shape[0] not in (1,):
+            if m.shape[0] != qv.shape[0] * qv.shape[1]:
+                return site.skip(f"mask {t[1].name} of shape {tuple(m.shape)} does not match [B*H, N, N]")
+            shape = (qv.shape[0], qv.shape[1]) + tuple(m.shape[1:])
         try:
             torch.broadcast_shapes(shape, (qv.shape[0], qv.shape[1], qv.shape[2], kv.shape[2]))
         except RuntimeError:

@@ -25,7 +25,11 @@ def clean_up(gm: fx.GraphModule) -> None:
 
 def run_pipeline(gm: fx.GraphModule, strategy, *, where: Where = None, strict: bool = False,
                  rewrite: bool = True) -> Report:
-    """find_attention -> rewrite_attention -> clean_up, on a pre-dispatch ATen graph, in place."""
+    """clean_up -> find_attention -> rewrite_attention -> clean_up, on a pre-dispatch ATen graph, in place.
+
+    The first clean-up drops dead uses (e.g. attention weights a caller discards) before matching.
+    """
+    clean_up(gm)
     sites = find_attention(gm)
     if rewrite:
         rewrite_attention(gm, sites, strategy, where=where, strict=strict)

@@ -72,9 +72,14 @@ def _emitter(graph: fx.Graph, fake_mode):
     return emit
 
 
-def _build_mask(emit, terms: list) -> Optional[fx.Node]:
+def _build_mask(emit, terms: list, heads_3d: Optional[tuple] = None) -> Optional[fx.Node]:
     if not terms:
         return None
+    if heads_3d is not None:  # [B*H, N, N] masks of a merged-head site -> [B, H, N, N]
+        B, H = heads_3d
+        split = lambda m: emit(A.reshape.default, (m, [B, H] + list(val(m).shape[1:])))  # noqa: E731
+        terms = [(t[0], split(t[1])) + tuple(t[2:]) if val(t[1]).dim() == 3 and val(t[1]).shape[0] == B * H
+                 else t for t in terms]
     if all(t[0] == "keep" for t in terms):
         mask = None
         for _, m, *rest in terms:
@@ -102,10 +107,18 @@ def _replace(gm: fx.GraphModule, site: AttentionSite, strategy) -> None:
     fake_mode = detect_fake_mode([val(nodes["q"])])
     with gm.graph.inserting_before(out):
         emit = _emitter(gm.graph, fake_mode)
+        q, v = nodes["q"], nodes["v"]
         k = nodes["k"] if nodes.get("k") is not None else emit(A.transpose.int, (nodes["kT"], -2, -1))
-        mask = _build_mask(emit, nodes["terms"])
-        new = strategy.emit_call(emit, nodes["q"], k, nodes["v"], mask, is_causal=site.is_causal,
+        heads_3d = None
+        if "heads_3d" in nodes:  # [B*H, N, D] -> [B, H, N, D]; index b * H + h
+            B, H = site.q_shape[0], site.q_shape[1]
+            heads_3d = (B, H)
+            q, k, v = (emit(A.reshape.default, (t, [B, H] + list(val(t).shape[1:]))) for t in (q, k, v))
+        mask = _build_mask(emit, nodes["terms"], heads_3d)
+        new = strategy.emit_call(emit, q, k, v, mask, is_causal=site.is_causal,
                                  scale=float(site.scale), dropout_p=site.dropout_p)
+        if heads_3d is not None:
+            new = emit(A.reshape.default, (new, list(val(out).shape)))
         if val(new).dtype != val(out).dtype:
             new = emit(A.to.dtype, (new, val(out).dtype))
     new.meta["nn_module_stack"] = out.meta.get("nn_module_stack", {})

@@ -139,10 +139,32 @@ def test_cross_attention_skipped_with_reason():
     assert res.report.skipped[0].reason.startswith("cross-attention: query length 24 != key length 32")
 
 
-def test_merged_heads_3d_skipped_with_reason():
+def test_merged_heads_3d_without_visible_split_skipped_with_reason():
     q, k, v = (t.reshape(B * H, N, D) for t in qkv())
     res = dc.rewrite(Fn(lambda q, k, v: torch.softmax(torch.bmm(q, k.transpose(1, 2)), -1).bmm(v)), (q, k, v), DENSE)
-    assert "4-D" in res.report.skipped[0].reason
+    assert "head split is not visible" in res.report.skipped[0].reason
+
+
+def test_merged_heads_3d_bmm_with_visible_split():
+    """[B, N, E] -> [B*H, N, D] written out, then bmm/baddbmm attention: H is recovered, heads keep their index."""
+    strategy = dc.Dilated((8, 16), (1, 2))  # rate 2: head index matters
+
+    def split(x):  # [B, N, E] -> [B*H, N, D]
+        return x.view(B, N, H, D).transpose(1, 2).reshape(B * H, N, D)
+
+    def fn(x, y, z, bias):
+        q, k, v = split(x), split(y), split(z)
+        return torch.bmm(torch.softmax(torch.baddbmm(bias, q * 0.3, k.transpose(1, 2)), -1), v)
+
+    g = torch.Generator().manual_seed(5)
+    x, y, z = (torch.randn(B, N, H * D, generator=g) for _ in range(3))
+    bias = torch.randn(B * H, N, N, generator=g)
+    res = dc.rewrite(Fn(fn), (x, y, z, bias), strategy)
+    site = res.report.rewritten[0]
+    assert site.q_shape == (B, H, N, D)
+    q4, k4, v4 = (t.view(B, N, H, D).transpose(1, 2) for t in (x, y, z))
+    expected = dc.ops.dilated_attention(q4, k4, v4, (8, 16), (1, 2), scale=0.3, attn_mask=bias.view(B, H, N, N))
+    torch.testing.assert_close(res.module(x, y, z, bias), expected.reshape(B * H, N, D), atol=1e-5, rtol=1e-5)
 
 
 def test_unsupported_dtype_skipped():

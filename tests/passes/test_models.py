@@ -101,12 +101,27 @@ def test_torch_nn_attention_modules(kind, mode):
     check_rewrite(model, args, n, grads=(mode == "train"))
 
 
-def test_mha_with_weights_requested_is_skipped_with_reason():
-    """need_weights=True: nn.MultiheadAttention computes and returns the weights, so they escape."""
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_mha_default_need_weights_with_weights_discarded(mode):
+    """nn.MultiheadAttention's default (need_weights=True) takes the bmm path; discarded weights are dead code."""
+    torch.manual_seed(0)
+    model = MHA(need_weights=True)
+    getattr(model, mode)()
+    res = check_rewrite(model, (torch.randn(2, 12, 32),), 1, grads=(mode == "train"))
+    assert res.report.rewritten[0].q_shape == (2, 4, 12, 8)
+
+
+def test_mha_weights_returned_are_skipped_with_reason():
     import dilate_compiler as dc
     from tests.passes.helpers import DENSE
 
-    torch.manual_seed(0)
-    res = dc.rewrite(MHA(need_weights=True).eval(), (torch.randn(2, 12, 32),), DENSE)
-    assert not res.report.rewritten
-    assert res.report.skipped and "escape" in res.report.skipped[0].reason
+    class Weights(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x)
+
+    res = dc.rewrite(Weights().eval(), (torch.randn(2, 12, 32),), DENSE)
+    assert not res.report.rewritten and "escape" in res.report.skipped[0].reason
