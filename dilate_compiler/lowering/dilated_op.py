@@ -1,16 +1,21 @@
-"""``torch.library`` registration of dilated attention: schema, fake kernel, autograd.
+"""``torch.library`` registration of dilated attention: schema, fake kernel, autograd, device dispatch.
 
-Two ops, so graphs (Dynamo, export, AOTInductor) hold them as single nodes:
+Ops (graphs from Dynamo, export and AOTInductor hold them as single nodes):
 
 - ``dilate_compiler::dilated_attention_forward(q, k, v, attn_mask, segment_lengths, dilation_rates,
-  is_causal, scale, mixing, dropout_p, seed) -> (out, lse)``
-- ``dilate_compiler::dilated_attention_backward(dout, q, k, v, attn_mask, out, lse, ...) -> (dq, dk, dv)``
+  is_causal, scale, mixing, dropout_p, seed) -> (out, lse)`` — a ``triton_op``: on CUDA it launches the
+  generated Triton kernels through ``wrap_triton`` (so Inductor inlines them into its output code); where
+  the kernels don't apply (CPU, other head dims or dtypes, masks, dropout) it calls the exact path.
+- ``dilate_compiler::dilated_attention_backward(dout, q, k, v, attn_mask, out, lse, ...) -> (dq, dk, dv)``,
+  dispatched the same way.
+- ``dilate_compiler::dilated_attention_{forward,backward}_exact``: the exact PyTorch path, opaque custom ops.
 
 The pattern (segments, rates, mixing) is an op argument, so it is a compile-time constant of any graph.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -18,6 +23,10 @@ from torch import Tensor
 
 from ..strategies.dilated import Dilated
 from .dilated_eager import dilated_attention_backward_eager, dilated_attention_forward_eager
+from .dilated_triton import dilated_attn_bwd, dilated_attn_fwd, kernel_unsupported_reason
+
+log = logging.getLogger("dilate_compiler")
+_LOGGED: set = set()
 
 
 def _plan(segment_lengths, dilation_rates, mixing, seq_len, num_heads):
@@ -32,8 +41,20 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("dilate_compiler::dilated_attention_forward", mutates_args=())
-def dilated_attention_forward(
+def use_kernels(q: Tensor, attn_mask, dropout_p: float, num_branches: int) -> bool:
+    """True when the Triton kernels run this call; a CUDA call that can't use them is logged once per reason."""
+    reason = kernel_unsupported_reason(q, attn_mask, dropout_p, num_branches)
+    if reason and q.device.type == "cuda" and reason not in _LOGGED:
+        _LOGGED.add(reason)
+        log.warning("dilated attention on CUDA runs the exact PyTorch path: %s", reason)
+    return not reason
+
+
+# --- the exact path ----------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("dilate_compiler::dilated_attention_forward_exact", mutates_args=())
+def dilated_attention_forward_exact(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], segment_lengths: list[int],
     dilation_rates: list[int], is_causal: bool, scale: float, mixing: str, dropout_p: float,
     seed: Optional[Tensor],
@@ -45,15 +66,15 @@ def dilated_attention_forward(
     )
 
 
-@dilated_attention_forward.register_fake
+@dilated_attention_forward_exact.register_fake
 def _(q, k, v, attn_mask, segment_lengths, dilation_rates, is_causal, scale, mixing, dropout_p, seed):
     B, H, N, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
         (B, H, N), dtype=lse_dtype(q.dtype))
 
 
-@torch.library.custom_op("dilate_compiler::dilated_attention_backward", mutates_args=())
-def dilated_attention_backward(
+@torch.library.custom_op("dilate_compiler::dilated_attention_backward_exact", mutates_args=())
+def dilated_attention_backward_exact(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], out: Tensor, lse: Tensor,
     segment_lengths: list[int], dilation_rates: list[int], is_causal: bool, scale: float, mixing: str,
     dropout_p: float, seed: Optional[Tensor],
@@ -65,12 +86,42 @@ def dilated_attention_backward(
     )
 
 
-@dilated_attention_backward.register_fake
+@dilated_attention_backward_exact.register_fake
 def _(dout, q, k, v, attn_mask, out, lse, segment_lengths, dilation_rates, is_causal, scale, mixing,
       dropout_p, seed):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+# --- the dispatching ops -----------------------------------------------------------------------------------
+
+
+@torch.library.triton_op("dilate_compiler::dilated_attention_forward", mutates_args=())
+def dilated_attention_forward(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], segment_lengths: list[int],
+    dilation_rates: list[int], is_causal: bool, scale: float, mixing: str, dropout_p: float,
+    seed: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    if use_kernels(q, attn_mask, dropout_p, len(segment_lengths)):
+        return dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, is_causal=is_causal, scale=scale,
+                                mixing=mixing)
+    return torch.ops.dilate_compiler.dilated_attention_forward_exact(
+        q, k, v, attn_mask, segment_lengths, dilation_rates, is_causal, scale, mixing, dropout_p, seed)
+
+
+@torch.library.triton_op("dilate_compiler::dilated_attention_backward", mutates_args=())
+def dilated_attention_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], out: Tensor, lse: Tensor,
+    segment_lengths: list[int], dilation_rates: list[int], is_causal: bool, scale: float, mixing: str,
+    dropout_p: float, seed: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    if use_kernels(q, attn_mask, dropout_p, len(segment_lengths)):
+        return dilated_attn_bwd(dout, q, k, v, out, lse, segment_lengths, dilation_rates, is_causal=is_causal,
+                                scale=scale, mixing=mixing)
+    return torch.ops.dilate_compiler.dilated_attention_backward_exact(
+        dout, q, k, v, attn_mask, out, lse, segment_lengths, dilation_rates, is_causal, scale, mixing, dropout_p,
+        seed)
 
 
 def _setup_context(ctx, inputs, output):

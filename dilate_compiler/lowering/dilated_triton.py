@@ -1,0 +1,525 @@
+"""Triton kernels for dilated attention: zero-copy strided tiles, all branches in one online softmax.
+
+Specialisation: the pattern is passed as constexprs (``W0..W7``, ``R0..R7``, ``NUM_BRANCHES``, head-group
+bounds, ``L`` = lcm of the rates, causal, head dim), so Triton compiles one kernel per pattern; no source is
+generated. Up to ``MAX_BRANCHES`` branches.
+
+Tiling (forward and dQ): a program owns ``BLOCK_M`` query rows of one residue class ``c`` (mod ``L``) of one
+``(b, h)``: rows ``p = c + L * (t * BLOCK_M + i)``, a strided view loaded in place. A branch ``(W, R)``
+selects the class iff ``c % R == offset(h)``; for each selecting branch the program walks the branch's keys in
+the segments its rows touch, ``j = seg * W + offset + R * m`` (strided pointers, no gather), inside one online
+softmax, so a key linked by two branches counts twice (LongNet's mixing) and the output and the log-sum-exp
+are written once. The dK/dV kernel mirrors it: a program owns ``BLOCK_N`` keys of one class of one kv head
+and loops over the query heads of its GQA group and their selecting branches.
+
+Log-sum-exps are kept in base 2 inside the kernels (``exp2``); the op stores natural-log LSE.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from functools import reduce
+
+import torch
+import triton
+import triton.language as tl
+
+from ..strategies.dilated import Dilated
+
+MAX_BRANCHES = 8
+SUPPORTED_HEAD_DIMS = (32, 64, 128)
+RCP_LN2 = 1.4426950408889634  # log2(e)
+LN2 = 0.6931471805599453
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(kind: str):
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    if kind == "fwd":
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                for bm, bn, w, s in ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
+                                     (64, 128, 4, 2), (128, 32, 4, 4))]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in ((64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3))]
+
+
+_KEY = ["N", "HEAD_DIM", "NUM_BRANCHES", "L", "IS_CAUSAL", "MIXING_LSE", "GQA",
+        "W0", "W1", "W2", "W3", "W4", "W5", "W6", "W7", "R0", "R1", "R2", "R3", "R4", "R5", "R6", "R7"]
+
+
+@triton.jit
+def _branch_offset(h, BRANCH: tl.constexpr, R: tl.constexpr, HG_START: tl.constexpr, HG_STOP: tl.constexpr,
+                   MIXING_LSE: tl.constexpr, c):
+    """(offset, selected) of a branch for head h and residue class c."""
+    if MIXING_LSE:
+        o = h % R
+        sel = (c % R) == o
+    else:
+        o = BRANCH % R
+        sel = ((c % R) == o) & (h >= HG_START) & (h < HG_STOP)
+    return o, sel
+
+
+@triton.jit
+def _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N, qk_scale,
+                W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Online softmax over one branch's keys for the query rows ``p`` (scores in base 2)."""
+    seg_lo = p_first // W
+    seg_hi = p_last // W
+    j0 = seg_lo * W + o
+    j_end = tl.minimum((seg_hi + 1) * W, N)
+    if IS_CAUSAL:
+        j_end = tl.minimum(j_end, p_last + 1)
+    n_keys = tl.cdiv(tl.maximum(j_end - j0, 0), R)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start in range(0, n_keys, BLOCK_N):
+        m = start + tl.arange(0, BLOCK_N)
+        j = j0 + m * R                                                   # key positions: a strided view
+        k_ok = m < n_keys
+        k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        v = tl.load(v_base + j[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale                             # [BLOCK_M, BLOCK_N]
+        ok = k_ok[None, :] & ((j[None, :] // W) == (p[:, None] // W))
+        if IS_CAUSAL:
+            ok = ok & (j[None, :] <= p[:, None])
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        pr = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(pr, 1)
+        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)           # [BLOCK_M, HEAD_DIM]
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.autotune(configs=_configs("fwd"), key=_KEY)
+@triton.jit
+def _dilated_attn_fwd_kernel(
+    Q, K, V, Out, Lse, sm_scale,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_ob, stride_oh, stride_on, H, N, out_scale,
+    HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, L: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    MIXING_LSE: tl.constexpr, GQA: tl.constexpr,
+    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,
+    W4: tl.constexpr, W5: tl.constexpr, W6: tl.constexpr, W7: tl.constexpr,
+    R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
+    R4: tl.constexpr, R5: tl.constexpr, R6: tl.constexpr, R7: tl.constexpr,
+    S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
+    S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr, S8: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    tl.static_assert(NUM_BRANCHES <= 8)
+    i_tile = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    b = i_bh // H
+    h = i_bh % H
+    c = i_tile % L                                      # residue class of the rows
+    t = i_tile // L
+    n_rows = tl.cdiv(tl.maximum(N - c, 0), L)           # rows of class c
+    if t * BLOCK_M >= n_rows:
+        return
+    i_row = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = i_row < n_rows
+    p = c + i_row * L                                   # query positions: a strided view
+    p_first = c + t * BLOCK_M * L
+    p_last = c + (tl.minimum(n_rows, (t + 1) * BLOCK_M) - 1) * L
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_base = Q + b * stride_qb + h * stride_qh
+    kh = h // GQA
+    k_base = K + b * stride_kb + kh * stride_kh
+    v_base = V + b * stride_kb + kh * stride_kh
+    q = tl.load(q_base + p[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    qk_scale = sm_scale * 1.4426950408889634
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # One block per branch (constexpr-unrolled); each adds its keys to the same online softmax.
+    o, sel = _branch_offset(h, 0, R0, S0, S1, MIXING_LSE, c)
+    if sel:
+        acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N, qk_scale,
+                                    W0, R0, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
+    if NUM_BRANCHES > 1:
+        o, sel = _branch_offset(h, 1, R1, S1, S2, MIXING_LSE, c)
+        if sel:
+            acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                        qk_scale, W1, R1, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
+    if NUM_BRANCHES > 2:
+        o, sel = _branch_offset(h, 2, R2, S2, S3, MIXING_LSE, c)
+        if sel:
+            acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                        qk_scale, W2, R2, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
+    if NUM_BRANCHES > 3:
+        o, sel = _branch_offset(h, 3, R3, S3, S4, MIXING_LSE, c)
+        if sel:
+            acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                        qk_scale, W3, R3, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
+    if NUM_BRANCHES > 4:
+        o, sel = _branch_offset(h, 4, R4, S4, S5, MIXING_LSE, c)
+        if sel:
+            acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                        qk_scale, W4, R4, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
+    if NUM_BRANCHES > 5:
+        o, sel = _branch_offset(h, 5, R5, S5, S6, MIXING_LSE, c)
+        if sel:
+            acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                        qk_scale, W5, R5, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
+    if NUM_BRANCHES > 6:
+        o, sel = _branch_offset(h, 6, R6, S6, S7, MIXING_LSE, c)
+        if sel:
+            acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                        qk_scale, W6, R6, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
+    if NUM_BRANCHES > 7:
+        o, sel = _branch_offset(h, 7, R7, S7, S8, MIXING_LSE, c)
+        if sel:
+            acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                        qk_scale, W7, R7, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
+    # Epilogue: rows no branch links have l_i == 0 -> output 0, lse -inf.
+    linked = l_i > 0.0
+    out = acc / tl.where(linked, l_i, 1.0)[:, None] * out_scale
+    lse = tl.where(linked, (m_i + tl.log2(tl.where(linked, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    o_base = Out + b * stride_ob + h * stride_oh
+    tl.store(o_base + p[:, None] * stride_on + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(Lse + i_bh * N + p, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N, qk_scale,
+                   out_scale, W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """dQ over one branch's keys: P = exp2(S - LSE_merged), dS = P * (dP - delta)."""
+    seg_lo = p_first // W
+    seg_hi = p_last // W
+    j0 = seg_lo * W + o
+    j_end = tl.minimum((seg_hi + 1) * W, N)
+    if IS_CAUSAL:
+        j_end = tl.minimum(j_end, p_last + 1)
+    n_keys = tl.cdiv(tl.maximum(j_end - j0, 0), R)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start in range(0, n_keys, BLOCK_N):
+        m = start + tl.arange(0, BLOCK_N)
+        j = j0 + m * R
+        k_ok = m < n_keys
+        k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        v = tl.load(v_base + j[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale                             # [BLOCK_M, BLOCK_N]
+        ok = k_ok[None, :] & ((j[None, :] // W) == (p[:, None] // W))
+        if IS_CAUSAL:
+            ok = ok & (j[None, :] <= p[:, None])
+        pr = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v)) * out_scale                          # [BLOCK_M, BLOCK_N]
+        ds = pr * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)                                   # [BLOCK_M, HEAD_DIM]
+    return dq
+
+
+@triton.autotune(configs=_configs("bwd"), key=_KEY)
+@triton.jit
+def _dilated_attn_bwd_dq_kernel(
+    Q, K, V, DO, Lse, Delta, DQ, sm_scale,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_ob, stride_oh, stride_on, H, N, out_scale,
+    HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, L: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    MIXING_LSE: tl.constexpr, GQA: tl.constexpr,
+    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,
+    W4: tl.constexpr, W5: tl.constexpr, W6: tl.constexpr, W7: tl.constexpr,
+    R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
+    R4: tl.constexpr, R5: tl.constexpr, R6: tl.constexpr, R7: tl.constexpr,
+    S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
+    S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr, S8: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    i_tile = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    b = i_bh // H
+    h = i_bh % H
+    c = i_tile % L
+    t = i_tile // L
+    n_rows = tl.cdiv(tl.maximum(N - c, 0), L)
+    if t * BLOCK_M >= n_rows:
+        return
+    i_row = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = i_row < n_rows
+    p = c + i_row * L
+    p_first = c + t * BLOCK_M * L
+    p_last = c + (tl.minimum(n_rows, (t + 1) * BLOCK_M) - 1) * L
+    offs_d = tl.arange(0, HEAD_DIM)
+    kh = h // GQA
+    k_base = K + b * stride_kb + kh * stride_kh
+    v_base = V + b * stride_kb + kh * stride_kh
+    q = tl.load(Q + b * stride_qb + h * stride_qh + p[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None],
+                other=0.0)
+    do = tl.load(DO + b * stride_ob + h * stride_oh + p[:, None] * stride_on + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(Lse + i_bh * N + p, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
+    delta = tl.load(Delta + i_bh * N + p, mask=row_ok, other=0.0)
+    qk_scale = sm_scale * 1.4426950408889634
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    o, sel = _branch_offset(h, 0, R0, S0, S1, MIXING_LSE, c)
+    if sel:
+        dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N, qk_scale,
+                            out_scale, W0, R0, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
+    if NUM_BRANCHES > 1:
+        o, sel = _branch_offset(h, 1, R1, S1, S2, MIXING_LSE, c)
+        if sel:
+            dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                qk_scale, out_scale, W1, R1, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
+    if NUM_BRANCHES > 2:
+        o, sel = _branch_offset(h, 2, R2, S2, S3, MIXING_LSE, c)
+        if sel:
+            dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                qk_scale, out_scale, W2, R2, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
+    if NUM_BRANCHES > 3:
+        o, sel = _branch_offset(h, 3, R3, S3, S4, MIXING_LSE, c)
+        if sel:
+            dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                qk_scale, out_scale, W3, R3, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
+    if NUM_BRANCHES > 4:
+        o, sel = _branch_offset(h, 4, R4, S4, S5, MIXING_LSE, c)
+        if sel:
+            dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                qk_scale, out_scale, W4, R4, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
+    if NUM_BRANCHES > 5:
+        o, sel = _branch_offset(h, 5, R5, S5, S6, MIXING_LSE, c)
+        if sel:
+            dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                qk_scale, out_scale, W5, R5, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
+    if NUM_BRANCHES > 6:
+        o, sel = _branch_offset(h, 6, R6, S6, S7, MIXING_LSE, c)
+        if sel:
+            dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                qk_scale, out_scale, W6, R6, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
+    if NUM_BRANCHES > 7:
+        o, sel = _branch_offset(h, 7, R7, S7, S8, MIXING_LSE, c)
+        if sel:
+            dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                qk_scale, out_scale, W7, R7, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
+    dq = dq * sm_scale
+    tl.store(DQ + b * stride_qb + h * stride_qh + p[:, None] * stride_qn + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+@triton.jit
+def _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn, stride_on,
+                     o, N, qk_scale, out_scale, W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """dK, dV of the keys ``j`` from one branch's queries (transposed scores, as FlashAttention-2)."""
+    seg_lo = j_first // W
+    seg_hi = j_last // W
+    p0 = seg_lo * W + o
+    p_end = tl.minimum((seg_hi + 1) * W, N)
+    n_q = tl.cdiv(tl.maximum(p_end - p0, 0), R)
+    m_begin = 0
+    if IS_CAUSAL:
+        m_begin = tl.maximum(j_first - p0, 0) // R // BLOCK_M * BLOCK_M
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start in range(m_begin, n_q, BLOCK_M):
+        m = start + tl.arange(0, BLOCK_M)
+        p = p0 + m * R                                                   # query positions: a strided view
+        q_ok = m < n_q
+        q = tl.load(q_base + p[:, None] * stride_qn + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+        do = tl.load(do_base + p[:, None] * stride_on + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+        lse2 = tl.load(lse_base + p, mask=q_ok, other=0.0) * 1.4426950408889634
+        lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
+        delta = tl.load(delta_base + p, mask=q_ok, other=0.0)
+        st = tl.dot(k, tl.trans(q)) * qk_scale                            # [BLOCK_N, BLOCK_M]
+        ok = q_ok[None, :] & ((j[:, None] // W) == (p[None, :] // W))
+        if IS_CAUSAL:
+            ok = ok & (j[:, None] <= p[None, :])
+        pt = tl.where(ok, tl.exp2(st - lse2[None, :]), 0.0)
+        dv += tl.dot(pt.to(do.dtype), do)                                 # [BLOCK_N, HEAD_DIM]
+        dpt = tl.dot(v, tl.trans(do)) * out_scale                         # [BLOCK_N, BLOCK_M]
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q)                                  # [BLOCK_N, HEAD_DIM]
+    return dk, dv
+
+
+@triton.autotune(configs=_configs("bwd"), key=_KEY)
+@triton.jit
+def _dilated_attn_bwd_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV, sm_scale,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_ob, stride_oh, stride_on, H, N, out_scale,
+    HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, L: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    MIXING_LSE: tl.constexpr, GQA: tl.constexpr,
+    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,
+    W4: tl.constexpr, W5: tl.constexpr, W6: tl.constexpr, W7: tl.constexpr,
+    R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
+    R4: tl.constexpr, R5: tl.constexpr, R6: tl.constexpr, R7: tl.constexpr,
+    S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
+    S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr, S8: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    i_tile = tl.program_id(0)
+    i_bkh = tl.program_id(1)
+    HKV = H // GQA
+    b = i_bkh // HKV
+    kh = i_bkh % HKV
+    c = i_tile % L
+    t = i_tile // L
+    n_keys = tl.cdiv(tl.maximum(N - c, 0), L)
+    if t * BLOCK_N >= n_keys:
+        return
+    i_key = t * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_ok = i_key < n_keys
+    j = c + i_key * L                                                    # key positions: a strided view
+    j_first = c + t * BLOCK_N * L
+    j_last = c + (tl.minimum(n_keys, (t + 1) * BLOCK_N) - 1) * L
+    offs_d = tl.arange(0, HEAD_DIM)
+    kv_off = b * stride_kb + kh * stride_kh + j[:, None] * stride_kn + offs_d[None, :]
+    k = tl.load(K + kv_off, mask=key_ok[:, None], other=0.0)
+    v = tl.load(V + kv_off, mask=key_ok[:, None], other=0.0)
+    qk_scale = sm_scale * 1.4426950408889634
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    for g in range(GQA):                                                 # query heads reading this kv head
+        h = kh * GQA + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_ob + h * stride_oh
+        lse_base = Lse + (b * H + h) * N
+        delta_base = Delta + (b * H + h) * N
+        o, sel = _branch_offset(h, 0, R0, S0, S1, MIXING_LSE, c)
+        if sel:
+            dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
+                                      stride_qn, stride_on, o, N, qk_scale, out_scale, W0, R0, IS_CAUSAL, BLOCK_M,
+                                      BLOCK_N, HEAD_DIM)
+        if NUM_BRANCHES > 1:
+            o, sel = _branch_offset(h, 1, R1, S1, S2, MIXING_LSE, c)
+            if sel:
+                dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
+                                          stride_qn, stride_on, o, N, qk_scale, out_scale, W1, R1, IS_CAUSAL,
+                                          BLOCK_M, BLOCK_N, HEAD_DIM)
+        if NUM_BRANCHES > 2:
+            o, sel = _branch_offset(h, 2, R2, S2, S3, MIXING_LSE, c)
+            if sel:
+                dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
+                                          stride_qn, stride_on, o, N, qk_scale, out_scale, W2, R2, IS_CAUSAL,
+                                          BLOCK_M, BLOCK_N, HEAD_DIM)
+        if NUM_BRANCHES > 3:
+            o, sel = _branch_offset(h, 3, R3, S3, S4, MIXING_LSE, c)
+            if sel:
+                dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
+                                          stride_qn, stride_on, o, N, qk_scale, out_scale, W3, R3, IS_CAUSAL,
+                                          BLOCK_M, BLOCK_N, HEAD_DIM)
+        if NUM_BRANCHES > 4:
+            o, sel = _branch_offset(h, 4, R4, S4, S5, MIXING_LSE, c)
+            if sel:
+                dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
+                                          stride_qn, stride_on, o, N, qk_scale, out_scale, W4, R4, IS_CAUSAL,
+                                          BLOCK_M, BLOCK_N, HEAD_DIM)
+        if NUM_BRANCHES > 5:
+            o, sel = _branch_offset(h, 5, R5, S5, S6, MIXING_LSE, c)
+            if sel:
+                dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
+                                          stride_qn, stride_on, o, N, qk_scale, out_scale, W5, R5, IS_CAUSAL,
+                                          BLOCK_M, BLOCK_N, HEAD_DIM)
+        if NUM_BRANCHES > 6:
+            o, sel = _branch_offset(h, 6, R6, S6, S7, MIXING_LSE, c)
+            if sel:
+                dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
+                                          stride_qn, stride_on, o, N, qk_scale, out_scale, W6, R6, IS_CAUSAL,
+                                          BLOCK_M, BLOCK_N, HEAD_DIM)
+        if NUM_BRANCHES > 7:
+            o, sel = _branch_offset(h, 7, R7, S7, S8, MIXING_LSE, c)
+            if sel:
+                dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
+                                          stride_qn, stride_on, o, N, qk_scale, out_scale, W7, R7, IS_CAUSAL,
+                                          BLOCK_M, BLOCK_N, HEAD_DIM)
+    dk = dk * sm_scale
+    dv = dv * out_scale                                                  # dV = P^T (out_scale * dO)
+    tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
+
+
+# --- launchers -------------------------------------------------------------------------------------------
+
+
+def kernel_unsupported_reason(q, attn_mask, dropout_p, num_branches) -> str:
+    """Why the Triton kernels can't run this call (the exact PyTorch path runs instead), or ''."""
+    if q.device.type != "cuda":
+        return f"device {q.device.type} (the kernels run on CUDA; launchers run on CPU only under TRITON_INTERPRET=1)"
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        return f"head dim {q.shape[-1]} (kernels: {SUPPORTED_HEAD_DIMS})"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype} (kernels: float16, bfloat16; float32 and float64 run the exact path)"
+    if attn_mask is not None:
+        return "attn_mask (the kernels take the pattern and causality only)"
+    if dropout_p > 0.0:
+        return "dropout_p > 0 (the kernels have no dropout yet)"
+    if num_branches > MAX_BRANCHES:
+        return f"{num_branches} branches (kernels: at most {MAX_BRANCHES})"
+    return ""
+
+
+def pattern_constexprs(segment_lengths, dilation_rates, mixing: str, num_heads: int) -> dict:
+    """The constexprs that specialise the kernels to one pattern."""
+    n = len(segment_lengths)
+    ws = list(segment_lengths) + [1] * (MAX_BRANCHES - n)
+    rs = list(dilation_rates) + [1] * (MAX_BRANCHES - n)
+    bounds = Dilated(tuple(segment_lengths), tuple(dilation_rates), mixing).head_group_bounds(num_heads)
+    starts = [s for s, _ in bounds] + [bounds[-1][1]]
+    starts += [starts[-1]] * (MAX_BRANCHES + 1 - len(starts))
+    meta = {"NUM_BRANCHES": n, "L": reduce(lambda a, b: a * b // math.gcd(a, b), dilation_rates, 1),
+            "MIXING_LSE": mixing == "lse"}
+    meta.update({f"W{i}": ws[i] for i in range(MAX_BRANCHES)})
+    meta.update({f"R{i}": rs[i] for i in range(MAX_BRANCHES)})
+    meta.update({f"S{i}": starts[i] for i in range(MAX_BRANCHES + 1)})
+    return meta
+
+
+def _runner(kernel):
+    if INTERPRET:
+        return kernel
+    from torch.library import wrap_triton
+
+    return wrap_triton(kernel)
+
+
+def _rows_grid(n: int, L: int, block: str, programs_b: int):
+    return lambda META: (L * triton.cdiv(triton.cdiv(n, L), META[block]), programs_b)
+
+
+def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: bool, scale: float, mixing: str):
+    """Launch the forward kernel: ``out [B, Hq, N, D]`` (q's dtype) and ``lse [B, Hq, N]`` (float32, natural log)."""
+    B, H, N, D = q.shape
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    if k.stride() != v.stride() or k.stride(-1) != 1:  # the kernel reads v with k's strides
+        k, v = k.contiguous(), v.contiguous()
+    out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    meta = pattern_constexprs(segment_lengths, dilation_rates, mixing, H)
+    out_scale = 1.0 if mixing == "lse" else 1.0 / len(segment_lengths)
+    _runner(_dilated_attn_fwd_kernel)[_rows_grid(N, meta["L"], "BLOCK_M", B * H)](
+        q, k, v, out, lse, scale,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), H, N, out_scale,
+        HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // k.shape[1], **meta)
+    return out, lse
+
+
+def dilated_attn_bwd(dout, q, k, v, out, lse, segment_lengths, dilation_rates, *, is_causal: bool, scale: float,
+                     mixing: str):
+    """Launch the backward kernels: ``(dq, dk, dv)``."""
+    B, H, N, D = q.shape
+    Hkv = k.shape[1]
+    # dq/dk/dv are stored with q's and k's strides, and v is read with k's: all contiguous here.
+    q, k, v, dout = (t.contiguous() for t in (q, k, v, dout))
+    delta = (dout.float() * out.float()).sum(-1).contiguous()            # rowsum(dO * O), [B, H, N]
+    lse = lse.contiguous()
+    dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, Hkv, N, D), dtype=k.dtype, device=k.device)
+    dv = torch.empty((B, Hkv, N, D), dtype=v.dtype, device=v.device)
+    meta = pattern_constexprs(segment_lengths, dilation_rates, mixing, H)
+    out_scale = 1.0 if mixing == "lse" else 1.0 / len(segment_lengths)
+    common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+              dout.stride(0), dout.stride(1), dout.stride(2), H, N, out_scale)
+    flags = dict(HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // Hkv, **meta)
+    _runner(_dilated_attn_bwd_dq_kernel)[_rows_grid(N, meta["L"], "BLOCK_M", B * H)](
+        q, k, v, dout, lse, delta, dq, scale, *common, **flags)
+    _runner(_dilated_attn_bwd_dkdv_kernel)[_rows_grid(N, meta["L"], "BLOCK_N", B * Hkv)](
+        q, k, v, dout, lse, delta, dk, dv, scale, *common, **flags)
+    return dq, dk, dv
