@@ -32,17 +32,21 @@ SUPPORTED_HEAD_DIMS = (32, 64, 128)
 RCP_LN2 = 1.4426950408889634  # log2(e)
 LN2 = 0.6931471805599453
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# DILATE_COMPILER_AUTOTUNE=0 pins the first config of each list (bounded compile time, e.g. in tests).
+AUTOTUNE = os.environ.get("DILATE_COMPILER_AUTOTUNE", "1") != "0"
 
 
 def _configs(kind: str):
+    """Autotuning space over block sizes, warps and stages; the chosen config is cached per key."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     if kind == "fwd":
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                for bm, bn, w, s in ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
-                                     (64, 128, 4, 2), (128, 32, 4, 4))]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in ((64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3))]
+        space = ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2),
+                 (128, 32, 4, 4))
+    else:
+        space = ((64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3))
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in space]
+    return configs if AUTOTUNE else configs[:1]
 
 
 _KEY = ["N", "HEAD_DIM", "NUM_BRANCHES", "L", "IS_CAUSAL", "MIXING_LSE", "GQA",

@@ -1,0 +1,237 @@
+"""Dilated attention on the GPU, side by side with its anchors, in one run.
+
+    python benchmarks/bench_dilated.py --out DIR [--configs A,B] [--ns 16384,65536,262144] [--causal both]
+        [--methods ours,dense,gather,flex] [--backward] [--scale-n 2097152]
+
+Methods (all bf16, B=1):
+- ours:   dc.ops.dilated_attention (the Triton kernels; all branches fused, no gather).
+- dense:  F.scaled_dot_product_attention with the flash backend (full attention: a different, larger problem).
+- gather: LongNet done the usual way: per branch and head offset, strided gather, flash SDPA
+          (aten._scaled_dot_product_flash_attention returns the LSE), scatter, LSE merge. Its backward treats
+          the mixing weights as constants (as torchscale does), so it does less than ours.
+- flex:   FlexAttention, mask_mod = union of branches, score_mod = score + log(multiplicity) (the same
+          function: checked against ours first); its create_block_mask time is reported separately.
+Useful FLOPs: 4*D per linked (query, key) pair forward (counting a pair once per linking branch), 2.5x that
+for backward. Times are medians of triton.testing.do_bench.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+import dilate_compiler as dc
+
+SEGS, RATES = (2048, 4096, 8192, 16384), (1, 2, 4, 8)
+CONFIGS = {"A": (16, 64), "B": (8, 128)}
+
+
+def linked_pairs(N, H, segs, rates, causal) -> int:
+    """Number of (head, query, key, branch) links, counted from the definition's structure (O(segments))."""
+    total = 0
+    for w, r in zip(segs, rates):
+        w = min(w, N)
+        for h in range(H):
+            o = h % r
+            for s0 in range(0, N, w):
+                n = len(range(s0 + o, min(s0 + w, N), r))
+                total += n * (n + 1) // 2 if causal else n * n
+    return total
+
+
+def dense_pairs(N, H, causal) -> int:
+    return H * (N * (N + 1) // 2 if causal else N * N)
+
+
+def gather_sdpa(q, k, v, segs, rates, causal):
+    B, H, N, D = q.shape
+    scale = D ** -0.5
+    outs, lses = [], []
+    for w, r in zip(segs, rates):
+        w = min(w, N)
+        nseg = N // w
+        out_b = torch.zeros(B, H, N, D, device=q.device, dtype=torch.float32)
+        lse_b = torch.full((B, H, N), float("-inf"), device=q.device)
+        for o in range(min(r, H)):
+            hs = slice(o, H, r)
+            nh = len(range(o, H, r))
+            sel = lambda x: x[:, hs].reshape(B, nh, nseg, w // r, r, D)[..., o, :].reshape(B, nh * nseg, w // r, D)  # noqa
+            ob, lb = torch.ops.aten._scaled_dot_product_flash_attention(sel(q), sel(k), sel(v), 0.0, causal,
+                                                                        scale=scale)[:2]
+            out_b[:, hs].view(B, nh, nseg, w // r, r, D)[..., o, :] = ob.view(B, nh, nseg, w // r, D).float()
+            lse_b[:, hs].view(B, nh, nseg, w // r, r)[..., o] = lb.view(B, nh, nseg, w // r)
+        outs.append(out_b)
+        lses.append(lse_b.detach())
+    lse = torch.logsumexp(torch.stack(lses), 0)
+    out = sum(torch.exp(l - lse).nan_to_num(0.0).unsqueeze(-1) * o for o, l in zip(outs, lses))
+    return out.to(q.dtype)
+
+
+def flex_fns(H, segs, rates, causal):
+    def mask_mod(b, h, q_idx, kv_idx):
+        m = None
+        for w, r in zip(segs, rates):
+            t = (q_idx // w == kv_idx // w) & (q_idx % r == h % r) & (kv_idx % r == h % r)
+            m = t if m is None else (m | t)
+        return (m & (kv_idx <= q_idx)) if causal else m
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        mult = None
+        for w, r in zip(segs, rates):
+            t = ((q_idx // w == kv_idx // w) & (q_idx % r == h % r) & (kv_idx % r == h % r)).to(torch.float32)
+            mult = t if mult is None else mult + t
+        return score + torch.log(torch.clamp(mult, min=1.0))
+
+    return mask_mod, score_mod
+
+
+def bench(fn, backward=False, inputs=()):
+    if backward:
+        def step():
+            out = fn()
+            out.backward(torch.ones_like(out))
+        return triton.testing.do_bench(step, warmup=50, rep=200, grad_to_none=list(inputs), return_mode="median")
+    return triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--configs", default="A,B")
+    ap.add_argument("--ns", default="16384,65536,262144")
+    ap.add_argument("--causal", default="both")
+    ap.add_argument("--methods", default="ours,dense,gather,flex")
+    ap.add_argument("--backward", action="store_true")
+    ap.add_argument("--flex-max-n", type=int, default=262144)
+    ap.add_argument("--scale-n", type=int, default=0)
+    a = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dev = torch.cuda.get_device_name()
+    print(f"device={dev} torch={torch.__version__} triton={triton.__version__}", flush=True)
+    methods = a.methods.split(",")
+    causals = {"both": (False, True), "true": (True,), "false": (False,)}[a.causal]
+    rows = []
+    flex_compiled = None
+    for cfg in a.configs.split(","):
+        H, D = CONFIGS[cfg]
+        for causal in causals:
+            for N in (int(n) for n in a.ns.split(",")):
+                torch.manual_seed(0)
+                q, k, v = (torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=a.backward)
+                           for _ in range(3))
+                useful = 4 * D * linked_pairs(N, H, SEGS, RATES, causal)
+                dense_flops = 4 * D * dense_pairs(N, H, causal)
+                row = {"config": cfg, "H": H, "D": D, "N": N, "causal": causal, "useful_flop": useful}
+                fns = {
+                    "ours": lambda: dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=causal),
+                    "dense": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+                    "gather": lambda: gather_sdpa(q, k, v, SEGS, RATES, causal),
+                }
+                if "flex" in methods and N <= a.flex_max_n:
+                    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+                    if flex_compiled is None:
+                        flex_compiled = torch.compile(flex_attention, dynamic=False)
+                    mask_mod, score_mod = flex_fns(H, SEGS, RATES, causal)
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    bm = create_block_mask(mask_mod, 1, H, N, N, device="cuda", _compile=True)
+                    torch.cuda.synchronize()
+                    row["flex_mask_build_s"] = time.perf_counter() - t0
+                    fns["flex"] = lambda: flex_compiled(q, k, v, score_mod=score_mod, block_mask=bm)
+                    if N == min(int(n) for n in a.ns.split(",")):
+                        with torch.no_grad():
+                            ref = fns["ours"]().float()
+                            row["flex_vs_ours_rel_err"] = ((fns["flex"]().float() - ref).norm() / ref.norm()).item()
+                for m in methods:
+                    if m not in fns:
+                        continue
+                    with torch.no_grad():
+                        fns[m]()
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                        base = torch.cuda.memory_allocated()
+                        ms = bench(fns[m])
+                        row[f"{m}_fwd_ms"] = ms
+                        row[f"{m}_fwd_peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                    flops = dense_flops if m == "dense" else useful
+                    row[f"{m}_fwd_tflops"] = flops / ms / 1e9
+                    if a.backward and m != "flex":
+                        ms_b = bench(fns[m], backward=True, inputs=(q, k, v))
+                        row[f"{m}_fwdbwd_ms"] = ms_b
+                        row[f"{m}_fwdbwd_tflops"] = 3.5 * flops / ms_b / 1e9
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                del q, k, v
+                torch.cuda.empty_cache()
+    if a.scale_n:
+        N, H, D = a.scale_n, 16, 64
+        q, k, v = (torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        fwd = bench(lambda: dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=True))
+        fb = bench(lambda: dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=True), backward=True,
+                   inputs=(q, k, v))
+        row = {"scale_N": N, "H": H, "D": D, "causal": True, "fwd_ms": fwd, "fwdbwd_ms": fb,
+               "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    with open(os.path.join(a.out, "bench_dilated.json"), "w") as f:
+        json.dump({"device": dev, "torch": torch.__version__, "triton": triton.__version__, "rows": rows}, f, indent=1)
+    _summary(rows, methods)
+    _plot(rows, methods, os.path.join(a.out, "bench_dilated.png"))
+
+
+def _summary(rows, methods):
+    print("\nconfig causal N        " + "".join(f"{m + ' ms':>12}" for m in methods) + "   ours TF/s  dense TF/s"
+          "  x gather   x flex")
+    for r in rows:
+        if "config" not in r:
+            print(f"scale: N={r['scale_N']} fwd {r['fwd_ms']:.1f} ms, fwd+bwd {r['fwdbwd_ms']:.1f} ms, "
+                  f"peak {r['peak_gib']:.1f} GiB")
+            continue
+        cells = "".join(f"{r.get(m + '_fwd_ms', float('nan')):>12.2f}" for m in methods)
+        sp_g = r.get("gather_fwd_ms", float("nan")) / r.get("ours_fwd_ms", float("nan"))
+        sp_f = r.get("flex_fwd_ms", float("nan")) / r.get("ours_fwd_ms", float("nan"))
+        print(f"{r['config']:<7}{str(r['causal']):<7}{r['N']:<9}{cells}   {r.get('ours_fwd_tflops', 0):9.0f}"
+              f"  {r.get('dense_fwd_tflops', 0):10.0f}  {sp_g:8.2f}  {sp_f:7.1f}")
+        if "ours_fwdbwd_ms" in r:
+            print(f"{'':<23}fwd+bwd: ours {r['ours_fwdbwd_ms']:.2f} ms, gather {r.get('gather_fwdbwd_ms', 0):.2f} ms,"
+                  f" dense {r.get('dense_fwdbwd_ms', 0):.2f} ms")
+
+
+def _plot(rows, methods, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, cfg in zip(axes, ("A", "B")):
+        for causal, style in ((False, "-"), (True, "--")):
+            sel = [r for r in rows if r.get("config") == cfg and r["causal"] == causal]
+            for m in methods:
+                pts = [(r["N"], r[f"{m}_fwd_ms"]) for r in sel if f"{m}_fwd_ms" in r]
+                if pts:
+                    ax.plot(*zip(*pts), style, marker="o", label=f"{m}{' causal' if causal else ''}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("N (tokens)")
+        ax.set_ylabel("forward time (ms)")
+        H, D = CONFIGS[cfg]
+        ax.set_title(f"config {cfg}: H={H}, D={D}, bf16")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
