@@ -85,7 +85,7 @@ def _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn,
         k_ok = m < n_keys
         k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
         v = tl.load(v_base + j[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale                             # [BLOCK_M, BLOCK_N]
+        s = (tl.dot(q, tl.trans(k)) * qk_scale).to(tl.float32)                            # [BLOCK_M, BLOCK_N]
         ok = k_ok[None, :] & ((j[None, :] // W) == (p[:, None] // W))
         if IS_CAUSAL:
             ok = ok & (j[None, :] <= p[:, None])
@@ -183,7 +183,7 @@ def _dilated_attn_fwd_kernel(
                                         qk_scale, W7, R7, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
     # Epilogue: rows no branch links have l_i == 0 -> output 0, lse -inf.
     linked = l_i > 0.0
-    out = acc / tl.where(linked, l_i, 1.0)[:, None] * out_scale
+    out = (acc / tl.where(linked, l_i, 1.0)[:, None] * out_scale).to(tl.float32)
     lse = tl.where(linked, (m_i + tl.log2(tl.where(linked, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     o_base = Out + b * stride_ob + h * stride_oh
     tl.store(o_base + p[:, None] * stride_on + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
@@ -209,12 +209,12 @@ def _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, s
         k_ok = m < n_keys
         k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
         v = tl.load(v_base + j[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale                             # [BLOCK_M, BLOCK_N]
+        s = (tl.dot(q, tl.trans(k)) * qk_scale).to(tl.float32)                            # [BLOCK_M, BLOCK_N]
         ok = k_ok[None, :] & ((j[None, :] // W) == (p[:, None] // W))
         if IS_CAUSAL:
             ok = ok & (j[None, :] <= p[:, None])
         pr = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v)) * out_scale                          # [BLOCK_M, BLOCK_N]
+        dp = (tl.dot(do, tl.trans(v)) * out_scale).to(tl.float32)                         # [BLOCK_M, BLOCK_N]
         ds = pr * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)                                   # [BLOCK_M, HEAD_DIM]
     return dq
@@ -302,7 +302,7 @@ def _dilated_attn_bwd_dq_kernel(
         if sel:
             dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
                                 qk_scale, out_scale, W7, R7, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
-    dq = dq * sm_scale
+    dq = (dq * sm_scale).to(tl.float32)
     tl.store(DQ + b * stride_qb + h * stride_qh + p[:, None] * stride_qn + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None])
 
@@ -330,13 +330,13 @@ def _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base
         lse2 = tl.load(lse_base + p, mask=q_ok, other=0.0) * 1.4426950408889634
         lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
         delta = tl.load(delta_base + p, mask=q_ok, other=0.0)
-        st = tl.dot(k, tl.trans(q)) * qk_scale                            # [BLOCK_N, BLOCK_M]
+        st = (tl.dot(k, tl.trans(q)) * qk_scale).to(tl.float32)                           # [BLOCK_N, BLOCK_M]
         ok = q_ok[None, :] & ((j[:, None] // W) == (p[None, :] // W))
         if IS_CAUSAL:
             ok = ok & (j[:, None] <= p[None, :])
         pt = tl.where(ok, tl.exp2(st - lse2[None, :]), 0.0)
         dv += tl.dot(pt.to(do.dtype), do)                                 # [BLOCK_N, HEAD_DIM]
-        dpt = tl.dot(v, tl.trans(do)) * out_scale                         # [BLOCK_N, BLOCK_M]
+        dpt = (tl.dot(v, tl.trans(do)) * out_scale).to(tl.float32)                        # [BLOCK_N, BLOCK_M]
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q)                                  # [BLOCK_N, HEAD_DIM]
     return dk, dv
@@ -433,8 +433,8 @@ def _dilated_attn_bwd_dkdv_kernel(
                 dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
                                           stride_qn, stride_on, o, N, qk_scale, out_scale, W7, R7, IS_CAUSAL,
                                           BLOCK_M, BLOCK_N, HEAD_DIM)
-    dk = dk * sm_scale
-    dv = dv * out_scale                                                  # dV = P^T (out_scale * dO)
+    dk = (dk * sm_scale).to(tl.float32)
+    dv = (dv * out_scale).to(tl.float32)                                                 # dV = P^T (out_scale * dO)
     tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=key_ok[:, None])
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
 
