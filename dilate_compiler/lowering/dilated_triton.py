@@ -67,10 +67,45 @@ def _branch_offset(h, BRANCH: tl.constexpr, R: tl.constexpr, HG_START: tl.conste
 
 
 @triton.jit
-def _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N, qk_scale,
-                W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Online softmax over one branch's keys for the query rows ``p`` (scores in base 2)."""
+def _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, hi, n_keys, qk_scale,
+               W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK: tl.constexpr,
+               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Key blocks ``[lo, hi)`` of one branch; ``MASK`` only on boundary blocks (segment edges, causal diagonal)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start in range(lo, hi, BLOCK_N):
+        m = start + tl.arange(0, BLOCK_N)
+        j = j0 + m * R                                                   # key positions: a strided view
+        if MASK:
+            k_ok = m < n_keys
+            k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+            v = tl.load(v_base + j[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :])
+            v = tl.load(v_base + j[:, None] * stride_kn + offs_d[None, :])
+        s = (tl.dot(q, tl.trans(k)) * qk_scale).to(tl.float32)            # [BLOCK_M, BLOCK_N]
+        if MASK:
+            ok = k_ok[None, :] & ((j[None, :] // W) == (p[:, None] // W))
+            if IS_CAUSAL:
+                ok = ok & (j[None, :] <= p[:, None])
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = m_new
+        alpha = tl.exp2(m_i - m_safe)
+        pr = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(pr, 1)
+        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)           # [BLOCK_M, HEAD_DIM]
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _key_range(p_first, p_last, o, N, W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """For query rows in ``[p_first, p_last]`` and a branch: first key position, key count, and how many
+    leading keys (a multiple of BLOCK_N) are linked to every row, so need no mask."""
     seg_lo = p_first // W
     seg_hi = p_last // W
     j0 = seg_lo * W + o
@@ -78,25 +113,23 @@ def _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn,
     if IS_CAUSAL:
         j_end = tl.minimum(j_end, p_last + 1)
     n_keys = tl.cdiv(tl.maximum(j_end - j0, 0), R)
-    offs_d = tl.arange(0, HEAD_DIM)
-    for start in range(0, n_keys, BLOCK_N):
-        m = start + tl.arange(0, BLOCK_N)
-        j = j0 + m * R                                                   # key positions: a strided view
-        k_ok = m < n_keys
-        k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-        v = tl.load(v_base + j[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-        s = (tl.dot(q, tl.trans(k)) * qk_scale).to(tl.float32)                            # [BLOCK_M, BLOCK_N]
-        ok = k_ok[None, :] & ((j[None, :] // W) == (p[:, None] // W))
-        if IS_CAUSAL:
-            ok = ok & (j[None, :] <= p[:, None])
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        pr = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(pr, 1)
-        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)           # [BLOCK_M, HEAD_DIM]
-        m_i = m_new
+    n_all = n_keys
+    if IS_CAUSAL:
+        n_all = tl.minimum(n_keys, tl.maximum(p_first - j0, -1) // R + 1)
+    n_full = tl.where(seg_lo == seg_hi, n_all // BLOCK_N * BLOCK_N, 0)
+    return j0, n_keys, n_full
+
+
+@triton.jit
+def _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N, qk_scale,
+                W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Online softmax over one branch's keys for the query rows ``p`` (scores in base 2)."""
+    j0, n_keys, n_full = _key_range(p_first, p_last, o, N, W, R, IS_CAUSAL, BLOCK_N)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, 0, n_full, n_keys, qk_scale,
+                               W, R, IS_CAUSAL, False, BLOCK_N, HEAD_DIM)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, n_full, n_keys, n_keys,
+                               qk_scale, W, R, IS_CAUSAL, True, BLOCK_N, HEAD_DIM)
     return acc, m_i, l_i
 
 
@@ -191,32 +224,43 @@ def _dilated_attn_fwd_kernel(
 
 
 @triton.jit
+def _bwd_dq_inner(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, lo, hi, n_keys, qk_scale, out_scale,
+                  W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK: tl.constexpr,
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start in range(lo, hi, BLOCK_N):
+        m = start + tl.arange(0, BLOCK_N)
+        j = j0 + m * R
+        if MASK:
+            k_ok = m < n_keys
+            k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+            v = tl.load(v_base + j[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :])
+            v = tl.load(v_base + j[:, None] * stride_kn + offs_d[None, :])
+        s = (tl.dot(q, tl.trans(k)) * qk_scale).to(tl.float32)            # [BLOCK_M, BLOCK_N]
+        pr = tl.exp2(s - lse2[:, None])
+        if MASK:
+            ok = k_ok[None, :] & ((j[None, :] // W) == (p[:, None] // W))
+            if IS_CAUSAL:
+                ok = ok & (j[None, :] <= p[:, None])
+            pr = tl.where(ok, pr, 0.0)
+        dp = (tl.dot(do, tl.trans(v)) * out_scale).to(tl.float32)         # [BLOCK_M, BLOCK_N]
+        ds = pr * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)                                   # [BLOCK_M, HEAD_DIM]
+    return dq
+
+
+@triton.jit
 def _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N, qk_scale,
                    out_scale, W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     """dQ over one branch's keys: P = exp2(S - LSE_merged), dS = P * (dP - delta)."""
-    seg_lo = p_first // W
-    seg_hi = p_last // W
-    j0 = seg_lo * W + o
-    j_end = tl.minimum((seg_hi + 1) * W, N)
-    if IS_CAUSAL:
-        j_end = tl.minimum(j_end, p_last + 1)
-    n_keys = tl.cdiv(tl.maximum(j_end - j0, 0), R)
-    offs_d = tl.arange(0, HEAD_DIM)
-    for start in range(0, n_keys, BLOCK_N):
-        m = start + tl.arange(0, BLOCK_N)
-        j = j0 + m * R
-        k_ok = m < n_keys
-        k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-        v = tl.load(v_base + j[:, None] * stride_kn + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-        s = (tl.dot(q, tl.trans(k)) * qk_scale).to(tl.float32)                            # [BLOCK_M, BLOCK_N]
-        ok = k_ok[None, :] & ((j[None, :] // W) == (p[:, None] // W))
-        if IS_CAUSAL:
-            ok = ok & (j[None, :] <= p[:, None])
-        pr = tl.where(ok, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = (tl.dot(do, tl.trans(v)) * out_scale).to(tl.float32)                         # [BLOCK_M, BLOCK_N]
-        ds = pr * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)                                   # [BLOCK_M, HEAD_DIM]
+    j0, n_keys, n_full = _key_range(p_first, p_last, o, N, W, R, IS_CAUSAL, BLOCK_N)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, 0, n_full, n_keys, qk_scale,
+                       out_scale, W, R, IS_CAUSAL, False, BLOCK_N, HEAD_DIM)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, n_full, n_keys, n_keys, qk_scale,
+                       out_scale, W, R, IS_CAUSAL, True, BLOCK_N, HEAD_DIM)
     return dq
 
 
@@ -308,37 +352,65 @@ def _dilated_attn_bwd_dq_kernel(
 
 
 @triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stride_qn, stride_on, p0, lo, hi, n_q,
+                    qk_scale, out_scale, W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                    MASK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start in range(lo, hi, BLOCK_M):
+        m = start + tl.arange(0, BLOCK_M)
+        p = p0 + m * R                                                   # query positions: a strided view
+        if MASK:
+            q_ok = m < n_q
+            q = tl.load(q_base + p[:, None] * stride_qn + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+            do = tl.load(do_base + p[:, None] * stride_on + offs_d[None, :], mask=q_ok[:, None], other=0.0)
+            lse2 = tl.load(lse_base + p, mask=q_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(delta_base + p, mask=q_ok, other=0.0)
+        else:
+            q = tl.load(q_base + p[:, None] * stride_qn + offs_d[None, :])
+            do = tl.load(do_base + p[:, None] * stride_on + offs_d[None, :])
+            lse2 = tl.load(lse_base + p) * 1.4426950408889634
+            delta = tl.load(delta_base + p)
+        st = (tl.dot(k, tl.trans(q)) * qk_scale).to(tl.float32)           # [BLOCK_N, BLOCK_M]
+        pt = tl.exp2(st - lse2[None, :])
+        if MASK:
+            ok = q_ok[None, :] & ((j[:, None] // W) == (p[None, :] // W))
+            if IS_CAUSAL:
+                ok = ok & (j[:, None] <= p[None, :])
+            pt = tl.where(ok, pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do)                                 # [BLOCK_N, HEAD_DIM]
+        dpt = (tl.dot(v, tl.trans(do)) * out_scale).to(tl.float32)        # [BLOCK_N, BLOCK_M]
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q)                                  # [BLOCK_N, HEAD_DIM]
+    return dk, dv
+
+
+@triton.jit
 def _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn, stride_on,
                      o, N, qk_scale, out_scale, W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """dK, dV of the keys ``j`` from one branch's queries (transposed scores, as FlashAttention-2)."""
+    """dK, dV of the keys ``j`` from one branch's queries (transposed scores, as FlashAttention-2).
+
+    Query blocks split into: masked ones at the causal diagonal, unmasked ones linked to every key of the tile,
+    and a masked partial tail (segment or sequence end)."""
     seg_lo = j_first // W
     seg_hi = j_last // W
     p0 = seg_lo * W + o
     p_end = tl.minimum((seg_hi + 1) * W, N)
     n_q = tl.cdiv(tl.maximum(p_end - p0, 0), R)
     m_begin = 0
+    full_lo = 0
     if IS_CAUSAL:
         m_begin = tl.maximum(j_first - p0, 0) // R // BLOCK_M * BLOCK_M
-    offs_d = tl.arange(0, HEAD_DIM)
-    for start in range(m_begin, n_q, BLOCK_M):
-        m = start + tl.arange(0, BLOCK_M)
-        p = p0 + m * R                                                   # query positions: a strided view
-        q_ok = m < n_q
-        q = tl.load(q_base + p[:, None] * stride_qn + offs_d[None, :], mask=q_ok[:, None], other=0.0)
-        do = tl.load(do_base + p[:, None] * stride_on + offs_d[None, :], mask=q_ok[:, None], other=0.0)
-        lse2 = tl.load(lse_base + p, mask=q_ok, other=0.0) * 1.4426950408889634
-        lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
-        delta = tl.load(delta_base + p, mask=q_ok, other=0.0)
-        st = (tl.dot(k, tl.trans(q)) * qk_scale).to(tl.float32)                           # [BLOCK_N, BLOCK_M]
-        ok = q_ok[None, :] & ((j[:, None] // W) == (p[None, :] // W))
-        if IS_CAUSAL:
-            ok = ok & (j[:, None] <= p[None, :])
-        pt = tl.where(ok, tl.exp2(st - lse2[None, :]), 0.0)
-        dv += tl.dot(pt.to(do.dtype), do)                                 # [BLOCK_N, HEAD_DIM]
-        dpt = (tl.dot(v, tl.trans(do)) * out_scale).to(tl.float32)                        # [BLOCK_N, BLOCK_M]
-        dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q)                                  # [BLOCK_N, HEAD_DIM]
+        full_lo = tl.cdiv(tl.cdiv(tl.maximum(j_last - p0, 0), R), BLOCK_M) * BLOCK_M
+    full_hi = n_q // BLOCK_M * BLOCK_M
+    full_lo = tl.where(seg_lo == seg_hi, tl.minimum(tl.maximum(full_lo, m_begin), n_q), n_q)
+    full_hi = tl.maximum(tl.where(seg_lo == seg_hi, full_hi, n_q), full_lo)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stride_qn, stride_on, p0,
+                             m_begin, full_lo, n_q, qk_scale, out_scale, W, R, IS_CAUSAL, True, BLOCK_M, HEAD_DIM)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stride_qn, stride_on, p0,
+                             full_lo, full_hi, n_q, qk_scale, out_scale, W, R, IS_CAUSAL, False, BLOCK_M, HEAD_DIM)
+    dk, dv = _bwd_dkdv_inner(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stride_qn, stride_on, p0,
+                             full_hi, n_q, n_q, qk_scale, out_scale, W, R, IS_CAUSAL, True, BLOCK_M, HEAD_DIM)
     return dk, dv
 
 

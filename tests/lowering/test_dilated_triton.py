@@ -20,6 +20,9 @@ CASES = [
     (1, 5, 5, 50, 32, (8, 16, 64), (1, 2, 4), True, "head_groups"),
     (1, 2, 1, 1, 32, (8,), (2,), False, "lse"),
     (1, 2, 2, 40, 32, (64,), (1,), True, "lse"),  # one dense branch, w > N
+    # tiles (16 rows x L) inside segments: exercises the unmasked key/query blocks
+    (1, 2, 1, 200, 32, (64, 128), (1, 2), True, "lse"),
+    (1, 2, 2, 200, 32, (64, 128), (1, 2), False, "lse"),
 ]
 
 
