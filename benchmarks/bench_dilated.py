@@ -110,6 +110,8 @@ def main():
     ap.add_argument("--methods", default="ours,dense,gather,flex")
     ap.add_argument("--backward", action="store_true")
     ap.add_argument("--flex-max-n", type=int, default=262144)
+    ap.add_argument("--flex-compile-mask", action="store_true",
+                    help="build the block mask with create_block_mask(_compile=True) (first call compiles)")
     ap.add_argument("--scale-n", type=int, default=0)
     a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -141,7 +143,7 @@ def main():
                     mask_mod, score_mod = flex_fns(H, SEGS, RATES, causal)
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
-                    bm = create_block_mask(mask_mod, 1, H, N, N, device="cuda", _compile=True)
+                    bm = create_block_mask(mask_mod, 1, H, N, N, device="cuda", _compile=a.flex_compile_mask)
                     torch.cuda.synchronize()
                     row["flex_mask_build_s"] = time.perf_counter() - t0
                     fns["flex"] = lambda: flex_compiled(q, k, v, score_mod=score_mod, block_mask=bm)
@@ -167,7 +169,7 @@ def main():
                         row[f"{m}_fwdbwd_ms"] = ms_b
                         row[f"{m}_fwdbwd_tflops"] = 3.5 * flops / ms_b / 1e9
                 rows.append(row)
-                print(json.dumps(row), flush=True)
+                _log(a.out, row)
                 del q, k, v
                 torch.cuda.empty_cache()
     if a.scale_n:
@@ -181,11 +183,17 @@ def main():
         row = {"scale_N": N, "H": H, "D": D, "causal": True, "fwd_ms": fwd, "fwdbwd_ms": fb,
                "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        _log(a.out, row)
     with open(os.path.join(a.out, "bench_dilated.json"), "w") as f:
         json.dump({"device": dev, "torch": torch.__version__, "triton": triton.__version__, "rows": rows}, f, indent=1)
     _summary(rows, methods)
     _plot(rows, methods, os.path.join(a.out, "bench_dilated.png"))
+
+
+def _log(out_dir, row):
+    print(json.dumps(row), flush=True)
+    with open(os.path.join(out_dir, "bench_dilated.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def _summary(rows, methods):
