@@ -1,0 +1,67 @@
+"""Ahead-of-time: ``dc.export`` (a rewritten ``torch.export.ExportedProgram``) and ``dc.aot_compile``
+(an AOTInductor ``.pt2`` package).
+
+``export`` traces with ``torch.export`` (non-strict, ``nn.MultiheadAttention``'s fast path off), runs the same
+pass pipeline as ``rewrite`` and the backend on the exported graph, and keeps the graph signature pointing at
+the rewritten nodes. The program saves and loads with ``torch.export.save``/``load``; loading needs only
+``import dilate_compiler`` (which registers the ops). On CUDA the dilated op is a ``triton_op``, so AOTInductor
+embeds its Triton kernels in the package; on the CPU the package calls the exact path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+from torch.export import ExportedProgram
+from torch.export.graph_signature import TensorArgument
+
+from .api import check_strategy
+from .passes.pipeline import attention_visible, run_pipeline
+from .passes.rewrite_attention import Where
+from .passes.site import Report
+
+
+def _retarget_outputs(ep: ExportedProgram) -> None:
+    """Output specs name output nodes; a rewritten site that was an output now has a new node."""
+    out_node = next(n for n in ep.graph.nodes if n.op == "output")
+    for spec, node in zip(ep.graph_signature.output_specs, out_node.args[0]):
+        if isinstance(spec.arg, TensorArgument) and isinstance(node, torch.fx.Node) and spec.arg.name != node.name:
+            spec.arg = TensorArgument(name=node.name)
+
+
+def export(model: torch.nn.Module, args: tuple, strategy=None, *, kwargs: Optional[dict] = None,
+           dynamic_shapes: Any = None, where: Where = None, strict: bool = False) -> ExportedProgram:
+    """``torch.export`` ``model`` with its attention rewritten into ``strategy``'s op.
+
+    The returned program carries the rewrite report as ``ep.dilate_report`` (not saved with the program).
+    ``dynamic_shapes`` is passed to ``torch.export``; a dynamic sequence length stays symbolic (the op plans
+    its segments from the run-time length).
+    """
+    strategy = check_strategy(strategy)
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    args = tuple(args) if isinstance(args, (list, tuple)) else (args,)
+    with attention_visible():
+        ep = torch.export.export(model, args, kwargs or {}, dynamic_shapes=dynamic_shapes, strict=False)
+    report: Report = run_pipeline(ep.graph_module, strategy, where=where, strict=strict)
+    _retarget_outputs(ep)
+    ep.graph_module.recompile()
+    ep.validate()
+    ep.dilate_report = report
+    return ep
+
+
+def aot_compile(ep: ExportedProgram, package_path: str, **inductor_configs) -> str:
+    """Compile ``ep`` with AOTInductor into the package ``package_path`` (a ``.pt2`` file); returns its path.
+
+    Load it in any process with ``import dilate_compiler`` then ``torch._inductor.aoti_load_package(path)``.
+    """
+    if not isinstance(ep, ExportedProgram):
+        raise TypeError(f"ep must be a torch.export.ExportedProgram (from dc.export), got {type(ep).__name__}")
+    if not str(package_path).endswith(".pt2"):
+        raise ValueError(f"package_path must end with '.pt2', got {package_path!r}")
+    os.makedirs(os.path.dirname(os.path.abspath(package_path)), exist_ok=True)
+    return torch._inductor.aoti_compile_and_package(ep, package_path=str(package_path),
+                                                    inductor_configs=inductor_configs or None)
