@@ -33,6 +33,7 @@ def main():
     ap.add_argument("--out", default=tempfile.mkdtemp())
     ap.add_argument("--seq-len", type=int, default=2048)
     a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)

@@ -1,0 +1,59 @@
+"""Minimal reproduction: an AOTInductor package of ``torch.sin`` on CUDA, loaded in fresh processes.
+
+    python benchmarks/aoti_load_repro.py OUT_DIR
+
+Prints, for each way of loading, the exit status and the last lines of stderr (with faulthandler's stack),
+then ``ldd`` of the package's wrapper library and, if ``cuda-gdb`` is present, a native backtrace.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import torch
+
+
+class Sin(torch.nn.Module):
+    def forward(self, x):
+        return torch.sin(x)
+
+
+def run(title, code, env=None):
+    res = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True,
+                         timeout=300, env=env)
+    print(f"--- {title}: exit {res.returncode}\n{res.stdout[-400:]}{res.stderr[-1500:]}", flush=True)
+    return res.returncode
+
+
+def main():
+    out = sys.argv[1]
+    os.makedirs(out, exist_ok=True)
+    x = torch.randn(64, device="cuda")
+    pkg = torch._inductor.aoti_compile_and_package(torch.export.export(Sin(), (x,)),
+                                                   package_path=os.path.join(out, "sin.pt2"))
+    print("package:", pkg, zipfile.ZipFile(pkg).namelist())
+    load = f"import torch\nf = torch._inductor.aoti_load_package({pkg!r})\nprint('loaded', flush=True)\n"
+    runit = "x = torch.randn(64, device='cuda')\nprint('max err', (f(x) - torch.sin(x)).abs().max().item())\n"
+    run("load on CPU-only import, then run", load + runit)
+    run("CUDA initialised before load", "import torch\ntorch.zeros(1, device='cuda')\n" + load[13:] + runit)
+    run("load only", load)
+    with zipfile.ZipFile(pkg) as z:
+        so = [n for n in z.namelist() if n.endswith(".so")]
+        z.extractall(os.path.join(out, "unzipped"))
+    for name in so:
+        path = os.path.join(out, "unzipped", name)
+        print("ldd", name, subprocess.run(["ldd", path], capture_output=True, text=True).stdout[-2000:], flush=True)
+    gdb = shutil.which("cuda-gdb")
+    if gdb:
+        script = os.path.join(out, "load.py")
+        with open(script, "w") as f:
+            f.write(load + runit)
+        res = subprocess.run([gdb, "-batch", "-ex", "run", "-ex", "bt 25", "--args", sys.executable, script],
+                             capture_output=True, text=True, timeout=300)
+        print("--- cuda-gdb backtrace\n", res.stdout[-4000:], res.stderr[-1000:], flush=True)
+
+
+if __name__ == "__main__":
+    main()
