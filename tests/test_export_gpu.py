@@ -1,6 +1,5 @@
 """AOTInductor on CUDA (marker gpu): the package embeds the dilated Triton kernels and runs in a fresh process."""
 
-import os
 import subprocess
 import sys
 import zipfile
@@ -8,12 +7,32 @@ import zipfile
 import pytest
 import torch
 
+import torch.nn.functional as F
+
 import dilate_compiler as dc
-from tests.test_export import Causal
 
 pytestmark = pytest.mark.gpu
 
+# On the lent H100 (torch 2.11, driver 580.159.04) loading *any* AOTInductor package segfaults inside the native
+# package loader, sin(x) included: benchmarks/aoti_load_repro.py reproduces it. Not claimed until it runs.
+LOADER_CRASH = pytest.mark.xfail(reason="AOTInductor package loading segfaults on the lent H100, for any package "
+                                        "(benchmarks/aoti_load_repro.py)", strict=False)
 
+
+class CausalD64(torch.nn.Module):
+    """Head dim 64, so the Triton kernels apply (with head dim 8 the package calls the exact path instead)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(256, 768)
+
+    def forward(self, x):
+        B, N, E = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, 4, 64).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, N, E)
+
+
+@LOADER_CRASH
 def test_plain_aoti_package_loads_on_this_gpu(tmp_path):
     """Baseline for the package-load crash once seen on this GPU kind: sin(x)."""
     class Sin(torch.nn.Module):
@@ -29,15 +48,25 @@ def test_plain_aoti_package_loads_on_this_gpu(tmp_path):
     assert res.returncode == 0 and res.stdout.strip() == "ok", (res.returncode, res.stderr[-3000:])
 
 
-def test_cuda_package_embeds_kernels_and_runs_in_fresh_process(tmp_path):
-    model = Causal().cuda().to(torch.bfloat16)
-    x = torch.randn(2, 1000, 32, device="cuda", dtype=torch.bfloat16)
-    strategy = dc.Dilated((128, 256), (1, 2))
-    ep = dc.export(model, (x,), strategy)
-    package = dc.aot_compile(ep, str(tmp_path / "cuda.pt2"))
+def _cuda_package(tmp_path):
+    model = CausalD64().cuda().to(torch.bfloat16)
+    x = torch.randn(2, 1000, 256, device="cuda", dtype=torch.bfloat16)
+    ep = dc.export(model, (x,), dc.Dilated((128, 256), (1, 2)))
+    return ep, x, dc.aot_compile(ep, str(tmp_path / "cuda.pt2"))
+
+
+def test_cuda_package_embeds_the_kernels(tmp_path):
+    _, _, package = _cuda_package(tmp_path)
     with zipfile.ZipFile(package) as z:
         cubins = " ".join(z.read(n).decode("latin-1") for n in z.namelist() if n.endswith(".cubin"))
+        wrapper = " ".join(z.read(n).decode() for n in z.namelist() if n.endswith("wrapper.cpp"))
     assert "_dilated_attn_fwd_kernel" in cubins, "the dilated Triton kernel is not among the package's cubins"
+    assert "dilated_attention_forward_exact" not in wrapper, "the package calls the exact path instead"
+
+
+@LOADER_CRASH
+def test_cuda_package_runs_in_fresh_process(tmp_path):
+    ep, x, package = _cuda_package(tmp_path)
     expected = ep.module()(x)
     io = tmp_path / "io.pt"
     torch.save((x.cpu(), expected.cpu()), io)
