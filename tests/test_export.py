@@ -32,13 +32,13 @@ class GQAPadded(torch.nn.Module):
 
 
 class Causal(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, dim=32, heads=4):
         super().__init__()
-        self.qkv = torch.nn.Linear(32, 96)
+        self.qkv, self.heads = torch.nn.Linear(dim, 3 * dim), heads
 
     def forward(self, x):
         B, N, E = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, E // self.heads).permute(2, 0, 3, 1, 4)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, N, E)
 
 

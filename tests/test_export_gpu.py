@@ -7,9 +7,8 @@ import zipfile
 import pytest
 import torch
 
-import torch.nn.functional as F
-
 import dilate_compiler as dc
+from tests.test_export import Causal
 
 pytestmark = pytest.mark.gpu
 
@@ -17,19 +16,6 @@ pytestmark = pytest.mark.gpu
 # package loader, sin(x) included: benchmarks/aoti_load_repro.py reproduces it. Not claimed until it runs.
 LOADER_CRASH = pytest.mark.xfail(reason="AOTInductor package loading segfaults on the lent H100, for any package "
                                         "(benchmarks/aoti_load_repro.py)", strict=False)
-
-
-class CausalD64(torch.nn.Module):
-    """Head dim 64, so the Triton kernels apply (with head dim 8 the package calls the exact path instead)."""
-
-    def __init__(self):
-        super().__init__()
-        self.qkv = torch.nn.Linear(256, 768)
-
-    def forward(self, x):
-        B, N, E = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, 4, 64).permute(2, 0, 3, 1, 4)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, N, E)
 
 
 @LOADER_CRASH
@@ -49,7 +35,7 @@ def test_plain_aoti_package_loads_on_this_gpu(tmp_path):
 
 
 def _cuda_package(tmp_path):
-    model = CausalD64().cuda().to(torch.bfloat16)
+    model = Causal(dim=256, heads=4).cuda().to(torch.bfloat16)  # head dim 64: the kernels apply
     x = torch.randn(2, 1000, 256, device="cuda", dtype=torch.bfloat16)
     ep = dc.export(model, (x,), dc.Dilated((128, 256), (1, 2)))
     return ep, x, dc.aot_compile(ep, str(tmp_path / "cuda.pt2"))

@@ -28,3 +28,16 @@ def assert_close(x: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: s
     if eager_err is not None:
         bound = max(EAGER_FACTOR * eager_err, REL_ERR[torch.float32])
         assert err <= bound, f"{what}: relative error {err:.3g} > {EAGER_FACTOR}x eager's {eager_err:.3g} ({dtype})"
+
+
+def eager_dilated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, strategy, is_causal: bool) -> torch.Tensor:
+    """Eager PyTorch at q's dtype, for the "at most ~2x eager's error" check: the definition with dtype
+    matmuls and a float32 softmax over log-multiplicity-weighted scores. Differentiable."""
+    import math
+
+    g = q.shape[1] // k.shape[1]
+    m = strategy.multiplicity(q.shape[2], q.shape[1], is_causal=is_causal, device=q.device)
+    s = (q @ k.repeat_interleave(g, 1).transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    s = s.float().masked_fill(m == 0, float("-inf")) + torch.log(m.clamp_min(1).float())
+    out = torch.softmax(s, -1).nan_to_num(0.0).to(q.dtype) @ v.repeat_interleave(g, 1)
+    return out / strategy.num_branches if strategy.mixing == "head_groups" else out

@@ -1,8 +1,6 @@
 """GPU subset (marker ``gpu``): the op on CUDA runs the Triton kernels; checked against float64 and against
 eager PyTorch's own error at the same dtype; the kernels appear in Inductor's output code."""
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +8,7 @@ import torch.nn.functional as F
 import dilate_compiler as dc
 from dilate_compiler.backend import dilated_backend
 from dilate_compiler.lowering.dilated_op import use_kernels
-from tests.tolerances import assert_close, rel_err
+from tests.tolerances import assert_close, eager_dilated, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -33,17 +31,6 @@ CASES = [  # dtype, D, causal, mixing, Hq, Hkv, N
 ]
 
 
-def _eager_error(q, k, v, strategy, is_causal, ref):
-    g = q.shape[1] // k.shape[1]
-    m = strategy.multiplicity(q.shape[2], q.shape[1], is_causal=is_causal, device=q.device)
-    s = (q @ k.repeat_interleave(g, 1).transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    s = s.float().masked_fill(m == 0, float("-inf")) + torch.log(m.clamp_min(1).float())
-    out = torch.softmax(s, -1).nan_to_num(0.0).to(q.dtype) @ v.repeat_interleave(g, 1)
-    if strategy.mixing == "head_groups":
-        out = out / strategy.num_branches
-    return rel_err(out, ref)
-
-
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{str(c[0])[6:]}-D{c[1]}-{'causal' if c[2] else 'full'}-"
                                                      f"{c[3]}-H{c[4]}/{c[5]}-N{c[6]}")
 def test_op_on_cuda_runs_kernels_and_matches_reference(case):
@@ -56,19 +43,13 @@ def test_op_on_cuda_runs_kernels_and_matches_reference(case):
     out = dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=is_causal, mixing=mixing)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref = strategy.reference(q64, k64, v64, is_causal=is_causal)
-    assert_close(out, ref, dtype, eager_err=_eager_error(q.detach(), k.detach(), v.detach(), strategy, is_causal, ref))
+    qe, ke, ve = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    eager = eager_dilated(qe, ke, ve, strategy, is_causal)
+    assert_close(out, ref, dtype, eager_err=rel_err(eager, ref))
     dout = torch.randn(out.shape, device="cuda", generator=g, dtype=dtype)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
-    # eager's gradient error at this dtype: autograd through the same eager definition
-    qe, ke, ve = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    gm = Hq // Hkv
-    m = strategy.multiplicity(N, Hq, is_causal=is_causal, device="cuda")
-    s = (qe @ ke.repeat_interleave(gm, 1).transpose(-1, -2)) / math.sqrt(D)
-    s = s.float().masked_fill(m == 0, float("-inf")) + torch.log(m.clamp_min(1).float())
-    eo = torch.softmax(s, -1).nan_to_num(0.0).to(dtype) @ ve.repeat_interleave(gm, 1)
-    eo = eo / strategy.num_branches if mixing == "head_groups" else eo
-    eager_grads = torch.autograd.grad(eo, (qe, ke, ve), dout)
+    eager_grads = torch.autograd.grad(eager, (qe, ke, ve), dout)
     for name, a, b, e in zip(("dq", "dk", "dv"), grads, ref_grads, eager_grads):
         assert torch.isfinite(a).all(), name
         assert_close(a, b, dtype, name, eager_err=rel_err(e, b))
@@ -83,8 +64,13 @@ def test_strided_inputs_from_batch_first_layout():
 
 
 def test_fallbacks_are_exact_and_logged(caplog):
+    from dilate_compiler.lowering import dilated_op
+
     q, k, v = (torch.randn(1, 4, 200, 80, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    assert not use_kernels(q, None, 0.0, 3)
+    dilated_op._LOGGED.clear()
+    with caplog.at_level("WARNING", logger="dilate_compiler"):
+        assert not use_kernels(q, None, 0.0, 3)
+    assert "runs the exact PyTorch path: head dim 80" in caplog.text
     out = dc.ops.dilated_attention(q, k, v, SEGS, RATES)
     assert_close(out, dc.Dilated(SEGS, RATES).reference(q, k, v), torch.bfloat16)
 

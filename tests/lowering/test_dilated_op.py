@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import dilate_compiler as dc
-from tests.tolerances import assert_close, rel_err
+from tests.tolerances import assert_close, eager_dilated, rel_err
 
 CASES = [
     # N, segments, rates
@@ -54,11 +54,7 @@ def test_low_precision_within_ceiling_and_eager_error(dtype, is_causal):
     assert out.dtype == dtype
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref = strategy.reference(q64, k64, v64, is_causal=is_causal)
-    # Eager PyTorch at this dtype: the same definition computed with dtype matmuls.
-    m = strategy.multiplicity(N, 4, is_causal=is_causal)
-    s = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) / math.sqrt(32)
-    s = s.masked_fill(m == 0, float("-inf")) + torch.log(m.clamp_min(1).to(dtype))
-    eager = torch.softmax(s.float(), -1).to(dtype) @ v.repeat_interleave(2, 1)
+    eager = eager_dilated(q.detach(), k.detach(), v.detach(), strategy, is_causal)
     assert_close(out, ref, dtype, eager_err=rel_err(eager, ref))
     dout = torch.randn_like(out)
     for name, a, b in zip("qkv", _grads(out, (q, k, v), dout), _grads(ref, (q64, k64, v64), dout.double())):

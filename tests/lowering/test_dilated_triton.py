@@ -1,14 +1,12 @@
 """Triton kernels, launchers called directly. On CPU this runs under TRITON_INTERPRET=1 (set in conftest):
 small shapes, float16 and float32 (the interpreter's bfloat16 dot is wrong; bfloat16 is checked on the GPU)."""
 
-import math
-
 import pytest
 import torch
 
 import dilate_compiler as dc
 from dilate_compiler.lowering.dilated_triton import dilated_attn_bwd, dilated_attn_fwd
-from tests.tolerances import assert_close, rel_err
+from tests.tolerances import assert_close, eager_dilated, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -26,19 +24,6 @@ CASES = [
 ]
 
 
-def _eager_error(q, k, v, strategy, is_causal, ref):
-    """The error eager PyTorch makes at q's dtype: the definition with dtype matmuls, float32 softmax."""
-    g = q.shape[1] // k.shape[1]
-    m = strategy.multiplicity(q.shape[2], q.shape[1], is_causal=is_causal, device=q.device)
-    s = (q @ k.repeat_interleave(g, 1).transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    s = s.float().masked_fill(m == 0, float("-inf")) + torch.log(m.clamp_min(1).float())
-    p = torch.softmax(s, -1).nan_to_num(0.0).to(q.dtype)
-    out = p @ v.repeat_interleave(g, 1)
-    if strategy.mixing == "head_groups":
-        out = out / strategy.num_branches
-    return rel_err(out, ref)
-
-
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"N{c[3]}-H{c[1]}/{c[2]}-{c[7] and 'causal' or 'full'}-{c[8]}")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_kernels_match_reference(case, dtype):
@@ -52,8 +37,8 @@ def test_kernels_match_reference(case, dtype):
     out, lse = dilated_attn_fwd(q, k, v, segs, rates, is_causal=is_causal, scale=scale, mixing=mixing)
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     ref = strategy.reference(q64, k64, v64, is_causal=is_causal)
-    assert_close(out, ref, dtype, eager_err=_eager_error(q, k, v, strategy, is_causal, ref) if dtype != torch.float32
-                 else None)
+    eager_err = rel_err(eager_dilated(q, k, v, strategy, is_causal), ref) if dtype != torch.float32 else None
+    assert_close(out, ref, dtype, eager_err=eager_err)
     dout = torch.randn(out.shape, generator=g).to(DEVICE, dtype)
     grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
     dq, dk, dv = dilated_attn_bwd(dout, q, k, v, out, lse, segs, rates, is_causal=is_causal, scale=scale,
