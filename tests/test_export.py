@@ -1,7 +1,6 @@
 """dc.export / dc.aot_compile on the CPU: save/load round trip, AOTInductor package in a fresh process,
 GQA + padding mask, dynamic sequence length, an unsupported site."""
 
-import os
 import subprocess
 import sys
 

@@ -18,7 +18,6 @@ the site or records why not (never a bare False):
 from __future__ import annotations
 
 import math
-import operator
 import re
 from typing import Optional
 

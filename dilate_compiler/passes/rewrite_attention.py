@@ -11,7 +11,6 @@ After::
 
 from __future__ import annotations
 
-import operator
 from typing import Callable, Optional, Union
 
 import torch

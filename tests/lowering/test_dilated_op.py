@@ -1,6 +1,5 @@
 """dc.ops.dilated_attention against the float64 dense reference of the definition."""
 
-import math
 
 import pytest
 import torch
