@@ -190,14 +190,13 @@ def _forward_tile_fused(t: _BranchTiles, q, k, v, out_acc, lse_acc, scale, is_ca
 
 
 def _forward_tile_chunked(t: _BranchTiles, tile: int, q, k, v, out_acc, lse_acc, scale, is_causal, attn_mask,
-                          dropout_p, seed, wdt) -> None:
+                          shift, dropout_p, seed, wdt) -> None:
     off = t.group.offset
     q_b = _rows(_pad_seq(q[:, t.heads], t.n_pad), t.branch, off)
     k_b = _rows(_pad_seq(k.index_select(1, t.kv_heads), t.n_pad), t.branch, off)
     v_b = _rows(_pad_seq(v.index_select(1, t.kv_heads), t.n_pad), t.branch, off)
     o_view = _rows(out_acc[:, t.heads, : t.n_pad], t.branch, off)
     l_view = _rows(lse_acc[:, t.heads, : t.n_pad], t.branch, off)
-    shift = row_shift(attn_mask, wdt)
     for chunk, segs in enumerate(t.chunks(q.shape[0])):
         s = t.scores(q_b[:, :, segs].to(wdt), k_b[:, :, segs].to(wdt), segs, scale, is_causal, attn_mask, shift)
         lse = torch.logsumexp(s, dim=-1)
@@ -219,12 +218,13 @@ def dilated_attention_forward_eager(
     out_acc = torch.zeros(B, Hq, n_acc, D, dtype=wdt, device=q.device)
     lse_acc = torch.full((B, Hq, n_acc), float("-inf"), dtype=wdt, device=q.device)
     fused = fused_route_applies(q, attn_mask, dropout_p)
+    shift = None if fused else row_shift(attn_mask, wdt)
     for tile, t in enumerate(_tiles(plan, N, Hq, k.shape[1], q.device)):
         if fused:
             _forward_tile_fused(t, q, k, v, out_acc, lse_acc, scale, is_causal, wdt)
         else:
-            _forward_tile_chunked(t, tile, q, k, v, out_acc, lse_acc, scale, is_causal, attn_mask, dropout_p, seed,
-                                  wdt)
+            _forward_tile_chunked(t, tile, q, k, v, out_acc, lse_acc, scale, is_causal, attn_mask, shift, dropout_p,
+                                  seed, wdt)
     out = out_acc[:, :, :N]
     if plan.output_scale != 1.0:
         out = out * plan.output_scale
@@ -243,13 +243,12 @@ def _backward_tile_fused(t: _BranchTiles, q, k, v, d_att, out_att, lse, grads, s
 
 
 def _backward_tile_chunked(t: _BranchTiles, tile: int, q, k, v, d_att, lse, delta, grads, scale, is_causal,
-                           attn_mask, dropout_p, seed, wdt) -> None:
+                           attn_mask, shift, dropout_p, seed, wdt) -> None:
     off = t.group.offset
     rows = lambda x: _rows(_pad_seq(x, t.n_pad), t.branch, off)  # noqa: E731
     q_b, k_b, v_b = rows(q[:, t.heads]), rows(k.index_select(1, t.kv_heads)), rows(v.index_select(1, t.kv_heads))
     do_b, lse_b, delta_b = rows(d_att[:, t.heads]), rows(lse[:, t.heads]), rows(delta[:, t.heads])
     dq_b, dk_b, dv_b = (_rows(g[:, t.heads, : t.n_pad], t.branch, off) for g in grads)
-    shift = row_shift(attn_mask, wdt)
     for chunk, segs in enumerate(t.chunks(q.shape[0])):
         qs, ks, vs = (x[:, :, segs].to(wdt) for x in (q_b, k_b, v_b))
         dos = do_b[:, :, segs]
@@ -288,9 +287,10 @@ def dilated_attention_backward_eager(
             _backward_tile_fused(t, q, k, v, d_att, out_att, lse_w, grads, scale, is_causal, wdt)
     else:
         delta = (dout_w * out.to(wdt)).sum(-1)
+        shift = row_shift(attn_mask, wdt)
         for tile, t in enumerate(_tiles(plan, N, Hq, Hkv, q.device)):
             _backward_tile_chunked(t, tile, q, k, v, d_att, lse_w, delta, grads, scale, is_causal, attn_mask,
-                                   dropout_p, seed, wdt)
+                                   shift, dropout_p, seed, wdt)
     dq, dk_h, dv_h = (g[:, :, :N] for g in grads)
     dk = dk_h.reshape(B, Hkv, Hq // Hkv, N, D).sum(2)
     dv = dv_h.reshape(B, Hkv, Hq // Hkv, N, D).sum(2)
