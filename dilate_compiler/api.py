@@ -34,8 +34,9 @@ class RewriteResult:
         return iter((self.module, self.report))
 
 
-def trace(model: torch.nn.Module, example_inputs, example_kwargs: Optional[dict] = None) -> fx.GraphModule:
-    """Pre-dispatch ATen graph of ``model`` (``torch.export``, non-strict), callable like the model.
+def export_program(model: torch.nn.Module, example_inputs, example_kwargs: Optional[dict] = None,
+                   dynamic_shapes: Any = None) -> torch.export.ExportedProgram:
+    """``model`` exported to pre-dispatch ATen (``torch.export``, non-strict, attention kept visible).
 
     The model's current train/eval mode is captured (dropout in the graph follows it).
     """
@@ -43,8 +44,12 @@ def trace(model: torch.nn.Module, example_inputs, example_kwargs: Optional[dict]
         raise TypeError(f"model must be a torch.nn.Module or fx.GraphModule, got {type(model).__name__}")
     args = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
     with attention_visible():
-        ep = torch.export.export(model, args, example_kwargs or {}, strict=False)
-    return ep.module()
+        return torch.export.export(model, args, example_kwargs or {}, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+def trace(model: torch.nn.Module, example_inputs, example_kwargs: Optional[dict] = None) -> fx.GraphModule:
+    """Pre-dispatch ATen graph of ``model``, callable like the model."""
+    return export_program(model, example_inputs, example_kwargs).module()
 
 
 def rewrite(model, example_inputs, strategy=None, *, where: Where = None, strict: bool = False,

@@ -17,8 +17,8 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import TensorArgument
 
-from .api import check_strategy
-from .passes.pipeline import attention_visible, run_pipeline
+from .api import check_strategy, export_program
+from .passes.pipeline import run_pipeline
 from .passes.rewrite_attention import Where
 from .passes.site import Report
 
@@ -40,11 +40,7 @@ def export(model: torch.nn.Module, args: tuple, strategy=None, *, kwargs: Option
     its segments from the run-time length).
     """
     strategy = check_strategy(strategy)
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    args = tuple(args) if isinstance(args, (list, tuple)) else (args,)
-    with attention_visible():
-        ep = torch.export.export(model, args, kwargs or {}, dynamic_shapes=dynamic_shapes, strict=False)
+    ep = export_program(model, args, kwargs, dynamic_shapes)
     report: Report = run_pipeline(ep.graph_module, strategy, where=where, strict=strict)
     _retarget_outputs(ep)
     ep.graph_module.recompile()
