@@ -31,6 +31,7 @@ SOFTMAX = {A.softmax.int, A._softmax.default, A._safe_softmax.default}
 CASTS = {A.to.dtype, A._to_copy.default, A.clone.default, A.contiguous.default, A.alias.default}
 IGNORED_USERS = {A._assert_tensor_metadata.default}
 PRODUCTS = {A.matmul.default, A.bmm.default}
+QK_PRODUCTS = PRODUCTS | {A.baddbmm.default, A.einsum.default}  # what a q.kᵀ product can be
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # masked_fill / where fills at or below this are "excluded"; their additive form is exact in float32.
 VERY_NEGATIVE = -1e30
@@ -100,7 +101,7 @@ def walk_scores(n: fx.Node, sc: Scores) -> bool:
     """Walk from the softmax input up to the q.kᵀ product, recording the ops outer -> inner."""
     ops = []
     while True:
-        if n.target in PRODUCTS or n.target in (A.baddbmm.default, A.einsum.default):
+        if n.target in QK_PRODUCTS:
             sc.qk = n
             break
         sc.nodes.append(n)
@@ -172,7 +173,7 @@ def walk_scores(n: fx.Node, sc: Scores) -> bool:
 
 def _leads_to_product(n, depth=12) -> bool:
     while isinstance(n, fx.Node) and depth > 0:
-        if n.target in PRODUCTS or n.target in (A.baddbmm.default, A.einsum.default):
+        if n.target in QK_PRODUCTS:
             return True
         if n.target in CASTS or n.target in (A.mul.Tensor, A.div.Tensor, A.mul.Scalar, A.div.Scalar,
                                               A.masked_fill.Scalar, A.masked_fill.Tensor):
@@ -310,7 +311,7 @@ def _sdpa_site(n: fx.Node, index: int) -> AttentionSite:
     site.nodes = {"out": n, "q": q, "k": k, "v": v, "mask": mask, "remove": [n]}
     if mask is not None:
         site.mask_kind = "bool" if val(mask).dtype == torch.bool else "additive"
-        site.nodes["terms"] = [("keep", mask)] if site.mask_kind == "bool" else [("add", mask, 1.0)]
+        site.nodes["terms"] = [("keep", mask, True)] if site.mask_kind == "bool" else [("add", mask, 1.0)]
     else:
         site.nodes["terms"] = []
     return _check_shapes(site)
@@ -332,7 +333,7 @@ def _softmax_site(sm: fx.Node, index: int) -> Optional[AttentionSite]:
     while True:
         users = real_users(x)
         if len(users) != 1:
-            return site.skip(_escape_reason(x, users, sc.qk, k, kT))
+            return site.skip(_escape_reason(x, users))
         u = users[0]
         if u.target in CASTS:
             chain.append(u)
@@ -369,7 +370,7 @@ def _softmax_site(sm: fx.Node, index: int) -> Optional[AttentionSite]:
     return _check_shapes(site)
 
 
-def _escape_reason(x, users, qk, k, kT) -> str:
+def _escape_reason(x, users) -> str:
     if not users:
         return f"the attention weights ({x.name}) are not used by a product with v"
     outputs = [u for u in users if u.op == "output"]

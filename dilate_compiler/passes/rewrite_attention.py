@@ -81,8 +81,7 @@ def _build_mask(emit, terms: list, heads_3d: Optional[tuple] = None) -> Optional
                  else t for t in terms]
     if all(t[0] == "keep" for t in terms):
         mask = None
-        for _, m, *rest in terms:
-            keep_when = rest[0] if rest else True
+        for _, m, keep_when in terms:
             m = m if keep_when else emit(A.logical_not.default, (m,))
             mask = m if mask is None else emit(A.logical_and.default, (mask, m))
         return mask
@@ -124,8 +123,6 @@ def _replace(gm: fx.GraphModule, site: AttentionSite, strategy) -> None:
     new.meta["dilate_compiler_site"] = site.name
     out.replace_all_uses_with(new)
     for n in nodes["remove"]:
-        if n.graph is None:
-            continue
         for u in list(n.users):
             if u.target in IGNORED_USERS and not u.users:
                 gm.graph.erase_node(u)
