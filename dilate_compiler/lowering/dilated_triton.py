@@ -547,6 +547,12 @@ def pattern_constexprs(segment_lengths, dilation_rates, mixing: str, num_heads: 
     return meta
 
 
+def _launch_pattern(segment_lengths, dilation_rates, mixing: str, num_heads: int) -> tuple[dict, float]:
+    """The pattern's constexprs and its output scale (1 / number of branches under head_groups)."""
+    out_scale = 1.0 if mixing == "lse" else 1.0 / len(segment_lengths)
+    return pattern_constexprs(segment_lengths, dilation_rates, mixing, num_heads), out_scale
+
+
 def _runner(kernel):
     if INTERPRET:
         return kernel
@@ -567,8 +573,7 @@ def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: boo
         k, v = k.contiguous(), v.contiguous()
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    meta = pattern_constexprs(segment_lengths, dilation_rates, mixing, H)
-    out_scale = 1.0 if mixing == "lse" else 1.0 / len(segment_lengths)
+    meta, out_scale = _launch_pattern(segment_lengths, dilation_rates, mixing, H)
     _runner(_dilated_attn_fwd_kernel)[_rows_grid(N, meta["L"], "BLOCK_M", B * H)](
         q, k, v, out, lse, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -589,8 +594,7 @@ def dilated_attn_bwd(dout, q, k, v, out, lse, segment_lengths, dilation_rates, *
     dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Hkv, N, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Hkv, N, D), dtype=v.dtype, device=v.device)
-    meta = pattern_constexprs(segment_lengths, dilation_rates, mixing, H)
-    out_scale = 1.0 if mixing == "lse" else 1.0 / len(segment_lengths)
+    meta, out_scale = _launch_pattern(segment_lengths, dilation_rates, mixing, H)
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               dout.stride(0), dout.stride(1), dout.stride(2), H, N, out_scale)
     flags = dict(HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // Hkv, **meta)
