@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .lowering import dilated_op  # noqa: F401  (registers the ops)
+from .lowering import block_sparse_op, dilated_op  # noqa: F401  (registers the ops)
 from .strategies.dilated import MIXINGS, Dilated
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -129,4 +129,67 @@ def dilated_attention(
         q, k, v, mask, list(strategy.segment_lengths), list(strategy.dilation_rates), is_causal, scale,
         strategy.mixing, dropout_p, seed,
     )
+    return out
+
+
+def _check_block_size(block_size) -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    return block_size
+
+
+def resolve_layout(layout, q: Tensor, block_size: int, is_causal: bool):
+    """``layout`` (bool tensor, pattern or BlockLayout) as a BlockLayout for q's shape, on q's device."""
+    from .patterns import BlockLayout, Pattern, from_layout
+
+    B, H, N, _ = q.shape
+    if isinstance(layout, Tensor):
+        layout = from_layout(layout)
+    if isinstance(layout, Pattern):
+        return layout.layout(N, block_size, num_heads=H, is_causal=is_causal, device=q.device)
+    if isinstance(layout, BlockLayout):
+        for name, got, want in (("seq_len", layout.seq_len, N), ("block_size", layout.block_size, block_size),
+                                ("is_causal", layout.is_causal, is_causal)):
+            if got != want:
+                raise ValueError(f"layout was built with {name}={got!r} but the call has {name}={want!r}")
+        if layout.num_heads not in (1, H):
+            raise ValueError(f"layout has {layout.num_heads} heads; expected 1 or the {H} query heads")
+        return layout if layout.state.device == q.device else layout.to(q.device)
+    raise TypeError(
+        f"layout must be a bool tensor [Hq or 1, nb, nb], a dilate_compiler.patterns pattern or a BlockLayout, "
+        f"got {type(layout).__name__}")
+
+
+def block_sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    layout,
+    *,
+    block_size: int,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """Block-sparse attention: one softmax over the union of the keys the layout allows.
+
+    Args:
+        q: ``[B, Hq, N, D]``. k, v: ``[B, Hkv, N, D]`` (GQA when ``Hq % Hkv == 0``).
+        layout: bool ``[Hq or 1, nb, nb]`` with ``nb = ceil(N / block_size)`` (query block I may attend key
+            block J iff ``layout[h, I, J]``), a ``dilate_compiler.patterns`` pattern (token-exact), or a
+            prebuilt ``BlockLayout``.
+        block_size: tokens per block; the last block may be partial (any N).
+        is_causal: additionally mask ``j > p`` token by token.
+        scale: score scale, default ``1 / sqrt(D)``.
+
+    Returns:
+        ``[B, Hq, N, D]`` in q's dtype; rows with no allowed key are 0.
+    """
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
+    check_qkv(q, k, v)
+    block_size = _check_block_size(block_size)
+    scale = check_scale(scale, q.shape[-1])
+    lay = resolve_layout(layout, q, block_size, is_causal)
+    out, _ = torch.ops.dilate_compiler.block_sparse_attention_forward(q, k, v, *lay.tensors(), block_size,
+                                                                      is_causal, scale)
     return out

@@ -1,0 +1,114 @@
+"""``torch.library`` registration of block-sparse attention: schema, fake kernel, autograd, device dispatch.
+
+- ``dilate_compiler::block_sparse_attention_forward(q, k, v, terms, kv_count, kv_idx, kv_bits, q_count, q_idx,
+  q_bits, block_size, is_causal, scale) -> (out, lse)``: a ``triton_op`` that launches the generated Triton
+  kernels on CUDA (fp16/bf16, head dim 32/64/128, layout block size 16..256) and the exact PyTorch path
+  elsewhere (the first CUDA call that can't use the kernels logs why).
+- ``dilate_compiler::block_sparse_attention_backward(dout, q, k, v, out, lse, <layout>, ...) -> (dq, dk, dv)``.
+- ``..._exact`` variants: the exact path as opaque custom ops.
+
+The layout tensors (see ``dilate_compiler.patterns.BlockLayout``) are op inputs, so a compiled graph holds
+them as constants and one compiled kernel serves any layout.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from .block_sparse_eager import acc_dtype, block_sparse_backward_eager, block_sparse_forward_eager
+from .block_sparse_triton import block_sparse_attn_bwd, block_sparse_attn_fwd, kernel_unsupported_reason
+
+log = logging.getLogger("dilate_compiler")
+_LOGGED: set = set()
+
+
+def use_kernels(q: Tensor, block_size: int) -> bool:
+    reason = kernel_unsupported_reason(q, block_size)
+    if reason and q.device.type == "cuda" and reason not in _LOGGED:
+        _LOGGED.add(reason)
+        log.warning("block-sparse attention on CUDA runs the exact PyTorch path: %s", reason)
+    return not reason
+
+
+def _lse_dtype(dtype):
+    return acc_dtype(dtype)
+
+
+@torch.library.custom_op("dilate_compiler::block_sparse_attention_forward_exact", mutates_args=())
+def block_sparse_attention_forward_exact(
+    q: Tensor, k: Tensor, v: Tensor, terms: Tensor, kv_count: Tensor, kv_idx: Tensor, kv_bits: Tensor,
+    q_count: Tensor, q_idx: Tensor, q_bits: Tensor, block_size: int, is_causal: bool, scale: float,
+) -> tuple[Tensor, Tensor]:
+    return block_sparse_forward_eager(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size, is_causal, scale)
+
+
+def _fake_forward(q, *args):
+    B, H, N, _ = q.shape
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty((B, H, N), dtype=_lse_dtype(q.dtype)))
+
+
+block_sparse_attention_forward_exact.register_fake(_fake_forward)
+
+
+@torch.library.custom_op("dilate_compiler::block_sparse_attention_backward_exact", mutates_args=())
+def block_sparse_attention_backward_exact(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, terms: Tensor, kv_count: Tensor,
+    kv_idx: Tensor, kv_bits: Tensor, q_count: Tensor, q_idx: Tensor, q_bits: Tensor, block_size: int,
+    is_causal: bool, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return block_sparse_backward_eager(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, block_size,
+                                       is_causal, scale)
+
+
+def _fake_backward(dout, q, k, v, *args):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+block_sparse_attention_backward_exact.register_fake(_fake_backward)
+
+
+@torch.library.triton_op("dilate_compiler::block_sparse_attention_forward", mutates_args=())
+def block_sparse_attention_forward(
+    q: Tensor, k: Tensor, v: Tensor, terms: Tensor, kv_count: Tensor, kv_idx: Tensor, kv_bits: Tensor,
+    q_count: Tensor, q_idx: Tensor, q_bits: Tensor, block_size: int, is_causal: bool, scale: float,
+) -> tuple[Tensor, Tensor]:
+    if use_kernels(q, block_size):
+        return block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size, is_causal, scale)
+    return torch.ops.dilate_compiler.block_sparse_attention_forward_exact(
+        q, k, v, terms, kv_count, kv_idx, kv_bits, q_count, q_idx, q_bits, block_size, is_causal, scale)
+
+
+@torch.library.triton_op("dilate_compiler::block_sparse_attention_backward", mutates_args=())
+def block_sparse_attention_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, terms: Tensor, kv_count: Tensor,
+    kv_idx: Tensor, kv_bits: Tensor, q_count: Tensor, q_idx: Tensor, q_bits: Tensor, block_size: int,
+    is_causal: bool, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    if use_kernels(q, block_size):
+        return block_sparse_attn_bwd(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, q_count, q_idx,
+                                     q_bits, block_size, is_causal, scale)
+    return torch.ops.dilate_compiler.block_sparse_attention_backward_exact(
+        dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, q_count, q_idx, q_bits, block_size, is_causal,
+        scale)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, *layout, block_size, is_causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, *layout)
+    ctx.params = (block_size, is_causal, scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, *layout = ctx.saved_tensors
+    dq, dk, dv = torch.ops.dilate_compiler.block_sparse_attention_backward(dout, q, k, v, out, lse, *layout,
+                                                                           *ctx.params)
+    return (dq, dk, dv) + (None,) * 10
+
+
+block_sparse_attention_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,352 @@
+"""Triton kernels for block-sparse attention: static block lists, masking only where a block needs it.
+
+A forward (and dQ) program owns ``BLOCK_M`` query rows of one ``(b, h)`` inside query block ``I`` and walks the
+key blocks ``kv_idx[h, I]`` (FlexAttention's ``kv_num_blocks``/``kv_indices`` idea): first the partial ones,
+where each tile evaluates the token predicate (the block's term bits, causality, the sequence end), then the
+full ones, with no mask at all. Empty blocks are never visited. All blocks of a row feed one online softmax
+(one softmax over the union of allowed keys). The dK/dV program owns ``BLOCK_N`` keys of one kv head inside
+key block ``J``, loops over the query heads of its GQA group and walks the transposed lists ``q_idx[h, J]``.
+
+Specialisation: layout block size, head dim, causality, GQA ratio, per-head layout and the number of terms
+are constexprs; the lists and the term intervals are tensors, so one compiled kernel serves every layout of a
+pattern family. Block tiles (``BLOCK_M``, ``BLOCK_N``) divide the layout block size and are autotuned.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .dilated_triton import AUTOTUNE, INTERPRET, SUPPORTED_HEAD_DIMS, _runner
+
+LN2 = 0.6931471805599453
+SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128, 256)
+_KEY = ["N", "HEAD_DIM", "BS", "IS_CAUSAL", "GQA", "PER_HEAD", "NUM_TERMS"]
+
+
+@triton.jit
+def _token_ok(Terms, bits, p2, j2, N, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr):
+    """Token mask of a partial tile; ``p2``/``j2`` are query/key positions already broadcast to 2-D."""
+    d = p2 - j2
+    ok = d != d
+    for t in tl.static_range(NUM_TERMS):
+        if ((bits >> t) & 1) != 0:
+            dl = tl.load(Terms + t * 6 + 0)
+            dh = tl.load(Terms + t * 6 + 1)
+            pl = tl.load(Terms + t * 6 + 2)
+            ph = tl.load(Terms + t * 6 + 3)
+            jl = tl.load(Terms + t * 6 + 4)
+            jh = tl.load(Terms + t * 6 + 5)
+            ok = ok | ((d >= dl) & (d <= dh) & (p2 >= pl) & (p2 <= ph) & (j2 >= jl) & (j2 <= jh))
+    ok = ok & (j2 < N) & (p2 < N)
+    if IS_CAUSAL:
+        ok = ok & (j2 <= p2)
+    return ok
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, q, p, jb, bits, k_base, v_base, stride_kn, Terms, N, qk_scale,
+              MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr, BS: tl.constexpr,
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for sub in tl.static_range(0, BS, BLOCK_N):
+        j = jb * BS + sub + tl.arange(0, BLOCK_N)
+        if MASK:
+            k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :], mask=(j < N)[:, None], other=0.0)
+            v = tl.load(v_base + j[:, None] * stride_kn + offs_d[None, :], mask=(j < N)[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :])
+            v = tl.load(v_base + j[:, None] * stride_kn + offs_d[None, :])
+        s = (tl.dot(q, tl.trans(k)) * qk_scale).to(tl.float32)
+        if MASK:
+            ok = _token_ok(Terms, bits, p[:, None], j[None, :], N, IS_CAUSAL, NUM_TERMS)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = m_new
+        alpha = tl.exp2(m_i - m_safe)
+        pr = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(pr, 1)
+        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _block_sparse_fwd_kernel(
+    Q, K, V, Out, Lse, Terms, KvCount, KvIdx, KvBits, sm_scale,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_ob, stride_oh, stride_on,
+    H, N, NB, KW,
+    HEAD_DIM: tl.constexpr, BS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr,
+    PER_HEAD: tl.constexpr, NUM_TERMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = p < N
+    I = pid_m * BLOCK_M // BS
+    hl = h if PER_HEAD else 0
+    row = hl * NB + I
+    n_part = tl.load(KvCount + row * 2)
+    n_tot = tl.load(KvCount + row * 2 + 1)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + p[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None],
+                other=0.0)
+    k_base = K + b * stride_kb + (h // GQA) * stride_kh
+    v_base = V + b * stride_kb + (h // GQA) * stride_kh
+    qk_scale = sm_scale * 1.4426950408889634
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for e in range(0, n_part):
+        jb = tl.load(KvIdx + row * KW + e)
+        bits = tl.load(KvBits + row * KW + e)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, p, jb, bits, k_base, v_base, stride_kn, Terms, N, qk_scale,
+                                  True, IS_CAUSAL, NUM_TERMS, BS, BLOCK_N, HEAD_DIM)
+    for e in range(n_part, n_tot):
+        jb = tl.load(KvIdx + row * KW + e)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, p, jb, 0, k_base, v_base, stride_kn, Terms, N, qk_scale,
+                                  False, IS_CAUSAL, NUM_TERMS, BS, BLOCK_N, HEAD_DIM)
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(l_i > 0.0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(Out + b * stride_ob + h * stride_oh + p[:, None] * stride_on + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(Lse + bh * N + p, lse, mask=row_ok)
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse2, delta, p, jb, bits, k_base, v_base, stride_kn, Terms, N, qk_scale,
+             MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr, BS: tl.constexpr,
+             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for sub in tl.static_range(0, BS, BLOCK_N):
+        j = jb * BS + sub + tl.arange(0, BLOCK_N)
+        if MASK:
+            k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :], mask=(j < N)[:, None], other=0.0)
+            v = tl.load(v_base + j[:, None] * stride_kn + offs_d[None, :], mask=(j < N)[:, None], other=0.0)
+        else:
+            k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :])
+            v = tl.load(v_base + j[:, None] * stride_kn + offs_d[None, :])
+        s = (tl.dot(q, tl.trans(k)) * qk_scale).to(tl.float32)
+        pr = tl.exp2(s - lse2[:, None])
+        if MASK:
+            ok = _token_ok(Terms, bits, p[:, None], j[None, :], N, IS_CAUSAL, NUM_TERMS)
+            pr = tl.where(ok, pr, 0.0)
+        dp = tl.dot(do, tl.trans(v)).to(tl.float32)
+        ds = pr * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    return dq
+
+
+@triton.jit
+def _block_sparse_bwd_dq_kernel(
+    Q, K, V, DO, Lse, Delta, DQ, Terms, KvCount, KvIdx, KvBits, sm_scale,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_ob, stride_oh, stride_on,
+    H, N, NB, KW,
+    HEAD_DIM: tl.constexpr, BS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr,
+    PER_HEAD: tl.constexpr, NUM_TERMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = p < N
+    I = pid_m * BLOCK_M // BS
+    hl = h if PER_HEAD else 0
+    row = hl * NB + I
+    n_part = tl.load(KvCount + row * 2)
+    n_tot = tl.load(KvCount + row * 2 + 1)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_off = b * stride_qb + h * stride_qh + p[:, None] * stride_qn + offs_d[None, :]
+    q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_ob + h * stride_oh + p[:, None] * stride_on + offs_d[None, :],
+                 mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(Lse + bh * N + p, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(Delta + bh * N + p, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + (h // GQA) * stride_kh
+    v_base = V + b * stride_kb + (h // GQA) * stride_kh
+    qk_scale = sm_scale * 1.4426950408889634
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for e in range(0, n_part):
+        jb = tl.load(KvIdx + row * KW + e)
+        bits = tl.load(KvBits + row * KW + e)
+        dq = _dq_tile(dq, q, do, lse2, delta, p, jb, bits, k_base, v_base, stride_kn, Terms, N, qk_scale,
+                      True, IS_CAUSAL, NUM_TERMS, BS, BLOCK_N, HEAD_DIM)
+    for e in range(n_part, n_tot):
+        jb = tl.load(KvIdx + row * KW + e)
+        dq = _dq_tile(dq, q, do, lse2, delta, p, jb, 0, k_base, v_base, stride_kn, Terms, N, qk_scale,
+                      False, IS_CAUSAL, NUM_TERMS, BS, BLOCK_N, HEAD_DIM)
+    tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, j, ib, bits, q_base, do_base, lse_base, delta_base, stride_qn, stride_on, Terms, N,
+               qk_scale, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr, BS: tl.constexpr,
+               BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    offs_d = tl.arange(0, HEAD_DIM)
+    for sub in tl.static_range(0, BS, BLOCK_M):
+        p = ib * BS + sub + tl.arange(0, BLOCK_M)
+        if MASK:
+            p_ok = p < N
+            q = tl.load(q_base + p[:, None] * stride_qn + offs_d[None, :], mask=p_ok[:, None], other=0.0)
+            do = tl.load(do_base + p[:, None] * stride_on + offs_d[None, :], mask=p_ok[:, None], other=0.0)
+            lse2 = tl.load(lse_base + p, mask=p_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(delta_base + p, mask=p_ok, other=0.0)
+        else:
+            q = tl.load(q_base + p[:, None] * stride_qn + offs_d[None, :])
+            do = tl.load(do_base + p[:, None] * stride_on + offs_d[None, :])
+            lse2 = tl.load(lse_base + p) * 1.4426950408889634
+            delta = tl.load(delta_base + p)
+        st = (tl.dot(k, tl.trans(q)) * qk_scale).to(tl.float32)           # [BLOCK_N, BLOCK_M]
+        pt = tl.exp2(st - lse2[None, :])
+        if MASK:
+            ok = _token_ok(Terms, bits, p[None, :], j[:, None], N, IS_CAUSAL, NUM_TERMS)
+            pt = tl.where(ok, pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do)
+        dpt = tl.dot(v, tl.trans(do)).to(tl.float32)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q)
+    return dk, dv
+
+
+@triton.jit
+def _block_sparse_bwd_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV, Terms, QCount, QIdx, QBits, sm_scale,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_ob, stride_oh, stride_on,
+    H, N, NB, QW,
+    HEAD_DIM: tl.constexpr, BS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr,
+    PER_HEAD: tl.constexpr, NUM_TERMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bkh = tl.program_id(1)
+    HKV = H // GQA
+    b = bkh // HKV
+    kh = bkh % HKV
+    j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_ok = j < N
+    J = pid_n * BLOCK_N // BS
+    offs_d = tl.arange(0, HEAD_DIM)
+    kv_off = b * stride_kb + kh * stride_kh + j[:, None] * stride_kn + offs_d[None, :]
+    k = tl.load(K + kv_off, mask=key_ok[:, None], other=0.0)
+    v = tl.load(V + kv_off, mask=key_ok[:, None], other=0.0)
+    qk_scale = sm_scale * 1.4426950408889634
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    for g in range(GQA):
+        h = kh * GQA + g
+        hl = h if PER_HEAD else 0
+        col = hl * NB + J
+        n_part = tl.load(QCount + col * 2)
+        n_tot = tl.load(QCount + col * 2 + 1)
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_ob + h * stride_oh
+        lse_base = Lse + (b * H + h) * N
+        delta_base = Delta + (b * H + h) * N
+        for e in range(0, n_part):
+            ib = tl.load(QIdx + col * QW + e)
+            bits = tl.load(QBits + col * QW + e)
+            dk, dv = _dkdv_tile(dk, dv, k, v, j, ib, bits, q_base, do_base, lse_base, delta_base, stride_qn,
+                                stride_on, Terms, N, qk_scale, True, IS_CAUSAL, NUM_TERMS, BS, BLOCK_M, HEAD_DIM)
+        for e in range(n_part, n_tot):
+            ib = tl.load(QIdx + col * QW + e)
+            dk, dv = _dkdv_tile(dk, dv, k, v, j, ib, 0, q_base, do_base, lse_base, delta_base, stride_qn,
+                                stride_on, Terms, N, qk_scale, False, IS_CAUSAL, NUM_TERMS, BS, BLOCK_M, HEAD_DIM)
+    tl.store(DK + kv_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
+
+
+# --- launchers -------------------------------------------------------------------------------------------
+
+
+def _space(kind: str, bs: int):
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    if kind == "fwd":
+        space = ((128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 2),
+                 (32, 32, 4, 3), (16, 16, 4, 2))
+    else:
+        space = ((64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2), (16, 16, 4, 2))
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+               for m, n, w, s in space if m <= bs and n <= bs]
+    return configs if AUTOTUNE else configs[:1]
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(kind: str, bs: int):
+    """The autotuned kernel for one layout block size (tiles must divide it)."""
+    fn = {"fwd": _block_sparse_fwd_kernel, "dq": _block_sparse_bwd_dq_kernel,
+          "dkdv": _block_sparse_bwd_dkdv_kernel}[kind]
+    return _runner(triton.autotune(configs=_space("fwd" if kind == "fwd" else "bwd", bs), key=_KEY)(fn))
+
+
+def kernel_unsupported_reason(q, block_size: int) -> str:
+    """Why the Triton kernels can't run this call (the exact PyTorch path runs instead), or ''."""
+    if q.device.type != "cuda":
+        return f"device {q.device.type} (the kernels run on CUDA; launchers run on CPU only under TRITON_INTERPRET=1)"
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        return f"head dim {q.shape[-1]} (kernels: {SUPPORTED_HEAD_DIMS})"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype} (kernels: float16, bfloat16; float32 and float64 run the exact path)"
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        return f"block_size {block_size} (kernels: {SUPPORTED_BLOCK_SIZES})"
+    return ""
+
+
+def _grid(n: int, block: str, programs: int):
+    return lambda META: (triton.cdiv(n, META[block]), programs)
+
+
+def _flags(q, k, kv_idx, terms, block_size, is_causal):
+    return dict(HEAD_DIM=q.shape[-1], BS=block_size, IS_CAUSAL=bool(is_causal), GQA=q.shape[1] // k.shape[1],
+                PER_HEAD=kv_idx.shape[0] > 1, NUM_TERMS=terms.shape[0])
+
+
+def block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size: int, is_causal: bool,
+                          scale: float):
+    """Forward kernel: ``out [B, Hq, N, D]`` and ``lse [B, Hq, N]`` (float32, natural log)."""
+    B, H, N, D = q.shape
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    if k.stride() != v.stride() or k.stride(-1) != 1:   # v is read with k's strides
+        k, v = k.contiguous(), v.contiguous()
+    out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    nb = kv_idx.shape[1]
+    _kernel("fwd", block_size)[_grid(N, "BLOCK_M", B * H)](
+        q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, scale,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), H, N, nb, kv_idx.shape[2],
+        **_flags(q, k, kv_idx, terms, block_size, is_causal))
+    return out, lse
+
+
+def block_sparse_attn_bwd(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, q_count, q_idx, q_bits,
+                          block_size: int, is_causal: bool, scale: float):
+    """Backward kernels: ``(dq, dk, dv)``."""
+    B, H, N, D = q.shape
+    Hkv = k.shape[1]
+    q, k, v, dout = (t.contiguous() for t in (q, k, v, dout))
+    delta = (dout.float() * out.float()).sum(-1).contiguous()
+    lse = lse.contiguous()
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    nb = kv_idx.shape[1]
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               dout.stride(0), dout.stride(1), dout.stride(2))
+    flags = _flags(q, k, kv_idx, terms, block_size, is_causal)
+    _kernel("dq", block_size)[_grid(N, "BLOCK_M", B * H)](
+        q, k, v, dout, lse, delta, dq, terms, kv_count, kv_idx, kv_bits, scale, *strides, H, N, nb,
+        kv_idx.shape[2], **flags)
+    _kernel("dkdv", block_size)[_grid(N, "BLOCK_N", B * Hkv)](
+        q, k, v, dout, lse, delta, dk, dv, terms, q_count, q_idx, q_bits, scale, *strides, H, N, nb,
+        q_idx.shape[2], **flags)
+    return dq, dk, dv

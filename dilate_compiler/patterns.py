@@ -1,0 +1,433 @@
+"""Block-sparse attention patterns and the block layouts built from them.
+
+A pattern says which keys ``j`` a query ``p`` (of head ``h``) may attend. Every pattern is stored as a union
+of *terms*; a term is a set of allowed ``(query block, key block)`` pairs (all pairs when the term has none)
+intersected with integer intervals on ``p - j``, ``p`` and ``j``::
+
+    allowed(h, p, j) = OR_t [ (p // bs, j // bs) in blocks_t(h)  and  d_lo <= p - j <= d_hi
+                              and  p_lo <= p <= p_hi  and  j_lo <= j <= j_hi ]
+
+This covers block-granular patterns (``local``, ``dilated``, ``random``, ``from_layout``) and token-exact
+ones (``sliding_window``, ``global_tokens``), and is closed under ``union`` (``|``: terms concatenated) and
+``intersection`` (``&``: terms paired). A layout is built from the terms by interval arithmetic on each
+block's ranges of ``p``, ``j`` and ``p - j``, never by evaluating an N x N mask: each block is *empty*,
+*full* (every token pair allowed: the kernels skip masking) or *partial* (the kernels evaluate the terms
+whose bit is set for that block, plus causality and the sequence end, token by token).
+
+Causal masking (``is_causal``) is applied on top of any pattern: blocks above the diagonal are dropped,
+diagonal blocks are partial.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+# Interval bounds standing for "unbounded" (they fit int32, the kernels' index type).
+INF = 2**30
+UNBOUNDED = (-INF, INF)
+MAX_TERMS = 31  # a partial block carries its terms as bits of an int32; bit 0 is the always-true term
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+# --- block sets: the block-granular part of a term ----------------------------------------------------------
+
+
+class BlockSet:
+    """A set of (query block, key block) pairs; ``mask`` returns bool ``[Hl, nb, nb]`` (Hl: 1 or num_heads)."""
+
+    def mask(self, num_blocks: int, num_heads: int, device) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__}.mask")
+
+
+def _block_grid(num_blocks: int, device):
+    i = torch.arange(num_blocks, device=device).view(1, -1, 1)
+    j = torch.arange(num_blocks, device=device).view(1, 1, -1)
+    return i, j
+
+
+@dataclass(frozen=True)
+class LocalBlocks(BlockSet):
+    window_blocks: int
+
+    def mask(self, num_blocks, num_heads, device):
+        i, j = _block_grid(num_blocks, device)
+        return (i - j).abs() < self.window_blocks
+
+
+@dataclass(frozen=True)
+class DilatedBlocks(BlockSet):
+    rates: tuple
+
+    def mask(self, num_blocks, num_heads, device):
+        i, j = _block_grid(num_blocks, device)
+        m = torch.zeros(1, num_blocks, num_blocks, dtype=torch.bool, device=device)
+        for r in self.rates:
+            m |= (i - j) % r == 0
+        return m
+
+
+@dataclass(frozen=True)
+class RandomBlocks(BlockSet):
+    blocks_per_row: int
+    seed: int
+    per_head: bool
+
+    def mask(self, num_blocks, num_heads, device):
+        heads = num_heads if self.per_head else 1
+        gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        keys = torch.rand(heads, num_blocks, num_blocks, generator=gen)
+        chosen = keys.argsort(dim=-1)[..., : min(self.blocks_per_row, num_blocks)]
+        m = torch.zeros(heads, num_blocks, num_blocks, dtype=torch.bool)
+        m.scatter_(-1, chosen, True)
+        return m.to(device)
+
+
+@dataclass(frozen=True, eq=False)
+class LayoutBlocks(BlockSet):
+    layout: Tensor  # bool [Hl, nb, nb]
+
+    def mask(self, num_blocks, num_heads, device):
+        hl, nb, nb2 = self.layout.shape
+        if nb != num_blocks or nb2 != num_blocks:
+            raise ValueError(
+                f"from_layout: the layout has {nb} x {nb2} blocks but the sequence has {num_blocks} blocks "
+                f"(ceil(N / block_size))")
+        if hl not in (1, num_heads):
+            raise ValueError(f"from_layout: the layout's head dim must be 1 or num_heads={num_heads}, got {hl}")
+        return self.layout.to(device)
+
+
+# --- terms and patterns -------------------------------------------------------------------------------------
+
+
+def _meet(a: tuple, b: tuple) -> tuple:
+    return (max(a[0], b[0]), min(a[1], b[1]))
+
+
+@dataclass(frozen=True)
+class Term:
+    """Block sets (all must hold; none = every block) and inclusive intervals on ``p - j``, ``p`` and ``j``."""
+
+    blocks: tuple = ()
+    d: tuple = UNBOUNDED
+    p: tuple = UNBOUNDED
+    j: tuple = UNBOUNDED
+
+    def __and__(self, other: "Term") -> "Term":
+        return Term(self.blocks + other.blocks, _meet(self.d, other.d), _meet(self.p, other.p),
+                    _meet(self.j, other.j))
+
+    def is_void(self) -> bool:
+        return any(lo > hi for lo, hi in (self.d, self.p, self.j))
+
+    def token_mask(self, p: Tensor, j: Tensor) -> Tensor:
+        d = p - j
+        return ((d >= self.d[0]) & (d <= self.d[1]) & (p >= self.p[0]) & (p <= self.p[1])
+                & (j >= self.j[0]) & (j <= self.j[1]))
+
+
+@dataclass(frozen=True, eq=False)
+class Pattern:
+    """A block-sparse attention pattern: a union of :class:`Term`. Combine with ``|`` and ``&``."""
+
+    terms: tuple
+    name: str = field(default="pattern")
+
+    def __or__(self, other: "Pattern") -> "Pattern":
+        return union(self, other)
+
+    def __and__(self, other: "Pattern") -> "Pattern":
+        return intersection(self, other)
+
+    def __repr__(self) -> str:
+        return self.name
+
+    def layout(self, seq_len: int, block_size: int, *, num_heads: int = 1, is_causal: bool = False,
+               device=None) -> "BlockLayout":
+        """The block layout for ``seq_len`` tokens in blocks of ``block_size``, in O(blocks)."""
+        return build_layout(self, seq_len, block_size, num_heads=num_heads, is_causal=is_causal, device=device)
+
+    def token_mask(self, seq_len: int, block_size: int, *, num_heads: int = 1, is_causal: bool = False,
+                   device=None) -> Tensor:
+        """bool ``[Hl, N, N]`` from the definition, token by token: O(N^2), for tests and references."""
+        nb = -(-seq_len // block_size)
+        p = torch.arange(seq_len, device=device).view(1, -1, 1)
+        j = torch.arange(seq_len, device=device).view(1, 1, -1)
+        out = torch.zeros(1, seq_len, seq_len, dtype=torch.bool, device=device)
+        for t in self.terms:
+            m = t.token_mask(p, j)
+            for bs in t.blocks:
+                blocks = bs.mask(nb, num_heads, device)
+                m = m & blocks.repeat_interleave(block_size, 1)[:, :seq_len].repeat_interleave(
+                    block_size, 2)[:, :, :seq_len]
+            out = out | m
+        if is_causal:
+            out = out & (j <= p)
+        return out
+
+
+def _pattern(name: str, *terms: Term) -> Pattern:
+    return Pattern(tuple(t for t in terms if not t.is_void()), name)
+
+
+def local(window_blocks: int) -> Pattern:
+    """Query block ``I`` attends key blocks ``J`` with ``|I - J| < window_blocks`` (1: the block diagonal)."""
+    _positive_int("window_blocks", window_blocks)
+    return _pattern(f"local({window_blocks})", Term((LocalBlocks(window_blocks),)))
+
+
+def sliding_window(window_tokens: int) -> Pattern:
+    """Token-exact band: query ``p`` attends key ``j`` iff ``|p - j| < window_tokens``.
+
+    With ``is_causal`` this is Mistral's sliding window: ``p - window_tokens < j <= p``.
+    """
+    _positive_int("window_tokens", window_tokens)
+    w = window_tokens - 1
+    return _pattern(f"sliding_window({window_tokens})", Term(d=(-w, w)))
+
+
+def dilated(rates: Sequence[int]) -> Pattern:
+    """Query block ``I`` attends key blocks ``I ± k * rate`` for every ``k >= 0`` and each rate in ``rates``."""
+    if isinstance(rates, int):
+        rates = (rates,)
+    rates = tuple(rates)
+    if not rates:
+        raise ValueError("dilated: rates must be non-empty")
+    for r in rates:
+        _positive_int(f"dilated: each rate (rates={rates!r})", r)
+    return _pattern(f"dilated({rates})", Term((DilatedBlocks(rates),)))
+
+
+def global_tokens(n: int) -> Pattern:
+    """The first ``n`` tokens are global: they attend every key and every query attends them."""
+    _positive_int("n", n)
+    return _pattern(f"global_tokens({n})", Term(p=(0, n - 1)), Term(j=(0, n - 1)))
+
+
+def random(blocks_per_row: int, seed: int = 0, *, per_head: bool = False) -> Pattern:
+    """``blocks_per_row`` distinct key blocks per query block, drawn with ``torch.Generator(seed)`` (BigBird's
+    random attention). Deterministic for a given (seed, number of blocks, heads); ``per_head`` draws per head."""
+    _positive_int("blocks_per_row", blocks_per_row)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    return _pattern(f"random({blocks_per_row}, seed={seed})", Term((RandomBlocks(blocks_per_row, seed, per_head),)))
+
+
+def from_layout(layout: Tensor) -> Pattern:
+    """A given block layout: bool ``[nb, nb]`` or ``[Hl, nb, nb]`` (Hl: 1 or the number of query heads)."""
+    if not isinstance(layout, Tensor) or layout.dtype != torch.bool:
+        raise TypeError(f"layout must be a bool tensor [Hl, nb, nb], got {getattr(layout, 'dtype', type(layout))}")
+    if layout.dim() == 2:
+        layout = layout.unsqueeze(0)
+    if layout.dim() != 3 or layout.shape[1] != layout.shape[2]:
+        raise ValueError(f"layout must have shape [nb, nb] or [Hl, nb, nb], got {tuple(layout.shape)}")
+    return _pattern(f"from_layout({tuple(layout.shape)})", Term((LayoutBlocks(layout),)))
+
+
+def union(*patterns: Pattern) -> Pattern:
+    """Keys allowed by any of ``patterns`` (one softmax over the union)."""
+    _check_patterns(patterns)
+    return _pattern(" | ".join(p.name for p in patterns), *(t for p in patterns for t in p.terms))
+
+
+def intersection(*patterns: Pattern) -> Pattern:
+    """Keys allowed by all of ``patterns``."""
+    _check_patterns(patterns)
+    terms = list(patterns[0].terms)
+    for p in patterns[1:]:
+        terms = [a & b for a in terms for b in p.terms]
+    return _pattern(" & ".join(f"({p.name})" for p in patterns), *terms)
+
+
+def _check_patterns(patterns) -> None:
+    if not patterns:
+        raise ValueError("expected at least one pattern")
+    for p in patterns:
+        if not isinstance(p, Pattern):
+            raise TypeError(f"expected dilate_compiler.patterns patterns, got {p!r}")
+
+
+# --- layouts ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class BlockLayout:
+    """A pattern compiled for one (N, block size, heads, causal): index lists the kernels walk.
+
+    ``kv_idx[h, I, :kv_count[h, I, 1]]`` are the key blocks of query block ``I`` (the first
+    ``kv_count[h, I, 0]`` partial, then full ones); ``kv_bits`` the term bits of each partial entry.
+    ``q_idx``/``q_count``/``q_bits`` are the same lists transposed (query blocks of each key block), for the
+    dK/dV pass. ``terms``: int32 ``[T, 6]`` intervals ``(d_lo, d_hi, p_lo, p_hi, j_lo, j_hi)``, row 0 always true.
+    ``state``: int8 ``[Hl, nb, nb]`` (0 empty, 1 partial, 2 full).
+    """
+
+    seq_len: int
+    block_size: int
+    is_causal: bool
+    state: Tensor
+    terms: Tensor
+    kv_count: Tensor
+    kv_idx: Tensor
+    kv_bits: Tensor
+    q_count: Tensor
+    q_idx: Tensor
+    q_bits: Tensor
+
+    @property
+    def num_heads(self) -> int:
+        return self.state.shape[0]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.state.shape[1]
+
+    @property
+    def density(self) -> float:
+        """Fraction of (query block, key block) pairs computed."""
+        return (self.state > 0).float().mean().item()
+
+    def tensors(self) -> tuple:
+        """The op's layout arguments, in order."""
+        return (self.terms, self.kv_count, self.kv_idx, self.kv_bits, self.q_count, self.q_idx, self.q_bits)
+
+    def to(self, device) -> "BlockLayout":
+        moved = {name: getattr(self, name).to(device) for name in
+                 ("state", "terms", "kv_count", "kv_idx", "kv_bits", "q_count", "q_idx", "q_bits")}
+        return BlockLayout(self.seq_len, self.block_size, self.is_causal, **moved)
+
+    def token_mask(self) -> Tensor:
+        """bool ``[Hl, N, N]`` expanded from the index lists (O(N^2), for tests)."""
+        return expand_lists(self.terms, self.kv_count, self.kv_idx, self.kv_bits, self.seq_len, self.block_size,
+                            self.is_causal)
+
+
+def term_table(terms: Sequence[Term], device=None) -> Tensor:
+    rows = [UNBOUNDED * 3] + [t.d + t.p + t.j for t in terms]
+    return torch.tensor(rows, dtype=torch.int32, device=device)
+
+
+def _interval_state(lo_x: Tensor, hi_x: Tensor, iv: tuple):
+    """For value ranges [lo_x, hi_x]: (possible, always) under the inclusive interval ``iv``."""
+    if iv == UNBOUNDED:
+        return None, None
+    possible = (hi_x >= iv[0]) & (lo_x <= iv[1])
+    always = (lo_x >= iv[0]) & (hi_x <= iv[1])
+    return possible, always
+
+
+def build_layout(pattern: Pattern, seq_len: int, block_size: int, *, num_heads: int = 1, is_causal: bool = False,
+                 device=None) -> BlockLayout:
+    if not isinstance(pattern, Pattern):
+        raise TypeError(f"pattern must be a dilate_compiler.patterns pattern, got {pattern!r}")
+    _positive_int("seq_len", seq_len)
+    _positive_int("block_size", block_size)
+    _positive_int("num_heads", num_heads)
+    if len(pattern.terms) > MAX_TERMS - 1:
+        raise ValueError(f"pattern {pattern.name} has {len(pattern.terms)} terms; at most {MAX_TERMS - 1} "
+                         f"are supported (intersections multiply terms)")
+    N, bs = seq_len, block_size
+    nb = -(-N // bs)
+    blk = torch.arange(nb, device=device)
+    lo = blk * bs
+    hi = torch.clamp(lo + bs - 1, max=N - 1)
+    p_lo, p_hi = lo.view(nb, 1), hi.view(nb, 1)
+    j_lo, j_hi = lo.view(1, nb), hi.view(1, nb)
+    d_lo, d_hi = p_lo - j_hi, p_hi - j_lo
+
+    full = torch.zeros(1, nb, nb, dtype=torch.bool, device=device)
+    bits = torch.zeros(1, nb, nb, dtype=torch.int32, device=device)
+    for t_index, term in enumerate(pattern.terms, start=1):
+        possible = torch.ones(1, nb, nb, dtype=torch.bool, device=device)
+        always = torch.ones(1, nb, nb, dtype=torch.bool, device=device)
+        for lo_x, hi_x, iv in ((d_lo, d_hi, term.d), (p_lo, p_hi, term.p), (j_lo, j_hi, term.j)):
+            pos, alw = _interval_state(lo_x, hi_x, iv)
+            if pos is not None:
+                possible = possible & pos
+                always = always & alw
+        for bset in term.blocks:
+            possible = possible & bset.mask(nb, num_heads, device)
+        full = full | (possible & always)
+        bits = bits | ((possible & ~always).to(torch.int32) << t_index)
+    # Blocks a full block must still mask token by token: the causal diagonal and the ragged end.
+    edge = torch.zeros(nb, nb, dtype=torch.bool, device=device)
+    if is_causal:
+        above = j_lo > p_hi
+        full = full & ~above
+        bits = torch.where(above, 0, bits)
+        edge = edge | (j_hi > p_lo)
+    if N % bs:
+        edge[-1, :] = True
+        edge[:, -1] = True
+    demote = full & edge
+    bits = torch.where(demote, bits | 1, bits)
+    full = full & ~demote
+    state = torch.where(full, FULL, torch.where(bits != 0, PARTIAL, EMPTY)).to(torch.int8)
+    bits = torch.where(full, 0, bits)
+    kv_count, kv_idx, kv_bits = _lists(state, bits)
+    q_count, q_idx, q_bits = _lists(state.transpose(1, 2), bits.transpose(1, 2))
+    return BlockLayout(N, bs, bool(is_causal), state, term_table(pattern.terms, device), kv_count, kv_idx, kv_bits,
+                       q_count, q_idx, q_bits)
+
+
+def _lists(state: Tensor, bits: Tensor):
+    """Per row of ``state``: its non-empty columns, partial ones first, as int32 index lists."""
+    nb = state.shape[-1]
+    col = torch.arange(nb, device=state.device, dtype=torch.int64)
+    rank = torch.where(state == PARTIAL, 0, torch.where(state == FULL, 1, 2)).to(torch.int64)
+    order = (rank * nb + col).argsort(dim=-1)
+    n_partial = (state == PARTIAL).sum(-1)
+    n_total = (state != EMPTY).sum(-1)
+    width = max(int(n_total.max().item()), 1)
+    idx = order[..., :width]
+    count = torch.stack((n_partial, n_total), dim=-1).to(torch.int32).contiguous()
+    return count, idx.to(torch.int32).contiguous(), bits.gather(-1, idx).to(torch.int32).contiguous()
+
+
+def partial_mask(terms: Tensor, bits: Tensor, p: Tensor, j: Tensor) -> Tensor:
+    """Token mask of partial blocks: OR over the terms whose bit is set. ``bits`` broadcasts against p, j."""
+    d = p - j
+    ok = torch.zeros(torch.broadcast_shapes(bits.shape, p.shape, j.shape), dtype=torch.bool, device=p.device)
+    for t in range(terms.shape[0]):
+        dl, dh, pl, ph, jl, jh = (int(x) for x in terms[t].tolist())
+        on = ((bits >> t) & 1).bool()
+        ok = ok | (on & (d >= dl) & (d <= dh) & (p >= pl) & (p <= ph) & (j >= jl) & (j <= jh))
+    return ok
+
+
+def expand_lists(terms, kv_count, kv_idx, kv_bits, seq_len: int, block_size: int, is_causal: bool) -> Tensor:
+    hl, nb, _ = kv_idx.shape
+    bs = block_size
+    out = torch.zeros(hl, nb * bs, nb * bs, dtype=torch.bool, device=kv_idx.device)
+    r = torch.arange(bs, device=kv_idx.device)
+    for h in range(hl):
+        for i in range(nb):
+            n_part, n_tot = kv_count[h, i].tolist()
+            p = (i * bs + r).view(-1, 1)
+            for e in range(n_tot):
+                jb = int(kv_idx[h, i, e])
+                j = (jb * bs + r).view(1, -1)
+                if e < n_part:
+                    m = partial_mask(terms, kv_bits[h, i, e], p, j) & (j < seq_len) & (p < seq_len)
+                    if is_causal:
+                        m = m & (j <= p)
+                else:
+                    m = torch.ones(bs, bs, dtype=torch.bool, device=kv_idx.device)
+                out[h, i * bs:(i + 1) * bs, jb * bs:(jb + 1) * bs] = m
+    return out[:, :seq_len, :seq_len]
+
+
+__all__ = [
+    "BlockLayout", "Pattern", "Term", "build_layout", "dilated", "from_layout", "global_tokens", "intersection",
+    "local", "random", "sliding_window", "union",
+]

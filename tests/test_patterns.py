@@ -1,0 +1,104 @@
+"""Block layouts built from patterns (interval arithmetic on blocks) against brute-force token masks written
+here from each pattern's definition."""
+
+import pytest
+import torch
+
+from dilate_compiler import patterns as P
+
+N, BS, H = 77, 16, 4  # ragged: 77 = 4 * 16 + 13
+
+
+def grid(n=N):
+    return torch.arange(n).view(-1, 1), torch.arange(n).view(1, -1)
+
+
+def brute(name, n=N, bs=BS):
+    p, j = grid(n)
+    return {
+        "local2": (p // bs - j // bs).abs() < 2,
+        "window20": (p - j).abs() < 20,
+        "window1": p == j,
+        "dilated23": ((p // bs - j // bs) % 2 == 0) | ((p // bs - j // bs) % 3 == 0),
+        "global5": (p < 5) | (j < 5),
+        "global40": (p < 40) | (j < 40),
+    }[name]
+
+
+PATTERNS = {
+    "local2": P.local(2), "window20": P.sliding_window(20), "window1": P.sliding_window(1),
+    "dilated23": P.dilated((2, 3)), "global5": P.global_tokens(5), "global40": P.global_tokens(40),
+}
+
+
+def expand_blocks(block_mask, n=N, bs=BS):
+    return block_mask.repeat_interleave(bs, -2).repeat_interleave(bs, -1)[..., :n, :n]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+def test_layout_equals_brute_force(name, causal):
+    layout = PATTERNS[name].layout(N, BS, num_heads=H, is_causal=causal)
+    want = brute(name)
+    if causal:
+        p, j = grid()
+        want = want & (j <= p)
+    assert torch.equal(layout.token_mask()[0], want)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_union_and_intersection(causal):
+    p, j = grid()
+    causal_mask = (j <= p) if causal else torch.ones(N, N, dtype=torch.bool)
+    u = (P.sliding_window(20) | P.global_tokens(5)).layout(N, BS, is_causal=causal)
+    assert torch.equal(u.token_mask()[0], (brute("window20") | brute("global5")) & causal_mask)
+    i = (P.local(2) & P.sliding_window(20)).layout(N, BS, is_causal=causal)
+    assert torch.equal(i.token_mask()[0], brute("local2") & brute("window20") & causal_mask)
+    mixed = P.intersection(P.union(P.dilated((2, 3)), P.sliding_window(1)), P.global_tokens(40))
+    got = mixed.layout(N, BS, is_causal=causal).token_mask()[0]
+    assert torch.equal(got, (brute("dilated23") | brute("window1")) & brute("global40") & causal_mask)
+
+
+def test_random_is_deterministic_per_seed_and_per_head():
+    a = P.random(2, seed=3).layout(N, BS, num_heads=H)
+    b = P.random(2, seed=3).layout(N, BS, num_heads=H)
+    c = P.random(2, seed=4).layout(N, BS, num_heads=H)
+    assert torch.equal(a.state, b.state) and not torch.equal(a.state, c.state)
+    assert ((a.state > 0).sum(-1) == 2).all()
+    ph = P.random(1, seed=0, per_head=True).layout(N, BS, num_heads=H)
+    assert ph.num_heads == H and not all(torch.equal(ph.state[0], ph.state[h]) for h in range(1, H))
+    # token level: the drawn blocks, expanded
+    assert torch.equal(ph.token_mask(), expand_blocks(ph.state > 0))
+
+
+def test_from_layout_per_head_and_full_blocks_skip_masking():
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.rand(H, 5, 5, generator=g) < 0.4
+    lay = P.from_layout(blocks).layout(N, BS, num_heads=H)
+    assert torch.equal(lay.token_mask(), expand_blocks(blocks))
+    # interior blocks are full (no masking); only the ragged last row/column is partial
+    interior = lay.state[:, :4, :4]
+    assert ((interior == P.FULL) == blocks[:, :4, :4]).all() and (interior != P.PARTIAL).all()
+    causal = P.from_layout(blocks).layout(N, BS, num_heads=H, is_causal=True)
+    diag = torch.arange(5)
+    assert (causal.state[:, diag, diag] != P.FULL).all()                  # diagonal blocks are masked
+    assert (torch.triu(causal.state.int(), 1) == 0).all()                  # blocks above are skipped
+
+
+def test_sliding_window_layout_is_banded_and_cheap():
+    lay = P.sliding_window(4096).layout(262144, 128, is_causal=True)
+    assert lay.kv_idx.shape == (1, 2048, 33)                              # 32 full + 1 partial diagonal block
+    assert lay.kv_count[0, 100].tolist() == [2, 33]                        # window edge and diagonal partial
+
+
+def test_bad_arguments_name_the_argument():
+    with pytest.raises(ValueError, match="window_tokens"):
+        P.sliding_window(0)
+    with pytest.raises(ValueError, match="window_blocks"):
+        P.local(-1)
+    with pytest.raises(TypeError, match="bool tensor"):
+        P.from_layout(torch.ones(2, 2))
+    with pytest.raises(ValueError, match="3 x 3 blocks"):
+        P.from_layout(torch.ones(3, 3, dtype=torch.bool)).layout(N, BS)
+    with pytest.raises(TypeError, match="patterns"):
+        P.union(P.local(1), "local")
