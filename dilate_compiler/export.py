@@ -15,11 +15,11 @@ from typing import Any, Optional
 
 import torch
 from torch.export import ExportedProgram
-from torch.export.graph_signature import TensorArgument
+from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
 
 from .api import check_strategy, export_program
 from .passes.pipeline import run_pipeline
-from .passes.rewrite_attention import Where
+from .passes.rewrite_attention import CONSTANT_PREFIX, Where
 from .passes.site import Report
 
 
@@ -29,6 +29,33 @@ def _retarget_outputs(ep: ExportedProgram) -> None:
     for spec, node in zip(ep.graph_signature.output_specs, out_node.args[0]):
         if isinstance(spec.arg, TensorArgument) and isinstance(node, torch.fx.Node) and spec.arg.name != node.name:
             spec.arg = TensorArgument(name=node.name)
+
+
+def _lift_constants(ep: ExportedProgram) -> None:
+    """Compile-time tensors the rewrite added as module buffers (block layouts) become lifted constants of the
+    program: placeholders before the user inputs, with CONSTANT_TENSOR input specs."""
+    gm = ep.graph_module
+    getattrs = [n for n in gm.graph.nodes if n.op == "get_attr" and str(n.target).startswith(CONSTANT_PREFIX)]
+    if not getattrs:
+        return
+    specs = list(ep.graph_signature.input_specs)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    first_user = next((i for i, sp in enumerate(specs) if sp.kind == InputKind.USER_INPUT), len(specs))
+    anchor = placeholders[first_user] if first_user < len(placeholders) else None
+    new_specs = []
+    for n in getattrs:
+        name = str(n.target)
+        tensor = getattr(gm, name)
+        ctx = gm.graph.inserting_before(anchor) if anchor is not None else gm.graph.inserting_after(placeholders[-1])
+        with ctx:
+            ph = gm.graph.placeholder(name.lstrip("_"))
+        ph.meta = dict(n.meta)
+        n.replace_all_uses_with(ph)
+        gm.graph.erase_node(n)
+        delattr(gm, name)
+        ep.constants[name] = tensor
+        new_specs.append(InputSpec(InputKind.CONSTANT_TENSOR, TensorArgument(ph.name), target=name))
+    ep.graph_signature.input_specs[:] = specs[:first_user] + new_specs + specs[first_user:]
 
 
 def export(model: torch.nn.Module, args: tuple, strategy=None, *, kwargs: Optional[dict] = None,
@@ -43,6 +70,7 @@ def export(model: torch.nn.Module, args: tuple, strategy=None, *, kwargs: Option
     ep = export_program(model, args, kwargs, dynamic_shapes)
     report: Report = run_pipeline(ep.graph_module, strategy, where=where, strict=strict)
     _retarget_outputs(ep)
+    _lift_constants(ep)
     ep.graph_module.recompile()
     ep.validate()
     ep.dilate_report = report

@@ -193,3 +193,33 @@ def block_sparse_attention(
     out, _ = torch.ops.dilate_compiler.block_sparse_attention_forward(q, k, v, *lay.tensors(), block_size,
                                                                       is_causal, scale)
     return out
+
+
+def adaptive_block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, strategy, *, is_causal: bool = False,
+                                    scale: Optional[float] = None) -> Tensor:
+    """Content-adaptive block-sparse attention: ``strategy`` (a ``dc.Adaptive``) selects the key blocks of each
+    (batch, head, query block) from pooled scores at run time, then attention runs exactly over them.
+
+    Shapes as :func:`block_sparse_attention`. Gradients flow through the attention on the selected blocks.
+    """
+    from .patterns import from_layout
+    from .strategies.block_sparse import Adaptive
+
+    if not isinstance(strategy, Adaptive):
+        raise TypeError(f"strategy must be a dc.Adaptive, got {strategy!r}")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
+    check_qkv(q, k, v)
+    scale = check_scale(scale, q.shape[-1])
+    B, H, N, D = q.shape
+    bs = strategy.block_size
+    with torch.no_grad():
+        chosen = strategy.select(q, k, is_causal=is_causal, scale=scale)
+    nb = chosen.shape[-1]
+    lay = from_layout(chosen.reshape(B * H, nb, nb)).layout(N, bs, num_heads=B * H, is_causal=is_causal,
+                                                            device=q.device)
+    # Batch folds into heads: query head b*H + h reads kv head (b*H + h) // (H // Hkv) = b*Hkv + h // (H // Hkv).
+    out, _ = torch.ops.dilate_compiler.block_sparse_attention_forward(
+        q.reshape(1, B * H, N, D), k.reshape(1, B * k.shape[1], N, D), v.reshape(1, B * v.shape[1], N, D),
+        *lay.tensors(), bs, is_causal, scale)
+    return out.view(B, H, N, D)

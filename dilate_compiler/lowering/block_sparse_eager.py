@@ -89,8 +89,8 @@ def block_sparse_forward_eager(q, k, v, terms, kv_count, kv_idx, kv_bits, block_
         pr = torch.exp(s - torch.where(torch.isfinite(m), m, 0.0).unsqueeze(-1))
         out[:, :, i0:i1] = pr @ _gather(v_h, j)
         lse[:, :, i0:i1] = m
-    out = out.view(B, H, nb * bs, D)[:, :, :N].to(q.dtype)
-    return out, lse.view(B, H, nb * bs)[:, :, :N].to(torch.float32 if dt == torch.float32 else dt)
+    out = out.view(B, H, nb * bs, D)[:, :, :N].to(q.dtype).contiguous()
+    return out, lse.view(B, H, nb * bs)[:, :, :N].contiguous()
 
 
 def block_sparse_backward_eager(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, block_size: int,
@@ -123,7 +123,7 @@ def block_sparse_backward_eager(dout, q, k, v, out, lse, terms, kv_count, kv_idx
         idx = j.reshape(1, H, C * L, 1).expand(B, H, C * L, D)
         dk_h.scatter_add_(2, idx, ((ds.transpose(-1, -2) @ qc) * scale).reshape(B, H, C * L, D))
         dv_h.scatter_add_(2, idx, (pr.transpose(-1, -2) @ doc).reshape(B, H, C * L, D))
-    dq = dq.view(B, H, nb * bs, D)[:, :, :N].to(q.dtype)
+    dq = dq.view(B, H, nb * bs, D)[:, :, :N].to(q.dtype).contiguous()
     dk = dk_h.view(B, Hkv, H // Hkv, N, D).sum(2).to(k.dtype)
     dv = dv_h.view(B, Hkv, H // Hkv, N, D).sum(2).to(v.dtype)
     return dq, dk, dv

@@ -81,17 +81,14 @@ def merge_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
     return as_float[0] + as_float[1]
 
 
-class MultiheadDilatedAttention(nn.Module):
-    """Multi-head dilated attention, a drop-in for ``nn.MultiheadAttention`` (returns ``(out, None)``).
+class ProjectedAttention(nn.Module):
+    """Projections q/k/v, an attention module over ``[B, N, H, D]`` heads, an optional sub-layer norm
+    (MAGNETO, as in LongNet and dilated-attention-pytorch), output projection; returns ``(out, None)`` like
+    ``nn.MultiheadAttention``. ``num_kv_heads`` < ``num_heads`` gives GQA."""
 
-    Projections q/k/v, dilated attention, an optional sub-layer norm (MAGNETO, as in LongNet and
-    dilated-attention-pytorch), output projection. ``num_kv_heads`` < ``num_heads`` gives GQA.
-    """
-
-    def __init__(self, embed_dim: int, num_heads: int, segment_lengths: Sequence[int],
-                 dilation_rates: Sequence[int], dropout: float = 0.0, bias: bool = True, batch_first: bool = True,
-                 *, num_kv_heads: Optional[int] = None, layer_norm: bool = True, layer_norm_eps: float = 1e-5,
-                 gamma_init: float = 1.0, mixing: str = "lse", device=None, dtype=None):
+    def __init__(self, embed_dim: int, num_heads: int, attention: nn.Module, bias: bool = True,
+                 batch_first: bool = True, *, num_kv_heads: Optional[int] = None, layer_norm: bool = True,
+                 layer_norm_eps: float = 1e-5, gamma_init: float = 1.0, device=None, dtype=None):
         super().__init__()
         if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads:
             raise ValueError(
@@ -108,7 +105,7 @@ class MultiheadDilatedAttention(nn.Module):
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
         self.k_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **kw)
         self.v_proj = nn.Linear(embed_dim, kv_dim, bias=bias, **kw)
-        self.attention = DilatedAttention(segment_lengths, dilation_rates, attention_dropout=dropout, mixing=mixing)
+        self.attention = attention
         self.norm = nn.LayerNorm(embed_dim, eps=layer_norm_eps, **kw) if layer_norm else None
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
         self._reset_parameters()
@@ -127,7 +124,7 @@ class MultiheadDilatedAttention(nn.Module):
                 attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> tuple[Tensor, None]:
         if need_weights:
             raise ValueError(
-                "need_weights=True is not supported: dilated attention never forms the [N, N] attention "
+                "need_weights=True is not supported: this attention never forms the [N, N] attention "
                 "weights; pass need_weights=False")
         key = query if key is None else key
         value = key if value is None else value
@@ -148,3 +145,20 @@ class MultiheadDilatedAttention(nn.Module):
         if not self.batch_first:
             x = x.transpose(0, 1)
         return x, None
+
+
+class MultiheadDilatedAttention(ProjectedAttention):
+    """Multi-head dilated attention, a drop-in for ``nn.MultiheadAttention`` (returns ``(out, None)``).
+
+    Projections q/k/v, dilated attention, an optional sub-layer norm (MAGNETO, as in LongNet and
+    dilated-attention-pytorch), output projection. ``num_kv_heads`` < ``num_heads`` gives GQA.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, segment_lengths: Sequence[int],
+                 dilation_rates: Sequence[int], dropout: float = 0.0, bias: bool = True, batch_first: bool = True,
+                 *, num_kv_heads: Optional[int] = None, layer_norm: bool = True, layer_norm_eps: float = 1e-5,
+                 gamma_init: float = 1.0, mixing: str = "lse", device=None, dtype=None):
+        attention = DilatedAttention(segment_lengths, dilation_rates, attention_dropout=dropout, mixing=mixing)
+        super().__init__(embed_dim, num_heads, attention, bias=bias, batch_first=batch_first,
+                         num_kv_heads=num_kv_heads, layer_norm=layer_norm, layer_norm_eps=layer_norm_eps,
+                         gamma_init=gamma_init, device=device, dtype=dtype)

@@ -60,7 +60,12 @@ def rewrite_attention(gm: fx.GraphModule, sites: list, strategy, *, where: Where
     return sites
 
 
-def _emitter(graph: fx.Graph, fake_mode):
+CONSTANT_PREFIX = "_dilate_compiler_constant"
+
+
+def _emitter(gm: fx.GraphModule, fake_mode):
+    graph = gm.graph
+
     def emit(target, args, kwargs=None):
         kwargs = kwargs or {}
         node = graph.call_function(target, tuple(args), kwargs)
@@ -68,6 +73,19 @@ def _emitter(graph: fx.Graph, fake_mode):
         with fake_mode:
             node.meta["val"] = target(*tree_map(to_val, tuple(args)), **tree_map(to_val, kwargs))
         return node
+
+    def constant(t: torch.Tensor) -> fx.Node:
+        """A tensor computed at compile time (e.g. a block layout), held by the module as a buffer."""
+        names = {id(b): n for n, b in gm.named_buffers() if n.startswith(CONSTANT_PREFIX)}
+        name = names.get(id(t))
+        if name is None:
+            name = f"{CONSTANT_PREFIX}{len(names)}"
+            gm.register_buffer(name, t)
+        node = graph.get_attr(name)
+        node.meta["val"] = fake_mode.from_tensor(t, static_shapes=True)
+        return node
+
+    emit.constant = constant
     return emit
 
 
@@ -104,7 +122,7 @@ def _replace(gm: fx.GraphModule, site: AttentionSite, strategy) -> None:
     out = nodes["out"]
     fake_mode = detect_fake_mode([val(nodes["q"])])
     with gm.graph.inserting_before(out):
-        emit = _emitter(gm.graph, fake_mode)
+        emit = _emitter(gm, fake_mode)
         q, v = nodes["q"], nodes["v"]
         k = nodes["k"] if nodes.get("k") is not None else emit(A.transpose.int, (nodes["kT"], -2, -1))
         heads_3d = None
@@ -114,7 +132,7 @@ def _replace(gm: fx.GraphModule, site: AttentionSite, strategy) -> None:
             q, k, v = (emit(A.reshape.default, (t, [B, H] + list(val(t).shape[1:]))) for t in (q, k, v))
         mask = _build_mask(emit, nodes["terms"], heads_3d)
         new = strategy.emit_call(emit, q, k, v, mask, is_causal=site.is_causal,
-                                 scale=float(site.scale), dropout_p=site.dropout_p)
+                                 scale=float(site.scale), dropout_p=site.dropout_p, site=site)
         if heads_3d is not None:
             new = emit(A.reshape.default, (new, list(val(out).shape)))
         if val(new).dtype != val(out).dtype:

@@ -29,6 +29,8 @@ class AttentionSite:
     gqa_ratio: int = 1
     status: str = "found"
     reason: str = ""
+    # What the strategy made of a rewritten site (e.g. the block-sparse layout it chose).
+    detail: str = ""
     # Graph handles, filled by find_attention for rewrite_attention (not part of the printed report).
     nodes: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -72,7 +74,7 @@ class Report:
                 s.name, s.kind, s.location or "-", "x".join(str(d) for d in s.q_shape),
                 str(s.dtype).replace("torch.", ""), s.mask_kind, str(s.is_causal),
                 "-" if s.scale is None else f"{s.scale:.4g}", str(s.gqa_ratio),
-                s.status + (f": {s.reason}" if s.reason else ""),
+                s.status + (f": {s.reason}" if s.reason else f" [{s.detail}]" if s.detail else ""),
             ))
         widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]

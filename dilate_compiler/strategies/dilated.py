@@ -168,7 +168,7 @@ class Dilated:
             return f"dilated attention needs self-attention shapes (Nq == Nk), got q {q} and k {k}"
         return None
 
-    def emit_call(self, emit, q, k, v, attn_mask, *, is_causal: bool, scale: float, dropout_p: float):
+    def emit_call(self, emit, q, k, v, attn_mask, *, is_causal: bool, scale: float, dropout_p: float, site=None):
         """Emit the op call through ``emit(target, args, kwargs)``; returns the output node."""
         import operator
 

@@ -1,0 +1,317 @@
+"""Exact mask detection: a model's attention mask built in the graph from ``arange`` comparisons (causal, sliding
+window, global tokens, ``tril``/``triu``) as a block-sparse pattern, statically, with no accuracy change.
+
+The mask subgraph is read as a boolean expression over index predicates ``lo <= a*p + b*j <= hi`` (``p`` the
+query position, ``j`` the key position, ``a, b`` in {-1, 0, 1}); NOT is pushed to the leaves (De Morgan; a
+negated interval is two intervals) and the expression is expanded to a union of conjunctions: exactly the
+terms of :mod:`dilate_compiler.patterns`. Anything else in the mask (a tensor that depends on the inputs, such
+as a padding mask, a constant tensor, an op we don't read) stops the analysis with a reason naming the node.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+import torch.fx as fx
+
+from ..patterns import INF, MAX_TERMS, Pattern, Term
+from .find_attention import constant, kwargs_of, val
+
+A = torch.ops.aten
+VERY_NEGATIVE = -1e30
+
+
+class NotStructured(Exception):
+    """The mask is not a static index predicate (the message says which node and why)."""
+
+
+@dataclass(frozen=True)
+class Index:
+    """``a*p + b*j + c`` (integer)."""
+    a: int
+    b: int
+    c: int
+
+
+@dataclass(frozen=True)
+class Abs:
+    """``|a*p + b*j + c|``: only compared with a constant."""
+    x: Index
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """``lo <= a*p + b*j <= hi``."""
+    a: int
+    b: int
+    lo: int
+    hi: int
+
+
+@dataclass(frozen=True)
+class Op:
+    kind: str       # "and" | "or" | "not"
+    args: tuple
+
+
+TRUE = Leaf(0, 0, -INF, INF)
+FALSE = Leaf(0, 0, 1, 0)
+Expr = Union[Index, Leaf, Op]
+
+_PASS = {A.clone.default, A.contiguous.default, A.alias.default, A._to_copy.default, A.to.dtype, A.to.dtype_layout,
+         A.view.default, A.reshape.default, A.expand.default, A.unsqueeze.default, A.squeeze.dim, A.detach.default,
+         A.lift_fresh_copy.default, A._assert_tensor_metadata.default}
+_CMP = {A.lt.Tensor: "lt", A.lt.Scalar: "lt", A.le.Tensor: "le", A.le.Scalar: "le", A.gt.Tensor: "gt",
+        A.gt.Scalar: "gt", A.ge.Tensor: "ge", A.ge.Scalar: "ge", A.eq.Tensor: "eq", A.eq.Scalar: "eq"}
+_AND = {A.logical_and.default, A.bitwise_and.Tensor, A.__and__.Tensor}
+_OR = {A.logical_or.default, A.bitwise_or.Tensor, A.__or__.Tensor}
+_NOT = {A.logical_not.default, A.bitwise_not.default}
+
+
+class _Reader:
+    def __init__(self, seq_len: int):
+        self.N = seq_len
+
+    def axis_of(self, n: fx.Node) -> str:
+        """For a 1-axis index tensor: which axis it varies along, from its broadcast shape."""
+        shape = tuple(val(n).shape)
+        if len(shape) >= 1 and shape[-1] == self.N and all(s == 1 for s in shape[:-1]):
+            return "j"
+        if len(shape) >= 2 and shape[-1] == 1 and shape[-2] == self.N and all(s == 1 for s in shape[:-2]):
+            return "p"
+        raise NotStructured(f"{n.name} has shape {list(shape)}: not an index over the query or key axis")
+
+    def place(self, x: Index, n: fx.Node) -> Index:
+        """Re-derive the axis of a single-axis index after a view/unsqueeze (``n`` is the viewed node)."""
+        if x.a and x.b:
+            return x
+        k = x.a or x.b
+        if k == 0:
+            return x
+        return Index(k, 0, x.c) if self.axis_of(n) == "p" else Index(0, k, x.c)
+
+    def read(self, n) -> Expr:
+        if not isinstance(n, fx.Node):
+            c = constant(n)
+            if c is None or c != int(c):
+                raise NotStructured(f"constant {n!r} in the mask is not an integer")
+            return Index(0, 0, int(c))
+        t = n.target
+        kw = kwargs_of(n) if n.op == "call_function" else {}
+        if n.op != "call_function":
+            raise NotStructured(f"{n.name} ({n.op}) is an input or a constant tensor, not built from arange")
+        if t in (A.arange.default, A.arange.start, A.arange.start_step):
+            start = kw.get("start", 0)
+            end = kw["end"]
+            step = kw.get("step", 1)
+            if step != 1 or end - start != self.N:
+                raise NotStructured(f"{n.name}: arange({start}, {end}, {step}) does not index the {self.N} positions")
+            return Index(0, 1, int(start))   # 1-D: broadcasts along the key axis until viewed
+        if t in _PASS:
+            x = self.read(n.args[0])
+            return self.place(x, n) if isinstance(x, Index) else x
+        if t == A.slice.Tensor:
+            x = self.read(kw["self"])
+            size = val(kw["self"]).shape[kw.get("dim", 0)]
+            start, end = kw.get("start") or 0, kw.get("end")
+            if start != 0 or (end is not None and end < size):
+                raise NotStructured(f"{n.name}: a slice [{start}:{end}] of the mask shifts positions")
+            return x
+        if t in (A.add.Tensor, A.add.Scalar, A.sub.Tensor, A.sub.Scalar):
+            a, b = self.read(kw["self"]), self.read(kw["other"])
+            sign = -1 if t in (A.sub.Tensor, A.sub.Scalar) else 1
+            sign *= kw.get("alpha", 1)
+            if not (isinstance(a, Index) and isinstance(b, Index)):
+                raise NotStructured(f"{n.name}: arithmetic on a boolean mask")
+            return Index(a.a + sign * b.a, a.b + sign * b.b, a.c + sign * b.c)
+        if t == A.abs.default:
+            x = self.read(n.args[0])
+            if not isinstance(x, Index):
+                raise NotStructured(f"{n.name}: abs of a mask")
+            return Abs(x)
+        if t == A.neg.default:
+            x = self.read(n.args[0])
+            return Index(-x.a, -x.b, -x.c)
+        if t in _CMP:
+            a, b = self.read(kw["self"]), self.read(kw["other"])
+            if isinstance(a, Abs) and isinstance(b, Index) and not (b.a or b.b):
+                return _abs_leaf(a.x, _CMP[t], b.c, n)
+            if not (isinstance(a, Index) and isinstance(b, Index)):
+                raise NotStructured(f"{n.name}: comparison of boolean masks or of |index| with an index")
+            d = Index(a.a - b.a, a.b - b.b, a.c - b.c)            # compare d = a - b with 0
+            lo, hi = {"lt": (-INF, -1), "le": (-INF, 0), "gt": (1, INF), "ge": (0, INF), "eq": (0, 0)}[_CMP[t]]
+            return _leaf(d, lo, hi, n)
+        if t in _AND or (t == A.mul.Tensor and val(n).dtype == torch.bool):
+            return Op("and", (self.read(n.args[0]), self.read(n.args[1])))
+        if t in _OR:
+            return Op("or", (self.read(n.args[0]), self.read(n.args[1])))
+        if t in _NOT:
+            return Op("not", (self.read(n.args[0]),))
+        if t in (A.ones.default, A.ones_like.default):
+            return TRUE
+        if t in (A.full.default, A.full_like.default) and val(n).dtype == torch.bool:
+            return TRUE if kw["fill_value"] else FALSE
+        if t in (A.tril.default, A.triu.default):
+            x = self.read(kw["self"])
+            k = int(kw.get("diagonal", 0))
+            # tril keeps j - p <= k (d >= -k); triu keeps j - p >= k (d <= -k)
+            band = Leaf(1, -1, -k, INF) if t == A.tril.default else Leaf(1, -1, -INF, -k)
+            return Op("and", (x, band))
+        raise NotStructured(f"{n.name}: {t} is not read as part of an index predicate")
+
+    def read_bool(self, n: fx.Node) -> Expr:
+        x = self.read(n)
+        if isinstance(x, Index):
+            raise NotStructured(f"{n.name} is an index, not a mask")
+        return x
+
+    def read_additive(self, n: fx.Node) -> Expr:
+        """An additive float mask of 0 (keep) and a very negative value (drop): the keep predicate."""
+        kw = kwargs_of(n)
+        t = n.target
+        if t in _PASS:
+            return self.read_additive(n.args[0])
+        if t in (A.where.self, A.where.ScalarSelf, A.where.ScalarOther, A.where.Scalar):
+            a, b = constant(kw["self"]), constant(kw["other"])
+            cond = self.read_bool(kw["condition"])
+            if a == 0 and b is not None and _drops(b):
+                return cond
+            if b == 0 and a is not None and _drops(a):
+                return Op("not", (cond,))
+        if t in (A.masked_fill.Scalar, A.masked_fill.Tensor):
+            base, fill = kw["self"], constant(kw["value"])
+            if fill is not None and _drops(fill) and _zeros(base):
+                return Op("not", (self.read_bool(kw["mask"]),))
+        if t in (A.triu.default, A.tril.default) and _drops_everywhere(kw["self"]):
+            k = int(kw.get("diagonal", 0))
+            # the kept region is where tril/triu zeroed the fill
+            return Leaf(1, -1, -INF, -k - 1) if t == A.tril.default else Leaf(1, -1, -k + 1, INF)
+        raise NotStructured(f"{n.name}: additive mask {t} is not 0 / -inf of an index predicate")
+
+
+def _drops(x) -> bool:
+    return x == -math.inf or x <= VERY_NEGATIVE
+
+
+def _zeros(n) -> bool:
+    if not isinstance(n, fx.Node):
+        return constant(n) == 0
+    kw = kwargs_of(n)
+    if n.target in (A.zeros.default, A.zeros_like.default):
+        return True
+    return n.target in (A.full.default, A.full_like.default) and kw["fill_value"] == 0
+
+
+def _drops_everywhere(n) -> bool:
+    kw = kwargs_of(n) if isinstance(n, fx.Node) else {}
+    return isinstance(n, fx.Node) and n.target in (A.full.default, A.full_like.default) and _drops(kw["fill_value"])
+
+
+def _leaf(d: Index, lo: int, hi: int, n) -> Leaf:
+    if d.a not in (-1, 0, 1) or d.b not in (-1, 0, 1) or (d.a and d.b and d.a != -d.b):
+        raise NotStructured(f"{n.name}: predicate {d.a}*p + {d.b}*j + {d.c} is not on p - j, p or j")
+    lo = lo - d.c if lo > -INF else lo
+    hi = hi - d.c if hi < INF else hi
+    return Leaf(d.a, d.b, lo, hi)
+
+
+def _abs_leaf(x: Index, cmp: str, k: int, n) -> Expr:
+    """``|x| cmp k`` as an interval on x (or its complement)."""
+    inside = {"le": k, "lt": k - 1, "ge": k - 1, "gt": k, "eq": None}[cmp]
+    if inside is None:
+        return Op("or", (_leaf(x, k, k, n), _leaf(x, -k, -k, n)))
+    leaf = _leaf(x, -inside, inside, n) if inside >= 0 else FALSE
+    return leaf if cmp in ("le", "lt") else Op("not", (leaf,))
+
+
+def _interval(leaf: Leaf) -> Term:
+    a, b, lo, hi = leaf.a, leaf.b, leaf.lo, leaf.hi
+    if a == 0 and b == 0:
+        return Term() if lo <= 0 <= hi else Term(d=(1, 0))
+    flip = (a == -1) if a else (b == -1)
+    if flip:
+        lo, hi = (-hi if hi < INF else -INF), (-lo if lo > -INF else INF)
+    if a and b:
+        return Term(d=(lo, hi))
+    return Term(p=(lo, hi)) if a else Term(j=(lo, hi))
+
+
+def _negate(leaf: Leaf) -> list:
+    out = []
+    if leaf.lo > -INF:
+        out.append(Leaf(leaf.a, leaf.b, -INF, leaf.lo - 1))
+    if leaf.hi < INF:
+        out.append(Leaf(leaf.a, leaf.b, leaf.hi + 1, INF))
+    return out or [FALSE]
+
+
+def _dnf(x: Expr, negated: bool = False) -> list:
+    """A list of conjunctions (each a list of leaves) equal to ``x`` (or to NOT x)."""
+    if isinstance(x, Leaf):
+        return [[leaf] for leaf in _negate(x)] if negated else [[x]]
+    if x.kind == "not":
+        return _dnf(x.args[0], not negated)
+    kind = x.kind if not negated else ("or" if x.kind == "and" else "and")
+    parts = [_dnf(a, negated) for a in x.args]
+    if kind == "or":
+        return [c for p in parts for c in p]
+    out = [[]]
+    for p in parts:
+        out = [a + b for a in out for b in p]
+        if len(out) > MAX_TERMS:
+            raise NotStructured(f"the mask expands to more than {MAX_TERMS} terms")
+    return out
+
+
+def to_pattern(expr: Expr, name: str) -> Pattern:
+    terms = []
+    for conj in _dnf(expr):
+        term = Term()
+        for leaf in conj:
+            term = term & _interval(leaf)
+        if not term.is_void():
+            terms.append(term)
+    if len(terms) > MAX_TERMS - 1:
+        raise NotStructured(f"the mask expands to {len(terms)} terms (at most {MAX_TERMS - 1})")
+    return Pattern(tuple(terms), name)
+
+
+def site_pattern(site, seq_len: int) -> Pattern:
+    """The pattern equal to the site's own mask terms (AND of all), or ``NotStructured`` with the reason."""
+    reader = _Reader(seq_len)
+    parts = []
+    for term in site.nodes.get("terms", []):
+        if term[0] == "keep":
+            x = reader.read_bool(term[1])
+            parts.append(x if term[2] else Op("not", (x,)))
+        elif term[0] == "fill":
+            _, m, fill, keep_when = term
+            x = reader.read_bool(m)
+            parts.append(x if keep_when else Op("not", (x,)))
+        else:
+            _, m, coef = term
+            if coef <= 0:
+                raise NotStructured(f"an additive mask is scaled by {coef}")
+            parts.append(reader.read_additive(m))
+    expr = TRUE
+    for x in parts:
+        expr = Op("and", (expr, x))
+    pattern = to_pattern(expr, "auto")
+    return Pattern(pattern.terms, "auto: " + describe(pattern))
+
+
+def describe(pattern: Pattern) -> str:
+    def iv(name, r):
+        lo, hi = r
+        if (lo, hi) == (-INF, INF):
+            return ""
+        if lo == -INF:
+            return f"{name}<={hi}"
+        if hi == INF:
+            return f"{name}>={lo}"
+        return f"{lo}<={name}<={hi}"
+    terms = [" & ".join(s for s in (iv("p-j", t.d), iv("p", t.p), iv("j", t.j)) if s) or "all" for t in pattern.terms]
+    return " | ".join(f"({t})" for t in terms) if terms else "none"

@@ -1,0 +1,185 @@
+"""Block-sparse strategies: a fixed pattern (``BlockSparse``), the model's own structured mask
+(``BlockSparse("auto")``), and content-adaptive block selection (``Adaptive``).
+
+Semantics (DESIGN.md §2): query block ``I`` may attend key block ``J`` iff the layout allows it, refined token by
+token by the pattern's terms; one softmax over the union of allowed keys; causal additionally masks ``j > p``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+
+from ..patterns import BlockLayout, Pattern
+
+
+def _static_len(site) -> Optional[int]:
+    try:
+        return int(site.q_shape[2])
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass(frozen=True, eq=False)
+class BlockSparse:
+    """Block-sparse attention with a ``dc.patterns`` pattern, or ``"auto"``: derive the pattern from each
+    site's own mask when that mask is built in the graph from index comparisons (causal, sliding window,
+    global tokens), so the model's semantics are unchanged; sites whose mask isn't structured are skipped.
+
+    Args:
+        pattern: a ``dilate_compiler.patterns`` pattern or ``"auto"``.
+        block_size: layout block size in tokens (kernels: 16..256, powers of two).
+    """
+
+    pattern: Union[Pattern, str]
+    block_size: int = 128
+    _layouts: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        if not (isinstance(self.pattern, Pattern) or self.pattern == "auto"):
+            raise TypeError(f"pattern must be a dilate_compiler.patterns pattern or 'auto', got {self.pattern!r}")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:
+            raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
+
+    def layout(self, pattern: Pattern, seq_len: int, num_heads: int, is_causal: bool, device) -> BlockLayout:
+        """Layouts are cached per (pattern, N, heads, causal, device): every layer of a model shares one."""
+        key = (id(pattern), seq_len, num_heads, is_causal, str(device))
+        if key not in self._layouts:
+            self._layouts[key] = (pattern, pattern.layout(seq_len, self.block_size, num_heads=num_heads,
+                                                          is_causal=is_causal, device=device))
+        return self._layouts[key][1]
+
+    # --- compiler hooks ------------------------------------------------------------------------------------
+
+    def site_pattern(self, site) -> tuple:
+        """``(pattern, reason)`` for a site: the strategy's pattern, or the one read from the site's mask."""
+        from ..passes.mask_pattern import NotStructured, site_pattern
+
+        q, k = site.q_shape, site.k_shape
+        if len(q) != 4 or q[2] != k[2]:
+            return None, f"block-sparse attention needs self-attention shapes (Nq == Nk), got q {q} and k {k}"
+        n = _static_len(site)
+        if n is None:
+            return None, (f"block-sparse layouts are built at compile time for a static sequence length; the "
+                          f"length here is symbolic ({q[2]})")
+        if site.dropout_p > 0.0:
+            return None, f"dropout_p={site.dropout_p}: the block-sparse op has no attention dropout"
+        if self.pattern != "auto":
+            if site.nodes.get("terms"):
+                return None, (f"the site has a {site.mask_kind} mask, which a fixed pattern would replace; use "
+                              f"BlockSparse('auto') to keep a structured mask")
+            return self.pattern, ""
+        if not site.nodes.get("terms"):
+            if site.is_causal:
+                from ..patterns import Term
+                return Pattern((Term(),), "auto: causal"), ""
+            return None, "pattern='auto': the site has no mask (dense attention), nothing to make sparse"
+        try:
+            pattern = site_pattern(site, n)
+        except NotStructured as e:
+            return None, f"pattern='auto': the mask is not a static index predicate: {e}"
+        p = torch.arange(n)
+        diag = torch.zeros(n, dtype=torch.bool)
+        for t in pattern.terms:
+            diag |= t.token_mask(p, p)
+        if not bool(diag.all()):
+            return None, "pattern='auto': the mask leaves some query without its own key (rows could be empty)"
+        return pattern, ""
+
+    def check_site(self, site) -> Optional[str]:
+        pattern, reason = self.site_pattern(site)
+        if reason:
+            return reason
+        site.nodes["pattern"] = pattern   # read before the rewrite removes the mask's nodes
+        site.detail = f"{pattern.name}, block_size={self.block_size}"
+        return None
+
+    def emit_call(self, emit, q, k, v, attn_mask, *, is_causal: bool, scale: float, dropout_p: float, site=None):
+        import operator
+
+        pattern = site.nodes["pattern"]   # set by check_site
+        qv = q.meta["val"]
+        lay = self.layout(pattern, int(qv.shape[2]), int(qv.shape[1]), bool(is_causal), qv.device)
+        site.detail += f", density={lay.density:.3g}"
+        tensors = [emit.constant(t) for t in lay.tensors()]
+        fwd = emit(torch.ops.dilate_compiler.block_sparse_attention_forward.default,
+                   (q, k, v, *tensors, self.block_size, bool(is_causal), float(scale)))
+        return emit(operator.getitem, (fwd, 0))
+
+
+@dataclass(frozen=True)
+class Adaptive:
+    """Content-adaptive block selection, per (batch, head, query block), at run time.
+
+    Selection rule: pool each block of q and k by the mean over its tokens; score ``s[I, J] = scale *
+    mean_q[I] . mean_k[J]``; with ``is_causal`` key blocks ``J > I`` are excluded. Keep the diagonal block and the
+    first ``sink_blocks`` key blocks always; then add blocks by descending score until ``top_k`` blocks are
+    chosen in all, stopping early once the chosen blocks hold ``threshold`` of the softmax mass of ``s[I, :]``
+    (``threshold=None``: top-k only). Attention then runs exactly (one softmax, token-level causal mask) over the
+    selected blocks; gradients flow through the attention on the selected blocks (the selection itself is
+    discrete).
+    """
+
+    top_k: int = 8
+    block_size: int = 128
+    threshold: Optional[float] = None
+    sink_blocks: int = 0
+
+    def __post_init__(self):
+        for name in ("top_k", "block_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(self.sink_blocks, bool) or not isinstance(self.sink_blocks, int) or self.sink_blocks < 0:
+            raise ValueError(f"sink_blocks must be an int >= 0, got {self.sink_blocks!r}")
+        if self.threshold is not None and not (0.0 < self.threshold <= 1.0):
+            raise ValueError(f"threshold must be in (0, 1] or None, got {self.threshold!r}")
+
+    def select(self, q: torch.Tensor, k: torch.Tensor, *, is_causal: bool = False,
+               scale: Optional[float] = None) -> torch.Tensor:
+        """bool ``[B, Hq, nb, nb]``: the key blocks each query block attends."""
+        B, H, N, D = q.shape
+        bs = self.block_size
+        nb = -(-N // bs)
+        scale = 1.0 / math.sqrt(D) if scale is None else scale
+        g = H // k.shape[1]
+
+        def pool(t):
+            pad = nb * bs - N
+            t = torch.nn.functional.pad(t.float(), (0, 0, 0, pad))
+            counts = torch.full((nb,), float(bs), device=t.device)
+            counts[-1] = bs - pad
+            return t.view(t.shape[0], t.shape[1], nb, bs, D).sum(3) / counts.view(1, 1, nb, 1)
+
+        s = scale * pool(q) @ pool(k).repeat_interleave(g, 1).transpose(-1, -2)     # [B, H, nb, nb]
+        i = torch.arange(nb, device=q.device)
+        allowed = (i.view(-1, 1) >= i.view(1, -1)) if is_causal else torch.ones(nb, nb, dtype=torch.bool,
+                                                                                   device=q.device)
+        forced = (i.view(-1, 1) == i.view(1, -1)) | (i.view(1, -1) < self.sink_blocks)
+        forced = forced & allowed
+        s = s.masked_fill(~allowed, float("-inf"))
+        mass = torch.softmax(s, -1)
+        # forced blocks first, then by score; ties broken by block index
+        order = torch.argsort(torch.where(forced, float("inf"), s), dim=-1, descending=True, stable=True)
+        ranked_mass = mass.gather(-1, order)
+        n_forced = forced.sum(-1, keepdim=True)
+        rank = torch.arange(nb, device=q.device).expand_as(order)
+        keep = (rank < torch.clamp(n_forced, min=self.top_k)) & torch.isfinite(s.gather(-1, order))
+        if self.threshold is not None:
+            before = ranked_mass.cumsum(-1) - ranked_mass          # mass of the blocks ranked ahead
+            keep = keep & ((before < self.threshold) | (rank < n_forced))
+        keep = keep | (rank < n_forced)
+        chosen = torch.zeros_like(keep)
+        chosen.scatter_(-1, order, keep)
+        return chosen
+
+    def check_site(self, site) -> Optional[str]:
+        return ("dc.Adaptive selects blocks from the activations at run time; use it through "
+                "dc.ops.adaptive_block_sparse_attention or dc.nn.create_block_sparse_attention('adaptive', ...), "
+                "the graph rewrite does not emit it")
+
+    def emit_call(self, emit, q, k, v, attn_mask, *, is_causal, scale, dropout_p, site=None):
+        raise NotImplementedError("dc.Adaptive is not emitted by the graph rewrite (see check_site)")
