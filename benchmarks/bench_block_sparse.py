@@ -1,0 +1,161 @@
+"""Block-sparse attention on the GPU, side by side with FlexAttention on the same mask and dense SDPA, one run.
+
+    python benchmarks/bench_block_sparse.py --out DIR [--ns 16384,65536,262144] [--backward]
+
+Patterns (B=1, H=16, D=64, bf16, block size 128):
+- window:       causal sliding window of 4096 tokens (Mistral-style: p - 4096 < j <= p), token-exact.
+- local+global: local(8) (query block I sees key blocks |I - J| < 8) | global_tokens(128) (one global block),
+                not causal.
+Methods: ours (dc.ops.block_sparse_attention with a prebuilt layout); flex (flex_attention compiled, with a
+block mask from create_block_mask(_compile=True), built once per N; its first call, which compiles, and its
+steady-state build are timed separately); dense (F.scaled_dot_product_attention, flash, full attention).
+Layout build: ours = pattern.layout(...) on the GPU (median of 5, after one warm call).
+Useful FLOPs: 4*D*H per allowed (query, key) pair; "computed" FLOPs count every token pair of a visited block.
+Times: medians of triton.testing.do_bench.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+import dilate_compiler as dc
+from dilate_compiler import patterns as P
+
+H, D, BS, WINDOW = 16, 64, 128, 4096
+
+
+def cases():
+    return {
+        "window": (P.sliding_window(WINDOW), True,
+                   lambda b, h, q, kv: (q - kv < WINDOW) & (kv <= q)),
+        "local+global": (P.local(8) | P.global_tokens(BS), False,
+                         lambda b, h, q, kv: ((q // BS - kv // BS).abs() < 8) | (q < BS) | (kv < BS)),
+    }
+
+
+def allowed_pairs(layout) -> tuple[int, int]:
+    """(allowed token pairs, token pairs of visited blocks) of one head, from the layout (partial blocks
+    evaluated token by token in chunks; O(partial blocks * bs^2))."""
+    N, bs = layout.seq_len, layout.block_size
+    nb = layout.num_blocks
+    st = layout.state[0]
+    full = int((st == P.FULL).sum()) * bs * bs
+    visited = int((st != P.EMPTY).sum()) * bs * bs
+    I, J = torch.nonzero(st == P.PARTIAL, as_tuple=True)
+    bits = torch.zeros_like(I, dtype=torch.int32)
+    # bits of each partial block, from the kv lists
+    cnt = layout.kv_count[0].long()
+    for e in range(layout.kv_idx.shape[-1]):
+        sel = (layout.kv_idx[0, I, e].long() == J) & (e < cnt[I, 0])
+        bits = torch.where(sel, layout.kv_bits[0, I, e], bits)
+    r = torch.arange(bs, device=st.device)
+    partial = 0
+    for c in range(0, I.numel(), 2048):
+        i, j, b = I[c:c + 2048], J[c:c + 2048], bits[c:c + 2048]
+        p = (i.view(-1, 1, 1) * bs + r.view(1, -1, 1))
+        k = (j.view(-1, 1, 1) * bs + r.view(1, 1, -1))
+        m = P.partial_mask(layout.terms, b.view(-1, 1, 1), p, k) & (p < N) & (k < N)
+        if layout.is_causal:
+            m &= k <= p
+        partial += int(m.sum())
+    del nb
+    return full + partial, visited
+
+
+def bench(fn, backward=False, inputs=()):
+    if backward:
+        def step():
+            out = fn()
+            out.backward(torch.ones_like(out))
+        return triton.testing.do_bench(step, warmup=25, rep=100, grad_to_none=list(inputs), return_mode="median")
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--ns", default="16384,65536,262144")
+    ap.add_argument("--backward", action="store_true")
+    a = ap.parse_args()
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    dev = torch.cuda.get_device_name()
+    print(f"device={dev} torch={torch.__version__} triton={triton.__version__}", flush=True)
+    flex = torch.compile(flex_attention, dynamic=False)
+    rows = []
+    for name, (pattern, causal, mask_mod) in cases().items():
+        for N in (int(n) for n in a.ns.split(",")):
+            torch.manual_seed(0)
+            q, k, v = (torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=a.backward)
+                       for _ in range(3))
+            row = {"pattern": name, "N": N, "H": H, "D": D, "block_size": BS, "causal": causal}
+            pattern.layout(N, BS, is_causal=causal, device="cuda")
+            times = []
+            for _ in range(5):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                lay = pattern.layout(N, BS, is_causal=causal, device="cuda")
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            row["ours_layout_ms"] = 1e3 * statistics.median(times)
+            useful, visited = allowed_pairs(lay)
+            row["density"] = lay.density
+            row["useful_flop"] = 4 * D * H * useful
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            bm = create_block_mask(mask_mod, None, None, N, N, device="cuda", BLOCK_SIZE=BS, _compile=True)
+            torch.cuda.synchronize()
+            row["flex_mask_first_call_s"] = time.perf_counter() - t0
+            times = []
+            for _ in range(3):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                bm = create_block_mask(mask_mod, None, None, N, N, device="cuda", BLOCK_SIZE=BS, _compile=True)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            row["flex_mask_ms"] = 1e3 * statistics.median(times)
+            row["flex_sparsity"] = bm.sparsity() / 100.0
+            fns = {
+                "ours": lambda: dc.ops.block_sparse_attention(q, k, v, lay, block_size=BS, is_causal=causal),
+                "flex": lambda: flex(q, k, v, block_mask=bm),
+                "dense": lambda: F.scaled_dot_product_attention(q, k, v),
+            }
+            with torch.no_grad():
+                ref = fns["ours"]().float()
+                row["flex_vs_ours_max_abs"] = (fns["flex"]().float() - ref).abs().max().item()
+            for m, fn in fns.items():
+                with torch.no_grad():
+                    ms = bench(fn)
+                row[f"{m}_fwd_ms"] = ms
+                flops = 4 * D * H * N * N if m == "dense" else row["useful_flop"]
+                row[f"{m}_fwd_tflops"] = flops / ms / 1e9
+                if a.backward:
+                    ms_b = bench(fn, backward=True, inputs=(q, k, v))
+                    row[f"{m}_fwdbwd_ms"] = ms_b
+                    row[f"{m}_fwdbwd_tflops"] = 3.5 * flops / ms_b / 1e9
+            row["ours_fwd_tflops_computed_blocks"] = 4 * D * H * visited / row["ours_fwd_ms"] / 1e9
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del q, k, v, lay, bm
+            torch.cuda.empty_cache()
+    with open(os.path.join(a.out, "bench_block_sparse.json"), "w") as f:
+        json.dump({"device": dev, "torch": torch.__version__, "triton": triton.__version__, "rows": rows}, f, indent=1)
+    print("\npattern        N        ours ms  flex ms  dense ms  x flex  ours TF/s(useful/computed) dense TF/s"
+          "  layout ms  flex mask ms (first call s)")
+    for r in rows:
+        print(f"{r['pattern']:<14} {r['N']:<8} {r['ours_fwd_ms']:7.3f}  {r['flex_fwd_ms']:7.3f}  {r['dense_fwd_ms']:8.2f}"
+              f"  {r['flex_fwd_ms'] / r['ours_fwd_ms']:6.2f}  {r['ours_fwd_tflops']:6.0f} / "
+              f"{r['ours_fwd_tflops_computed_blocks']:6.0f}            {r['dense_fwd_tflops']:6.0f}"
+              f"  {r['ours_layout_ms']:9.2f}  {r['flex_mask_ms']:8.2f} ({r['flex_mask_first_call_s']:.1f})")
+
+
+if __name__ == "__main__":
+    main()
