@@ -6,9 +6,12 @@ Patterns (B=1, H=16, D=64, bf16, block size 128):
 - window:       causal sliding window of 4096 tokens (Mistral-style: p - 4096 < j <= p), token-exact.
 - local+global: local(8) (query block I sees key blocks |I - J| < 8) | global_tokens(128) (one global block),
                 not causal.
-Methods: ours (dc.ops.block_sparse_attention with a prebuilt layout); flex (flex_attention compiled, with a
-block mask from create_block_mask(_compile=True), built once per N; its first call, which compiles, and its
-steady-state build are timed separately); dense (F.scaled_dot_product_attention, flash, full attention).
+Methods: ours (dc.ops.block_sparse_attention with a prebuilt layout); flex (flex_attention compiled, with the
+same mask_mod); dense (F.scaled_dot_product_attention, flash, full attention).
+Flex's block mask: --flex-mask create builds it with create_block_mask(_compile=True) once per N (its first
+call, which compiles, and its steady-state build are timed separately); --flex-mask from-layout hands Flex
+our layout's block lists (BlockMask.from_kv_blocks, the same partial/full split and mask_mod), which skips
+create_block_mask's minutes-long first compile and measures the kernels on identical block structure.
 Layout build: ours = pattern.layout(...) on the GPU (median of 5, after one warm call).
 Useful FLOPs: 4*D*H per allowed (query, key) pair; "computed" FLOPs count every token pair of a visited block.
 Times: medians of triton.testing.do_bench.
@@ -70,6 +73,23 @@ def allowed_pairs(layout) -> tuple[int, int]:
     return full + partial, visited
 
 
+def flex_block_mask_from_layout(layout, mask_mod):
+    """FlexAttention's BlockMask with our layout's block lists: partial blocks (mask_mod applied) and full ones."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    cnt = layout.kv_count[0].long()
+    nb = layout.num_blocks
+    idx = torch.nn.functional.pad(layout.kv_idx[0].long(), (0, nb - layout.kv_idx.shape[-1]))  # Flex: nb columns
+    width = idx.shape[-1]
+    pos = torch.arange(width, device=idx.device)
+    full_pos = (cnt[:, :1] + pos).clamp(max=width - 1)
+    full_idx = idx.gather(-1, full_pos)
+    as4 = lambda t: t.to(torch.int32).contiguous().view(1, 1, *t.shape)  # noqa: E731
+    return BlockMask.from_kv_blocks(as4(cnt[:, 0]), as4(idx), as4(cnt[:, 1] - cnt[:, 0]), as4(full_idx),
+                                    BLOCK_SIZE=layout.block_size, mask_mod=mask_mod, seq_lengths=(layout.seq_len,
+                                                                                                   layout.seq_len))
+
+
 def bench(fn, backward=False, inputs=()):
     if backward:
         def step():
@@ -84,6 +104,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--ns", default="16384,65536,262144")
     ap.add_argument("--backward", action="store_true")
+    ap.add_argument("--flex-mask", default="create", choices=("create", "from-layout"))
+    ap.add_argument("--patterns", default="window,local+global")
     a = ap.parse_args()
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -92,6 +114,8 @@ def main():
     flex = torch.compile(flex_attention, dynamic=False)
     rows = []
     for name, (pattern, causal, mask_mod) in cases().items():
+        if name not in a.patterns.split(","):
+            continue
         for N in (int(n) for n in a.ns.split(",")):
             torch.manual_seed(0)
             q, k, v = (torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=a.backward)
@@ -109,19 +133,23 @@ def main():
             useful, visited = allowed_pairs(lay)
             row["density"] = lay.density
             row["useful_flop"] = 4 * D * H * useful
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            bm = create_block_mask(mask_mod, None, None, N, N, device="cuda", BLOCK_SIZE=BS, _compile=True)
-            torch.cuda.synchronize()
-            row["flex_mask_first_call_s"] = time.perf_counter() - t0
-            times = []
-            for _ in range(3):
+            row["flex_mask"] = a.flex_mask
+            if a.flex_mask == "create":
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 bm = create_block_mask(mask_mod, None, None, N, N, device="cuda", BLOCK_SIZE=BS, _compile=True)
                 torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-            row["flex_mask_ms"] = 1e3 * statistics.median(times)
+                row["flex_mask_first_call_s"] = time.perf_counter() - t0
+                times = []
+                for _ in range(3):
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    bm = create_block_mask(mask_mod, None, None, N, N, device="cuda", BLOCK_SIZE=BS, _compile=True)
+                    torch.cuda.synchronize()
+                    times.append(time.perf_counter() - t0)
+                row["flex_mask_ms"] = 1e3 * statistics.median(times)
+            else:
+                bm = flex_block_mask_from_layout(lay, mask_mod)
             row["flex_sparsity"] = bm.sparsity() / 100.0
             fns = {
                 "ours": lambda: dc.ops.block_sparse_attention(q, k, v, lay, block_size=BS, is_causal=causal),
@@ -154,7 +182,8 @@ def main():
         print(f"{r['pattern']:<14} {r['N']:<8} {r['ours_fwd_ms']:7.3f}  {r['flex_fwd_ms']:7.3f}  {r['dense_fwd_ms']:8.2f}"
               f"  {r['flex_fwd_ms'] / r['ours_fwd_ms']:6.2f}  {r['ours_fwd_tflops']:6.0f} / "
               f"{r['ours_fwd_tflops_computed_blocks']:6.0f}            {r['dense_fwd_tflops']:6.0f}"
-              f"  {r['ours_layout_ms']:9.2f}  {r['flex_mask_ms']:8.2f} ({r['flex_mask_first_call_s']:.1f})")
+              f"  {r['ours_layout_ms']:9.2f}  {r.get('flex_mask_ms', float('nan')):8.2f} "
+              f"({r.get('flex_mask_first_call_s', float('nan')):.1f})")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ CASES = [  # pattern, dtype, D, causal, Hq, Hkv, N, block size
     ("local|global|random", torch.float16, 32, True, 4, 2, 777, 32),
     ("perhead", torch.bfloat16, 64, True, 6, 3, 1000, 128),
     ("dilated&window", torch.float16, 64, False, 4, 4, 1000, 16),
-    ("window", torch.float16, 128, True, 4, 1, 63, 256),
+    ("window", torch.float16, 128, True, 4, 1, 63, 128),
 ]
 
 
@@ -56,6 +56,15 @@ def test_op_on_cuda_runs_kernels_and_matches_reference(case):
     for name_, a, b, e in zip(("dq", "dk", "dv"), grads, ref_grads, eager_grads):
         assert torch.isfinite(a).all(), name_
         assert_close(a, b, dtype, name_, eager_err=rel_err(e, b))
+
+
+def test_block_size_256_runs_the_exact_path_and_says_why():
+    q = torch.randn(1, 2, 600, 64, device="cuda", dtype=torch.bfloat16)
+    assert not use_kernels(q, 256)
+    out = dc.ops.block_sparse_attention(q, q, q, P.sliding_window(300), block_size=256, is_causal=True)
+    ref = dense_reference(q.double(), q.double(), q.double(),
+                          P.sliding_window(300).token_mask(600, 256, is_causal=True, device="cuda"))
+    assert_close(out, ref, torch.bfloat16)
 
 
 def test_kernels_in_inductor_output_code():
