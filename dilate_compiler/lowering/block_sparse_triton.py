@@ -281,11 +281,16 @@ def _space(kind: str, bs: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(kind: str, bs: int):
-    """The autotuned kernel for one layout block size (tiles must divide it)."""
+def _autotuned(kind: str, bs: int):
     fn = {"fwd": _block_sparse_fwd_kernel, "dq": _block_sparse_bwd_dq_kernel,
           "dkdv": _block_sparse_bwd_dkdv_kernel}[kind]
-    return _runner(triton.autotune(configs=_space("fwd" if kind == "fwd" else "bwd", bs), key=_KEY)(fn))
+    return triton.autotune(configs=_space("fwd" if kind == "fwd" else "bwd", bs), key=_KEY)(fn)
+
+
+def _kernel(kind: str, bs: int):
+    """The autotuned kernel for one layout block size (tiles must divide it), wrapped per launch: a
+    ``wrap_triton`` wrapper indexes a kernel table that each compilation resets, so it must not be cached."""
+    return _runner(_autotuned(kind, bs))
 
 
 def kernel_unsupported_reason(q, block_size: int) -> str:
