@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import triton
 
 import dilate_compiler as dc
+from bench_dilated import bench
 from dilate_compiler import patterns as P
 
 H, D, BS, WINDOW = 16, 64, 128, 4096
@@ -88,15 +89,6 @@ def flex_block_mask_from_layout(layout, mask_mod):
     return BlockMask.from_kv_blocks(as4(cnt[:, 0]), as4(idx), as4(cnt[:, 1] - cnt[:, 0]), as4(full_idx),
                                     BLOCK_SIZE=layout.block_size, mask_mod=mask_mod, seq_lengths=(layout.seq_len,
                                                                                                    layout.seq_len))
-
-
-def bench(fn, backward=False, inputs=()):
-    if backward:
-        def step():
-            out = fn()
-            out.backward(torch.ones_like(out))
-        return triton.testing.do_bench(step, warmup=25, rep=100, grad_to_none=list(inputs), return_mode="median")
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def main():

@@ -78,6 +78,19 @@ def _fwd_tile(acc, m_i, l_i, q, p, jb, bits, k_base, v_base, stride_kn, Terms, N
 
 
 @triton.jit
+def _query_tile(KvCount, pid_m, bh, H, NB, PER_HEAD: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """A query program's (b, h), its rows, its list row and that row's (partial, total) key-block counts."""
+    b = bh // H
+    h = bh % H
+    p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    hl = h if PER_HEAD else 0
+    row = hl * NB + pid_m * BLOCK_M // BS
+    n_part = tl.load(KvCount + row * 2)
+    n_tot = tl.load(KvCount + row * 2 + 1)
+    return b, h, p, row, n_part, n_tot
+
+
+@triton.jit
 def _block_sparse_fwd_kernel(
     Q, K, V, Out, Lse, Terms, KvCount, KvIdx, KvBits, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_ob, stride_oh, stride_on,
@@ -85,17 +98,9 @@ def _block_sparse_fwd_kernel(
     HEAD_DIM: tl.constexpr, BS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr,
     PER_HEAD: tl.constexpr, NUM_TERMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b, h, p, row, n_part, n_tot = _query_tile(KvCount, tl.program_id(0), bh, H, NB, PER_HEAD, BS, BLOCK_M)
     row_ok = p < N
-    I = pid_m * BLOCK_M // BS
-    hl = h if PER_HEAD else 0
-    row = hl * NB + I
-    n_part = tl.load(KvCount + row * 2)
-    n_tot = tl.load(KvCount + row * 2 + 1)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + b * stride_qb + h * stride_qh + p[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None],
                 other=0.0)
@@ -154,17 +159,9 @@ def _block_sparse_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr,
     PER_HEAD: tl.constexpr, NUM_TERMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b, h, p, row, n_part, n_tot = _query_tile(KvCount, tl.program_id(0), bh, H, NB, PER_HEAD, BS, BLOCK_M)
     row_ok = p < N
-    I = pid_m * BLOCK_M // BS
-    hl = h if PER_HEAD else 0
-    row = hl * NB + I
-    n_part = tl.load(KvCount + row * 2)
-    n_tot = tl.load(KvCount + row * 2 + 1)
     offs_d = tl.arange(0, HEAD_DIM)
     q_off = b * stride_qb + h * stride_qh + p[:, None] * stride_qn + offs_d[None, :]
     q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
