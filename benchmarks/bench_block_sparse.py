@@ -49,7 +49,6 @@ def allowed_pairs(layout) -> tuple[int, int]:
     """(allowed token pairs, token pairs of visited blocks) of one head, from the layout (partial blocks
     evaluated token by token in chunks; O(partial blocks * bs^2))."""
     N, bs = layout.seq_len, layout.block_size
-    nb = layout.num_blocks
     st = layout.state[0]
     full = int((st == P.FULL).sum()) * bs * bs
     visited = int((st != P.EMPTY).sum()) * bs * bs
@@ -70,7 +69,6 @@ def allowed_pairs(layout) -> tuple[int, int]:
         if layout.is_causal:
             m &= k <= p
         partial += int(m.sum())
-    del nb
     return full + partial, visited
 
 

@@ -13,13 +13,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..patterns import partial_mask
+from .dilated_op import lse_dtype as acc_dtype  # accumulation and LSE dtype: float64 for float64, else float32
 
 # Elements of the per-chunk score tensor (B * H * rows * keys); bounds the exact path's working memory.
 CHUNK_ELEMENTS = 1 << 24
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _chunks(B: int, H: int, nb: int, width: int, bs: int):

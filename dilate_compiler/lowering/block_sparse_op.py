@@ -13,28 +13,17 @@ them as constants and one compiled kernel serves any layout.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import Tensor
 
-from .block_sparse_eager import acc_dtype, block_sparse_backward_eager, block_sparse_forward_eager
+from .block_sparse_eager import block_sparse_backward_eager, block_sparse_forward_eager
 from .block_sparse_triton import block_sparse_attn_bwd, block_sparse_attn_fwd, kernel_unsupported_reason
-
-log = logging.getLogger("dilate_compiler")
-_LOGGED: set = set()
+from .dilated_op import kernels_apply, lse_dtype
 
 
 def use_kernels(q: Tensor, block_size: int) -> bool:
-    reason = kernel_unsupported_reason(q, block_size)
-    if reason and q.device.type == "cuda" and reason not in _LOGGED:
-        _LOGGED.add(reason)
-        log.warning("block-sparse attention on CUDA runs the exact PyTorch path: %s", reason)
-    return not reason
-
-
-def _lse_dtype(dtype):
-    return acc_dtype(dtype)
+    """True when the Triton kernels run this call."""
+    return kernels_apply("block-sparse attention", q, kernel_unsupported_reason(q, block_size))
 
 
 @torch.library.custom_op("dilate_compiler::block_sparse_attention_forward_exact", mutates_args=())
@@ -48,7 +37,7 @@ def block_sparse_attention_forward_exact(
 def _fake_forward(q, *args):
     B, H, N, _ = q.shape
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            q.new_empty((B, H, N), dtype=_lse_dtype(q.dtype)))
+            q.new_empty((B, H, N), dtype=lse_dtype(q.dtype)))
 
 
 block_sparse_attention_forward_exact.register_fake(_fake_forward)

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dilated_triton import AUTOTUNE, INTERPRET, SUPPORTED_HEAD_DIMS, _runner
+from .dilated_triton import AUTOTUNE, INTERPRET, _runner, tensor_unsupported_reason
 
 LN2 = 0.6931471805599453
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)  # 256 unrolls past the H100's shared memory at D=128
@@ -48,18 +48,25 @@ def _token_ok(Terms, bits, p2, j2, N, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.con
 
 
 @triton.jit
+def _load_kv(k_base, v_base, j, stride_kn, N, MASK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """K and V rows ``j`` (``[BLOCK_N, HEAD_DIM]``); bounds-checked only on partial blocks."""
+    offs = j[:, None] * stride_kn + tl.arange(0, HEAD_DIM)[None, :]
+    if MASK:
+        k = tl.load(k_base + offs, mask=(j < N)[:, None], other=0.0)
+        v = tl.load(v_base + offs, mask=(j < N)[:, None], other=0.0)
+    else:
+        k = tl.load(k_base + offs)
+        v = tl.load(v_base + offs)
+    return k, v
+
+
+@triton.jit
 def _fwd_tile(acc, m_i, l_i, q, p, jb, bits, k_base, v_base, stride_kn, Terms, N, qk_scale,
               MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr, BS: tl.constexpr,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    offs_d = tl.arange(0, HEAD_DIM)
     for sub in tl.static_range(0, BS, BLOCK_N):
         j = jb * BS + sub + tl.arange(0, BLOCK_N)
-        if MASK:
-            k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :], mask=(j < N)[:, None], other=0.0)
-            v = tl.load(v_base + j[:, None] * stride_kn + offs_d[None, :], mask=(j < N)[:, None], other=0.0)
-        else:
-            k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :])
-            v = tl.load(v_base + j[:, None] * stride_kn + offs_d[None, :])
+        k, v = _load_kv(k_base, v_base, j, stride_kn, N, MASK, HEAD_DIM)
         s = (tl.dot(q, tl.trans(k)) * qk_scale).to(tl.float32)
         if MASK:
             ok = _token_ok(Terms, bits, p[:, None], j[None, :], N, IS_CAUSAL, NUM_TERMS)
@@ -131,15 +138,9 @@ def _block_sparse_fwd_kernel(
 def _dq_tile(dq, q, do, lse2, delta, p, jb, bits, k_base, v_base, stride_kn, Terms, N, qk_scale,
              MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr, BS: tl.constexpr,
              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    offs_d = tl.arange(0, HEAD_DIM)
     for sub in tl.static_range(0, BS, BLOCK_N):
         j = jb * BS + sub + tl.arange(0, BLOCK_N)
-        if MASK:
-            k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :], mask=(j < N)[:, None], other=0.0)
-            v = tl.load(v_base + j[:, None] * stride_kn + offs_d[None, :], mask=(j < N)[:, None], other=0.0)
-        else:
-            k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :])
-            v = tl.load(v_base + j[:, None] * stride_kn + offs_d[None, :])
+        k, v = _load_kv(k_base, v_base, j, stride_kn, N, MASK, HEAD_DIM)
         s = (tl.dot(q, tl.trans(k)) * qk_scale).to(tl.float32)
         pr = tl.exp2(s - lse2[:, None])
         if MASK:
@@ -292,12 +293,9 @@ def _kernel(kind: str, bs: int):
 
 def kernel_unsupported_reason(q, block_size: int) -> str:
     """Why the Triton kernels can't run this call (the exact PyTorch path runs instead), or ''."""
-    if q.device.type != "cuda":
-        return f"device {q.device.type} (the kernels run on CUDA; launchers run on CPU only under TRITON_INTERPRET=1)"
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        return f"head dim {q.shape[-1]} (kernels: {SUPPORTED_HEAD_DIMS})"
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {q.dtype} (kernels: float16, bfloat16; float32 and float64 run the exact path)"
+    reason = tensor_unsupported_reason(q)
+    if reason:
+        return reason
     if block_size not in SUPPORTED_BLOCK_SIZES:
         return f"block_size {block_size} (kernels: {SUPPORTED_BLOCK_SIZES})"
     return ""

@@ -41,13 +41,18 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def use_kernels(q: Tensor, attn_mask, dropout_p: float, num_branches: int) -> bool:
-    """True when the Triton kernels run this call; a CUDA call that can't use them is logged once per reason."""
-    reason = kernel_unsupported_reason(q, attn_mask, dropout_p, num_branches)
-    if reason and q.device.type == "cuda" and reason not in _LOGGED:
-        _LOGGED.add(reason)
-        log.warning("dilated attention on CUDA runs the exact PyTorch path: %s", reason)
+def kernels_apply(what: str, q: Tensor, reason: str) -> bool:
+    """True when ``reason`` is empty (the Triton kernels run); a CUDA call that can't use them is logged once
+    per (op, reason)."""
+    if reason and q.device.type == "cuda" and (what, reason) not in _LOGGED:
+        _LOGGED.add((what, reason))
+        log.warning("%s on CUDA runs the exact PyTorch path: %s", what, reason)
     return not reason
+
+
+def use_kernels(q: Tensor, attn_mask, dropout_p: float, num_branches: int) -> bool:
+    """True when the Triton kernels run this call."""
+    return kernels_apply("dilated attention", q, kernel_unsupported_reason(q, attn_mask, dropout_p, num_branches))
 
 
 # --- the exact path ----------------------------------------------------------------------------------------

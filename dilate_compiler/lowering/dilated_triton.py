@@ -514,14 +514,22 @@ def _dilated_attn_bwd_dkdv_kernel(
 # --- launchers -------------------------------------------------------------------------------------------
 
 
-def kernel_unsupported_reason(q, attn_mask, dropout_p, num_branches) -> str:
-    """Why the Triton kernels can't run this call (the exact PyTorch path runs instead), or ''."""
+def tensor_unsupported_reason(q) -> str:
+    """Why no Triton attention kernel of this project can take q (device, head dim, dtype), or ''."""
     if q.device.type != "cuda":
         return f"device {q.device.type} (the kernels run on CUDA; launchers run on CPU only under TRITON_INTERPRET=1)"
     if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
         return f"head dim {q.shape[-1]} (kernels: {SUPPORTED_HEAD_DIMS})"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"dtype {q.dtype} (kernels: float16, bfloat16; float32 and float64 run the exact path)"
+    return ""
+
+
+def kernel_unsupported_reason(q, attn_mask, dropout_p, num_branches) -> str:
+    """Why the Triton kernels can't run this call (the exact PyTorch path runs instead), or ''."""
+    reason = tensor_unsupported_reason(q)
+    if reason:
+        return reason
     if attn_mask is not None:
         return "attn_mask (the kernels take the pattern and causality only)"
     if dropout_p > 0.0:

@@ -18,10 +18,9 @@ import torch
 import torch.fx as fx
 
 from ..patterns import INF, MAX_TERMS, Pattern, Term
-from .find_attention import constant, kwargs_of, val
+from .find_attention import VERY_NEGATIVE, constant, kwargs_of, val
 
 A = torch.ops.aten
-VERY_NEGATIVE = -1e30
 
 
 class NotStructured(Exception):
