@@ -1,14 +1,15 @@
 """dilate_compiler: long-context attention (LongNet dilated and more) for unchanged PyTorch models."""
 
-from . import nn, ops, patterns, strategies
+from . import distributed, nn, ops, patterns, strategies
+from .distributed import SequenceParallel
 from .api import DEFAULT_STRATEGY, RewriteResult, explain, rewrite
 from .export import aot_compile, export
 from .passes.site import AttentionSite, AttentionSkipped, Report
 from .strategies import Adaptive, BlockSparse, Dilated
 
 __all__ = [
-    "DEFAULT_STRATEGY", "Adaptive", "AttentionSite", "AttentionSkipped", "BlockSparse", "Dilated", "Report", "RewriteResult", "aot_compile",
-    "explain", "export", "nn",
+    "DEFAULT_STRATEGY", "Adaptive", "AttentionSite", "AttentionSkipped", "BlockSparse", "Dilated", "Report", "RewriteResult",
+    "SequenceParallel", "aot_compile", "distributed", "explain", "export", "nn",
     "ops", "patterns", "rewrite", "strategies",
 ]
 __version__ = "0.1.0"

@@ -140,12 +140,11 @@ class Dilated:
             branches.append(Branch(clip_segment(w, r, seq_len), r, groups))
         return DilatedPlan(tuple(branches), 1.0 / self.num_branches)
 
-    def multiplicity(self, seq_len: int, num_heads: int, *, is_causal: bool = False, device=None) -> torch.Tensor:
-        """``m[h, p, j]``: how many branches link query ``p`` of head ``h`` to key ``j`` (O(N^2), for references)."""
-        p = torch.arange(seq_len, device=device).view(1, -1, 1)
-        j = torch.arange(seq_len, device=device).view(1, 1, -1)
-        h = torch.arange(num_heads, device=device).view(-1, 1, 1)
-        m = torch.zeros(num_heads, seq_len, seq_len, dtype=torch.int64, device=device)
+    def link_count(self, h: torch.Tensor, p: torch.Tensor, j: torch.Tensor, num_heads: int) -> torch.Tensor:
+        """How many branches link query position ``p`` of query head ``h`` to key position ``j`` (int64,
+        broadcast over the three; positions are global, so shards and subsets of heads use the same rule).
+        ``num_heads`` is the model's query head count (it places the head groups of ``mixing="head_groups"``)."""
+        m = torch.zeros(torch.broadcast_shapes(h.shape, p.shape, j.shape), dtype=torch.int64, device=p.device)
         if self.mixing == "lse":
             for w, r in zip(self.segment_lengths, self.dilation_rates):
                 m += ((p // w == j // w) & (p % r == h % r) & (j % r == h % r)).long()
@@ -155,6 +154,14 @@ class Dilated:
             ):
                 in_group = (h >= start) & (h < stop)
                 m += (in_group & (p // w == j // w) & (p % r == i % r) & (j % r == i % r)).long()
+        return m
+
+    def multiplicity(self, seq_len: int, num_heads: int, *, is_causal: bool = False, device=None) -> torch.Tensor:
+        """``m[h, p, j]``: how many branches link query ``p`` of head ``h`` to key ``j`` (O(N^2), for references)."""
+        p = torch.arange(seq_len, device=device).view(1, -1, 1)
+        j = torch.arange(seq_len, device=device).view(1, 1, -1)
+        h = torch.arange(num_heads, device=device).view(-1, 1, 1)
+        m = self.link_count(h, p, j, num_heads)
         if is_causal:
             m = m * (j <= p).long()
         return m

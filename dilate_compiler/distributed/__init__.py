@@ -1,0 +1,57 @@
+"""Attention over a sequence sharded across processes, on torch.distributed (NCCL on GPUs, gloo on CPUs).
+
+- ``ring_attention``: sequence-parallel; ring passing for dense attention, pattern-following sparse exchange for
+  dilated and block-sparse attention.
+- ``head_parallel_attention``: all-to-all to head shards and back (DeepSpeed-Ulysses).
+- ``SequenceParallel``: the strategy that rewrites a model's attention sites into these.
+- ``shard_sequence`` / ``gather_sequence``: cut a whole sequence into this rank's shard and put it back.
+- ``count_bytes``: what the ops sent and received on this rank.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .comm import CommCounter, count_bytes, resolve_group
+from .head_parallel import head_parallel_attention
+from .links import LAYOUTS, positions, shard_ranges
+from .sequence_parallel import ring_attention
+from .strategy import SequenceParallel
+
+
+def _shard_len(n: int, world: int, layout: str, dim: int) -> int:
+    parts = world * (2 if layout == "zigzag" else 1)
+    if n % parts:
+        raise ValueError(f"sequence length {n} (dim {dim}) must be a multiple of {parts} to shard it over {world} "
+                         f"rank(s) with layout={layout!r}")
+    return n // world
+
+
+def shard_sequence(x: Tensor, *, dim: int = 2, layout: str = "contiguous", group=None) -> Tensor:
+    """This rank's shard of the whole sequence ``x`` along ``dim`` (every rank passes the same ``x``)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    _, rank, world = resolve_group(group)
+    S = _shard_len(x.shape[dim], world, layout, dim)
+    return x.index_select(dim, positions(shard_ranges(rank, world, S, layout), x.device))
+
+
+def gather_sequence(x: Tensor, *, dim: int = 2, layout: str = "contiguous", group=None) -> Tensor:
+    """The whole sequence from every rank's shard ``x`` along ``dim`` (differentiable)."""
+    import torch.distributed._functional_collectives as funcol
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    group, rank, world = resolve_group(group)
+    S = x.shape[dim]
+    whole = funcol.all_gather_tensor_autograd(x.contiguous(), dim, group)
+    whole = funcol.wait_tensor(whole) if isinstance(whole, funcol.AsyncCollectiveTensor) else whole
+    stored = torch.cat([positions(shard_ranges(b, world, S, layout), x.device) for b in range(world)])
+    return whole.index_select(dim, torch.argsort(stored))
+
+
+__all__ = ["CommCounter", "SequenceParallel", "count_bytes", "gather_sequence", "head_parallel_attention",
+           "ring_attention", "shard_sequence"]

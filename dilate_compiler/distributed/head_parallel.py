@@ -1,0 +1,122 @@
+"""Head-parallel attention (DeepSpeed-Ulysses): all-to-all from sequence shards to head shards and back.
+
+Each rank passes its sequence shard of every head and gets it back; in between, each rank holds the *whole*
+sequence of a contiguous group of kv heads (and their query heads) and runs the single-process op on it, with
+its Triton kernels on GPUs. Two all-to-alls each way (q, then k and v together) move ``(P - 1) / P`` of the
+local q/k/v; the backward is the same all-to-alls reversed (functional collectives, so torch.compile can
+trace them). Heads need not divide evenly: the first ``Hkv % P`` ranks take one kv head more.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..lowering.dilated_op import kernels_apply
+from ..patterns import BlockLayout, Pattern
+from ..strategies.block_sparse import BlockSparse
+from ..strategies.dilated import Dilated
+from . import comm
+from .links import LAYOUTS, lcm_of_rates, positions, shard_ranges
+from .sequence_parallel import check_inputs, local_attention
+
+
+def head_split(num_kv_heads: int, world_size: int) -> list[int]:
+    """kv heads per rank: contiguous, the first ``num_kv_heads % world_size`` ranks one more."""
+    if num_kv_heads < world_size:
+        raise ValueError(f"head-parallel attention needs at least one kv head per rank: {num_kv_heads} kv head(s) "
+                         f"on {world_size} ranks; use ring_attention (sequence-parallel) instead")
+    base, extra = divmod(num_kv_heads, world_size)
+    return [base + (1 if r < extra else 0) for r in range(world_size)]
+
+
+def slice_layout_heads(layout: BlockLayout, start: int, stop: int) -> BlockLayout:
+    """The layout of query heads ``start:stop`` (a layout shared by all heads is returned as is)."""
+    if layout.num_heads == 1:
+        return layout
+    cut = {name: getattr(layout, name)[start:stop] for name in
+           ("state", "kv_count", "kv_idx", "kv_bits", "q_count", "q_idx", "q_bits")}
+    return BlockLayout(layout.seq_len, layout.block_size, layout.is_causal, terms=layout.terms, **cut)
+
+
+class _Shuffle:
+    """Moves ``[H_t, R, S, D]`` sequence shards of all heads to ``[h_r, R, N, D]`` whole sequences of this
+    rank's heads (``to_heads``) and back (``to_shards``), in natural position order."""
+
+    def __init__(self, group, rank, world, counts, shard_len, layout, device):
+        self.group, self.rank, self.world, self.counts = group, rank, world, counts
+        self.mine = counts[rank]
+        stored = torch.cat([positions(shard_ranges(b, world, shard_len, layout), device) for b in range(world)])
+        natural = torch.equal(stored, torch.arange(stored.numel(), device=device))
+        self.stored = None if natural else stored            # natural[p] = stored order[argsort(stored)[p]]
+        self.order = None if natural else torch.argsort(stored)
+
+    def to_heads(self, x: Tensor) -> Tensor:
+        H, R, S, D = x.shape
+        y = comm.all_to_all(x, [self.mine] * self.world, self.counts, self.group, "heads")
+        y = y.view(self.world, self.mine, R, S, D).permute(1, 2, 0, 3, 4).reshape(self.mine, R, self.world * S, D)
+        return y if self.order is None else y.index_select(2, self.order)
+
+    def to_shards(self, y: Tensor) -> Tensor:
+        h, R, N, D = y.shape
+        if self.stored is not None:
+            y = y.index_select(2, self.stored)
+        S = N // self.world
+        x = y.reshape(h, R, self.world, S, D).permute(2, 0, 1, 3, 4).reshape(self.world * h, R, S, D)
+        return comm.all_to_all(x, self.counts, [self.mine] * self.world, self.group, "heads")
+
+
+def _attend_heads(q, k, v, strategy, first_head: int, num_heads: int, is_causal: bool, scale):
+    """The single-process op on query heads ``first_head ..`` of a ``num_heads``-head model, whole sequence."""
+    from .. import ops
+
+    if strategy is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+    if isinstance(strategy, Dilated):
+        L = lcm_of_rates(strategy)
+        reason = ""
+        if strategy.mixing == "head_groups":
+            reason = "mixing='head_groups' assigns branches by global head index"
+        elif first_head % L:
+            reason = (f"this rank's first head {first_head} is not a multiple of the rates' lcm {L}, so residues "
+                      f"by local head index would differ")
+        if kernels_apply("head-parallel dilated attention", q, reason):
+            return ops.dilated_attention(q, k, v, strategy.segment_lengths, strategy.dilation_rates,
+                                         is_causal=is_causal, scale=scale, mixing=strategy.mixing)
+        return local_attention(q, k, v, strategy, first_head=first_head, num_heads=num_heads, is_causal=is_causal,
+                               scale=scale)
+    if isinstance(strategy, BlockSparse):
+        if not isinstance(strategy.pattern, Pattern):
+            raise ValueError("BlockSparse('auto') reads a site's mask; head-parallel attention needs a fixed pattern")
+        layout = strategy.layout(strategy.pattern, q.shape[2], num_heads, is_causal, q.device)
+        layout = slice_layout_heads(layout, first_head, first_head + q.shape[1])
+        return ops.block_sparse_attention(q, k, v, layout, block_size=strategy.block_size, is_causal=is_causal,
+                                          scale=scale)
+    raise TypeError(f"strategy must be None (dense), dc.Dilated or dc.BlockSparse, got {strategy!r}")
+
+
+def head_parallel_attention(q: Tensor, k: Tensor, v: Tensor, strategy=None, *, is_causal: bool = False,
+                            group=None, scale: Optional[float] = None, layout: str = "contiguous") -> Tensor:
+    """Head-parallel attention over a sequence sharded across ``group``: same arguments and result as
+    ``ring_attention`` (this rank's output shard), computed by all-to-all to head shards and back."""
+    check_inputs(q, k, v)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    group, rank, world = comm.resolve_group(group)
+    B, H, S, D = q.shape
+    Hkv = k.shape[1]
+    g = H // Hkv
+    kv_counts = head_split(Hkv, world)
+    q_counts = [c * g for c in kv_counts]
+    first_head = sum(q_counts[:rank])
+    q_shuffle = _Shuffle(group, rank, world, q_counts, S, layout, q.device)
+    kv_shuffle = _Shuffle(group, rank, world, kv_counts, S, layout, q.device)
+    qh = q_shuffle.to_heads(q.transpose(0, 1)).transpose(0, 1)                           # [B, h, N, D]
+    kv = torch.stack((k, v)).permute(2, 0, 1, 3, 4).reshape(Hkv, 2 * B, S, D)
+    kvh = kv_shuffle.to_heads(kv).view(kv_counts[rank], 2, B, world * S, D).permute(1, 2, 0, 3, 4)
+    out = _attend_heads(qh, kvh[0], kvh[1], strategy, first_head, H, is_causal, scale)
+    return q_shuffle.to_shards(out.transpose(0, 1)).transpose(0, 1)

@@ -1,0 +1,356 @@
+"""Sequence-parallel attention: each rank holds a shard of the sequence; communication follows the pattern.
+
+Modes (``ring_attention(..., mode=)``):
+
+- ``"ring"``: K/V shards travel around the ring (``P - 1`` hops, each started before the step's compute so
+  compute and communication overlap); each step's partial softmax merges into the running one by LSE. A step
+  whose shard no local query links to skips its compute. The backward passes K/V around again, and the dK/dV
+  accumulators travel with them back to their owners (``P`` hops), as in ring FlashAttention. Default for dense
+  attention.
+- ``"sparse"``: each rank sends each other rank exactly the K/V rows that rank's queries link to, worked out
+  from the pattern on global positions (``links.py``), point to point, in one batch. Dilated: a branch whose
+  segments don't cross a shard boundary sends nothing; a segment that does sends only the rows of each head's
+  residue class (every r-th row, LongNet's sparse all-gather), so bytes per rank depend on the pattern, not on
+  N. Block-sparse: only the key blocks some local query block lists. Then one softmax over local and received
+  keys. The backward exchanges the same rows again and returns their gradients to their owners. Default for
+  ``Dilated`` and ``BlockSparse``.
+
+Both run as the custom ops ``dilate_compiler::sequence_parallel_forward/backward`` (opaque to torch.compile;
+fake implementations for tracing). The per-rank compute is the exact path of ``attend.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from ..lowering.dilated_op import lse_dtype
+from . import comm
+from .attend import attend_backward, attend_forward, merge
+from .links import LAYOUTS, Links, links_for, positions, shard_ranges
+
+MODES = ("auto", "ring", "sparse")
+
+
+@dataclass(frozen=True, eq=False)
+class Config:
+    """What one call site runs: strategy, process group, mode, shard layout, causality, scale."""
+
+    strategy: Any
+    group: Any
+    mode: str
+    layout: str
+    is_causal: bool
+    scale: Optional[float]
+    head_range: Optional[tuple] = None   # mode "local": (first global query head, total query heads)
+
+
+_CONFIGS: dict = {}
+_CONFIG_KEYS: dict = {}
+_LOCK = threading.Lock()
+
+
+def register(config: Config) -> str:
+    """A string key for ``config`` (custom ops take strings); equal configs share a key."""
+    ident = (id(config.strategy), id(config.group), config.mode, config.layout, config.is_causal, config.scale,
+             config.head_range)
+    with _LOCK:
+        key = _CONFIG_KEYS.get(ident)
+        if key is None:
+            key = f"sp{len(_CONFIGS)}"
+            _CONFIGS[key] = config
+            _CONFIG_KEYS[ident] = key
+    return key
+
+
+def resolve_mode(strategy, mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "auto":
+        return "ring" if strategy is None else "sparse"
+    if mode == "sparse" and strategy is None:
+        raise ValueError("mode='sparse' with dense attention (strategy=None) would send every rank every key; "
+                         "use mode='ring'")
+    return mode
+
+
+@dataclass
+class Plan:
+    """Static per-rank plan: positions, links and (sparse mode) which rows go to and come from each peer."""
+
+    links: Links
+    heads: Tensor
+    q_pos: Tensor
+    rank_pos: list            # global positions of each rank's shard
+    linked: list              # ring mode: does any local query link to rank b's shard
+    send_idx: dict            # sparse: peer -> [Hkv, n] local rows to send (padding: row 0)
+    recv_pos: dict            # sparse: peer -> [Hkv, n] positions received (padding: -1)
+    scale: float
+
+
+def _rows_needed(links: Links, heads: Tensor, ranges, pos: Tensor, num_kv_heads: int):
+    """``[Hkv, n]`` indices into ``pos`` a query set needs per kv head (padding 0) and their positions (-1)."""
+    need = links.needed(heads, ranges, pos)                          # [H, S]
+    need = need.view(num_kv_heads, -1, pos.numel()).any(1)           # [Hkv, S]
+    n = int(need.sum(1).max()) if need.numel() else 0
+    order = torch.argsort((~need).to(torch.int8), dim=1, stable=True)[:, :n]
+    valid = torch.arange(n, device=pos.device).view(1, -1) < need.sum(1, keepdim=True)
+    return torch.where(valid, order, 0), torch.where(valid, pos[order], -1)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(key: str, rank: int, world: int, shard_len: int, num_heads: int, num_kv_heads: int, head_dim: int,
+          device: str) -> Plan:
+    cfg = _CONFIGS[key]
+    dev = torch.device(device)
+    scale = cfg.scale if cfg.scale is not None else 1.0 / math.sqrt(head_dim)
+    if cfg.mode == "local":
+        first, total = cfg.head_range
+        links = links_for(cfg.strategy, shard_len, total, cfg.is_causal, dev)
+        pos = torch.arange(shard_len, device=dev)
+        heads = torch.arange(first, first + num_heads, device=dev)
+        return Plan(links, heads, pos, [pos], [True], {}, {}, scale)
+    N = shard_len * world
+    links = links_for(cfg.strategy, N, num_heads, cfg.is_causal, dev)
+    heads = torch.arange(num_heads, device=dev)
+    ranges = [shard_ranges(b, world, shard_len, cfg.layout) for b in range(world)]
+    rank_pos = [positions(r, dev) for r in ranges]
+    linked, send_idx, recv_pos = [], {}, {}
+    for b in range(world):
+        linked.append(bool(links.needed(heads, ranges[rank], rank_pos[b]).any()))
+        if cfg.mode == "sparse" and b != rank:
+            send_idx[b] = _rows_needed(links, heads, ranges[b], rank_pos[rank], num_kv_heads)[0]
+            recv_pos[b] = _rows_needed(links, heads, ranges[rank], rank_pos[b], num_kv_heads)[1]
+    return Plan(links, heads, rank_pos[rank], rank_pos, linked, send_idx, recv_pos, scale)
+
+
+def _setup(key: str, q: Tensor, k: Tensor):
+    cfg = _CONFIGS[key]
+    if cfg.mode == "local":
+        return cfg, None, 0, 1, _plan(key, 0, 1, q.shape[2], q.shape[1], k.shape[1], q.shape[3], str(q.device))
+    group, rank, world = comm.resolve_group(cfg.group)
+    plan = _plan(key, rank, world, q.shape[2], q.shape[1], k.shape[1], q.shape[3], str(q.device))
+    return cfg, group, rank, world, plan
+
+
+# --- ring -----------------------------------------------------------------------------------------------------
+
+
+def _ring_forward(q, k, v, group, rank, world, plan: Plan):
+    B, H, S, D = q.shape
+    dt = lse_dtype(q.dtype)
+    out = torch.zeros(B, H, S, D, dtype=dt, device=q.device)
+    lse = torch.full((B, H, S), float("-inf"), dtype=dt, device=q.device)
+    kv = torch.stack((k, v))
+    for t in range(world):
+        src = (rank - t) % world
+        shift = comm.RingShift(group, rank, world, "kv").start(kv) if t < world - 1 else None
+        if plan.linked[src]:
+            o_i, l_i = attend_forward(q, kv[0], kv[1], plan.q_pos, plan.rank_pos[src].view(1, -1), plan.links,
+                                      plan.heads, plan.scale)
+            out, lse = merge(out, lse, o_i, l_i)
+        if shift is not None:
+            kv = shift.wait()
+    return out, lse
+
+
+def _ring_backward(dout, q, k, v, lse, delta, group, rank, world, plan: Plan):
+    dt = lse_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=dt, device=q.device)
+    kv = torch.stack((k, v))
+    dkv = torch.zeros(kv.shape, dtype=dt, device=q.device)
+    for t in range(world):
+        src = (rank - t) % world
+        shift = comm.RingShift(group, rank, world, "kv").start(kv) if t < world - 1 else None
+        if plan.linked[src]:
+            dq_i, dk_i, dv_i = attend_backward(dout, q, kv[0], kv[1], plan.q_pos, plan.rank_pos[src].view(1, -1),
+                                               plan.links, plan.heads, plan.scale, lse, delta)
+            dq += dq_i
+            dkv[0] += dk_i
+            dkv[1] += dv_i
+        if world > 1:   # the accumulator follows its shard; after P hops it is back with its owner
+            dkv = comm.RingShift(group, rank, world, "grad").start(dkv).wait()
+        if shift is not None:
+            kv = shift.wait()
+    return dq, dkv[0], dkv[1]
+
+
+# --- sparse exchange ------------------------------------------------------------------------------------------
+
+
+def _gather_rows(t: Tensor, idx: Tensor) -> Tensor:
+    """``t [..., B, Hkv, S, D]`` rows ``idx [Hkv, n]`` per kv head -> ``[..., B, Hkv, n, D]``."""
+    shape = t.shape[:-2] + (idx.shape[1], t.shape[-1])
+    return torch.gather(t, -2, idx.view(*(1,) * (t.dim() - 3), idx.shape[0], idx.shape[1], 1).expand(shape))
+
+
+def _exchange_kv(k, v, group, rank, world, plan: Plan):
+    kv = torch.stack((k, v))
+    sends = {b: _gather_rows(kv, idx) for b, idx in plan.send_idx.items()}
+    shapes = {b: kv.shape[:-2] + (pos.shape[1], kv.shape[-1]) for b, pos in plan.recv_pos.items()}
+    got = comm.exchange(group, sends, shapes, kv.dtype, kv.device, "kv")
+    peers = sorted(got)
+    keys = torch.cat([kv] + [got[b] for b in peers], dim=-2)
+    Hkv = k.shape[1]
+    pos = torch.cat([plan.q_pos.view(1, -1).expand(Hkv, -1)] + [plan.recv_pos[b] for b in peers], dim=1)
+    return keys, pos, peers
+
+
+def _sparse_forward(q, k, v, group, rank, world, plan: Plan):
+    keys, pos, _ = _exchange_kv(k, v, group, rank, world, plan)
+    return attend_forward(q, keys[0], keys[1], plan.q_pos, pos, plan.links, plan.heads, plan.scale)
+
+
+def _sparse_backward(dout, q, k, v, lse, delta, group, rank, world, plan: Plan):
+    keys, pos, peers = _exchange_kv(k, v, group, rank, world, plan)
+    dq, dk, dv = attend_backward(dout, q, keys[0], keys[1], plan.q_pos, pos, plan.links, plan.heads, plan.scale,
+                                 lse, delta)
+    dkv = torch.stack((dk, dv))
+    S = k.shape[2]
+    sends, start = {}, S
+    for b in peers:
+        n = plan.recv_pos[b].shape[1]
+        sends[b] = dkv[..., start:start + n, :]
+        start += n
+    shapes = {b: dkv.shape[:-2] + (idx.shape[1], dkv.shape[-1]) for b, idx in plan.send_idx.items()}
+    back = comm.exchange(group, sends, shapes, dkv.dtype, dkv.device, "grad")
+    mine = dkv[..., :S, :].clone()
+    for b, g in back.items():
+        idx = plan.send_idx[b]
+        mine.scatter_add_(-2, idx.view(1, 1, idx.shape[0], idx.shape[1], 1).expand(g.shape), g)
+    return dq, mine[0], mine[1]
+
+
+# --- the ops --------------------------------------------------------------------------------------------------
+
+
+def _forward_impl(q, k, v, key):
+    cfg, group, rank, world, plan = _setup(key, q, k)
+    if cfg.mode == "sparse":
+        out, lse = _sparse_forward(q, k, v, group, rank, world, plan)
+    else:   # ring; "local" is a ring of one
+        out, lse = _ring_forward(q, k, v, group, rank, world, plan)
+    return (out * plan.links.output_scale).to(q.dtype), lse
+
+
+def _backward_impl(dout, q, k, v, out, lse, key):
+    cfg, group, rank, world, plan = _setup(key, q, k)
+    dt = lse_dtype(q.dtype)
+    delta = (dout.to(dt) * out.to(dt)).sum(-1)                 # rowsum(dO * O), both on the output's scale
+    dout = dout.to(dt) * plan.links.output_scale
+    run = _sparse_backward if cfg.mode == "sparse" else _ring_backward
+    dq, dk, dv = run(dout, q, k, v, lse, delta, group, rank, world, plan)
+    # dk and dv may be views of one stacked buffer: copy, custom op outputs must not alias
+    return dq.to(q.dtype), dk.to(k.dtype, copy=True), dv.to(v.dtype, copy=True)
+
+
+@torch.library.custom_op("dilate_compiler::sequence_parallel_forward", mutates_args=())
+def sequence_parallel_forward(q: Tensor, k: Tensor, v: Tensor, config: str) -> tuple[Tensor, Tensor]:
+    """This rank's output shard and its log-sum-exp (``config``: a key from ``register``)."""
+    return _forward_impl(q, k, v, config)
+
+
+@sequence_parallel_forward.register_fake
+def _(q, k, v, config):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=lse_dtype(q.dtype))
+
+
+@torch.library.custom_op("dilate_compiler::sequence_parallel_backward", mutates_args=())
+def sequence_parallel_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                               config: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward_impl(dout, q, k, v, out, lse, config)
+
+
+@sequence_parallel_backward.register_fake
+def _(dout, q, k, v, out, lse, config):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, config = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.config = config
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.dilate_compiler.sequence_parallel_backward(dout.contiguous(), q, k, v, out, lse,
+                                                                       ctx.config)
+    return dq, dk, dv, None
+
+
+sequence_parallel_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- public entry -----------------------------------------------------------------------------------------------
+
+
+def check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [B, H, N_local, D], got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch, local length and head dim "
+                         "(sequence-parallel attention is self-attention over one sharded sequence)")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
+
+
+_CHECKED: set = set()
+
+
+def check_agreement(group, rank: int, world: int, key: str, q: Tensor, k: Tensor) -> None:
+    """Once per (config, shape): every rank passes the same shard shape and config (else all raise)."""
+    ident = (key, tuple(q.shape), tuple(k.shape), id(group))
+    if ident in _CHECKED or world == 1:
+        return
+    cfg = _CONFIGS[key]
+    comm.check_shapes_agree(group, world, "q/k shard shapes, mode, layout and causality",
+                            tuple(q.shape) + tuple(k.shape) + (MODES.index(cfg.mode), LAYOUTS.index(cfg.layout),
+                                                               int(cfg.is_causal)), q.device)
+    _CHECKED.add(ident)
+
+
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, strategy=None, *, is_causal: bool = False, group=None,
+                   scale: Optional[float] = None, mode: str = "auto", layout: str = "contiguous") -> Tensor:
+    """Attention over a sequence sharded across the ranks of ``group``; exact, forward and backward.
+
+    Args:
+        q: this rank's query shard ``[B, Hq, S, D]`` (S = N / world size, the same on every rank).
+        k, v: this rank's key/value shards ``[B, Hkv, S, D]`` (GQA when ``Hq % Hkv == 0``).
+        strategy: ``None`` (dense), ``dc.Dilated`` (both mixings) or ``dc.BlockSparse`` with a fixed pattern; its
+            semantics are those of the single-process op on the whole sequence.
+        is_causal: causal masking on global positions.
+        group: process group (default: the world).
+        mode: ``"auto"`` (sparse exchange for Dilated/BlockSparse, ring for dense), ``"ring"`` or ``"sparse"``.
+        layout: ``"contiguous"`` (rank r holds ``[r*S, (r+1)*S)``) or ``"zigzag"`` (chunks ``r`` and ``2P-1-r``
+            of ``2P``: balances causal work; shard with ``shard_sequence``).
+
+    Returns this rank's output shard ``[B, Hq, S, D]``.
+    """
+    check_inputs(q, k, v)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    group_, rank, world = comm.resolve_group(group)
+    links_for(strategy, q.shape[2] * world, q.shape[1], is_causal)   # validates the strategy early
+    cfg = Config(strategy, group_, resolve_mode(strategy, mode), layout, bool(is_causal), scale)
+    key = register(cfg)
+    check_agreement(group_, rank, world, key, q, k)
+    return torch.ops.dilate_compiler.sequence_parallel_forward(q, k, v, key)[0]
+
+
+def local_attention(q: Tensor, k: Tensor, v: Tensor, strategy, *, first_head: int, num_heads: int,
+                    is_causal: bool = False, scale: Optional[float] = None) -> Tensor:
+    """Exact single-process attention for query heads ``first_head .. first_head + Hq`` of a ``num_heads``-head
+    model (the strategy's head-dependent rules use the global head index)."""
+    cfg = Config(strategy, None, "local", "contiguous", bool(is_causal), scale, (int(first_head), int(num_heads)))
+    return torch.ops.dilate_compiler.sequence_parallel_forward(q, k, v, register(cfg))[0]

@@ -1,0 +1,75 @@
+"""``SequenceParallel``: the compiler strategy that rewrites a sequence-sharded model's attention sites into the
+distributed ops (ring / sparse exchange / head-parallel) around an inner strategy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from ..patterns import Pattern
+from ..strategies.block_sparse import BlockSparse
+from ..strategies.dilated import Dilated
+from . import comm
+from .links import LAYOUTS
+from .sequence_parallel import Config, MODES, register, resolve_mode
+
+PARALLEL_MODES = MODES + ("head_parallel",)
+
+
+@dataclass(frozen=True, eq=False)
+class SequenceParallel:
+    """Attention over activations sharded along the sequence across ``group``.
+
+    Every rank runs the same model on its shard ``[B, N/P, E]`` of each sequence; each attention site becomes
+    ``dc.distributed.ring_attention`` (``mode`` ``"auto"``, ``"ring"``, ``"sparse"``) or
+    ``dc.distributed.head_parallel_attention`` (``mode="head_parallel"``) with ``inner`` (None: dense,
+    ``dc.Dilated``, ``dc.BlockSparse`` with a fixed pattern). Sites with a mask tensor or dropout are skipped with
+    the reason (a mask over the local shard says nothing about the other ranks' keys).
+    """
+
+    inner: Any = None
+    group: Any = None
+    mode: str = "auto"
+    layout: str = "contiguous"
+
+    def __post_init__(self):
+        if self.inner is not None and not isinstance(self.inner, (Dilated, BlockSparse)):
+            raise TypeError(f"inner must be None (dense), dc.Dilated or dc.BlockSparse, got {self.inner!r}")
+        if isinstance(self.inner, BlockSparse) and not isinstance(self.inner.pattern, Pattern):
+            raise ValueError("inner=BlockSparse('auto') reads each site's mask over the local shard only; "
+                             "give sequence-parallel attention a fixed pattern")
+        if self.mode not in PARALLEL_MODES:
+            raise ValueError(f"mode must be one of {PARALLEL_MODES}, got {self.mode!r}")
+        if self.mode != "head_parallel":
+            resolve_mode(self.inner, self.mode)
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+
+    def check_site(self, site) -> Optional[str]:
+        q, k = site.q_shape, site.k_shape
+        if len(q) != 4 or q[2] != k[2]:
+            return f"sequence-parallel attention needs self-attention shapes (Nq == Nk), got q {q} and k {k}"
+        if site.nodes.get("terms"):
+            return (f"the site has a {site.mask_kind} mask over the local shard; sequence-parallel attention takes "
+                    f"no mask tensor (use is_causal or a block-sparse pattern)")
+        if site.dropout_p > 0.0:
+            return f"dropout_p={site.dropout_p}: sequence-parallel attention has no attention dropout"
+        comm.resolve_group(self.group)
+        site.detail = f"{self.mode if self.mode != 'auto' else resolve_mode(self.inner, 'auto')}, inner={self.inner!r}"
+        return None
+
+    def emit_call(self, emit, q, k, v, attn_mask, *, is_causal: bool, scale: float, dropout_p: float, site=None):
+        import operator
+
+        if self.mode == "head_parallel":
+            from .head_parallel import head_parallel_attention
+            return emit(head_parallel_attention, (q, k, v, self.inner),
+                        {"is_causal": bool(is_causal), "group": self.group, "scale": float(scale),
+                         "layout": self.layout})
+        group, _, _ = comm.resolve_group(self.group)
+        key = register(Config(self.inner, group, resolve_mode(self.inner, self.mode), self.layout, bool(is_causal),
+                              float(scale)))
+        fwd = emit(torch.ops.dilate_compiler.sequence_parallel_forward.default, (q, k, v, key))
+        return emit(operator.getitem, (fwd, 0))

@@ -1,0 +1,192 @@
+"""Sequence-parallel and head-parallel attention on real gloo process groups of 2 and 4 spawned ranks.
+
+Every rank builds the same whole-sequence inputs, runs the single-process op on them (the reference), then the
+distributed op on its shard; outputs and dq/dk/dv shards must equal the reference's shards (float64).
+"""
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dilate_compiler as dc
+from dilate_compiler import patterns as P
+from tests.distributed.launch import run_ranks, values
+from tests.tolerances import REL_ERR, rel_err
+
+N, D = 48, 8
+STRATEGIES = {
+    "dense": None,
+    "dilated-lse": dc.Dilated((8, 16, 48), (1, 2, 4)),
+    "dilated-head-groups": dc.Dilated((8, 24), (1, 3), mixing="head_groups"),
+    "block-sparse": dc.BlockSparse(P.sliding_window(9) | P.global_tokens(2), block_size=8),
+    "block-sparse-per-head": dc.BlockSparse(P.random(2, seed=3, per_head=True) | P.local(1), block_size=8),
+}
+
+# (api, strategy, causal, mode, layout, Hq, Hkv)
+RING_CASES = [
+    ("ring", "dense", False, "ring", "contiguous", 4, 2),
+    ("ring", "dense", True, "ring", "contiguous", 4, 4),
+    ("ring", "dense", True, "ring", "zigzag", 4, 2),
+    ("ring", "dilated-lse", False, "auto", "contiguous", 4, 2),
+    ("ring", "dilated-lse", True, "sparse", "zigzag", 4, 4),
+    ("ring", "dilated-lse", True, "ring", "contiguous", 4, 2),
+    ("ring", "dilated-head-groups", False, "sparse", "contiguous", 6, 3),
+    ("ring", "dilated-head-groups", True, "ring", "contiguous", 6, 3),
+    ("ring", "block-sparse", True, "sparse", "contiguous", 4, 2),
+    ("ring", "block-sparse-per-head", False, "sparse", "zigzag", 4, 4),
+    ("ring", "block-sparse", False, "ring", "contiguous", 4, 2),
+]
+HEAD_CASES = [
+    ("heads", "dense", True, None, "contiguous", 4, 4),
+    ("heads", "dense", False, None, "zigzag", 8, 4),
+    ("heads", "dilated-lse", False, None, "contiguous", 8, 4),     # 4 ranks: first heads 2, 6 -> exact path
+    ("heads", "dilated-head-groups", True, None, "zigzag", 6, 6),  # 4 ranks: uneven (2, 2, 1, 1 kv heads)
+    ("heads", "block-sparse-per-head", True, None, "contiguous", 6, 6),
+    ("heads", "block-sparse", False, None, "contiguous", 10, 5),   # 2 ranks: 3 + 2 kv heads (GQA, uneven)
+]
+
+
+def reference(strategy, q, k, v, causal):
+    if strategy is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    if isinstance(strategy, dc.Dilated):
+        return dc.ops.dilated_attention(q, k, v, strategy.segment_lengths, strategy.dilation_rates, is_causal=causal,
+                                        mixing=strategy.mixing)
+    return dc.ops.block_sparse_attention(q, k, v, strategy.pattern, block_size=strategy.block_size,
+                                         is_causal=causal)
+
+
+def _cases_worker(rank, world, cases):
+    from dilate_compiler.distributed import head_parallel_attention, ring_attention, shard_sequence
+
+    errors = {}
+    for case in cases:
+        api, name, causal, mode, layout, hq, hkv = case
+        strategy = STRATEGIES[name]
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(2, h, N, D, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv))
+        dout = torch.randn(2, hq, N, D, generator=g, dtype=torch.float64)
+        full = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref = reference(strategy, *full, causal)
+        ref_grads = torch.autograd.grad(ref, full, dout)
+        shard = lambda t: shard_sequence(t, layout=layout)  # noqa: E731
+        local = [shard(t).requires_grad_() for t in (q, k, v)]
+        if api == "ring":
+            out = ring_attention(*local, strategy, is_causal=causal, mode=mode, layout=layout)
+        else:
+            out = head_parallel_attention(*local, strategy, is_causal=causal, layout=layout)
+        grads = torch.autograd.grad(out, local, shard(dout))
+        errors[case] = max([rel_err(out, shard(ref))] + [rel_err(a, shard(b)) for a, b in zip(grads, ref_grads)])
+    return errors
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_outputs_and_grads_equal_the_single_process_op(world):
+    results = values(run_ranks(_cases_worker, world, RING_CASES + HEAD_CASES))
+    bad = [(r, case, err) for r, errs in enumerate(results) for case, err in errs.items()
+           if not err <= REL_ERR[torch.float64]]
+    assert not bad, bad
+
+
+def _bytes_worker(rank, world):
+    from dilate_compiler.distributed import count_bytes, ring_attention, shard_sequence
+
+    B, Hkv, Dh = 2, 2, 8
+    got = {}
+
+    def run(name, strategy, n, mode="auto", causal=False, backward=False):
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (shard_sequence(torch.randn(B, Hkv, n, Dh, generator=g, dtype=torch.float64)).requires_grad_()
+                   for _ in range(3))
+        with count_bytes() as fwd:
+            out = ring_attention(q, k, v, strategy, is_causal=causal, mode=mode)
+        with count_bytes() as bwd:
+            if backward:
+                out.sum().backward()
+        got[name] = (fwd.sent_bytes("kv"), fwd.received_bytes("kv"), bwd.sent_bytes("kv"), bwd.sent_bytes("grad"))
+
+    run("dense", None, 96, causal=True, backward=True)
+    run("dilated-144", dc.Dilated((48,), (4,)), 144, backward=True)
+    run("dilated-240", dc.Dilated((48,), (4,)), 240)
+    run("dilated-aligned", dc.Dilated((24, 48), (2, 4)), 96)
+    run("dilated-ring", dc.Dilated((48,), (4,)), 144, mode="ring")
+    run("local-1", dc.BlockSparse(P.local(1), block_size=8), 96)
+    run("local-2", dc.BlockSparse(P.local(2), block_size=8), 96)
+    return got
+
+
+def test_bytes_moved_follow_the_pattern():
+    got = values(run_ranks(_bytes_worker, 2))
+    row_bytes = 2 * 2 * 2 * 8 * 8          # k and v, B=2, Hkv=2, D=8, float64: bytes per sequence row
+    for r in range(2):
+        g = got[r]
+        # dense ring: one hop of the whole K/V shard forward, again backward, and the fp64 dK/dV home in 2 hops
+        assert g["dense"] == (48 * row_bytes, 48 * row_bytes, 48 * row_bytes, 2 * 48 * row_bytes)
+        # dilated w=48, r=4: only the segment straddling the shard boundary travels, one row in 4 per head
+        # (24 rows of it on the other rank -> 6 per kv head), whatever N is
+        assert g["dilated-144"][:2] == (6 * row_bytes, 6 * row_bytes)
+        assert g["dilated-240"][:2] == g["dilated-144"][:2]
+        # backward: the same rows again, and their gradients back to their owners (fp64 accumulators here)
+        assert g["dilated-144"][2] == g["dilated-144"][3] == g["dilated-144"][0]
+        assert g["dilated-ring"][0] == 72 * row_bytes           # the ring sends the whole shard instead
+        # segments that don't cross a shard boundary need no communication at all
+        assert g["dilated-aligned"] == (0, 0, 0, 0)
+        # block-diagonal blocks need nothing from the other rank; local(2) only the one key block across the boundary
+        assert g["local-1"] == (0, 0, 0, 0)
+        assert g["local-2"][:2] == (8 * row_bytes, 8 * row_bytes)
+
+
+def _failing_worker(rank, world):
+    from dilate_compiler.distributed import ring_attention
+
+    if rank == 1:
+        raise RuntimeError("rank 1 fails before attention, on purpose")
+    q = torch.randn(1, 2, 8, 4)
+    start = time.monotonic()
+    try:
+        ring_attention(q, q, q)
+    except Exception as e:   # noqa: BLE001
+        return ("raised", type(e).__name__, time.monotonic() - start)
+    return ("returned", "", time.monotonic() - start)
+
+
+def test_a_failing_rank_makes_the_others_raise_not_hang():
+    results = run_ranks(_failing_worker, 2, timeout=120, pg_timeout_s=15)
+    assert results[1][0] == "error" and "on purpose" in results[1][1]
+    assert results[0][0] == "ok", results[0]
+    outcome, _, seconds = results[0][1]
+    assert outcome == "raised" and seconds < 60, results[0][1]
+
+
+def _mismatch_worker(rank, world):
+    from dilate_compiler.distributed import ring_attention
+
+    q = torch.randn(1, 2, 8 + 2 * rank, 4)
+    try:
+        ring_attention(q, q, q)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_ranks_with_different_shard_shapes_all_get_a_clear_error():
+    for message in values(run_ranks(_mismatch_worker, 2)):
+        assert "differ across ranks" in message and "rank 0" in message and "rank 1" in message
+
+
+def test_errors_without_a_process_group_and_for_bad_arguments():
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        dc.distributed.ring_attention(q, q, q)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        dc.SequenceParallel(None, mode="allgather")
+    with pytest.raises(ValueError, match="mode='sparse' with dense"):
+        dc.SequenceParallel(None, mode="sparse")
+    with pytest.raises(ValueError, match="fixed pattern"):
+        dc.SequenceParallel(dc.BlockSparse("auto"))
+    with pytest.raises(TypeError, match="inner must be"):
+        dc.SequenceParallel("dilated")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        dc.SequenceParallel(None, layout="striped")
