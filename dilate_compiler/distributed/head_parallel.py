@@ -20,8 +20,8 @@ from ..patterns import BlockLayout, Pattern
 from ..strategies.block_sparse import BlockSparse
 from ..strategies.dilated import Dilated
 from . import comm
-from .links import LAYOUTS, lcm_of_rates, positions, shard_ranges
-from .sequence_parallel import check_inputs, local_attention
+from .links import LAYOUTS, lcm_of_rates, shard_ranges
+from .sequence_parallel import _CONFIGS, check_inputs, local_attention
 
 
 def head_split(num_kv_heads: int, world_size: int) -> list[int]:
@@ -49,10 +49,12 @@ class _Shuffle:
     def __init__(self, group, rank, world, counts, shard_len, layout, device):
         self.group, self.rank, self.world, self.counts = group, rank, world, counts
         self.mine = counts[rank]
-        stored = torch.cat([positions(shard_ranges(b, world, shard_len, layout), device) for b in range(world)])
-        natural = torch.equal(stored, torch.arange(stored.numel(), device=device))
-        self.stored = None if natural else stored            # natural[p] = stored order[argsort(stored)[p]]
-        self.order = None if natural else torch.argsort(stored)
+        self.stored = self.order = None                      # contiguous shards are already in natural order
+        if layout != "contiguous":
+            stored = [p for b in range(world) for lo, hi in shard_ranges(b, world, shard_len, layout)
+                      for p in range(lo, hi)]
+            self.stored = torch.tensor(stored, device=device)
+            self.order = torch.tensor(sorted(range(len(stored)), key=stored.__getitem__), device=device)
 
     def to_heads(self, x: Tensor) -> Tensor:
         H, R, S, D = x.shape
@@ -92,7 +94,10 @@ def _attend_heads(q, k, v, strategy, first_head: int, num_heads: int, is_causal:
     if isinstance(strategy, BlockSparse):
         if not isinstance(strategy.pattern, Pattern):
             raise ValueError("BlockSparse('auto') reads a site's mask; head-parallel attention needs a fixed pattern")
-        layout = strategy.layout(strategy.pattern, q.shape[2], num_heads, is_causal, q.device)
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():   # built once from the pattern (real tensors, cached), also while tracing
+            layout = strategy.layout(strategy.pattern, q.shape[2], num_heads, is_causal, q.device)
         layout = slice_layout_heads(layout, first_head, first_head + q.shape[1])
         return ops.block_sparse_attention(q, k, v, layout, block_size=strategy.block_size, is_causal=is_causal,
                                           scale=scale)
@@ -120,3 +125,11 @@ def head_parallel_attention(q: Tensor, k: Tensor, v: Tensor, strategy=None, *, i
     kvh = kv_shuffle.to_heads(kv).view(kv_counts[rank], 2, B, world * S, D).permute(1, 2, 0, 3, 4)
     out = _attend_heads(qh, kvh[0], kvh[1], strategy, first_head, H, is_causal, scale)
     return q_shuffle.to_shards(out.transpose(0, 1)).transpose(0, 1)
+
+
+def head_parallel_by_key(q: Tensor, k: Tensor, v: Tensor, config: str) -> Tensor:
+    """``head_parallel_attention`` with the arguments registered under ``config`` (what rewritten graphs call:
+    FX code can only hold plain values)."""
+    cfg = _CONFIGS[config]
+    return head_parallel_attention(q, k, v, cfg.strategy, is_causal=cfg.is_causal, group=cfg.group, scale=cfg.scale,
+                                   layout=cfg.layout)

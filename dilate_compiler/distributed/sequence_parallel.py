@@ -258,7 +258,7 @@ def sequence_parallel_forward(q: Tensor, k: Tensor, v: Tensor, config: str) -> t
 
 @sequence_parallel_forward.register_fake
 def _(q, k, v, config):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=lse_dtype(q.dtype))
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=lse_dtype(q.dtype))   # contiguous, as the impl
 
 
 @torch.library.custom_op("dilate_compiler::sequence_parallel_backward", mutates_args=())
@@ -269,7 +269,7 @@ def sequence_parallel_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, ou
 
 @sequence_parallel_backward.register_fake
 def _(dout, q, k, v, out, lse, config):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):

@@ -63,13 +63,11 @@ class SequenceParallel:
     def emit_call(self, emit, q, k, v, attn_mask, *, is_causal: bool, scale: float, dropout_p: float, site=None):
         import operator
 
-        if self.mode == "head_parallel":
-            from .head_parallel import head_parallel_attention
-            return emit(head_parallel_attention, (q, k, v, self.inner),
-                        {"is_causal": bool(is_causal), "group": self.group, "scale": float(scale),
-                         "layout": self.layout})
         group, _, _ = comm.resolve_group(self.group)
-        key = register(Config(self.inner, group, resolve_mode(self.inner, self.mode), self.layout, bool(is_causal),
-                              float(scale)))
+        mode = "head_parallel" if self.mode == "head_parallel" else resolve_mode(self.inner, self.mode)
+        key = register(Config(self.inner, group, mode, self.layout, bool(is_causal), float(scale)))
+        if mode == "head_parallel":
+            from .head_parallel import head_parallel_by_key
+            return emit(head_parallel_by_key, (q, k, v, key))
         fwd = emit(torch.ops.dilate_compiler.sequence_parallel_forward.default, (q, k, v, key))
         return emit(operator.getitem, (fwd, 0))
