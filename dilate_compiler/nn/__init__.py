@@ -4,37 +4,46 @@ from __future__ import annotations
 
 from .block_sparse import BlockSparseAttention, MultiheadBlockSparseAttention
 from .dilated import DilatedAttention, MultiheadDilatedAttention, ProjectedAttention
+from .distributed import MultiheadSequenceParallelAttention, SequenceParallelAttention
 
 # kind -> default mixing. "standard" keeps dilated-attention-pytorch's numerics (head groups, output divided
 # by the number of branches); "improved" is LongNet's exact log-sum-exp mixing. An explicit mixing= wins.
 _MULTIHEAD_DILATED_KINDS = {"standard": "head_groups", "improved": "lse"}
-_NOT_YET = {
-    "ring": "sequence-parallel ring attention (dilate_compiler.distributed) is not implemented yet",
-    "head_parallel": "head-parallel attention (dilate_compiler.distributed) is not implemented yet",
-}
+# kind -> mode of dilate_compiler.distributed: "ring" is LongNet's sequence parallelism (each rank sends only the
+# K/V rows other ranks' segments link to; pass mode="ring" for K/V passed around the ring), "head_parallel" the
+# all-to-all to head shards.
+_DISTRIBUTED_KINDS = {"ring": "auto", "head_parallel": "head_parallel"}
 
 
-def create_multihead_dilated_attention(kind: str = "improved", **kwargs) -> MultiheadDilatedAttention:
+def _distributed(strategy, mode: str, kwargs: dict) -> MultiheadSequenceParallelAttention:
+    if kwargs.pop("dropout", 0.0):
+        raise ValueError("sequence-parallel attention has no attention dropout; pass dropout=0.0")
+    kwargs.setdefault("mode", mode)
+    return MultiheadSequenceParallelAttention(strategy=strategy, **kwargs)
+
+
+def create_multihead_dilated_attention(kind: str = "improved", **kwargs):
     """Build a multi-head dilated attention module by kind.
 
     Kinds: ``"standard"`` (``mixing="head_groups"``, the numerics of dilated-attention-pytorch) and
-    ``"improved"`` (``mixing="lse"``, LongNet eq. 10). ``kwargs`` go to :class:`MultiheadDilatedAttention`.
+    ``"improved"`` (``mixing="lse"``, LongNet eq. 10): ``kwargs`` go to :class:`MultiheadDilatedAttention`.
+    ``"ring"`` (sequence-parallel, LongNet's sparse exchange; ``mode="ring"`` passes K/V around the ring) and
+    ``"head_parallel"`` (all-to-all to head shards): a :class:`MultiheadSequenceParallelAttention` over this rank's
+    sequence shard; ``segment_lengths``, ``dilation_rates`` and ``mixing`` (default ``"lse"``) make the strategy,
+    ``group``, ``layout`` and ``mode`` choose the distribution, the rest go to the module.
     """
-    if kind in _NOT_YET:
-        raise NotImplementedError(f"kind={kind!r}: {_NOT_YET[kind]}")
+    if kind in _DISTRIBUTED_KINDS:
+        from ..strategies.dilated import Dilated
+
+        strategy = Dilated(kwargs.pop("segment_lengths"), kwargs.pop("dilation_rates"), kwargs.pop("mixing", "lse"))
+        return _distributed(strategy, _DISTRIBUTED_KINDS[kind], kwargs)
     if kind not in _MULTIHEAD_DILATED_KINDS:
-        raise ValueError(
-            f"unknown kind {kind!r}; valid kinds: {sorted(_MULTIHEAD_DILATED_KINDS)} "
-            f"(planned, not yet implemented: {sorted(_NOT_YET)})")
+        raise ValueError(f"unknown kind {kind!r}; valid kinds: {sorted(_MULTIHEAD_DILATED_KINDS) + sorted(_DISTRIBUTED_KINDS)}")
     kwargs.setdefault("mixing", _MULTIHEAD_DILATED_KINDS[kind])
     return MultiheadDilatedAttention(**kwargs)
 
 
-_BLOCK_SPARSE_KINDS = ("base", "adaptive", "multihead")
-_BLOCK_SPARSE_NOT_YET = {
-    "distributed": "sequence-parallel block-sparse attention (dilate_compiler.distributed, only the K/V blocks a "
-                   "rank's query blocks need) is not implemented yet",
-}
+_BLOCK_SPARSE_KINDS = ("base", "adaptive", "multihead", "distributed")
 
 
 def create_block_sparse_attention(kind: str = "base", **kwargs):
@@ -45,11 +54,16 @@ def create_block_sparse_attention(kind: str = "base", **kwargs):
     - ``"adaptive"``: :class:`BlockSparseAttention` with ``dc.Adaptive(top_k, block_size, threshold,
       sink_blocks)`` built from ``kwargs``.
     - ``"multihead"``: :class:`MultiheadBlockSparseAttention` (``embed_dim``, ``num_heads``, ``pattern``, ...).
+    - ``"distributed"``: :class:`MultiheadSequenceParallelAttention` with ``dc.BlockSparse(pattern, block_size)``
+      over this rank's sequence shard (each rank receives only the K/V blocks its query blocks list;
+      ``mode="head_parallel"`` for all-to-all to head shards; ``group``, ``layout`` as in ``dc.distributed``).
     """
-    from ..strategies.block_sparse import Adaptive
+    from ..strategies.block_sparse import Adaptive, BlockSparse
 
-    if kind in _BLOCK_SPARSE_NOT_YET:
-        raise NotImplementedError(f"kind={kind!r}: {_BLOCK_SPARSE_NOT_YET[kind]}")
+    if kind == "distributed":
+        strategy = BlockSparse(kwargs.pop("pattern"), kwargs.pop("block_size", 128))
+        kwargs.setdefault("layer_norm", False)
+        return _distributed(strategy, "auto", kwargs)
     if kind == "base":
         return BlockSparseAttention(**kwargs)
     if kind == "adaptive":
@@ -57,9 +71,8 @@ def create_block_sparse_attention(kind: str = "base", **kwargs):
         return BlockSparseAttention(Adaptive(**kwargs), softmax_scale=scale)
     if kind == "multihead":
         return MultiheadBlockSparseAttention(**kwargs)
-    raise ValueError(f"unknown kind {kind!r}; valid kinds: {list(_BLOCK_SPARSE_KINDS)} "
-                     f"(planned, not yet implemented: {sorted(_BLOCK_SPARSE_NOT_YET)})")
+    raise ValueError(f"unknown kind {kind!r}; valid kinds: {list(_BLOCK_SPARSE_KINDS)}")
 
 
 __all__ = ["BlockSparseAttention", "DilatedAttention", "MultiheadBlockSparseAttention", "MultiheadDilatedAttention",
-           "ProjectedAttention", "create_block_sparse_attention", "create_multihead_dilated_attention"]
+           "MultiheadSequenceParallelAttention", "ProjectedAttention", "SequenceParallelAttention", "create_block_sparse_attention", "create_multihead_dilated_attention"]

@@ -251,3 +251,33 @@ def test_rewrite_and_compile_make_a_sharded_model_equal_the_whole_one(inner, mod
         assert err <= REL_ERR[torch.float64], err
         if not compile_it:
             assert "2 attention site(s): 2 rewritten" in report, report
+
+
+def _modules_worker(rank, world):
+    from dilate_compiler.distributed import shard_sequence
+
+    torch.manual_seed(0)
+    x = torch.randn(2, N, 32, dtype=torch.float64)
+    kw = dict(embed_dim=32, num_heads=4, num_kv_heads=2, dtype=torch.float64)
+    dil = dict(segment_lengths=(8, 16, 48), dilation_rates=(1, 2, 4))
+    pairs = [
+        (dc.nn.create_multihead_dilated_attention("improved", **kw, **dil),
+         dc.nn.create_multihead_dilated_attention("ring", **kw, **dil)),
+        (dc.nn.create_multihead_dilated_attention("improved", **kw, **dil),
+         dc.nn.create_multihead_dilated_attention("head_parallel", layout="zigzag", **kw, **dil)),
+        (dc.nn.create_block_sparse_attention("multihead", pattern=P.local(2), block_size=8, **kw),
+         dc.nn.create_block_sparse_attention("distributed", pattern=P.local(2), block_size=8, **kw)),
+    ]
+    errors = []
+    for whole, sharded in pairs:
+        sharded.load_state_dict(whole.state_dict())
+        layout = sharded.attention.config.layout
+        ref = whole(x, is_causal=True)[0]
+        out = sharded(shard_sequence(x, dim=1, layout=layout), is_causal=True)[0]
+        errors.append(rel_err(out, shard_sequence(ref, dim=1, layout=layout)))
+    return errors
+
+
+def test_factory_kinds_equal_their_single_process_modules():
+    for errors in values(run_ranks(_modules_worker, 2)):
+        assert max(errors) <= REL_ERR[torch.float64], errors

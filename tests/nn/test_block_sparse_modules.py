@@ -92,8 +92,10 @@ def test_modules_and_factory():
     assert adaptive(heads, heads, heads, is_causal=True).shape == heads.shape
     with pytest.raises(ValueError, match="no attn_mask"):
         mha(x, key_padding_mask=torch.zeros(2, 50, dtype=torch.bool))
-    with pytest.raises(NotImplementedError, match="sequence-parallel block-sparse"):
-        dc.nn.create_block_sparse_attention("distributed")
+    dist_mha = dc.nn.create_block_sparse_attention("distributed", embed_dim=32, num_heads=4, pattern=P.local(2),
+                                                   block_size=16)
+    assert isinstance(dist_mha, dc.nn.MultiheadSequenceParallelAttention)
+    assert dist_mha.attention.config.mode == "auto" and dist_mha.attention.config.inner.block_size == 16
     with pytest.raises(ValueError, match="valid kinds"):
         dc.nn.create_block_sparse_attention("bigbird")
     with pytest.raises(ValueError, match="top_k"):

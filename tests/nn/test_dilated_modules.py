@@ -121,11 +121,17 @@ def test_factory_kinds():
                                                    segment_lengths=(8,), dilation_rates=(1,))
     assert std.attention.strategy.mixing == "head_groups"
     assert imp.attention.strategy.mixing == "lse"
-    with pytest.raises(ValueError, match=r"unknown kind 'fast'; valid kinds: \['improved', 'standard'\]"):
+    with pytest.raises(ValueError, match=r"unknown kind 'fast'; valid kinds: \['improved', 'standard', 'head_parallel', 'ring'\]"):
         dc.nn.create_multihead_dilated_attention("fast", embed_dim=16, num_heads=2,
                                                  segment_lengths=(8,), dilation_rates=(1,))
-    with pytest.raises(NotImplementedError, match="ring"):
-        dc.nn.create_multihead_dilated_attention("ring")
+    for kind, mode in (("ring", "auto"), ("head_parallel", "head_parallel")):
+        m = dc.nn.create_multihead_dilated_attention(kind, embed_dim=16, num_heads=2, segment_lengths=(8,),
+                                                     dilation_rates=(1,), mixing="head_groups")
+        assert isinstance(m, dc.nn.MultiheadSequenceParallelAttention)
+        assert m.attention.config.mode == mode and m.attention.config.inner.mixing == "head_groups"
+    with pytest.raises(ValueError, match="no attention dropout"):
+        dc.nn.create_multihead_dilated_attention("ring", embed_dim=16, num_heads=2, segment_lengths=(8,),
+                                                 dilation_rates=(1,), dropout=0.1)
 
 
 def test_constructor_errors():
