@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import dilate_compiler as dc
 from dilate_compiler import patterns as P
-from tests.distributed.launch import run_ranks, values
+from dilate_compiler.distributed.launch import run_ranks, values
 from tests.tolerances import REL_ERR, rel_err
 
 N, D = 48, 8
