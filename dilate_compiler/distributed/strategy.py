@@ -56,7 +56,10 @@ class SequenceParallel:
                     f"no mask tensor (use is_causal or a block-sparse pattern)")
         if site.dropout_p > 0.0:
             return f"dropout_p={site.dropout_p}: sequence-parallel attention has no attention dropout"
-        comm.resolve_group(self.group)
+        try:
+            comm.resolve_group(self.group)
+        except RuntimeError as e:
+            return str(e)
         site.detail = f"{self.mode if self.mode != 'auto' else resolve_mode(self.inner, 'auto')}, inner={self.inner!r}"
         return None
 

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from ..ops import adaptive_block_sparse_attention, block_sparse_attention
 from ..patterns import BlockLayout, Pattern
 from ..strategies.block_sparse import Adaptive
-from .dilated import ProjectedAttention
+from .dilated import ProjectedAttention, check_projected_heads
 
 
 class BlockSparseAttention(nn.Module):
@@ -41,9 +41,7 @@ class BlockSparseAttention(nn.Module):
         if attn_mask is not None:
             raise ValueError("block-sparse attention takes no attn_mask: express the mask as a dc.patterns pattern "
                              "(or compile the model with dc.BlockSparse('auto') to keep a structured mask)")
-        for name, t in (("query", query), ("key", key), ("value", value)):
-            if t.dim() != 4:
-                raise ValueError(f"{name} must have 4 dims [B, N, H, D], got shape {tuple(t.shape)}")
+        check_projected_heads(query, key, value)
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
         if isinstance(self.pattern, Adaptive):
             out = adaptive_block_sparse_attention(q, k, v, self.pattern, is_causal=is_causal,

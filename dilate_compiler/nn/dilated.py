@@ -11,6 +11,13 @@ from ..ops import dilated_attention
 from ..strategies.dilated import Dilated
 
 
+def check_projected_heads(query: Tensor, key: Tensor, value: Tensor) -> None:
+    """The attention modules over projected heads take ``[B, N, H, D]`` tensors."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dims [B, N, H, D], got shape {tuple(t.shape)}")
+
+
 class DilatedAttention(nn.Module):
     """Dilated attention over already projected heads: q ``[B, N, Hq, D]``, k/v ``[B, N, Hkv, D]``.
 
@@ -28,9 +35,7 @@ class DilatedAttention(nn.Module):
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, is_causal: bool = False,
                 attn_mask: Optional[Tensor] = None) -> Tensor:
-        for name, t in (("query", query), ("key", key), ("value", value)):
-            if t.dim() != 4:
-                raise ValueError(f"{name} must have 4 dims [B, N, H, D], got shape {tuple(t.shape)}")
+        check_projected_heads(query, key, value)
         out = dilated_attention(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
             self.strategy.segment_lengths, self.strategy.dilation_rates, is_causal=is_causal,

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..distributed import head_parallel_attention, ring_attention
 from ..distributed.strategy import SequenceParallel
-from .dilated import ProjectedAttention
+from .dilated import ProjectedAttention, check_projected_heads
 
 
 class SequenceParallelAttention(nn.Module):
@@ -33,9 +33,7 @@ class SequenceParallelAttention(nn.Module):
         if attn_mask is not None:
             raise ValueError("sequence-parallel attention takes no attn_mask (a mask over one shard says nothing "
                              "about the other ranks' keys): use is_causal or a block-sparse pattern")
-        for name, t in (("query", query), ("key", key), ("value", value)):
-            if t.dim() != 4:
-                raise ValueError(f"{name} must have 4 dims [B, N_local, H, D], got shape {tuple(t.shape)}")
+        check_projected_heads(query, key, value)
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
         c = self.config
         kw = {"is_causal": is_causal, "group": c.group, "scale": self.softmax_scale, "layout": c.layout}

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import dilate_compiler as dc
 from dilate_compiler import patterns as P
 from dilate_compiler.distributed.launch import run_ranks, values
+from tests.test_backend import Block   # per-token ops around one causal SDPA: a sequence shard runs it unchanged
 from tests.tolerances import REL_ERR, rel_err
 
 N, D = 48, 8
@@ -192,20 +193,6 @@ def test_errors_without_a_process_group_and_for_bad_arguments():
         dc.SequenceParallel(None, layout="striped")
 
 
-class Block(torch.nn.Module):
-    """Position-free except for its causal attention, so a shard of the sequence runs it unchanged."""
-
-    def __init__(self, E=16, H=4):
-        super().__init__()
-        self.qkv, self.o, self.H = torch.nn.Linear(E, 3 * E), torch.nn.Linear(E, E), H
-
-    def forward(self, x):
-        B, N, E = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.H, E // self.H).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return x + self.o(a.transpose(1, 2).reshape(B, N, E))
-
-
 def _model_worker(rank, world, inner_name, mode, layout, compile_it):
     import torch.distributed as dist
 
@@ -214,7 +201,7 @@ def _model_worker(rank, world, inner_name, mode, layout, compile_it):
 
     inner = STRATEGIES[inner_name]
     torch.manual_seed(0)
-    model = torch.nn.Sequential(Block(), Block()).double()
+    model = torch.nn.Sequential(Block(16), Block(16)).double()
     x = torch.randn(2, N, 16, dtype=torch.float64)
     dout = torch.randn(2, N, 16, dtype=torch.float64)
     # single process, whole sequence, the inner strategy (dense: the model itself)
