@@ -191,6 +191,8 @@ def test_errors_without_a_process_group_and_for_bad_arguments():
         dc.SequenceParallel("dilated")
     with pytest.raises(ValueError, match="layout must be one of"):
         dc.SequenceParallel(None, layout="striped")
+    report = dc.explain(Block(16), (torch.randn(1, 8, 16),), dc.SequenceParallel(None))
+    assert len(report.skipped) == 1 and "init_process_group" in report.skipped[0].reason
 
 
 def _model_worker(rank, world, inner_name, mode, layout, compile_it):
