@@ -73,7 +73,6 @@ def exchange(group, sends: dict, recv_shapes: dict, dtype, device, kind: str) ->
     for peer, t in sends.items():
         if t.numel():
             t = t.contiguous()
-            sends[peer] = t
             ops.append(dist.P2POp(dist.isend, t, _peer(group, peer), group, TAGS[kind]))
             sent_bytes += t.numel() * t.element_size()
             messages += 1

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..lowering.dilated_op import kernels_apply
-from ..patterns import BlockLayout, Pattern
+from ..patterns import BlockLayout
 from ..strategies.block_sparse import BlockSparse
 from ..strategies.dilated import Dilated
 from . import comm
-from .links import LAYOUTS, lcm_of_rates, shard_ranges
+from .links import LAYOUTS, check_strategy, lcm_of_rates, shard_ranges
 from .sequence_parallel import _CONFIGS, check_inputs, local_attention
 
 
@@ -92,8 +92,6 @@ def _attend_heads(q, k, v, strategy, first_head: int, num_heads: int, is_causal:
         return local_attention(q, k, v, strategy, first_head=first_head, num_heads=num_heads, is_causal=is_causal,
                                scale=scale)
     if isinstance(strategy, BlockSparse):
-        if not isinstance(strategy.pattern, Pattern):
-            raise ValueError("BlockSparse('auto') reads a site's mask; head-parallel attention needs a fixed pattern")
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
         with unset_fake_temporarily():   # built once from the pattern (real tensors, cached), also while tracing
@@ -101,7 +99,7 @@ def _attend_heads(q, k, v, strategy, first_head: int, num_heads: int, is_causal:
         layout = slice_layout_heads(layout, first_head, first_head + q.shape[1])
         return ops.block_sparse_attention(q, k, v, layout, block_size=strategy.block_size, is_causal=is_causal,
                                           scale=scale)
-    raise TypeError(f"strategy must be None (dense), dc.Dilated or dc.BlockSparse, got {strategy!r}")
+    raise AssertionError(f"unchecked strategy {strategy!r}")   # head_parallel_attention checked it
 
 
 def head_parallel_attention(q: Tensor, k: Tensor, v: Tensor, strategy=None, *, is_causal: bool = False,
@@ -109,6 +107,7 @@ def head_parallel_attention(q: Tensor, k: Tensor, v: Tensor, strategy=None, *, i
     """Head-parallel attention over a sequence sharded across ``group``: same arguments and result as
     ``ring_attention`` (this rank's output shard), computed by all-to-all to head shards and back."""
     check_inputs(q, k, v)
+    check_strategy(strategy)
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     group, rank, world = comm.resolve_group(group)

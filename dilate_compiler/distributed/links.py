@@ -154,24 +154,24 @@ class BlockSparseLinks(Links):
         return blocks.gather(1, (j.clamp(min=0) // self.bs).clamp(max=blocks.shape[1] - 1))
 
 
+def check_strategy(strategy, name: str = "strategy") -> None:
+    """The strategies the distributed ops take: None (dense), ``Dilated``, ``BlockSparse`` with a fixed pattern."""
+    if strategy is not None and not isinstance(strategy, (Dilated, BlockSparse)):
+        raise TypeError(f"{name} must be None (dense), dc.Dilated or dc.BlockSparse, got {strategy!r}")
+    if isinstance(strategy, BlockSparse) and not isinstance(strategy.pattern, Pattern):
+        raise ValueError(f"{name}=BlockSparse('auto') reads a site's mask over one shard only; distributed attention "
+                         f"needs a fixed pattern (dc.BlockSparse(pattern))")
+
+
 def links_for(strategy, seq_len: int, num_heads: int, is_causal: bool, device=None) -> Links:
     """The ``Links`` of ``strategy`` (None: dense) over ``seq_len`` global positions and ``num_heads`` query heads."""
+    check_strategy(strategy)
     if strategy is None:
         return Links(seq_len, num_heads, is_causal)
     if isinstance(strategy, Dilated):
         return DilatedLinks(strategy, seq_len, num_heads, is_causal)
-    if isinstance(strategy, BlockSparse):
-        if not isinstance(strategy.pattern, Pattern):
-            raise ValueError("BlockSparse('auto') reads a site's mask; sequence-parallel attention needs a fixed "
-                             "pattern (dc.BlockSparse(pattern))")
-        layout = strategy.layout(strategy.pattern, seq_len, num_heads, is_causal, device)
-        return BlockSparseLinks(layout, num_heads)
-    if isinstance(strategy, BlockLayout):
-        if strategy.seq_len != seq_len or strategy.is_causal != is_causal:
-            raise ValueError(f"the layout was built for seq_len={strategy.seq_len}, is_causal={strategy.is_causal}; "
-                             f"this call has seq_len={seq_len}, is_causal={is_causal}")
-        return BlockSparseLinks(strategy, num_heads)
-    raise TypeError(f"strategy must be None (dense), dc.Dilated or dc.BlockSparse, got {strategy!r}")
+    layout = strategy.layout(strategy.pattern, seq_len, num_heads, is_causal, device)
+    return BlockSparseLinks(layout, num_heads)
 
 
 def lcm_of_rates(strategy: Optional[Dilated]) -> int:

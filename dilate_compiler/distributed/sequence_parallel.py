@@ -33,7 +33,7 @@ from torch import Tensor
 from ..lowering.dilated_op import lse_dtype
 from . import comm
 from .attend import attend_backward, attend_forward, merge
-from .links import LAYOUTS, Links, links_for, positions, shard_ranges
+from .links import LAYOUTS, Links, check_strategy, links_for, positions, shard_ranges
 
 MODES = ("auto", "ring", "sparse")
 
@@ -88,7 +88,7 @@ class Plan:
     heads: Tensor
     q_pos: Tensor
     rank_pos: list            # global positions of each rank's shard
-    linked: list              # ring mode: does any local query link to rank b's shard
+    linked: list              # ring: does any local query link to rank b's shard (sparse: empty)
     send_idx: dict            # sparse: peer -> [Hkv, n] local rows to send (padding: row 0)
     recv_pos: dict            # sparse: peer -> [Hkv, n] positions received (padding: -1)
     scale: float
@@ -123,8 +123,9 @@ def _plan(key: str, rank: int, world: int, shard_len: int, num_heads: int, num_k
     rank_pos = [positions(r, dev) for r in ranges]
     linked, send_idx, recv_pos = [], {}, {}
     for b in range(world):
-        linked.append(bool(links.needed(heads, ranges[rank], rank_pos[b]).any()))
-        if cfg.mode == "sparse" and b != rank:
+        if cfg.mode == "ring":
+            linked.append(bool(links.needed(heads, ranges[rank], rank_pos[b]).any()))
+        elif b != rank:
             send_idx[b] = _rows_needed(links, heads, ranges[b], rank_pos[rank], num_kv_heads)[0]
             recv_pos[b] = _rows_needed(links, heads, ranges[rank], rank_pos[b], num_kv_heads)[1]
     return Plan(links, heads, rank_pos[rank], rank_pos, linked, send_idx, recv_pos, scale)
@@ -341,7 +342,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, strategy=None, *, is_causal:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     group_, rank, world = comm.resolve_group(group)
-    links_for(strategy, q.shape[2] * world, q.shape[1], is_causal)   # validates the strategy early
+    check_strategy(strategy)
     cfg = Config(strategy, group_, resolve_mode(strategy, mode), layout, bool(is_causal), scale)
     key = register(cfg)
     check_agreement(group_, rank, world, key, q, k)

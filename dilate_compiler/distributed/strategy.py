@@ -8,11 +8,8 @@ from typing import Any, Optional
 
 import torch
 
-from ..patterns import Pattern
-from ..strategies.block_sparse import BlockSparse
-from ..strategies.dilated import Dilated
 from . import comm
-from .links import LAYOUTS
+from .links import LAYOUTS, check_strategy
 from .sequence_parallel import Config, MODES, register, resolve_mode
 
 PARALLEL_MODES = MODES + ("head_parallel",)
@@ -35,11 +32,7 @@ class SequenceParallel:
     layout: str = "contiguous"
 
     def __post_init__(self):
-        if self.inner is not None and not isinstance(self.inner, (Dilated, BlockSparse)):
-            raise TypeError(f"inner must be None (dense), dc.Dilated or dc.BlockSparse, got {self.inner!r}")
-        if isinstance(self.inner, BlockSparse) and not isinstance(self.inner.pattern, Pattern):
-            raise ValueError("inner=BlockSparse('auto') reads each site's mask over the local shard only; "
-                             "give sequence-parallel attention a fixed pattern")
+        check_strategy(self.inner, "inner")
         if self.mode not in PARALLEL_MODES:
             raise ValueError(f"mode must be one of {PARALLEL_MODES}, got {self.mode!r}")
         if self.mode != "head_parallel":
