@@ -2,15 +2,18 @@
 
 A pattern says which keys ``j`` a query ``p`` (of head ``h``) may attend. Every pattern is stored as a union
 of *terms*; a term is a set of allowed ``(query block, key block)`` pairs (all pairs when the term has none)
-intersected with integer intervals on ``p - j``, ``p`` and ``j``::
+intersected with integer intervals on ``p - j``, ``p``, ``j`` and, for grid patterns, on the difference of
+the two tokens' grid coordinates along each axis (``c(p) - c(j)``, from the pattern's coordinate table)::
 
     allowed(h, p, j) = OR_t [ (p // bs, j // bs) in blocks_t(h)  and  d_lo <= p - j <= d_hi
-                              and  p_lo <= p <= p_hi  and  j_lo <= j <= j_hi ]
+                              and  p_lo <= p <= p_hi  and  j_lo <= j <= j_hi
+                              and  g_lo[a] <= c(p)[a] - c(j)[a] <= g_hi[a] for each grid axis a ]
 
-This covers block-granular patterns (``local``, ``dilated``, ``random``, ``from_layout``) and token-exact
-ones (``sliding_window``, ``global_tokens``), and is closed under ``union`` (``|``: terms concatenated) and
-``intersection`` (``&``: terms paired). A layout is built from the terms by interval arithmetic on each
-block's ranges of ``p``, ``j`` and ``p - j``, never by evaluating an N x N mask: each block is *empty*,
+This covers block-granular patterns (``local``, ``dilated``, ``random``, ``from_layout``), token-exact
+ones (``sliding_window``, ``global_tokens``) and grid neighbourhoods (``neighborhood``), and is closed under
+``union`` (``|``: terms concatenated) and ``intersection`` (``&``: terms paired). A layout is built from the
+terms by interval arithmetic on each block's ranges of ``p``, ``j``, ``p - j`` and (from each block's bounding
+box of coordinates) ``c(p) - c(j)``, never by evaluating an N x N mask: each block is *empty*,
 *full* (every token pair allowed: the kernels skip masking) or *partial* (the kernels evaluate the terms
 whose bit is set for that block, plus causality and the sequence end, token by token).
 
@@ -20,6 +23,7 @@ diagonal blocks are partial.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -30,6 +34,12 @@ from torch import Tensor
 INF = 2**30
 UNBOUNDED = (-INF, INF)
 MAX_TERMS = 31  # a partial block carries its terms as bits of an int32; bit 0 is the always-true term
+GRID_AXES = 3    # coordinate columns of a grid pattern (2-D grids leave the last one 0)
+TERM_COLUMNS = 6 + 2 * GRID_AXES
+# Coordinates of tokens outside the grid (e.g. a CLS token before it): token i sits FAR * (i + 1) away on
+# the first axis, so no coordinate interval (|radius| < FAR) ever links it to another token.
+FAR = 1 << 20
+MAX_EXTRA_TOKENS = 1000
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -117,32 +127,92 @@ def _meet(a: tuple, b: tuple) -> tuple:
 
 @dataclass(frozen=True)
 class Term:
-    """Block sets (all must hold; none = every block) and inclusive intervals on ``p - j``, ``p`` and ``j``."""
+    """Block sets (all must hold; none = every block) and inclusive intervals on ``p - j``, ``p``, ``j`` and
+    (``g``, one per grid axis) on ``c(p) - c(j)``."""
 
     blocks: tuple = ()
     d: tuple = UNBOUNDED
     p: tuple = UNBOUNDED
     j: tuple = UNBOUNDED
+    g: tuple = (UNBOUNDED,) * GRID_AXES
 
     def __and__(self, other: "Term") -> "Term":
         return Term(self.blocks + other.blocks, _meet(self.d, other.d), _meet(self.p, other.p),
-                    _meet(self.j, other.j))
+                    _meet(self.j, other.j), tuple(_meet(a, b) for a, b in zip(self.g, other.g)))
 
     def is_void(self) -> bool:
-        return any(lo > hi for lo, hi in (self.d, self.p, self.j))
+        return any(lo > hi for lo, hi in (self.d, self.p, self.j) + self.g)
 
-    def token_mask(self, p: Tensor, j: Tensor) -> Tensor:
+    @property
+    def uses_grid(self) -> bool:
+        return any(iv != UNBOUNDED for iv in self.g)
+
+    def token_mask(self, p: Tensor, j: Tensor, coords: Optional[Tensor] = None) -> Tensor:
+        """``coords``: the coordinate table ``[N, GRID_AXES]`` (needed when the term uses the grid)."""
         d = p - j
-        return ((d >= self.d[0]) & (d <= self.d[1]) & (p >= self.p[0]) & (p <= self.p[1])
-                & (j >= self.j[0]) & (j <= self.j[1]))
+        ok = ((d >= self.d[0]) & (d <= self.d[1]) & (p >= self.p[0]) & (p <= self.p[1])
+              & (j >= self.j[0]) & (j <= self.j[1]))
+        if self.uses_grid:
+            for a, (lo, hi) in enumerate(self.g):
+                if (lo, hi) != UNBOUNDED:
+                    da = _coord(coords, p, a) - _coord(coords, j, a)
+                    ok = ok & (da >= lo) & (da <= hi)
+        return ok
+
+
+def _coord(coords: Tensor, pos: Tensor, axis: int) -> Tensor:
+    """Coordinate ``axis`` of positions ``pos`` (positions past the table, i.e. padding, read its last row)."""
+    return coords[:, axis].to(pos.device)[pos.clamp(0, coords.shape[0] - 1)]
+
+
+@dataclass(frozen=True, eq=False)
+class Grid:
+    """Where a pattern's tokens sit on a grid: the last ``prod(shape)`` of the sequence's tokens are grid cells,
+    in the order ``order`` (``order[c]``: the row-major cell of the ``c``-th grid token; None: row-major); tokens
+    before them are outside the grid (see ``FAR``)."""
+
+    shape: tuple
+    order: Optional[Tensor] = None
+
+    @property
+    def cells(self) -> int:
+        return math.prod(self.shape)
+
+    def same_as(self, other: "Grid") -> bool:
+        if self.shape != other.shape:
+            return False
+        if self.order is None or other.order is None:
+            return self.order is None and other.order is None
+        return bool(torch.equal(self.order.cpu(), other.order.cpu()))
+
+    def table(self, seq_len: int, device=None) -> Tensor:
+        """int32 ``[seq_len, GRID_AXES]``: each position's coordinates."""
+        from .hilbert import coordinates
+
+        extra = seq_len - self.cells
+        if extra < 0 or extra > MAX_EXTRA_TOKENS:
+            raise ValueError(f"a pattern on the grid {self.shape} ({self.cells} cells) needs seq_len between "
+                             f"{self.cells} and {self.cells + MAX_EXTRA_TOKENS} (tokens outside the grid come "
+                             f"first), got seq_len={seq_len}")
+        cells = coordinates(self.shape)
+        if self.order is not None:
+            cells = cells[self.order.cpu()]
+        out = torch.zeros(seq_len, GRID_AXES, dtype=torch.int64)
+        out[extra:, GRID_AXES - len(self.shape):] = cells
+        out[:extra, 0] = -FAR * torch.arange(1, extra + 1)
+        return out.to(torch.int32).to(device)
 
 
 @dataclass(frozen=True, eq=False)
 class Pattern:
-    """A block-sparse attention pattern: a union of :class:`Term`. Combine with ``|`` and ``&``."""
+    """A block-sparse attention pattern: a union of :class:`Term`. Combine with ``|`` and ``&``.
+
+    ``grid``: where the tokens sit on a grid, for terms on coordinate differences (``neighborhood``).
+    """
 
     terms: tuple
     name: str = field(default="pattern")
+    grid: Optional[Grid] = None
 
     def __or__(self, other: "Pattern") -> "Pattern":
         return union(self, other)
@@ -154,9 +224,24 @@ class Pattern:
         return self.name
 
     def layout(self, seq_len: int, block_size: int, *, num_heads: int = 1, is_causal: bool = False,
-               device=None) -> "BlockLayout":
+               device=None, schedule: str = "row") -> "BlockLayout":
         """The block layout for ``seq_len`` tokens in blocks of ``block_size``, in O(blocks)."""
-        return build_layout(self, seq_len, block_size, num_heads=num_heads, is_causal=is_causal, device=device)
+        return build_layout(self, seq_len, block_size, num_heads=num_heads, is_causal=is_causal, device=device,
+                            schedule=schedule)
+
+    def coordinates(self, seq_len: int, device=None) -> Tensor:
+        """int32 ``[seq_len, GRID_AXES]`` grid coordinates of each position (``[0, GRID_AXES]`` without a grid)."""
+        if self.grid is None:
+            return torch.zeros(0, GRID_AXES, dtype=torch.int32, device=device)
+        return self.grid.table(seq_len, device)
+
+    def reordered(self, grid: Grid) -> "Pattern":
+        """The same pattern with its grid tokens placed as ``grid`` says (a ``Grid`` of the same shape)."""
+        if self.grid is None:
+            raise ValueError(f"pattern {self.name} has no grid to reorder")
+        if grid.shape != self.grid.shape:
+            raise ValueError(f"pattern {self.name} is on the grid {self.grid.shape}, not {grid.shape}")
+        return Pattern(self.terms, self.name, grid)
 
     def token_mask(self, seq_len: int, block_size: int, *, num_heads: int = 1, is_causal: bool = False,
                    device=None) -> Tensor:
@@ -164,9 +249,10 @@ class Pattern:
         nb = -(-seq_len // block_size)
         p = torch.arange(seq_len, device=device).view(1, -1, 1)
         j = torch.arange(seq_len, device=device).view(1, 1, -1)
+        coords = self.coordinates(seq_len, device)
         out = torch.zeros(1, seq_len, seq_len, dtype=torch.bool, device=device)
         for t in self.terms:
-            m = t.token_mask(p, j)
+            m = t.token_mask(p, j, coords)
             for bs in t.blocks:
                 blocks = bs.mask(nb, num_heads, device)
                 m = m & blocks.repeat_interleave(block_size, 1)[:, :seq_len].repeat_interleave(
@@ -177,8 +263,9 @@ class Pattern:
         return out
 
 
-def _pattern(name: str, *terms: Term) -> Pattern:
-    return Pattern(tuple(t for t in terms if not t.is_void()), name)
+def _pattern(name: str, *terms: Term, grid: Optional[Grid] = None) -> Pattern:
+    terms = tuple(t for t in terms if not t.is_void())
+    return Pattern(terms, name, grid if any(t.uses_grid for t in terms) else None)
 
 
 def local(window_blocks: int) -> Pattern:
@@ -235,27 +322,52 @@ def from_layout(layout: Tensor) -> Pattern:
     return _pattern(f"from_layout({tuple(layout.shape)})", Term((LayoutBlocks(layout),)))
 
 
+def neighborhood(grid: Sequence[int], radius) -> Pattern:
+    """Grid neighbourhood attention: the last ``prod(grid)`` tokens are the cells of ``grid`` in row-major
+    order, and a cell attends the cells at most ``radius`` away along every axis (``|dy| <= r and |dx| <= r``;
+    ``radius`` is an int or one int per axis). Tokens before the grid (a CLS token) get no neighbours: combine
+    with ``global_tokens``. Inside ``dc.Hilbert`` the same mask runs in curve order."""
+    from .hilbert import check_grid
+
+    grid = check_grid(grid)
+    radii = (radius,) * len(grid) if isinstance(radius, int) and not isinstance(radius, bool) else radius
+    if not isinstance(radii, (tuple, list)) or len(radii) != len(grid) or any(
+            isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < FAR for r in radii):
+        raise ValueError(f"radius must be an int in [0, {FAR}) or one per axis of the grid {grid}, got {radius!r}")
+    g = (UNBOUNDED,) * (GRID_AXES - len(grid)) + tuple((-r, r) for r in radii)
+    name = f"neighborhood({'x'.join(map(str, grid))}, {radius})"
+    return _pattern(name, Term(g=g), grid=Grid(grid))
+
+
 def union(*patterns: Pattern) -> Pattern:
     """Keys allowed by any of ``patterns`` (one softmax over the union)."""
-    _check_patterns(patterns)
-    return _pattern(" | ".join(p.name for p in patterns), *(t for p in patterns for t in p.terms))
+    grid = _check_patterns(patterns)
+    return _pattern(" | ".join(p.name for p in patterns), *(t for p in patterns for t in p.terms), grid=grid)
 
 
 def intersection(*patterns: Pattern) -> Pattern:
     """Keys allowed by all of ``patterns``."""
-    _check_patterns(patterns)
+    grid = _check_patterns(patterns)
     terms = list(patterns[0].terms)
     for p in patterns[1:]:
         terms = [a & b for a in terms for b in p.terms]
-    return _pattern(" & ".join(f"({p.name})" for p in patterns), *terms)
+    return _pattern(" & ".join(f"({p.name})" for p in patterns), *terms, grid=grid)
 
 
-def _check_patterns(patterns) -> None:
+def _check_patterns(patterns) -> Optional[Grid]:
+    """Checks the patterns; returns their common grid (patterns on different grids can't combine)."""
     if not patterns:
         raise ValueError("expected at least one pattern")
+    grid = None
     for p in patterns:
         if not isinstance(p, Pattern):
             raise TypeError(f"expected dilate_compiler.patterns patterns, got {p!r}")
+        if p.grid is not None:
+            if grid is not None and not grid.same_as(p.grid):
+                raise ValueError(f"patterns on different grids can't combine: {grid.shape} and {p.grid.shape} "
+                                 f"(or the same shape in different token orders)")
+            grid = p.grid
+    return grid
 
 
 # --- layouts ------------------------------------------------------------------------------------------------
@@ -268,8 +380,10 @@ class BlockLayout:
     ``kv_idx[h, I, :kv_count[h, I, 1]]`` are the key blocks of query block ``I`` (the first
     ``kv_count[h, I, 0]`` partial, then full ones); ``kv_bits`` the term bits of each partial entry.
     ``q_idx``/``q_count``/``q_bits`` are the same lists transposed (query blocks of each key block), for the
-    dK/dV pass. ``terms``: int32 ``[T, 6]`` intervals ``(d_lo, d_hi, p_lo, p_hi, j_lo, j_hi)``, row 0 always true.
-    ``state``: int8 ``[Hl, nb, nb]`` (0 empty, 1 partial, 2 full).
+    dK/dV pass. ``terms``: int32 ``[T, TERM_COLUMNS]`` intervals ``(d, p, j, g_0, g_1, g_2)`` (lo, hi each),
+    row 0 always true. ``coords``: int32 ``[N, GRID_AXES]`` grid coordinates of each position (``[0, ...]``
+    when no term uses them). ``state``: int8 ``[Hl, nb, nb]`` (0 empty, 1 partial, 2 full).
+    ``schedule``: the order of each list inside its partial and full parts (see ``build_layout``).
     """
 
     seq_len: int
@@ -283,6 +397,8 @@ class BlockLayout:
     q_count: Tensor
     q_idx: Tensor
     q_bits: Tensor
+    coords: Tensor
+    schedule: str = "row"
 
     @property
     def num_heads(self) -> int:
@@ -299,21 +415,25 @@ class BlockLayout:
 
     def tensors(self) -> tuple:
         """The op's layout arguments, in order."""
-        return (self.terms, self.kv_count, self.kv_idx, self.kv_bits, self.q_count, self.q_idx, self.q_bits)
+        return (self.terms, self.kv_count, self.kv_idx, self.kv_bits, self.q_count, self.q_idx, self.q_bits,
+                self.coords)
 
     def to(self, device) -> "BlockLayout":
-        moved = {name: getattr(self, name).to(device) for name in
-                 ("state", "terms", "kv_count", "kv_idx", "kv_bits", "q_count", "q_idx", "q_bits")}
-        return BlockLayout(self.seq_len, self.block_size, self.is_causal, **moved)
+        moved = {name: getattr(self, name).to(device) for name in LAYOUT_TENSORS}
+        return BlockLayout(self.seq_len, self.block_size, self.is_causal, schedule=self.schedule, **moved)
 
     def token_mask(self) -> Tensor:
         """bool ``[Hl, N, N]`` expanded from the index lists (O(N^2), for tests)."""
         return expand_lists(self.terms, self.kv_count, self.kv_idx, self.kv_bits, self.seq_len, self.block_size,
-                            self.is_causal)
+                            self.is_causal, self.coords)
+
+
+LAYOUT_TENSORS = ("state", "terms", "kv_count", "kv_idx", "kv_bits", "q_count", "q_idx", "q_bits", "coords")
+SCHEDULES = ("row", "hilbert")
 
 
 def term_table(terms: Sequence[Term], device=None) -> Tensor:
-    rows = [UNBOUNDED * 3] + [t.d + t.p + t.j for t in terms]
+    rows = [UNBOUNDED * (3 + GRID_AXES)] + [t.d + t.p + t.j + sum(t.g, ()) for t in terms]
     return torch.tensor(rows, dtype=torch.int32, device=device)
 
 
@@ -326,13 +446,30 @@ def _interval_state(lo_x: Tensor, hi_x: Tensor, iv: tuple):
     return possible, always
 
 
+def _block_boxes(coords: Tensor, nb: int, bs: int):
+    """Per block: the min and max of its tokens' coordinates, ``[nb, GRID_AXES]`` each (O(N))."""
+    N = coords.shape[0]
+    c = coords.long()
+    c = torch.cat([c, c[-1:].expand(nb * bs - N, GRID_AXES)]).view(nb, bs, GRID_AXES)   # pad with a real token
+    return c.amin(1), c.amax(1)
+
+
 def build_layout(pattern: Pattern, seq_len: int, block_size: int, *, num_heads: int = 1, is_causal: bool = False,
-                 device=None) -> BlockLayout:
+                 device=None, schedule: str = "row") -> BlockLayout:
+    """Compile ``pattern`` into block lists in O(blocks) (plus O(N) for a grid pattern's coordinate boxes).
+
+    ``schedule`` orders each query block's key blocks (and each key block's query blocks), inside the partial
+    and the full part of its list: ``"row"`` by block index; ``"hilbert"`` by the position of the pair
+    ``(I, J)`` on a Hilbert curve over the ``nb x nb`` block grid, so consecutive pairs a kernel visits are
+    neighbours on that grid (a locality schedule for L2 reuse; results are equal up to rounding order).
+    """
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a dilate_compiler.patterns pattern, got {pattern!r}")
     _positive_int("seq_len", seq_len)
     _positive_int("block_size", block_size)
     _positive_int("num_heads", num_heads)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if len(pattern.terms) > MAX_TERMS - 1:
         raise ValueError(f"pattern {pattern.name} has {len(pattern.terms)} terms; at most {MAX_TERMS - 1} "
                          f"are supported (intersections multiply terms)")
@@ -344,13 +481,22 @@ def build_layout(pattern: Pattern, seq_len: int, block_size: int, *, num_heads: 
     p_lo, p_hi = lo.view(nb, 1), hi.view(nb, 1)
     j_lo, j_hi = lo.view(1, nb), hi.view(1, nb)
     d_lo, d_hi = p_lo - j_hi, p_hi - j_lo
+    coords = pattern.coordinates(N, device)
+    g_ranges = []
+    if coords.shape[0]:
+        c_min, c_max = _block_boxes(coords, nb, bs)
+        g_ranges = [(c_min[:, a].view(nb, 1) - c_max[:, a].view(1, nb), c_max[:, a].view(nb, 1) - c_min[:, a].view(1, nb))
+                    for a in range(GRID_AXES)]
 
     full = torch.zeros(1, nb, nb, dtype=torch.bool, device=device)
     bits = torch.zeros(1, nb, nb, dtype=torch.int32, device=device)
     for t_index, term in enumerate(pattern.terms, start=1):
         possible = torch.ones(1, nb, nb, dtype=torch.bool, device=device)
         always = torch.ones(1, nb, nb, dtype=torch.bool, device=device)
-        for lo_x, hi_x, iv in ((d_lo, d_hi, term.d), (p_lo, p_hi, term.p), (j_lo, j_hi, term.j)):
+        ranges = [(d_lo, d_hi, term.d), (p_lo, p_hi, term.p), (j_lo, j_hi, term.j)]
+        if term.uses_grid:
+            ranges += [(g_lo, g_hi, iv) for (g_lo, g_hi), iv in zip(g_ranges, term.g)]
+        for lo_x, hi_x, iv in ranges:
             pos, alw = _interval_state(lo_x, hi_x, iv)
             if pos is not None:
                 possible = possible & pos
@@ -374,18 +520,31 @@ def build_layout(pattern: Pattern, seq_len: int, block_size: int, *, num_heads: 
     full = full & ~demote
     state = torch.where(full, FULL, torch.where(bits != 0, PARTIAL, EMPTY)).to(torch.int8)
     bits = torch.where(full, 0, bits)
-    kv_count, kv_idx, kv_bits = _lists(state, bits)
-    q_count, q_idx, q_bits = _lists(state.transpose(1, 2), bits.transpose(1, 2))
+    rank = _schedule_rank(schedule, nb, device)
+    kv_count, kv_idx, kv_bits = _lists(state, bits, rank)
+    q_count, q_idx, q_bits = _lists(state.transpose(1, 2), bits.transpose(1, 2),
+                                    None if rank is None else rank.t())
     return BlockLayout(N, bs, bool(is_causal), state, term_table(pattern.terms, device), kv_count, kv_idx, kv_bits,
-                       q_count, q_idx, q_bits)
+                       q_count, q_idx, q_bits, coords, schedule)
 
 
-def _lists(state: Tensor, bits: Tensor):
-    """Per row of ``state``: its non-empty columns, partial ones first, as int32 index lists."""
+def _schedule_rank(schedule: str, nb: int, device) -> Optional[Tensor]:
+    """``rank[I, J]``: visiting rank of block pair (I, J) inside a list (None: by block index)."""
+    if schedule == "row":
+        return None
+    from .hilbert import curve_order, inverse
+
+    return inverse(curve_order((nb, nb))).view(nb, nb).to(device)
+
+
+def _lists(state: Tensor, bits: Tensor, rank: Optional[Tensor] = None):
+    """Per row of ``state``: its non-empty columns, partial ones first, as int32 index lists; inside each part
+    by column index, or by ``rank[row, col]`` when given."""
     nb = state.shape[-1]
     col = torch.arange(nb, device=state.device, dtype=torch.int64)
-    rank = torch.where(state == PARTIAL, 0, torch.where(state == FULL, 1, 2)).to(torch.int64)
-    order = (rank * nb + col).argsort(dim=-1)
+    key = col if rank is None else rank.long()
+    kind = torch.where(state == PARTIAL, 0, torch.where(state == FULL, 1, 2)).to(torch.int64)
+    order = (kind * nb * nb + key).argsort(dim=-1)
     n_partial = (state == PARTIAL).sum(-1)
     n_total = (state != EMPTY).sum(-1)
     width = max(int(n_total.max().item()), 1)
@@ -394,18 +553,27 @@ def _lists(state: Tensor, bits: Tensor):
     return count, idx.to(torch.int32).contiguous(), bits.gather(-1, idx).to(torch.int32).contiguous()
 
 
-def partial_mask(terms: Tensor, bits: Tensor, p: Tensor, j: Tensor) -> Tensor:
-    """Token mask of partial blocks: OR over the terms whose bit is set. ``bits`` broadcasts against p, j."""
+def partial_mask(terms: Tensor, bits: Tensor, p: Tensor, j: Tensor, coords: Optional[Tensor] = None) -> Tensor:
+    """Token mask of partial blocks: OR over the terms whose bit is set. ``bits`` broadcasts against p, j;
+    ``coords`` is the layout's coordinate table (read only by terms on grid coordinates)."""
     d = p - j
     ok = torch.zeros(torch.broadcast_shapes(bits.shape, p.shape, j.shape), dtype=torch.bool, device=p.device)
     for t in range(terms.shape[0]):
-        dl, dh, pl, ph, jl, jh = (int(x) for x in terms[t].tolist())
+        row = [int(x) for x in terms[t].tolist()]
+        dl, dh, pl, ph, jl, jh = row[:6]
         on = ((bits >> t) & 1).bool()
-        ok = ok | (on & (d >= dl) & (d <= dh) & (p >= pl) & (p <= ph) & (j >= jl) & (j <= jh))
+        term_ok = on & (d >= dl) & (d <= dh) & (p >= pl) & (p <= ph) & (j >= jl) & (j <= jh)
+        for a in range(GRID_AXES):
+            gl, gh = row[6 + 2 * a], row[7 + 2 * a]
+            if (gl, gh) != UNBOUNDED:
+                da = _coord(coords, p, a) - _coord(coords, j, a)
+                term_ok = term_ok & (da >= gl) & (da <= gh)
+        ok = ok | term_ok
     return ok
 
 
-def expand_lists(terms, kv_count, kv_idx, kv_bits, seq_len: int, block_size: int, is_causal: bool) -> Tensor:
+def expand_lists(terms, kv_count, kv_idx, kv_bits, seq_len: int, block_size: int, is_causal: bool,
+                 coords: Optional[Tensor] = None) -> Tensor:
     hl, nb, _ = kv_idx.shape
     bs = block_size
     out = torch.zeros(hl, nb * bs, nb * bs, dtype=torch.bool, device=kv_idx.device)
@@ -418,7 +586,7 @@ def expand_lists(terms, kv_count, kv_idx, kv_bits, seq_len: int, block_size: int
                 jb = int(kv_idx[h, i, e])
                 j = (jb * bs + r).view(1, -1)
                 if e < n_part:
-                    m = partial_mask(terms, kv_bits[h, i, e], p, j) & (j < seq_len) & (p < seq_len)
+                    m = partial_mask(terms, kv_bits[h, i, e], p, j, coords) & (j < seq_len) & (p < seq_len)
                     if is_causal:
                         m = m & (j <= p)
                 else:
@@ -428,6 +596,6 @@ def expand_lists(terms, kv_count, kv_idx, kv_bits, seq_len: int, block_size: int
 
 
 __all__ = [
-    "BlockLayout", "Pattern", "Term", "build_layout", "dilated", "from_layout", "global_tokens", "intersection",
-    "local", "random", "sliding_window", "union",
+    "BlockLayout", "Grid", "Pattern", "Term", "build_layout", "dilated", "from_layout", "global_tokens",
+    "intersection", "local", "neighborhood", "random", "sliding_window", "union",
 ]

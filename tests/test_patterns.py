@@ -102,3 +102,84 @@ def test_bad_arguments_name_the_argument():
         P.from_layout(torch.ones(3, 3, dtype=torch.bool)).layout(N, BS)
     with pytest.raises(TypeError, match="patterns"):
         P.union(P.local(1), "local")
+
+
+def neighbourhood_brute(grid, radius, order=None, extra=0):
+    """Token mask of a grid neighbourhood from coordinates (cells in ``order``, ``extra`` tokens first)."""
+    from dilate_compiler.hilbert import coordinates
+
+    c = coordinates(grid)
+    if order is not None:
+        c = c[order]
+    close = ((c.view(-1, 1, len(grid)) - c.view(1, -1, len(grid))).abs() <= torch.tensor(radius)).all(-1)
+    n = extra + close.shape[0]
+    out = torch.zeros(n, n, dtype=torch.bool)
+    out[extra:, extra:] = close
+    return out
+
+
+@pytest.mark.parametrize("grid,radius,bs,extra", [((7, 13), (1, 1), 16, 0), ((14, 14), (2, 2), 32, 1),
+                                                  ((4, 6, 5), (1, 1, 2), 16, 2)], ids=str)
+@pytest.mark.parametrize("curve", [None, "hilbert", "zorder"])
+def test_neighborhood_layout_equals_brute_force(grid, radius, bs, extra, curve):
+    from dilate_compiler.hilbert import curve_order
+
+    pattern = P.neighborhood(grid, radius) | P.global_tokens(extra) if extra else P.neighborhood(grid, radius)
+    order = None
+    if curve is not None:
+        order = curve_order(grid, curve)
+        pattern = pattern.reordered(P.Grid(grid, order))
+    want = neighbourhood_brute(grid, radius, order, extra)
+    if extra:
+        want[:extra, :] = True
+        want[:, :extra] = True
+    n = want.shape[0]
+    assert torch.equal(pattern.token_mask(n, bs)[0], want)
+    lay = pattern.layout(n, bs)
+    assert torch.equal(lay.token_mask()[0], want)
+    # coordinate boxes are conservative: an empty block has no linked pair, a full block links every pair
+    nb = lay.num_blocks
+    blocks = want.new_zeros(nb * bs, nb * bs)
+    blocks[:n, :n] = want
+    per_block = blocks.view(nb, bs, nb, bs)
+    assert not per_block.any(3).any(1)[lay.state[0] == P.EMPTY].any()
+    assert per_block.all(3).all(1)[lay.state[0] == P.FULL].all()
+
+
+def test_hilbert_order_makes_neighbourhood_blocks_dense():
+    from dilate_compiler.hilbert import curve_order
+
+    grid = (64, 64)   # radius 8 against 16-token blocks: the published case in miniature
+    row = P.neighborhood(grid, 8).layout(4096, 16)
+    hil = P.neighborhood(grid, 8).reordered(P.Grid(grid, curve_order(grid))).layout(4096, 16)
+    assert (hil.state > 0).float().mean() < 0.75 * (row.state > 0).float().mean()
+    assert (hil.state == P.FULL).sum() > 2 * (row.state == P.FULL).sum()
+
+
+def test_schedule_orders_lists_without_changing_the_mask():
+    from dilate_compiler.hilbert import curve_order, inverse
+
+    pattern = P.local(3) | P.global_tokens(20)
+    row = pattern.layout(200, 16, is_causal=True)
+    hil = pattern.layout(200, 16, is_causal=True, schedule="hilbert")
+    assert torch.equal(row.token_mask(), hil.token_mask())
+    assert torch.equal(row.state, hil.state)
+    rank = inverse(curve_order((row.num_blocks,) * 2)).view(row.num_blocks, row.num_blocks)
+    for i in range(row.num_blocks):
+        n_part, n_tot = hil.kv_count[0, i].tolist()
+        for lo, hi in ((0, n_part), (n_part, n_tot)):
+            r = rank[i, hil.kv_idx[0, i, lo:hi].long()]
+            assert torch.equal(r, r.sort().values)
+    with pytest.raises(ValueError, match="schedule"):
+        pattern.layout(200, 16, schedule="snake")
+
+
+def test_grid_patterns_reject_bad_arguments():
+    with pytest.raises(ValueError, match="grid"):
+        P.neighborhood((0, 4), 1)
+    with pytest.raises(ValueError, match="radius"):
+        P.neighborhood((4, 4), (1, 1, 1))
+    with pytest.raises(ValueError, match="seq_len"):
+        P.neighborhood((4, 4), 1).layout(10, 16)
+    with pytest.raises(ValueError, match="different grids"):
+        P.neighborhood((4, 4), 1) | P.neighborhood((2, 8), 1)

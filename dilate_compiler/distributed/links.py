@@ -144,7 +144,7 @@ class BlockSparseLinks(Links):
         hl = self._head(h)
         pb, jb = p // self.bs, j // self.bs
         state = self.layout.state[hl, pb, jb]
-        ok = partial_mask(self.layout.terms, self.bits[hl, pb, jb], p, j)
+        ok = partial_mask(self.layout.terms, self.bits[hl, pb, jb], p, j, self.layout.coords)
         ok = (state == FULL) | ((state == PARTIAL) & ok)
         return (ok & (j < self.seq_len) & (p < self.seq_len)).long()
 

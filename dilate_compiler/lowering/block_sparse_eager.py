@@ -26,7 +26,7 @@ def _chunks(B: int, H: int, nb: int, width: int, bs: int):
         yield i0, min(nb, i0 + step)
 
 
-def _chunk_keys(terms, kv_count, kv_idx, kv_bits, i0, i1, H, N, bs, is_causal):
+def _chunk_keys(terms, kv_count, kv_idx, kv_bits, coords, i0, i1, H, N, bs, is_causal):
     """Key positions ``[H, C, K*bs]`` (clamped into range) and the token mask ``[H, C, bs, K*bs]``."""
     dev = kv_idx.device
     hl, _, width = kv_idx.shape
@@ -40,7 +40,7 @@ def _chunk_keys(terms, kv_count, kv_idx, kv_bits, i0, i1, H, N, bs, is_causal):
     bits = kv_bits[:, i0:i1].repeat_interleave(bs, dim=-1)                # [hl, C, K*bs]
     p = (torch.arange(i0, i1, device=dev).view(-1, 1) * bs + r).view(1, i1 - i0, bs, 1)
     jj = j.unsqueeze(2)                                                   # [hl, C, 1, K*bs]
-    ok = partial_mask(terms, bits.unsqueeze(2), p, jj)
+    ok = partial_mask(terms, bits.unsqueeze(2), p, jj, coords)
     mask = (valid & ~partial).unsqueeze(2) | (partial.unsqueeze(2) & ok)
     mask = mask & (jj < N) & (p < N)
     if is_causal:
@@ -68,7 +68,7 @@ def _padded_blocks(t: Tensor, nb: int, bs: int, dtype) -> Tensor:
     return F.pad(t.to(dtype), (0, 0, 0, nb * bs - N)).view(B, H, nb, bs, D)
 
 
-def block_sparse_forward_eager(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size: int, is_causal: bool,
+def block_sparse_forward_eager(q, k, v, terms, kv_count, kv_idx, kv_bits, coords, block_size: int, is_causal: bool,
                                scale: float):
     B, H, N, D = q.shape
     bs = block_size
@@ -79,7 +79,7 @@ def block_sparse_forward_eager(q, k, v, terms, kv_count, kv_idx, kv_bits, block_
     out = torch.empty(B, H, nb, bs, D, dtype=dt, device=q.device)
     lse = torch.empty(B, H, nb, bs, dtype=dt, device=q.device)
     for i0, i1 in _chunks(B, H, nb, kv_idx.shape[-1], bs):
-        j, mask = _chunk_keys(terms, kv_count, kv_idx, kv_bits, i0, i1, H, N, bs, is_causal)
+        j, mask = _chunk_keys(terms, kv_count, kv_idx, kv_bits, coords, i0, i1, H, N, bs, is_causal)
         s = (qb[:, :, i0:i1] @ _gather(k_h, j).transpose(-1, -2)) * scale
         s = s.masked_fill(~mask, float("-inf"))
         m = torch.logsumexp(s, dim=-1)
@@ -90,8 +90,8 @@ def block_sparse_forward_eager(q, k, v, terms, kv_count, kv_idx, kv_bits, block_
     return out, lse.view(B, H, nb * bs)[:, :, :N].contiguous()
 
 
-def block_sparse_backward_eager(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, block_size: int,
-                                is_causal: bool, scale: float):
+def block_sparse_backward_eager(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, coords,
+                                block_size: int, is_causal: bool, scale: float):
     B, H, N, D = q.shape
     Hkv = k.shape[1]
     bs = block_size
@@ -106,7 +106,7 @@ def block_sparse_backward_eager(dout, q, k, v, out, lse, terms, kv_count, kv_idx
     dk_h = torch.zeros(B, H, N, D, dtype=dt, device=q.device)
     dv_h = torch.zeros(B, H, N, D, dtype=dt, device=q.device)
     for i0, i1 in _chunks(B, H, nb, kv_idx.shape[-1], bs):
-        j, mask = _chunk_keys(terms, kv_count, kv_idx, kv_bits, i0, i1, H, N, bs, is_causal)
+        j, mask = _chunk_keys(terms, kv_count, kv_idx, kv_bits, coords, i0, i1, H, N, bs, is_causal)
         kg, vg = _gather(k_h, j), _gather(v_h, j)
         qc, doc = qb[:, :, i0:i1], dob[:, :, i0:i1]
         s = (qc @ kg.transpose(-1, -2)) * scale

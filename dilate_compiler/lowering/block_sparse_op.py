@@ -1,7 +1,7 @@
 """``torch.library`` registration of block-sparse attention: schema, fake kernel, autograd, device dispatch.
 
 - ``dilate_compiler::block_sparse_attention_forward(q, k, v, terms, kv_count, kv_idx, kv_bits, q_count, q_idx,
-  q_bits, block_size, is_causal, scale) -> (out, lse)``: a ``triton_op`` that launches the generated Triton
+  q_bits, coords, block_size, is_causal, scale) -> (out, lse)``: a ``triton_op`` that launches the generated Triton
   kernels on CUDA (fp16/bf16, head dim 32/64/128, layout block size 16..256) and the exact PyTorch path
   elsewhere (the first CUDA call that can't use the kernels logs why).
 - ``dilate_compiler::block_sparse_attention_backward(dout, q, k, v, out, lse, <layout>, ...) -> (dq, dk, dv)``.
@@ -29,9 +29,10 @@ def use_kernels(q: Tensor, block_size: int) -> bool:
 @torch.library.custom_op("dilate_compiler::block_sparse_attention_forward_exact", mutates_args=())
 def block_sparse_attention_forward_exact(
     q: Tensor, k: Tensor, v: Tensor, terms: Tensor, kv_count: Tensor, kv_idx: Tensor, kv_bits: Tensor,
-    q_count: Tensor, q_idx: Tensor, q_bits: Tensor, block_size: int, is_causal: bool, scale: float,
+    q_count: Tensor, q_idx: Tensor, q_bits: Tensor, coords: Tensor, block_size: int, is_causal: bool, scale: float,
 ) -> tuple[Tensor, Tensor]:
-    return block_sparse_forward_eager(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size, is_causal, scale)
+    return block_sparse_forward_eager(q, k, v, terms, kv_count, kv_idx, kv_bits, coords, block_size, is_causal,
+                                      scale)
 
 
 def _fake_forward(q, *args):
@@ -46,11 +47,11 @@ block_sparse_attention_forward_exact.register_fake(_fake_forward)
 @torch.library.custom_op("dilate_compiler::block_sparse_attention_backward_exact", mutates_args=())
 def block_sparse_attention_backward_exact(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, terms: Tensor, kv_count: Tensor,
-    kv_idx: Tensor, kv_bits: Tensor, q_count: Tensor, q_idx: Tensor, q_bits: Tensor, block_size: int,
+    kv_idx: Tensor, kv_bits: Tensor, q_count: Tensor, q_idx: Tensor, q_bits: Tensor, coords: Tensor, block_size: int,
     is_causal: bool, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return block_sparse_backward_eager(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, block_size,
-                                       is_causal, scale)
+    return block_sparse_backward_eager(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, coords,
+                                       block_size, is_causal, scale)
 
 
 def _fake_backward(dout, q, k, v, *args):
@@ -63,26 +64,27 @@ block_sparse_attention_backward_exact.register_fake(_fake_backward)
 @torch.library.triton_op("dilate_compiler::block_sparse_attention_forward", mutates_args=())
 def block_sparse_attention_forward(
     q: Tensor, k: Tensor, v: Tensor, terms: Tensor, kv_count: Tensor, kv_idx: Tensor, kv_bits: Tensor,
-    q_count: Tensor, q_idx: Tensor, q_bits: Tensor, block_size: int, is_causal: bool, scale: float,
+    q_count: Tensor, q_idx: Tensor, q_bits: Tensor, coords: Tensor, block_size: int, is_causal: bool, scale: float,
 ) -> tuple[Tensor, Tensor]:
     if use_kernels(q, block_size):
-        return block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size, is_causal, scale)
+        return block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size, is_causal, scale,
+                                     coords)
     return torch.ops.dilate_compiler.block_sparse_attention_forward_exact(
-        q, k, v, terms, kv_count, kv_idx, kv_bits, q_count, q_idx, q_bits, block_size, is_causal, scale)
+        q, k, v, terms, kv_count, kv_idx, kv_bits, q_count, q_idx, q_bits, coords, block_size, is_causal, scale)
 
 
 @torch.library.triton_op("dilate_compiler::block_sparse_attention_backward", mutates_args=())
 def block_sparse_attention_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, terms: Tensor, kv_count: Tensor,
-    kv_idx: Tensor, kv_bits: Tensor, q_count: Tensor, q_idx: Tensor, q_bits: Tensor, block_size: int,
+    kv_idx: Tensor, kv_bits: Tensor, q_count: Tensor, q_idx: Tensor, q_bits: Tensor, coords: Tensor, block_size: int,
     is_causal: bool, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if use_kernels(q, block_size):
         return block_sparse_attn_bwd(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, q_count, q_idx,
-                                     q_bits, block_size, is_causal, scale)
+                                     q_bits, coords, block_size, is_causal, scale)
     return torch.ops.dilate_compiler.block_sparse_attention_backward_exact(
-        dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, q_count, q_idx, q_bits, block_size, is_causal,
-        scale)
+        dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, q_count, q_idx, q_bits, coords, block_size,
+        is_causal, scale)
 
 
 def _setup_context(ctx, inputs, output):
@@ -97,7 +99,7 @@ def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, *layout = ctx.saved_tensors
     dq, dk, dv = torch.ops.dilate_compiler.block_sparse_attention_backward(dout, q, k, v, out, lse, *layout,
                                                                            *ctx.params)
-    return (dq, dk, dv) + (None,) * 10
+    return (dq, dk, dv) + (None,) * 11
 
 
 block_sparse_attention_forward.register_autograd(_backward, setup_context=_setup_context)

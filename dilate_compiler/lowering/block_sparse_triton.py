@@ -20,27 +20,39 @@ import torch
 import triton
 import triton.language as tl
 
+from ..patterns import GRID_AXES, TERM_COLUMNS
 from .dilated_triton import AUTOTUNE, INTERPRET, _runner, tensor_unsupported_reason
 
 LN2 = 0.6931471805599453
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)  # 256 unrolls past the H100's shared memory at D=128
-_KEY = ["N", "HEAD_DIM", "BS", "IS_CAUSAL", "GQA", "PER_HEAD", "NUM_TERMS"]
+_KEY = ["N", "HEAD_DIM", "BS", "IS_CAUSAL", "GQA", "PER_HEAD", "NUM_TERMS", "GRID"]
+assert TERM_COLUMNS == 12 and GRID_AXES == 3   # _token_ok reads the term table and coordinates with these
 
 
 @triton.jit
-def _token_ok(Terms, bits, p2, j2, N, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr):
-    """Token mask of a partial tile; ``p2``/``j2`` are query/key positions already broadcast to 2-D."""
+def _token_ok(Terms, Coords, bits, p2, j2, N, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr,
+              GRID: tl.constexpr):
+    """Token mask of a partial tile; ``p2``/``j2`` are query/key positions already broadcast to 2-D.
+    Term rows are ``(d, p, j, g0, g1, g2)`` intervals (12 ints); ``GRID``: terms also bound the difference of
+    the tokens' grid coordinates (``Coords``, 3 ints per position)."""
     d = p2 - j2
     ok = d != d
+    if GRID:
+        pc = tl.minimum(p2, N - 1) * 3
+        jc = tl.minimum(j2, N - 1) * 3
+        dc0 = tl.load(Coords + pc) - tl.load(Coords + jc)
+        dc1 = tl.load(Coords + pc + 1) - tl.load(Coords + jc + 1)
+        dc2 = tl.load(Coords + pc + 2) - tl.load(Coords + jc + 2)
     for t in tl.static_range(NUM_TERMS):
         if ((bits >> t) & 1) != 0:
-            dl = tl.load(Terms + t * 6 + 0)
-            dh = tl.load(Terms + t * 6 + 1)
-            pl = tl.load(Terms + t * 6 + 2)
-            ph = tl.load(Terms + t * 6 + 3)
-            jl = tl.load(Terms + t * 6 + 4)
-            jh = tl.load(Terms + t * 6 + 5)
-            ok = ok | ((d >= dl) & (d <= dh) & (p2 >= pl) & (p2 <= ph) & (j2 >= jl) & (j2 <= jh))
+            row = Terms + t * 12
+            term = ((d >= tl.load(row + 0)) & (d <= tl.load(row + 1)) & (p2 >= tl.load(row + 2))
+                    & (p2 <= tl.load(row + 3)) & (j2 >= tl.load(row + 4)) & (j2 <= tl.load(row + 5)))
+            if GRID:
+                term = (term & (dc0 >= tl.load(row + 6)) & (dc0 <= tl.load(row + 7))
+                        & (dc1 >= tl.load(row + 8)) & (dc1 <= tl.load(row + 9))
+                        & (dc2 >= tl.load(row + 10)) & (dc2 <= tl.load(row + 11)))
+            ok = ok | term
     ok = ok & (j2 < N) & (p2 < N)
     if IS_CAUSAL:
         ok = ok & (j2 <= p2)
@@ -61,15 +73,15 @@ def _load_kv(k_base, v_base, j, stride_kn, N, MASK: tl.constexpr, HEAD_DIM: tl.c
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, p, jb, bits, k_base, v_base, stride_kn, Terms, N, qk_scale,
-              MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr, BS: tl.constexpr,
-              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _fwd_tile(acc, m_i, l_i, q, p, jb, bits, k_base, v_base, stride_kn, Terms, Coords, N, qk_scale,
+              MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr, GRID: tl.constexpr,
+              BS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     for sub in tl.static_range(0, BS, BLOCK_N):
         j = jb * BS + sub + tl.arange(0, BLOCK_N)
         k, v = _load_kv(k_base, v_base, j, stride_kn, N, MASK, HEAD_DIM)
         s = (tl.dot(q, tl.trans(k)) * qk_scale).to(tl.float32)
         if MASK:
-            ok = _token_ok(Terms, bits, p[:, None], j[None, :], N, IS_CAUSAL, NUM_TERMS)
+            ok = _token_ok(Terms, Coords, bits, p[:, None], j[None, :], N, IS_CAUSAL, NUM_TERMS, GRID)
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -99,11 +111,12 @@ def _query_tile(KvCount, pid_m, bh, H, NB, PER_HEAD: tl.constexpr, BS: tl.conste
 
 @triton.jit
 def _block_sparse_fwd_kernel(
-    Q, K, V, Out, Lse, Terms, KvCount, KvIdx, KvBits, sm_scale,
+    Q, K, V, Out, Lse, Terms, Coords, KvCount, KvIdx, KvBits, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_ob, stride_oh, stride_on,
     H, N, NB, KW,
     HEAD_DIM: tl.constexpr, BS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr,
-    PER_HEAD: tl.constexpr, NUM_TERMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PER_HEAD: tl.constexpr, NUM_TERMS: tl.constexpr, GRID: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     bh = tl.program_id(1)
     b, h, p, row, n_part, n_tot = _query_tile(KvCount, tl.program_id(0), bh, H, NB, PER_HEAD, BS, BLOCK_M)
@@ -120,12 +133,12 @@ def _block_sparse_fwd_kernel(
     for e in range(0, n_part):
         jb = tl.load(KvIdx + row * KW + e)
         bits = tl.load(KvBits + row * KW + e)
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, p, jb, bits, k_base, v_base, stride_kn, Terms, N, qk_scale,
-                                  True, IS_CAUSAL, NUM_TERMS, BS, BLOCK_N, HEAD_DIM)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, p, jb, bits, k_base, v_base, stride_kn, Terms, Coords, N,
+                                  qk_scale, True, IS_CAUSAL, NUM_TERMS, GRID, BS, BLOCK_N, HEAD_DIM)
     for e in range(n_part, n_tot):
         jb = tl.load(KvIdx + row * KW + e)
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, p, jb, 0, k_base, v_base, stride_kn, Terms, N, qk_scale,
-                                  False, IS_CAUSAL, NUM_TERMS, BS, BLOCK_N, HEAD_DIM)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, p, jb, 0, k_base, v_base, stride_kn, Terms, Coords, N,
+                                  qk_scale, False, IS_CAUSAL, NUM_TERMS, GRID, BS, BLOCK_N, HEAD_DIM)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i > 0.0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
@@ -135,16 +148,16 @@ def _block_sparse_fwd_kernel(
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse2, delta, p, jb, bits, k_base, v_base, stride_kn, Terms, N, qk_scale,
-             MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr, BS: tl.constexpr,
-             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _dq_tile(dq, q, do, lse2, delta, p, jb, bits, k_base, v_base, stride_kn, Terms, Coords, N, qk_scale,
+             MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr, GRID: tl.constexpr,
+             BS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     for sub in tl.static_range(0, BS, BLOCK_N):
         j = jb * BS + sub + tl.arange(0, BLOCK_N)
         k, v = _load_kv(k_base, v_base, j, stride_kn, N, MASK, HEAD_DIM)
         s = (tl.dot(q, tl.trans(k)) * qk_scale).to(tl.float32)
         pr = tl.exp2(s - lse2[:, None])
         if MASK:
-            ok = _token_ok(Terms, bits, p[:, None], j[None, :], N, IS_CAUSAL, NUM_TERMS)
+            ok = _token_ok(Terms, Coords, bits, p[:, None], j[None, :], N, IS_CAUSAL, NUM_TERMS, GRID)
             pr = tl.where(ok, pr, 0.0)
         dp = tl.dot(do, tl.trans(v)).to(tl.float32)
         ds = pr * (dp - delta[:, None])
@@ -154,11 +167,12 @@ def _dq_tile(dq, q, do, lse2, delta, p, jb, bits, k_base, v_base, stride_kn, Ter
 
 @triton.jit
 def _block_sparse_bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, Terms, KvCount, KvIdx, KvBits, sm_scale,
+    Q, K, V, DO, Lse, Delta, DQ, Terms, Coords, KvCount, KvIdx, KvBits, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_ob, stride_oh, stride_on,
     H, N, NB, KW,
     HEAD_DIM: tl.constexpr, BS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr,
-    PER_HEAD: tl.constexpr, NUM_TERMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PER_HEAD: tl.constexpr, NUM_TERMS: tl.constexpr, GRID: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     bh = tl.program_id(1)
     b, h, p, row, n_part, n_tot = _query_tile(KvCount, tl.program_id(0), bh, H, NB, PER_HEAD, BS, BLOCK_M)
@@ -177,19 +191,19 @@ def _block_sparse_bwd_dq_kernel(
     for e in range(0, n_part):
         jb = tl.load(KvIdx + row * KW + e)
         bits = tl.load(KvBits + row * KW + e)
-        dq = _dq_tile(dq, q, do, lse2, delta, p, jb, bits, k_base, v_base, stride_kn, Terms, N, qk_scale,
-                      True, IS_CAUSAL, NUM_TERMS, BS, BLOCK_N, HEAD_DIM)
+        dq = _dq_tile(dq, q, do, lse2, delta, p, jb, bits, k_base, v_base, stride_kn, Terms, Coords, N, qk_scale,
+                      True, IS_CAUSAL, NUM_TERMS, GRID, BS, BLOCK_N, HEAD_DIM)
     for e in range(n_part, n_tot):
         jb = tl.load(KvIdx + row * KW + e)
-        dq = _dq_tile(dq, q, do, lse2, delta, p, jb, 0, k_base, v_base, stride_kn, Terms, N, qk_scale,
-                      False, IS_CAUSAL, NUM_TERMS, BS, BLOCK_N, HEAD_DIM)
+        dq = _dq_tile(dq, q, do, lse2, delta, p, jb, 0, k_base, v_base, stride_kn, Terms, Coords, N, qk_scale,
+                      False, IS_CAUSAL, NUM_TERMS, GRID, BS, BLOCK_N, HEAD_DIM)
     tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, j, ib, bits, q_base, do_base, lse_base, delta_base, stride_qn, stride_on, Terms, N,
-               qk_scale, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr, BS: tl.constexpr,
-               BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _dkdv_tile(dk, dv, k, v, j, ib, bits, q_base, do_base, lse_base, delta_base, stride_qn, stride_on, Terms,
+               Coords, N, qk_scale, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr,
+               GRID: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     for sub in tl.static_range(0, BS, BLOCK_M):
         p = ib * BS + sub + tl.arange(0, BLOCK_M)
@@ -207,7 +221,7 @@ def _dkdv_tile(dk, dv, k, v, j, ib, bits, q_base, do_base, lse_base, delta_base,
         st = (tl.dot(k, tl.trans(q)) * qk_scale).to(tl.float32)           # [BLOCK_N, BLOCK_M]
         pt = tl.exp2(st - lse2[None, :])
         if MASK:
-            ok = _token_ok(Terms, bits, p[None, :], j[:, None], N, IS_CAUSAL, NUM_TERMS)
+            ok = _token_ok(Terms, Coords, bits, p[None, :], j[:, None], N, IS_CAUSAL, NUM_TERMS, GRID)
             pt = tl.where(ok, pt, 0.0)
         dv += tl.dot(pt.to(do.dtype), do)
         dpt = tl.dot(v, tl.trans(do)).to(tl.float32)
@@ -218,11 +232,12 @@ def _dkdv_tile(dk, dv, k, v, j, ib, bits, q_base, do_base, lse_base, delta_base,
 
 @triton.jit
 def _block_sparse_bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, Terms, QCount, QIdx, QBits, sm_scale,
+    Q, K, V, DO, Lse, Delta, DK, DV, Terms, Coords, QCount, QIdx, QBits, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_ob, stride_oh, stride_on,
     H, N, NB, QW,
     HEAD_DIM: tl.constexpr, BS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr,
-    PER_HEAD: tl.constexpr, NUM_TERMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PER_HEAD: tl.constexpr, NUM_TERMS: tl.constexpr, GRID: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bkh = tl.program_id(1)
@@ -253,11 +268,13 @@ def _block_sparse_bwd_dkdv_kernel(
             ib = tl.load(QIdx + col * QW + e)
             bits = tl.load(QBits + col * QW + e)
             dk, dv = _dkdv_tile(dk, dv, k, v, j, ib, bits, q_base, do_base, lse_base, delta_base, stride_qn,
-                                stride_on, Terms, N, qk_scale, True, IS_CAUSAL, NUM_TERMS, BS, BLOCK_M, HEAD_DIM)
+                                stride_on, Terms, Coords, N, qk_scale, True, IS_CAUSAL, NUM_TERMS, GRID, BS,
+                                BLOCK_M, HEAD_DIM)
         for e in range(n_part, n_tot):
             ib = tl.load(QIdx + col * QW + e)
             dk, dv = _dkdv_tile(dk, dv, k, v, j, ib, 0, q_base, do_base, lse_base, delta_base, stride_qn,
-                                stride_on, Terms, N, qk_scale, False, IS_CAUSAL, NUM_TERMS, BS, BLOCK_M, HEAD_DIM)
+                                stride_on, Terms, Coords, N, qk_scale, False, IS_CAUSAL, NUM_TERMS, GRID, BS,
+                                BLOCK_M, HEAD_DIM)
     tl.store(DK + kv_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
 
@@ -305,13 +322,20 @@ def _grid(n: int, block: str, programs: int):
     return lambda META: (triton.cdiv(n, META[block]), programs)
 
 
-def _flags(q, k, kv_idx, terms, block_size, is_causal):
+def _flags(q, k, kv_idx, terms, coords, block_size, is_causal):
     return dict(HEAD_DIM=q.shape[-1], BS=block_size, IS_CAUSAL=bool(is_causal), GQA=q.shape[1] // k.shape[1],
-                PER_HEAD=kv_idx.shape[0] > 1, NUM_TERMS=terms.shape[0])
+                PER_HEAD=kv_idx.shape[0] > 1, NUM_TERMS=terms.shape[0], GRID=coords is not None and coords.numel() > 0)
+
+
+def _coords_arg(coords, q):
+    """The coordinate table as the kernels read it (a 1-element dummy when no term uses coordinates)."""
+    if coords is None or coords.numel() == 0:
+        return torch.zeros(GRID_AXES, dtype=torch.int32, device=q.device)
+    return coords.to(torch.int32).contiguous()
 
 
 def block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size: int, is_causal: bool,
-                          scale: float):
+                          scale: float, coords=None):
     """Forward kernel: ``out [B, Hq, N, D]`` and ``lse [B, Hq, N]`` (float32, natural log)."""
     B, H, N, D = q.shape
     q = q if q.stride(-1) == 1 else q.contiguous()
@@ -321,15 +345,15 @@ def block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size:
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     nb = kv_idx.shape[1]
     _kernel("fwd", block_size)[_grid(N, "BLOCK_M", B * H)](
-        q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, scale,
+        q, k, v, out, lse, terms, _coords_arg(coords, q), kv_count, kv_idx, kv_bits, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         out.stride(0), out.stride(1), out.stride(2), H, N, nb, kv_idx.shape[2],
-        **_flags(q, k, kv_idx, terms, block_size, is_causal))
+        **_flags(q, k, kv_idx, terms, coords, block_size, is_causal))
     return out, lse
 
 
 def block_sparse_attn_bwd(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, q_count, q_idx, q_bits,
-                          block_size: int, is_causal: bool, scale: float):
+                          coords, block_size: int, is_causal: bool, scale: float):
     """Backward kernels: ``(dq, dk, dv)``."""
     B, H, N, D = q.shape
     Hkv = k.shape[1]
@@ -342,11 +366,12 @@ def block_sparse_attn_bwd(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_b
     nb = kv_idx.shape[1]
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                dout.stride(0), dout.stride(1), dout.stride(2))
-    flags = _flags(q, k, kv_idx, terms, block_size, is_causal)
+    flags = _flags(q, k, kv_idx, terms, coords, block_size, is_causal)
+    coords = _coords_arg(coords, q)
     _kernel("dq", block_size)[_grid(N, "BLOCK_M", B * H)](
-        q, k, v, dout, lse, delta, dq, terms, kv_count, kv_idx, kv_bits, scale, *strides, H, N, nb,
+        q, k, v, dout, lse, delta, dq, terms, coords, kv_count, kv_idx, kv_bits, scale, *strides, H, N, nb,
         kv_idx.shape[2], **flags)
     _kernel("dkdv", block_size)[_grid(N, "BLOCK_N", B * Hkv)](
-        q, k, v, dout, lse, delta, dk, dv, terms, q_count, q_idx, q_bits, scale, *strides, H, N, nb,
+        q, k, v, dout, lse, delta, dk, dv, terms, coords, q_count, q_idx, q_bits, scale, *strides, H, N, nb,
         q_idx.shape[2], **flags)
     return dq, dk, dv

@@ -83,8 +83,9 @@ class BlockSparse:
             return None, f"pattern='auto': the mask is not a static index predicate: {e}"
         p = torch.arange(n)
         diag = torch.zeros(n, dtype=torch.bool)
+        coords = pattern.coordinates(n)
         for t in pattern.terms:
-            diag |= t.token_mask(p, p)
+            diag |= t.token_mask(p, p, coords)
         if not bool(diag.all()):
             return None, "pattern='auto': the mask leaves some query without its own key (rows could be empty)"
         return pattern, ""

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from dilate_compiler import patterns as P
+from dilate_compiler.hilbert import curve_order
 from dilate_compiler.lowering.block_sparse_triton import block_sparse_attn_bwd, block_sparse_attn_fwd
 from tests.lowering.test_block_sparse_op import dense_reference
 from tests.tolerances import assert_close
@@ -16,6 +17,10 @@ CASES = {  # pattern, N, Hq, Hkv, block size, causal
     "perhead-random&global": ((P.local(1) | P.random(1, per_head=True)) & P.global_tokens(30), 48, 4, 4, 16,
                               False),
     "dilated-bs32-causal": (P.dilated((2,)), 70, 2, 1, 32, True),
+    # grid coordinates: a 5x9 neighbourhood with a CLS token, row-major and in Hilbert order
+    "neighborhood|global-rowmajor": (P.neighborhood((5, 9), 1) | P.global_tokens(1), 46, 2, 1, 16, False),
+    "neighborhood-hilbert": (P.neighborhood((5, 9), (1, 2)).reordered(P.Grid((5, 9), curve_order((5, 9)))), 45,
+                             2, 2, 16, False),
 }
 
 
@@ -26,7 +31,7 @@ def test_kernels_match_reference(name):
     g = torch.Generator().manual_seed(N)
     q, k, v = (torch.randn(1, h, N, 32, generator=g).to(DEVICE, dtype) for h in (Hq, Hkv, Hkv))
     lay = pattern.layout(N, bs, num_heads=Hq, is_causal=causal, device=DEVICE)
-    out, lse = block_sparse_attn_fwd(q, k, v, *lay.tensors()[:4], bs, causal, 0.2)
+    out, lse = block_sparse_attn_fwd(q, k, v, *lay.tensors()[:4], bs, causal, 0.2, lay.coords)
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     mask = pattern.token_mask(N, bs, num_heads=Hq, is_causal=causal, device=DEVICE)
     ref = dense_reference(q64, k64, v64, mask, scale=0.2)
