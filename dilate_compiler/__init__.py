@@ -1,15 +1,16 @@
 """dilate_compiler: long-context attention (LongNet dilated and more) for unchanged PyTorch models."""
 
-from . import distributed, nn, ops, patterns, strategies
+from . import distributed, hilbert, nn, ops, patterns, strategies
 from .distributed import SequenceParallel
 from .api import DEFAULT_STRATEGY, RewriteResult, explain, rewrite
 from .export import aot_compile, export
 from .passes.site import AttentionSite, AttentionSkipped, Report
-from .strategies import Adaptive, BlockSparse, Dilated
+from .strategies import Adaptive, BlockSparse, Dilated, Hilbert
 
 __all__ = [
-    "DEFAULT_STRATEGY", "Adaptive", "AttentionSite", "AttentionSkipped", "BlockSparse", "Dilated", "Report", "RewriteResult",
-    "SequenceParallel", "aot_compile", "distributed", "explain", "export", "nn",
+    "DEFAULT_STRATEGY", "Adaptive", "AttentionSite", "AttentionSkipped", "BlockSparse", "Dilated", "Hilbert",
+    "Report", "RewriteResult",
+    "SequenceParallel", "aot_compile", "distributed", "explain", "export", "hilbert", "nn",
     "ops", "patterns", "rewrite", "strategies",
 ]
 __version__ = "0.1.0"

@@ -23,6 +23,23 @@ def _static_len(site) -> Optional[int]:
         return None
 
 
+def model_mask_pattern(site, n: int):
+    """``(pattern, "")`` for a site whose own mask is a static index predicate, else ``(None, reason)``."""
+    from ..passes.mask_pattern import NotStructured, site_pattern
+
+    try:
+        return site_pattern(site, n), ""
+    except NotStructured as e:
+        return None, f"not a static index predicate: {e}"
+
+
+def allows_all(pattern: Pattern, n: int) -> bool:
+    """True when ``pattern`` links every (query, key) pair of an ``n``-token sequence (e.g. a model's all-True
+    padding mask for unpadded input)."""
+    return any(not t.blocks and not t.uses_grid and t.d[0] <= -(n - 1) and t.d[1] >= n - 1 and t.p[0] <= 0
+               and t.p[1] >= n - 1 and t.j[0] <= 0 and t.j[1] >= n - 1 for t in pattern.terms)
+
+
 @dataclass(frozen=True, eq=False)
 class BlockSparse:
     """Block-sparse attention with a ``dc.patterns`` pattern, or ``"auto"``: derive the pattern from each
@@ -69,8 +86,13 @@ class BlockSparse:
             return None, f"dropout_p={site.dropout_p}: the block-sparse op has no attention dropout"
         if self.pattern != "auto":
             if site.nodes.get("terms"):
-                return None, (f"the site has a {site.mask_kind} mask, which a fixed pattern would replace; use "
-                              f"BlockSparse('auto') to keep a structured mask")
+                model_mask, why = model_mask_pattern(site, n)
+                if model_mask is None:
+                    return None, (f"the site has a {site.mask_kind} mask, which a fixed pattern would replace ({why}); "
+                                  f"use BlockSparse('auto') to keep a structured mask")
+                if not allows_all(model_mask, n):   # keep the model's mask: both must allow a key
+                    return Pattern((self.pattern & model_mask).terms, f"{self.pattern.name} & (model mask)",
+                                   self.pattern.grid), ""
             return self.pattern, ""
         if not site.nodes.get("terms"):
             if site.is_causal:

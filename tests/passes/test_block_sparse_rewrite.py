@@ -89,7 +89,7 @@ def test_auto_skips_unstructured_masks_with_a_reason(kind, reason):
     assert reason in site.reason
 
 
-def test_fixed_pattern_on_an_unmasked_model_and_refusing_a_masked_one():
+def test_fixed_pattern_on_an_unmasked_model_keeps_a_structured_mask_and_refuses_a_data_mask():
     x = torch.randn(2, N, 64)
     pattern = P.sliding_window(20) | P.global_tokens(2)
     model = Attn("none").eval()
@@ -97,8 +97,19 @@ def test_fixed_pattern_on_an_unmasked_model_and_refusing_a_masked_one():
     q, k, v = model.qkv(x).view(2, N, 3, 4, 16).permute(2, 0, 3, 1, 4)
     want = dc.ops.block_sparse_attention(q, k, v, pattern, block_size=BS)
     torch.testing.assert_close(res.module(x), want)
-    report = dc.explain(Attn("mistral").eval(), (x,), dc.BlockSparse(pattern, block_size=BS))
+    # a structured mask in the graph is kept: the pattern and the model's mask must both allow a key
+    model = Attn("mistral").eval()
+    res = dc.rewrite(model, (x,), dc.BlockSparse(pattern, block_size=BS), strict=True)
+    assert "& (model mask)" in res.report.rewritten[0].detail
+    q, k, v = model.qkv(x).view(2, N, 3, 4, 16).permute(2, 0, 3, 1, 4)
+    both = pattern.token_mask(N, BS) & brute("mistral")
+    torch.testing.assert_close(res.module(x), dense_masked(q, k, v, both), atol=1e-6, rtol=1e-5)
+    report = dc.explain(Attn("padding").eval(), (x,), dc.BlockSparse(pattern, block_size=BS))
     assert "use BlockSparse('auto')" in report.skipped[0].reason
+
+
+def dense_masked(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def test_export_round_trip_and_compile():

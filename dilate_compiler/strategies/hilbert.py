@@ -1,0 +1,212 @@
+"""``dc.Hilbert(grid, inner)``: attention on a token grid, run by an inner strategy in curve order.
+
+Semantics. The sequence is ``extra`` tokens outside the grid (a CLS token, registers: they come first) followed
+by the ``prod(grid)`` grid cells in row-major order. The tokens are put in curve order (``perm``: the extra
+tokens stay where they are, the cells follow ``dc.hilbert.curve_order(grid, curve)``), the inner strategy runs
+on that sequence, and the output is put back in row-major order. So query ``p`` attends key ``j`` iff the inner
+strategy links ``inv[p]`` to ``inv[j]`` (``inv`` the inverse permutation). Tokens outside the grid:
+
+- ``extra_tokens="global"`` (default): they attend every token and every token attends them;
+- ``extra_tokens="inner"``: they are positions ``0..extra-1`` of the inner strategy's sequence like any other.
+
+Grid patterns (``dc.patterns.neighborhood``) inside a ``BlockSparse`` inner strategy keep their meaning on the
+grid: in curve order they are the same mask, now with mostly full blocks. Other inner patterns
+(``local``, ``sliding_window``, ``dc.Dilated``) are applied in curve order, which is the point: a window along
+the curve is a compact patch of the grid.
+
+``reorder="once"`` (default) lets the compiler push the permutation through the model's
+permutation-equivariant ops so it runs once after the patch embedding and once at the end
+(``dilate_compiler.passes.reorder``); ``"per_site"`` keeps a gather before and after every attention.
+``grid=None`` asks the compiler to infer the grid from a conv patch embedding in the graph.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..hilbert import CURVES, check_grid, curve_order, inverse
+from ..patterns import MAX_EXTRA_TOKENS, Grid, global_tokens
+from .block_sparse import BlockSparse, _static_len
+from .dilated import Dilated
+
+EXTRA_TOKENS = ("global", "inner")
+REORDERS = ("once", "per_site")
+REORDER_TAG = "dilate_compiler_reorder"   # node.meta key of the gathers emit_call adds: ("to"|"from", key)
+
+
+@dataclass(frozen=True, eq=False)
+class Hilbert:
+    """Reorder grid tokens along a curve, run ``inner`` in curve order, restore the order.
+
+    Args:
+        grid: ``(H, W)`` or ``(T, H, W)``; None to infer it from the model's patch embedding.
+        inner: a ``dc.BlockSparse`` (fixed pattern) or ``dc.Dilated`` strategy.
+        curve: ``"hilbert"`` or ``"zorder"``.
+        extra_tokens: how tokens before the grid attend, ``"global"`` or ``"inner"`` (module docstring).
+        reorder: ``"once"`` or ``"per_site"``.
+    """
+
+    grid: Optional[tuple]
+    inner: object
+    curve: str = "hilbert"
+    extra_tokens: str = "global"
+    reorder: str = "once"
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.grid is not None:
+            object.__setattr__(self, "grid", check_grid(self.grid))
+        if isinstance(self.inner, BlockSparse):
+            if self.inner.pattern == "auto":
+                raise ValueError("inner=BlockSparse('auto') reads the model's own mask, which is in row-major "
+                                 "order; give a fixed pattern")
+        elif not isinstance(self.inner, Dilated):
+            raise TypeError(f"inner must be a dc.BlockSparse (fixed pattern) or dc.Dilated strategy, "
+                            f"got {self.inner!r}")
+        for name, value, accepted in (("curve", self.curve, CURVES), ("extra_tokens", self.extra_tokens, EXTRA_TOKENS),
+                                      ("reorder", self.reorder, REORDERS)):
+            if value not in accepted:
+                raise ValueError(f"{name} must be one of {accepted}, got {value!r}")
+
+    # --- the plan for one (grid, sequence length) ------------------------------------------------------------
+
+    def plan(self, seq_len: int, grid: Optional[tuple] = None):
+        """``(perm, inner)`` for ``seq_len`` tokens: the permutation to curve order (``x[..., perm, :]``) and the
+        inner strategy as it runs on the reordered sequence. Raises ``ValueError`` when they don't fit."""
+        grid = check_grid(grid if grid is not None else self.grid, "grid")
+        key = (grid, seq_len)
+        if key not in self._cache:
+            cells = math.prod(grid)
+            extra = seq_len - cells
+            if extra < 0 or extra > MAX_EXTRA_TOKENS:
+                raise ValueError(f"the grid {grid} has {cells} cells; the sequence must be those cells after at "
+                                 f"most {MAX_EXTRA_TOKENS} other tokens, got seq_len={seq_len}")
+            order = curve_order(grid, self.curve)
+            perm = torch.cat([torch.arange(extra), extra + order])
+            self._cache[key] = (perm, self._inner_in_curve_order(grid, order, extra))
+        return self._cache[key]
+
+    def _inner_in_curve_order(self, grid: tuple, order: Tensor, extra: int):
+        inner = self.inner
+        if isinstance(inner, Dilated):
+            if extra and self.extra_tokens == "global":
+                raise NotImplementedError(
+                    f"dc.Hilbert with a dc.Dilated inner strategy and {extra} token(s) outside the grid as global "
+                    f"tokens: the dilated op has no global tokens; use extra_tokens='inner' or a BlockSparse inner")
+            return inner
+        pattern = inner.pattern
+        if pattern.grid is not None:
+            pattern = pattern.reordered(Grid(grid, order))
+        if extra and self.extra_tokens == "global":
+            pattern = pattern | global_tokens(extra)
+        return BlockSparse(pattern, inner.block_size)
+
+    def token_mask(self, seq_len: int, num_heads: int = 1, grid: Optional[tuple] = None) -> Tensor:
+        """The mask in the caller's (row-major) order, ``[Hl, N, N]``: bool for a BlockSparse inner strategy,
+        the link multiplicity (int64) for a Dilated one (O(N^2), for tests and references)."""
+        perm, inner = self.plan(seq_len, grid)
+        inv = inverse(perm)
+        if isinstance(inner, Dilated):
+            m = inner.multiplicity(seq_len, num_heads)
+        else:
+            m = inner.pattern.token_mask(seq_len, inner.block_size, num_heads=num_heads)
+        return m[:, inv][:, :, inv]
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
+                  grid: Optional[tuple] = None) -> Tensor:
+        """Run the strategy on ``[B, H, N, D]`` tensors in row-major order (reorder, inner op, restore)."""
+        from .. import ops
+
+        ops.check_qkv(q, k, v)
+        perm, inner = self.plan(q.shape[2], grid)
+        perm = perm.to(q.device)
+        qp, kp, vp = (t.index_select(2, perm) for t in (q, k, v))
+        if isinstance(inner, Dilated):
+            out = ops.dilated_attention(qp, kp, vp, inner.segment_lengths, inner.dilation_rates, scale=scale,
+                                        mixing=inner.mixing)
+        else:
+            out = ops.block_sparse_attention(qp, kp, vp, inner.pattern, block_size=inner.block_size, scale=scale)
+        return out.index_select(2, inverse(perm))
+
+    # --- compiler hooks ----------------------------------------------------------------------------------------
+
+    def check_site(self, site) -> Optional[str]:
+        from ..passes.reorder import infer_grid
+
+        q, k = site.q_shape, site.k_shape
+        if len(q) != 4 or q[2] != k[2]:
+            return f"Hilbert reordering needs self-attention shapes (Nq == Nk), got q {q} and k {k}"
+        n = _static_len(site)
+        if n is None:
+            return f"Hilbert reordering needs a static sequence length; the length here is symbolic ({q[2]})"
+        if site.is_causal:
+            return ("the site is causal in the model's token order; reordering tokens along a curve would change "
+                    "which tokens precede each other")
+        if site.nodes.get("terms"):
+            from .block_sparse import allows_all, model_mask_pattern
+
+            model_mask, why = model_mask_pattern(site, n)
+            if model_mask is None or not allows_all(model_mask, n):
+                return (f"the site's {site.mask_kind} mask is defined on the model's token order"
+                        + (f" ({why})" if why else "") + "; Hilbert reordering keeps only an all-allowing mask")
+        grid = self.grid
+        if grid is None:
+            grid, why = infer_grid(site.nodes["q"].graph, n)
+            if grid is None:
+                return f"grid=None and the grid could not be inferred: {why}; pass grid="
+        try:
+            perm, inner = self.plan(n, grid)
+        except (ValueError, NotImplementedError) as e:
+            return str(e)
+        reason = inner.check_site(site)
+        if reason:
+            return reason
+        site.nodes["hilbert"] = (grid, perm, inner)
+        extra = n - math.prod(grid)
+        site.detail = (f"{self.curve} order on grid {'x'.join(map(str, grid))}"
+                       + (f" + {extra} {self.extra_tokens} token(s)" if extra else "")
+                       + (f"; inner: {site.detail}" if site.detail else ""))
+        return None
+
+    def emit_call(self, emit, q, k, v, attn_mask, *, is_causal: bool, scale: float, dropout_p: float, site=None):
+        grid, perm, inner = site.nodes["hilbert"]
+        device = q.meta["val"].device
+        perm_node, inv_node = (emit.constant(t) for t in _device_perms(perm, device))
+        key = f"{self.curve}:{'x'.join(map(str, grid))}:{perm.numel()}"
+
+        def gather(x, index, dim, direction):
+            node = emit(torch.ops.aten.index_select.default, (x, dim, index))
+            node.meta[REORDER_TAG] = (direction, key, self.reorder)
+            return node
+
+        qp, kp, vp = (gather(t, perm_node, 2, "to") for t in (q, k, v))
+        if attn_mask is not None:   # a mask [.., N, N] moves with the tokens on both axes
+            shape = attn_mask.meta["val"].shape
+            for dim in (-2, -1):
+                if shape[dim] != 1:
+                    attn_mask = emit(torch.ops.aten.index_select.default, (attn_mask, len(shape) + dim, perm_node))
+        out = inner.emit_call(emit, qp, kp, vp, attn_mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
+                              site=site)
+        return gather(out, inv_node, 2, "from")
+
+
+@functools.lru_cache(maxsize=32)
+def _device_perms_cached(perm_bytes: bytes, n: int, device: str):
+    perm = torch.frombuffer(bytearray(perm_bytes), dtype=torch.int64)[:n].clone()
+    return perm.to(device), inverse(perm).to(device)
+
+
+def _device_perms(perm: Tensor, device) -> tuple:
+    """The permutation and its inverse on ``device``, one tensor pair per (permutation, device): every layer's
+    sites share the same constants."""
+    return _device_perms_cached(perm.numpy().tobytes(), perm.numel(), str(device))
+
+
+__all__ = ["Hilbert", "REORDER_TAG"]
