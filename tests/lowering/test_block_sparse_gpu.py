@@ -19,6 +19,8 @@ PATTERNS = {
     "local|global|random": P.local(2) | P.global_tokens(70) | P.random(1, seed=3),
     "perhead": P.random(2, seed=1, per_head=True) | P.local(1),
     "dilated&window": P.dilated((2, 3)) & P.sliding_window(700),
+    "neighbourhood-hilbert": P.neighborhood((30, 33), 4).reordered(
+        P.Grid((30, 33), dc.hilbert.curve_order((30, 33)))) | P.global_tokens(10),
 }
 CASES = [  # pattern, dtype, D, causal, Hq, Hkv, N, block size
     ("window", torch.bfloat16, 64, True, 8, 8, 1000, 128),
@@ -28,6 +30,8 @@ CASES = [  # pattern, dtype, D, causal, Hq, Hkv, N, block size
     ("perhead", torch.bfloat16, 64, True, 6, 3, 1000, 128),
     ("dilated&window", torch.float16, 64, False, 4, 4, 1000, 16),
     ("window", torch.float16, 128, True, 4, 1, 63, 128),
+    ("neighbourhood-hilbert", torch.bfloat16, 64, False, 4, 2, 1000, 128),
+    ("neighbourhood-hilbert", torch.float16, 128, False, 2, 2, 1000, 64),
 ]
 
 
