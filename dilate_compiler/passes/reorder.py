@@ -29,9 +29,11 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from ..patterns import MAX_EXTRA_TOKENS
 from .find_attention import IGNORED_USERS, val
 
 A = torch.ops.aten
+REORDER_TAG = "dilate_compiler_reorder"   # node.meta key of the gathers dc.Hilbert emits: ("to"|"from", key, reorder)
 
 # Ops acting on each element alone (broadcasting their tensor operands).
 ELEMENTWISE = {
@@ -196,8 +198,6 @@ def _invariant_use(w: fx.Node, n: fx.Node, lab: int, fixed: int) -> bool:
 def hoist_reorders(gm: fx.GraphModule) -> int:
     """Run the pass on ``gm`` in place (the gathers of ``dc.Hilbert(reorder="once")``); returns the number of
     gathers left. Graphs whose sites use different permutations are left as they are."""
-    from ..strategies.hilbert import REORDER_TAG
-
     tagged = [n for n in gm.graph.nodes if REORDER_TAG in n.meta and n.meta[REORDER_TAG][2] == "once"]
     if not tagged:
         return 0
@@ -273,7 +273,7 @@ def _needs(label, seeds, core, length, fixed):
     to, back = set(), set()
     for n, lab in label.items():
         if n in seeds:
-            if n.meta["dilate_compiler_reorder"][0] == "to":
+            if n.meta[REORDER_TAG][0] == "to":
                 if n.args[0] not in label:
                     to.add((n.args[0], lab))
             elif any(w not in label and w not in core and not _invariant_use(w, n, lab, fixed) for w in n.users):
@@ -342,7 +342,7 @@ def _materialise(gm, label, seeds, core, perm_node, inv_node, length, fixed) -> 
     # curve-order versions of the values entering the region (a site's own to-gather is reused)
     made = {}
     for n in seeds:
-        if n in label and n.meta["dilate_compiler_reorder"][0] == "to" and n.args[0] not in label:
+        if n in label and n.meta[REORDER_TAG][0] == "to" and n.args[0] not in label:
             made.setdefault((n.args[0], label[n]), n)
     for u, d in to:
         if (u, d) not in made:
@@ -360,7 +360,7 @@ def _materialise(gm, label, seeds, core, perm_node, inv_node, length, fixed) -> 
                 if w not in label and w is not restored[n] and not _invariant_use(w, n, lab, fixed):
                     w.replace_input_with(n, restored[n])
     for n in [s for s in seeds if s in label]:
-        if n.meta["dilate_compiler_reorder"][0] == "to":
+        if n.meta[REORDER_TAG][0] == "to":
             x = n.args[0]
             if x in label:
                 n.replace_all_uses_with(x)
@@ -398,7 +398,7 @@ def infer_grid(graph: fx.Graph, seq_len: int):
             continue
         grid = tuple(int(s) for s in shape[2:])
         cells = math.prod(grid)
-        if not 0 <= seq_len - cells <= 1000:
+        if not 0 <= seq_len - cells <= MAX_EXTRA_TOKENS:
             continue
         for flat in n.users:
             fs = _shape(flat)

@@ -22,9 +22,7 @@ permutation-equivariant ops so it runs once after the patch embedding and once a
 
 from __future__ import annotations
 
-import functools
 import math
-import operator
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -32,13 +30,13 @@ import torch
 from torch import Tensor
 
 from ..hilbert import CURVES, check_grid, curve_order, inverse
+from ..passes.reorder import REORDER_TAG, infer_grid
 from ..patterns import MAX_EXTRA_TOKENS, Grid, global_tokens
 from .block_sparse import BlockSparse, _static_len
 from .dilated import Dilated
 
 EXTRA_TOKENS = ("global", "inner")
 REORDERS = ("once", "per_site")
-REORDER_TAG = "dilate_compiler_reorder"   # node.meta key of the gathers emit_call adds: ("to"|"from", key)
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,6 +91,15 @@ class Hilbert:
             self._cache[key] = (perm, self._inner_in_curve_order(grid, order, extra))
         return self._cache[key]
 
+    def device_perms(self, seq_len: int, grid: tuple, device) -> tuple:
+        """The permutation and its inverse on ``device``; one pair per (grid, N, device), so every layer's sites
+        share the same constants."""
+        key = (grid, seq_len, str(device))
+        if key not in self._cache:
+            perm, _ = self.plan(seq_len, grid)
+            self._cache[key] = (perm.to(device), inverse(perm).to(device))
+        return self._cache[key]
+
     def _inner_in_curve_order(self, grid: tuple, order: Tensor, extra: int):
         inner = self.inner
         if isinstance(inner, Dilated):
@@ -138,8 +145,6 @@ class Hilbert:
     # --- compiler hooks ----------------------------------------------------------------------------------------
 
     def check_site(self, site) -> Optional[str]:
-        from ..passes.reorder import infer_grid
-
         q, k = site.q_shape, site.k_shape
         if len(q) != 4 or q[2] != k[2]:
             return f"Hilbert reordering needs self-attention shapes (Nq == Nk), got q {q} and k {k}"
@@ -178,7 +183,7 @@ class Hilbert:
     def emit_call(self, emit, q, k, v, attn_mask, *, is_causal: bool, scale: float, dropout_p: float, site=None):
         grid, perm, inner = site.nodes["hilbert"]
         device = q.meta["val"].device
-        perm_node, inv_node = (emit.constant(t) for t in _device_perms(perm, device))
+        perm_node, inv_node = (emit.constant(t) for t in self.device_perms(perm.numel(), grid, device))
         key = f"{self.curve}:{'x'.join(map(str, grid))}:{perm.numel()}"
 
         def gather(x, index, dim, direction):
@@ -195,18 +200,6 @@ class Hilbert:
         out = inner.emit_call(emit, qp, kp, vp, attn_mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
                               site=site)
         return gather(out, inv_node, 2, "from")
-
-
-@functools.lru_cache(maxsize=32)
-def _device_perms_cached(perm_bytes: bytes, n: int, device: str):
-    perm = torch.frombuffer(bytearray(perm_bytes), dtype=torch.int64)[:n].clone()
-    return perm.to(device), inverse(perm).to(device)
-
-
-def _device_perms(perm: Tensor, device) -> tuple:
-    """The permutation and its inverse on ``device``, one tensor pair per (permutation, device): every layer's
-    sites share the same constants."""
-    return _device_perms_cached(perm.numpy().tobytes(), perm.numel(), str(device))
 
 
 __all__ = ["Hilbert", "REORDER_TAG"]
