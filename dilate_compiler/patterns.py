@@ -485,8 +485,9 @@ def build_layout(pattern: Pattern, seq_len: int, block_size: int, *, num_heads: 
     g_ranges = []
     if coords.shape[0]:
         c_min, c_max = _block_boxes(coords, nb, bs)
-        g_ranges = [(c_min[:, a].view(nb, 1) - c_max[:, a].view(1, nb), c_max[:, a].view(nb, 1) - c_min[:, a].view(1, nb))
-                    for a in range(GRID_AXES)]
+        lo_g = c_min.view(nb, 1, GRID_AXES) - c_max.view(1, nb, GRID_AXES)   # [nb, nb, axes] coordinate
+        hi_g = c_max.view(nb, 1, GRID_AXES) - c_min.view(1, nb, GRID_AXES)   # differences' ranges per block pair
+        g_ranges = [(lo_g[..., a], hi_g[..., a]) for a in range(GRID_AXES)]
 
     full = torch.zeros(1, nb, nb, dtype=torch.bool, device=device)
     bits = torch.zeros(1, nb, nb, dtype=torch.int32, device=device)

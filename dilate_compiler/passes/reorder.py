@@ -186,7 +186,7 @@ def _invariant_use(w: fx.Node, n: fx.Node, lab: int, fixed: int) -> bool:
     dim, or selecting a token the permutation keeps in place (one of the first ``fixed``)."""
     if w.target in IGNORED_USERS:
         return True
-    if w.target in (A.mean.dim, A.sum.dim_IntList, A.amax.default, A.amin.default) and w.args[0] is n:
+    if w.target in REDUCTIONS and w.args[0] is n:
         dims = w.args[1] if isinstance(w.args[1], (list, tuple)) else [w.args[1]]
         return lab in [_norm_dim(d, len(_shape(n))) for d in dims]
     if w.target is A.select.int and w.args[0] is n:

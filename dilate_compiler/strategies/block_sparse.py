@@ -73,8 +73,6 @@ class BlockSparse:
 
     def site_pattern(self, site) -> tuple:
         """``(pattern, reason)`` for a site: the strategy's pattern, or the one read from the site's mask."""
-        from ..passes.mask_pattern import NotStructured, site_pattern
-
         q, k = site.q_shape, site.k_shape
         if len(q) != 4 or q[2] != k[2]:
             return None, f"block-sparse attention needs self-attention shapes (Nq == Nk), got q {q} and k {k}"
@@ -88,21 +86,20 @@ class BlockSparse:
             if site.nodes.get("terms"):
                 model_mask, why = model_mask_pattern(site, n)
                 if model_mask is None:
-                    return None, (f"the site has a {site.mask_kind} mask, which a fixed pattern would replace ({why}); "
-                                  f"use BlockSparse('auto') to keep a structured mask")
+                    return None, (f"the site has a {site.mask_kind} mask, which a fixed pattern would replace "
+                                  f"({why}); use BlockSparse('auto') to keep a structured mask")
                 if not allows_all(model_mask, n):   # keep the model's mask: both must allow a key
-                    return Pattern((self.pattern & model_mask).terms, f"{self.pattern.name} & (model mask)",
-                                   self.pattern.grid), ""
+                    both = self.pattern & model_mask
+                    return Pattern(both.terms, f"{self.pattern.name} & (model mask)", both.grid), ""
             return self.pattern, ""
         if not site.nodes.get("terms"):
             if site.is_causal:
                 from ..patterns import Term
                 return Pattern((Term(),), "auto: causal"), ""
             return None, "pattern='auto': the site has no mask (dense attention), nothing to make sparse"
-        try:
-            pattern = site_pattern(site, n)
-        except NotStructured as e:
-            return None, f"pattern='auto': the mask is not a static index predicate: {e}"
+        pattern, why = model_mask_pattern(site, n)
+        if pattern is None:
+            return None, f"pattern='auto': the mask is {why}"
         p = torch.arange(n)
         diag = torch.zeros(n, dtype=torch.bool)
         coords = pattern.coordinates(n)
