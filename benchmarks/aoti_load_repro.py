@@ -50,9 +50,11 @@ def main():
         script = os.path.join(out, "load.py")
         with open(script, "w") as f:
             f.write(load + runit)
-        res = subprocess.run([gdb, "-batch", "-ex", "run", "-ex", "bt 25", "--args", sys.executable, script],
-                             capture_output=True, text=True, timeout=300)
-        print("--- cuda-gdb backtrace\n", res.stdout[-4000:], res.stderr[-1000:], flush=True)
+        cmds = ["set pagination off", "set print thread-events off", "run", "bt 40", "info registers rip",
+                "x/8i $pc"]
+        args = [gdb, "-batch"] + [a for c in cmds for a in ("-ex", c)] + ["--args", sys.executable, script]
+        res = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        print("--- cuda-gdb backtrace\n", res.stdout[-12000:], res.stderr[-2000:], flush=True)
 
 
 if __name__ == "__main__":

@@ -8,12 +8,14 @@ Methods:
 - ours row-major: dc.ops.block_sparse_attention on the neighbourhood pattern in row-major order;
 - ours Hilbert: the same mask in Hilbert order (dc.Hilbert(grid, BlockSparse(neighborhood))): q, k, v gathered
   into curve order, the kernel, the output gathered back; timed with the gathers ("+ reorder") and without;
-  also with the Hilbert locality schedule of the block lists (layout schedule="hilbert");
+  also with the Hilbert locality schedule of the block lists (layout schedule="hilbert"), and with the order
+  fused into the kernels' loads and stores (op argument order=perm, no gathers: dc.Hilbert(reorder="fused"));
 - flex row-major / flex Hilbert: flex_attention (compiled) with the same mask_mod (coordinates from index
   tables) on the block lists of our layout (BlockMask.from_kv_blocks: identical partial/full blocks);
   --flex-build also times Flex's own compiled create_block_mask (first call and steady state);
 - dense: F.scaled_dot_product_attention (flash), full attention.
-- model: 4 transformer blocks (E=1024) rewritten with dc.Hilbert, reorder="once" vs "per_site" (forward).
+- model: 4 transformer blocks (E=1024) rewritten with dc.Hilbert, reorder="once" vs "per_site" vs "fused"
+  (forward).
 Empty-block ratio over 128 x 128 blocks; useful TFLOP/s = 4 * D * H * allowed pairs / time.
 Times: medians of triton.testing.do_bench.
 """
@@ -93,6 +95,7 @@ def main():
     pattern = P.neighborhood(grid, R)
     order = curve_order(grid)
     perm = order.to(dev)
+    perm32 = perm.to(torch.int32)
     inv = inverse(order).to(dev)
     hil_pattern = pattern.reordered(P.Grid(grid, order))
 
@@ -114,6 +117,9 @@ def main():
             return dc.ops.block_sparse_attention(qp, kp, vp, lay, block_size=bs).index_select(2, inv)
 
         record(f"ours hilbert bs={bs} + reorder", bench(reordered), **stats)
+        fused = lambda lay=lay, bs=bs: dc.ops.block_sparse_attention(q, k, v, lay, block_size=bs,  # noqa: E731
+                                                                     order=perm32)
+        record(f"ours hilbert bs={bs}, order fused into the kernels' loads", bench(fused), **stats)
         lay_s = pat.layout(N, bs, device=dev, schedule="hilbert")
         record(f"ours hilbert bs={bs}, hilbert schedule (kernel only)",
                bench(lambda lay_s=lay_s, bs=bs: dc.ops.block_sparse_attention(q, k, v, lay_s, block_size=bs)))
@@ -128,7 +134,10 @@ def main():
     o_h = dc.ops.block_sparse_attention(*(t.index_select(2, perm) for t in (qs, ks, vs)), lay_h,
                                         block_size=BS).index_select(2, inv)
     info["max_abs_diff_hilbert_vs_rowmajor"] = float((o_r.float() - o_h.float()).abs().max())
-    print("hilbert vs row-major max abs diff", info["max_abs_diff_hilbert_vs_rowmajor"], flush=True)
+    o_f = dc.ops.block_sparse_attention(qs, ks, vs, lay_h, block_size=BS, order=perm32)
+    info["max_abs_diff_fused_order_vs_rowmajor"] = float((o_r.float() - o_f.float()).abs().max())
+    print("hilbert vs row-major max abs diff", info["max_abs_diff_hilbert_vs_rowmajor"], "fused order",
+          info["max_abs_diff_fused_order_vs_rowmajor"], flush=True)
 
     record("dense flash SDPA (full attention)", bench(lambda: F.scaled_dot_product_attention(q, k, v)))
 
@@ -159,7 +168,7 @@ def main():
     x = torch.randn(1, N, E, device=dev, dtype=torch.bfloat16)
     inner = dc.BlockSparse(pattern, block_size=BS)
     with torch.no_grad():
-        for mode in ("once", "per_site"):
+        for mode in ("once", "per_site", "fused"):
             res = dc.rewrite(model, (x,), dc.Hilbert(grid, inner, reorder=mode))
             n_gather = sum(1 for n in res.module.graph.nodes if n.target is torch.ops.aten.index_select.default)
             record(f"model {depth} blocks, reorder={mode}", bench(lambda m=res.module: m(x)), attention=False,

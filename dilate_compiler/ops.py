@@ -169,6 +169,7 @@ def block_sparse_attention(
     block_size: int,
     is_causal: bool = False,
     scale: Optional[float] = None,
+    order: Optional[Tensor] = None,
 ) -> Tensor:
     """Block-sparse attention: one softmax over the union of the keys the layout allows.
 
@@ -180,6 +181,10 @@ def block_sparse_attention(
         block_size: tokens per block; the last block may be partial (any N).
         is_causal: additionally mask ``j > p`` token by token.
         scale: score scale, default ``1 / sqrt(D)``.
+        order: a permutation of ``range(N)`` (int32/int64, on q's device): the layout's position ``p`` is token
+            ``order[p]``. The result equals gathering q, k, v with ``order`` (``x.index_select(2, order)``),
+            attending, and putting the rows back; the kernels read and write through the table, with no copy
+            (how ``dc.Hilbert(..., reorder="fused")`` runs).
 
     Returns:
         ``[B, Hq, N, D]`` in q's dtype; rows with no allowed key are 0.
@@ -190,9 +195,25 @@ def block_sparse_attention(
     block_size = _check_block_size(block_size)
     scale = check_scale(scale, q.shape[-1])
     lay = resolve_layout(layout, q, block_size, is_causal)
-    out, _ = torch.ops.dilate_compiler.block_sparse_attention_forward(q, k, v, *lay.tensors(), block_size,
+    if order is not None:
+        check_order(order, q)
+    out, _ = torch.ops.dilate_compiler.block_sparse_attention_forward(q, k, v, *lay.args(order), block_size,
                                                                       is_causal, scale)
     return out
+
+
+def check_order(order, q: Tensor) -> None:
+    """``order`` must be a permutation of the sequence positions of ``q`` (checked on values outside tracing)."""
+    N = q.shape[2]
+    if not isinstance(order, Tensor) or order.dtype not in (torch.int32, torch.int64) or order.shape != (N,):
+        got = (order.dtype, tuple(order.shape)) if isinstance(order, Tensor) else order
+        raise ValueError(f"order must be an int32/int64 tensor of shape ({N},) (a permutation of the {N} "
+                         f"positions), got {got!r}")
+    if order.device != q.device:
+        raise ValueError(f"order is on {order.device} but q is on {q.device}")
+    if not torch.compiler.is_compiling() and not isinstance(order, torch._subclasses.FakeTensor):
+        if not torch.equal(torch.sort(order).values.cpu(), torch.arange(N, dtype=order.dtype)):
+            raise ValueError(f"order must be a permutation of range({N}); it repeats or misses positions")
 
 
 def adaptive_block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, strategy, *, is_causal: bool = False,
@@ -221,5 +242,5 @@ def adaptive_block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, strategy, *
     # Batch folds into heads: query head b*H + h reads kv head (b*H + h) // (H // Hkv) = b*Hkv + h // (H // Hkv).
     out, _ = torch.ops.dilate_compiler.block_sparse_attention_forward(
         q.reshape(1, B * H, N, D), k.reshape(1, B * k.shape[1], N, D), v.reshape(1, B * v.shape[1], N, D),
-        *lay.tensors(), bs, is_causal, scale)
+        *lay.args(), bs, is_causal, scale)
     return out.view(B, H, N, D)

@@ -384,6 +384,8 @@ class BlockLayout:
     row 0 always true. ``coords``: int32 ``[N, GRID_AXES]`` grid coordinates of each position (``[0, ...]``
     when no term uses them). ``state``: int8 ``[Hl, nb, nb]`` (0 empty, 1 partial, 2 full).
     ``schedule``: the order of each list inside its partial and full parts (see ``build_layout``).
+    ``checks``: the columns of ``terms`` that some term bounds (``term_checks``; a compile-time constant of
+    the kernels).
     """
 
     seq_len: int
@@ -399,6 +401,11 @@ class BlockLayout:
     q_bits: Tensor
     coords: Tensor
     schedule: str = "row"
+    checks: Optional[int] = None
+
+    def __post_init__(self):
+        if self.checks is None:
+            object.__setattr__(self, "checks", term_checks(self.terms))
 
     @property
     def num_heads(self) -> int:
@@ -414,13 +421,20 @@ class BlockLayout:
         return (self.state > 0).float().mean().item()
 
     def tensors(self) -> tuple:
-        """The op's layout arguments, in order."""
+        """The op's layout tensors, in order."""
         return (self.terms, self.kv_count, self.kv_idx, self.kv_bits, self.q_count, self.q_idx, self.q_bits,
                 self.coords)
 
+    def args(self, order: Optional[Tensor] = None) -> tuple:
+        """The op's layout arguments, in order: the tensors, ``order`` (empty for the identity), ``checks``."""
+        if order is None:
+            order = torch.empty(0, dtype=torch.int32, device=self.terms.device)
+        return self.tensors() + (order, self.checks)
+
     def to(self, device) -> "BlockLayout":
         moved = {name: getattr(self, name).to(device) for name in LAYOUT_TENSORS}
-        return BlockLayout(self.seq_len, self.block_size, self.is_causal, schedule=self.schedule, **moved)
+        return BlockLayout(self.seq_len, self.block_size, self.is_causal, schedule=self.schedule, checks=self.checks,
+                           **moved)
 
     def token_mask(self) -> Tensor:
         """bool ``[Hl, N, N]`` expanded from the index lists (O(N^2), for tests)."""
@@ -430,6 +444,14 @@ class BlockLayout:
 
 LAYOUT_TENSORS = ("state", "terms", "kv_count", "kv_idx", "kv_bits", "q_count", "q_idx", "q_bits", "coords")
 SCHEDULES = ("row", "hilbert")
+
+
+def term_checks(terms: Tensor) -> int:
+    """Bit ``c`` set when some row of the term table bounds column ``c`` (a lower or upper end of an interval).
+    The kernels compile only those comparisons (a grid neighbourhood tests 4 of the 12)."""
+    unbounded = torch.tensor(UNBOUNDED * (3 + GRID_AXES), dtype=terms.dtype)
+    used = (terms.detach().cpu() != unbounded).any(0).tolist()
+    return sum(1 << c for c, u in enumerate(used) if u)
 
 
 def term_table(terms: Sequence[Term], device=None) -> Tensor:

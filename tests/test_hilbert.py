@@ -120,6 +120,31 @@ def test_reordered_then_restored_equals_direct_computation_on_the_same_mask(name
         assert m[..., :extra, :].all() and m[..., :, :extra].all()
 
 
+@pytest.mark.parametrize("name", ["neighbourhood+cls-zorder", "window+cls", "video-local"])
+def test_fused_order_equals_gathering(name):
+    # reorder="fused": the op reads q, k, v and writes out through the permutation, no gathers; same result
+    # and gradients as gathering into curve order and back
+    strategy, n = STRATEGIES[name]
+    fused = dc.Hilbert(strategy.grid, strategy.inner, curve=strategy.curve, reorder="fused")
+    q, k, v = (t.requires_grad_() for t in qkv(n))
+    out, want = fused.attention(q, k, v), strategy.attention(q, k, v)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    dout = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(want, (q, k, v), dout)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_order_argument_is_checked():
+    q, k, v = qkv(16)
+    pat = P.local(1)
+    for bad, msg in ((torch.arange(15), "shape"), (torch.arange(16.0), "int32/int64"),
+                     (torch.zeros(16, dtype=torch.long), "permutation"), ([0] * 16, "int32/int64")):
+        with pytest.raises(ValueError, match=msg):
+            dc.ops.block_sparse_attention(q, k, v, pat, block_size=8, order=bad)
+    with pytest.raises(NotImplementedError, match="index table"):
+        dc.Hilbert((4, 4), dc.Dilated((16,), (1,)), reorder="fused")
+
+
 def test_grid_neighbourhood_is_the_same_mask_in_any_order():
     grid = (6, 9)
     row = dc.BlockSparse(P.neighborhood(grid, 2), block_size=8)
@@ -232,6 +257,9 @@ def test_vit_reorders_once_and_equals_the_mask_in_row_major_order(cls, depth):
     want = ref(img)
     torch.testing.assert_close(once.module(img), want, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(per_site(img), want, rtol=1e-10, atol=1e-10)
+    fused = dc.rewrite(model, (img,), dc.Hilbert((7, 7), LOCAL, reorder="fused"), strict=True).module
+    assert gathers(fused) == 0                                   # the kernels read through the index table
+    torch.testing.assert_close(fused(img), want, rtol=1e-10, atol=1e-10)
 
 
 def test_vit_gradients_equal_the_row_major_mask():

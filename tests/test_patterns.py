@@ -183,3 +183,14 @@ def test_grid_patterns_reject_bad_arguments():
         P.neighborhood((4, 4), 1).layout(10, 16)
     with pytest.raises(ValueError, match="different grids"):
         P.neighborhood((4, 4), 1) | P.neighborhood((2, 8), 1)
+
+
+def test_term_checks_name_the_bounded_columns():
+    # the kernels compile a comparison only for the columns some term bounds
+    assert P.neighborhood((8, 8), 2).layout(64, 16).checks == 0b1111 << 8   # 2-D grid: axes 1, 2 of 3
+    assert P.neighborhood((2, 4, 8), 1).layout(64, 16).checks == 0b111111 << 6
+    assert P.sliding_window(5).layout(64, 16).checks == 0b11
+    lay = (P.sliding_window(5) | P.global_tokens(2)).layout(64, 16)
+    assert lay.checks & 0b11 == 0b11 and lay.checks >> 6 == 0
+    assert P.local(1).layout(64, 16).checks == 0           # whole blocks: every visited block is full
+    assert lay.to("cpu").checks == lay.checks

@@ -40,7 +40,7 @@ def slice_layout_heads(layout: BlockLayout, start: int, stop: int) -> BlockLayou
     cut = {name: getattr(layout, name)[start:stop] for name in
            ("state", "kv_count", "kv_idx", "kv_bits", "q_count", "q_idx", "q_bits")}
     return BlockLayout(layout.seq_len, layout.block_size, layout.is_causal, terms=layout.terms,
-                       coords=layout.coords, schedule=layout.schedule, **cut)
+                       coords=layout.coords, schedule=layout.schedule, checks=layout.checks, **cut)
 
 
 class _Shuffle:

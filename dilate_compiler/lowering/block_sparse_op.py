@@ -1,14 +1,17 @@
 """``torch.library`` registration of block-sparse attention: schema, fake kernel, autograd, device dispatch.
 
 - ``dilate_compiler::block_sparse_attention_forward(q, k, v, terms, kv_count, kv_idx, kv_bits, q_count, q_idx,
-  q_bits, coords, block_size, is_causal, scale) -> (out, lse)``: a ``triton_op`` that launches the generated Triton
-  kernels on CUDA (fp16/bf16, head dim 32/64/128, layout block size 16..256) and the exact PyTorch path
-  elsewhere (the first CUDA call that can't use the kernels logs why).
+  q_bits, coords, order, checks, block_size, is_causal, scale) -> (out, lse)``: a ``triton_op`` that launches
+  the generated Triton kernels on CUDA (fp16/bf16, head dim 32/64/128, layout block size 16..128) and the exact
+  PyTorch path elsewhere (the first CUDA call that can't use the kernels logs why). ``checks`` (the bounded
+  columns of ``terms``) is a compile-time constant of the kernels. ``order`` (int, ``[N]`` or empty): position
+  ``p`` of the layout is row ``order[p]`` of q, k, v, out and lse, i.e. the op equals gathering q, k, v with
+  ``order``, attending, and scattering out and lse back; the kernels read through the table with no copy.
 - ``dilate_compiler::block_sparse_attention_backward(dout, q, k, v, out, lse, <layout>, ...) -> (dq, dk, dv)``.
 - ``..._exact`` variants: the exact path as opaque custom ops.
 
 The layout tensors (see ``dilate_compiler.patterns.BlockLayout``) are op inputs, so a compiled graph holds
-them as constants and one compiled kernel serves any layout.
+them as constants and one compiled kernel serves any layout of the same ``checks``.
 """
 
 from __future__ import annotations
@@ -29,10 +32,20 @@ def use_kernels(q: Tensor, block_size: int) -> bool:
 @torch.library.custom_op("dilate_compiler::block_sparse_attention_forward_exact", mutates_args=())
 def block_sparse_attention_forward_exact(
     q: Tensor, k: Tensor, v: Tensor, terms: Tensor, kv_count: Tensor, kv_idx: Tensor, kv_bits: Tensor,
-    q_count: Tensor, q_idx: Tensor, q_bits: Tensor, coords: Tensor, block_size: int, is_causal: bool, scale: float,
+    q_count: Tensor, q_idx: Tensor, q_bits: Tensor, coords: Tensor, order: Tensor, checks: int, block_size: int, is_causal: bool,
+    scale: float,
 ) -> tuple[Tensor, Tensor]:
-    return block_sparse_forward_eager(q, k, v, terms, kv_count, kv_idx, kv_bits, coords, block_size, is_causal,
-                                      scale)
+    if order.numel() == 0:
+        return block_sparse_forward_eager(q, k, v, terms, kv_count, kv_idx, kv_bits, coords, block_size, is_causal,
+                                          scale)
+    out, lse = block_sparse_forward_eager(*(t.index_select(2, order) for t in (q, k, v)), terms, kv_count, kv_idx,
+                                          kv_bits, coords, block_size, is_causal, scale)
+    return _scatter(out, order), _scatter(lse, order)
+
+
+def _scatter(x: Tensor, order: Tensor) -> Tensor:
+    """``y`` with ``y[:, :, order] = x`` (back from layout positions to memory rows)."""
+    return torch.empty_like(x).index_copy_(2, order.long(), x)
 
 
 def _fake_forward(q, *args):
@@ -47,11 +60,15 @@ block_sparse_attention_forward_exact.register_fake(_fake_forward)
 @torch.library.custom_op("dilate_compiler::block_sparse_attention_backward_exact", mutates_args=())
 def block_sparse_attention_backward_exact(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, terms: Tensor, kv_count: Tensor,
-    kv_idx: Tensor, kv_bits: Tensor, q_count: Tensor, q_idx: Tensor, q_bits: Tensor, coords: Tensor, block_size: int,
-    is_causal: bool, scale: float,
+    kv_idx: Tensor, kv_bits: Tensor, q_count: Tensor, q_idx: Tensor, q_bits: Tensor, coords: Tensor, order: Tensor, checks: int,
+    block_size: int, is_causal: bool, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return block_sparse_backward_eager(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, coords,
-                                       block_size, is_causal, scale)
+    if order.numel() == 0:
+        return block_sparse_backward_eager(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, coords,
+                                           block_size, is_causal, scale)
+    grads = block_sparse_backward_eager(*(t.index_select(2, order) for t in (dout, q, k, v, out, lse)), terms,
+                                        kv_count, kv_idx, kv_bits, coords, block_size, is_causal, scale)
+    return tuple(_scatter(g, order) for g in grads)
 
 
 def _fake_backward(dout, q, k, v, *args):
@@ -64,34 +81,36 @@ block_sparse_attention_backward_exact.register_fake(_fake_backward)
 @torch.library.triton_op("dilate_compiler::block_sparse_attention_forward", mutates_args=())
 def block_sparse_attention_forward(
     q: Tensor, k: Tensor, v: Tensor, terms: Tensor, kv_count: Tensor, kv_idx: Tensor, kv_bits: Tensor,
-    q_count: Tensor, q_idx: Tensor, q_bits: Tensor, coords: Tensor, block_size: int, is_causal: bool, scale: float,
+    q_count: Tensor, q_idx: Tensor, q_bits: Tensor, coords: Tensor, order: Tensor, checks: int, block_size: int, is_causal: bool,
+    scale: float,
 ) -> tuple[Tensor, Tensor]:
     if use_kernels(q, block_size):
         return block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size, is_causal, scale,
-                                     coords)
+                                     coords, checks, order)
     return torch.ops.dilate_compiler.block_sparse_attention_forward_exact(
-        q, k, v, terms, kv_count, kv_idx, kv_bits, q_count, q_idx, q_bits, coords, block_size, is_causal, scale)
+        q, k, v, terms, kv_count, kv_idx, kv_bits, q_count, q_idx, q_bits, coords, order, checks, block_size,
+        is_causal, scale)
 
 
 @torch.library.triton_op("dilate_compiler::block_sparse_attention_backward", mutates_args=())
 def block_sparse_attention_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, terms: Tensor, kv_count: Tensor,
-    kv_idx: Tensor, kv_bits: Tensor, q_count: Tensor, q_idx: Tensor, q_bits: Tensor, coords: Tensor, block_size: int,
-    is_causal: bool, scale: float,
+    kv_idx: Tensor, kv_bits: Tensor, q_count: Tensor, q_idx: Tensor, q_bits: Tensor, coords: Tensor, order: Tensor, checks: int,
+    block_size: int, is_causal: bool, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if use_kernels(q, block_size):
         return block_sparse_attn_bwd(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, q_count, q_idx,
-                                     q_bits, coords, block_size, is_causal, scale)
+                                     q_bits, coords, order, checks, block_size, is_causal, scale)
     return torch.ops.dilate_compiler.block_sparse_attention_backward_exact(
-        dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, q_count, q_idx, q_bits, coords, block_size,
-        is_causal, scale)
+        dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, q_count, q_idx, q_bits, coords, order, checks,
+        block_size, is_causal, scale)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, *layout, block_size, is_causal, scale = inputs
+    q, k, v, *layout, checks, block_size, is_causal, scale = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, *layout)
-    ctx.params = (block_size, is_causal, scale)
+    ctx.params = (checks, block_size, is_causal, scale)
     ctx.mark_non_differentiable(lse)
 
 
@@ -99,7 +118,7 @@ def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, *layout = ctx.saved_tensors
     dq, dk, dv = torch.ops.dilate_compiler.block_sparse_attention_backward(dout, q, k, v, out, lse, *layout,
                                                                            *ctx.params)
-    return (dq, dk, dv) + (None,) * 11
+    return (dq, dk, dv) + (None,) * 13
 
 
 block_sparse_attention_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -7,9 +7,9 @@ full ones, with no mask at all. Empty blocks are never visited. All blocks of a 
 (one softmax over the union of allowed keys). The dK/dV program owns ``BLOCK_N`` keys of one kv head inside
 key block ``J``, loops over the query heads of its GQA group and walks the transposed lists ``q_idx[h, J]``.
 
-Specialisation: layout block size, head dim, causality, GQA ratio, per-head layout and the number of terms
-are constexprs; the lists and the term intervals are tensors, so one compiled kernel serves every layout of a
-pattern family. Block tiles (``BLOCK_M``, ``BLOCK_N``) divide the layout block size and are autotuned.
+Specialisation: layout block size, head dim, causality, GQA ratio, per-head layout, the number of terms and
+the set of term-table columns that some term bounds (``checks``) are constexprs; the lists and the term
+intervals are tensors, so one compiled kernel serves every layout of a pattern family. Block tiles (``BLOCK_M``, ``BLOCK_N``) divide the layout block size and are autotuned.
 """
 
 from __future__ import annotations
@@ -25,45 +25,80 @@ from .dilated_triton import AUTOTUNE, INTERPRET, _runner, tensor_unsupported_rea
 
 LN2 = 0.6931471805599453
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)  # 256 unrolls past the H100's shared memory at D=128
-_KEY = ["N", "HEAD_DIM", "BS", "IS_CAUSAL", "GQA", "PER_HEAD", "NUM_TERMS", "GRID"]
+_KEY = ["N", "HEAD_DIM", "BS", "IS_CAUSAL", "GQA", "PER_HEAD", "NUM_TERMS", "CHECKS", "PERMUTED"]
 assert TERM_COLUMNS == 12 and GRID_AXES == 3   # _token_ok reads the term table and coordinates with these
 
 
 @triton.jit
+def _within(ok, x, row, COL: tl.constexpr, CHECKS: tl.constexpr):
+    """``ok`` and ``x`` inside the interval in columns ``COL, COL + 1`` of a term row; only the ends that some
+    term bounds (bits of ``CHECKS``) are compiled."""
+    if ((CHECKS >> COL) & 3) == 3:   # lo <= x <= hi as one unsigned compare: (x - lo) <= (hi - lo)
+        lo = tl.load(row + COL)
+        span = (tl.load(row + COL + 1) - lo).to(tl.uint32, bitcast=True)
+        ok = ok & ((x - lo).to(tl.uint32, bitcast=True) <= span)
+    elif (CHECKS >> COL) & 1:
+        ok = ok & (x >= tl.load(row + COL))
+    elif (CHECKS >> (COL + 1)) & 1:
+        ok = ok & (x <= tl.load(row + COL + 1))
+    return ok
+
+
+@triton.jit
+def _coord_diff(d, Coords, pc, jc, AXIS: tl.constexpr, CHECKS: tl.constexpr):
+    """``c(p) - c(j)`` along grid axis ``AXIS``, loaded only when some term bounds it (else ``d``, unread)."""
+    if (CHECKS >> (6 + 2 * AXIS)) & 3:
+        d = tl.load(Coords + pc + AXIS) - tl.load(Coords + jc + AXIS)
+    return d
+
+
+@triton.jit
 def _token_ok(Terms, Coords, bits, p2, j2, N, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr,
-              GRID: tl.constexpr):
+              CHECKS: tl.constexpr, RAGGED: tl.constexpr):
     """Token mask of a partial tile; ``p2``/``j2`` are query/key positions already broadcast to 2-D.
-    Term rows are ``(d, p, j, g0, g1, g2)`` intervals (12 ints); ``GRID``: terms also bound the difference of
-    the tokens' grid coordinates (``Coords``, 3 ints per position)."""
+    Term rows are ``(d, p, j, g0, g1, g2)`` intervals (12 ints), ``g`` bounding the difference of the tokens'
+    grid coordinates (``Coords``, 3 ints per position). ``CHECKS``: the columns some term bounds; the others
+    are never loaded nor compared (a grid neighbourhood compiles 4 comparisons)."""
     d = p2 - j2
     ok = d != d
-    if GRID:
-        pc = tl.minimum(p2, N - 1) * 3
-        jc = tl.minimum(j2, N - 1) * 3
-        dc0 = tl.load(Coords + pc) - tl.load(Coords + jc)
-        dc1 = tl.load(Coords + pc + 1) - tl.load(Coords + jc + 1)
-        dc2 = tl.load(Coords + pc + 2) - tl.load(Coords + jc + 2)
+    pc = tl.minimum(p2, N - 1) * 3
+    jc = tl.minimum(j2, N - 1) * 3
+    dc0 = _coord_diff(d, Coords, pc, jc, 0, CHECKS)
+    dc1 = _coord_diff(d, Coords, pc, jc, 1, CHECKS)
+    dc2 = _coord_diff(d, Coords, pc, jc, 2, CHECKS)
     for t in tl.static_range(NUM_TERMS):
         if ((bits >> t) & 1) != 0:
             row = Terms + t * 12
-            term = ((d >= tl.load(row + 0)) & (d <= tl.load(row + 1)) & (p2 >= tl.load(row + 2))
-                    & (p2 <= tl.load(row + 3)) & (j2 >= tl.load(row + 4)) & (j2 <= tl.load(row + 5)))
-            if GRID:
-                term = (term & (dc0 >= tl.load(row + 6)) & (dc0 <= tl.load(row + 7))
-                        & (dc1 >= tl.load(row + 8)) & (dc1 <= tl.load(row + 9))
-                        & (dc2 >= tl.load(row + 10)) & (dc2 <= tl.load(row + 11)))
+            term = d == d
+            term = _within(term, d, row, 0, CHECKS)
+            term = _within(term, p2, row, 2, CHECKS)
+            term = _within(term, j2, row, 4, CHECKS)
+            term = _within(term, dc0, row, 6, CHECKS)
+            term = _within(term, dc1, row, 8, CHECKS)
+            term = _within(term, dc2, row, 10, CHECKS)
             ok = ok | term
-    ok = ok & (j2 < N) & (p2 < N)
+    if RAGGED:
+        ok = ok & (j2 < N) & (p2 < N)
     if IS_CAUSAL:
         ok = ok & (j2 <= p2)
     return ok
 
 
 @triton.jit
-def _load_kv(k_base, v_base, j, stride_kn, N, MASK: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """K and V rows ``j`` (``[BLOCK_N, HEAD_DIM]``); bounds-checked only on partial blocks."""
-    offs = j[:, None] * stride_kn + tl.arange(0, HEAD_DIM)[None, :]
-    if MASK:
+def _rows(Rows, p, N, PERMUTED: tl.constexpr):
+    """The memory rows of sequence positions ``p``: ``rows[p]`` when the kernel runs in a permuted order."""
+    if PERMUTED:
+        p = tl.load(Rows + tl.minimum(p, N - 1))
+    return p
+
+
+@triton.jit
+def _load_kv(k_base, v_base, Rows, j, stride_kn, N, MASK: tl.constexpr, RAGGED: tl.constexpr,
+             PERMUTED: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """K and V at positions ``j`` (``[BLOCK_N, HEAD_DIM]``); bounds-checked only on partial blocks of a ragged
+    sequence."""
+    offs = _rows(Rows, j, N, PERMUTED)[:, None] * stride_kn + tl.arange(0, HEAD_DIM)[None, :]
+    if MASK and RAGGED:
         k = tl.load(k_base + offs, mask=(j < N)[:, None], other=0.0)
         v = tl.load(v_base + offs, mask=(j < N)[:, None], other=0.0)
     else:
@@ -73,15 +108,16 @@ def _load_kv(k_base, v_base, j, stride_kn, N, MASK: tl.constexpr, HEAD_DIM: tl.c
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, p, jb, bits, k_base, v_base, stride_kn, Terms, Coords, N, qk_scale,
-              MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr, GRID: tl.constexpr,
-              BS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _fwd_tile(acc, m_i, l_i, q, p, jb, bits, k_base, v_base, Rows, stride_kn, Terms, Coords, N, qk_scale,
+              MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr,
+              RAGGED: tl.constexpr, PERMUTED: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+              HEAD_DIM: tl.constexpr):
     for sub in tl.static_range(0, BS, BLOCK_N):
         j = jb * BS + sub + tl.arange(0, BLOCK_N)
-        k, v = _load_kv(k_base, v_base, j, stride_kn, N, MASK, HEAD_DIM)
+        k, v = _load_kv(k_base, v_base, Rows, j, stride_kn, N, MASK, RAGGED, PERMUTED, HEAD_DIM)
         s = (tl.dot(q, tl.trans(k)) * qk_scale).to(tl.float32)
         if MASK:
-            ok = _token_ok(Terms, Coords, bits, p[:, None], j[None, :], N, IS_CAUSAL, NUM_TERMS, GRID)
+            ok = _token_ok(Terms, Coords, bits, p[:, None], j[None, :], N, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED)
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -111,18 +147,19 @@ def _query_tile(KvCount, pid_m, bh, H, NB, PER_HEAD: tl.constexpr, BS: tl.conste
 
 @triton.jit
 def _block_sparse_fwd_kernel(
-    Q, K, V, Out, Lse, Terms, Coords, KvCount, KvIdx, KvBits, sm_scale,
+    Q, K, V, Out, Lse, Terms, Coords, Rows, KvCount, KvIdx, KvBits, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_ob, stride_oh, stride_on,
     H, N, NB, KW,
     HEAD_DIM: tl.constexpr, BS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr,
-    PER_HEAD: tl.constexpr, NUM_TERMS: tl.constexpr, GRID: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    PER_HEAD: tl.constexpr, NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr, RAGGED: tl.constexpr,
+    PERMUTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     bh = tl.program_id(1)
     b, h, p, row, n_part, n_tot = _query_tile(KvCount, tl.program_id(0), bh, H, NB, PER_HEAD, BS, BLOCK_M)
     row_ok = p < N
+    r = _rows(Rows, p, N, PERMUTED)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + p[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None],
+    q = tl.load(Q + b * stride_qb + h * stride_qh + r[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None],
                 other=0.0)
     k_base = K + b * stride_kb + (h // GQA) * stride_kh
     v_base = V + b * stride_kb + (h // GQA) * stride_kh
@@ -133,31 +170,34 @@ def _block_sparse_fwd_kernel(
     for e in range(0, n_part):
         jb = tl.load(KvIdx + row * KW + e)
         bits = tl.load(KvBits + row * KW + e)
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, p, jb, bits, k_base, v_base, stride_kn, Terms, Coords, N,
-                                  qk_scale, True, IS_CAUSAL, NUM_TERMS, GRID, BS, BLOCK_N, HEAD_DIM)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, p, jb, bits, k_base, v_base, Rows, stride_kn, Terms, Coords,
+                                  N, qk_scale, True, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED, PERMUTED, BS, BLOCK_N,
+                                  HEAD_DIM)
     for e in range(n_part, n_tot):
         jb = tl.load(KvIdx + row * KW + e)
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, p, jb, 0, k_base, v_base, stride_kn, Terms, Coords, N,
-                                  qk_scale, False, IS_CAUSAL, NUM_TERMS, GRID, BS, BLOCK_N, HEAD_DIM)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, p, jb, 0, k_base, v_base, Rows, stride_kn, Terms, Coords, N,
+                                  qk_scale, False, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED, PERMUTED, BS, BLOCK_N,
+                                  HEAD_DIM)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i > 0.0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    tl.store(Out + b * stride_ob + h * stride_oh + p[:, None] * stride_on + offs_d[None, :],
+    tl.store(Out + b * stride_ob + h * stride_oh + r[:, None] * stride_on + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(Lse + bh * N + p, lse, mask=row_ok)
+    tl.store(Lse + bh * N + r, lse, mask=row_ok)
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse2, delta, p, jb, bits, k_base, v_base, stride_kn, Terms, Coords, N, qk_scale,
-             MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr, GRID: tl.constexpr,
-             BS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _dq_tile(dq, q, do, lse2, delta, p, jb, bits, k_base, v_base, Rows, stride_kn, Terms, Coords, N, qk_scale,
+             MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr,
+             RAGGED: tl.constexpr, PERMUTED: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+             HEAD_DIM: tl.constexpr):
     for sub in tl.static_range(0, BS, BLOCK_N):
         j = jb * BS + sub + tl.arange(0, BLOCK_N)
-        k, v = _load_kv(k_base, v_base, j, stride_kn, N, MASK, HEAD_DIM)
+        k, v = _load_kv(k_base, v_base, Rows, j, stride_kn, N, MASK, RAGGED, PERMUTED, HEAD_DIM)
         s = (tl.dot(q, tl.trans(k)) * qk_scale).to(tl.float32)
         pr = tl.exp2(s - lse2[:, None])
         if MASK:
-            ok = _token_ok(Terms, Coords, bits, p[:, None], j[None, :], N, IS_CAUSAL, NUM_TERMS, GRID)
+            ok = _token_ok(Terms, Coords, bits, p[:, None], j[None, :], N, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED)
             pr = tl.where(ok, pr, 0.0)
         dp = tl.dot(do, tl.trans(v)).to(tl.float32)
         ds = pr * (dp - delta[:, None])
@@ -167,23 +207,24 @@ def _dq_tile(dq, q, do, lse2, delta, p, jb, bits, k_base, v_base, stride_kn, Ter
 
 @triton.jit
 def _block_sparse_bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, Terms, Coords, KvCount, KvIdx, KvBits, sm_scale,
+    Q, K, V, DO, Lse, Delta, DQ, Terms, Coords, Rows, KvCount, KvIdx, KvBits, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_ob, stride_oh, stride_on,
     H, N, NB, KW,
     HEAD_DIM: tl.constexpr, BS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr,
-    PER_HEAD: tl.constexpr, NUM_TERMS: tl.constexpr, GRID: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    PER_HEAD: tl.constexpr, NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr, RAGGED: tl.constexpr,
+    PERMUTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     bh = tl.program_id(1)
     b, h, p, row, n_part, n_tot = _query_tile(KvCount, tl.program_id(0), bh, H, NB, PER_HEAD, BS, BLOCK_M)
     row_ok = p < N
+    r = _rows(Rows, p, N, PERMUTED)
     offs_d = tl.arange(0, HEAD_DIM)
-    q_off = b * stride_qb + h * stride_qh + p[:, None] * stride_qn + offs_d[None, :]
+    q_off = b * stride_qb + h * stride_qh + r[:, None] * stride_qn + offs_d[None, :]
     q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * stride_ob + h * stride_oh + p[:, None] * stride_on + offs_d[None, :],
+    do = tl.load(DO + b * stride_ob + h * stride_oh + r[:, None] * stride_on + offs_d[None, :],
                  mask=row_ok[:, None], other=0.0)
-    lse2 = tl.load(Lse + bh * N + p, mask=row_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(Delta + bh * N + p, mask=row_ok, other=0.0)
+    lse2 = tl.load(Lse + bh * N + r, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(Delta + bh * N + r, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + (h // GQA) * stride_kh
     v_base = V + b * stride_kb + (h // GQA) * stride_kh
     qk_scale = sm_scale * 1.4426950408889634
@@ -191,37 +232,39 @@ def _block_sparse_bwd_dq_kernel(
     for e in range(0, n_part):
         jb = tl.load(KvIdx + row * KW + e)
         bits = tl.load(KvBits + row * KW + e)
-        dq = _dq_tile(dq, q, do, lse2, delta, p, jb, bits, k_base, v_base, stride_kn, Terms, Coords, N, qk_scale,
-                      True, IS_CAUSAL, NUM_TERMS, GRID, BS, BLOCK_N, HEAD_DIM)
+        dq = _dq_tile(dq, q, do, lse2, delta, p, jb, bits, k_base, v_base, Rows, stride_kn, Terms, Coords, N,
+                      qk_scale, True, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED, PERMUTED, BS, BLOCK_N, HEAD_DIM)
     for e in range(n_part, n_tot):
         jb = tl.load(KvIdx + row * KW + e)
-        dq = _dq_tile(dq, q, do, lse2, delta, p, jb, 0, k_base, v_base, stride_kn, Terms, Coords, N, qk_scale,
-                      False, IS_CAUSAL, NUM_TERMS, GRID, BS, BLOCK_N, HEAD_DIM)
+        dq = _dq_tile(dq, q, do, lse2, delta, p, jb, 0, k_base, v_base, Rows, stride_kn, Terms, Coords, N,
+                      qk_scale, False, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED, PERMUTED, BS, BLOCK_N, HEAD_DIM)
     tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, j, ib, bits, q_base, do_base, lse_base, delta_base, stride_qn, stride_on, Terms,
-               Coords, N, qk_scale, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr,
-               GRID: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _dkdv_tile(dk, dv, k, v, j, ib, bits, q_base, do_base, lse_base, delta_base, Rows, stride_qn, stride_on,
+               Terms, Coords, N, qk_scale, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr,
+               CHECKS: tl.constexpr, RAGGED: tl.constexpr, PERMUTED: tl.constexpr, BS: tl.constexpr,
+               BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     for sub in tl.static_range(0, BS, BLOCK_M):
         p = ib * BS + sub + tl.arange(0, BLOCK_M)
-        if MASK:
+        r = _rows(Rows, p, N, PERMUTED)
+        if MASK and RAGGED:
             p_ok = p < N
-            q = tl.load(q_base + p[:, None] * stride_qn + offs_d[None, :], mask=p_ok[:, None], other=0.0)
-            do = tl.load(do_base + p[:, None] * stride_on + offs_d[None, :], mask=p_ok[:, None], other=0.0)
-            lse2 = tl.load(lse_base + p, mask=p_ok, other=0.0) * 1.4426950408889634
-            delta = tl.load(delta_base + p, mask=p_ok, other=0.0)
+            q = tl.load(q_base + r[:, None] * stride_qn + offs_d[None, :], mask=p_ok[:, None], other=0.0)
+            do = tl.load(do_base + r[:, None] * stride_on + offs_d[None, :], mask=p_ok[:, None], other=0.0)
+            lse2 = tl.load(lse_base + r, mask=p_ok, other=0.0) * 1.4426950408889634
+            delta = tl.load(delta_base + r, mask=p_ok, other=0.0)
         else:
-            q = tl.load(q_base + p[:, None] * stride_qn + offs_d[None, :])
-            do = tl.load(do_base + p[:, None] * stride_on + offs_d[None, :])
-            lse2 = tl.load(lse_base + p) * 1.4426950408889634
-            delta = tl.load(delta_base + p)
+            q = tl.load(q_base + r[:, None] * stride_qn + offs_d[None, :])
+            do = tl.load(do_base + r[:, None] * stride_on + offs_d[None, :])
+            lse2 = tl.load(lse_base + r) * 1.4426950408889634
+            delta = tl.load(delta_base + r)
         st = (tl.dot(k, tl.trans(q)) * qk_scale).to(tl.float32)           # [BLOCK_N, BLOCK_M]
         pt = tl.exp2(st - lse2[None, :])
         if MASK:
-            ok = _token_ok(Terms, Coords, bits, p[None, :], j[:, None], N, IS_CAUSAL, NUM_TERMS, GRID)
+            ok = _token_ok(Terms, Coords, bits, p[None, :], j[:, None], N, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED)
             pt = tl.where(ok, pt, 0.0)
         dv += tl.dot(pt.to(do.dtype), do)
         dpt = tl.dot(v, tl.trans(do)).to(tl.float32)
@@ -232,12 +275,12 @@ def _dkdv_tile(dk, dv, k, v, j, ib, bits, q_base, do_base, lse_base, delta_base,
 
 @triton.jit
 def _block_sparse_bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, Terms, Coords, QCount, QIdx, QBits, sm_scale,
+    Q, K, V, DO, Lse, Delta, DK, DV, Terms, Coords, Rows, QCount, QIdx, QBits, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_ob, stride_oh, stride_on,
     H, N, NB, QW,
     HEAD_DIM: tl.constexpr, BS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr,
-    PER_HEAD: tl.constexpr, NUM_TERMS: tl.constexpr, GRID: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    PER_HEAD: tl.constexpr, NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr, RAGGED: tl.constexpr,
+    PERMUTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bkh = tl.program_id(1)
@@ -248,7 +291,7 @@ def _block_sparse_bwd_dkdv_kernel(
     key_ok = j < N
     J = pid_n * BLOCK_N // BS
     offs_d = tl.arange(0, HEAD_DIM)
-    kv_off = b * stride_kb + kh * stride_kh + j[:, None] * stride_kn + offs_d[None, :]
+    kv_off = b * stride_kb + kh * stride_kh + _rows(Rows, j, N, PERMUTED)[:, None] * stride_kn + offs_d[None, :]
     k = tl.load(K + kv_off, mask=key_ok[:, None], other=0.0)
     v = tl.load(V + kv_off, mask=key_ok[:, None], other=0.0)
     qk_scale = sm_scale * 1.4426950408889634
@@ -267,14 +310,14 @@ def _block_sparse_bwd_dkdv_kernel(
         for e in range(0, n_part):
             ib = tl.load(QIdx + col * QW + e)
             bits = tl.load(QBits + col * QW + e)
-            dk, dv = _dkdv_tile(dk, dv, k, v, j, ib, bits, q_base, do_base, lse_base, delta_base, stride_qn,
-                                stride_on, Terms, Coords, N, qk_scale, True, IS_CAUSAL, NUM_TERMS, GRID, BS,
-                                BLOCK_M, HEAD_DIM)
+            dk, dv = _dkdv_tile(dk, dv, k, v, j, ib, bits, q_base, do_base, lse_base, delta_base, Rows, stride_qn,
+                                stride_on, Terms, Coords, N, qk_scale, True, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED,
+                                PERMUTED, BS, BLOCK_M, HEAD_DIM)
         for e in range(n_part, n_tot):
             ib = tl.load(QIdx + col * QW + e)
-            dk, dv = _dkdv_tile(dk, dv, k, v, j, ib, 0, q_base, do_base, lse_base, delta_base, stride_qn,
-                                stride_on, Terms, Coords, N, qk_scale, False, IS_CAUSAL, NUM_TERMS, GRID, BS,
-                                BLOCK_M, HEAD_DIM)
+            dk, dv = _dkdv_tile(dk, dv, k, v, j, ib, 0, q_base, do_base, lse_base, delta_base, Rows, stride_qn,
+                                stride_on, Terms, Coords, N, qk_scale, False, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED,
+                                PERMUTED, BS, BLOCK_M, HEAD_DIM)
     tl.store(DK + kv_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
 
@@ -322,9 +365,17 @@ def _grid(n: int, block: str, programs: int):
     return lambda META: (triton.cdiv(n, META[block]), programs)
 
 
-def _flags(q, k, kv_idx, terms, coords, block_size, is_causal):
+def _flags(q, k, kv_idx, terms, order, checks, block_size, is_causal):
     return dict(HEAD_DIM=q.shape[-1], BS=block_size, IS_CAUSAL=bool(is_causal), GQA=q.shape[1] // k.shape[1],
-                PER_HEAD=kv_idx.shape[0] > 1, NUM_TERMS=terms.shape[0], GRID=coords is not None and coords.numel() > 0)
+                PER_HEAD=kv_idx.shape[0] > 1, NUM_TERMS=terms.shape[0], CHECKS=int(checks),
+                RAGGED=q.shape[2] % block_size != 0, PERMUTED=order is not None and order.numel() > 0)
+
+
+def _rows_arg(order, q):
+    """The index table as the kernels read it (int32; a 1-element dummy when positions are memory rows)."""
+    if order is None or order.numel() == 0:
+        return torch.zeros(1, dtype=torch.int32, device=q.device)
+    return order if order.dtype == torch.int32 else order.to(torch.int32)
 
 
 def _coords_arg(coords, q):
@@ -335,8 +386,11 @@ def _coords_arg(coords, q):
 
 
 def block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size: int, is_causal: bool,
-                          scale: float, coords=None):
-    """Forward kernel: ``out [B, Hq, N, D]`` and ``lse [B, Hq, N]`` (float32, natural log)."""
+                          scale: float, coords, checks: int, order=None):
+    """Forward kernel: ``out [B, Hq, N, D]`` and ``lse [B, Hq, N]`` (float32, natural log).
+
+    ``order``: sequence position ``p`` of the layout is memory row ``order[p]`` of q, k, v, out and lse (the
+    attention runs in that order with no gather; None or empty: the identity)."""
     B, H, N, D = q.shape
     q = q if q.stride(-1) == 1 else q.contiguous()
     if k.stride() != v.stride() or k.stride(-1) != 1:   # v is read with k's strides
@@ -345,16 +399,16 @@ def block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size:
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     nb = kv_idx.shape[1]
     _kernel("fwd", block_size)[_grid(N, "BLOCK_M", B * H)](
-        q, k, v, out, lse, terms, _coords_arg(coords, q), kv_count, kv_idx, kv_bits, scale,
+        q, k, v, out, lse, terms, _coords_arg(coords, q), _rows_arg(order, q), kv_count, kv_idx, kv_bits, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         out.stride(0), out.stride(1), out.stride(2), H, N, nb, kv_idx.shape[2],
-        **_flags(q, k, kv_idx, terms, coords, block_size, is_causal))
+        **_flags(q, k, kv_idx, terms, order, checks, block_size, is_causal))
     return out, lse
 
 
 def block_sparse_attn_bwd(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, q_count, q_idx, q_bits,
-                          coords, block_size: int, is_causal: bool, scale: float):
-    """Backward kernels: ``(dq, dk, dv)``."""
+                          coords, order, checks: int, block_size: int, is_causal: bool, scale: float):
+    """Backward kernels: ``(dq, dk, dv)`` (``order`` as in ``block_sparse_attn_fwd``; may be empty)."""
     B, H, N, D = q.shape
     Hkv = k.shape[1]
     q, k, v, dout = (t.contiguous() for t in (q, k, v, dout))
@@ -366,12 +420,13 @@ def block_sparse_attn_bwd(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_b
     nb = kv_idx.shape[1]
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                dout.stride(0), dout.stride(1), dout.stride(2))
-    flags = _flags(q, k, kv_idx, terms, coords, block_size, is_causal)
+    flags = _flags(q, k, kv_idx, terms, order, checks, block_size, is_causal)
     coords = _coords_arg(coords, q)
+    rows = _rows_arg(order, q)
     _kernel("dq", block_size)[_grid(N, "BLOCK_M", B * H)](
-        q, k, v, dout, lse, delta, dq, terms, coords, kv_count, kv_idx, kv_bits, scale, *strides, H, N, nb,
+        q, k, v, dout, lse, delta, dq, terms, coords, rows, kv_count, kv_idx, kv_bits, scale, *strides, H, N, nb,
         kv_idx.shape[2], **flags)
     _kernel("dkdv", block_size)[_grid(N, "BLOCK_N", B * Hkv)](
-        q, k, v, dout, lse, delta, dk, dv, terms, coords, q_count, q_idx, q_bits, scale, *strides, H, N, nb,
+        q, k, v, dout, lse, delta, dk, dv, terms, coords, rows, q_count, q_idx, q_bits, scale, *strides, H, N, nb,
         q_idx.shape[2], **flags)
     return dq, dk, dv

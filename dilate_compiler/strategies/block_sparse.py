@@ -117,16 +117,19 @@ class BlockSparse:
         site.detail = f"{pattern.name}, block_size={self.block_size}"
         return None
 
-    def emit_call(self, emit, q, k, v, attn_mask, *, is_causal: bool, scale: float, dropout_p: float, site=None):
+    def emit_call(self, emit, q, k, v, attn_mask, *, is_causal: bool, scale: float, dropout_p: float, site=None,
+                  order=None):
+        """``order``: an index table (the op's ``order``) the kernels read q, k, v and write out through."""
         import operator
 
         pattern = site.nodes["pattern"]   # set by check_site
         qv = q.meta["val"]
         lay = self.layout(pattern, int(qv.shape[2]), int(qv.shape[1]), bool(is_causal), qv.device)
         site.detail += f", density={lay.density:.3g}"
-        tensors = [emit.constant(t) for t in lay.tensors()]
+        *tensors, order, checks = lay.args(order)
+        tensors = [emit.constant(t) for t in (*tensors, order)]
         fwd = emit(torch.ops.dilate_compiler.block_sparse_attention_forward.default,
-                   (q, k, v, *tensors, self.block_size, bool(is_causal), float(scale)))
+                   (q, k, v, *tensors, checks, self.block_size, bool(is_causal), float(scale)))
         return emit(operator.getitem, (fwd, 0))
 
 

@@ -16,7 +16,10 @@ the curve is a compact patch of the grid.
 
 ``reorder="once"`` (default) lets the compiler push the permutation through the model's
 permutation-equivariant ops so it runs once after the patch embedding and once at the end
-(``dilate_compiler.passes.reorder``); ``"per_site"`` keeps a gather before and after every attention.
+(``dilate_compiler.passes.reorder``); ``"per_site"`` keeps a gather before and after every attention;
+``"fused"`` (BlockSparse inner only) moves no data: the kernels read q, k, v and write the output through the
+permutation as an index table (``dc.ops.block_sparse_attention(..., order=perm)``). Which is faster depends on
+the model: one attention layer alone is fastest fused; RESULTS.md has the measured numbers.
 ``grid=None`` asks the compiler to infer the grid from a conv patch embedding in the graph.
 """
 
@@ -36,7 +39,7 @@ from .block_sparse import BlockSparse, _static_len
 from .dilated import Dilated
 
 EXTRA_TOKENS = ("global", "inner")
-REORDERS = ("once", "per_site")
+REORDERS = ("once", "per_site", "fused")
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,7 +51,7 @@ class Hilbert:
         inner: a ``dc.BlockSparse`` (fixed pattern) or ``dc.Dilated`` strategy.
         curve: ``"hilbert"`` or ``"zorder"``.
         extra_tokens: how tokens before the grid attend, ``"global"`` or ``"inner"`` (module docstring).
-        reorder: ``"once"`` or ``"per_site"``.
+        reorder: ``"once"``, ``"per_site"`` or ``"fused"`` (module docstring).
     """
 
     grid: Optional[tuple]
@@ -68,6 +71,9 @@ class Hilbert:
         elif not isinstance(self.inner, Dilated):
             raise TypeError(f"inner must be a dc.BlockSparse (fixed pattern) or dc.Dilated strategy, "
                             f"got {self.inner!r}")
+        elif self.reorder == "fused":
+            raise NotImplementedError("dc.Hilbert(reorder='fused') with a dc.Dilated inner strategy: the dilated "
+                                      "kernels take no index table; use reorder='once' or 'per_site'")
         for name, value, accepted in (("curve", self.curve, CURVES), ("extra_tokens", self.extra_tokens, EXTRA_TOKENS),
                                       ("reorder", self.reorder, REORDERS)):
             if value not in accepted:
@@ -97,8 +103,13 @@ class Hilbert:
         key = (grid, seq_len, str(device))
         if key not in self._cache:
             perm, _ = self.plan(seq_len, grid)
-            self._cache[key] = (perm.to(device), inverse(perm).to(device))
-        return self._cache[key]
+            self._cache[key] = (perm.to(device), inverse(perm).to(device), perm.to(device, torch.int32))
+        return self._cache[key][:2]
+
+    def device_order(self, seq_len: int, grid: tuple, device) -> Tensor:
+        """The permutation as the kernels' int32 index table (``reorder="fused"``), one per (grid, N, device)."""
+        self.device_perms(seq_len, grid, device)
+        return self._cache[(grid, seq_len, str(device))][2]
 
     def _inner_in_curve_order(self, grid: tuple, order: Tensor, extra: int):
         inner = self.inner
@@ -133,6 +144,10 @@ class Hilbert:
 
         ops.check_qkv(q, k, v)
         perm, inner = self.plan(q.shape[2], grid)
+        if self.reorder == "fused":
+            order = self.device_order(q.shape[2], check_grid(grid if grid is not None else self.grid), q.device)
+            return ops.block_sparse_attention(q, k, v, inner.pattern, block_size=inner.block_size, scale=scale,
+                                              order=order)
         perm = perm.to(q.device)
         qp, kp, vp = (t.index_select(2, perm) for t in (q, k, v))
         if isinstance(inner, Dilated):
@@ -183,6 +198,10 @@ class Hilbert:
     def emit_call(self, emit, q, k, v, attn_mask, *, is_causal: bool, scale: float, dropout_p: float, site=None):
         grid, perm, inner = site.nodes["hilbert"]
         device = q.meta["val"].device
+        if self.reorder == "fused":
+            order = self.device_order(perm.numel(), grid, device)
+            return inner.emit_call(emit, q, k, v, attn_mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
+                                   site=site, order=order)
         perm_node, inv_node = (emit.constant(t) for t in self.device_perms(perm.numel(), grid, device))
         key = f"{self.curve}:{'x'.join(map(str, grid))}:{perm.numel()}"
 

@@ -21,8 +21,10 @@ PATTERNS = {
     "dilated&window": P.dilated((2, 3)) & P.sliding_window(700),
     "neighbourhood-hilbert": P.neighborhood((30, 33), 4).reordered(
         P.Grid((30, 33), dc.hilbert.curve_order((30, 33)))) | P.global_tokens(10),
+    "neighbourhood-hilbert-32x32": P.neighborhood((32, 32), 3).reordered(
+        P.Grid((32, 32), dc.hilbert.curve_order((32, 32)))),
 }
-CASES = [  # pattern, dtype, D, causal, Hq, Hkv, N, block size
+CASES = [  # pattern, dtype, D, causal, Hq, Hkv, N, block size[, run through a random order table]
     ("window", torch.bfloat16, 64, True, 8, 8, 1000, 128),
     ("window", torch.bfloat16, 64, False, 8, 2, 1000, 64),
     ("local|global|random", torch.bfloat16, 128, False, 4, 4, 1025, 128),
@@ -32,20 +34,28 @@ CASES = [  # pattern, dtype, D, causal, Hq, Hkv, N, block size
     ("window", torch.float16, 128, True, 4, 1, 63, 128),
     ("neighbourhood-hilbert", torch.bfloat16, 64, False, 4, 2, 1000, 128),
     ("neighbourhood-hilbert", torch.float16, 128, False, 2, 2, 1000, 64),
+    ("window", torch.bfloat16, 64, True, 4, 2, 1024, 64),                      # N a multiple of the block
+    ("neighbourhood-hilbert-32x32", torch.bfloat16, 64, False, 4, 4, 1024, 64),
+    ("neighbourhood-hilbert-32x32", torch.bfloat16, 64, False, 4, 2, 1024, 64, True),
+    ("neighbourhood-hilbert", torch.float16, 32, True, 2, 1, 1000, 32, True),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{str(c[1])[6:]}-D{c[2]}-{'causal' if c[3] else 'full'}"
-                                                     f"-H{c[4]}/{c[5]}-N{c[6]}-bs{c[7]}")
+                                                     f"-H{c[4]}/{c[5]}-N{c[6]}-bs{c[7]}" + ("-order" if c[8:] else ""))
 def test_op_on_cuda_runs_kernels_and_matches_reference(case):
-    name, dtype, D, causal, Hq, Hkv, N, bs = case
+    name, dtype, D, causal, Hq, Hkv, N, bs, *ordered = case
     pattern = PATTERNS[name]
     g = torch.Generator(device="cuda").manual_seed(N + D)
     q, k, v = (torch.randn(2, h, N, D, device="cuda", generator=g, dtype=dtype).requires_grad_()
                for h in (Hq, Hkv, Hkv))
     assert use_kernels(q, bs)
-    out = dc.ops.block_sparse_attention(q, k, v, pattern, block_size=bs, is_causal=causal)
+    order = torch.randperm(N, device="cuda", generator=g) if ordered else None
+    out = dc.ops.block_sparse_attention(q, k, v, pattern, block_size=bs, is_causal=causal, order=order)
     mask = pattern.token_mask(N, bs, num_heads=Hq, is_causal=causal, device="cuda")
+    if order is not None:   # the layout's position p is token order[p]: the mask in token order
+        inv = torch.argsort(order)
+        mask = mask[:, inv][:, :, inv]
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref = dense_reference(q64, k64, v64, mask)
     qe, ke, ve = (t.detach().clone().requires_grad_() for t in (q, k, v))

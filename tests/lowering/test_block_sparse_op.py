@@ -102,7 +102,7 @@ def test_op_under_torch_compile_fullgraph():
     q, k, v = qkv(torch.float32)
     lay = (P.sliding_window(20) | P.global_tokens(3)).layout(N, BS, is_causal=True)
     f = lambda q, k, v: torch.ops.dilate_compiler.block_sparse_attention_forward(  # noqa: E731
-        q, k, v, *lay.tensors(), BS, True, 0.25)[0]
+        q, k, v, *lay.args(), BS, True, 0.25)[0]
     eager = f(q, k, v)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
     torch.testing.assert_close(compiled, eager)

@@ -31,13 +31,36 @@ def test_kernels_match_reference(name):
     g = torch.Generator().manual_seed(N)
     q, k, v = (torch.randn(1, h, N, 32, generator=g).to(DEVICE, dtype) for h in (Hq, Hkv, Hkv))
     lay = pattern.layout(N, bs, num_heads=Hq, is_causal=causal, device=DEVICE)
-    out, lse = block_sparse_attn_fwd(q, k, v, *lay.tensors()[:4], bs, causal, 0.2, lay.coords)
+    out, lse = block_sparse_attn_fwd(q, k, v, *lay.tensors()[:4], bs, causal, 0.2, lay.coords, lay.checks)
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     mask = pattern.token_mask(N, bs, num_heads=Hq, is_causal=causal, device=DEVICE)
     ref = dense_reference(q64, k64, v64, mask, scale=0.2)
     assert_close(out, ref, dtype)
     dout = torch.randn(out.shape, generator=g).to(DEVICE, dtype)
-    grads = block_sparse_attn_bwd(dout, q, k, v, out, lse, *lay.tensors(), bs, causal, 0.2)
+    grads = block_sparse_attn_bwd(dout, q, k, v, out, lse, *lay.args(), bs, causal, 0.2)
     for name_, a, b in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(ref, (q64, k64, v64), dout.double())):
         assert a.dtype == dtype and a.shape == b.shape
+        assert_close(a, b, dtype, name_)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_kernels_read_and_write_through_an_order_table(causal):
+    # order[p] is the memory row of layout position p: the same as gathering q, k, v, running, scattering back
+    grid = (5, 9)
+    pattern = P.neighborhood(grid, (1, 2)).reordered(P.Grid(grid, curve_order(grid))) | P.global_tokens(2)
+    N, Hq, Hkv, bs, dtype = 47, 2, 1, 16, torch.float16
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, h, N, 32, generator=g).to(DEVICE, dtype) for h in (Hq, Hkv, Hkv))
+    order = torch.randperm(N, generator=g).to(DEVICE)
+    lay = pattern.layout(N, bs, num_heads=Hq, is_causal=causal, device=DEVICE)
+    *tensors, _, checks = lay.args()
+    out, lse = block_sparse_attn_fwd(q, k, v, *tensors[:4], bs, causal, 0.2, lay.coords, checks, order)
+    mask = pattern.token_mask(N, bs, num_heads=Hq, is_causal=causal, device=DEVICE)
+    inv = torch.argsort(order)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref = dense_reference(*(t.index_select(2, order) for t in (q64, k64, v64)), mask, scale=0.2).index_select(2, inv)
+    assert_close(out, ref, dtype)
+    dout = torch.randn(out.shape, generator=g).to(DEVICE, dtype)
+    grads = block_sparse_attn_bwd(dout, q, k, v, out, lse, *lay.args(order), bs, causal, 0.2)
+    for name_, a, b in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(ref, (q64, k64, v64), dout.double())):
         assert_close(a, b, dtype, name_)
