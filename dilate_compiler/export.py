@@ -10,7 +10,13 @@ embeds its Triton kernels in the package; on the CPU the package calls the exact
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from typing import Any, Optional
 
 import torch
@@ -21,6 +27,8 @@ from .api import check_strategy, export_program
 from .passes.pipeline import run_pipeline
 from .passes.rewrite_attention import CONSTANT_PREFIX, Where
 from .passes.site import Report
+
+log = logging.getLogger(__name__)
 
 
 def _retarget_outputs(ep: ExportedProgram) -> None:
@@ -87,5 +95,59 @@ def aot_compile(ep: ExportedProgram, package_path: str, **inductor_configs) -> s
     if not str(package_path).endswith(".pt2"):
         raise ValueError(f"package_path must end with '.pt2', got {package_path!r}")
     os.makedirs(os.path.dirname(os.path.abspath(package_path)), exist_ok=True)
-    return torch._inductor.aoti_compile_and_package(ep, package_path=str(package_path),
-                                                    inductor_configs=inductor_configs or None)
+    with shared_cxx_runtime():
+        return torch._inductor.aoti_compile_and_package(ep, package_path=str(package_path),
+                                                        inductor_configs=inductor_configs or None)
+
+
+def cxx_runtime_link_dir(cxx: Optional[str] = None) -> Optional[str]:
+    """A directory holding ``libstdc++.so`` (a link to the C++ runtime this process has loaded) when the C++
+    compiler Inductor calls cannot find a shared ``libstdc++.so`` itself; None when it can (or off Linux).
+
+    Why: such a compiler links its static ``libstdc++.a`` into the package's wrapper library. The process that
+    loads the package already runs the shared C++ runtime (libtorch uses it), so the wrapper then mixes two
+    runtimes: its own facet ids index the process's locale, and the first ``std::regex`` the loader builds
+    (``parse_device_str``, in the model's constructor) calls a wrong virtual function and segfaults, for any
+    package (``benchmarks/aoti_load_repro.py`` shows it with ``torch.sin``)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    if cxx is None:
+        from torch._inductor import config
+
+        cxx = config.cpp.cxx[1] if isinstance(config.cpp.cxx, tuple) else config.cpp.cxx
+    try:
+        found = subprocess.run([cxx, "-print-file-name=libstdc++.so"], capture_output=True, text=True,
+                               timeout=120).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None   # no compiler here: AOTInductor reports that itself
+    if os.path.isabs(found) and os.path.exists(found):
+        return None
+    with open("/proc/self/maps") as f:
+        loaded = next((line.split()[-1] for line in f if "/libstdc++.so" in line), None)
+    if loaded is None:
+        return None
+    link_dir = tempfile.mkdtemp(prefix="dilate_compiler_cxx_runtime_")
+    os.symlink(loaded, os.path.join(link_dir, "libstdc++.so"))
+    return link_dir
+
+
+@contextlib.contextmanager
+def shared_cxx_runtime():
+    """While building a package, let the C++ compiler link the shared C++ runtime (``cxx_runtime_link_dir``)
+    through ``LIBRARY_PATH``; a no-op where the compiler finds it itself."""
+    link_dir = cxx_runtime_link_dir()
+    if link_dir is None:
+        yield
+        return
+    log.info("the C++ compiler finds no shared libstdc++.so; linking the package against %s (the runtime this "
+             "process uses) instead of the static archive", os.path.realpath(os.path.join(link_dir, "libstdc++.so")))
+    before = os.environ.get("LIBRARY_PATH")
+    os.environ["LIBRARY_PATH"] = link_dir + (os.pathsep + before if before else "")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("LIBRARY_PATH", None)
+        else:
+            os.environ["LIBRARY_PATH"] = before
+        shutil.rmtree(link_dir, ignore_errors=True)

@@ -1,6 +1,7 @@
 """dc.export / dc.aot_compile on the CPU: save/load round trip, AOTInductor package in a fresh process,
 GQA + padding mask, dynamic sequence length, an unsupported site."""
 
+import os
 import subprocess
 import sys
 
@@ -122,3 +123,25 @@ def test_aot_compile_argument_errors(tmp_path):
     ep = dc.export(Causal(), (torch.randn(1, 8, 32),), STRATEGY)
     with pytest.raises(ValueError, match="must end with '.pt2'"):
         dc.aot_compile(ep, str(tmp_path / "x.so"))
+
+
+def test_package_links_the_shared_cxx_runtime_when_the_compiler_cannot_find_it(tmp_path, monkeypatch):
+    # A compiler that finds no shared libstdc++.so would link its static archive into the package (two C++
+    # runtimes in one process: the loader segfaults); aot_compile then points it at the loaded runtime.
+    from dilate_compiler.export import cxx_runtime_link_dir, shared_cxx_runtime
+
+    assert cxx_runtime_link_dir("g++") is None            # this machine's compiler finds it itself
+    blind = tmp_path / "blind-cxx"
+    blind.write_text("#!/bin/sh\necho libstdc++.so\n")    # what g++ -print-file-name prints when it finds none
+    blind.chmod(0o755)
+    link_dir = cxx_runtime_link_dir(str(blind))
+    target = os.path.realpath(os.path.join(link_dir, "libstdc++.so"))
+    with open("/proc/self/maps") as f:
+        assert target in {os.path.realpath(line.split()[-1]) for line in f if "libstdc++" in line}
+    from torch._inductor import config
+    monkeypatch.setattr(config.cpp, "cxx", (None, str(blind)))
+    monkeypatch.setenv("LIBRARY_PATH", "/elsewhere")
+    with shared_cxx_runtime():
+        first, rest = os.environ["LIBRARY_PATH"].split(os.pathsep)
+        assert rest == "/elsewhere" and os.path.realpath(os.path.join(first, "libstdc++.so")) == target
+    assert os.environ["LIBRARY_PATH"] == "/elsewhere" and not os.path.exists(first)
