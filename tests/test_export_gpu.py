@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import dilate_compiler as dc
+from dilate_compiler.export import shared_cxx_runtime
 from tests.test_export import Causal
 
 pytestmark = pytest.mark.gpu
@@ -26,8 +27,9 @@ def test_plain_aoti_package_loads_on_this_gpu(tmp_path):
             return torch.sin(x)
 
     x = torch.randn(64, device="cuda")
-    package = torch._inductor.aoti_compile_and_package(torch.export.export(Sin(), (x,)),
-                                                       package_path=str(tmp_path / "sin.pt2"))
+    with shared_cxx_runtime():   # as dc.aot_compile builds
+        package = torch._inductor.aoti_compile_and_package(torch.export.export(Sin(), (x,)),
+                                                           package_path=str(tmp_path / "sin.pt2"))
     code = (f"import torch\nf = torch._inductor.aoti_load_package({package!r})\nx = torch.randn(64, device='cuda')\n"
             "torch.testing.assert_close(f(x), torch.sin(x))\nprint('ok')\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
