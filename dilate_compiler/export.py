@@ -133,21 +133,26 @@ def cxx_runtime_link_dir(cxx: Optional[str] = None) -> Optional[str]:
 
 @contextlib.contextmanager
 def shared_cxx_runtime():
-    """While building a package, let the C++ compiler link the shared C++ runtime (``cxx_runtime_link_dir``)
-    through ``LIBRARY_PATH``; a no-op where the compiler finds it itself."""
+    """While building a package, make the C++ compiler link the shared C++ runtime (``cxx_runtime_link_dir``);
+    a no-op where the compiler finds it itself. The compiler runs through a two-line wrapper that puts the link
+    directory first on its library path (``-L``): ``LIBRARY_PATH`` is not enough, as the directories of a
+    toolchain's own ``-B`` prefixes, which hold ``libstdc++.a``, are searched before it."""
+    from torch._inductor import config
+
     link_dir = cxx_runtime_link_dir()
     if link_dir is None:
         yield
         return
-    log.info("the C++ compiler finds no shared libstdc++.so; linking the package against %s (the runtime this "
-             "process uses) instead of the static archive", os.path.realpath(os.path.join(link_dir, "libstdc++.so")))
-    before = os.environ.get("LIBRARY_PATH")
-    os.environ["LIBRARY_PATH"] = link_dir + (os.pathsep + before if before else "")
+    cxx = config.cpp.cxx[1] if isinstance(config.cpp.cxx, tuple) else config.cpp.cxx
+    real = shutil.which(cxx) or cxx
+    wrapper = os.path.join(link_dir, os.path.basename(real))   # keeps the name Inductor reads (g++, clang++)
+    with open(wrapper, "w") as f:
+        f.write(f'#!/bin/sh\nexec "{real}" -L"{link_dir}" "$@"\n')
+    os.chmod(wrapper, 0o755)
+    log.info("%s finds no shared libstdc++.so; linking the package against %s (the runtime this process uses) "
+             "instead of the static archive", real, os.path.realpath(os.path.join(link_dir, "libstdc++.so")))
     try:
-        yield
+        with config.patch({"cpp.cxx": (None, wrapper)}):
+            yield
     finally:
-        if before is None:
-            os.environ.pop("LIBRARY_PATH", None)
-        else:
-            os.environ["LIBRARY_PATH"] = before
         shutil.rmtree(link_dir, ignore_errors=True)

@@ -140,8 +140,12 @@ def test_package_links_the_shared_cxx_runtime_when_the_compiler_cannot_find_it(t
         assert target in {os.path.realpath(line.split()[-1]) for line in f if "libstdc++" in line}
     from torch._inductor import config
     monkeypatch.setattr(config.cpp, "cxx", (None, str(blind)))
-    monkeypatch.setenv("LIBRARY_PATH", "/elsewhere")
     with shared_cxx_runtime():
-        first, rest = os.environ["LIBRARY_PATH"].split(os.pathsep)
-        assert rest == "/elsewhere" and os.path.realpath(os.path.join(first, "libstdc++.so")) == target
-    assert os.environ["LIBRARY_PATH"] == "/elsewhere" and not os.path.exists(first)
+        wrapper = config.cpp.cxx[1]
+        assert os.path.basename(wrapper) == "blind-cxx"
+        link_dir = os.path.dirname(wrapper)
+        assert os.path.realpath(os.path.join(link_dir, "libstdc++.so")) == target
+        res = subprocess.run([wrapper, "-print-file-name=libstdc++.so"], capture_output=True, text=True)
+        assert res.stdout.strip() == "libstdc++.so"          # the wrapper runs the compiler it stands for
+        assert f'-L"{link_dir}"' in open(wrapper).read()
+    assert config.cpp.cxx == (None, str(blind)) and not os.path.exists(link_dir)
