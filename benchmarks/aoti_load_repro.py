@@ -2,7 +2,7 @@
 
     python benchmarks/aoti_load_repro.py OUT_DIR [--shared-runtime]
 
-Cause found on the lent H100: its C++ compiler finds no shared ``libstdc++.so`` and links the static archive
+Cause found on the benchmark H100: its C++ compiler finds no shared ``libstdc++.so`` and links the static archive
 into the package's wrapper library (``ldd`` lists no libstdc++), so the loading process runs two C++ runtimes;
 the wrapper's first ``std::regex`` (``parse_device_str``) calls a wrong locale-facet virtual and segfaults.
 ``--shared-runtime`` builds the package the way ``dc.aot_compile`` does (linking the process's libstdc++.so).

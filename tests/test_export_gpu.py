@@ -15,8 +15,8 @@ pytestmark = pytest.mark.gpu
 
 
 def test_plain_aoti_package_loads_on_this_gpu(tmp_path):
-    """Baseline: sin(x), built as dc.aot_compile builds (see dilate_compiler.export.shared_cxx_runtime: the lent
-    H100's compiler links a static libstdc++ into packages otherwise, and loading them segfaults)."""
+    """Baseline: sin(x), built as dc.aot_compile builds (see dilate_compiler.export.shared_cxx_runtime: the
+    benchmark H100's compiler links a static libstdc++ into packages otherwise, and loading them segfaults)."""
     class Sin(torch.nn.Module):
         def forward(self, x):
             return torch.sin(x)

@@ -1,4 +1,4 @@
-"""The distributed ops on CUDA with NCCL, on a group of one GPU (the lent machines have one): CUDA tensors
+"""The distributed ops on CUDA with NCCL, on a group of one GPU (the benchmark machines have one): CUDA tensors
 through the custom ops, NCCL collectives and the head-parallel kernels, against the float64 reference."""
 
 import pytest
