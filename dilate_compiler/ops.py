@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .lowering import block_sparse_op, dilated_op  # noqa: F401  (registers the ops)
 from .strategies.dilated import MIXINGS, Dilated
@@ -202,8 +203,12 @@ def block_sparse_attention(
     return out
 
 
+_CHECKED_ORDERS = WeakIdKeyDictionary()   # order tensor -> version it was checked at
+
+
 def check_order(order, q: Tensor) -> None:
-    """``order`` must be a permutation of the sequence positions of ``q`` (checked on values outside tracing)."""
+    """``order`` must be a permutation of the sequence positions of ``q``. Its values are checked outside
+    tracing, once per tensor and version (a sort and a host sync; the kernels would read out of bounds)."""
     N = q.shape[2]
     if not isinstance(order, Tensor) or order.dtype not in (torch.int32, torch.int64) or order.shape != (N,):
         got = (order.dtype, tuple(order.shape)) if isinstance(order, Tensor) else order
@@ -211,9 +216,13 @@ def check_order(order, q: Tensor) -> None:
                          f"positions), got {got!r}")
     if order.device != q.device:
         raise ValueError(f"order is on {order.device} but q is on {q.device}")
-    if not torch.compiler.is_compiling() and not isinstance(order, torch._subclasses.FakeTensor):
-        if not torch.equal(torch.sort(order).values.cpu(), torch.arange(N, dtype=order.dtype)):
-            raise ValueError(f"order must be a permutation of range({N}); it repeats or misses positions")
+    if torch.compiler.is_compiling() or isinstance(order, torch._subclasses.FakeTensor):
+        return
+    if _CHECKED_ORDERS.get(order) == order._version:
+        return
+    if not torch.equal(torch.sort(order).values.cpu(), torch.arange(N, dtype=order.dtype)):
+        raise ValueError(f"order must be a permutation of range({N}); it repeats or misses positions")
+    _CHECKED_ORDERS[order] = order._version
 
 
 def adaptive_block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, strategy, *, is_causal: bool = False,

@@ -141,6 +141,11 @@ def test_order_argument_is_checked():
                      (torch.zeros(16, dtype=torch.long), "permutation"), ([0] * 16, "int32/int64")):
         with pytest.raises(ValueError, match=msg):
             dc.ops.block_sparse_attention(q, k, v, pat, block_size=8, order=bad)
+    order = torch.arange(16)
+    dc.ops.block_sparse_attention(q, k, v, pat, block_size=8, order=order)
+    order[0] = 1                                  # changed in place after a check: checked again
+    with pytest.raises(ValueError, match="permutation"):
+        dc.ops.block_sparse_attention(q, k, v, pat, block_size=8, order=order)
     with pytest.raises(NotImplementedError, match="index table"):
         dc.Hilbert((4, 4), dc.Dilated((16,), (1,)), reorder="fused")
 
