@@ -9,7 +9,10 @@ key block ``J``, loops over the query heads of its GQA group and walks the trans
 
 Specialisation: layout block size, head dim, causality, GQA ratio, per-head layout, the number of terms and
 the set of term-table columns that some term bounds (``checks``) are constexprs; the lists and the term
-intervals are tensors, so one compiled kernel serves every layout of a pattern family. Block tiles (``BLOCK_M``, ``BLOCK_N``) divide the layout block size and are autotuned.
+intervals are tensors, so one compiled kernel serves every layout of a pattern family. Whether N is a multiple
+of the block size (``RAGGED``) and whether positions go through an index table (``PERMUTED``, the op's
+``order``) are constexprs too. Block tiles (``BLOCK_M``, ``BLOCK_N``) divide the layout block size and are
+autotuned.
 """
 
 from __future__ import annotations
@@ -85,10 +88,13 @@ def _token_ok(Terms, Coords, bits, p2, j2, N, IS_CAUSAL: tl.constexpr, NUM_TERMS
 
 
 @triton.jit
-def _rows(Rows, p, N, PERMUTED: tl.constexpr):
-    """The memory rows of sequence positions ``p``: ``rows[p]`` when the kernel runs in a permuted order."""
+def _rows(Rows, p, N, PERMUTED: tl.constexpr, RAGGED: tl.constexpr):
+    """The memory rows of sequence positions ``p``: ``rows[p]`` when the kernel runs in a permuted order
+    (positions past the end of a ragged sequence read the last entry; their loads and stores are masked)."""
     if PERMUTED:
-        p = tl.load(Rows + tl.minimum(p, N - 1))
+        if RAGGED:
+            p = tl.minimum(p, N - 1)
+        p = tl.load(Rows + p)
     return p
 
 
@@ -97,7 +103,7 @@ def _load_kv(k_base, v_base, Rows, j, stride_kn, N, MASK: tl.constexpr, RAGGED: 
              PERMUTED: tl.constexpr, HEAD_DIM: tl.constexpr):
     """K and V at positions ``j`` (``[BLOCK_N, HEAD_DIM]``); bounds-checked only on partial blocks of a ragged
     sequence."""
-    offs = _rows(Rows, j, N, PERMUTED)[:, None] * stride_kn + tl.arange(0, HEAD_DIM)[None, :]
+    offs = _rows(Rows, j, N, PERMUTED, RAGGED)[:, None] * stride_kn + tl.arange(0, HEAD_DIM)[None, :]
     if MASK and RAGGED:
         k = tl.load(k_base + offs, mask=(j < N)[:, None], other=0.0)
         v = tl.load(v_base + offs, mask=(j < N)[:, None], other=0.0)
@@ -157,7 +163,7 @@ def _block_sparse_fwd_kernel(
     bh = tl.program_id(1)
     b, h, p, row, n_part, n_tot = _query_tile(KvCount, tl.program_id(0), bh, H, NB, PER_HEAD, BS, BLOCK_M)
     row_ok = p < N
-    r = _rows(Rows, p, N, PERMUTED)
+    r = _rows(Rows, p, N, PERMUTED, RAGGED)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + b * stride_qb + h * stride_qh + r[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None],
                 other=0.0)
@@ -217,7 +223,7 @@ def _block_sparse_bwd_dq_kernel(
     bh = tl.program_id(1)
     b, h, p, row, n_part, n_tot = _query_tile(KvCount, tl.program_id(0), bh, H, NB, PER_HEAD, BS, BLOCK_M)
     row_ok = p < N
-    r = _rows(Rows, p, N, PERMUTED)
+    r = _rows(Rows, p, N, PERMUTED, RAGGED)
     offs_d = tl.arange(0, HEAD_DIM)
     q_off = b * stride_qb + h * stride_qh + r[:, None] * stride_qn + offs_d[None, :]
     q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
@@ -249,7 +255,7 @@ def _dkdv_tile(dk, dv, k, v, j, ib, bits, q_base, do_base, lse_base, delta_base,
     offs_d = tl.arange(0, HEAD_DIM)
     for sub in tl.static_range(0, BS, BLOCK_M):
         p = ib * BS + sub + tl.arange(0, BLOCK_M)
-        r = _rows(Rows, p, N, PERMUTED)
+        r = _rows(Rows, p, N, PERMUTED, RAGGED)
         if MASK and RAGGED:
             p_ok = p < N
             q = tl.load(q_base + r[:, None] * stride_qn + offs_d[None, :], mask=p_ok[:, None], other=0.0)
@@ -291,7 +297,8 @@ def _block_sparse_bwd_dkdv_kernel(
     key_ok = j < N
     J = pid_n * BLOCK_N // BS
     offs_d = tl.arange(0, HEAD_DIM)
-    kv_off = b * stride_kb + kh * stride_kh + _rows(Rows, j, N, PERMUTED)[:, None] * stride_kn + offs_d[None, :]
+    rows = _rows(Rows, j, N, PERMUTED, RAGGED)
+    kv_off = b * stride_kb + kh * stride_kh + rows[:, None] * stride_kn + offs_d[None, :]
     k = tl.load(K + kv_off, mask=key_ok[:, None], other=0.0)
     v = tl.load(V + kv_off, mask=key_ok[:, None], other=0.0)
     qk_scale = sm_scale * 1.4426950408889634
@@ -330,7 +337,7 @@ def _space(kind: str, bs: int):
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     if kind == "fwd":
         space = ((128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 2),
-                 (32, 32, 4, 3), (16, 16, 4, 2))
+                 (64, 64, 4, 2), (64, 64, 4, 4), (64, 32, 4, 3), (32, 64, 4, 3), (32, 32, 4, 3), (16, 16, 4, 2))
     else:
         space = ((64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2), (16, 16, 4, 2))
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
