@@ -2,6 +2,7 @@
 GQA + padding mask, dynamic sequence length, an unsupported site."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -138,6 +139,7 @@ def test_package_links_the_shared_cxx_runtime_when_the_compiler_cannot_find_it(t
     target = os.path.realpath(os.path.join(link_dir, "libstdc++.so"))
     with open("/proc/self/maps") as f:
         assert target in {os.path.realpath(line.split()[-1]) for line in f if "libstdc++" in line}
+    shutil.rmtree(link_dir)
     from torch._inductor import config
     monkeypatch.setattr(config.cpp, "cxx", (None, str(blind)))
     with shared_cxx_runtime():
