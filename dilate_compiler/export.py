@@ -100,6 +100,13 @@ def aot_compile(ep: ExportedProgram, package_path: str, **inductor_configs) -> s
                                                         inductor_configs=inductor_configs or None)
 
 
+def _inductor_cxx() -> str:
+    """The C++ compiler Inductor builds packages with (``torch._inductor.config.cpp.cxx``)."""
+    from torch._inductor import config
+
+    return config.cpp.cxx[1] if isinstance(config.cpp.cxx, tuple) else config.cpp.cxx
+
+
 def cxx_runtime_link_dir(cxx: Optional[str] = None) -> Optional[str]:
     """A directory holding ``libstdc++.so`` (a link to the C++ runtime this process has loaded) when the C++
     compiler Inductor calls cannot find a shared ``libstdc++.so`` itself; None when it can (or off Linux).
@@ -111,10 +118,7 @@ def cxx_runtime_link_dir(cxx: Optional[str] = None) -> Optional[str]:
     package (``benchmarks/aoti_load_repro.py`` shows it with ``torch.sin``)."""
     if not sys.platform.startswith("linux"):
         return None
-    if cxx is None:
-        from torch._inductor import config
-
-        cxx = config.cpp.cxx[1] if isinstance(config.cpp.cxx, tuple) else config.cpp.cxx
+    cxx = cxx or _inductor_cxx()
     try:
         found = subprocess.run([cxx, "-print-file-name=libstdc++.so"], capture_output=True, text=True,
                                timeout=120).stdout.strip()
@@ -143,7 +147,7 @@ def shared_cxx_runtime():
     if link_dir is None:
         yield
         return
-    cxx = config.cpp.cxx[1] if isinstance(config.cpp.cxx, tuple) else config.cpp.cxx
+    cxx = _inductor_cxx()
     real = shutil.which(cxx) or cxx
     wrapper = os.path.join(link_dir, os.path.basename(real))   # keeps the name Inductor reads (g++, clang++)
     with open(wrapper, "w") as f:

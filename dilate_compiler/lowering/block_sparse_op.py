@@ -32,8 +32,8 @@ def use_kernels(q: Tensor, block_size: int) -> bool:
 @torch.library.custom_op("dilate_compiler::block_sparse_attention_forward_exact", mutates_args=())
 def block_sparse_attention_forward_exact(
     q: Tensor, k: Tensor, v: Tensor, terms: Tensor, kv_count: Tensor, kv_idx: Tensor, kv_bits: Tensor,
-    q_count: Tensor, q_idx: Tensor, q_bits: Tensor, coords: Tensor, order: Tensor, checks: int, block_size: int, is_causal: bool,
-    scale: float,
+    q_count: Tensor, q_idx: Tensor, q_bits: Tensor, coords: Tensor, order: Tensor, checks: int, block_size: int,
+    is_causal: bool, scale: float,
 ) -> tuple[Tensor, Tensor]:
     if order.numel() == 0:
         return block_sparse_forward_eager(q, k, v, terms, kv_count, kv_idx, kv_bits, coords, block_size, is_causal,
@@ -60,8 +60,8 @@ block_sparse_attention_forward_exact.register_fake(_fake_forward)
 @torch.library.custom_op("dilate_compiler::block_sparse_attention_backward_exact", mutates_args=())
 def block_sparse_attention_backward_exact(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, terms: Tensor, kv_count: Tensor,
-    kv_idx: Tensor, kv_bits: Tensor, q_count: Tensor, q_idx: Tensor, q_bits: Tensor, coords: Tensor, order: Tensor, checks: int,
-    block_size: int, is_causal: bool, scale: float,
+    kv_idx: Tensor, kv_bits: Tensor, q_count: Tensor, q_idx: Tensor, q_bits: Tensor, coords: Tensor, order: Tensor,
+    checks: int, block_size: int, is_causal: bool, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if order.numel() == 0:
         return block_sparse_backward_eager(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, coords,
@@ -81,8 +81,8 @@ block_sparse_attention_backward_exact.register_fake(_fake_backward)
 @torch.library.triton_op("dilate_compiler::block_sparse_attention_forward", mutates_args=())
 def block_sparse_attention_forward(
     q: Tensor, k: Tensor, v: Tensor, terms: Tensor, kv_count: Tensor, kv_idx: Tensor, kv_bits: Tensor,
-    q_count: Tensor, q_idx: Tensor, q_bits: Tensor, coords: Tensor, order: Tensor, checks: int, block_size: int, is_causal: bool,
-    scale: float,
+    q_count: Tensor, q_idx: Tensor, q_bits: Tensor, coords: Tensor, order: Tensor, checks: int, block_size: int,
+    is_causal: bool, scale: float,
 ) -> tuple[Tensor, Tensor]:
     if use_kernels(q, block_size):
         return block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size, is_causal, scale,
@@ -95,8 +95,8 @@ def block_sparse_attention_forward(
 @torch.library.triton_op("dilate_compiler::block_sparse_attention_backward", mutates_args=())
 def block_sparse_attention_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, terms: Tensor, kv_count: Tensor,
-    kv_idx: Tensor, kv_bits: Tensor, q_count: Tensor, q_idx: Tensor, q_bits: Tensor, coords: Tensor, order: Tensor, checks: int,
-    block_size: int, is_causal: bool, scale: float,
+    kv_idx: Tensor, kv_bits: Tensor, q_count: Tensor, q_idx: Tensor, q_bits: Tensor, coords: Tensor, order: Tensor,
+    checks: int, block_size: int, is_causal: bool, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if use_kernels(q, block_size):
         return block_sparse_attn_bwd(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, q_count, q_idx,

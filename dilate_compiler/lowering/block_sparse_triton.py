@@ -378,18 +378,12 @@ def _flags(q, k, kv_idx, terms, order, checks, block_size, is_causal):
                 RAGGED=q.shape[2] % block_size != 0, PERMUTED=order is not None and order.numel() > 0)
 
 
-def _rows_arg(order, q):
-    """The index table as the kernels read it (int32; a 1-element dummy when positions are memory rows)."""
-    if order is None or order.numel() == 0:
-        return torch.zeros(1, dtype=torch.int32, device=q.device)
-    return order if order.dtype == torch.int32 else order.to(torch.int32)
-
-
-def _coords_arg(coords, q):
-    """The coordinate table as the kernels read it (a 1-element dummy when no term uses coordinates)."""
-    if coords is None or coords.numel() == 0:
-        return torch.zeros(GRID_AXES, dtype=torch.int32, device=q.device)
-    return coords.to(torch.int32).contiguous()
+def _table_arg(t, q, dummy_len: int):
+    """An index table (``order``, ``coords``) as the kernels read it: int32, contiguous; a ``dummy_len`` zero
+    table when it is None or empty (the kernels then never read it)."""
+    if t is None or t.numel() == 0:
+        return torch.zeros(dummy_len, dtype=torch.int32, device=q.device)
+    return t.to(torch.int32).contiguous()
 
 
 def block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size: int, is_causal: bool,
@@ -406,7 +400,8 @@ def block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size:
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     nb = kv_idx.shape[1]
     _kernel("fwd", block_size)[_grid(N, "BLOCK_M", B * H)](
-        q, k, v, out, lse, terms, _coords_arg(coords, q), _rows_arg(order, q), kv_count, kv_idx, kv_bits, scale,
+        q, k, v, out, lse, terms, _table_arg(coords, q, GRID_AXES), _table_arg(order, q, 1), kv_count, kv_idx,
+        kv_bits, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         out.stride(0), out.stride(1), out.stride(2), H, N, nb, kv_idx.shape[2],
         **_flags(q, k, kv_idx, terms, order, checks, block_size, is_causal))
@@ -428,8 +423,8 @@ def block_sparse_attn_bwd(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_b
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                dout.stride(0), dout.stride(1), dout.stride(2))
     flags = _flags(q, k, kv_idx, terms, order, checks, block_size, is_causal)
-    coords = _coords_arg(coords, q)
-    rows = _rows_arg(order, q)
+    coords = _table_arg(coords, q, GRID_AXES)
+    rows = _table_arg(order, q, 1)
     _kernel("dq", block_size)[_grid(N, "BLOCK_M", B * H)](
         q, k, v, dout, lse, delta, dq, terms, coords, rows, kv_count, kv_idx, kv_bits, scale, *strides, H, N, nb,
         kv_idx.shape[2], **flags)
