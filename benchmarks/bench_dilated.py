@@ -1,10 +1,11 @@
 """Dilated attention on the GPU, side by side with its anchors, in one run.
 
     python benchmarks/bench_dilated.py --out DIR [--configs A,B] [--ns 16384,65536,262144] [--causal both]
-        [--methods ours,dense,gather,flex] [--backward] [--scale-n 2097152]
+        [--methods ours,dense,gather,flex] [--backward] [--scale-n 2097152] [--dropout 0.1]
 
 Methods (all bf16, B=1):
 - ours:   dc.ops.dilated_attention (the Triton kernels; all branches fused, no gather).
+- ours-dropout: the same with dropout_p = --dropout (in-kernel Philox masks; method named in --methods).
 - dense:  F.scaled_dot_product_attention with the flash backend (full attention: a different, larger problem).
 - gather: LongNet done the usual way: per branch and head offset, strided gather, flash SDPA
           (aten._scaled_dot_product_flash_attention returns the LSE), scatter, LSE merge. Its backward treats
@@ -112,6 +113,7 @@ def main():
     ap.add_argument("--flex-compile-mask", action="store_true",
                     help="build the block mask with create_block_mask(_compile=True) (first call compiles)")
     ap.add_argument("--scale-n", type=int, default=0)
+    ap.add_argument("--dropout", type=float, default=0.1, help="dropout_p of the ours-dropout method")
     a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch.cuda.get_device_name()
@@ -132,6 +134,8 @@ def main():
                 row = {"config": cfg, "H": H, "D": D, "N": N, "causal": causal, "useful_flop": useful}
                 fns = {
                     "ours": lambda: dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=causal),
+                    "ours-dropout": lambda: dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=causal,
+                                                                     dropout_p=a.dropout),
                     "dense": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
                     "gather": lambda: gather_sdpa(q, k, v, SEGS, RATES, causal),
                 }

@@ -13,6 +13,12 @@ intervals are tensors, so one compiled kernel serves every layout of a pattern f
 of the block size (``RAGGED``) and whether positions go through an index table (``PERMUTED``, the op's
 ``order``) are constexprs too. Block tiles (``BLOCK_M``, ``BLOCK_N``) divide the layout block size and are
 autotuned.
+
+Scheduling: programs start heaviest block rows first (longest-processing-time order). The launcher sorts each
+layout head's block rows (columns, for dK/dV) by list length, descending and stable (``TileOrder``), and a
+program's linear launch index maps to (rank, head) with the head varying fastest. A row that visits every key
+block (a global token's) then starts in the first wave instead of at its head's turn in the grid, where it
+ran alone at the end (local + global at 256K: a 2048-block row against rows of 16).
 """
 
 from __future__ import annotations
@@ -139,6 +145,20 @@ def _fwd_tile(acc, m_i, l_i, q, p, jb, bits, k_base, v_base, Rows, stride_kn, Te
 
 
 @triton.jit
+def _heavy_first(TileOrder, NB, HEADS, PER_HEAD: tl.constexpr, BS: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's (tile, head index): launch index ``lin`` -> rank ``lin // heads`` of its head's block rows
+    sorted by work (``TileOrder[head, rank]``), head ``lin % heads`` (all heads of one rank launch together)."""
+    n_heads = tl.num_programs(1)
+    lin = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    rank = lin // n_heads
+    bh = lin % n_heads
+    SUB: tl.constexpr = BS // BLOCK
+    hl = (bh % HEADS) if PER_HEAD else 0
+    block = tl.load(TileOrder + hl * NB + rank // SUB)
+    return block * SUB + rank % SUB, bh
+
+
+@triton.jit
 def _query_tile(KvCount, pid_m, bh, H, NB, PER_HEAD: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr):
     """A query program's (b, h), its rows, its list row and that row's (partial, total) key-block counts."""
     b = bh // H
@@ -153,15 +173,17 @@ def _query_tile(KvCount, pid_m, bh, H, NB, PER_HEAD: tl.constexpr, BS: tl.conste
 
 @triton.jit
 def _block_sparse_fwd_kernel(
-    Q, K, V, Out, Lse, Terms, Coords, Rows, KvCount, KvIdx, KvBits, sm_scale,
+    Q, K, V, Out, Lse, Terms, Coords, Rows, KvCount, KvIdx, KvBits, TileOrder, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_ob, stride_oh, stride_on,
     H, N, NB, KW,
     HEAD_DIM: tl.constexpr, BS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr,
     PER_HEAD: tl.constexpr, NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr, RAGGED: tl.constexpr,
     PERMUTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    bh = tl.program_id(1)
-    b, h, p, row, n_part, n_tot = _query_tile(KvCount, tl.program_id(0), bh, H, NB, PER_HEAD, BS, BLOCK_M)
+    pid_m, bh = _heavy_first(TileOrder, NB, H, PER_HEAD, BS, BLOCK_M)
+    if pid_m * BLOCK_M >= N:   # a sub-tile past the end of the last (partial) block
+        return
+    b, h, p, row, n_part, n_tot = _query_tile(KvCount, pid_m, bh, H, NB, PER_HEAD, BS, BLOCK_M)
     row_ok = p < N
     r = _rows(Rows, p, N, PERMUTED, RAGGED)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -213,15 +235,17 @@ def _dq_tile(dq, q, do, lse2, delta, p, jb, bits, k_base, v_base, Rows, stride_k
 
 @triton.jit
 def _block_sparse_bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, Terms, Coords, Rows, KvCount, KvIdx, KvBits, sm_scale,
+    Q, K, V, DO, Lse, Delta, DQ, Terms, Coords, Rows, KvCount, KvIdx, KvBits, TileOrder, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_ob, stride_oh, stride_on,
     H, N, NB, KW,
     HEAD_DIM: tl.constexpr, BS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr,
     PER_HEAD: tl.constexpr, NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr, RAGGED: tl.constexpr,
     PERMUTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    bh = tl.program_id(1)
-    b, h, p, row, n_part, n_tot = _query_tile(KvCount, tl.program_id(0), bh, H, NB, PER_HEAD, BS, BLOCK_M)
+    pid_m, bh = _heavy_first(TileOrder, NB, H, PER_HEAD, BS, BLOCK_M)
+    if pid_m * BLOCK_M >= N:   # a sub-tile past the end of the last (partial) block
+        return
+    b, h, p, row, n_part, n_tot = _query_tile(KvCount, pid_m, bh, H, NB, PER_HEAD, BS, BLOCK_M)
     row_ok = p < N
     r = _rows(Rows, p, N, PERMUTED, RAGGED)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -281,16 +305,17 @@ def _dkdv_tile(dk, dv, k, v, j, ib, bits, q_base, do_base, lse_base, delta_base,
 
 @triton.jit
 def _block_sparse_bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, Terms, Coords, Rows, QCount, QIdx, QBits, sm_scale,
+    Q, K, V, DO, Lse, Delta, DK, DV, Terms, Coords, Rows, QCount, QIdx, QBits, TileOrder, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_ob, stride_oh, stride_on,
     H, N, NB, QW,
     HEAD_DIM: tl.constexpr, BS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr,
     PER_HEAD: tl.constexpr, NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr, RAGGED: tl.constexpr,
     PERMUTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    bkh = tl.program_id(1)
     HKV = H // GQA
+    pid_n, bkh = _heavy_first(TileOrder, NB, HKV, PER_HEAD, BS, BLOCK_N)
+    if pid_n * BLOCK_N >= N:
+        return
     b = bkh // HKV
     kh = bkh % HKV
     j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -368,8 +393,19 @@ def kernel_unsupported_reason(q, block_size: int) -> str:
     return ""
 
 
-def _grid(n: int, block: str, programs: int):
-    return lambda META: (triton.cdiv(n, META[block]), programs)
+def _grid(n: int, bs: int, block: str, programs: int):
+    """Every sub-tile of every layout block (those past N return at once), times ``programs`` heads."""
+    return lambda META: (triton.cdiv(n, bs) * (bs // META[block]), programs)
+
+
+def tile_order(count, heads: int) -> torch.Tensor:
+    """``[heads, NB]`` int32: each layout head's blocks by list length (``count[..., 1]``), longest first,
+    stable. ``heads`` > the layout's heads (a per-head layout under GQA, seen from a kv head) sums the counts of
+    each group of consecutive heads."""
+    work = count[..., 1]
+    if work.shape[0] > heads:
+        work = work.view(heads, -1, work.shape[-1]).sum(1)
+    return torch.argsort(work, dim=-1, descending=True, stable=True).to(torch.int32).contiguous()
 
 
 def _flags(q, k, kv_idx, terms, order, checks, block_size, is_causal):
@@ -399,9 +435,9 @@ def block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size:
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     nb = kv_idx.shape[1]
-    _kernel("fwd", block_size)[_grid(N, "BLOCK_M", B * H)](
+    _kernel("fwd", block_size)[_grid(N, block_size, "BLOCK_M", B * H)](
         q, k, v, out, lse, terms, _table_arg(coords, q, GRID_AXES), _table_arg(order, q, 1), kv_count, kv_idx,
-        kv_bits, scale,
+        kv_bits, tile_order(kv_count, kv_count.shape[0]), scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         out.stride(0), out.stride(1), out.stride(2), H, N, nb, kv_idx.shape[2],
         **_flags(q, k, kv_idx, terms, order, checks, block_size, is_causal))
@@ -425,10 +461,11 @@ def block_sparse_attn_bwd(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_b
     flags = _flags(q, k, kv_idx, terms, order, checks, block_size, is_causal)
     coords = _table_arg(coords, q, GRID_AXES)
     rows = _table_arg(order, q, 1)
-    _kernel("dq", block_size)[_grid(N, "BLOCK_M", B * H)](
-        q, k, v, dout, lse, delta, dq, terms, coords, rows, kv_count, kv_idx, kv_bits, scale, *strides, H, N, nb,
-        kv_idx.shape[2], **flags)
-    _kernel("dkdv", block_size)[_grid(N, "BLOCK_N", B * Hkv)](
-        q, k, v, dout, lse, delta, dk, dv, terms, coords, rows, q_count, q_idx, q_bits, scale, *strides, H, N, nb,
-        q_idx.shape[2], **flags)
+    _kernel("dq", block_size)[_grid(N, block_size, "BLOCK_M", B * H)](
+        q, k, v, dout, lse, delta, dq, terms, coords, rows, kv_count, kv_idx, kv_bits,
+        tile_order(kv_count, kv_count.shape[0]), scale, *strides, H, N, nb, kv_idx.shape[2], **flags)
+    kv_heads = Hkv if q_count.shape[0] > 1 else 1
+    _kernel("dkdv", block_size)[_grid(N, block_size, "BLOCK_N", B * Hkv)](
+        q, k, v, dout, lse, delta, dk, dv, terms, coords, rows, q_count, q_idx, q_bits,
+        tile_order(q_count, kv_heads), scale, *strides, H, N, nb, q_idx.shape[2], **flags)
     return dq, dk, dv

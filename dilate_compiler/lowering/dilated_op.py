@@ -5,7 +5,7 @@ Ops (graphs from Dynamo, export and AOTInductor hold them as single nodes):
 - ``dilate_compiler::dilated_attention_forward(q, k, v, attn_mask, segment_lengths, dilation_rates,
   is_causal, scale, mixing, dropout_p, seed) -> (out, lse)`` — a ``triton_op``: on CUDA it launches the
   generated Triton kernels through ``wrap_triton`` (so Inductor inlines them into its output code); where
-  the kernels don't apply (CPU, other head dims or dtypes, masks, dropout) it calls the exact path.
+  the kernels don't apply (CPU, other head dims or dtypes, masks) it calls the exact path.
 - ``dilate_compiler::dilated_attention_backward(dout, q, k, v, attn_mask, out, lse, ...) -> (dq, dk, dv)``,
   dispatched the same way.
 - ``dilate_compiler::dilated_attention_{forward,backward}_exact``: the exact PyTorch path, opaque custom ops.
@@ -110,7 +110,7 @@ def dilated_attention_forward(
 ) -> tuple[Tensor, Tensor]:
     if use_kernels(q, attn_mask, dropout_p, len(segment_lengths)):
         return dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, is_causal=is_causal, scale=scale,
-                                mixing=mixing)
+                                mixing=mixing, dropout_p=dropout_p, seed=seed)
     return torch.ops.dilate_compiler.dilated_attention_forward_exact(
         q, k, v, attn_mask, segment_lengths, dilation_rates, is_causal, scale, mixing, dropout_p, seed)
 
@@ -123,7 +123,7 @@ def dilated_attention_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     if use_kernels(q, attn_mask, dropout_p, len(segment_lengths)):
         return dilated_attn_bwd(dout, q, k, v, out, lse, segment_lengths, dilation_rates, is_causal=is_causal,
-                                scale=scale, mixing=mixing)
+                                scale=scale, mixing=mixing, dropout_p=dropout_p, seed=seed)
     return torch.ops.dilate_compiler.dilated_attention_backward_exact(
         dout, q, k, v, attn_mask, out, lse, segment_lengths, dilation_rates, is_causal, scale, mixing, dropout_p,
         seed)

@@ -13,6 +13,10 @@ are written once. The dK/dV kernel mirrors it: a program owns ``BLOCK_N`` keys o
 and loops over the query heads of its GQA group and their selecting branches.
 
 Log-sum-exps are kept in base 2 inside the kernels (``exp2``); the op stores natural-log LSE.
+
+Dropout (constexpr ``DROPOUT``): the keep flag of a (query, key) pair in one branch is regenerated from the
+positions by ``_dropout_keep`` (counter-based Philox) in the forward, dQ and dK/dV kernels alike; dropped pairs
+leave the normaliser unchanged and ``1 / (1 - p)`` rides on ``out_scale``.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ def _configs(kind: str):
     return configs if AUTOTUNE else configs[:1]
 
 
-_KEY = ["N", "HEAD_DIM", "NUM_BRANCHES", "L", "IS_CAUSAL", "MIXING_LSE", "GQA",
+_KEY = ["N", "HEAD_DIM", "NUM_BRANCHES", "L", "IS_CAUSAL", "MIXING_LSE", "GQA", "DROPOUT",
         "W0", "W1", "W2", "W3", "W4", "W5", "W6", "W7", "R0", "R1", "R2", "R3", "R4", "R5", "R6", "R7"]
 
 
@@ -67,10 +71,24 @@ def _branch_offset(h, BRANCH: tl.constexpr, R: tl.constexpr, HG_START: tl.conste
 
 
 @triton.jit
+def _dropout_keep(seed, p, j, stream, drop_thr):
+    """Dropout keep flags of the (query ``p``, key ``j``) pairs (broadcast) in one stream (``(b * H + h) *
+    NUM_BRANCHES + branch``): Philox-4x32-10 keyed by ``seed`` on the counter ``(p, j, stream, 0)``; a pair is
+    kept when the top 31 bits of the first output are ``>= drop_thr`` (``round(dropout_p * 2**31)``). Forward
+    and both backward kernels regenerate the same flags from the positions alone."""
+    pp = p + j * 0
+    jj = j + p * 0
+    zero = pp * 0
+    r, _, _, _ = tl.philox(seed, pp, jj, zero + stream, zero)
+    return (r >> 1).to(tl.int32, bitcast=True) >= drop_thr
+
+
+@triton.jit
 def _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, hi, n_keys, qk_scale,
                W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK: tl.constexpr,
-               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Key blocks ``[lo, hi)`` of one branch; ``MASK`` only on boundary blocks (segment edges, causal diagonal)."""
+               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, seed, drop_thr, stream, DROPOUT: tl.constexpr):
+    """Key blocks ``[lo, hi)`` of one branch; ``MASK`` only on boundary blocks (segment edges, causal diagonal).
+    Dropout zeroes dropped pairs in ``P @ V`` only (the normaliser keeps them; ``1 / (1 - p)`` is in out_scale)."""
     offs_d = tl.arange(0, HEAD_DIM)
     for start in range(lo, hi, BLOCK_N):
         m = start + tl.arange(0, BLOCK_N)
@@ -96,6 +114,8 @@ def _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, hi, n_key
         alpha = tl.exp2(m_i - m_safe)
         pr = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(pr, 1)
+        if DROPOUT:
+            pr = tl.where(_dropout_keep(seed, p[:, None], j[None, :], stream, drop_thr), pr, 0.0)
         acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)           # [BLOCK_M, HEAD_DIM]
         m_i = m_new
     return acc, m_i, l_i
@@ -123,13 +143,13 @@ def _key_range(p_first, p_last, o, N, W: tl.constexpr, R: tl.constexpr, IS_CAUSA
 @triton.jit
 def _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N, qk_scale,
                 W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, seed, drop_thr, stream, DROPOUT: tl.constexpr):
     """Online softmax over one branch's keys for the query rows ``p`` (scores in base 2)."""
     j0, n_keys, n_full = _key_range(p_first, p_last, o, N, W, R, IS_CAUSAL, BLOCK_N)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, 0, n_full, n_keys, qk_scale,
-                               W, R, IS_CAUSAL, False, BLOCK_N, HEAD_DIM)
+                               W, R, IS_CAUSAL, False, BLOCK_N, HEAD_DIM, seed, drop_thr, stream, DROPOUT)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, n_full, n_keys, n_keys,
-                               qk_scale, W, R, IS_CAUSAL, True, BLOCK_N, HEAD_DIM)
+                               qk_scale, W, R, IS_CAUSAL, True, BLOCK_N, HEAD_DIM, seed, drop_thr, stream, DROPOUT)
     return acc, m_i, l_i
 
 
@@ -138,9 +158,9 @@ def _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn,
 def _dilated_attn_fwd_kernel(
     Q, K, V, Out, Lse, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    stride_ob, stride_oh, stride_on, H, N, out_scale,
+    stride_ob, stride_oh, stride_on, H, N, out_scale, Seed, drop_thr,
     HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, L: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    MIXING_LSE: tl.constexpr, GQA: tl.constexpr,
+    MIXING_LSE: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr,
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,
     W4: tl.constexpr, W5: tl.constexpr, W6: tl.constexpr, W7: tl.constexpr,
     R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
@@ -171,6 +191,10 @@ def _dilated_attn_fwd_kernel(
     v_base = V + b * stride_kb + kh * stride_kh
     q = tl.load(q_base + p[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     qk_scale = sm_scale * 1.4426950408889634
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
+    stream = i_bh * NUM_BRANCHES
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -178,42 +202,49 @@ def _dilated_attn_fwd_kernel(
     o, sel = _branch_offset(h, 0, R0, S0, S1, MIXING_LSE, c)
     if sel:
         acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N, qk_scale,
-                                    W0, R0, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
+                                    W0, R0, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 0, DROPOUT)
     if NUM_BRANCHES > 1:
         o, sel = _branch_offset(h, 1, R1, S1, S2, MIXING_LSE, c)
         if sel:
             acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                        qk_scale, W1, R1, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
+                                        qk_scale, W1, R1, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                        seed, drop_thr, stream + 1, DROPOUT)
     if NUM_BRANCHES > 2:
         o, sel = _branch_offset(h, 2, R2, S2, S3, MIXING_LSE, c)
         if sel:
             acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                        qk_scale, W2, R2, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
+                                        qk_scale, W2, R2, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                        seed, drop_thr, stream + 2, DROPOUT)
     if NUM_BRANCHES > 3:
         o, sel = _branch_offset(h, 3, R3, S3, S4, MIXING_LSE, c)
         if sel:
             acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                        qk_scale, W3, R3, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
+                                        qk_scale, W3, R3, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                        seed, drop_thr, stream + 3, DROPOUT)
     if NUM_BRANCHES > 4:
         o, sel = _branch_offset(h, 4, R4, S4, S5, MIXING_LSE, c)
         if sel:
             acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                        qk_scale, W4, R4, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
+                                        qk_scale, W4, R4, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                        seed, drop_thr, stream + 4, DROPOUT)
     if NUM_BRANCHES > 5:
         o, sel = _branch_offset(h, 5, R5, S5, S6, MIXING_LSE, c)
         if sel:
             acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                        qk_scale, W5, R5, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
+                                        qk_scale, W5, R5, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                        seed, drop_thr, stream + 5, DROPOUT)
     if NUM_BRANCHES > 6:
         o, sel = _branch_offset(h, 6, R6, S6, S7, MIXING_LSE, c)
         if sel:
             acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                        qk_scale, W6, R6, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
+                                        qk_scale, W6, R6, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                        seed, drop_thr, stream + 6, DROPOUT)
     if NUM_BRANCHES > 7:
         o, sel = _branch_offset(h, 7, R7, S7, S8, MIXING_LSE, c)
         if sel:
             acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                        qk_scale, W7, R7, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
+                                        qk_scale, W7, R7, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                        seed, drop_thr, stream + 7, DROPOUT)
     # Epilogue: rows no branch links have l_i == 0 -> output 0, lse -inf.
     linked = l_i > 0.0
     out = (acc / tl.where(linked, l_i, 1.0)[:, None] * out_scale).to(tl.float32)
@@ -226,7 +257,7 @@ def _dilated_attn_fwd_kernel(
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, lo, hi, n_keys, qk_scale, out_scale,
                   W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK: tl.constexpr,
-                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, seed, drop_thr, stream, DROPOUT: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     for start in range(lo, hi, BLOCK_N):
         m = start + tl.arange(0, BLOCK_N)
@@ -246,6 +277,8 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, lo, 
                 ok = ok & (j[None, :] <= p[:, None])
             pr = tl.where(ok, pr, 0.0)
         dp = (tl.dot(do, tl.trans(v)) * out_scale).to(tl.float32)         # [BLOCK_M, BLOCK_N]
+        if DROPOUT:
+            dp = tl.where(_dropout_keep(seed, p[:, None], j[None, :], stream, drop_thr), dp, 0.0)
         ds = pr * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)                                   # [BLOCK_M, HEAD_DIM]
     return dq
@@ -254,13 +287,13 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, lo, 
 @triton.jit
 def _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N, qk_scale,
                    out_scale, W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, seed, drop_thr, stream, DROPOUT: tl.constexpr):
     """dQ over one branch's keys: P = exp2(S - LSE_merged), dS = P * (dP - delta)."""
     j0, n_keys, n_full = _key_range(p_first, p_last, o, N, W, R, IS_CAUSAL, BLOCK_N)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, 0, n_full, n_keys, qk_scale,
-                       out_scale, W, R, IS_CAUSAL, False, BLOCK_N, HEAD_DIM)
+                       out_scale, W, R, IS_CAUSAL, False, BLOCK_N, HEAD_DIM, seed, drop_thr, stream, DROPOUT)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, n_full, n_keys, n_keys, qk_scale,
-                       out_scale, W, R, IS_CAUSAL, True, BLOCK_N, HEAD_DIM)
+                       out_scale, W, R, IS_CAUSAL, True, BLOCK_N, HEAD_DIM, seed, drop_thr, stream, DROPOUT)
     return dq
 
 
@@ -269,9 +302,9 @@ def _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, s
 def _dilated_attn_bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    stride_ob, stride_oh, stride_on, H, N, out_scale,
+    stride_ob, stride_oh, stride_on, H, N, out_scale, Seed, drop_thr,
     HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, L: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    MIXING_LSE: tl.constexpr, GQA: tl.constexpr,
+    MIXING_LSE: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr,
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,
     W4: tl.constexpr, W5: tl.constexpr, W6: tl.constexpr, W7: tl.constexpr,
     R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
@@ -306,46 +339,58 @@ def _dilated_attn_bwd_dq_kernel(
     lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
     delta = tl.load(Delta + i_bh * N + p, mask=row_ok, other=0.0)
     qk_scale = sm_scale * 1.4426950408889634
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
+    stream = i_bh * NUM_BRANCHES
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     o, sel = _branch_offset(h, 0, R0, S0, S1, MIXING_LSE, c)
     if sel:
         dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N, qk_scale,
-                            out_scale, W0, R0, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
+                            out_scale, W0, R0, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                            seed, drop_thr, stream + 0, DROPOUT)
     if NUM_BRANCHES > 1:
         o, sel = _branch_offset(h, 1, R1, S1, S2, MIXING_LSE, c)
         if sel:
             dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                qk_scale, out_scale, W1, R1, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
+                                qk_scale, out_scale, W1, R1, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                seed, drop_thr, stream + 1, DROPOUT)
     if NUM_BRANCHES > 2:
         o, sel = _branch_offset(h, 2, R2, S2, S3, MIXING_LSE, c)
         if sel:
             dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                qk_scale, out_scale, W2, R2, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
+                                qk_scale, out_scale, W2, R2, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                seed, drop_thr, stream + 2, DROPOUT)
     if NUM_BRANCHES > 3:
         o, sel = _branch_offset(h, 3, R3, S3, S4, MIXING_LSE, c)
         if sel:
             dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                qk_scale, out_scale, W3, R3, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
+                                qk_scale, out_scale, W3, R3, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                seed, drop_thr, stream + 3, DROPOUT)
     if NUM_BRANCHES > 4:
         o, sel = _branch_offset(h, 4, R4, S4, S5, MIXING_LSE, c)
         if sel:
             dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                qk_scale, out_scale, W4, R4, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
+                                qk_scale, out_scale, W4, R4, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                seed, drop_thr, stream + 4, DROPOUT)
     if NUM_BRANCHES > 5:
         o, sel = _branch_offset(h, 5, R5, S5, S6, MIXING_LSE, c)
         if sel:
             dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                qk_scale, out_scale, W5, R5, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
+                                qk_scale, out_scale, W5, R5, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                seed, drop_thr, stream + 5, DROPOUT)
     if NUM_BRANCHES > 6:
         o, sel = _branch_offset(h, 6, R6, S6, S7, MIXING_LSE, c)
         if sel:
             dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                qk_scale, out_scale, W6, R6, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
+                                qk_scale, out_scale, W6, R6, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                seed, drop_thr, stream + 6, DROPOUT)
     if NUM_BRANCHES > 7:
         o, sel = _branch_offset(h, 7, R7, S7, S8, MIXING_LSE, c)
         if sel:
             dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                qk_scale, out_scale, W7, R7, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM)
+                                qk_scale, out_scale, W7, R7, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                seed, drop_thr, stream + 7, DROPOUT)
     dq = (dq * sm_scale).to(tl.float32)
     tl.store(DQ + b * stride_qb + h * stride_qh + p[:, None] * stride_qn + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None])
@@ -354,7 +399,8 @@ def _dilated_attn_bwd_dq_kernel(
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stride_qn, stride_on, p0, lo, hi, n_q,
                     qk_scale, out_scale, W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                    MASK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+                    MASK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, seed, drop_thr, stream,
+                    DROPOUT: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     for start in range(lo, hi, BLOCK_M):
         m = start + tl.arange(0, BLOCK_M)
@@ -377,8 +423,13 @@ def _bwd_dkdv_inner(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stri
             if IS_CAUSAL:
                 ok = ok & (j[:, None] <= p[None, :])
             pt = tl.where(ok, pt, 0.0)
-        dv += tl.dot(pt.to(do.dtype), do)                                 # [BLOCK_N, HEAD_DIM]
         dpt = (tl.dot(v, tl.trans(do)) * out_scale).to(tl.float32)        # [BLOCK_N, BLOCK_M]
+        if DROPOUT:
+            keep = _dropout_keep(seed, p[None, :], j[:, None], stream, drop_thr)
+            dv += tl.dot(tl.where(keep, pt, 0.0).to(do.dtype), do)        # [BLOCK_N, HEAD_DIM]
+            dpt = tl.where(keep, dpt, 0.0)
+        else:
+            dv += tl.dot(pt.to(do.dtype), do)                             # [BLOCK_N, HEAD_DIM]
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q)                                  # [BLOCK_N, HEAD_DIM]
     return dk, dv
@@ -387,7 +438,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stri
 @triton.jit
 def _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn, stride_on,
                      o, N, qk_scale, out_scale, W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, seed, drop_thr, stream,
+                     DROPOUT: tl.constexpr):
     """dK, dV of the keys ``j`` from one branch's queries (transposed scores, as FlashAttention-2).
 
     Query blocks split into: masked ones at the causal diagonal, unmasked ones linked to every key of the tile,
@@ -406,11 +458,14 @@ def _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base
     full_lo = tl.where(seg_lo == seg_hi, tl.minimum(tl.maximum(full_lo, m_begin), n_q), n_q)
     full_hi = tl.maximum(tl.where(seg_lo == seg_hi, full_hi, n_q), full_lo)
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stride_qn, stride_on, p0,
-                             m_begin, full_lo, n_q, qk_scale, out_scale, W, R, IS_CAUSAL, True, BLOCK_M, HEAD_DIM)
+                             m_begin, full_lo, n_q, qk_scale, out_scale, W, R, IS_CAUSAL, True, BLOCK_M, HEAD_DIM,
+                             seed, drop_thr, stream, DROPOUT)
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stride_qn, stride_on, p0,
-                             full_lo, full_hi, n_q, qk_scale, out_scale, W, R, IS_CAUSAL, False, BLOCK_M, HEAD_DIM)
+                             full_lo, full_hi, n_q, qk_scale, out_scale, W, R, IS_CAUSAL, False, BLOCK_M, HEAD_DIM,
+                             seed, drop_thr, stream, DROPOUT)
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stride_qn, stride_on, p0,
-                             full_hi, n_q, n_q, qk_scale, out_scale, W, R, IS_CAUSAL, True, BLOCK_M, HEAD_DIM)
+                             full_hi, n_q, n_q, qk_scale, out_scale, W, R, IS_CAUSAL, True, BLOCK_M, HEAD_DIM,
+                             seed, drop_thr, stream, DROPOUT)
     return dk, dv
 
 
@@ -419,9 +474,9 @@ def _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base
 def _dilated_attn_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    stride_ob, stride_oh, stride_on, H, N, out_scale,
+    stride_ob, stride_oh, stride_on, H, N, out_scale, Seed, drop_thr,
     HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, L: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    MIXING_LSE: tl.constexpr, GQA: tl.constexpr,
+    MIXING_LSE: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr,
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,
     W4: tl.constexpr, W5: tl.constexpr, W6: tl.constexpr, W7: tl.constexpr,
     R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
@@ -452,8 +507,12 @@ def _dilated_attn_bwd_dkdv_kernel(
     qk_scale = sm_scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
     for g in range(GQA):                                                 # query heads reading this kv head
         h = kh * GQA + g
+        stream = (b * H + h) * NUM_BRANCHES
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_ob + h * stride_oh
         lse_base = Lse + (b * H + h) * N
@@ -462,49 +521,49 @@ def _dilated_attn_bwd_dkdv_kernel(
         if sel:
             dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
                                       stride_qn, stride_on, o, N, qk_scale, out_scale, W0, R0, IS_CAUSAL, BLOCK_M,
-                                      BLOCK_N, HEAD_DIM)
+                                      BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 0, DROPOUT)
         if NUM_BRANCHES > 1:
             o, sel = _branch_offset(h, 1, R1, S1, S2, MIXING_LSE, c)
             if sel:
                 dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
                                           stride_qn, stride_on, o, N, qk_scale, out_scale, W1, R1, IS_CAUSAL,
-                                          BLOCK_M, BLOCK_N, HEAD_DIM)
+                                          BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 1, DROPOUT)
         if NUM_BRANCHES > 2:
             o, sel = _branch_offset(h, 2, R2, S2, S3, MIXING_LSE, c)
             if sel:
                 dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
                                           stride_qn, stride_on, o, N, qk_scale, out_scale, W2, R2, IS_CAUSAL,
-                                          BLOCK_M, BLOCK_N, HEAD_DIM)
+                                          BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 2, DROPOUT)
         if NUM_BRANCHES > 3:
             o, sel = _branch_offset(h, 3, R3, S3, S4, MIXING_LSE, c)
             if sel:
                 dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
                                           stride_qn, stride_on, o, N, qk_scale, out_scale, W3, R3, IS_CAUSAL,
-                                          BLOCK_M, BLOCK_N, HEAD_DIM)
+                                          BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 3, DROPOUT)
         if NUM_BRANCHES > 4:
             o, sel = _branch_offset(h, 4, R4, S4, S5, MIXING_LSE, c)
             if sel:
                 dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
                                           stride_qn, stride_on, o, N, qk_scale, out_scale, W4, R4, IS_CAUSAL,
-                                          BLOCK_M, BLOCK_N, HEAD_DIM)
+                                          BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 4, DROPOUT)
         if NUM_BRANCHES > 5:
             o, sel = _branch_offset(h, 5, R5, S5, S6, MIXING_LSE, c)
             if sel:
                 dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
                                           stride_qn, stride_on, o, N, qk_scale, out_scale, W5, R5, IS_CAUSAL,
-                                          BLOCK_M, BLOCK_N, HEAD_DIM)
+                                          BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 5, DROPOUT)
         if NUM_BRANCHES > 6:
             o, sel = _branch_offset(h, 6, R6, S6, S7, MIXING_LSE, c)
             if sel:
                 dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
                                           stride_qn, stride_on, o, N, qk_scale, out_scale, W6, R6, IS_CAUSAL,
-                                          BLOCK_M, BLOCK_N, HEAD_DIM)
+                                          BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 6, DROPOUT)
         if NUM_BRANCHES > 7:
             o, sel = _branch_offset(h, 7, R7, S7, S8, MIXING_LSE, c)
             if sel:
                 dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
                                           stride_qn, stride_on, o, N, qk_scale, out_scale, W7, R7, IS_CAUSAL,
-                                          BLOCK_M, BLOCK_N, HEAD_DIM)
+                                          BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 7, DROPOUT)
     dk = (dk * sm_scale).to(tl.float32)
     dv = (dv * out_scale).to(tl.float32)                                                 # dV = P^T (out_scale * dO)
     tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=key_ok[:, None])
@@ -532,8 +591,6 @@ def kernel_unsupported_reason(q, attn_mask, dropout_p, num_branches) -> str:
         return reason
     if attn_mask is not None:
         return "attn_mask (the kernels take the pattern and causality only)"
-    if dropout_p > 0.0:
-        return "dropout_p > 0 (the kernels have no dropout yet)"
     if num_branches > MAX_BRANCHES:
         return f"{num_branches} branches (kernels: at most {MAX_BRANCHES})"
     return ""
@@ -573,8 +630,25 @@ def _rows_grid(n: int, L: int, block: str, programs_b: int):
     return lambda META: (L * triton.cdiv(triton.cdiv(n, L), META[block]), programs_b)
 
 
-def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: bool, scale: float, mixing: str):
-    """Launch the forward kernel: ``out [B, Hq, N, D]`` (q's dtype) and ``lse [B, Hq, N]`` (float32, natural log)."""
+def _dropout_args(dropout_p: float, seed, dummy) -> tuple:
+    """``(Seed, drop_thr, 1 / (1 - p), DROPOUT)`` kernel arguments. ``seed`` is the op's int64 scalar tensor (any
+    device; the kernels read it on q's device, so no host sync)."""
+    if dropout_p == 0.0:
+        return dummy, 0, 1.0, False
+    if not 0.0 < dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    if seed is None or seed.dtype != torch.int64 or seed.numel() != 1:
+        raise ValueError(f"dropout_p > 0 needs seed, an int64 tensor of one element, got {seed!r}")
+    return seed.reshape(1).to(dummy.device), round(dropout_p * 2**31), 1.0 / (1.0 - dropout_p), True
+
+
+def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: bool, scale: float, mixing: str,
+                     dropout_p: float = 0.0, seed=None):
+    """Launch the forward kernel: ``out [B, Hq, N, D]`` (q's dtype) and ``lse [B, Hq, N]`` (float32, natural log).
+
+    With ``dropout_p > 0`` each branch's probabilities are dropped pairwise (``_dropout_keep``: a function of
+    the seed, (b, h), branch, query and key positions) and the kept ones scaled by ``1 / (1 - dropout_p)``; the
+    LSE is that of the undropped softmax."""
     B, H, N, D = q.shape
     q = q if q.stride(-1) == 1 else q.contiguous()
     if k.stride() != v.stride() or k.stride(-1) != 1:  # the kernel reads v with k's strides
@@ -582,17 +656,18 @@ def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: boo
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     meta, out_scale = _launch_pattern(segment_lengths, dilation_rates, mixing, H)
+    seed_t, drop_thr, rdrop, dropout = _dropout_args(dropout_p, seed, lse)
     _runner(_dilated_attn_fwd_kernel)[_rows_grid(N, meta["L"], "BLOCK_M", B * H)](
         q, k, v, out, lse, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), H, N, out_scale,
-        HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // k.shape[1], **meta)
+        out.stride(0), out.stride(1), out.stride(2), H, N, out_scale * rdrop, seed_t, drop_thr,
+        HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // k.shape[1], DROPOUT=dropout, **meta)
     return out, lse
 
 
 def dilated_attn_bwd(dout, q, k, v, out, lse, segment_lengths, dilation_rates, *, is_causal: bool, scale: float,
-                     mixing: str):
-    """Launch the backward kernels: ``(dq, dk, dv)``."""
+                     mixing: str, dropout_p: float = 0.0, seed=None):
+    """Launch the backward kernels: ``(dq, dk, dv)``; ``dropout_p`` and ``seed`` as in the forward call."""
     B, H, N, D = q.shape
     Hkv = k.shape[1]
     # dq/dk/dv are stored with q's and k's strides, and v is read with k's: all contiguous here.
@@ -603,9 +678,10 @@ def dilated_attn_bwd(dout, q, k, v, out, lse, segment_lengths, dilation_rates, *
     dk = torch.empty((B, Hkv, N, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Hkv, N, D), dtype=v.dtype, device=v.device)
     meta, out_scale = _launch_pattern(segment_lengths, dilation_rates, mixing, H)
+    seed_t, drop_thr, rdrop, dropout = _dropout_args(dropout_p, seed, lse)
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-              dout.stride(0), dout.stride(1), dout.stride(2), H, N, out_scale)
-    flags = dict(HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // Hkv, **meta)
+              dout.stride(0), dout.stride(1), dout.stride(2), H, N, out_scale * rdrop, seed_t, drop_thr)
+    flags = dict(HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // Hkv, DROPOUT=dropout, **meta)
     _runner(_dilated_attn_bwd_dq_kernel)[_rows_grid(N, meta["L"], "BLOCK_M", B * H)](
         q, k, v, dout, lse, delta, dq, scale, *common, **flags)
     _runner(_dilated_attn_bwd_dkdv_kernel)[_rows_grid(N, meta["L"], "BLOCK_N", B * Hkv)](

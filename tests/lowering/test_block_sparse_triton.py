@@ -5,7 +5,7 @@ import torch
 
 from dilate_compiler import patterns as P
 from dilate_compiler.hilbert import curve_order
-from dilate_compiler.lowering.block_sparse_triton import block_sparse_attn_bwd, block_sparse_attn_fwd
+from dilate_compiler.lowering.block_sparse_triton import block_sparse_attn_bwd, block_sparse_attn_fwd, tile_order
 from tests.lowering.test_block_sparse_op import dense_reference
 from tests.tolerances import assert_close
 
@@ -17,6 +17,9 @@ CASES = {  # pattern, N, Hq, Hkv, block size, causal
     "perhead-random&global": ((P.local(1) | P.random(1, per_head=True)) & P.global_tokens(30), 48, 4, 4, 16,
                               False),
     "dilated-bs32-causal": (P.dilated((2,)), 70, 2, 1, 32, True),
+    # per-head lists under GQA (the dK/dV schedule sums a kv head's group), 2 sub-tiles per block, ragged
+    "perhead-gqa-local|global-bs32": (P.local(1) | P.random(1, per_head=True) | P.global_tokens(32), 75, 4, 2, 32,
+                                      True),
     # grid coordinates: a 5x9 neighbourhood with a CLS token, row-major and in Hilbert order
     "neighborhood|global-rowmajor": (P.neighborhood((5, 9), 1) | P.global_tokens(1), 46, 2, 1, 16, False),
     "neighborhood-hilbert": (P.neighborhood((5, 9), (1, 2)).reordered(P.Grid((5, 9), curve_order((5, 9)))), 45,
@@ -64,3 +67,14 @@ def test_kernels_read_and_write_through_an_order_table(causal):
     grads = block_sparse_attn_bwd(dout, q, k, v, out, lse, *lay.args(order), bs, causal, 0.2)
     for name_, a, b in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(ref, (q64, k64, v64), dout.double())):
         assert_close(a, b, dtype, name_)
+
+
+def test_tile_order_puts_heavy_rows_first():
+    """Local + global: the global block row visits every key block, so it starts first; ties keep row order.
+    Per-head lists seen from kv heads sum each GQA group's counts."""
+    lay = (P.local(2) | P.global_tokens(16)).layout(16 * 6, 16, num_heads=1)
+    assert lay.kv_count[0, :, 1].tolist() == [6, 3, 4, 4, 4, 3]
+    order = tile_order(lay.kv_count, 1)
+    assert order.dtype == torch.int32 and order.tolist() == [[0, 2, 3, 4, 1, 5]]
+    count = torch.tensor([[[0, 1], [0, 5]], [[0, 1], [0, 1]], [[0, 9], [0, 1]], [[0, 1], [0, 1]]])
+    assert tile_order(count, 2).tolist() == [[1, 0], [0, 1]]

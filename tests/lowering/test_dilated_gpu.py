@@ -113,3 +113,54 @@ def test_export_traces_the_op_on_cuda():
     assert len(res.report.rewritten) == 1
     out = res.module(x)
     assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("mixing,is_causal", [("lse", True), ("head_groups", False)])
+def test_dropout_in_kernels_matches_reference_and_generator_state(mixing, is_causal):
+    """The op's seed comes from the torch generator; the kernels' keep masks are the documented Philox ones."""
+    from tests.lowering.test_dilated_triton import dropout_reference, reference_keep
+
+    B, Hq, Hkv, N, D, p = 1, 4, 2, 300, 64, 0.2
+    g = torch.Generator(device="cuda").manual_seed(11)
+    q, k, v = (torch.randn(B, h, N, D, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+               for h in (Hq, Hkv, Hkv))
+    assert use_kernels(q, None, p, len(SEGS))
+    torch.manual_seed(123)
+    seed_value = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    torch.manual_seed(123)
+    out = dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=is_causal, mixing=mixing, dropout_p=p)
+    torch.manual_seed(123)
+    again = dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=is_causal, mixing=mixing, dropout_p=p)
+    assert torch.equal(out, again)
+    keep = reference_keep(seed_value, B, Hq, N, len(SEGS), p).cuda()
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    strategy = dc.Dilated(SEGS, RATES, mixing)
+    ref = dropout_reference(q64, k64, v64, strategy, is_causal, D ** -0.5, keep, p)
+    assert_close(out, ref, torch.bfloat16)
+    dout = torch.randn(out.shape, device="cuda", generator=g, dtype=torch.bfloat16)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close(a, b, torch.bfloat16, name)
+
+
+def test_dropout_runs_the_kernels_inside_inductor():
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+
+    class DropBlock(Block):
+        def forward(self, x):
+            B, N, E = x.shape
+            q, k, v = self.qkv(x).view(B, N, 3, self.H, E // self.H).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.1 if self.training else 0.0)
+            return x + self.o(a.transpose(1, 2).reshape(B, N, E))
+
+    model = DropBlock().cuda().to(torch.bfloat16).train()
+    x = torch.randn(1, 1024, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    compiled = torch.compile(model, backend=dilated_backend, options={"strategy": dc.Dilated(SEGS, RATES)})
+    out, code = run_and_get_code(compiled, x)
+    assert any("_dilated_attn_fwd_kernel" in c for c in code), "forward kernel not in Inductor's output code"
+    assert not any("dilated_attention_forward_exact" in c for c in code), "dropout took the exact path"
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()

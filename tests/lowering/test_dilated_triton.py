@@ -65,3 +65,113 @@ def test_unlinked_rows_are_zero_and_written():
     assert torch.isfinite(out).all()
     assert (out[0, 0, 1::2] == 0).all() and (out[0, 1, 0::2] == 0).all()
     assert torch.isinf(lse[0, 0, 1::2]).all() and torch.isfinite(lse[0, 0, 0::2]).all()
+
+
+# --- dropout -------------------------------------------------------------------------------------------------
+
+_M32 = 0xFFFFFFFF
+
+
+def philox_first_output(seed: int, c0, c1, c2, c3):
+    """Philox-4x32-10's first output word (numpy, uint64 arithmetic), written from the algorithm's definition
+    (Salmon et al., SC'11) with Triton's key split (low, high 32 bits of the seed)."""
+    import numpy as np
+
+    a, b = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    ka, kb = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)
+    m, s32 = np.uint64(_M32), np.uint64(32)
+    k0, k1 = np.uint64(seed & _M32), np.uint64((seed >> 32) & _M32)
+    c0, c1, c2, c3 = (np.asarray(c, dtype=np.uint64) & m for c in (c0, c1, c2, c3))
+    for _ in range(10):
+        prod_b, prod_a = b * c2, a * c0
+        c0, c2, c1, c3 = ((prod_b >> s32) ^ c1 ^ k0), ((prod_a >> s32) ^ c3 ^ k1), prod_b & m, prod_a & m
+        k0, k1 = (k0 + ka) & m, (k1 + kb) & m
+    return c0
+
+
+def reference_keep(seed: int, B: int, H: int, N: int, num_branches: int, dropout_p: float) -> torch.Tensor:
+    """``keep[branch, b, h, p, j]`` as documented in ``_dropout_keep``: Philox on (p, j, stream, 0) with
+    stream ``(b * H + h) * num_branches + branch``; kept when the top 31 bits >= round(p * 2**31)."""
+    import numpy as np
+
+    br, bb, hh, p, j = np.meshgrid(np.arange(num_branches), np.arange(B), np.arange(H), np.arange(N), np.arange(N),
+                                   indexing="ij")
+    r = philox_first_output(seed, p, j, (bb * H + hh) * num_branches + br, np.zeros_like(p))
+    return torch.from_numpy((r >> np.uint64(1)) >= round(dropout_p * 2**31))
+
+
+def dropout_reference(q, k, v, strategy, is_causal: bool, scale: float, keep: torch.Tensor, dropout_p: float):
+    """float64: one softmax over the union of branches (undropped normaliser), then each branch's share of the
+    probabilities dropped with its own keep mask and scaled by ``1 / (1 - dropout_p)``. Differentiable."""
+    B, Hq, N, D = q.shape
+    g = Hq // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    s = (q @ k.transpose(-1, -2)) * scale
+    h = torch.arange(Hq).view(-1, 1, 1)
+    p = torch.arange(N).view(1, -1, 1)
+    j = torch.arange(N).view(1, 1, -1)
+    links = []
+    bounds = strategy.head_group_bounds(Hq)
+    for i, (w, r) in enumerate(zip(strategy.segment_lengths, strategy.dilation_rates)):
+        if strategy.mixing == "lse":
+            link = (p // w == j // w) & (p % r == h % r) & (j % r == h % r)
+        else:
+            link = (h >= bounds[i][0]) & (h < bounds[i][1]) & (p // w == j // w) & (p % r == i % r) & (j % r == i % r)
+        if is_causal:
+            link = link & (j <= p)
+        links.append(link.to(torch.float64))
+    m = sum(links)
+    e = torch.exp(s - s.amax(-1, keepdim=True).detach())
+    denom = (m * e).sum(-1, keepdim=True)
+    denom = torch.where(denom > 0, denom, 1.0)
+    probs = sum(link * keep[i].to(torch.float64) * e for i, link in enumerate(links)) / denom / (1.0 - dropout_p)
+    out = probs @ v
+    return out / strategy.num_branches if strategy.mixing == "head_groups" else out
+
+
+DROPOUT_CASES = [
+    # B, Hq, Hkv, N, D, segments, rates, causal, mixing, dropout_p
+    (1, 4, 2, 40, 32, (8, 16), (1, 2), True, "lse", 0.3),
+    (2, 3, 3, 33, 32, (8, 16, 32), (1, 2, 4), False, "head_groups", 0.5),
+]
+
+
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=lambda c: f"N{c[3]}-{c[8]}-p{c[9]}")
+def test_kernels_with_dropout_match_reference(case):
+    """Outputs and dq/dk/dv with in-kernel dropout against float64 with the documented keep masks."""
+    B, Hq, Hkv, N, D, segs, rates, is_causal, mixing, dropout_p = case
+    dtype = torch.float32
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(B, h, N, D, generator=g).to(DEVICE, dtype) for h in (Hq, Hkv, Hkv))
+    seed_value = (1 << 40) + 12345  # both Philox key words in use
+    seed = torch.tensor(seed_value, dtype=torch.int64)
+    strategy = dc.Dilated(segs, rates, mixing)
+    scale = D ** -0.5
+    out, lse = dilated_attn_fwd(q, k, v, segs, rates, is_causal=is_causal, scale=scale, mixing=mixing,
+                                dropout_p=dropout_p, seed=seed)
+    keep = reference_keep(seed_value, B, Hq, N, len(segs), dropout_p)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref = dropout_reference(q64, k64, v64, strategy, is_causal, scale, keep, dropout_p)
+    assert_close(out, ref, dtype)
+    # The LSE is the undropped one.
+    _, lse_plain = dilated_attn_fwd(q, k, v, segs, rates, is_causal=is_causal, scale=scale, mixing=mixing)
+    torch.testing.assert_close(lse, lse_plain)
+    dout = torch.randn(out.shape, generator=g).to(DEVICE, dtype)
+    grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    dq, dk, dv = dilated_attn_bwd(dout, q, k, v, out, lse, segs, rates, is_causal=is_causal, scale=scale,
+                                  mixing=mixing, dropout_p=dropout_p, seed=seed)
+    for name, a, b in zip(("dq", "dk", "dv"), (dq, dk, dv), grads):
+        assert_close(a, b, dtype, name)
+
+
+def test_dropout_is_a_function_of_the_seed():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 24, 32, generator=g).to(DEVICE, torch.float16) for _ in range(3))
+    args = dict(is_causal=False, scale=0.2, mixing="lse", dropout_p=0.25)
+    a, _ = dilated_attn_fwd(q, k, v, (8,), (1,), seed=torch.tensor(5), **args)
+    b, _ = dilated_attn_fwd(q, k, v, (8,), (1,), seed=torch.tensor(5), **args)
+    c, _ = dilated_attn_fwd(q, k, v, (8,), (1,), seed=torch.tensor(6), **args)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    with pytest.raises(ValueError, match="seed"):
+        dilated_attn_fwd(q, k, v, (8,), (1,), seed=None, **args)
