@@ -107,9 +107,9 @@ def dropout_reference(q, k, v, strategy, is_causal: bool, scale: float, keep: to
     g = Hq // k.shape[1]
     k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     s = (q @ k.transpose(-1, -2)) * scale
-    h = torch.arange(Hq).view(-1, 1, 1)
-    p = torch.arange(N).view(1, -1, 1)
-    j = torch.arange(N).view(1, 1, -1)
+    h = torch.arange(Hq, device=q.device).view(-1, 1, 1)
+    p = torch.arange(N, device=q.device).view(1, -1, 1)
+    j = torch.arange(N, device=q.device).view(1, 1, -1)
     links = []
     bounds = strategy.head_group_bounds(Hq)
     for i, (w, r) in enumerate(zip(strategy.segment_lengths, strategy.dilation_rates)):
