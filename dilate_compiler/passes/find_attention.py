@@ -188,6 +188,22 @@ def _leads_to_product(n, depth=12) -> bool:
     return False
 
 
+def _near_product(n: fx.Node, up: bool, depth: int = 8) -> bool:
+    """A q.kᵀ-style product within ``depth`` nodes above ``n`` (``up``) or below it (its users)."""
+    frontier, seen = [n], set()
+    for _ in range(depth):
+        nxt = []
+        for x in frontier:
+            if not isinstance(x, fx.Node) or x in seen:
+                continue
+            seen.add(x)
+            if x is not n and x.target in QK_PRODUCTS:
+                return True
+            nxt.extend(x.all_input_nodes if up else x.users)
+        frontier = nxt
+    return False
+
+
 def _score_operand(a, b):
     if _leads_to_product(a) and not _leads_to_product(b):
         return a, b
@@ -321,7 +337,10 @@ def _softmax_site(sm: fx.Node, index: int) -> Optional[AttentionSite]:
     kw = kwargs_of(sm)
     sc = Scores()
     if not walk_scores(kw["self"], sc):
-        return None  # not attention (or not one we recognise): softmax elsewhere is not a site
+        if sc.reason and _near_product(kw["self"], up=True) and _near_product(sm, up=False):
+            # softmax(f(q @ kᵀ)) @ v with an f we can't read: report it, don't pass over it in silence
+            return AttentionSite(f"attention_{index}", "matmul-softmax", location(sm)).skip(sc.reason)
+        return None  # not attention: softmax elsewhere is not a site
     q, k, kT, extra = qk_operands(sc.qk) or (None, None, None, None)
     if q is None:
         return None

@@ -178,6 +178,27 @@ def test_softmax_that_is_not_attention_is_not_a_site():
     assert res.report.found == []
 
 
+class LearnedTemperature(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.temp = torch.nn.Parameter(torch.tensor(0.3))
+
+    def forward(self, q, k, v):
+        return torch.softmax((q @ k.mT) * self.temp, -1) @ v
+
+
+def test_unreadable_scores_between_product_and_softmax_are_reported():
+    """softmax(f(q @ kT)) @ v with f unreadable (a learned temperature, an unsupported op): a skipped site whose
+    reason names the node, not silence; the model is unchanged."""
+    res = dc.rewrite(LearnedTemperature(), qkv(), DENSE)
+    assert not res.report.rewritten and len(res.report.skipped) == 1
+    assert "scaled by a run-time tensor" in res.report.skipped[0].reason
+    res = dc.rewrite(Fn(lambda q, k, v: torch.softmax(torch.tanh(q @ k.mT), -1) @ v), qkv(), DENSE)
+    assert "unsupported op" in res.report.skipped[0].reason and "tanh" in res.report.skipped[0].reason
+    q, k, v = qkv()
+    torch.testing.assert_close(res.module(q, k, v), torch.softmax(torch.tanh(q @ k.mT), -1) @ v)
+
+
 def test_strict_raises_on_first_skip():
     q, _, _ = qkv()
     _, k, v = qkv(n=N + 8)
