@@ -126,7 +126,7 @@ def test_aot_compile_argument_errors(tmp_path):
         dc.aot_compile(ep, str(tmp_path / "x.so"))
 
 
-def test_package_links_the_shared_cxx_runtime_when_the_compiler_cannot_find_it(tmp_path, monkeypatch):
+def test_package_links_the_shared_cxx_runtime_when_the_compiler_cannot_find_it(tmp_path):
     # A compiler that finds no shared libstdc++.so would link its static archive into the package (two C++
     # runtimes in one process: the loader segfaults); aot_compile then points it at the loaded runtime.
     from dilate_compiler.export import cxx_runtime_link_dir, shared_cxx_runtime
@@ -141,13 +141,17 @@ def test_package_links_the_shared_cxx_runtime_when_the_compiler_cannot_find_it(t
         assert target in {os.path.realpath(line.split()[-1]) for line in f if "libstdc++" in line}
     shutil.rmtree(link_dir)
     from torch._inductor import config
-    monkeypatch.setattr(config.cpp, "cxx", (None, str(blind)))
-    with shared_cxx_runtime():
-        wrapper = config.cpp.cxx[1]
-        assert os.path.basename(wrapper) == "blind-cxx"
-        link_dir = os.path.dirname(wrapper)
-        assert os.path.realpath(os.path.join(link_dir, "libstdc++.so")) == target
-        res = subprocess.run([wrapper, "-print-file-name=libstdc++.so"], capture_output=True, text=True)
-        assert res.stdout.strip() == "libstdc++.so"          # the wrapper runs the compiler it stands for
-        assert f'-L"{link_dir}"' in open(wrapper).read()
-    assert config.cpp.cxx == (None, str(blind)) and not os.path.exists(link_dir)
+    # config.patch, not monkeypatch: undoing a monkeypatch deletes the entry, which hides cpp.cxx from every
+    # later compilation in this process
+    before = config.cpp.cxx
+    with config.patch({"cpp.cxx": (None, str(blind))}):
+        with shared_cxx_runtime():
+            wrapper = config.cpp.cxx[1]
+            assert os.path.basename(wrapper) == "blind-cxx"
+            link_dir = os.path.dirname(wrapper)
+            assert os.path.realpath(os.path.join(link_dir, "libstdc++.so")) == target
+            res = subprocess.run([wrapper, "-print-file-name=libstdc++.so"], capture_output=True, text=True)
+            assert res.stdout.strip() == "libstdc++.so"          # the wrapper runs the compiler it stands for
+            assert f'-L"{link_dir}"' in open(wrapper).read()
+        assert config.cpp.cxx == (None, str(blind)) and not os.path.exists(link_dir)
+    assert config.cpp.cxx == before                       # still readable for later compilations
