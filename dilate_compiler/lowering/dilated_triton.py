@@ -14,8 +14,10 @@ and loops over the query heads of its GQA group and their selecting branches.
 
 Log-sum-exps are kept in base 2 inside the kernels (``exp2``); the op stores natural-log LSE.
 
-Dropout (constexpr ``DROPOUT``): the keep flag of a (query, key) pair in one branch is regenerated from the
-positions by ``_dropout_keep`` (counter-based Philox) in the forward, dQ and dK/dV kernels alike; dropped pairs
+Dropout (constexpr ``DROPOUT``: 0 off, 1 on, 2 on with every branch's ``W / R`` a multiple of 4, so the
+forward's and dQ's key tiles start on a group of 4): the keep flag of a (query, key) pair in one branch is
+regenerated from the positions by ``_dropout_keep`` (counter-based Philox, one call per 4 keys of a query) in
+the forward, dQ and dK/dV kernels alike; dropped pairs
 leave the normaliser unchanged and ``1 / (1 - p)`` rides on ``out_scale``.
 """
 
@@ -71,16 +73,46 @@ def _branch_offset(h, BRANCH: tl.constexpr, R: tl.constexpr, HG_START: tl.conste
 
 
 @triton.jit
-def _dropout_keep(seed, p, j, stream, drop_thr):
-    """Dropout keep flags of the (query ``p``, key ``j``) pairs (broadcast) in one stream (``(b * H + h) *
-    NUM_BRANCHES + branch``): Philox-4x32-10 keyed by ``seed`` on the counter ``(p, j, stream, 0)``; a pair is
-    kept when the top 31 bits of the first output are ``>= drop_thr`` (``round(dropout_p * 2**31)``). Forward
-    and both backward kernels regenerate the same flags from the positions alone."""
-    pp = p + j * 0
-    jj = j + p * 0
+def _dropout_keep(seed, p, u, stream, drop_thr):
+    """Dropout keep flags of the (query ``p``, key) pairs (broadcast) in one stream (``(b * H + h) *
+    NUM_BRANCHES + branch``). ``u = j // R`` is the key's index in its branch's residue class. One
+    Philox-4x32-10 call keyed by ``seed`` on the counter ``(p, u // 4, stream, 0)`` gives four words, one per key
+    ``u`` of the group (word ``u % 4``); a pair is kept when the word's top 31 bits are ``>= drop_thr``
+    (``round(dropout_p * 2**31)``). The flags are a function of the positions alone, so the forward and both
+    backward kernels regenerate the same ones. This form evaluates one call per pair (the dK/dV tiling)."""
+    pp = p + u * 0
+    uu = u + p * 0
     zero = pp * 0
-    r, _, _, _ = tl.philox(seed, pp, jj, zero + stream, zero)
+    r0, r1, r2, r3 = tl.philox(seed, pp, uu >> 2, zero + stream, zero)
+    w = uu & 3
+    r = tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))
     return (r >> 1).to(tl.int32, bitcast=True) >= drop_thr
+
+
+@triton.jit
+def _dropout_keep_rows(seed, p, u0, stream, drop_thr, BLOCK_N: tl.constexpr):
+    """``_dropout_keep`` for query rows ``p`` against the keys ``u0 .. u0 + BLOCK_N - 1`` of a branch, ``u0`` a
+    multiple of 4 (the forward's and dQ's key tiles): one Philox call per four pairs, its words interleaved."""
+    g = u0 // 4 + tl.arange(0, BLOCK_N // 4)
+    pp = p[:, None] + g[None, :] * 0
+    gg = g[None, :] + p[:, None] * 0
+    zero = pp * 0
+    r0, r1, r2, r3 = tl.philox(seed, pp, gg, zero + stream, zero)
+    # [BLOCK_M, BLOCK_N // 4, 2, 2] with word 2a + b at [.., a, b] -> row-major [BLOCK_M, BLOCK_N]: word u % 4
+    r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (p.shape[0], BLOCK_N))
+    return (r >> 1).to(tl.int32, bitcast=True) >= drop_thr
+
+
+@triton.jit
+def _keep_tile(seed, p, j, j0, start, stream, drop_thr, R: tl.constexpr, BLOCK_N: tl.constexpr,
+               DROPOUT: tl.constexpr):
+    """Keep flags ``[BLOCK_M, BLOCK_N]`` of a forward / dQ tile (keys ``j = j0 + R * (start + arange)``);
+    ``DROPOUT == 2``: the tile's first key index is a multiple of 4 (grouped Philox)."""
+    if DROPOUT == 2:
+        keep = _dropout_keep_rows(seed, p, j0 // R + start, stream, drop_thr, BLOCK_N)
+    else:
+        keep = _dropout_keep(seed, p[:, None], (j // R)[None, :], stream, drop_thr)
+    return keep
 
 
 @triton.jit
@@ -115,7 +147,7 @@ def _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, hi, n_key
         pr = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(pr, 1)
         if DROPOUT:
-            pr = tl.where(_dropout_keep(seed, p[:, None], j[None, :], stream, drop_thr), pr, 0.0)
+            pr = tl.where(_keep_tile(seed, p, j, j0, start, stream, drop_thr, R, BLOCK_N, DROPOUT), pr, 0.0)
         acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)           # [BLOCK_M, HEAD_DIM]
         m_i = m_new
     return acc, m_i, l_i
@@ -278,7 +310,7 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, lo, 
             pr = tl.where(ok, pr, 0.0)
         dp = (tl.dot(do, tl.trans(v)) * out_scale).to(tl.float32)         # [BLOCK_M, BLOCK_N]
         if DROPOUT:
-            dp = tl.where(_dropout_keep(seed, p[:, None], j[None, :], stream, drop_thr), dp, 0.0)
+            dp = tl.where(_keep_tile(seed, p, j, j0, start, stream, drop_thr, R, BLOCK_N, DROPOUT), dp, 0.0)
         ds = pr * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)                                   # [BLOCK_M, HEAD_DIM]
     return dq
@@ -425,7 +457,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stri
             pt = tl.where(ok, pt, 0.0)
         dpt = (tl.dot(v, tl.trans(do)) * out_scale).to(tl.float32)        # [BLOCK_N, BLOCK_M]
         if DROPOUT:
-            keep = _dropout_keep(seed, p[None, :], j[:, None], stream, drop_thr)
+            keep = _dropout_keep(seed, p[None, :], (j // R)[:, None], stream, drop_thr)
             dv += tl.dot(tl.where(keep, pt, 0.0).to(do.dtype), do)        # [BLOCK_N, HEAD_DIM]
             dpt = tl.where(keep, dpt, 0.0)
         else:
@@ -630,16 +662,17 @@ def _rows_grid(n: int, L: int, block: str, programs_b: int):
     return lambda META: (L * triton.cdiv(triton.cdiv(n, L), META[block]), programs_b)
 
 
-def _dropout_args(dropout_p: float, seed, dummy) -> tuple:
+def _dropout_args(dropout_p: float, seed, dummy, segment_lengths, dilation_rates) -> tuple:
     """``(Seed, drop_thr, 1 / (1 - p), DROPOUT)`` kernel arguments. ``seed`` is the op's int64 scalar tensor (any
     device; the kernels read it on q's device, so no host sync)."""
     if dropout_p == 0.0:
-        return dummy, 0, 1.0, False
+        return dummy, 0, 1.0, 0
     if not 0.0 < dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     if seed is None or seed.dtype != torch.int64 or seed.numel() != 1:
         raise ValueError(f"dropout_p > 0 needs seed, an int64 tensor of one element, got {seed!r}")
-    return seed.reshape(1).to(dummy.device), round(dropout_p * 2**31), 1.0 / (1.0 - dropout_p), True
+    grouped = all((w // r) % 4 == 0 for w, r in zip(segment_lengths, dilation_rates))
+    return seed.reshape(1).to(dummy.device), round(dropout_p * 2**31), 1.0 / (1.0 - dropout_p), 2 if grouped else 1
 
 
 def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: bool, scale: float, mixing: str,
@@ -656,7 +689,7 @@ def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: boo
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     meta, out_scale = _launch_pattern(segment_lengths, dilation_rates, mixing, H)
-    seed_t, drop_thr, rdrop, dropout = _dropout_args(dropout_p, seed, lse)
+    seed_t, drop_thr, rdrop, dropout = _dropout_args(dropout_p, seed, lse, segment_lengths, dilation_rates)
     _runner(_dilated_attn_fwd_kernel)[_rows_grid(N, meta["L"], "BLOCK_M", B * H)](
         q, k, v, out, lse, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -678,7 +711,7 @@ def dilated_attn_bwd(dout, q, k, v, out, lse, segment_lengths, dilation_rates, *
     dk = torch.empty((B, Hkv, N, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Hkv, N, D), dtype=v.dtype, device=v.device)
     meta, out_scale = _launch_pattern(segment_lengths, dilation_rates, mixing, H)
-    seed_t, drop_thr, rdrop, dropout = _dropout_args(dropout_p, seed, lse)
+    seed_t, drop_thr, rdrop, dropout = _dropout_args(dropout_p, seed, lse, segment_lengths, dilation_rates)
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               dout.stride(0), dout.stride(1), dout.stride(2), H, N, out_scale * rdrop, seed_t, drop_thr)
     flags = dict(HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // Hkv, DROPOUT=dropout, **meta)

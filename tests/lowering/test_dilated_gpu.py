@@ -132,7 +132,7 @@ def test_dropout_in_kernels_matches_reference_and_generator_state(mixing, is_cau
     torch.manual_seed(123)
     again = dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=is_causal, mixing=mixing, dropout_p=p)
     assert torch.equal(out, again)
-    keep = reference_keep(seed_value, B, Hq, N, len(SEGS), p).cuda()
+    keep = reference_keep(seed_value, B, Hq, N, RATES, p).cuda()
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     strategy = dc.Dilated(SEGS, RATES, mixing)
     ref = dropout_reference(q64, k64, v64, strategy, is_causal, D ** -0.5, keep, p)

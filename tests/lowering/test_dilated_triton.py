@@ -72,8 +72,8 @@ def test_unlinked_rows_are_zero_and_written():
 _M32 = 0xFFFFFFFF
 
 
-def philox_first_output(seed: int, c0, c1, c2, c3):
-    """Philox-4x32-10's first output word (numpy, uint64 arithmetic), written from the algorithm's definition
+def philox_words(seed: int, c0, c1, c2, c3):
+    """Philox-4x32-10's four output words (numpy, uint64 arithmetic), written from the algorithm's definition
     (Salmon et al., SC'11) with Triton's key split (low, high 32 bits of the seed)."""
     import numpy as np
 
@@ -86,17 +86,21 @@ def philox_first_output(seed: int, c0, c1, c2, c3):
         prod_b, prod_a = b * c2, a * c0
         c0, c2, c1, c3 = ((prod_b >> s32) ^ c1 ^ k0), ((prod_a >> s32) ^ c3 ^ k1), prod_b & m, prod_a & m
         k0, k1 = (k0 + ka) & m, (k1 + kb) & m
-    return c0
+    return c0, c1, c2, c3
 
 
-def reference_keep(seed: int, B: int, H: int, N: int, num_branches: int, dropout_p: float) -> torch.Tensor:
-    """``keep[branch, b, h, p, j]`` as documented in ``_dropout_keep``: Philox on (p, j, stream, 0) with
-    stream ``(b * H + h) * num_branches + branch``; kept when the top 31 bits >= round(p * 2**31)."""
+def reference_keep(seed: int, B: int, H: int, N: int, rates, dropout_p: float) -> torch.Tensor:
+    """``keep[branch, b, h, p, j]`` as documented in ``_dropout_keep``: with ``u = j // rate``, word ``u % 4`` of
+    Philox on (p, u // 4, stream, 0), stream ``(b * H + h) * num_branches + branch``; kept when its top 31 bits
+    >= round(p * 2**31)."""
     import numpy as np
 
-    br, bb, hh, p, j = np.meshgrid(np.arange(num_branches), np.arange(B), np.arange(H), np.arange(N), np.arange(N),
+    nb = len(rates)
+    br, bb, hh, p, j = np.meshgrid(np.arange(nb), np.arange(B), np.arange(H), np.arange(N), np.arange(N),
                                    indexing="ij")
-    r = philox_first_output(seed, p, j, (bb * H + hh) * num_branches + br, np.zeros_like(p))
+    u = j // np.asarray(rates).reshape(-1, 1, 1, 1, 1)
+    words = np.stack(philox_words(seed, p, u // 4, (bb * H + hh) * nb + br, np.zeros_like(p)))
+    r = np.take_along_axis(words, (u % 4)[None].astype(np.int64), 0)[0]
     return torch.from_numpy((r >> np.uint64(1)) >= round(dropout_p * 2**31))
 
 
@@ -133,6 +137,7 @@ DROPOUT_CASES = [
     # B, Hq, Hkv, N, D, segments, rates, causal, mixing, dropout_p
     (1, 4, 2, 40, 32, (8, 16), (1, 2), True, "lse", 0.3),
     (2, 3, 3, 33, 32, (8, 16, 32), (1, 2, 4), False, "head_groups", 0.5),
+    (1, 2, 2, 30, 32, (6, 12), (1, 2), True, "lse", 0.4),  # w / r = 6: one Philox call per pair
 ]
 
 
@@ -149,7 +154,7 @@ def test_kernels_with_dropout_match_reference(case):
     scale = D ** -0.5
     out, lse = dilated_attn_fwd(q, k, v, segs, rates, is_causal=is_causal, scale=scale, mixing=mixing,
                                 dropout_p=dropout_p, seed=seed)
-    keep = reference_keep(seed_value, B, Hq, N, len(segs), dropout_p)
+    keep = reference_keep(seed_value, B, Hq, N, rates, dropout_p)
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     ref = dropout_reference(q64, k64, v64, strategy, is_causal, scale, keep, dropout_p)
     assert_close(out, ref, dtype)
