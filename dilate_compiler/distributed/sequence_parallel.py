@@ -16,7 +16,12 @@ Modes (``ring_attention(..., mode=)``):
   ``Dilated`` and ``BlockSparse``.
 
 Both run as the custom ops ``dilate_compiler::sequence_parallel_forward/backward`` (opaque to torch.compile;
-fake implementations for tracing). The per-rank compute is the exact path of ``attend.py``.
+fake implementations for tracing).
+
+Per-rank compute: for ``Dilated`` where the Triton kernels apply (CUDA, float16/bfloat16, head dim 32/64/128),
+the single-process kernels on the window of key positions around the rank's queries (``window.py``): the sparse
+mode fills the window from the shard and the received rows; the ring mode keeps the window's rows of each
+visiting shard and runs the kernels once the ring has passed. Otherwise the exact path of ``attend.py``.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ import torch
 from torch import Tensor
 
 from ..lowering.dilated_op import lse_dtype
-from . import comm
+from ..strategies.dilated import Dilated
+from . import comm, window
 from .attend import attend_backward, attend_forward, merge
 from .links import LAYOUTS, Links, check_strategy, links_for, positions, shard_ranges
 
@@ -92,6 +98,8 @@ class Plan:
     send_idx: dict            # sparse: peer -> [Hkv, n] local rows to send (padding: row 0)
     recv_pos: dict            # sparse: peer -> [Hkv, n] positions received (padding: -1)
     scale: float
+    windows: list = None      # Dilated: the key windows of this rank's query runs (window.py)
+    window_rows: list = None  # Dilated, ring: rows of each rank's shard inside this rank's windows
 
 
 def _rows_needed(links: Links, heads: Tensor, ranges, pos: Tensor, num_kv_heads: int):
@@ -128,7 +136,15 @@ def _plan(key: str, rank: int, world: int, shard_len: int, num_heads: int, num_k
         elif b != rank:
             send_idx[b] = _rows_needed(links, heads, ranges[b], rank_pos[rank], num_kv_heads)[0]
             recv_pos[b] = _rows_needed(links, heads, ranges[rank], rank_pos[b], num_kv_heads)[1]
-    return Plan(links, heads, rank_pos[rank], rank_pos, linked, send_idx, recv_pos, scale)
+    plan = Plan(links, heads, rank_pos[rank], rank_pos, linked, send_idx, recv_pos, scale)
+    if isinstance(cfg.strategy, Dilated):
+        plan.windows = window.windows(cfg.strategy, N, ranges[rank])
+        inside = [torch.zeros(pos.shape, dtype=torch.bool, device=dev) for pos in rank_pos]
+        for win in plan.windows:
+            for b, pos in enumerate(rank_pos):
+                inside[b] |= (pos >= win.a) & (pos < win.e)
+        plan.window_rows = [torch.nonzero(m).flatten() for m in inside]
+    return plan
 
 
 def _setup(key: str, q: Tensor, k: Tensor):
@@ -192,28 +208,39 @@ def _gather_rows(t: Tensor, idx: Tensor) -> Tensor:
 
 
 def _exchange_kv(k, v, group, rank, world, plan: Plan):
+    """The keys this rank holds after the exchange: ``k, v [B, Hkv, S + received, D]`` (the shard first; the
+    shard itself, uncopied, when nothing moves), their positions ``[Hkv, S + received]`` and the peers."""
     kv = torch.stack((k, v))
     sends = {b: _gather_rows(kv, idx) for b, idx in plan.send_idx.items()}
     shapes = {b: kv.shape[:-2] + (pos.shape[1], kv.shape[-1]) for b, pos in plan.recv_pos.items()}
     got = comm.exchange(group, sends, shapes, kv.dtype, kv.device, "kv")
     peers = sorted(got)
-    keys = torch.cat([kv] + [got[b] for b in peers], dim=-2)
     Hkv = k.shape[1]
     pos = torch.cat([plan.q_pos.view(1, -1).expand(Hkv, -1)] + [plan.recv_pos[b] for b in peers], dim=1)
-    return keys, pos, peers
+    if pos.shape[1] == k.shape[2]:
+        return k, v, pos, peers
+    keys = torch.cat([kv] + [got[b] for b in peers], dim=-2)
+    return keys[0], keys[1], pos, peers
 
 
 def _sparse_forward(q, k, v, group, rank, world, plan: Plan):
-    keys, pos, _ = _exchange_kv(k, v, group, rank, world, plan)
-    return attend_forward(q, keys[0], keys[1], plan.q_pos, pos, plan.links, plan.heads, plan.scale)
+    k_all, v_all, pos, _ = _exchange_kv(k, v, group, rank, world, plan)
+    return attend_forward(q, k_all, v_all, plan.q_pos, pos, plan.links, plan.heads, plan.scale)
 
 
 def _sparse_backward(dout, q, k, v, lse, delta, group, rank, world, plan: Plan):
-    keys, pos, peers = _exchange_kv(k, v, group, rank, world, plan)
-    dq, dk, dv = attend_backward(dout, q, keys[0], keys[1], plan.q_pos, pos, plan.links, plan.heads, plan.scale,
+    k_all, v_all, pos, peers = _exchange_kv(k, v, group, rank, world, plan)
+    dq, dk, dv = attend_backward(dout, q, k_all, v_all, plan.q_pos, pos, plan.links, plan.heads, plan.scale,
                                  lse, delta)
+    return (dq,) + _return_grads(dk, dv, k.shape[2], peers, group, rank, world, plan)
+
+
+def _return_grads(dk, dv, S, peers, group, rank, world, plan: Plan):
+    """``dk, dv [B, Hkv, S + received, D]``: the received rows' gradients go back to their owners and are added
+    to theirs; returns this shard's ``(dk, dv)`` (as they are when nothing was received or sent)."""
+    if dk.shape[2] == S and all(idx.shape[1] == 0 for idx in plan.send_idx.values()):
+        return dk, dv
     dkv = torch.stack((dk, dv))
-    S = k.shape[2]
     sends, start = {}, S
     for b in peers:
         n = plan.recv_pos[b].shape[1]
@@ -225,7 +252,67 @@ def _sparse_backward(dout, q, k, v, lse, delta, group, rank, world, plan: Plan):
     for b, g in back.items():
         idx = plan.send_idx[b]
         mine.scatter_add_(-2, idx.view(1, 1, idx.shape[0], idx.shape[1], 1).expand(g.shape), g)
-    return dq, mine[0], mine[1]
+    return mine[0], mine[1]
+
+
+# --- the kernels on key windows (Dilated on CUDA) ----------------------------------------------------------------
+
+
+def _window_sparse_forward(q, k, v, cfg, group, rank, world, plan: Plan):
+    k_all, v_all, pos, _ = _exchange_kv(k, v, group, rank, world, plan)
+    return window.forward(q, k_all, v_all, pos, plan.windows, cfg.strategy, cfg.is_causal, plan.scale)
+
+
+def _window_sparse_backward(dout, q, k, v, out, lse, cfg, group, rank, world, plan: Plan):
+    k_all, v_all, pos, peers = _exchange_kv(k, v, group, rank, world, plan)
+    dq, dk, dv = window.backward(dout, q, k_all, v_all, pos, out, lse, plan.windows, cfg.strategy, cfg.is_causal,
+                                 plan.scale)
+    return (dq,) + _return_grads(dk, dv, k.shape[2], peers, group, rank, world, plan)
+
+
+def _ring_collect(k, v, group, rank, world, plan: Plan):
+    """K/V shards pass around the ring (each hop started before the copy of the visiting shard); each rank keeps
+    the visiting rows inside its windows. Returns the kept rows ``[2, B, Hkv, K, D]``, their positions
+    ``[Hkv, K]`` and ``[(src, rows)]`` in the order kept."""
+    kv = torch.stack((k, v))
+    parts, pos, kept = [], [], []
+    for t in range(world):
+        src = (rank - t) % world
+        shift = comm.RingShift(group, rank, world, "kv").start(kv) if t < world - 1 else None
+        rows = plan.window_rows[src]
+        if rows.numel():
+            parts.append(kv.index_select(3, rows))
+            pos.append(plan.rank_pos[src][rows])
+            kept.append((src, rows))
+        if shift is not None:
+            kv = shift.wait()
+    Hkv = k.shape[1]
+    held = torch.cat(parts, 3)
+    return held[0], held[1], torch.cat(pos).view(1, -1).expand(Hkv, -1), kept
+
+
+def _window_ring_forward(q, k, v, cfg, group, rank, world, plan: Plan):
+    k_held, v_held, pos, _ = _ring_collect(k, v, group, rank, world, plan)
+    return window.forward(q, k_held, v_held, pos, plan.windows, cfg.strategy, cfg.is_causal, plan.scale)
+
+
+def _window_ring_backward(dout, q, k, v, out, lse, cfg, group, rank, world, plan: Plan):
+    k_held, v_held, pos, kept = _ring_collect(k, v, group, rank, world, plan)
+    dq, dk, dv = window.backward(dout, q, k_held, v_held, pos, out, lse, plan.windows, cfg.strategy, cfg.is_causal,
+                                 plan.scale)
+    mine, start = {}, 0
+    for src, rows in kept:
+        n = rows.numel()
+        mine[src] = (rows, torch.stack((dk[:, :, start:start + n], dv[:, :, start:start + n])).float())
+        start += n
+    acc = torch.zeros((2,) + tuple(k.shape), dtype=torch.float32, device=k.device)
+    for t in range(world):          # the accumulator of shard (rank - t) is here at step t; P hops take it home
+        src = (rank - t) % world
+        if src in mine:
+            acc.index_add_(3, *mine[src])
+        if world > 1:
+            acc = comm.RingShift(group, rank, world, "grad").start(acc).wait()
+    return dq, acc[0], acc[1]
 
 
 # --- the ops --------------------------------------------------------------------------------------------------
@@ -233,6 +320,10 @@ def _sparse_backward(dout, q, k, v, lse, delta, group, rank, world, plan: Plan):
 
 def _forward_impl(q, k, v, key):
     cfg, group, rank, world, plan = _setup(key, q, k)
+    if cfg.mode != "local" and window.use_window_kernels(cfg.strategy, q):
+        run = _window_sparse_forward if cfg.mode == "sparse" else _window_ring_forward
+        out, lse = run(q, k, v, cfg, group, rank, world, plan)
+        return out, lse.to(lse_dtype(q.dtype))
     if cfg.mode == "sparse":
         out, lse = _sparse_forward(q, k, v, group, rank, world, plan)
     else:   # ring; "local" is a ring of one
@@ -240,8 +331,17 @@ def _forward_impl(q, k, v, key):
     return (out * plan.links.output_scale).to(q.dtype), lse
 
 
+def _unaliased(t: Tensor, dtype) -> Tensor:
+    """``t`` in ``dtype``, copied when it is a view (custom op outputs must not alias each other)."""
+    return t if t.dtype == dtype and t._base is None else t.to(dtype, copy=True)
+
+
 def _backward_impl(dout, q, k, v, out, lse, key):
     cfg, group, rank, world, plan = _setup(key, q, k)
+    if cfg.mode != "local" and window.use_window_kernels(cfg.strategy, q):
+        run = _window_sparse_backward if cfg.mode == "sparse" else _window_ring_backward
+        dq, dk, dv = run(dout, q, k, v, out, lse, cfg, group, rank, world, plan)
+        return dq.to(q.dtype), _unaliased(dk, k.dtype), _unaliased(dv, v.dtype)
     dt = lse_dtype(q.dtype)
     delta = (dout.to(dt) * out.to(dt)).sum(-1)                 # rowsum(dO * O), both on the output's scale
     dout = dout.to(dt) * plan.links.output_scale

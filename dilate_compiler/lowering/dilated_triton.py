@@ -116,6 +116,22 @@ def _keep_tile(seed, p, j, j0, start, stream, drop_thr, R: tl.constexpr, BLOCK_N
 
 
 @triton.jit
+def _query_tile(i_tile, Q_LO, N_Q, L: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The query rows of a forward / dQ program: ``BLOCK_M`` positions ``p`` of residue class ``c`` (mod ``L``)
+    among the queries at positions ``[Q_LO, Q_LO + N_Q)`` of the key sequence (q holds those rows only, row
+    ``p - Q_LO``). Returns ``c, p, row_ok, p_first, p_last`` and the number of rows left (``<= 0``: none)."""
+    c = i_tile % L
+    t = i_tile // L
+    i_lo = tl.cdiv(tl.maximum(Q_LO - c, 0), L)                          # first row of class c at or after Q_LO
+    i_hi = tl.cdiv(tl.maximum(Q_LO + N_Q - c, 0), L)
+    i_first = i_lo + t * BLOCK_M
+    i_row = i_first + tl.arange(0, BLOCK_M)
+    p = c + i_row * L                                                   # query positions: a strided view
+    p_last = c + (tl.minimum(i_hi, i_first + BLOCK_M) - 1) * L
+    return c, p, i_row < i_hi, c + i_first * L, p_last, i_hi - i_first
+
+
+@triton.jit
 def _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, hi, n_keys, qk_scale,
                W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK: tl.constexpr,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, seed, drop_thr, stream, DROPOUT: tl.constexpr):
@@ -190,7 +206,7 @@ def _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn,
 def _dilated_attn_fwd_kernel(
     Q, K, V, Out, Lse, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    stride_ob, stride_oh, stride_on, H, N, out_scale, Seed, drop_thr,
+    stride_ob, stride_oh, stride_on, H, N, Q_LO, N_Q, out_scale, Seed, drop_thr,
     HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, L: tl.constexpr, IS_CAUSAL: tl.constexpr,
     MIXING_LSE: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr,
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,
@@ -204,24 +220,18 @@ def _dilated_attn_fwd_kernel(
     tl.static_assert(NUM_BRANCHES <= 8)
     i_tile = tl.program_id(0)
     i_bh = tl.program_id(1)
-    b = i_bh // H
+    b = (i_bh // H).to(tl.int64)
     h = i_bh % H
-    c = i_tile % L                                      # residue class of the rows
-    t = i_tile // L
-    n_rows = tl.cdiv(tl.maximum(N - c, 0), L)           # rows of class c
-    if t * BLOCK_M >= n_rows:
+    c, p, row_ok, p_first, p_last, n_left = _query_tile(i_tile, Q_LO, N_Q, L, BLOCK_M)
+    if n_left <= 0:
         return
-    i_row = t * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = i_row < n_rows
-    p = c + i_row * L                                   # query positions: a strided view
-    p_first = c + t * BLOCK_M * L
-    p_last = c + (tl.minimum(n_rows, (t + 1) * BLOCK_M) - 1) * L
+    pq = p - Q_LO                                       # rows of q, out and lse
     offs_d = tl.arange(0, HEAD_DIM)
-    q_base = Q + b * stride_qb + h * stride_qh
-    kh = h // GQA
+    q_base = Q + b * stride_qb + h.to(tl.int64) * stride_qh
+    kh = (h // GQA).to(tl.int64)
     k_base = K + b * stride_kb + kh * stride_kh
     v_base = V + b * stride_kb + kh * stride_kh
-    q = tl.load(q_base + p[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = tl.load(q_base + pq[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     qk_scale = sm_scale * 1.4426950408889634
     seed = 0
     if DROPOUT:
@@ -281,9 +291,9 @@ def _dilated_attn_fwd_kernel(
     linked = l_i > 0.0
     out = (acc / tl.where(linked, l_i, 1.0)[:, None] * out_scale).to(tl.float32)
     lse = tl.where(linked, (m_i + tl.log2(tl.where(linked, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    o_base = Out + b * stride_ob + h * stride_oh
-    tl.store(o_base + p[:, None] * stride_on + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(Lse + i_bh * N + p, lse, mask=row_ok)
+    o_base = Out + b * stride_ob + h.to(tl.int64) * stride_oh
+    tl.store(o_base + pq[:, None] * stride_on + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(Lse + i_bh.to(tl.int64) * N_Q + pq, lse, mask=row_ok)
 
 
 @triton.jit
@@ -334,7 +344,7 @@ def _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, s
 def _dilated_attn_bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    stride_ob, stride_oh, stride_on, H, N, out_scale, Seed, drop_thr,
+    stride_ob, stride_oh, stride_on, H, N, Q_LO, N_Q, out_scale, Seed, drop_thr,
     HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, L: tl.constexpr, IS_CAUSAL: tl.constexpr,
     MIXING_LSE: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr,
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,
@@ -347,29 +357,23 @@ def _dilated_attn_bwd_dq_kernel(
 ):
     i_tile = tl.program_id(0)
     i_bh = tl.program_id(1)
-    b = i_bh // H
+    b = (i_bh // H).to(tl.int64)
     h = i_bh % H
-    c = i_tile % L
-    t = i_tile // L
-    n_rows = tl.cdiv(tl.maximum(N - c, 0), L)
-    if t * BLOCK_M >= n_rows:
+    c, p, row_ok, p_first, p_last, n_left = _query_tile(i_tile, Q_LO, N_Q, L, BLOCK_M)
+    if n_left <= 0:
         return
-    i_row = t * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = i_row < n_rows
-    p = c + i_row * L
-    p_first = c + t * BLOCK_M * L
-    p_last = c + (tl.minimum(n_rows, (t + 1) * BLOCK_M) - 1) * L
+    pq = p - Q_LO                                       # rows of q, dout, lse, delta and dq
     offs_d = tl.arange(0, HEAD_DIM)
-    kh = h // GQA
+    kh = (h // GQA).to(tl.int64)
     k_base = K + b * stride_kb + kh * stride_kh
     v_base = V + b * stride_kb + kh * stride_kh
-    q = tl.load(Q + b * stride_qb + h * stride_qh + p[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None],
-                other=0.0)
-    do = tl.load(DO + b * stride_ob + h * stride_oh + p[:, None] * stride_on + offs_d[None, :],
+    q_off = b * stride_qb + h.to(tl.int64) * stride_qh
+    q = tl.load(Q + q_off + pq[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + b * stride_ob + h.to(tl.int64) * stride_oh + pq[:, None] * stride_on + offs_d[None, :],
                  mask=row_ok[:, None], other=0.0)
-    lse2 = tl.load(Lse + i_bh * N + p, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(Lse + i_bh.to(tl.int64) * N_Q + pq, mask=row_ok, other=0.0) * 1.4426950408889634
     lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
-    delta = tl.load(Delta + i_bh * N + p, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + i_bh.to(tl.int64) * N_Q + pq, mask=row_ok, other=0.0)
     qk_scale = sm_scale * 1.4426950408889634
     seed = 0
     if DROPOUT:
@@ -424,7 +428,7 @@ def _dilated_attn_bwd_dq_kernel(
                                 qk_scale, out_scale, W7, R7, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
                                 seed, drop_thr, stream + 7, DROPOUT)
     dq = (dq * sm_scale).to(tl.float32)
-    tl.store(DQ + b * stride_qb + h * stride_qh + p[:, None] * stride_qn + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+    tl.store(DQ + q_off + pq[:, None] * stride_qn + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None])
 
 
@@ -469,17 +473,18 @@ def _bwd_dkdv_inner(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stri
 
 @triton.jit
 def _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn, stride_on,
-                     o, N, qk_scale, out_scale, W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                     o, N, Q_LO, Q_HI, qk_scale, out_scale, W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, seed, drop_thr, stream,
                      DROPOUT: tl.constexpr):
     """dK, dV of the keys ``j`` from one branch's queries (transposed scores, as FlashAttention-2).
 
     Query blocks split into: masked ones at the causal diagonal, unmasked ones linked to every key of the tile,
-    and a masked partial tail (segment or sequence end)."""
+    and a masked partial tail (segment or sequence end). Only queries at ``[Q_LO, Q_HI)`` count (the rows q holds)."""
     seg_lo = j_first // W
     seg_hi = j_last // W
     p0 = seg_lo * W + o
-    p_end = tl.minimum((seg_hi + 1) * W, N)
+    p0 = p0 + tl.cdiv(tl.maximum(Q_LO - p0, 0), R) * R                  # the class's first query at or after Q_LO
+    p_end = tl.minimum(tl.minimum((seg_hi + 1) * W, N), Q_HI)
     n_q = tl.cdiv(tl.maximum(p_end - p0, 0), R)
     m_begin = 0
     full_lo = 0
@@ -506,7 +511,7 @@ def _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base
 def _dilated_attn_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    stride_ob, stride_oh, stride_on, H, N, out_scale, Seed, drop_thr,
+    stride_ob, stride_oh, stride_on, H, N, Q_LO, N_Q, out_scale, Seed, drop_thr,
     HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, L: tl.constexpr, IS_CAUSAL: tl.constexpr,
     MIXING_LSE: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr,
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,
@@ -533,7 +538,7 @@ def _dilated_attn_bwd_dkdv_kernel(
     j_first = c + t * BLOCK_N * L
     j_last = c + (tl.minimum(n_keys, (t + 1) * BLOCK_N) - 1) * L
     offs_d = tl.arange(0, HEAD_DIM)
-    kv_off = b * stride_kb + kh * stride_kh + j[:, None] * stride_kn + offs_d[None, :]
+    kv_off = b.to(tl.int64) * stride_kb + kh.to(tl.int64) * stride_kh + j[:, None] * stride_kn + offs_d[None, :]
     k = tl.load(K + kv_off, mask=key_ok[:, None], other=0.0)
     v = tl.load(V + kv_off, mask=key_ok[:, None], other=0.0)
     qk_scale = sm_scale * 1.4426950408889634
@@ -545,56 +550,57 @@ def _dilated_attn_bwd_dkdv_kernel(
     for g in range(GQA):                                                 # query heads reading this kv head
         h = kh * GQA + g
         stream = (b * H + h) * NUM_BRANCHES
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_ob + h * stride_oh
-        lse_base = Lse + (b * H + h) * N
-        delta_base = Delta + (b * H + h) * N
+        # bases shifted by Q_LO rows: q, dout, lse and delta hold the queries at [Q_LO, Q_LO + N_Q) only
+        q_base = Q + (b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh - Q_LO * stride_qn)
+        do_base = DO + (b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh - Q_LO * stride_on)
+        lse_base = Lse + ((b * H + h).to(tl.int64) * N_Q - Q_LO)
+        delta_base = Delta + ((b * H + h).to(tl.int64) * N_Q - Q_LO)
         o, sel = _branch_offset(h, 0, R0, S0, S1, MIXING_LSE, c)
         if sel:
             dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
-                                      stride_qn, stride_on, o, N, qk_scale, out_scale, W0, R0, IS_CAUSAL, BLOCK_M,
+                                      stride_qn, stride_on, o, N, Q_LO, Q_LO + N_Q, qk_scale, out_scale, W0, R0, IS_CAUSAL, BLOCK_M,
                                       BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 0, DROPOUT)
         if NUM_BRANCHES > 1:
             o, sel = _branch_offset(h, 1, R1, S1, S2, MIXING_LSE, c)
             if sel:
                 dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
-                                          stride_qn, stride_on, o, N, qk_scale, out_scale, W1, R1, IS_CAUSAL,
+                                          stride_qn, stride_on, o, N, Q_LO, Q_LO + N_Q, qk_scale, out_scale, W1, R1, IS_CAUSAL,
                                           BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 1, DROPOUT)
         if NUM_BRANCHES > 2:
             o, sel = _branch_offset(h, 2, R2, S2, S3, MIXING_LSE, c)
             if sel:
                 dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
-                                          stride_qn, stride_on, o, N, qk_scale, out_scale, W2, R2, IS_CAUSAL,
+                                          stride_qn, stride_on, o, N, Q_LO, Q_LO + N_Q, qk_scale, out_scale, W2, R2, IS_CAUSAL,
                                           BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 2, DROPOUT)
         if NUM_BRANCHES > 3:
             o, sel = _branch_offset(h, 3, R3, S3, S4, MIXING_LSE, c)
             if sel:
                 dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
-                                          stride_qn, stride_on, o, N, qk_scale, out_scale, W3, R3, IS_CAUSAL,
+                                          stride_qn, stride_on, o, N, Q_LO, Q_LO + N_Q, qk_scale, out_scale, W3, R3, IS_CAUSAL,
                                           BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 3, DROPOUT)
         if NUM_BRANCHES > 4:
             o, sel = _branch_offset(h, 4, R4, S4, S5, MIXING_LSE, c)
             if sel:
                 dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
-                                          stride_qn, stride_on, o, N, qk_scale, out_scale, W4, R4, IS_CAUSAL,
+                                          stride_qn, stride_on, o, N, Q_LO, Q_LO + N_Q, qk_scale, out_scale, W4, R4, IS_CAUSAL,
                                           BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 4, DROPOUT)
         if NUM_BRANCHES > 5:
             o, sel = _branch_offset(h, 5, R5, S5, S6, MIXING_LSE, c)
             if sel:
                 dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
-                                          stride_qn, stride_on, o, N, qk_scale, out_scale, W5, R5, IS_CAUSAL,
+                                          stride_qn, stride_on, o, N, Q_LO, Q_LO + N_Q, qk_scale, out_scale, W5, R5, IS_CAUSAL,
                                           BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 5, DROPOUT)
         if NUM_BRANCHES > 6:
             o, sel = _branch_offset(h, 6, R6, S6, S7, MIXING_LSE, c)
             if sel:
                 dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
-                                          stride_qn, stride_on, o, N, qk_scale, out_scale, W6, R6, IS_CAUSAL,
+                                          stride_qn, stride_on, o, N, Q_LO, Q_LO + N_Q, qk_scale, out_scale, W6, R6, IS_CAUSAL,
                                           BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 6, DROPOUT)
         if NUM_BRANCHES > 7:
             o, sel = _branch_offset(h, 7, R7, S7, S8, MIXING_LSE, c)
             if sel:
                 dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
-                                          stride_qn, stride_on, o, N, qk_scale, out_scale, W7, R7, IS_CAUSAL,
+                                          stride_qn, stride_on, o, N, Q_LO, Q_LO + N_Q, qk_scale, out_scale, W7, R7, IS_CAUSAL,
                                           BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 7, DROPOUT)
     dk = (dk * sm_scale).to(tl.float32)
     dv = (dv * out_scale).to(tl.float32)                                                 # dV = P^T (out_scale * dO)
@@ -675,47 +681,63 @@ def _dropout_args(dropout_p: float, seed, dummy, segment_lengths, dilation_rates
     return seed.reshape(1).to(dummy.device), round(dropout_p * 2**31), 1.0 / (1.0 - dropout_p), 2 if grouped else 1
 
 
+def _query_offset(q_offset, n_q: int, n: int) -> int:
+    """Check that queries ``[q_offset, q_offset + n_q)`` lie inside the ``n`` key positions."""
+    if not isinstance(q_offset, int) or q_offset < 0 or q_offset + n_q > n:
+        raise ValueError(f"q_offset must be an int with 0 <= q_offset and q_offset + (query rows {n_q}) <= "
+                         f"(key rows {n}), got {q_offset!r}")
+    return q_offset
+
+
 def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: bool, scale: float, mixing: str,
-                     dropout_p: float = 0.0, seed=None):
-    """Launch the forward kernel: ``out [B, Hq, N, D]`` (q's dtype) and ``lse [B, Hq, N]`` (float32, natural log).
+                     dropout_p: float = 0.0, seed=None, q_offset: int = 0):
+    """Launch the forward kernel: ``out [B, Hq, Nq, D]`` (q's dtype) and ``lse [B, Hq, Nq]`` (float32, natural log).
+
+    k and v hold the ``N`` positions of the sequence; q holds ``Nq`` of them, the positions
+    ``[q_offset, q_offset + Nq)`` (default: all, ``Nq == N``). Sequence-parallel attention runs a rank's queries
+    against the window of keys around them this way.
 
     With ``dropout_p > 0`` each branch's probabilities are dropped pairwise (``_dropout_keep``: a function of
     the seed, (b, h), branch, query and key positions) and the kept ones scaled by ``1 / (1 - dropout_p)``; the
     LSE is that of the undropped softmax."""
-    B, H, N, D = q.shape
+    B, H, Nq, D = q.shape
+    N = k.shape[2]
+    q_offset = _query_offset(q_offset, Nq, N)
     q = q if q.stride(-1) == 1 else q.contiguous()
     if k.stride() != v.stride() or k.stride(-1) != 1:  # the kernel reads v with k's strides
         k, v = k.contiguous(), v.contiguous()
-    out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    out = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     meta, out_scale = _launch_pattern(segment_lengths, dilation_rates, mixing, H)
     seed_t, drop_thr, rdrop, dropout = _dropout_args(dropout_p, seed, lse, segment_lengths, dilation_rates)
-    _runner(_dilated_attn_fwd_kernel)[_rows_grid(N, meta["L"], "BLOCK_M", B * H)](
+    _runner(_dilated_attn_fwd_kernel)[_rows_grid(Nq, meta["L"], "BLOCK_M", B * H)](
         q, k, v, out, lse, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), H, N, out_scale * rdrop, seed_t, drop_thr,
+        out.stride(0), out.stride(1), out.stride(2), H, N, q_offset, Nq, out_scale * rdrop, seed_t, drop_thr,
         HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // k.shape[1], DROPOUT=dropout, **meta)
     return out, lse
 
 
 def dilated_attn_bwd(dout, q, k, v, out, lse, segment_lengths, dilation_rates, *, is_causal: bool, scale: float,
-                     mixing: str, dropout_p: float = 0.0, seed=None):
-    """Launch the backward kernels: ``(dq, dk, dv)``; ``dropout_p`` and ``seed`` as in the forward call."""
-    B, H, N, D = q.shape
-    Hkv = k.shape[1]
+                     mixing: str, dropout_p: float = 0.0, seed=None, q_offset: int = 0):
+    """Launch the backward kernels: ``(dq, dk, dv)``; ``dropout_p``, ``seed`` and ``q_offset`` as in the forward
+    call (dk and dv: the gradients of all ``N`` key rows from the ``Nq`` queries q holds)."""
+    B, H, Nq, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    q_offset = _query_offset(q_offset, Nq, N)
     # dq/dk/dv are stored with q's and k's strides, and v is read with k's: all contiguous here.
     q, k, v, dout = (t.contiguous() for t in (q, k, v, dout))
     delta = (dout.float() * out.float()).sum(-1).contiguous()            # rowsum(dO * O), [B, H, N]
     lse = lse.contiguous()
-    dq = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    dq = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Hkv, N, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Hkv, N, D), dtype=v.dtype, device=v.device)
     meta, out_scale = _launch_pattern(segment_lengths, dilation_rates, mixing, H)
     seed_t, drop_thr, rdrop, dropout = _dropout_args(dropout_p, seed, lse, segment_lengths, dilation_rates)
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-              dout.stride(0), dout.stride(1), dout.stride(2), H, N, out_scale * rdrop, seed_t, drop_thr)
+              dout.stride(0), dout.stride(1), dout.stride(2), H, N, q_offset, Nq, out_scale * rdrop, seed_t, drop_thr)
     flags = dict(HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // Hkv, DROPOUT=dropout, **meta)
-    _runner(_dilated_attn_bwd_dq_kernel)[_rows_grid(N, meta["L"], "BLOCK_M", B * H)](
+    _runner(_dilated_attn_bwd_dq_kernel)[_rows_grid(Nq, meta["L"], "BLOCK_M", B * H)](
         q, k, v, dout, lse, delta, dq, scale, *common, **flags)
     _runner(_dilated_attn_bwd_dkdv_kernel)[_rows_grid(N, meta["L"], "BLOCK_N", B * Hkv)](
         q, k, v, dout, lse, delta, dk, dv, scale, *common, **flags)

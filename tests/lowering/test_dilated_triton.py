@@ -67,6 +67,53 @@ def test_unlinked_rows_are_zero_and_written():
     assert torch.isinf(lse[0, 0, 1::2]).all() and torch.isfinite(lse[0, 0, 0::2]).all()
 
 
+# --- queries at an offset (the per-rank compute of sequence-parallel attention) ----------------------------
+
+OFFSET_CASES = [
+    # Hq, Hkv, N, segments, rates, causal, mixing, query rows [lo, hi)
+    (4, 2, 63, (8, 16, 32), (1, 2, 4), True, "lse", (13, 50)),      # lo, hi not multiples of L = 4
+    (4, 2, 63, (8, 16, 32), (1, 2, 4), False, "lse", (32, 63)),
+    (4, 4, 200, (64, 128), (1, 2), True, "lse", (64, 192)),          # whole tiles inside segments
+    (5, 5, 50, (8, 16, 64), (1, 2, 4), False, "head_groups", (1, 2)),
+    (2, 1, 40, (64,), (1,), True, "lse", (0, 40)),
+]
+
+
+@pytest.mark.parametrize("case", OFFSET_CASES, ids=lambda c: f"N{c[2]}-q{c[7][0]}:{c[7][1]}-{c[6]}")
+def test_kernels_with_query_offset_match_reference_rows(case):
+    """q holds rows [lo, hi) of the sequence: out, lse and dq are those rows of the whole op, dk and dv the
+    gradients of all keys from those queries alone (the reference's dout is zero elsewhere)."""
+    Hq, Hkv, N, segs, rates, is_causal, mixing, (lo, hi) = case
+    dtype = torch.float32
+    g = torch.Generator().manual_seed(N + lo)
+    q, k, v = (torch.randn(1, h, N, 32, generator=g).to(DEVICE, dtype) for h in (Hq, Hkv, Hkv))
+    strategy = dc.Dilated(segs, rates, mixing)
+    scale = 32 ** -0.5
+    args = dict(is_causal=is_causal, scale=scale, mixing=mixing)
+    q_rows = q[:, :, lo:hi]
+    out, lse = dilated_attn_fwd(q_rows, k, v, segs, rates, q_offset=lo, **args)
+    _, lse_all = dilated_attn_fwd(q, k, v, segs, rates, **args)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref = strategy.reference(q64, k64, v64, is_causal=is_causal)
+    assert out.shape == q_rows.shape and lse.shape == q_rows.shape[:3]
+    assert_close(out, ref[:, :, lo:hi], dtype)
+    torch.testing.assert_close(lse, lse_all[:, :, lo:hi])
+    dout = torch.zeros(ref.shape, dtype=torch.float64)
+    dout[:, :, lo:hi] = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad(ref, (q64, k64, v64), dout)
+    dq, dk, dv = dilated_attn_bwd(dout[:, :, lo:hi].to(DEVICE, dtype), q_rows, k, v, out, lse, segs, rates,
+                                  q_offset=lo, **args)
+    assert dq.shape == q_rows.shape and dk.shape == k.shape
+    for name, a, b in zip(("dq", "dk", "dv"), (dq, dk, dv), (grads[0][:, :, lo:hi], grads[1], grads[2])):
+        assert_close(a, b, dtype, name)
+
+
+def test_query_offset_outside_the_keys_is_refused():
+    q, k = torch.zeros(1, 1, 8, 32), torch.zeros(1, 1, 10, 32)
+    with pytest.raises(ValueError, match="q_offset"):
+        dilated_attn_fwd(q, k, k, (4,), (1,), is_causal=False, scale=1.0, mixing="lse", q_offset=3)
+
+
 # --- dropout -------------------------------------------------------------------------------------------------
 
 _M32 = 0xFFFFFFFF
