@@ -210,16 +210,15 @@ def _gather_rows(t: Tensor, idx: Tensor) -> Tensor:
 def _exchange_kv(k, v, group, rank, world, plan: Plan):
     """The keys this rank holds after the exchange: ``k, v [B, Hkv, S + received, D]`` (the shard first; the
     shard itself, uncopied, when nothing moves), their positions ``[Hkv, S + received]`` and the peers."""
-    kv = torch.stack((k, v))
-    sends = {b: _gather_rows(kv, idx) for b, idx in plan.send_idx.items()}
-    shapes = {b: kv.shape[:-2] + (pos.shape[1], kv.shape[-1]) for b, pos in plan.recv_pos.items()}
-    got = comm.exchange(group, sends, shapes, kv.dtype, kv.device, "kv")
+    sends = {b: torch.stack((_gather_rows(k, idx), _gather_rows(v, idx))) for b, idx in plan.send_idx.items()}
+    shapes = {b: (2,) + k.shape[:-2] + (pos.shape[1], k.shape[-1]) for b, pos in plan.recv_pos.items()}
+    got = comm.exchange(group, sends, shapes, k.dtype, k.device, "kv")
     peers = sorted(got)
     Hkv = k.shape[1]
     pos = torch.cat([plan.q_pos.view(1, -1).expand(Hkv, -1)] + [plan.recv_pos[b] for b in peers], dim=1)
     if pos.shape[1] == k.shape[2]:
         return k, v, pos, peers
-    keys = torch.cat([kv] + [got[b] for b in peers], dim=-2)
+    keys = torch.cat([torch.stack((k, v))] + [got[b] for b in peers], dim=-2)
     return keys[0], keys[1], pos, peers
 
 
