@@ -257,21 +257,9 @@ def _return_grads(dk, dv, S, peers, group, rank, world, plan: Plan):
 # --- the kernels on key windows (Dilated on CUDA) ----------------------------------------------------------------
 
 
-def _window_sparse_forward(q, k, v, cfg, group, rank, world, plan: Plan):
-    k_all, v_all, pos, _ = _exchange_kv(k, v, group, rank, world, plan)
-    return window.forward(q, k_all, v_all, pos, plan.windows, cfg.strategy, cfg.is_causal, plan.scale)
-
-
-def _window_sparse_backward(dout, q, k, v, out, lse, cfg, group, rank, world, plan: Plan):
-    k_all, v_all, pos, peers = _exchange_kv(k, v, group, rank, world, plan)
-    dq, dk, dv = window.backward(dout, q, k_all, v_all, pos, out, lse, plan.windows, cfg.strategy, cfg.is_causal,
-                                 plan.scale)
-    return (dq,) + _return_grads(dk, dv, k.shape[2], peers, group, rank, world, plan)
-
-
 def _ring_collect(k, v, group, rank, world, plan: Plan):
     """K/V shards pass around the ring (each hop started before the copy of the visiting shard); each rank keeps
-    the visiting rows inside its windows. Returns the kept rows ``[2, B, Hkv, K, D]``, their positions
+    the visiting rows inside its windows. Returns the kept rows ``k, v [B, Hkv, K, D]``, their positions
     ``[Hkv, K]`` and ``[(src, rows)]`` in the order kept."""
     kv = torch.stack((k, v))
     parts, pos, kept = [], [], []
@@ -290,15 +278,9 @@ def _ring_collect(k, v, group, rank, world, plan: Plan):
     return held[0], held[1], torch.cat(pos).view(1, -1).expand(Hkv, -1), kept
 
 
-def _window_ring_forward(q, k, v, cfg, group, rank, world, plan: Plan):
-    k_held, v_held, pos, _ = _ring_collect(k, v, group, rank, world, plan)
-    return window.forward(q, k_held, v_held, pos, plan.windows, cfg.strategy, cfg.is_causal, plan.scale)
-
-
-def _window_ring_backward(dout, q, k, v, out, lse, cfg, group, rank, world, plan: Plan):
-    k_held, v_held, pos, kept = _ring_collect(k, v, group, rank, world, plan)
-    dq, dk, dv = window.backward(dout, q, k_held, v_held, pos, out, lse, plan.windows, cfg.strategy, cfg.is_causal,
-                                 plan.scale)
+def _ring_return_grads(dk, dv, k, kept, group, rank, world):
+    """``dk, dv`` of the kept rows (``_ring_collect``'s order) go home in accumulators that travel the ring with
+    their shard, each rank adding its part; returns this shard's ``(dk, dv)`` (float32)."""
     mine, start = {}, 0
     for src, rows in kept:
         n = rows.numel()
@@ -311,7 +293,29 @@ def _window_ring_backward(dout, q, k, v, out, lse, cfg, group, rank, world, plan
             acc.index_add_(3, *mine[src])
         if world > 1:
             acc = comm.RingShift(group, rank, world, "grad").start(acc).wait()
-    return dq, acc[0], acc[1]
+    return acc[0], acc[1]
+
+
+def _held_keys(k, v, cfg, group, rank, world, plan: Plan):
+    """The keys a rank holds for its windows: sparse mode, its shard and the rows received (4th item: the peers);
+    ring mode, the window rows of every shard (4th item: which rows of which shard)."""
+    if cfg.mode == "sparse":
+        return _exchange_kv(k, v, group, rank, world, plan)
+    return _ring_collect(k, v, group, rank, world, plan)
+
+
+def _window_forward(q, k, v, cfg, group, rank, world, plan: Plan):
+    k_held, v_held, pos, _ = _held_keys(k, v, cfg, group, rank, world, plan)
+    return window.forward(q, k_held, v_held, pos, plan.windows, cfg.strategy, cfg.is_causal, plan.scale)
+
+
+def _window_backward(dout, q, k, v, out, lse, cfg, group, rank, world, plan: Plan):
+    k_held, v_held, pos, where = _held_keys(k, v, cfg, group, rank, world, plan)
+    dq, dk, dv = window.backward(dout, q, k_held, v_held, pos, out, lse, plan.windows, cfg.strategy, cfg.is_causal,
+                                 plan.scale)
+    if cfg.mode == "sparse":
+        return (dq,) + _return_grads(dk, dv, k.shape[2], where, group, rank, world, plan)
+    return (dq,) + _ring_return_grads(dk, dv, k, where, group, rank, world)
 
 
 # --- the ops --------------------------------------------------------------------------------------------------
@@ -320,8 +324,7 @@ def _window_ring_backward(dout, q, k, v, out, lse, cfg, group, rank, world, plan
 def _forward_impl(q, k, v, key):
     cfg, group, rank, world, plan = _setup(key, q, k)
     if cfg.mode != "local" and window.use_window_kernels(cfg.strategy, q):
-        run = _window_sparse_forward if cfg.mode == "sparse" else _window_ring_forward
-        out, lse = run(q, k, v, cfg, group, rank, world, plan)
+        out, lse = _window_forward(q, k, v, cfg, group, rank, world, plan)
         return out, lse.to(lse_dtype(q.dtype))
     if cfg.mode == "sparse":
         out, lse = _sparse_forward(q, k, v, group, rank, world, plan)
@@ -338,8 +341,7 @@ def _unaliased(t: Tensor, dtype) -> Tensor:
 def _backward_impl(dout, q, k, v, out, lse, key):
     cfg, group, rank, world, plan = _setup(key, q, k)
     if cfg.mode != "local" and window.use_window_kernels(cfg.strategy, q):
-        run = _window_sparse_backward if cfg.mode == "sparse" else _window_ring_backward
-        dq, dk, dv = run(dout, q, k, v, out, lse, cfg, group, rank, world, plan)
+        dq, dk, dv = _window_backward(dout, q, k, v, out, lse, cfg, group, rank, world, plan)
         return dq.to(q.dtype), _unaliased(dk, k.dtype), _unaliased(dv, v.dtype)
     dt = lse_dtype(q.dtype)
     delta = (dout.to(dt) * out.to(dt)).sum(-1)                 # rowsum(dO * O), both on the output's scale
