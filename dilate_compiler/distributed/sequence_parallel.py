@@ -99,7 +99,7 @@ class Plan:
     recv_pos: dict            # sparse: peer -> [Hkv, n] positions received (padding: -1)
     scale: float
     windows: list = None      # Dilated: the key windows of this rank's query runs (window.py)
-    window_rows: list = None  # Dilated, ring: rows of each rank's shard inside this rank's windows
+    window_rows: list = None  # Dilated, ring mode: rows of each rank's shard inside this rank's windows
 
 
 def _rows_needed(links: Links, heads: Tensor, ranges, pos: Tensor, num_kv_heads: int):
@@ -139,11 +139,9 @@ def _plan(key: str, rank: int, world: int, shard_len: int, num_heads: int, num_k
     plan = Plan(links, heads, rank_pos[rank], rank_pos, linked, send_idx, recv_pos, scale)
     if isinstance(cfg.strategy, Dilated):
         plan.windows = window.windows(cfg.strategy, N, ranges[rank])
-        inside = [torch.zeros(pos.shape, dtype=torch.bool, device=dev) for pos in rank_pos]
-        for win in plan.windows:
-            for b, pos in enumerate(rank_pos):
-                inside[b] |= (pos >= win.a) & (pos < win.e)
-        plan.window_rows = [torch.nonzero(m).flatten() for m in inside]
+        if cfg.mode == "ring":
+            plan.window_rows = [torch.nonzero(sum((pos >= w.a) & (pos < w.e) for w in plan.windows)).flatten()
+                                for pos in rank_pos]
     return plan
 
 

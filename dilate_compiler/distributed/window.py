@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..lowering.dilated_op import kernels_apply
 from ..lowering.dilated_triton import (INTERPRET, MAX_BRANCHES, SUPPORTED_HEAD_DIMS, dilated_attn_bwd,
-                                       dilated_attn_fwd, tensor_unsupported_reason)
+                                       dilated_attn_fwd, kernel_unsupported_reason)
 from ..strategies.dilated import Dilated, clip_segment
 
 
@@ -67,21 +67,17 @@ def windows(strategy: Dilated, seq_len: int, ranges) -> list[Window]:
     return out
 
 
-def kernel_reason(strategy, q: Tensor) -> str:
+def kernel_reason(strategy: Dilated, q: Tensor) -> str:
     """Why the window kernels can't run this call (the exact path of ``attend.py`` runs), or ''. Under
     ``TRITON_INTERPRET=1`` they run on CPU tensors too (float16 / float32), as the kernel tests run them."""
-    if not isinstance(strategy, Dilated):
-        return "not a dilated strategy"
-    if strategy.num_branches > MAX_BRANCHES:
-        return f"{strategy.num_branches} branches (kernels: at most {MAX_BRANCHES})"
-    reason = tensor_unsupported_reason(q)
-    if (reason and INTERPRET and q.device.type == "cpu" and q.dtype in (torch.float16, torch.float32)
-            and q.shape[-1] in SUPPORTED_HEAD_DIMS):
+    if (INTERPRET and q.device.type == "cpu" and q.dtype in (torch.float16, torch.float32)
+            and q.shape[-1] in SUPPORTED_HEAD_DIMS and strategy.num_branches <= MAX_BRANCHES):
         return ""
-    return reason
+    return kernel_unsupported_reason(q, None, 0.0, strategy.num_branches)
 
 
 def use_window_kernels(strategy, q: Tensor) -> bool:
+    """True when a rank's dilated attention runs the kernels on key windows (logged once on CUDA when not)."""
     if not isinstance(strategy, Dilated):
         return False
     return kernels_apply("sequence-parallel dilated attention", q, kernel_reason(strategy, q))

@@ -473,18 +473,19 @@ def _bwd_dkdv_inner(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stri
 
 @triton.jit
 def _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn, stride_on,
-                     o, N, Q_LO, Q_HI, qk_scale, out_scale, W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                     o, Q_LO, Q_HI, qk_scale, out_scale, W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, seed, drop_thr, stream,
                      DROPOUT: tl.constexpr):
     """dK, dV of the keys ``j`` from one branch's queries (transposed scores, as FlashAttention-2).
 
     Query blocks split into: masked ones at the causal diagonal, unmasked ones linked to every key of the tile,
-    and a masked partial tail (segment or sequence end). Only queries at ``[Q_LO, Q_HI)`` count (the rows q holds)."""
+    and a masked partial tail (segment or sequence end). Only the queries q holds count: positions
+    ``[Q_LO, Q_HI)``, inside the ``N`` key positions."""
     seg_lo = j_first // W
     seg_hi = j_last // W
     p0 = seg_lo * W + o
     p0 = p0 + tl.cdiv(tl.maximum(Q_LO - p0, 0), R) * R                  # the class's first query at or after Q_LO
-    p_end = tl.minimum(tl.minimum((seg_hi + 1) * W, N), Q_HI)
+    p_end = tl.minimum((seg_hi + 1) * W, Q_HI)
     n_q = tl.cdiv(tl.maximum(p_end - p0, 0), R)
     m_begin = 0
     full_lo = 0
@@ -547,6 +548,7 @@ def _dilated_attn_bwd_dkdv_kernel(
     seed = 0
     if DROPOUT:
         seed = tl.load(Seed)
+    q_hi = Q_LO + N_Q
     for g in range(GQA):                                                 # query heads reading this kv head
         h = kh * GQA + g
         stream = (b * H + h) * NUM_BRANCHES
@@ -558,49 +560,49 @@ def _dilated_attn_bwd_dkdv_kernel(
         o, sel = _branch_offset(h, 0, R0, S0, S1, MIXING_LSE, c)
         if sel:
             dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
-                                      stride_qn, stride_on, o, N, Q_LO, Q_LO + N_Q, qk_scale, out_scale, W0, R0, IS_CAUSAL, BLOCK_M,
-                                      BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 0, DROPOUT)
+                                      stride_qn, stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W0, R0, IS_CAUSAL,
+                                      BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 0, DROPOUT)
         if NUM_BRANCHES > 1:
             o, sel = _branch_offset(h, 1, R1, S1, S2, MIXING_LSE, c)
             if sel:
                 dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
-                                          stride_qn, stride_on, o, N, Q_LO, Q_LO + N_Q, qk_scale, out_scale, W1, R1, IS_CAUSAL,
+                                          stride_qn, stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W1, R1, IS_CAUSAL,
                                           BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 1, DROPOUT)
         if NUM_BRANCHES > 2:
             o, sel = _branch_offset(h, 2, R2, S2, S3, MIXING_LSE, c)
             if sel:
                 dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
-                                          stride_qn, stride_on, o, N, Q_LO, Q_LO + N_Q, qk_scale, out_scale, W2, R2, IS_CAUSAL,
+                                          stride_qn, stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W2, R2, IS_CAUSAL,
                                           BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 2, DROPOUT)
         if NUM_BRANCHES > 3:
             o, sel = _branch_offset(h, 3, R3, S3, S4, MIXING_LSE, c)
             if sel:
                 dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
-                                          stride_qn, stride_on, o, N, Q_LO, Q_LO + N_Q, qk_scale, out_scale, W3, R3, IS_CAUSAL,
+                                          stride_qn, stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W3, R3, IS_CAUSAL,
                                           BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 3, DROPOUT)
         if NUM_BRANCHES > 4:
             o, sel = _branch_offset(h, 4, R4, S4, S5, MIXING_LSE, c)
             if sel:
                 dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
-                                          stride_qn, stride_on, o, N, Q_LO, Q_LO + N_Q, qk_scale, out_scale, W4, R4, IS_CAUSAL,
+                                          stride_qn, stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W4, R4, IS_CAUSAL,
                                           BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 4, DROPOUT)
         if NUM_BRANCHES > 5:
             o, sel = _branch_offset(h, 5, R5, S5, S6, MIXING_LSE, c)
             if sel:
                 dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
-                                          stride_qn, stride_on, o, N, Q_LO, Q_LO + N_Q, qk_scale, out_scale, W5, R5, IS_CAUSAL,
+                                          stride_qn, stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W5, R5, IS_CAUSAL,
                                           BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 5, DROPOUT)
         if NUM_BRANCHES > 6:
             o, sel = _branch_offset(h, 6, R6, S6, S7, MIXING_LSE, c)
             if sel:
                 dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
-                                          stride_qn, stride_on, o, N, Q_LO, Q_LO + N_Q, qk_scale, out_scale, W6, R6, IS_CAUSAL,
+                                          stride_qn, stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W6, R6, IS_CAUSAL,
                                           BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 6, DROPOUT)
         if NUM_BRANCHES > 7:
             o, sel = _branch_offset(h, 7, R7, S7, S8, MIXING_LSE, c)
             if sel:
                 dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
-                                          stride_qn, stride_on, o, N, Q_LO, Q_LO + N_Q, qk_scale, out_scale, W7, R7, IS_CAUSAL,
+                                          stride_qn, stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W7, R7, IS_CAUSAL,
                                           BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 7, DROPOUT)
     dk = (dk * sm_scale).to(tl.float32)
     dv = (dv * out_scale).to(tl.float32)                                                 # dV = P^T (out_scale * dO)
@@ -727,7 +729,7 @@ def dilated_attn_bwd(dout, q, k, v, out, lse, segment_lengths, dilation_rates, *
     q_offset = _query_offset(q_offset, Nq, N)
     # dq/dk/dv are stored with q's and k's strides, and v is read with k's: all contiguous here.
     q, k, v, dout = (t.contiguous() for t in (q, k, v, dout))
-    delta = (dout.float() * out.float()).sum(-1).contiguous()            # rowsum(dO * O), [B, H, N]
+    delta = (dout.float() * out.float()).sum(-1).contiguous()            # rowsum(dO * O), [B, H, Nq]
     lse = lse.contiguous()
     dq = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Hkv, N, D), dtype=k.dtype, device=k.device)
