@@ -13,7 +13,9 @@ Methods (all bf16, B=1):
 - flex:   FlexAttention, mask_mod = union of branches, score_mod = score + log(multiplicity) (the same
           function: checked against ours first); its create_block_mask time is reported separately.
 Useful FLOPs: 4*D per linked (query, key) pair forward (counting a pair once per linking branch), 2.5x that
-for backward. Times are medians of triton.testing.do_bench.
+for backward. The kernels compute a pair linked by several branches once, weighted by its multiplicity, on
+nested patterns (config A/B's is one): ``*_tflops_distinct`` counts 4*D per distinct pair, what they execute.
+Times are medians of triton.testing.do_bench.
 """
 
 from __future__ import annotations
@@ -44,6 +46,20 @@ def linked_pairs(N, H, segs, rates, causal) -> int:
                 n = len(range(s0 + o, min(s0 + w, N), r))
                 total += n * (n + 1) // 2 if causal else n * n
     return total
+
+
+def distinct_pairs(N, H, segs, rates, causal) -> int:
+    """Number of (head, query, key) pairs linked by at least one branch, for a chain of branches (each segment
+    and rate dividing the next): a pair of branch b whose key lies in the query's segment of branch b-1 is also
+    a pair of b-1, so distinct = sum_b pairs(w_b, r_b) - sum_{b>0} pairs(w_{b-1}, r_b). What the kernels compute
+    on nested patterns (each pair once, weighted by its multiplicity)."""
+    from dilate_compiler.lowering.dilated_triton import nested_order
+
+    chain = nested_order(segs, rates, "lse")
+    assert chain is not None, "distinct_pairs counts chains only"
+    ws, rs = chain
+    total = sum(linked_pairs(N, H, (w,), (r,), causal) for w, r in zip(ws, rs))
+    return total - sum(linked_pairs(N, H, (ws[b - 1],), (rs[b],), causal) for b in range(1, len(ws)))
 
 
 def dense_pairs(N, H, causal) -> int:
@@ -131,7 +147,9 @@ def main():
                            for _ in range(3))
                 useful = 4 * D * linked_pairs(N, H, SEGS, RATES, causal)
                 dense_flops = 4 * D * dense_pairs(N, H, causal)
-                row = {"config": cfg, "H": H, "D": D, "N": N, "causal": causal, "useful_flop": useful}
+                distinct = 4 * D * distinct_pairs(N, H, SEGS, RATES, causal)
+                row = {"config": cfg, "H": H, "D": D, "N": N, "causal": causal, "useful_flop": useful,
+                       "distinct_flop": distinct}
                 fns = {
                     "ours": lambda: dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=causal),
                     "ours-dropout": lambda: dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=causal,
@@ -167,6 +185,8 @@ def main():
                         row[f"{m}_fwd_peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
                     flops = dense_flops if m == "dense" else useful
                     row[f"{m}_fwd_tflops"] = flops / ms / 1e9
+                    if m.startswith("ours"):                    # what the kernels execute: each pair once
+                        row[f"{m}_fwd_tflops_distinct"] = distinct / ms / 1e9
                     if a.backward and m != "flex":
                         ms_b = bench(fns[m], backward=True, inputs=(q, k, v))
                         row[f"{m}_fwdbwd_ms"] = ms_b

@@ -55,7 +55,7 @@ def _configs(kind: str):
     return configs if AUTOTUNE else configs[:1]
 
 
-_KEY = ["N", "HEAD_DIM", "NUM_BRANCHES", "L", "IS_CAUSAL", "MIXING_LSE", "GQA", "DROPOUT",
+_KEY = ["N", "HEAD_DIM", "NUM_BRANCHES", "L", "IS_CAUSAL", "MIXING_LSE", "GQA", "DROPOUT", "NESTED",
         "W0", "W1", "W2", "W3", "W4", "W5", "W6", "W7", "R0", "R1", "R2", "R3", "R4", "R5", "R6", "R7"]
 
 
@@ -201,6 +201,308 @@ def _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn,
     return acc, m_i, l_i
 
 
+# --- nested patterns: every distinct (query, key) pair once, weighted by how many branches link it ---------
+#
+# Under mixing="lse" a pair linked by m branches counts m times in one softmax (DESIGN.md §2), so a kernel may
+# visit it once and add log2(m) to its score instead of visiting it m times. When the branches, sorted by
+# segment length, form a chain (each segment length and each rate divides the next; the launcher sorts them and
+# sets the constexpr ``NESTED``), the branches that select a residue class are a prefix 0..B_c-1, and a program
+# whose rows lie inside one segment of the shortest branch (hence one of every branch) splits its keys into
+# walks: walk B visits the keys of branch B (offset h % R_B, stride R_B) inside B's segment but outside branch
+# B-1's, so each linked key is visited exactly once, by the walk of the shortest branch that links it. Its
+# multiplicity is 1 + the number of longer branches i selecting both ends (R_i divides j - h and c - h).
+# Config A (segments 2K..16K, rates 1..8): 2,944 keys per query on average instead of 3,840. Programs whose
+# rows span segments, dropout (one keep flag per branch and pair) and head_groups mixing walk per branch.
+
+
+@triton.jit
+def _walk_count(n, x, y, I: tl.constexpr, B: tl.constexpr, NUM_BRANCHES: tl.constexpr, R: tl.constexpr):
+    if (I > B) and (I < NUM_BRANCHES):
+        n += (((x % R) == 0) & ((y % R) == 0)).to(tl.float32)
+    return n
+
+
+@triton.jit
+def _walk_log2_mult(x, y, B: tl.constexpr, NUM_BRANCHES: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr,
+                    R3: tl.constexpr, R4: tl.constexpr, R5: tl.constexpr, R6: tl.constexpr, R7: tl.constexpr):
+    """log2 of the multiplicity of the pairs of walk ``B``: ``x`` = the walked positions minus h (a vector),
+    ``y`` = the program's residue class minus h; branch ``i > B`` counts when ``R_i`` divides both."""
+    n = (x * 0 + 1).to(tl.float32)
+    n = _walk_count(n, x, y, 1, B, NUM_BRANCHES, R1)
+    n = _walk_count(n, x, y, 2, B, NUM_BRANCHES, R2)
+    n = _walk_count(n, x, y, 3, B, NUM_BRANCHES, R3)
+    n = _walk_count(n, x, y, 4, B, NUM_BRANCHES, R4)
+    n = _walk_count(n, x, y, 5, B, NUM_BRANCHES, R5)
+    n = _walk_count(n, x, y, 6, B, NUM_BRANCHES, R6)
+    n = _walk_count(n, x, y, 7, B, NUM_BRANCHES, R7)
+    return tl.log2(n)
+
+
+@triton.jit
+def _one_segment(first, last, W0: tl.constexpr, NESTED: tl.constexpr, BLOCK: tl.constexpr, L: tl.constexpr):
+    """True when positions ``first..last`` share a segment of the shortest branch of a nested pattern, and the
+    walked tile (``BLOCK``) is a multiple of L (one multiplicity vector serves every tile of a walk)."""
+    if NESTED and (BLOCK % L == 0):
+        same = (first // W0) == (last // W0)
+    else:
+        same = first != first
+    return same
+
+
+@triton.jit
+def _walk_keys(p_first, p_last, o, N, B: tl.constexpr, W_PREV: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
+               IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Walk ``B``'s keys ``j0 + R * m`` for query rows ``[p_first, p_last]`` inside one segment of every branch:
+    ``[0, a_hi)`` lie before branch B-1's segment, ``[b_lo, b_hi)`` after it (or, for B == 0, the whole
+    segment) and need no row mask; ``[b_hi, n_keys)`` is the causal diagonal (masked per pair)."""
+    seg = p_first // W
+    j0 = seg * W + o
+    j_end = tl.minimum(seg * W + W, N)
+    if IS_CAUSAL:
+        j_end = tl.minimum(j_end, p_last + 1)
+    n_keys = tl.cdiv(tl.maximum(j_end - j0, 0), R)
+    if B == 0:
+        a_hi = n_keys * 0
+        b_lo = n_keys * 0
+        if IS_CAUSAL:
+            b_hi = tl.minimum(n_keys, (p_first - j0) // R + 1) // BLOCK_N * BLOCK_N
+        else:
+            b_hi = n_keys
+    else:
+        hole = p_first // W_PREV * W_PREV
+        a_hi = tl.cdiv(hole - j0, R)
+        if IS_CAUSAL:                                                   # keys after the hole are all > p_last
+            b_lo = n_keys
+            b_hi = n_keys
+        else:
+            b_lo = tl.cdiv(hole + W_PREV - j0, R)
+            b_hi = n_keys
+    return j0, a_hi, b_lo, b_hi, n_keys
+
+
+@triton.jit
+def _fwd_tiles(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, hi, valid_hi, lm, qk_scale, R: tl.constexpr,
+               MASK: tl.constexpr, TAIL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Key tiles ``[lo, hi)`` of a walk, ``lm`` the log2 multiplicities of a tile's keys. ``TAIL``: the last,
+    partial tile, whose keys ``>= valid_hi`` are read at the last valid one and weigh 0; ``MASK``: the causal
+    diagonal."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start in range(lo, hi, BLOCK_N):
+        m = start + tl.arange(0, BLOCK_N)
+        if TAIL:
+            j = j0 + tl.minimum(m, valid_hi - 1) * R
+            lmt = tl.where(m < valid_hi, lm, float("-inf"))
+        else:
+            j = j0 + m * R
+            lmt = lm
+        k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :])
+        v = tl.load(v_base + j[:, None] * stride_kn + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale + lmt[None, :]
+        if MASK:
+            s = tl.where(j[None, :] <= p[:, None], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = m_new
+        alpha = tl.exp2(m_i - m_safe)
+        pr = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(pr, 1)
+        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, lo, hi, valid_hi, qk_scale,
+             B: tl.constexpr, R: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+             NUM_BRANCHES: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, R4: tl.constexpr,
+             R5: tl.constexpr, R6: tl.constexpr, R7: tl.constexpr):
+    """Key tiles ``[lo, hi)`` of a walk (``hi <= valid_hi``): whole tiles, then the partial one. A key's
+    multiplicity depends on its index mod L / R, and BLOCK_N is a multiple of L, so one vector, computed here
+    once, serves every tile (computed per tile it doubled the kernel's time)."""
+    lm = _walk_log2_mult(j0 + (lo + tl.arange(0, BLOCK_N)) * R - h, y, B, NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+    whole = lo + tl.maximum(tl.minimum(hi, valid_hi) - lo, 0) // BLOCK_N * BLOCK_N
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, whole, valid_hi, lm,
+                               qk_scale, R, MASK, False, BLOCK_N, HEAD_DIM)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, whole, hi, valid_hi, lm,
+                               qk_scale, R, MASK, True, BLOCK_N, HEAD_DIM)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N, qk_scale,
+              B: tl.constexpr, W_PREV: tl.constexpr, W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr,
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, R1: tl.constexpr,
+              R2: tl.constexpr, R3: tl.constexpr, R4: tl.constexpr, R5: tl.constexpr, R6: tl.constexpr,
+              R7: tl.constexpr):
+    """Walk ``B`` of a forward program (see the section comment), if branch ``B`` selects class ``c``."""
+    if (c % R) == (h % R):
+        j0, a_hi, b_lo, b_hi, n_keys = _walk_keys(p_first, p_last, h % R, N, B, W_PREV, W, R, IS_CAUSAL, BLOCK_N)
+        y = c - h
+        if B > 0:
+            acc, m_i, l_i = _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, 0, a_hi, a_hi,
+                                     qk_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES,
+                                     R1, R2, R3, R4, R5, R6, R7)
+        acc, m_i, l_i = _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, b_lo, b_hi, n_keys,
+                                 qk_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+        if IS_CAUSAL and B == 0:
+            acc, m_i, l_i = _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, b_hi, n_keys, n_keys,
+                                     qk_scale, B, R, True, BLOCK_N, HEAD_DIM, NUM_BRANCHES,
+                                     R1, R2, R3, R4, R5, R6, R7)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, lo, hi, valid_hi, lm, qk_scale, out_scale,
+              R: tl.constexpr, MASK: tl.constexpr, TAIL: tl.constexpr, BLOCK_N: tl.constexpr,
+              HEAD_DIM: tl.constexpr):
+    """dQ over key tiles ``[lo, hi)`` of a walk (as ``_fwd_tiles``): P = m * exp2(S - LSE), dS = P * (dP - delta)."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start in range(lo, hi, BLOCK_N):
+        m = start + tl.arange(0, BLOCK_N)
+        if TAIL:
+            j = j0 + tl.minimum(m, valid_hi - 1) * R
+            lmt = tl.where(m < valid_hi, lm, float("-inf"))
+        else:
+            j = j0 + m * R
+            lmt = lm
+        k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :])
+        v = tl.load(v_base + j[:, None] * stride_kn + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale + lmt[None, :]
+        pr = tl.exp2(s - lse2[:, None])
+        if MASK:
+            pr = tl.where(j[None, :] <= p[:, None], pr, 0.0)
+        dp = (tl.dot(do, tl.trans(v)) * out_scale).to(tl.float32)
+        ds = pr * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    return dq
+
+
+@triton.jit
+def _dq_run(dq, q, do, lse2, delta, p, h, y, k_base, v_base, stride_kn, j0, lo, hi, valid_hi, qk_scale, out_scale,
+            B: tl.constexpr, R: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+            NUM_BRANCHES: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, R4: tl.constexpr,
+            R5: tl.constexpr, R6: tl.constexpr, R7: tl.constexpr):
+    """dQ over key tiles ``[lo, hi)`` of a walk: whole tiles, then the partial one (as ``_fwd_run``)."""
+    lm = _walk_log2_mult(j0 + (lo + tl.arange(0, BLOCK_N)) * R - h, y, B, NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+    whole = lo + tl.maximum(tl.minimum(hi, valid_hi) - lo, 0) // BLOCK_N * BLOCK_N
+    dq = _dq_tiles(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, lo, whole, valid_hi, lm, qk_scale,
+                   out_scale, R, MASK, False, BLOCK_N, HEAD_DIM)
+    dq = _dq_tiles(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, whole, hi, valid_hi, lm, qk_scale,
+                   out_scale, R, MASK, True, BLOCK_N, HEAD_DIM)
+    return dq
+
+
+@triton.jit
+def _dq_walk(dq, q, do, lse2, delta, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N, qk_scale, out_scale,
+             B: tl.constexpr, W_PREV: tl.constexpr, W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr,
+             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, R1: tl.constexpr,
+             R2: tl.constexpr, R3: tl.constexpr, R4: tl.constexpr, R5: tl.constexpr, R6: tl.constexpr,
+             R7: tl.constexpr):
+    """Walk ``B`` of a dQ program, if branch ``B`` selects class ``c``."""
+    if (c % R) == (h % R):
+        j0, a_hi, b_lo, b_hi, n_keys = _walk_keys(p_first, p_last, h % R, N, B, W_PREV, W, R, IS_CAUSAL, BLOCK_N)
+        y = c - h
+        if B > 0:
+            dq = _dq_run(dq, q, do, lse2, delta, p, h, y, k_base, v_base, stride_kn, j0, 0, a_hi, a_hi, qk_scale,
+                         out_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+        dq = _dq_run(dq, q, do, lse2, delta, p, h, y, k_base, v_base, stride_kn, j0, b_lo, b_hi, n_keys, qk_scale,
+                     out_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+        if IS_CAUSAL and B == 0:
+            dq = _dq_run(dq, q, do, lse2, delta, p, h, y, k_base, v_base, stride_kn, j0, b_hi, n_keys, n_keys,
+                         qk_scale, out_scale, B, R, True, BLOCK_N, HEAD_DIM, NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+    return dq
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stride_qn, stride_on, p0, lo, hi, valid_hi,
+                lm, qk_scale, out_scale, R: tl.constexpr, MASK: tl.constexpr, TAIL: tl.constexpr,
+                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """dK, dV from query tiles ``[lo, hi)`` of a walk (queries ``p0 + R * m``, ``lm`` their log2
+    multiplicities), riding on the row's log-sum-exp: P = exp2(S - (LSE - log2 m)). ``TAIL``: the partial tile,
+    whose queries ``>= valid_hi`` are read at the last valid one and weigh 0; ``MASK``: the causal diagonal."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start in range(lo, hi, BLOCK_M):
+        m = start + tl.arange(0, BLOCK_M)
+        if TAIL:
+            p = p0 + tl.minimum(m, valid_hi - 1) * R
+        else:
+            p = p0 + m * R
+        q = tl.load(q_base + p[:, None] * stride_qn + offs_d[None, :])
+        do = tl.load(do_base + p[:, None] * stride_on + offs_d[None, :])
+        shift = tl.load(lse_base + p) * 1.4426950408889634 - lm
+        if TAIL:
+            shift = tl.where(m < valid_hi, shift, float("inf"))
+        delta = tl.load(delta_base + p)
+        st = (tl.dot(k, tl.trans(q)) * qk_scale).to(tl.float32)           # [BLOCK_N, BLOCK_M]
+        pt = tl.exp2(st - shift[None, :])
+        if MASK:
+            pt = tl.where(j[:, None] <= p[None, :], pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do)
+        dpt = (tl.dot(v, tl.trans(do)) * out_scale).to(tl.float32)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_run(dk, dv, k, v, j, h, y, q_base, do_base, lse_base, delta_base, stride_qn, stride_on, p0, lo, hi,
+              valid_hi, qk_scale, out_scale, B: tl.constexpr, R: tl.constexpr, MASK: tl.constexpr,
+              BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, R1: tl.constexpr,
+              R2: tl.constexpr, R3: tl.constexpr, R4: tl.constexpr, R5: tl.constexpr, R6: tl.constexpr,
+              R7: tl.constexpr):
+    """dK, dV from query tiles ``[lo, hi)`` of a walk (``hi <= valid_hi``): whole tiles, then the partial one;
+    the multiplicities, periodic in the query index, computed once (as ``_fwd_run``)."""
+    lm = _walk_log2_mult(p0 + (lo + tl.arange(0, BLOCK_M)) * R - h, y, B, NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+    whole = lo + tl.maximum(tl.minimum(hi, valid_hi) - lo, 0) // BLOCK_M * BLOCK_M
+    dk, dv = _dkdv_tiles(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stride_qn, stride_on, p0, lo, whole,
+                         valid_hi, lm, qk_scale, out_scale, R, MASK, False, BLOCK_M, HEAD_DIM)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stride_qn, stride_on, p0, whole, hi,
+                         valid_hi, lm, qk_scale, out_scale, R, MASK, True, BLOCK_M, HEAD_DIM)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_walk(dk, dv, k, v, j, j_first, j_last, h, c, q_base, do_base, lse_base, delta_base, stride_qn, stride_on,
+               Q_LO, Q_HI, qk_scale, out_scale, B: tl.constexpr, W_PREV: tl.constexpr, W: tl.constexpr,
+               R: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+               NUM_BRANCHES: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, R4: tl.constexpr,
+               R5: tl.constexpr, R6: tl.constexpr, R7: tl.constexpr):
+    """Walk ``B`` of a dK/dV program whose keys ``[j_first, j_last]`` (class ``c``) lie inside one segment of
+    every branch, if branch ``B`` selects the class: its queries inside B's segment but outside branch B-1's,
+    among those q holds (``[Q_LO, Q_HI)``)."""
+    if (c % R) == (h % R):
+        seg = j_first // W
+        p0 = seg * W + h % R
+        p0 = p0 + tl.cdiv(tl.maximum(Q_LO - p0, 0), R) * R              # the class's first query at or after Q_LO
+        n_q = tl.cdiv(tl.maximum(tl.minimum(seg * W + W, Q_HI) - p0, 0), R)
+        y = c - h
+        if B == 0:
+            full_lo = 0
+            if IS_CAUSAL:                                               # queries before the keys: none linked
+                m_begin = tl.minimum(tl.maximum(j_first - p0, 0) // R // BLOCK_M * BLOCK_M, n_q)
+                full_lo = tl.minimum(tl.cdiv(tl.cdiv(tl.maximum(j_last - p0, 0), R), BLOCK_M) * BLOCK_M, n_q)
+                dk, dv = _dkdv_run(dk, dv, k, v, j, h, y, q_base, do_base, lse_base, delta_base, stride_qn,
+                                   stride_on, p0, m_begin, full_lo, n_q, qk_scale, out_scale, B, R, True, BLOCK_M,
+                                   HEAD_DIM, NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+            dk, dv = _dkdv_run(dk, dv, k, v, j, h, y, q_base, do_base, lse_base, delta_base, stride_qn, stride_on,
+                               p0, full_lo, n_q, n_q, qk_scale, out_scale, B, R, False, BLOCK_M, HEAD_DIM,
+                               NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+        else:
+            hole = j_first // W_PREV * W_PREV
+            if not IS_CAUSAL:                                           # queries before the hole precede the keys
+                a_hi = tl.minimum(tl.cdiv(tl.maximum(hole - p0, 0), R), n_q)
+                dk, dv = _dkdv_run(dk, dv, k, v, j, h, y, q_base, do_base, lse_base, delta_base, stride_qn,
+                                   stride_on, p0, 0, a_hi, a_hi, qk_scale, out_scale, B, R, False, BLOCK_M,
+                                   HEAD_DIM, NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+            b_lo = tl.cdiv(tl.maximum(hole + W_PREV - p0, 0), R)
+            dk, dv = _dkdv_run(dk, dv, k, v, j, h, y, q_base, do_base, lse_base, delta_base, stride_qn, stride_on,
+                               p0, b_lo, n_q, n_q, qk_scale, out_scale, B, R, False, BLOCK_M, HEAD_DIM,
+                               NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+    return dk, dv
+
+
 @triton.autotune(configs=_configs("fwd"), key=_KEY)
 @triton.jit
 def _dilated_attn_fwd_kernel(
@@ -208,7 +510,7 @@ def _dilated_attn_fwd_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_ob, stride_oh, stride_on, H, N, Q_LO, N_Q, out_scale, Seed, drop_thr,
     HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, L: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    MIXING_LSE: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr,
+    MIXING_LSE: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr, NESTED: tl.constexpr,
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,
     W4: tl.constexpr, W5: tl.constexpr, W6: tl.constexpr, W7: tl.constexpr,
     R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
@@ -240,53 +542,90 @@ def _dilated_attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    # One block per branch (constexpr-unrolled); each adds its keys to the same online softmax.
-    o, sel = _branch_offset(h, 0, R0, S0, S1, MIXING_LSE, c)
-    if sel:
-        acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N, qk_scale,
-                                    W0, R0, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 0, DROPOUT)
-    if NUM_BRANCHES > 1:
-        o, sel = _branch_offset(h, 1, R1, S1, S2, MIXING_LSE, c)
+    # Nested pattern, rows inside one segment: each linked key once, weighted (see the section above);
+    # otherwise one block per branch (constexpr-unrolled), each adding its keys to the same online softmax.
+    if _one_segment(p_first, p_last, W0, NESTED, BLOCK_N, L):
+        if NESTED:   # constexpr: other patterns compile no walk
+            acc, m_i, l_i = _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N,
+                                      qk_scale, 0, W0, W0, R0, IS_CAUSAL, BLOCK_N, HEAD_DIM,
+                                      NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+            if NUM_BRANCHES > 1:
+                acc, m_i, l_i = _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn,
+                                          N, qk_scale, 1, W0, W1, R1, IS_CAUSAL, BLOCK_N, HEAD_DIM,
+                                          NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+            if NUM_BRANCHES > 2:
+                acc, m_i, l_i = _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn,
+                                          N, qk_scale, 2, W1, W2, R2, IS_CAUSAL, BLOCK_N, HEAD_DIM,
+                                          NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+            if NUM_BRANCHES > 3:
+                acc, m_i, l_i = _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn,
+                                          N, qk_scale, 3, W2, W3, R3, IS_CAUSAL, BLOCK_N, HEAD_DIM,
+                                          NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+            if NUM_BRANCHES > 4:
+                acc, m_i, l_i = _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn,
+                                          N, qk_scale, 4, W3, W4, R4, IS_CAUSAL, BLOCK_N, HEAD_DIM,
+                                          NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+            if NUM_BRANCHES > 5:
+                acc, m_i, l_i = _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn,
+                                          N, qk_scale, 5, W4, W5, R5, IS_CAUSAL, BLOCK_N, HEAD_DIM,
+                                          NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+            if NUM_BRANCHES > 6:
+                acc, m_i, l_i = _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn,
+                                          N, qk_scale, 6, W5, W6, R6, IS_CAUSAL, BLOCK_N, HEAD_DIM,
+                                          NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+            if NUM_BRANCHES > 7:
+                acc, m_i, l_i = _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn,
+                                          N, qk_scale, 7, W6, W7, R7, IS_CAUSAL, BLOCK_N, HEAD_DIM,
+                                          NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+    else:
+        # One block per branch (constexpr-unrolled); each adds its keys to the same online softmax.
+        o, sel = _branch_offset(h, 0, R0, S0, S1, MIXING_LSE, c)
         if sel:
             acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                        qk_scale, W1, R1, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                        seed, drop_thr, stream + 1, DROPOUT)
-    if NUM_BRANCHES > 2:
-        o, sel = _branch_offset(h, 2, R2, S2, S3, MIXING_LSE, c)
-        if sel:
-            acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                        qk_scale, W2, R2, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                        seed, drop_thr, stream + 2, DROPOUT)
-    if NUM_BRANCHES > 3:
-        o, sel = _branch_offset(h, 3, R3, S3, S4, MIXING_LSE, c)
-        if sel:
-            acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                        qk_scale, W3, R3, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                        seed, drop_thr, stream + 3, DROPOUT)
-    if NUM_BRANCHES > 4:
-        o, sel = _branch_offset(h, 4, R4, S4, S5, MIXING_LSE, c)
-        if sel:
-            acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                        qk_scale, W4, R4, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                        seed, drop_thr, stream + 4, DROPOUT)
-    if NUM_BRANCHES > 5:
-        o, sel = _branch_offset(h, 5, R5, S5, S6, MIXING_LSE, c)
-        if sel:
-            acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                        qk_scale, W5, R5, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                        seed, drop_thr, stream + 5, DROPOUT)
-    if NUM_BRANCHES > 6:
-        o, sel = _branch_offset(h, 6, R6, S6, S7, MIXING_LSE, c)
-        if sel:
-            acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                        qk_scale, W6, R6, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                        seed, drop_thr, stream + 6, DROPOUT)
-    if NUM_BRANCHES > 7:
-        o, sel = _branch_offset(h, 7, R7, S7, S8, MIXING_LSE, c)
-        if sel:
-            acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                        qk_scale, W7, R7, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                        seed, drop_thr, stream + 7, DROPOUT)
+                                        qk_scale, W0, R0, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                        seed, drop_thr, stream + 0, DROPOUT)
+        if NUM_BRANCHES > 1:
+            o, sel = _branch_offset(h, 1, R1, S1, S2, MIXING_LSE, c)
+            if sel:
+                acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                            qk_scale, W1, R1, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                            seed, drop_thr, stream + 1, DROPOUT)
+        if NUM_BRANCHES > 2:
+            o, sel = _branch_offset(h, 2, R2, S2, S3, MIXING_LSE, c)
+            if sel:
+                acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                            qk_scale, W2, R2, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                            seed, drop_thr, stream + 2, DROPOUT)
+        if NUM_BRANCHES > 3:
+            o, sel = _branch_offset(h, 3, R3, S3, S4, MIXING_LSE, c)
+            if sel:
+                acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                            qk_scale, W3, R3, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                            seed, drop_thr, stream + 3, DROPOUT)
+        if NUM_BRANCHES > 4:
+            o, sel = _branch_offset(h, 4, R4, S4, S5, MIXING_LSE, c)
+            if sel:
+                acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                            qk_scale, W4, R4, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                            seed, drop_thr, stream + 4, DROPOUT)
+        if NUM_BRANCHES > 5:
+            o, sel = _branch_offset(h, 5, R5, S5, S6, MIXING_LSE, c)
+            if sel:
+                acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                            qk_scale, W5, R5, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                            seed, drop_thr, stream + 5, DROPOUT)
+        if NUM_BRANCHES > 6:
+            o, sel = _branch_offset(h, 6, R6, S6, S7, MIXING_LSE, c)
+            if sel:
+                acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                            qk_scale, W6, R6, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                            seed, drop_thr, stream + 6, DROPOUT)
+        if NUM_BRANCHES > 7:
+            o, sel = _branch_offset(h, 7, R7, S7, S8, MIXING_LSE, c)
+            if sel:
+                acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                            qk_scale, W7, R7, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                            seed, drop_thr, stream + 7, DROPOUT)
     # Epilogue: rows no branch links have l_i == 0 -> output 0, lse -inf.
     linked = l_i > 0.0
     out = (acc / tl.where(linked, l_i, 1.0)[:, None] * out_scale).to(tl.float32)
@@ -346,7 +685,7 @@ def _dilated_attn_bwd_dq_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_ob, stride_oh, stride_on, H, N, Q_LO, N_Q, out_scale, Seed, drop_thr,
     HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, L: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    MIXING_LSE: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr,
+    MIXING_LSE: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr, NESTED: tl.constexpr,
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,
     W4: tl.constexpr, W5: tl.constexpr, W6: tl.constexpr, W7: tl.constexpr,
     R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
@@ -380,53 +719,87 @@ def _dilated_attn_bwd_dq_kernel(
         seed = tl.load(Seed)
     stream = i_bh * NUM_BRANCHES
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    o, sel = _branch_offset(h, 0, R0, S0, S1, MIXING_LSE, c)
-    if sel:
-        dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N, qk_scale,
-                            out_scale, W0, R0, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                            seed, drop_thr, stream + 0, DROPOUT)
-    if NUM_BRANCHES > 1:
-        o, sel = _branch_offset(h, 1, R1, S1, S2, MIXING_LSE, c)
+    if _one_segment(p_first, p_last, W0, NESTED, BLOCK_N, L):
+        if NESTED:   # constexpr: other patterns compile no walk
+            dq = _dq_walk(dq, q, do, lse2, delta, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N, qk_scale,
+                          out_scale, 0, W0, W0, R0, IS_CAUSAL, BLOCK_N, HEAD_DIM, NUM_BRANCHES,
+                          R1, R2, R3, R4, R5, R6, R7)
+            if NUM_BRANCHES > 1:
+                dq = _dq_walk(dq, q, do, lse2, delta, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N,
+                              qk_scale, out_scale, 1, W0, W1, R1, IS_CAUSAL, BLOCK_N, HEAD_DIM,
+                              NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+            if NUM_BRANCHES > 2:
+                dq = _dq_walk(dq, q, do, lse2, delta, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N,
+                              qk_scale, out_scale, 2, W1, W2, R2, IS_CAUSAL, BLOCK_N, HEAD_DIM,
+                              NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+            if NUM_BRANCHES > 3:
+                dq = _dq_walk(dq, q, do, lse2, delta, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N,
+                              qk_scale, out_scale, 3, W2, W3, R3, IS_CAUSAL, BLOCK_N, HEAD_DIM,
+                              NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+            if NUM_BRANCHES > 4:
+                dq = _dq_walk(dq, q, do, lse2, delta, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N,
+                              qk_scale, out_scale, 4, W3, W4, R4, IS_CAUSAL, BLOCK_N, HEAD_DIM,
+                              NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+            if NUM_BRANCHES > 5:
+                dq = _dq_walk(dq, q, do, lse2, delta, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N,
+                              qk_scale, out_scale, 5, W4, W5, R5, IS_CAUSAL, BLOCK_N, HEAD_DIM,
+                              NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+            if NUM_BRANCHES > 6:
+                dq = _dq_walk(dq, q, do, lse2, delta, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N,
+                              qk_scale, out_scale, 6, W5, W6, R6, IS_CAUSAL, BLOCK_N, HEAD_DIM,
+                              NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+            if NUM_BRANCHES > 7:
+                dq = _dq_walk(dq, q, do, lse2, delta, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N,
+                              qk_scale, out_scale, 7, W6, W7, R7, IS_CAUSAL, BLOCK_N, HEAD_DIM,
+                              NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+    else:
+        o, sel = _branch_offset(h, 0, R0, S0, S1, MIXING_LSE, c)
         if sel:
-            dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                qk_scale, out_scale, W1, R1, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                seed, drop_thr, stream + 1, DROPOUT)
-    if NUM_BRANCHES > 2:
-        o, sel = _branch_offset(h, 2, R2, S2, S3, MIXING_LSE, c)
-        if sel:
-            dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                qk_scale, out_scale, W2, R2, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                seed, drop_thr, stream + 2, DROPOUT)
-    if NUM_BRANCHES > 3:
-        o, sel = _branch_offset(h, 3, R3, S3, S4, MIXING_LSE, c)
-        if sel:
-            dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                qk_scale, out_scale, W3, R3, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                seed, drop_thr, stream + 3, DROPOUT)
-    if NUM_BRANCHES > 4:
-        o, sel = _branch_offset(h, 4, R4, S4, S5, MIXING_LSE, c)
-        if sel:
-            dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                qk_scale, out_scale, W4, R4, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                seed, drop_thr, stream + 4, DROPOUT)
-    if NUM_BRANCHES > 5:
-        o, sel = _branch_offset(h, 5, R5, S5, S6, MIXING_LSE, c)
-        if sel:
-            dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                qk_scale, out_scale, W5, R5, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                seed, drop_thr, stream + 5, DROPOUT)
-    if NUM_BRANCHES > 6:
-        o, sel = _branch_offset(h, 6, R6, S6, S7, MIXING_LSE, c)
-        if sel:
-            dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                qk_scale, out_scale, W6, R6, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                seed, drop_thr, stream + 6, DROPOUT)
-    if NUM_BRANCHES > 7:
-        o, sel = _branch_offset(h, 7, R7, S7, S8, MIXING_LSE, c)
-        if sel:
-            dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                qk_scale, out_scale, W7, R7, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                seed, drop_thr, stream + 7, DROPOUT)
+            dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N, qk_scale,
+                                out_scale, W0, R0, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                seed, drop_thr, stream + 0, DROPOUT)
+        if NUM_BRANCHES > 1:
+            o, sel = _branch_offset(h, 1, R1, S1, S2, MIXING_LSE, c)
+            if sel:
+                dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                    qk_scale, out_scale, W1, R1, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                    seed, drop_thr, stream + 1, DROPOUT)
+        if NUM_BRANCHES > 2:
+            o, sel = _branch_offset(h, 2, R2, S2, S3, MIXING_LSE, c)
+            if sel:
+                dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                    qk_scale, out_scale, W2, R2, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                    seed, drop_thr, stream + 2, DROPOUT)
+        if NUM_BRANCHES > 3:
+            o, sel = _branch_offset(h, 3, R3, S3, S4, MIXING_LSE, c)
+            if sel:
+                dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                    qk_scale, out_scale, W3, R3, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                    seed, drop_thr, stream + 3, DROPOUT)
+        if NUM_BRANCHES > 4:
+            o, sel = _branch_offset(h, 4, R4, S4, S5, MIXING_LSE, c)
+            if sel:
+                dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                    qk_scale, out_scale, W4, R4, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                    seed, drop_thr, stream + 4, DROPOUT)
+        if NUM_BRANCHES > 5:
+            o, sel = _branch_offset(h, 5, R5, S5, S6, MIXING_LSE, c)
+            if sel:
+                dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                    qk_scale, out_scale, W5, R5, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                    seed, drop_thr, stream + 5, DROPOUT)
+        if NUM_BRANCHES > 6:
+            o, sel = _branch_offset(h, 6, R6, S6, S7, MIXING_LSE, c)
+            if sel:
+                dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                    qk_scale, out_scale, W6, R6, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                    seed, drop_thr, stream + 6, DROPOUT)
+        if NUM_BRANCHES > 7:
+            o, sel = _branch_offset(h, 7, R7, S7, S8, MIXING_LSE, c)
+            if sel:
+                dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                    qk_scale, out_scale, W7, R7, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                    seed, drop_thr, stream + 7, DROPOUT)
     dq = (dq * sm_scale).to(tl.float32)
     tl.store(DQ + q_off + pq[:, None] * stride_qn + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None])
@@ -514,7 +887,7 @@ def _dilated_attn_bwd_dkdv_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_ob, stride_oh, stride_on, H, N, Q_LO, N_Q, out_scale, Seed, drop_thr,
     HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, L: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    MIXING_LSE: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr,
+    MIXING_LSE: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr, NESTED: tl.constexpr,
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,
     W4: tl.constexpr, W5: tl.constexpr, W6: tl.constexpr, W7: tl.constexpr,
     R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
@@ -549,6 +922,7 @@ def _dilated_attn_bwd_dkdv_kernel(
     if DROPOUT:
         seed = tl.load(Seed)
     q_hi = Q_LO + N_Q
+    nested = _one_segment(j_first, j_last, W0, NESTED, BLOCK_M, L)
     for g in range(GQA):                                                 # query heads reading this kv head
         h = kh * GQA + g
         stream = (b * H + h) * NUM_BRANCHES
@@ -557,53 +931,101 @@ def _dilated_attn_bwd_dkdv_kernel(
         do_base = DO + (b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh - Q_LO * stride_on)
         lse_base = Lse + ((b * H + h).to(tl.int64) * N_Q - Q_LO)
         delta_base = Delta + ((b * H + h).to(tl.int64) * N_Q - Q_LO)
-        o, sel = _branch_offset(h, 0, R0, S0, S1, MIXING_LSE, c)
-        if sel:
-            dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
-                                      stride_qn, stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W0, R0, IS_CAUSAL,
-                                      BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 0, DROPOUT)
-        if NUM_BRANCHES > 1:
-            o, sel = _branch_offset(h, 1, R1, S1, S2, MIXING_LSE, c)
+        if nested:
+            if NESTED:   # constexpr: other patterns compile no walk
+                dk, dv = _dkdv_walk(dk, dv, k, v, j, j_first, j_last, h, c, q_base, do_base, lse_base, delta_base,
+                                    stride_qn, stride_on, Q_LO, q_hi, qk_scale, out_scale, 0, W0, W0, R0,
+                                    IS_CAUSAL, BLOCK_M, HEAD_DIM, NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+                if NUM_BRANCHES > 1:
+                    dk, dv = _dkdv_walk(dk, dv, k, v, j, j_first, j_last, h, c, q_base, do_base, lse_base,
+                                        delta_base, stride_qn, stride_on, Q_LO, q_hi, qk_scale, out_scale, 1, W0,
+                                        W1, R1, IS_CAUSAL, BLOCK_M, HEAD_DIM, NUM_BRANCHES,
+                                        R1, R2, R3, R4, R5, R6, R7)
+                if NUM_BRANCHES > 2:
+                    dk, dv = _dkdv_walk(dk, dv, k, v, j, j_first, j_last, h, c, q_base, do_base, lse_base,
+                                        delta_base, stride_qn, stride_on, Q_LO, q_hi, qk_scale, out_scale, 2, W1,
+                                        W2, R2, IS_CAUSAL, BLOCK_M, HEAD_DIM, NUM_BRANCHES,
+                                        R1, R2, R3, R4, R5, R6, R7)
+                if NUM_BRANCHES > 3:
+                    dk, dv = _dkdv_walk(dk, dv, k, v, j, j_first, j_last, h, c, q_base, do_base, lse_base,
+                                        delta_base, stride_qn, stride_on, Q_LO, q_hi, qk_scale, out_scale, 3, W2,
+                                        W3, R3, IS_CAUSAL, BLOCK_M, HEAD_DIM, NUM_BRANCHES,
+                                        R1, R2, R3, R4, R5, R6, R7)
+                if NUM_BRANCHES > 4:
+                    dk, dv = _dkdv_walk(dk, dv, k, v, j, j_first, j_last, h, c, q_base, do_base, lse_base,
+                                        delta_base, stride_qn, stride_on, Q_LO, q_hi, qk_scale, out_scale, 4, W3,
+                                        W4, R4, IS_CAUSAL, BLOCK_M, HEAD_DIM, NUM_BRANCHES,
+                                        R1, R2, R3, R4, R5, R6, R7)
+                if NUM_BRANCHES > 5:
+                    dk, dv = _dkdv_walk(dk, dv, k, v, j, j_first, j_last, h, c, q_base, do_base, lse_base,
+                                        delta_base, stride_qn, stride_on, Q_LO, q_hi, qk_scale, out_scale, 5, W4,
+                                        W5, R5, IS_CAUSAL, BLOCK_M, HEAD_DIM, NUM_BRANCHES,
+                                        R1, R2, R3, R4, R5, R6, R7)
+                if NUM_BRANCHES > 6:
+                    dk, dv = _dkdv_walk(dk, dv, k, v, j, j_first, j_last, h, c, q_base, do_base, lse_base,
+                                        delta_base, stride_qn, stride_on, Q_LO, q_hi, qk_scale, out_scale, 6, W5,
+                                        W6, R6, IS_CAUSAL, BLOCK_M, HEAD_DIM, NUM_BRANCHES,
+                                        R1, R2, R3, R4, R5, R6, R7)
+                if NUM_BRANCHES > 7:
+                    dk, dv = _dkdv_walk(dk, dv, k, v, j, j_first, j_last, h, c, q_base, do_base, lse_base,
+                                        delta_base, stride_qn, stride_on, Q_LO, q_hi, qk_scale, out_scale, 7, W6,
+                                        W7, R7, IS_CAUSAL, BLOCK_M, HEAD_DIM, NUM_BRANCHES,
+                                        R1, R2, R3, R4, R5, R6, R7)
+        else:
+            o, sel = _branch_offset(h, 0, R0, S0, S1, MIXING_LSE, c)
             if sel:
                 dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
-                                          stride_qn, stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W1, R1, IS_CAUSAL,
-                                          BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 1, DROPOUT)
-        if NUM_BRANCHES > 2:
-            o, sel = _branch_offset(h, 2, R2, S2, S3, MIXING_LSE, c)
-            if sel:
-                dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
-                                          stride_qn, stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W2, R2, IS_CAUSAL,
-                                          BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 2, DROPOUT)
-        if NUM_BRANCHES > 3:
-            o, sel = _branch_offset(h, 3, R3, S3, S4, MIXING_LSE, c)
-            if sel:
-                dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
-                                          stride_qn, stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W3, R3, IS_CAUSAL,
-                                          BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 3, DROPOUT)
-        if NUM_BRANCHES > 4:
-            o, sel = _branch_offset(h, 4, R4, S4, S5, MIXING_LSE, c)
-            if sel:
-                dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
-                                          stride_qn, stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W4, R4, IS_CAUSAL,
-                                          BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 4, DROPOUT)
-        if NUM_BRANCHES > 5:
-            o, sel = _branch_offset(h, 5, R5, S5, S6, MIXING_LSE, c)
-            if sel:
-                dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
-                                          stride_qn, stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W5, R5, IS_CAUSAL,
-                                          BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 5, DROPOUT)
-        if NUM_BRANCHES > 6:
-            o, sel = _branch_offset(h, 6, R6, S6, S7, MIXING_LSE, c)
-            if sel:
-                dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
-                                          stride_qn, stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W6, R6, IS_CAUSAL,
-                                          BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 6, DROPOUT)
-        if NUM_BRANCHES > 7:
-            o, sel = _branch_offset(h, 7, R7, S7, S8, MIXING_LSE, c)
-            if sel:
-                dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
-                                          stride_qn, stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W7, R7, IS_CAUSAL,
-                                          BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 7, DROPOUT)
+                                          stride_qn, stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W0, R0, IS_CAUSAL,
+                                          BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 0, DROPOUT)
+            if NUM_BRANCHES > 1:
+                o, sel = _branch_offset(h, 1, R1, S1, S2, MIXING_LSE, c)
+                if sel:
+                    dk, dv = _bwd_dkdv_branch(
+                        dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn, stride_on,
+                        o, Q_LO, q_hi, qk_scale, out_scale, W1, R1, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM, seed,
+                        drop_thr, stream + 1, DROPOUT)
+            if NUM_BRANCHES > 2:
+                o, sel = _branch_offset(h, 2, R2, S2, S3, MIXING_LSE, c)
+                if sel:
+                    dk, dv = _bwd_dkdv_branch(
+                        dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn, stride_on,
+                        o, Q_LO, q_hi, qk_scale, out_scale, W2, R2, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM, seed,
+                        drop_thr, stream + 2, DROPOUT)
+            if NUM_BRANCHES > 3:
+                o, sel = _branch_offset(h, 3, R3, S3, S4, MIXING_LSE, c)
+                if sel:
+                    dk, dv = _bwd_dkdv_branch(
+                        dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn, stride_on,
+                        o, Q_LO, q_hi, qk_scale, out_scale, W3, R3, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM, seed,
+                        drop_thr, stream + 3, DROPOUT)
+            if NUM_BRANCHES > 4:
+                o, sel = _branch_offset(h, 4, R4, S4, S5, MIXING_LSE, c)
+                if sel:
+                    dk, dv = _bwd_dkdv_branch(
+                        dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn, stride_on,
+                        o, Q_LO, q_hi, qk_scale, out_scale, W4, R4, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM, seed,
+                        drop_thr, stream + 4, DROPOUT)
+            if NUM_BRANCHES > 5:
+                o, sel = _branch_offset(h, 5, R5, S5, S6, MIXING_LSE, c)
+                if sel:
+                    dk, dv = _bwd_dkdv_branch(
+                        dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn, stride_on,
+                        o, Q_LO, q_hi, qk_scale, out_scale, W5, R5, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM, seed,
+                        drop_thr, stream + 5, DROPOUT)
+            if NUM_BRANCHES > 6:
+                o, sel = _branch_offset(h, 6, R6, S6, S7, MIXING_LSE, c)
+                if sel:
+                    dk, dv = _bwd_dkdv_branch(
+                        dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn, stride_on,
+                        o, Q_LO, q_hi, qk_scale, out_scale, W6, R6, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM, seed,
+                        drop_thr, stream + 6, DROPOUT)
+            if NUM_BRANCHES > 7:
+                o, sel = _branch_offset(h, 7, R7, S7, S8, MIXING_LSE, c)
+                if sel:
+                    dk, dv = _bwd_dkdv_branch(
+                        dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn, stride_on,
+                        o, Q_LO, q_hi, qk_scale, out_scale, W7, R7, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM, seed,
+                        drop_thr, stream + 7, DROPOUT)
     dk = (dk * sm_scale).to(tl.float32)
     dv = (dv * out_scale).to(tl.float32)                                                 # dV = P^T (out_scale * dO)
     tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=key_ok[:, None])
@@ -636,8 +1058,24 @@ def kernel_unsupported_reason(q, attn_mask, dropout_p, num_branches) -> str:
     return ""
 
 
-def pattern_constexprs(segment_lengths, dilation_rates, mixing: str, num_heads: int) -> dict:
+def nested_order(segment_lengths, dilation_rates, mixing: str, dropout_p: float = 0.0):
+    """The branches ``(segments, rates)`` sorted by segment length (then rate) when they form a chain, each
+    segment length and each rate dividing the next, under ``mixing="lse"`` without dropout: the kernels then
+    visit every linked pair once, weighted by its multiplicity (constexpr ``NESTED``). None otherwise (the
+    kernels walk per branch). Sorting is free under LSE mixing: a branch's offset depends on its rate alone."""
+    if mixing != "lse" or dropout_p != 0.0:
+        return None
+    pairs = sorted(zip(segment_lengths, dilation_rates))
+    if any(w2 % w1 or r2 % r1 for (w1, r1), (w2, r2) in zip(pairs, pairs[1:])):
+        return None
+    return tuple(w for w, _ in pairs), tuple(r for _, r in pairs)
+
+
+def pattern_constexprs(segment_lengths, dilation_rates, mixing: str, num_heads: int, dropout_p: float = 0.0) -> dict:
     """The constexprs that specialise the kernels to one pattern."""
+    chain = nested_order(segment_lengths, dilation_rates, mixing, dropout_p)
+    if chain is not None:
+        segment_lengths, dilation_rates = chain
     n = len(segment_lengths)
     ws = list(segment_lengths) + [1] * (MAX_BRANCHES - n)
     rs = list(dilation_rates) + [1] * (MAX_BRANCHES - n)
@@ -645,17 +1083,18 @@ def pattern_constexprs(segment_lengths, dilation_rates, mixing: str, num_heads: 
     starts = [s for s, _ in bounds] + [bounds[-1][1]]
     starts += [starts[-1]] * (MAX_BRANCHES + 1 - len(starts))
     meta = {"NUM_BRANCHES": n, "L": reduce(lambda a, b: a * b // math.gcd(a, b), dilation_rates, 1),
-            "MIXING_LSE": mixing == "lse"}
+            "MIXING_LSE": mixing == "lse", "NESTED": chain is not None}
     meta.update({f"W{i}": ws[i] for i in range(MAX_BRANCHES)})
     meta.update({f"R{i}": rs[i] for i in range(MAX_BRANCHES)})
     meta.update({f"S{i}": starts[i] for i in range(MAX_BRANCHES + 1)})
     return meta
 
 
-def _launch_pattern(segment_lengths, dilation_rates, mixing: str, num_heads: int) -> tuple[dict, float]:
+def _launch_pattern(segment_lengths, dilation_rates, mixing: str, num_heads: int,
+                    dropout_p: float) -> tuple[dict, float]:
     """The pattern's constexprs and its output scale (1 / number of branches under head_groups)."""
     out_scale = 1.0 if mixing == "lse" else 1.0 / len(segment_lengths)
-    return pattern_constexprs(segment_lengths, dilation_rates, mixing, num_heads), out_scale
+    return pattern_constexprs(segment_lengths, dilation_rates, mixing, num_heads, dropout_p), out_scale
 
 
 def _runner(kernel):
@@ -710,7 +1149,7 @@ def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: boo
         k, v = k.contiguous(), v.contiguous()
     out = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
-    meta, out_scale = _launch_pattern(segment_lengths, dilation_rates, mixing, H)
+    meta, out_scale = _launch_pattern(segment_lengths, dilation_rates, mixing, H, dropout_p)
     seed_t, drop_thr, rdrop, dropout = _dropout_args(dropout_p, seed, lse, segment_lengths, dilation_rates)
     _runner(_dilated_attn_fwd_kernel)[_rows_grid(Nq, meta["L"], "BLOCK_M", B * H)](
         q, k, v, out, lse, scale,
@@ -734,7 +1173,7 @@ def dilated_attn_bwd(dout, q, k, v, out, lse, segment_lengths, dilation_rates, *
     dq = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Hkv, N, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Hkv, N, D), dtype=v.dtype, device=v.device)
-    meta, out_scale = _launch_pattern(segment_lengths, dilation_rates, mixing, H)
+    meta, out_scale = _launch_pattern(segment_lengths, dilation_rates, mixing, H, dropout_p)
     seed_t, drop_thr, rdrop, dropout = _dropout_args(dropout_p, seed, lse, segment_lengths, dilation_rates)
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               dout.stride(0), dout.stride(1), dout.stride(2), H, N, q_offset, Nq, out_scale * rdrop, seed_t, drop_thr)

@@ -77,6 +77,34 @@ def test_kernels_with_query_offset_on_cuda(lo, hi):
         assert_close(a, b, torch.bfloat16, name)
 
 
+NESTED_SEGS, NESTED_RATES = (1024, 2048, 4096), (1, 2, 4)   # tiles of up to 128 rows x L=4 fit a 1024-segment
+
+
+@pytest.mark.parametrize("D,is_causal,lo", [(64, False, 0), (64, True, 0), (128, True, 0), (64, True, 1000)])
+def test_nested_walks_on_cuda(D, is_causal, lo):
+    """A chain of segments and rates with segments longer than a tile: the kernels visit each linked pair once,
+    weighted by its multiplicity (the walks of ``nested_order``), forward and backward, also at a query offset."""
+    from dilate_compiler.lowering.dilated_triton import dilated_attn_bwd, dilated_attn_fwd, nested_order
+
+    assert nested_order(NESTED_SEGS, NESTED_RATES, "lse") is not None
+    N, hi = 4500, 4500 if lo == 0 else 3500
+    g = torch.Generator(device="cuda").manual_seed(D + lo)
+    q = torch.randn(1, 4, N, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 2, N, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    args = dict(is_causal=is_causal, scale=D ** -0.5, mixing="lse")
+    out, lse = dilated_attn_fwd(q[:, :, lo:hi], k, v, NESTED_SEGS, NESTED_RATES, q_offset=lo, **args)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref = dc.Dilated(NESTED_SEGS, NESTED_RATES).reference(q64, k64, v64, is_causal=is_causal, scale=D ** -0.5)
+    assert_close(out, ref[:, :, lo:hi], torch.bfloat16)
+    dout = torch.zeros(ref.shape, device="cuda", dtype=torch.float64)
+    dout[:, :, lo:hi] = torch.randn(out.shape, device="cuda", generator=g, dtype=torch.float64)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout)
+    dq, dk, dv = dilated_attn_bwd(dout[:, :, lo:hi].to(torch.bfloat16), q[:, :, lo:hi], k, v, out, lse, NESTED_SEGS,
+                                  NESTED_RATES, q_offset=lo, **args)
+    for name, a, b in zip(("dq", "dk", "dv"), (dq, dk, dv), (ref_grads[0][:, :, lo:hi], ref_grads[1], ref_grads[2])):
+        assert_close(a, b, torch.bfloat16, name)
+
+
 def test_strided_inputs_from_batch_first_layout():
     x = torch.randn(1, 700, 3, 8, 64, device="cuda", dtype=torch.bfloat16)
     q, k, v = (x[:, :, i].transpose(1, 2) for i in range(3))        # [B, H, N, D] views, not contiguous

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import dilate_compiler as dc
-from dilate_compiler.lowering.dilated_triton import dilated_attn_bwd, dilated_attn_fwd
+from dilate_compiler.lowering.dilated_triton import dilated_attn_bwd, dilated_attn_fwd, nested_order
 from tests.tolerances import assert_close, eager_dilated, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -21,6 +21,11 @@ CASES = [
     # tiles (16 rows x L) inside segments: exercises the unmasked key/query blocks
     (1, 2, 1, 200, 32, (64, 128), (1, 2), True, "lse"),
     (1, 2, 2, 200, 32, (64, 128), (1, 2), False, "lse"),
+    # nested patterns (each segment and rate divides the next) with rows and keys inside one segment of the
+    # shortest branch: each linked pair visited once, weighted by its multiplicity; unsorted branches
+    (1, 4, 2, 300, 32, (256, 64, 128), (4, 1, 2), True, "lse"),
+    (1, 4, 4, 300, 32, (64, 128, 256), (1, 2, 4), False, "lse"),
+    (1, 3, 3, 260, 32, (64, 64, 128), (1, 2, 2), False, "lse"),   # equal segments: an empty walk
 ]
 
 
@@ -76,6 +81,7 @@ OFFSET_CASES = [
     (4, 4, 200, (64, 128), (1, 2), True, "lse", (64, 192)),          # whole tiles inside segments
     (5, 5, 50, (8, 16, 64), (1, 2, 4), False, "head_groups", (1, 2)),
     (2, 1, 40, (64,), (1,), True, "lse", (0, 40)),
+    (4, 2, 300, (64, 128, 256), (1, 2, 4), False, "lse", (40, 260)),  # nested walks, rows cut off both ends
 ]
 
 
@@ -106,6 +112,16 @@ def test_kernels_with_query_offset_match_reference_rows(case):
     assert dq.shape == q_rows.shape and dk.shape == k.shape
     for name, a, b in zip(("dq", "dk", "dv"), (dq, dk, dv), (grads[0][:, :, lo:hi], grads[1], grads[2])):
         assert_close(a, b, dtype, name)
+
+
+def test_nested_order_takes_chains_only():
+    """The kernels visit each linked pair once (multiplicity-weighted) only for chains under LSE mixing."""
+    assert nested_order((2048, 4096, 8192, 16384), (1, 2, 4, 8), "lse") == ((2048, 4096, 8192, 16384), (1, 2, 4, 8))
+    assert nested_order((16, 4, 8), (4, 1, 2), "lse") == ((4, 8, 16), (1, 2, 4))
+    assert nested_order((4, 6), (2, 3), "lse") is None                        # 4 does not divide 6
+    assert nested_order((8, 16), (2, 3), "lse") is None                       # rates 2, 3
+    assert nested_order((8, 16), (1, 2), "head_groups") is None
+    assert nested_order((8, 16), (1, 2), "lse", dropout_p=0.1) is None        # one keep flag per branch and pair
 
 
 def test_query_offset_outside_the_keys_is_refused():
