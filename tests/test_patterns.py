@@ -174,6 +174,31 @@ def test_schedule_orders_lists_without_changing_the_mask():
         pattern.layout(200, 16, schedule="snake")
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lists_by_prefix_sums_equal_the_sorted_lists(seed):
+    """The row-order lists (prefix sums and a scatter) equal sorting each row by (kind, column), slot for slot,
+    including the empty columns past each row's count; rows of every kind, per-head states, and the transpose."""
+    g = torch.Generator().manual_seed(seed)
+    heads, nb = 3, 37
+    state = torch.randint(0, 3, (heads, nb, nb), generator=g).to(torch.int8)
+    state[0, 5] = P.EMPTY                                              # an empty row
+    state[1, 7] = P.FULL
+    state[2, 9] = P.PARTIAL
+    bits = torch.randint(1, 8, (heads, nb, nb), generator=g, dtype=torch.int32) * (state == P.PARTIAL)
+    by_column = torch.arange(nb).expand(nb, nb)
+    for st, bt in ((state, bits), (state.transpose(1, 2), bits.transpose(1, 2))):
+        got = P._lists(st, bt)
+        want = P._lists(st, bt, rank=by_column)                        # the sort, ranked by column index
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+        count, idx, _ = got
+        assert count[0, 5].tolist() == [0, 0] if st is state else True
+        for h, i in ((0, 0), (1, 7), (2, 9)):
+            n_part, n_tot = count[h, i].tolist()
+            assert (st[h, i, idx[h, i, :n_part].long()] == P.PARTIAL).all()
+            assert (st[h, i, idx[h, i, n_part:n_tot].long()] == P.FULL).all()
+
+
 def test_grid_patterns_reject_bad_arguments():
     with pytest.raises(ValueError, match="grid"):
         P.neighborhood((0, 4), 1)
