@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ..patterns import GRID_AXES, TERM_COLUMNS
-from .dilated_triton import AUTOTUNE, INTERPRET, _runner, tensor_unsupported_reason
+from .dilated_triton import AUTOTUNE, INTERPRET, _runner, softmax_step, tensor_unsupported_reason
 
 LN2 = 0.6931471805599453
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)  # 256 unrolls past the H100's shared memory at D=128
@@ -131,16 +131,7 @@ def _fwd_tile(acc, m_i, l_i, q, p, jb, bits, k_base, v_base, Rows, stride_kn, Te
         if MASK:
             ok = _token_ok(Terms, Coords, bits, p[:, None], j[None, :], N, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED)
             s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = m_new
-        alpha = tl.exp2(m_i - m_safe)
-        pr = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(pr, 1)
-        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
-        m_i = m_new
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, v, MASK)
     return acc, m_i, l_i
 
 

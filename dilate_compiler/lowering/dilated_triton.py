@@ -281,6 +281,22 @@ def _walk_keys(p_first, p_last, o, N, B: tl.constexpr, W_PREV: tl.constexpr, W: 
 
 
 @triton.jit
+def softmax_step(acc, m_i, l_i, s, v, ROWS_MAY_BE_EMPTY: tl.constexpr):
+    """One online-softmax step (base 2): scores ``s`` (``-inf`` where masked) against values ``v``.
+    ``ROWS_MAY_BE_EMPTY``: a row may have every score of the tile masked (its max is kept finite)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if ROWS_MAY_BE_EMPTY:
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new
+    alpha = tl.exp2(m_i - m_safe)
+    pr = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(pr, 1)
+    acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, hi, valid_hi, lm, qk_scale, R: tl.constexpr,
                MASK: tl.constexpr, TAIL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Key tiles ``[lo, hi)`` of a walk, ``lm`` the log2 multiplicities of a tile's keys. ``TAIL``: the last,
@@ -300,16 +316,7 @@ def _fwd_tiles(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, hi, valid
         s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale + lmt[None, :]
         if MASK:
             s = tl.where(j[None, :] <= p[:, None], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = m_new
-        alpha = tl.exp2(m_i - m_safe)
-        pr = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(pr, 1)
-        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
-        m_i = m_new
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, v, MASK)
     return acc, m_i, l_i
 
 
