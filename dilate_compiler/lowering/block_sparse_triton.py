@@ -30,7 +30,8 @@ import triton
 import triton.language as tl
 
 from ..patterns import GRID_AXES, TERM_COLUMNS
-from .dilated_triton import AUTOTUNE, INTERPRET, _runner, softmax_step, tensor_unsupported_reason
+from .dilated_triton import (AUTOTUNE, INTERPRET, _runner, rows_addressable, rows_fit, softmax_step,
+                             tensor_unsupported_reason)
 
 LN2 = 0.6931471805599453
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)  # 256 unrolls past the H100's shared memory at D=128
@@ -152,8 +153,8 @@ def _heavy_first(TileOrder, NB, HEADS, PER_HEAD: tl.constexpr, BS: tl.constexpr,
 @triton.jit
 def _query_tile(KvCount, pid_m, bh, H, NB, PER_HEAD: tl.constexpr, BS: tl.constexpr, BLOCK_M: tl.constexpr):
     """A query program's (b, h), its rows, its list row and that row's (partial, total) key-block counts."""
-    b = bh // H
-    h = bh % H
+    b = (bh // H).to(tl.int64)                     # int64 base offsets: B * H * N * D may pass 2**31
+    h = (bh % H).to(tl.int64)
     p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     hl = h if PER_HEAD else 0
     row = hl * NB + pid_m * BLOCK_M // BS
@@ -202,7 +203,7 @@ def _block_sparse_fwd_kernel(
     lse = tl.where(l_i > 0.0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     tl.store(Out + b * stride_ob + h * stride_oh + r[:, None] * stride_on + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(Lse + bh * N + r, lse, mask=row_ok)
+    tl.store(Lse + (b * H + h) * N + r, lse, mask=row_ok)
 
 
 @triton.jit
@@ -244,8 +245,8 @@ def _block_sparse_bwd_dq_kernel(
     q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + b * stride_ob + h * stride_oh + r[:, None] * stride_on + offs_d[None, :],
                  mask=row_ok[:, None], other=0.0)
-    lse2 = tl.load(Lse + bh * N + r, mask=row_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(Delta + bh * N + r, mask=row_ok, other=0.0)
+    lse2 = tl.load(Lse + (b * H + h) * N + r, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(Delta + (b * H + h) * N + r, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + (h // GQA) * stride_kh
     v_base = V + b * stride_kb + (h // GQA) * stride_kh
     qk_scale = sm_scale * 1.4426950408889634
@@ -307,8 +308,8 @@ def _block_sparse_bwd_dkdv_kernel(
     pid_n, bkh = _heavy_first(TileOrder, NB, HKV, PER_HEAD, BS, BLOCK_N)
     if pid_n * BLOCK_N >= N:
         return
-    b = bkh // HKV
-    kh = bkh % HKV
+    b = (bkh // HKV).to(tl.int64)                  # int64 base offsets, as in _query_tile
+    kh = (bkh % HKV).to(tl.int64)
     j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     key_ok = j < N
     J = pid_n * BLOCK_N // BS
@@ -421,8 +422,8 @@ def block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size:
     ``order``: sequence position ``p`` of the layout is memory row ``order[p]`` of q, k, v, out and lse (the
     attention runs in that order with no gather; None or empty: the identity)."""
     B, H, N, D = q.shape
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    if k.stride() != v.stride() or k.stride(-1) != 1:   # v is read with k's strides
+    q = rows_addressable(q)
+    if k.stride() != v.stride() or not rows_fit(k):   # v is read with k's strides
         k, v = k.contiguous(), v.contiguous()
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)

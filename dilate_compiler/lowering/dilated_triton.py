@@ -1129,6 +1129,18 @@ def _dropout_args(dropout_p: float, seed, dummy, segment_lengths, dilation_rates
     return seed.reshape(1).to(dummy.device), round(dropout_p * 2**31), 1.0 / (1.0 - dropout_p), 2 if grouped else 1
 
 
+def rows_fit(t: torch.Tensor) -> bool:
+    """Whether the kernels can read ``t`` ``[B, H, N, D]`` in place: unit stride along D, and ``position * row
+    stride`` (int32 arithmetic in the kernels' loops) below 2**31. A batch-first view (row stride H * D) at
+    H=16, D=64 passes 2**31 from N = 2M on; a contiguous copy's row stride is D."""
+    return t.stride(-1) == 1 and t.shape[-2] * t.stride(-2) < 2**31
+
+
+def rows_addressable(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a contiguous copy when the kernels can't read it in place (``rows_fit``)."""
+    return t if rows_fit(t) else t.contiguous()
+
+
 def _query_offset(q_offset, n_q: int, n: int) -> int:
     """Check that queries ``[q_offset, q_offset + n_q)`` lie inside the ``n`` key positions."""
     if not isinstance(q_offset, int) or q_offset < 0 or q_offset + n_q > n:
@@ -1151,8 +1163,8 @@ def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: boo
     B, H, Nq, D = q.shape
     N = k.shape[2]
     q_offset = _query_offset(q_offset, Nq, N)
-    q = q if q.stride(-1) == 1 else q.contiguous()
-    if k.stride() != v.stride() or k.stride(-1) != 1:  # the kernel reads v with k's strides
+    q = rows_addressable(q)
+    if k.stride() != v.stride() or not rows_fit(k):  # the kernel reads v with k's strides
         k, v = k.contiguous(), v.contiguous()
     out = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)

@@ -243,3 +243,19 @@ def test_dropout_is_a_function_of_the_seed():
     assert not torch.equal(a, c)
     with pytest.raises(ValueError, match="seed"):
         dilated_attn_fwd(q, k, v, (8,), (1,), seed=None, **args)
+
+
+def test_row_offsets_past_int32_read_a_contiguous_copy():
+    """The kernels compute position * row stride in int32: a batch-first view of 2M tokens (row stride H * D =
+    1024) passes 2**31 and is read from a contiguous copy (row stride D); 1M tokens are read in place."""
+    from dilate_compiler.lowering.dilated_triton import rows_addressable, rows_fit
+
+    def batch_first(n):
+        return torch.empty_strided((1, 16, n, 64), (n * 1024, 64, 1024, 1), device="meta")
+
+    assert rows_fit(batch_first(2**20))
+    view = batch_first(2**21)
+    assert not rows_fit(view)
+    copy = rows_addressable(view)
+    assert copy.is_contiguous() and copy.stride(-2) == 64 and rows_fit(copy)
+    assert rows_addressable(batch_first(2**20)).stride(-2) == 1024        # read in place
