@@ -55,7 +55,7 @@ def _configs(kind: str):
     return configs if AUTOTUNE else configs[:1]
 
 
-_KEY = ["N", "HEAD_DIM", "NUM_BRANCHES", "L", "IS_CAUSAL", "MIXING_LSE", "GQA", "DROPOUT", "NESTED",
+_KEY = ["N", "HEAD_DIM", "NUM_BRANCHES", "L", "IS_CAUSAL", "MIXING_LSE", "GQA", "DROPOUT", "NESTED", "WALKS",
         "W0", "W1", "W2", "W3", "W4", "W5", "W6", "W7", "R0", "R1", "R2", "R3", "R4", "R5", "R6", "R7"]
 
 
@@ -239,10 +239,13 @@ def _walk_log2_mult(x, y, B: tl.constexpr, NUM_BRANCHES: tl.constexpr, R1: tl.co
 
 
 @triton.jit
-def _one_segment(first, last, W0: tl.constexpr, NESTED: tl.constexpr, BLOCK: tl.constexpr, L: tl.constexpr):
-    """True when positions ``first..last`` share a segment of the shortest branch of a nested pattern, and the
-    walked tile (``BLOCK``) is a multiple of L (one multiplicity vector serves every tile of a walk)."""
-    if NESTED and (BLOCK % L == 0):
+def _one_segment(first, last, W0: tl.constexpr, WALKS: tl.constexpr, WALKED: tl.constexpr, L: tl.constexpr):
+    """Whether a program whose rows are positions ``first..last`` walks (see ``walks``): always (2), when the
+    rows share a segment of the shortest branch and the walked tile ``WALKED`` is a multiple of L (1), never
+    (0)."""
+    if WALKS == 2:
+        same = first == first
+    elif WALKS == 1 and (WALKED % L == 0):
         same = (first // W0) == (last // W0)
     else:
         same = first != first
@@ -524,7 +527,7 @@ def _dilated_attn_fwd_kernel(
     R4: tl.constexpr, R5: tl.constexpr, R6: tl.constexpr, R7: tl.constexpr,
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
     S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr, S8: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WALKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     tl.static_assert(NUM_BRANCHES <= 8)
     i_tile = tl.program_id(0)
@@ -551,8 +554,8 @@ def _dilated_attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     # Nested pattern, rows inside one segment: each linked key once, weighted (see the section above);
     # otherwise one block per branch (constexpr-unrolled), each adding its keys to the same online softmax.
-    if _one_segment(p_first, p_last, W0, NESTED, BLOCK_N, L):
-        if NESTED:   # constexpr: other patterns compile no walk
+    if _one_segment(p_first, p_last, W0, WALKS, BLOCK_N, L):
+        if WALKS > 0:   # constexpr: kernels whose programs never walk compile no walk
             acc, m_i, l_i = _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N,
                                       qk_scale, 0, W0, W0, R0, IS_CAUSAL, BLOCK_N, HEAD_DIM,
                                       NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
@@ -585,54 +588,55 @@ def _dilated_attn_fwd_kernel(
                                           N, qk_scale, 7, W6, W7, R7, IS_CAUSAL, BLOCK_N, HEAD_DIM,
                                           NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
     else:
-        # One block per branch (constexpr-unrolled); each adds its keys to the same online softmax.
-        o, sel = _branch_offset(h, 0, R0, S0, S1, MIXING_LSE, c)
-        if sel:
-            acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                        qk_scale, W0, R0, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                        seed, drop_thr, stream + 0, DROPOUT)
-        if NUM_BRANCHES > 1:
-            o, sel = _branch_offset(h, 1, R1, S1, S2, MIXING_LSE, c)
+        if WALKS < 2:   # constexpr: kernels whose programs all walk compile no per-branch block
+            # One block per branch (constexpr-unrolled); each adds its keys to the same online softmax.
+            o, sel = _branch_offset(h, 0, R0, S0, S1, MIXING_LSE, c)
             if sel:
                 acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                            qk_scale, W1, R1, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                            seed, drop_thr, stream + 1, DROPOUT)
-        if NUM_BRANCHES > 2:
-            o, sel = _branch_offset(h, 2, R2, S2, S3, MIXING_LSE, c)
-            if sel:
-                acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                            qk_scale, W2, R2, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                            seed, drop_thr, stream + 2, DROPOUT)
-        if NUM_BRANCHES > 3:
-            o, sel = _branch_offset(h, 3, R3, S3, S4, MIXING_LSE, c)
-            if sel:
-                acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                            qk_scale, W3, R3, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                            seed, drop_thr, stream + 3, DROPOUT)
-        if NUM_BRANCHES > 4:
-            o, sel = _branch_offset(h, 4, R4, S4, S5, MIXING_LSE, c)
-            if sel:
-                acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                            qk_scale, W4, R4, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                            seed, drop_thr, stream + 4, DROPOUT)
-        if NUM_BRANCHES > 5:
-            o, sel = _branch_offset(h, 5, R5, S5, S6, MIXING_LSE, c)
-            if sel:
-                acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                            qk_scale, W5, R5, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                            seed, drop_thr, stream + 5, DROPOUT)
-        if NUM_BRANCHES > 6:
-            o, sel = _branch_offset(h, 6, R6, S6, S7, MIXING_LSE, c)
-            if sel:
-                acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                            qk_scale, W6, R6, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                            seed, drop_thr, stream + 6, DROPOUT)
-        if NUM_BRANCHES > 7:
-            o, sel = _branch_offset(h, 7, R7, S7, S8, MIXING_LSE, c)
-            if sel:
-                acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                            qk_scale, W7, R7, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                            seed, drop_thr, stream + 7, DROPOUT)
+                                            qk_scale, W0, R0, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                            seed, drop_thr, stream + 0, DROPOUT)
+            if NUM_BRANCHES > 1:
+                o, sel = _branch_offset(h, 1, R1, S1, S2, MIXING_LSE, c)
+                if sel:
+                    acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                                qk_scale, W1, R1, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                                seed, drop_thr, stream + 1, DROPOUT)
+            if NUM_BRANCHES > 2:
+                o, sel = _branch_offset(h, 2, R2, S2, S3, MIXING_LSE, c)
+                if sel:
+                    acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                                qk_scale, W2, R2, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                                seed, drop_thr, stream + 2, DROPOUT)
+            if NUM_BRANCHES > 3:
+                o, sel = _branch_offset(h, 3, R3, S3, S4, MIXING_LSE, c)
+                if sel:
+                    acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                                qk_scale, W3, R3, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                                seed, drop_thr, stream + 3, DROPOUT)
+            if NUM_BRANCHES > 4:
+                o, sel = _branch_offset(h, 4, R4, S4, S5, MIXING_LSE, c)
+                if sel:
+                    acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                                qk_scale, W4, R4, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                                seed, drop_thr, stream + 4, DROPOUT)
+            if NUM_BRANCHES > 5:
+                o, sel = _branch_offset(h, 5, R5, S5, S6, MIXING_LSE, c)
+                if sel:
+                    acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                                qk_scale, W5, R5, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                                seed, drop_thr, stream + 5, DROPOUT)
+            if NUM_BRANCHES > 6:
+                o, sel = _branch_offset(h, 6, R6, S6, S7, MIXING_LSE, c)
+                if sel:
+                    acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                                qk_scale, W6, R6, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                                seed, drop_thr, stream + 6, DROPOUT)
+            if NUM_BRANCHES > 7:
+                o, sel = _branch_offset(h, 7, R7, S7, S8, MIXING_LSE, c)
+                if sel:
+                    acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                                qk_scale, W7, R7, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                                seed, drop_thr, stream + 7, DROPOUT)
     # Epilogue: rows no branch links have l_i == 0 -> output 0, lse -inf.
     linked = l_i > 0.0
     out = (acc / tl.where(linked, l_i, 1.0)[:, None] * out_scale).to(tl.float32)
@@ -699,7 +703,7 @@ def _dilated_attn_bwd_dq_kernel(
     R4: tl.constexpr, R5: tl.constexpr, R6: tl.constexpr, R7: tl.constexpr,
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
     S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr, S8: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WALKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     i_tile = tl.program_id(0)
     i_bh = tl.program_id(1)
@@ -726,8 +730,8 @@ def _dilated_attn_bwd_dq_kernel(
         seed = tl.load(Seed)
     stream = i_bh * NUM_BRANCHES
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    if _one_segment(p_first, p_last, W0, NESTED, BLOCK_N, L):
-        if NESTED:   # constexpr: other patterns compile no walk
+    if _one_segment(p_first, p_last, W0, WALKS, BLOCK_N, L):
+        if WALKS > 0:   # constexpr: kernels whose programs never walk compile no walk
             dq = _dq_walk(dq, q, do, lse2, delta, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N, qk_scale,
                           out_scale, 0, W0, W0, R0, IS_CAUSAL, BLOCK_N, HEAD_DIM, NUM_BRANCHES,
                           R1, R2, R3, R4, R5, R6, R7)
@@ -760,53 +764,54 @@ def _dilated_attn_bwd_dq_kernel(
                               qk_scale, out_scale, 7, W6, W7, R7, IS_CAUSAL, BLOCK_N, HEAD_DIM,
                               NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
     else:
-        o, sel = _branch_offset(h, 0, R0, S0, S1, MIXING_LSE, c)
-        if sel:
-            dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N, qk_scale,
-                                out_scale, W0, R0, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                seed, drop_thr, stream + 0, DROPOUT)
-        if NUM_BRANCHES > 1:
-            o, sel = _branch_offset(h, 1, R1, S1, S2, MIXING_LSE, c)
+        if WALKS < 2:   # constexpr, as in the forward
+            o, sel = _branch_offset(h, 0, R0, S0, S1, MIXING_LSE, c)
             if sel:
                 dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                    qk_scale, out_scale, W1, R1, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                    seed, drop_thr, stream + 1, DROPOUT)
-        if NUM_BRANCHES > 2:
-            o, sel = _branch_offset(h, 2, R2, S2, S3, MIXING_LSE, c)
-            if sel:
-                dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                    qk_scale, out_scale, W2, R2, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                    seed, drop_thr, stream + 2, DROPOUT)
-        if NUM_BRANCHES > 3:
-            o, sel = _branch_offset(h, 3, R3, S3, S4, MIXING_LSE, c)
-            if sel:
-                dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                    qk_scale, out_scale, W3, R3, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                    seed, drop_thr, stream + 3, DROPOUT)
-        if NUM_BRANCHES > 4:
-            o, sel = _branch_offset(h, 4, R4, S4, S5, MIXING_LSE, c)
-            if sel:
-                dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                    qk_scale, out_scale, W4, R4, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                    seed, drop_thr, stream + 4, DROPOUT)
-        if NUM_BRANCHES > 5:
-            o, sel = _branch_offset(h, 5, R5, S5, S6, MIXING_LSE, c)
-            if sel:
-                dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                    qk_scale, out_scale, W5, R5, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                    seed, drop_thr, stream + 5, DROPOUT)
-        if NUM_BRANCHES > 6:
-            o, sel = _branch_offset(h, 6, R6, S6, S7, MIXING_LSE, c)
-            if sel:
-                dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                    qk_scale, out_scale, W6, R6, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                    seed, drop_thr, stream + 6, DROPOUT)
-        if NUM_BRANCHES > 7:
-            o, sel = _branch_offset(h, 7, R7, S7, S8, MIXING_LSE, c)
-            if sel:
-                dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                    qk_scale, out_scale, W7, R7, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                    seed, drop_thr, stream + 7, DROPOUT)
+                                    qk_scale, out_scale, W0, R0, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                    seed, drop_thr, stream + 0, DROPOUT)
+            if NUM_BRANCHES > 1:
+                o, sel = _branch_offset(h, 1, R1, S1, S2, MIXING_LSE, c)
+                if sel:
+                    dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                        qk_scale, out_scale, W1, R1, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                        seed, drop_thr, stream + 1, DROPOUT)
+            if NUM_BRANCHES > 2:
+                o, sel = _branch_offset(h, 2, R2, S2, S3, MIXING_LSE, c)
+                if sel:
+                    dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                        qk_scale, out_scale, W2, R2, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                        seed, drop_thr, stream + 2, DROPOUT)
+            if NUM_BRANCHES > 3:
+                o, sel = _branch_offset(h, 3, R3, S3, S4, MIXING_LSE, c)
+                if sel:
+                    dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                        qk_scale, out_scale, W3, R3, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                        seed, drop_thr, stream + 3, DROPOUT)
+            if NUM_BRANCHES > 4:
+                o, sel = _branch_offset(h, 4, R4, S4, S5, MIXING_LSE, c)
+                if sel:
+                    dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                        qk_scale, out_scale, W4, R4, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                        seed, drop_thr, stream + 4, DROPOUT)
+            if NUM_BRANCHES > 5:
+                o, sel = _branch_offset(h, 5, R5, S5, S6, MIXING_LSE, c)
+                if sel:
+                    dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                        qk_scale, out_scale, W5, R5, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                        seed, drop_thr, stream + 5, DROPOUT)
+            if NUM_BRANCHES > 6:
+                o, sel = _branch_offset(h, 6, R6, S6, S7, MIXING_LSE, c)
+                if sel:
+                    dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                        qk_scale, out_scale, W6, R6, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                        seed, drop_thr, stream + 6, DROPOUT)
+            if NUM_BRANCHES > 7:
+                o, sel = _branch_offset(h, 7, R7, S7, S8, MIXING_LSE, c)
+                if sel:
+                    dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
+                                        qk_scale, out_scale, W7, R7, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                        seed, drop_thr, stream + 7, DROPOUT)
     dq = (dq * sm_scale).to(tl.float32)
     tl.store(DQ + q_off + pq[:, None] * stride_qn + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None])
@@ -901,7 +906,7 @@ def _dilated_attn_bwd_dkdv_kernel(
     R4: tl.constexpr, R5: tl.constexpr, R6: tl.constexpr, R7: tl.constexpr,
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
     S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr, S8: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WALKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     i_tile = tl.program_id(0)
     i_bkh = tl.program_id(1)
@@ -929,7 +934,7 @@ def _dilated_attn_bwd_dkdv_kernel(
     if DROPOUT:
         seed = tl.load(Seed)
     q_hi = Q_LO + N_Q
-    nested = _one_segment(j_first, j_last, W0, NESTED, BLOCK_M, L)
+    nested = _one_segment(j_first, j_last, W0, WALKS, BLOCK_M, L)
     for g in range(GQA):                                                 # query heads reading this kv head
         h = kh * GQA + g
         stream = (b * H + h) * NUM_BRANCHES
@@ -939,7 +944,7 @@ def _dilated_attn_bwd_dkdv_kernel(
         lse_base = Lse + ((b * H + h).to(tl.int64) * N_Q - Q_LO)
         delta_base = Delta + ((b * H + h).to(tl.int64) * N_Q - Q_LO)
         if nested:
-            if NESTED:   # constexpr: other patterns compile no walk
+            if WALKS > 0:   # constexpr, as in the forward
                 dk, dv = _dkdv_walk(dk, dv, k, v, j, j_first, j_last, h, c, q_base, do_base, lse_base, delta_base,
                                     stride_qn, stride_on, Q_LO, q_hi, qk_scale, out_scale, 0, W0, W0, R0,
                                     IS_CAUSAL, BLOCK_M, HEAD_DIM, NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
@@ -979,60 +984,62 @@ def _dilated_attn_bwd_dkdv_kernel(
                                         W7, R7, IS_CAUSAL, BLOCK_M, HEAD_DIM, NUM_BRANCHES,
                                         R1, R2, R3, R4, R5, R6, R7)
         else:
-            o, sel = _branch_offset(h, 0, R0, S0, S1, MIXING_LSE, c)
-            if sel:
-                dk, dv = _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base,
-                                          stride_qn, stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W0, R0, IS_CAUSAL,
-                                          BLOCK_M, BLOCK_N, HEAD_DIM, seed, drop_thr, stream + 0, DROPOUT)
-            if NUM_BRANCHES > 1:
-                o, sel = _branch_offset(h, 1, R1, S1, S2, MIXING_LSE, c)
+            if WALKS < 2:   # constexpr, as in the forward
+                o, sel = _branch_offset(h, 0, R0, S0, S1, MIXING_LSE, c)
                 if sel:
                     dk, dv = _bwd_dkdv_branch(
-                        dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn, stride_on,
-                        o, Q_LO, q_hi, qk_scale, out_scale, W1, R1, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM, seed,
-                        drop_thr, stream + 1, DROPOUT)
-            if NUM_BRANCHES > 2:
-                o, sel = _branch_offset(h, 2, R2, S2, S3, MIXING_LSE, c)
-                if sel:
-                    dk, dv = _bwd_dkdv_branch(
-                        dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn, stride_on,
-                        o, Q_LO, q_hi, qk_scale, out_scale, W2, R2, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM, seed,
-                        drop_thr, stream + 2, DROPOUT)
-            if NUM_BRANCHES > 3:
-                o, sel = _branch_offset(h, 3, R3, S3, S4, MIXING_LSE, c)
-                if sel:
-                    dk, dv = _bwd_dkdv_branch(
-                        dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn, stride_on,
-                        o, Q_LO, q_hi, qk_scale, out_scale, W3, R3, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM, seed,
-                        drop_thr, stream + 3, DROPOUT)
-            if NUM_BRANCHES > 4:
-                o, sel = _branch_offset(h, 4, R4, S4, S5, MIXING_LSE, c)
-                if sel:
-                    dk, dv = _bwd_dkdv_branch(
-                        dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn, stride_on,
-                        o, Q_LO, q_hi, qk_scale, out_scale, W4, R4, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM, seed,
-                        drop_thr, stream + 4, DROPOUT)
-            if NUM_BRANCHES > 5:
-                o, sel = _branch_offset(h, 5, R5, S5, S6, MIXING_LSE, c)
-                if sel:
-                    dk, dv = _bwd_dkdv_branch(
-                        dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn, stride_on,
-                        o, Q_LO, q_hi, qk_scale, out_scale, W5, R5, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM, seed,
-                        drop_thr, stream + 5, DROPOUT)
-            if NUM_BRANCHES > 6:
-                o, sel = _branch_offset(h, 6, R6, S6, S7, MIXING_LSE, c)
-                if sel:
-                    dk, dv = _bwd_dkdv_branch(
-                        dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn, stride_on,
-                        o, Q_LO, q_hi, qk_scale, out_scale, W6, R6, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM, seed,
-                        drop_thr, stream + 6, DROPOUT)
-            if NUM_BRANCHES > 7:
-                o, sel = _branch_offset(h, 7, R7, S7, S8, MIXING_LSE, c)
-                if sel:
-                    dk, dv = _bwd_dkdv_branch(
-                        dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn, stride_on,
-                        o, Q_LO, q_hi, qk_scale, out_scale, W7, R7, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM, seed,
-                        drop_thr, stream + 7, DROPOUT)
+                        dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn,
+                        stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W0, R0, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                        seed, drop_thr, stream + 0, DROPOUT)
+                if NUM_BRANCHES > 1:
+                    o, sel = _branch_offset(h, 1, R1, S1, S2, MIXING_LSE, c)
+                    if sel:
+                        dk, dv = _bwd_dkdv_branch(
+                            dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn,
+                            stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W1, R1, IS_CAUSAL, BLOCK_M, BLOCK_N,
+                            HEAD_DIM, seed, drop_thr, stream + 1, DROPOUT)
+                if NUM_BRANCHES > 2:
+                    o, sel = _branch_offset(h, 2, R2, S2, S3, MIXING_LSE, c)
+                    if sel:
+                        dk, dv = _bwd_dkdv_branch(
+                            dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn,
+                            stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W2, R2, IS_CAUSAL, BLOCK_M, BLOCK_N,
+                            HEAD_DIM, seed, drop_thr, stream + 2, DROPOUT)
+                if NUM_BRANCHES > 3:
+                    o, sel = _branch_offset(h, 3, R3, S3, S4, MIXING_LSE, c)
+                    if sel:
+                        dk, dv = _bwd_dkdv_branch(
+                            dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn,
+                            stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W3, R3, IS_CAUSAL, BLOCK_M, BLOCK_N,
+                            HEAD_DIM, seed, drop_thr, stream + 3, DROPOUT)
+                if NUM_BRANCHES > 4:
+                    o, sel = _branch_offset(h, 4, R4, S4, S5, MIXING_LSE, c)
+                    if sel:
+                        dk, dv = _bwd_dkdv_branch(
+                            dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn,
+                            stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W4, R4, IS_CAUSAL, BLOCK_M, BLOCK_N,
+                            HEAD_DIM, seed, drop_thr, stream + 4, DROPOUT)
+                if NUM_BRANCHES > 5:
+                    o, sel = _branch_offset(h, 5, R5, S5, S6, MIXING_LSE, c)
+                    if sel:
+                        dk, dv = _bwd_dkdv_branch(
+                            dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn,
+                            stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W5, R5, IS_CAUSAL, BLOCK_M, BLOCK_N,
+                            HEAD_DIM, seed, drop_thr, stream + 5, DROPOUT)
+                if NUM_BRANCHES > 6:
+                    o, sel = _branch_offset(h, 6, R6, S6, S7, MIXING_LSE, c)
+                    if sel:
+                        dk, dv = _bwd_dkdv_branch(
+                            dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn,
+                            stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W6, R6, IS_CAUSAL, BLOCK_M, BLOCK_N,
+                            HEAD_DIM, seed, drop_thr, stream + 6, DROPOUT)
+                if NUM_BRANCHES > 7:
+                    o, sel = _branch_offset(h, 7, R7, S7, S8, MIXING_LSE, c)
+                    if sel:
+                        dk, dv = _bwd_dkdv_branch(
+                            dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn,
+                            stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W7, R7, IS_CAUSAL, BLOCK_M, BLOCK_N,
+                            HEAD_DIM, seed, drop_thr, stream + 7, DROPOUT)
     dk = (dk * sm_scale).to(tl.float32)
     dv = (dv * out_scale).to(tl.float32)                                                 # dV = P^T (out_scale * dO)
     tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=key_ok[:, None])
@@ -1102,6 +1109,32 @@ def _launch_pattern(segment_lengths, dilation_rates, mixing: str, num_heads: int
     """The pattern's constexprs and its output scale (1 / number of branches under head_groups)."""
     out_scale = 1.0 if mixing == "lse" else 1.0 / len(segment_lengths)
     return pattern_constexprs(segment_lengths, dilation_rates, mixing, num_heads, dropout_p), out_scale
+
+
+def walks(nested: bool, w0: int, L: int, owned: int, walked: int, offset: int) -> int:
+    """Which code one tile configuration needs: a program owns ``owned`` positions of one residue class (stride
+    L) starting at ``offset`` + a multiple of L * owned, and walks tiles of ``walked`` positions. 0: per-branch
+    blocks only (not nested, the walked tile not a multiple of L, or a program's rows span more than the
+    shortest segment, so none can walk); 2: walks only (every program's rows lie inside one shortest segment);
+    1: both, chosen per program."""
+    span = L * owned
+    if not nested or walked % L or L * (owned - 1) + 1 > w0:
+        return 0
+    return 2 if w0 % span == 0 and offset % span == 0 else 1
+
+
+def _walks_constexpr(space: str, owner: str, meta: dict, offset: int) -> int:
+    """The kernels' constexpr ``WALKS`` over the autotuning space ``space`` ("fwd" or "bwd"): 2 (or 0) when
+    every configuration needs the walks only (the per-branch blocks only), else 1 (both compiled, chosen per
+    program). Compiling one path instead of both halves the first call's compile time. ``owner``: "rows"
+    (forward, dQ: query tiles own rows from ``offset`` on, key tiles are walked) or "keys" (dK/dV: key tiles of
+    all N own the rows, query tiles are walked)."""
+    found = set()
+    for cfg in _configs(space):
+        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+        owned, walked, start = (bm, bn, offset) if owner == "rows" else (bn, bm, 0)
+        found.add(walks(meta["NESTED"], meta["W0"], meta["L"], owned, walked, start))
+    return found.pop() if len(found) == 1 else 1
 
 
 def _runner(kernel):
@@ -1174,7 +1207,8 @@ def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: boo
         q, k, v, out, lse, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         out.stride(0), out.stride(1), out.stride(2), H, N, q_offset, Nq, out_scale * rdrop, seed_t, drop_thr,
-        HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // k.shape[1], DROPOUT=dropout, **meta)
+        HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // k.shape[1], DROPOUT=dropout,
+        WALKS=_walks_constexpr("fwd", "rows", meta, q_offset), **meta)
     return out, lse
 
 
@@ -1198,7 +1232,8 @@ def dilated_attn_bwd(dout, q, k, v, out, lse, segment_lengths, dilation_rates, *
               dout.stride(0), dout.stride(1), dout.stride(2), H, N, q_offset, Nq, out_scale * rdrop, seed_t, drop_thr)
     flags = dict(HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // Hkv, DROPOUT=dropout, **meta)
     _runner(_dilated_attn_bwd_dq_kernel)[_rows_grid(Nq, meta["L"], "BLOCK_M", B * H)](
-        q, k, v, dout, lse, delta, dq, scale, *common, **flags)
+        q, k, v, dout, lse, delta, dq, scale, *common, WALKS=_walks_constexpr("bwd", "rows", meta, q_offset),
+        **flags)
     _runner(_dilated_attn_bwd_dkdv_kernel)[_rows_grid(N, meta["L"], "BLOCK_N", B * Hkv)](
-        q, k, v, dout, lse, delta, dk, dv, scale, *common, **flags)
+        q, k, v, dout, lse, delta, dk, dv, scale, *common, WALKS=_walks_constexpr("bwd", "keys", meta, 0), **flags)
     return dq, dk, dv

@@ -26,6 +26,7 @@ CASES = [
     (1, 4, 2, 300, 32, (256, 64, 128), (4, 1, 2), True, "lse"),
     (1, 4, 4, 300, 32, (64, 128, 256), (1, 2, 4), False, "lse"),
     (1, 3, 3, 260, 32, (64, 64, 128), (1, 2, 2), False, "lse"),   # equal segments: an empty walk
+    (1, 2, 2, 150, 32, (48, 96), (1, 2), True, "lse"),      # 48 not a multiple of a tile's span: walk per program
 ]
 
 
@@ -81,7 +82,8 @@ OFFSET_CASES = [
     (4, 4, 200, (64, 128), (1, 2), True, "lse", (64, 192)),          # whole tiles inside segments
     (5, 5, 50, (8, 16, 64), (1, 2, 4), False, "head_groups", (1, 2)),
     (2, 1, 40, (64,), (1,), True, "lse", (0, 40)),
-    (4, 2, 300, (64, 128, 256), (1, 2, 4), False, "lse", (40, 260)),  # nested walks, rows cut off both ends
+    (4, 2, 300, (64, 128, 256), (1, 2, 4), False, "lse", (40, 260)),  # nested, rows cut off both ends
+    (4, 2, 600, (128, 256, 512), (1, 2, 4), True, "lse", (32, 560)),   # every other query tile walks
 ]
 
 
@@ -122,6 +124,20 @@ def test_nested_order_takes_chains_only():
     assert nested_order((8, 16), (2, 3), "lse") is None                       # rates 2, 3
     assert nested_order((8, 16), (1, 2), "head_groups") is None
     assert nested_order((8, 16), (1, 2), "lse", dropout_p=0.1) is None        # one keep flag per branch and pair
+
+
+def test_walks_compile_one_path_when_the_tiles_decide_it():
+    """Which code a kernel compiles: walks only when every program's rows sit in one shortest segment, the
+    per-branch blocks only when none can, both otherwise."""
+    from dilate_compiler.lowering.dilated_triton import walks
+
+    assert walks(True, 2048, 8, 128, 64, 0) == 2              # config A's forward: every 1K-row tile inside 2K
+    assert walks(True, 2048, 8, 128, 64, 4096) == 2           # an aligned query offset
+    assert walks(True, 2048, 8, 128, 64, 1000) == 1           # an unaligned one: some tiles span segments
+    assert walks(True, 48, 2, 16, 16, 0) == 1                 # 48 not a multiple of a tile's span (32)
+    assert walks(True, 128, 4, 64, 64, 0) == 0                # a tile spans 253 positions > 128: none walks
+    assert walks(True, 2048, 8, 128, 4, 0) == 0               # walked tile not a multiple of L
+    assert walks(False, 2048, 8, 128, 64, 0) == 0             # not nested (head_groups, dropout, no chain)
 
 
 def test_query_offset_outside_the_keys_is_refused():
