@@ -27,6 +27,8 @@ CASES = [
     (1, 4, 4, 300, 32, (64, 128, 256), (1, 2, 4), False, "lse"),
     (1, 3, 3, 260, 32, (64, 64, 128), (1, 2, 2), False, "lse"),   # equal segments: an empty walk
     (1, 2, 2, 150, 32, (48, 96), (1, 2), True, "lse"),      # 48 not a multiple of a tile's span: walk per program
+    (1, 2, 2, 200, 32, (64, 128, 512), (1, 2, 4), False, "lse"),  # a segment longer than the sequence
+    (1, 2, 2, 150, 32, (64, 128), (1, 1), True, "lse"),     # equal rates: keys of the short segment count twice
 ]
 
 
