@@ -19,5 +19,18 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -m "not gpu" -n 2 tests
 
+# On a CUDA machine whose Python already has torch and triton (no venv): the GPU-marked tests with pinned
+# tiles, and the dilated benchmark of RESULTS.md (config A, 256K, both causal settings, with its anchors).
+GPU_PY ?= python3
+BENCH_OUT ?= benchmarks/out
+
+test-gpu:
+	DILATE_COMPILER_AUTOTUNE=0 PYTHONPATH=$(CURDIR) $(GPU_PY) -m pytest -q -m gpu tests
+
+bench:
+	mkdir -p $(BENCH_OUT)
+	PYTHONPATH=$(CURDIR) $(GPU_PY) benchmarks/bench_dilated.py --out $(BENCH_OUT) --configs A --ns 262144 \
+		--causal both --methods ours,dense,gather --backward
+
 clean:
 	rm -rf $(VENV) build *.egg-info
