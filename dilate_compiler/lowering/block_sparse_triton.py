@@ -221,7 +221,7 @@ def _dq_tile(dq, q, do, lse2, delta, p, jb, bits, k_base, v_base, Rows, stride_k
             pr = tl.where(ok, pr, 0.0)
         dp = tl.dot(do, tl.trans(v)).to(tl.float32)
         ds = pr * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq = tl.dot(ds.to(k.dtype), k, dq)
     return dq
 
 
@@ -288,10 +288,10 @@ def _dkdv_tile(dk, dv, k, v, j, ib, bits, q_base, do_base, lse_base, delta_base,
         if MASK:
             ok = _token_ok(Terms, Coords, bits, p[None, :], j[:, None], N, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED)
             pt = tl.where(ok, pt, 0.0)
-        dv += tl.dot(pt.to(do.dtype), do)
+        dv = tl.dot(pt.to(do.dtype), do, dv)
         dpt = tl.dot(v, tl.trans(do)).to(tl.float32)
         dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q)
+        dk = tl.dot(dst.to(q.dtype), q, dk)
     return dk, dv
 
 

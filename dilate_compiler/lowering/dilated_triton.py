@@ -164,7 +164,7 @@ def _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, hi, n_key
         l_i = l_i * alpha + tl.sum(pr, 1)
         if DROPOUT:
             pr = tl.where(_keep_tile(seed, p, j, j0, start, stream, drop_thr, R, BLOCK_N, DROPOUT), pr, 0.0)
-        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)           # [BLOCK_M, HEAD_DIM]
+        acc = tl.dot(pr.to(v.dtype), v, acc * alpha[:, None])           # [BLOCK_M, HEAD_DIM]
         m_i = m_new
     return acc, m_i, l_i
 
@@ -295,7 +295,7 @@ def softmax_step(acc, m_i, l_i, s, v, ROWS_MAY_BE_EMPTY: tl.constexpr):
     alpha = tl.exp2(m_i - m_safe)
     pr = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(pr, 1)
-    acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
+    acc = tl.dot(pr.to(v.dtype), v, acc * alpha[:, None])
     return acc, m_new, l_i
 
 
@@ -385,7 +385,7 @@ def _dq_tiles(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, lo, hi, 
             pr = tl.where(j[None, :] <= p[:, None], pr, 0.0)
         dp = (tl.dot(do, tl.trans(v)) * out_scale).to(tl.float32)
         ds = pr * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq = tl.dot(ds.to(k.dtype), k, dq)
     return dq
 
 
@@ -449,10 +449,10 @@ def _dkdv_tiles(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stride_q
         pt = tl.exp2(st - shift[None, :])
         if MASK:
             pt = tl.where(j[:, None] <= p[None, :], pt, 0.0)
-        dv += tl.dot(pt.to(do.dtype), do)
+        dv = tl.dot(pt.to(do.dtype), do, dv)
         dpt = (tl.dot(v, tl.trans(do)) * out_scale).to(tl.float32)
         dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q)
+        dk = tl.dot(dst.to(q.dtype), q, dk)
     return dk, dv
 
 
@@ -672,7 +672,7 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, lo, 
         if DROPOUT:
             dp = tl.where(_keep_tile(seed, p, j, j0, start, stream, drop_thr, R, BLOCK_N, DROPOUT), dp, 0.0)
         ds = pr * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)                                   # [BLOCK_M, HEAD_DIM]
+        dq = tl.dot(ds.to(k.dtype), k, dq)                                   # [BLOCK_M, HEAD_DIM]
     return dq
 
 
@@ -847,12 +847,12 @@ def _bwd_dkdv_inner(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stri
         dpt = (tl.dot(v, tl.trans(do)) * out_scale).to(tl.float32)        # [BLOCK_N, BLOCK_M]
         if DROPOUT:
             keep = _dropout_keep(seed, p[None, :], (j // R)[:, None], stream, drop_thr)
-            dv += tl.dot(tl.where(keep, pt, 0.0).to(do.dtype), do)        # [BLOCK_N, HEAD_DIM]
+            dv = tl.dot(tl.where(keep, pt, 0.0).to(do.dtype), do, dv)        # [BLOCK_N, HEAD_DIM]
             dpt = tl.where(keep, dpt, 0.0)
         else:
-            dv += tl.dot(pt.to(do.dtype), do)                             # [BLOCK_N, HEAD_DIM]
+            dv = tl.dot(pt.to(do.dtype), do, dv)                             # [BLOCK_N, HEAD_DIM]
         dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q)                                  # [BLOCK_N, HEAD_DIM]
+        dk = tl.dot(dst.to(q.dtype), q, dk)                                  # [BLOCK_N, HEAD_DIM]
     return dk, dv
 
 
