@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import triton
 
 import dilate_compiler as dc
-from bench_dilated import bench
+from bench_dilated import bench, flex_block_mask
 from dilate_compiler import patterns as P
 
 H, D, BS, WINDOW = 16, 64, 128, 4096
@@ -74,19 +74,7 @@ def allowed_pairs(layout) -> tuple[int, int]:
 
 def flex_block_mask_from_layout(layout, mask_mod):
     """FlexAttention's BlockMask with our layout's block lists: partial blocks (mask_mod applied) and full ones."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    cnt = layout.kv_count[0].long()
-    nb = layout.num_blocks
-    idx = torch.nn.functional.pad(layout.kv_idx[0].long(), (0, nb - layout.kv_idx.shape[-1]))  # Flex: nb columns
-    width = idx.shape[-1]
-    pos = torch.arange(width, device=idx.device)
-    full_pos = (cnt[:, :1] + pos).clamp(max=width - 1)
-    full_idx = idx.gather(-1, full_pos)
-    as4 = lambda t: t.to(torch.int32).contiguous().view(1, 1, *t.shape)  # noqa: E731
-    return BlockMask.from_kv_blocks(as4(cnt[:, 0]), as4(idx), as4(cnt[:, 1] - cnt[:, 0]), as4(full_idx),
-                                    BLOCK_SIZE=layout.block_size, mask_mod=mask_mod, seq_lengths=(layout.seq_len,
-                                                                                                   layout.seq_len))
+    return flex_block_mask(layout.kv_count[0], layout.kv_idx[0], layout.block_size, layout.seq_len, mask_mod)
 
 
 def main():

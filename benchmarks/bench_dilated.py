@@ -11,7 +11,9 @@ Methods (all bf16, B=1):
           (aten._scaled_dot_product_flash_attention returns the LSE), scatter, LSE merge. Its backward treats
           the mixing weights as constants (as torchscale does), so it does less than ours.
 - flex:   FlexAttention, mask_mod = union of branches, score_mod = score + log(multiplicity) (the same
-          function: checked against ours first); its create_block_mask time is reported separately.
+          function: checked against ours first); its block mask build time is reported separately: by
+          create_block_mask (default), or with --flex-mask from-pattern from the pattern's block structure
+          (dilated_block_state: no create_block_mask, which runs out of memory or compiles for minutes at 256K).
 Useful FLOPs: 4*D per linked (query, key) pair forward (counting a pair once per linking branch), 2.5x that
 for backward. The kernels compute a pair linked by several branches once, weighted by its multiplicity, on
 nested patterns (config A/B's is one): ``*_tflops_distinct`` counts 4*D per distinct pair, what they execute.
@@ -108,6 +110,61 @@ def flex_fns(H, segs, rates, causal):
     return mask_mod, score_mod
 
 
+def flex_block_mask(count, idx, block_size, seq_len, mask_mod):
+    """FlexAttention's BlockMask from block lists (``count [nb, 2]``: partial, total; ``idx [nb, width]``:
+    partial blocks first, then full ones, as ``dilate_compiler.patterns`` builds them); mask_mod runs on the
+    partial blocks only."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    cnt, nb = count.long(), count.shape[0]
+    idx = torch.nn.functional.pad(idx.long(), (0, nb - idx.shape[-1]))   # Flex wants nb columns
+    pos = torch.arange(nb, device=idx.device)
+    full_idx = idx.gather(-1, (cnt[:, :1] + pos).clamp(max=nb - 1))
+    as4 = lambda t: t.to(torch.int32).contiguous().view(1, 1, *t.shape)  # noqa: E731
+    return BlockMask.from_kv_blocks(as4(cnt[:, 0]), as4(idx), as4(cnt[:, 1] - cnt[:, 0]), as4(full_idx),
+                                    BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(seq_len, seq_len))
+
+
+def dilated_block_state(N, segs, rates, causal, bs=128, device="cuda"):
+    """``[nb, nb]`` int8 block states (``dilate_compiler.patterns`` EMPTY / PARTIAL / FULL) of the dilated
+    pattern, from the segment ranges of each block pair in O(nb^2 * branches), with no token-level mask. Every
+    block of ``bs >= max(rates)`` positions holds every residue class, so a block pair is linked by a branch iff
+    their segments meet (the same for every head); it is full iff a rate-1 branch links every pair (both blocks
+    inside one segment) and no causal or sequence-end mask cuts it."""
+    from dilate_compiler import patterns as P
+
+    assert bs >= max(rates), "every block must hold every residue class"
+    nb = -(-N // bs)
+    blk = torch.arange(nb, device=device)
+    first, last = blk * bs, torch.clamp(blk * bs + bs, max=N) - 1
+    linked = torch.zeros(nb, nb, dtype=torch.bool, device=device)
+    full = torch.zeros_like(linked)
+    for w, r in zip(segs, rates):
+        lo, hi = first // w, last // w
+        linked |= (lo[:, None] <= hi[None, :]) & (lo[None, :] <= hi[:, None])
+        if r == 1:
+            one = lo == hi
+            full |= one[:, None] & one[None, :] & (lo[:, None] == lo[None, :])
+    below = blk[None, :] < blk[:, None]
+    if causal:
+        linked &= below | (blk[None, :] == blk[:, None])
+        full &= below
+    if N % bs:
+        full[-1, :] = False
+        full[:, -1] = False
+    return torch.where(full, P.FULL, torch.where(linked, P.PARTIAL, P.EMPTY)).to(torch.int8)
+
+
+def dilated_flex_block_mask(N, segs, rates, causal, mask_mod, bs=128, device="cuda"):
+    """FlexAttention's BlockMask for the dilated pattern without create_block_mask (whose uncompiled form runs
+    out of memory at 256K and whose compiled form takes minutes on its first call)."""
+    from dilate_compiler import patterns as P
+
+    state = dilated_block_state(N, segs, rates, causal, bs, device)[None]
+    count, idx, _ = P._lists(state, torch.zeros(state.shape, dtype=torch.int32, device=device))
+    return flex_block_mask(count[0], idx[0], bs, N, mask_mod)
+
+
 def bench(fn, backward=False, inputs=()):
     if backward:
         def step():
@@ -128,6 +185,9 @@ def main():
     ap.add_argument("--flex-max-n", type=int, default=262144)
     ap.add_argument("--flex-compile-mask", action="store_true",
                     help="build the block mask with create_block_mask(_compile=True) (first call compiles)")
+    ap.add_argument("--flex-mask", default="create", choices=("create", "from-pattern"),
+                    help="from-pattern: Flex's BlockMask from the pattern's block structure (dilated_block_state), "
+                         "no create_block_mask; lets Flex run at 256K")
     ap.add_argument("--scale-n", type=int, default=0)
     ap.add_argument("--dropout", type=float, default=0.1, help="dropout_p of the ours-dropout method")
     a = ap.parse_args()
@@ -164,9 +224,13 @@ def main():
                     mask_mod, score_mod = flex_fns(H, SEGS, RATES, causal)
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
-                    bm = create_block_mask(mask_mod, 1, H, N, N, device="cuda", _compile=a.flex_compile_mask)
+                    if a.flex_mask == "from-pattern":
+                        bm = dilated_flex_block_mask(N, SEGS, RATES, causal, mask_mod)
+                    else:
+                        bm = create_block_mask(mask_mod, 1, H, N, N, device="cuda", _compile=a.flex_compile_mask)
                     torch.cuda.synchronize()
                     row["flex_mask_build_s"] = time.perf_counter() - t0
+                    row["flex_mask"] = a.flex_mask
                     fns["flex"] = lambda: flex_compiled(q, k, v, score_mod=score_mod, block_mask=bm)
                     if N == min(int(n) for n in a.ns.split(",")):
                         with torch.no_grad():
