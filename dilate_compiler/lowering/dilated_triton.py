@@ -23,9 +23,9 @@ leave the normaliser unchanged and ``1 / (1 - p)`` rides on ``out_scale``.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from functools import reduce
 
 import torch
 import triton
@@ -1096,7 +1096,7 @@ def pattern_constexprs(segment_lengths, dilation_rates, mixing: str, num_heads: 
     bounds = Dilated(tuple(segment_lengths), tuple(dilation_rates), mixing).head_group_bounds(num_heads)
     starts = [s for s, _ in bounds] + [bounds[-1][1]]
     starts += [starts[-1]] * (MAX_BRANCHES + 1 - len(starts))
-    meta = {"NUM_BRANCHES": n, "L": reduce(lambda a, b: a * b // math.gcd(a, b), dilation_rates, 1),
+    meta = {"NUM_BRANCHES": n, "L": math.lcm(*dilation_rates),
             "MIXING_LSE": mixing == "lse", "NESTED": chain is not None}
     meta.update({f"W{i}": ws[i] for i in range(MAX_BRANCHES)})
     meta.update({f"R{i}": rs[i] for i in range(MAX_BRANCHES)})
@@ -1129,11 +1129,16 @@ def _walks_constexpr(space: str, owner: str, meta: dict, offset: int) -> int:
     program). Compiling one path instead of both halves the first call's compile time. ``owner``: "rows"
     (forward, dQ: query tiles own rows from ``offset`` on, key tiles are walked) or "keys" (dK/dV: key tiles of
     all N own the rows, query tiles are walked)."""
+    return _walks_over_space(space, owner, meta["NESTED"], meta["W0"], meta["L"], offset)
+
+
+@functools.lru_cache(maxsize=1024)
+def _walks_over_space(space: str, owner: str, nested: bool, w0: int, L: int, offset: int) -> int:
     found = set()
     for cfg in _configs(space):
         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
         owned, walked, start = (bm, bn, offset) if owner == "rows" else (bn, bm, 0)
-        found.add(walks(meta["NESTED"], meta["W0"], meta["L"], owned, walked, start))
+        found.add(walks(nested, w0, L, owned, walked, start))
     return found.pop() if len(found) == 1 else 1
 
 
