@@ -37,7 +37,7 @@ from torch import Tensor
 
 from ..lowering.dilated_op import lse_dtype
 from ..strategies.dilated import Dilated
-from . import comm, window
+from . import comm, dense_steps, window
 from .attend import attend_backward, attend_forward, merge
 from .links import LAYOUTS, Links, check_strategy, links_for, positions, shard_ranges
 
@@ -157,7 +157,8 @@ def _setup(key: str, q: Tensor, k: Tensor):
 # --- ring -----------------------------------------------------------------------------------------------------
 
 
-def _ring_forward(q, k, v, group, rank, world, plan: Plan):
+def _ring_forward(q, k, v, group, rank, world, plan: Plan, dense_kernels: bool = False):
+    """``dense_kernels``: dense attention whose steps run the Triton kernels (``dense_steps``)."""
     B, H, S, D = q.shape
     dt = lse_dtype(q.dtype)
     out = torch.zeros(B, H, S, D, dtype=dt, device=q.device)
@@ -167,15 +168,18 @@ def _ring_forward(q, k, v, group, rank, world, plan: Plan):
         src = (rank - t) % world
         shift = comm.RingShift(group, rank, world, "kv").start(kv) if t < world - 1 else None
         if plan.linked[src]:
-            o_i, l_i = attend_forward(q, kv[0], kv[1], plan.q_pos, plan.rank_pos[src].view(1, -1), plan.links,
-                                      plan.heads, plan.scale)
-            out, lse = merge(out, lse, o_i, l_i)
+            got = dense_steps.forward(q, kv[0], kv[1], plan.q_pos, plan.rank_pos[src], plan.links.is_causal,
+                                      plan.scale) if dense_kernels else None
+            if got is None:
+                got = attend_forward(q, kv[0], kv[1], plan.q_pos, plan.rank_pos[src].view(1, -1), plan.links,
+                                     plan.heads, plan.scale)
+            out, lse = merge(out, lse, *got)
         if shift is not None:
             kv = shift.wait()
     return out, lse
 
 
-def _ring_backward(dout, q, k, v, lse, delta, group, rank, world, plan: Plan):
+def _ring_backward(dout, q, k, v, lse, delta, group, rank, world, plan: Plan, dense_kernels: bool = False):
     dt = lse_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=dt, device=q.device)
     kv = torch.stack((k, v))
@@ -184,8 +188,12 @@ def _ring_backward(dout, q, k, v, lse, delta, group, rank, world, plan: Plan):
         src = (rank - t) % world
         shift = comm.RingShift(group, rank, world, "kv").start(kv) if t < world - 1 else None
         if plan.linked[src]:
-            dq_i, dk_i, dv_i = attend_backward(dout, q, kv[0], kv[1], plan.q_pos, plan.rank_pos[src].view(1, -1),
-                                               plan.links, plan.heads, plan.scale, lse, delta)
+            got = dense_steps.backward(dout, q, kv[0], kv[1], lse, delta, plan.q_pos, plan.rank_pos[src],
+                                       plan.links.is_causal, plan.scale) if dense_kernels else None
+            if got is None:
+                got = attend_backward(dout, q, kv[0], kv[1], plan.q_pos, plan.rank_pos[src].view(1, -1),
+                                      plan.links, plan.heads, plan.scale, lse, delta)
+            dq_i, dk_i, dv_i = got
             dq += dq_i
             dkv[0] += dk_i
             dkv[1] += dv_i
@@ -327,8 +335,13 @@ def _forward_impl(q, k, v, key):
     if cfg.mode == "sparse":
         out, lse = _sparse_forward(q, k, v, group, rank, world, plan)
     else:   # ring; "local" is a ring of one
-        out, lse = _ring_forward(q, k, v, group, rank, world, plan)
+        out, lse = _ring_forward(q, k, v, group, rank, world, plan, _dense_kernels(cfg, q))
     return (out * plan.links.output_scale).to(q.dtype), lse
+
+
+def _dense_kernels(cfg, q) -> bool:
+    """Dense attention in ring mode whose steps can run the Triton kernels (``dense_steps``)."""
+    return cfg.strategy is None and cfg.mode == "ring" and dense_steps.use_kernels(q)
 
 
 def _unaliased(t: Tensor, dtype) -> Tensor:
@@ -344,8 +357,10 @@ def _backward_impl(dout, q, k, v, out, lse, key):
     dt = lse_dtype(q.dtype)
     delta = (dout.to(dt) * out.to(dt)).sum(-1)                 # rowsum(dO * O), both on the output's scale
     dout = dout.to(dt) * plan.links.output_scale
-    run = _sparse_backward if cfg.mode == "sparse" else _ring_backward
-    dq, dk, dv = run(dout, q, k, v, lse, delta, group, rank, world, plan)
+    if cfg.mode == "sparse":
+        dq, dk, dv = _sparse_backward(dout, q, k, v, lse, delta, group, rank, world, plan)
+    else:
+        dq, dk, dv = _ring_backward(dout, q, k, v, lse, delta, group, rank, world, plan, _dense_kernels(cfg, q))
     # dk and dv may be views of one stacked buffer: copy, custom op outputs must not alias
     return dq.to(q.dtype), dk.to(k.dtype, copy=True), dv.to(v.dtype, copy=True)
 

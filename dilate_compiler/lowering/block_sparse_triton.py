@@ -438,12 +438,16 @@ def block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size:
 
 
 def block_sparse_attn_bwd(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, q_count, q_idx, q_bits,
-                          coords, order, checks: int, block_size: int, is_causal: bool, scale: float):
-    """Backward kernels: ``(dq, dk, dv)`` (``order`` as in ``block_sparse_attn_fwd``; may be empty)."""
+                          coords, order, checks: int, block_size: int, is_causal: bool, scale: float, *, delta=None):
+    """Backward kernels: ``(dq, dk, dv)`` (``order`` as in ``block_sparse_attn_fwd``; may be empty). ``delta``:
+    ``rowsum(dout * out)`` ``[B, H, N]`` when the caller has it (a ring step, whose softmax spans more keys than
+    these; ``out`` is then unused), else computed from ``out``."""
     B, H, N, D = q.shape
     Hkv = k.shape[1]
     q, k, v, dout = (t.contiguous() for t in (q, k, v, dout))
-    delta = (dout.float() * out.float()).sum(-1).contiguous()
+    if delta is None:
+        delta = (dout.float() * out.float()).sum(-1)
+    delta = delta.float().contiguous()
     lse = lse.contiguous()
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)

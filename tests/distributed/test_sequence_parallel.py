@@ -131,6 +131,43 @@ def test_window_kernels_equal_the_single_process_op():
             assert err <= REL_ERR[torch.float32], (case, err)
 
 
+DENSE_STEP_CASES = [   # causal, mode, layout, Hq, Hkv, n: dense ring steps on the block-sparse kernels
+    (True, "ring", "contiguous", 4, 2, 64),
+    (False, "ring", "contiguous", 4, 4, 64),
+    (True, "ring", "zigzag", 4, 2, 64),       # two runs per shard: diagonal, whole and empty pairs
+    (True, "ring", "contiguous", 2, 2, 50),   # shards of 25 rows: ragged blocks
+]
+
+
+def _dense_step_worker(rank, world, cases):
+    from dilate_compiler.distributed import dense_steps, ring_attention, shard_sequence
+
+    errors = []
+    for causal, mode, layout, hq, hkv, n in cases:
+        g = torch.Generator().manual_seed(2)
+        q, k, v = (torch.randn(1, h, n, 32, generator=g) for h in (hq, hkv, hkv))
+        dout = torch.randn(1, hq, n, 32, generator=g)
+        full = [t.double().requires_grad_() for t in (q, k, v)]
+        rep = lambda t: t.repeat_interleave(hq // hkv, 1)  # noqa: E731
+        ref = F.scaled_dot_product_attention(full[0], rep(full[1]), rep(full[2]), is_causal=causal)
+        ref_grads = torch.autograd.grad(ref, full, dout.double())
+        shard = lambda t: shard_sequence(t, layout=layout)  # noqa: E731
+        local = [shard(t).requires_grad_() for t in (q, k, v)]
+        calls = dict(dense_steps.CALLS)
+        out = ring_attention(*local, None, is_causal=causal, mode=mode, layout=layout)
+        grads = torch.autograd.grad(out, local, shard(dout))
+        ran = (dense_steps.CALLS["forward"] - calls["forward"], dense_steps.CALLS["backward"] - calls["backward"])
+        errors.append((ran, max([rel_err(out, shard(ref))] + [rel_err(a, shard(b)) for a, b in zip(grads, ref_grads)])))
+    return errors
+
+
+def test_dense_ring_steps_run_the_kernels_and_equal_dense_attention():
+    for errors in values(run_ranks(_dense_step_worker, 2, DENSE_STEP_CASES)):
+        for case, (ran, err) in zip(DENSE_STEP_CASES, errors):
+            assert ran == (2, 2) or (case[0] and ran == (1, 1)), (case, ran)   # causal: a rank may skip a shard
+            assert err <= REL_ERR[torch.float32], (case, err)
+
+
 def _bytes_worker(rank, world):
     from dilate_compiler.distributed import count_bytes, ring_attention, shard_sequence
 
@@ -310,3 +347,21 @@ def _modules_worker(rank, world):
 def test_factory_kinds_equal_their_single_process_modules():
     for errors in values(run_ranks(_modules_worker, 2)):
         assert max(errors) <= REL_ERR[torch.float64], errors
+
+
+def test_dense_step_pairs_are_whole_empty_or_diagonal():
+    """A ring step's (query piece, key piece) pairs: whole (every key before every query), empty, or the
+    diagonal; runs are cut to their common length (zigzag: rank 1's two chunks are adjacent, one run of 16);
+    pieces that overlap without being equal leave the step to the exact path."""
+    from dilate_compiler.distributed.dense_steps import pairs
+    from dilate_compiler.distributed.links import positions
+
+    zig0 = positions([(0, 8), (24, 32)])            # zigzag, 2 ranks of 16 rows: rank 0 and rank 1
+    zig1 = positions([(8, 16), (16, 24)])
+    assert pairs(zig0, zig0, True) == [(0, 8, 0, 8, True), (8, 16, 0, 8, False), (8, 16, 8, 16, True)]
+    assert pairs(zig0, zig1, True) == [(8, 16, 0, 8, False), (8, 16, 8, 16, False)]
+    assert pairs(zig1, zig0, True) == [(0, 8, 0, 8, False), (8, 16, 0, 8, False)]
+    assert pairs(zig1, zig1, True) == [(0, 16, 0, 16, True)]                  # one run: one diagonal pair
+    assert len(pairs(zig0, zig1, False)) == 4
+    assert pairs(positions([(16, 32)]), positions([(0, 8)]), True) == [(0, 8, 0, 8, False), (8, 16, 0, 8, False)]
+    assert pairs(positions([(0, 16)]), positions([(8, 24)]), True) is None     # overlapping, not the diagonal
