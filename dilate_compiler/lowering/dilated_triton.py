@@ -212,7 +212,9 @@ def _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn,
 # B-1's, so each linked key is visited exactly once, by the walk of the shortest branch that links it. Its
 # multiplicity is 1 + the number of longer branches i selecting both ends (R_i divides j - h and c - h).
 # Config A (segments 2K..16K, rates 1..8): 2,944 keys per query on average instead of 3,840. Programs whose
-# rows span segments, dropout (one keep flag per branch and pair) and head_groups mixing walk per branch.
+# rows span segments, dropout (one keep flag per branch and pair) and head_groups mixing walk per branch. The
+# multiplicity vector is computed once per walk (``_fwd_run``); which paths a kernel compiles is the constexpr
+# ``WALKS`` (``walks``).
 
 
 @triton.jit
