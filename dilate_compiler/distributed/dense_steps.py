@@ -3,11 +3,12 @@ shard (a ring step).
 
 A shard is one or more runs of consecutive global positions (two under the zigzag layout), cut here into pieces
 of the runs' common length. A pair (query piece, key piece) is visible whole (not causal, or every key before
-every query), invisible (every key after every query), or the causal diagonal (the same positions). Each visible pair is one launch of the
-block-sparse kernels with a layout of every block (causal on the diagonal): they return the log-sum-exp, so
-pairs and ring steps merge exactly (``attend.merge``), and their backward takes the merged output and
-log-sum-exp of the whole softmax, as a ring attention's backward must. A step whose pieces pair up any other
-way (overlapping without being equal) returns None and runs the exact path of ``attend.py``.
+every query), invisible (every key after every query), or the causal diagonal (the same positions). Each
+visible pair is one launch of the block-sparse kernels with a layout of every block (causal on the diagonal):
+they return the log-sum-exp, so pairs and ring steps merge exactly (``attend.merge``), and their backward takes
+the log-sum-exp and ``rowsum(dO * O)`` of the whole softmax, as a ring attention's backward must. A step whose
+pieces pair up any other way (overlapping without being equal) returns None and runs the exact path of
+``attend.py``.
 
 Kernels: CUDA float16/bfloat16, head dims 32/64/128, layout block size ``BLOCK_SIZE``; under
 ``TRITON_INTERPRET=1`` CPU float16/float32 too, with ``INTERPRET_BLOCK_SIZE`` (how the tests run them).
@@ -26,7 +27,7 @@ from .. import patterns as P
 from ..lowering.block_sparse_triton import (SUPPORTED_BLOCK_SIZES, block_sparse_attn_bwd, block_sparse_attn_fwd,
                                             kernel_unsupported_reason)
 from ..lowering.dilated_op import kernels_apply, lse_dtype
-from ..lowering.dilated_triton import INTERPRET, SUPPORTED_HEAD_DIMS
+from ..lowering.dilated_triton import interpreter_runs
 from .attend import merge
 from .links import runs
 
@@ -42,10 +43,7 @@ def _block_size(q: Tensor) -> int:
 
 def kernel_reason(q: Tensor) -> str:
     """Why the kernels can't run this rank's dense steps (the exact path runs), or ''."""
-    if (INTERPRET and q.device.type == "cpu" and q.dtype in (torch.float16, torch.float32)
-            and q.shape[-1] in SUPPORTED_HEAD_DIMS):
-        return ""
-    return kernel_unsupported_reason(q, BLOCK_SIZE)
+    return "" if interpreter_runs(q) else kernel_unsupported_reason(q, BLOCK_SIZE)
 
 
 def use_kernels(q: Tensor) -> bool:
@@ -86,12 +84,9 @@ def pairs(q_pos: Tensor, k_pos: Tensor, is_causal: bool) -> Optional[list[tuple[
 
 
 @functools.lru_cache(maxsize=64)
-def _layout(n: int, diagonal: bool, block_size: int, device: str) -> tuple:
-    """Every block of an ``n x n`` attention (causal on the diagonal): the kernels' layout arguments."""
-    nb = -(-n // block_size)
-    lay = P.build_layout(P.local(nb), n, block_size, is_causal=diagonal, device=device)
-    return lay.terms, lay.kv_count, lay.kv_idx, lay.kv_bits, lay.q_count, lay.q_idx, lay.q_bits, lay.coords, \
-        lay.checks
+def _layout(n: int, diagonal: bool, block_size: int, device: str) -> P.BlockLayout:
+    """Every block of an ``n x n`` attention (causal on the diagonal)."""
+    return P.build_layout(P.local(-(-n // block_size)), n, block_size, is_causal=diagonal, device=device)
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, is_causal: bool,
@@ -107,9 +102,9 @@ def forward(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, is_ca
     lse = torch.full((B, H, S), float("-inf"), dtype=dt, device=q.device)
     bs = _block_size(q)
     for r0, r1, c0, c1, diagonal in todo:
-        terms, kv_count, kv_idx, kv_bits, _, _, _, coords, checks = _layout(r1 - r0, diagonal, bs, str(q.device))
-        o, l_ = block_sparse_attn_fwd(q[:, :, r0:r1], k[:, :, c0:c1], v[:, :, c0:c1], terms, kv_count, kv_idx,
-                                      kv_bits, bs, diagonal, scale, coords, checks)
+        lay = _layout(r1 - r0, diagonal, bs, str(q.device))
+        o, l_ = block_sparse_attn_fwd(q[:, :, r0:r1], k[:, :, c0:c1], v[:, :, c0:c1], lay.terms, lay.kv_count,
+                                      lay.kv_idx, lay.kv_bits, bs, diagonal, scale, lay.coords, lay.checks)
         out[:, :, r0:r1], lse[:, :, r0:r1] = merge(out[:, :, r0:r1], lse[:, :, r0:r1], o.to(dt), l_.to(dt))
     CALLS["forward"] += 1
     return out, lse
@@ -129,11 +124,10 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: 
     bs = _block_size(q)
     dout, lse, delta = dout.to(q.dtype), lse.to(torch.float32), delta.to(torch.float32)
     for r0, r1, c0, c1, diagonal in todo:
-        terms, kv_count, kv_idx, kv_bits, q_count, q_idx, q_bits, coords, checks = _layout(r1 - r0, diagonal, bs,
-                                                                                           str(q.device))
+        lay = _layout(r1 - r0, diagonal, bs, str(q.device))
         g = block_sparse_attn_bwd(dout[:, :, r0:r1], q[:, :, r0:r1], k[:, :, c0:c1], v[:, :, c0:c1], None,
-                                  lse[:, :, r0:r1], terms, kv_count, kv_idx, kv_bits, q_count, q_idx, q_bits, coords,
-                                  None, checks, bs, diagonal, scale, delta=delta[:, :, r0:r1])
+                                  lse[:, :, r0:r1], *lay.tensors(), None, lay.checks, bs, diagonal, scale,
+                                  delta=delta[:, :, r0:r1])
         dq[:, :, r0:r1] += g[0]
         dk[:, :, c0:c1] += g[1]
         dv[:, :, c0:c1] += g[2]

@@ -21,7 +21,8 @@ fake implementations for tracing).
 Per-rank compute: for ``Dilated`` where the Triton kernels apply (CUDA, float16/bfloat16, head dim 32/64/128),
 the single-process kernels on the window of key positions around the rank's queries (``window.py``): the sparse
 mode fills the window from the shard and the received rows; the ring mode keeps the window's rows of each
-visiting shard and runs the kernels once the ring has passed. Otherwise the exact path of ``attend.py``.
+visiting shard and runs the kernels once the ring has passed. Dense attention in ring mode runs each step on
+the block-sparse kernels (``dense_steps.py``). Otherwise the exact path of ``attend.py``.
 """
 
 from __future__ import annotations

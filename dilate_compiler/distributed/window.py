@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from ..lowering.dilated_op import kernels_apply
-from ..lowering.dilated_triton import (INTERPRET, MAX_BRANCHES, SUPPORTED_HEAD_DIMS, dilated_attn_bwd,
-                                       dilated_attn_fwd, kernel_unsupported_reason)
+from ..lowering.dilated_triton import (MAX_BRANCHES, dilated_attn_bwd, dilated_attn_fwd, interpreter_runs,
+                                       kernel_unsupported_reason)
 from ..strategies.dilated import Dilated, clip_segment
 
 
@@ -70,8 +70,7 @@ def windows(strategy: Dilated, seq_len: int, ranges) -> list[Window]:
 def kernel_reason(strategy: Dilated, q: Tensor) -> str:
     """Why the window kernels can't run this call (the exact path of ``attend.py`` runs), or ''. Under
     ``TRITON_INTERPRET=1`` they run on CPU tensors too (float16 / float32), as the kernel tests run them."""
-    if (INTERPRET and q.device.type == "cpu" and q.dtype in (torch.float16, torch.float32)
-            and q.shape[-1] in SUPPORTED_HEAD_DIMS and strategy.num_branches <= MAX_BRANCHES):
+    if interpreter_runs(q) and strategy.num_branches <= MAX_BRANCHES:
         return ""
     return kernel_unsupported_reason(q, None, 0.0, strategy.num_branches)
 

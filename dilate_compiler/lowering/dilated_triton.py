@@ -55,7 +55,7 @@ def _configs(kind: str):
     return configs if AUTOTUNE else configs[:1]
 
 
-_KEY = ["N", "HEAD_DIM", "NUM_BRANCHES", "L", "IS_CAUSAL", "MIXING_LSE", "GQA", "DROPOUT", "NESTED", "WALKS",
+_KEY = ["N", "HEAD_DIM", "NUM_BRANCHES", "L", "IS_CAUSAL", "MIXING_LSE", "GQA", "DROPOUT", "WALKS",
         "W0", "W1", "W2", "W3", "W4", "W5", "W6", "W7", "R0", "R1", "R2", "R3", "R4", "R5", "R6", "R7"]
 
 
@@ -205,8 +205,8 @@ def _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn,
 #
 # Under mixing="lse" a pair linked by m branches counts m times in one softmax (DESIGN.md §2), so a kernel may
 # visit it once and add log2(m) to its score instead of visiting it m times. When the branches, sorted by
-# segment length, form a chain (each segment length and each rate divides the next; the launcher sorts them and
-# sets the constexpr ``NESTED``), the branches that select a residue class are a prefix 0..B_c-1, and a program
+# segment length, form a chain (each segment length and each rate divides the next; the launcher sorts them,
+# ``nested_order``), the branches that select a residue class are a prefix 0..B_c-1, and a program
 # whose rows lie inside one segment of the shortest branch (hence one of every branch) splits its keys into
 # walks: walk B visits the keys of branch B (offset h % R_B, stride R_B) inside B's segment but outside branch
 # B-1's, so each linked key is visited exactly once, by the walk of the shortest branch that links it. Its
@@ -522,7 +522,7 @@ def _dilated_attn_fwd_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_ob, stride_oh, stride_on, H, N, Q_LO, N_Q, out_scale, Seed, drop_thr,
     HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, L: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    MIXING_LSE: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr, NESTED: tl.constexpr,
+    MIXING_LSE: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr,
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,
     W4: tl.constexpr, W5: tl.constexpr, W6: tl.constexpr, W7: tl.constexpr,
     R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
@@ -698,7 +698,7 @@ def _dilated_attn_bwd_dq_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_ob, stride_oh, stride_on, H, N, Q_LO, N_Q, out_scale, Seed, drop_thr,
     HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, L: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    MIXING_LSE: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr, NESTED: tl.constexpr,
+    MIXING_LSE: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr,
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,
     W4: tl.constexpr, W5: tl.constexpr, W6: tl.constexpr, W7: tl.constexpr,
     R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
@@ -901,7 +901,7 @@ def _dilated_attn_bwd_dkdv_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_ob, stride_oh, stride_on, H, N, Q_LO, N_Q, out_scale, Seed, drop_thr,
     HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, L: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    MIXING_LSE: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr, NESTED: tl.constexpr,
+    MIXING_LSE: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr,
     W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,
     W4: tl.constexpr, W5: tl.constexpr, W6: tl.constexpr, W7: tl.constexpr,
     R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
@@ -1062,6 +1062,13 @@ def tensor_unsupported_reason(q) -> str:
     return ""
 
 
+def interpreter_runs(q) -> bool:
+    """Whether the kernels run ``q`` under ``TRITON_INTERPRET=1`` on the CPU (float16 / float32, a supported head
+    dim): how the tests run them, also inside the distributed ops on gloo ranks."""
+    return (INTERPRET and q.device.type == "cpu" and q.dtype in (torch.float16, torch.float32)
+            and q.shape[-1] in SUPPORTED_HEAD_DIMS)
+
+
 def kernel_unsupported_reason(q, attn_mask, dropout_p, num_branches) -> str:
     """Why the Triton kernels can't run this call (the exact PyTorch path runs instead), or ''."""
     reason = tensor_unsupported_reason(q)
@@ -1077,8 +1084,8 @@ def kernel_unsupported_reason(q, attn_mask, dropout_p, num_branches) -> str:
 def nested_order(segment_lengths, dilation_rates, mixing: str, dropout_p: float = 0.0):
     """The branches ``(segments, rates)`` sorted by segment length (then rate) when they form a chain, each
     segment length and each rate dividing the next, under ``mixing="lse"`` without dropout: the kernels then
-    visit every linked pair once, weighted by its multiplicity (constexpr ``NESTED``). None otherwise (the
-    kernels walk per branch). Sorting is free under LSE mixing: a branch's offset depends on its rate alone."""
+    visit every linked pair once, weighted by its multiplicity (see ``walks``). None otherwise (the kernels walk
+    per branch). Sorting is free under LSE mixing: a branch's offset depends on its rate alone."""
     if mixing != "lse" or dropout_p != 0.0:
         return None
     pairs = sorted(zip(segment_lengths, dilation_rates))
@@ -1087,19 +1094,15 @@ def nested_order(segment_lengths, dilation_rates, mixing: str, dropout_p: float 
     return tuple(w for w, _ in pairs), tuple(r for _, r in pairs)
 
 
-def pattern_constexprs(segment_lengths, dilation_rates, mixing: str, num_heads: int, dropout_p: float = 0.0) -> dict:
+def pattern_constexprs(segment_lengths, dilation_rates, mixing: str, num_heads: int) -> dict:
     """The constexprs that specialise the kernels to one pattern."""
-    chain = nested_order(segment_lengths, dilation_rates, mixing, dropout_p)
-    if chain is not None:
-        segment_lengths, dilation_rates = chain
     n = len(segment_lengths)
     ws = list(segment_lengths) + [1] * (MAX_BRANCHES - n)
     rs = list(dilation_rates) + [1] * (MAX_BRANCHES - n)
     bounds = Dilated(tuple(segment_lengths), tuple(dilation_rates), mixing).head_group_bounds(num_heads)
     starts = [s for s, _ in bounds] + [bounds[-1][1]]
     starts += [starts[-1]] * (MAX_BRANCHES + 1 - len(starts))
-    meta = {"NUM_BRANCHES": n, "L": math.lcm(*dilation_rates),
-            "MIXING_LSE": mixing == "lse", "NESTED": chain is not None}
+    meta = {"NUM_BRANCHES": n, "L": math.lcm(*dilation_rates), "MIXING_LSE": mixing == "lse"}
     meta.update({f"W{i}": ws[i] for i in range(MAX_BRANCHES)})
     meta.update({f"R{i}": rs[i] for i in range(MAX_BRANCHES)})
     meta.update({f"S{i}": starts[i] for i in range(MAX_BRANCHES + 1)})
@@ -1107,10 +1110,14 @@ def pattern_constexprs(segment_lengths, dilation_rates, mixing: str, num_heads: 
 
 
 def _launch_pattern(segment_lengths, dilation_rates, mixing: str, num_heads: int,
-                    dropout_p: float) -> tuple[dict, float]:
-    """The pattern's constexprs and its output scale (1 / number of branches under head_groups)."""
+                    dropout_p: float) -> tuple[dict, float, bool]:
+    """The pattern's constexprs (branches in ``nested_order`` when they form a chain), its output scale
+    (1 / number of branches under head_groups) and whether they form a chain."""
     out_scale = 1.0 if mixing == "lse" else 1.0 / len(segment_lengths)
-    return pattern_constexprs(segment_lengths, dilation_rates, mixing, num_heads, dropout_p), out_scale
+    chain = nested_order(segment_lengths, dilation_rates, mixing, dropout_p)
+    if chain is not None:
+        segment_lengths, dilation_rates = chain
+    return pattern_constexprs(segment_lengths, dilation_rates, mixing, num_heads), out_scale, chain is not None
 
 
 def walks(nested: bool, w0: int, L: int, owned: int, walked: int, offset: int) -> int:
@@ -1125,13 +1132,13 @@ def walks(nested: bool, w0: int, L: int, owned: int, walked: int, offset: int) -
     return 2 if w0 % span == 0 and offset % span == 0 else 1
 
 
-def _walks_constexpr(space: str, owner: str, meta: dict, offset: int) -> int:
+def _walks_constexpr(space: str, owner: str, meta: dict, nested: bool, offset: int) -> int:
     """The kernels' constexpr ``WALKS`` over the autotuning space ``space`` ("fwd" or "bwd"): 2 (or 0) when
     every configuration needs the walks only (the per-branch blocks only), else 1 (both compiled, chosen per
     program). Compiling one path instead of both halves the first call's compile time. ``owner``: "rows"
     (forward, dQ: query tiles own rows from ``offset`` on, key tiles are walked) or "keys" (dK/dV: key tiles of
     all N own the rows, query tiles are walked)."""
-    return _walks_over_space(space, owner, meta["NESTED"], meta["W0"], meta["L"], offset)
+    return _walks_over_space(space, owner, nested, meta["W0"], meta["L"], offset)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -1208,14 +1215,14 @@ def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: boo
         k, v = k.contiguous(), v.contiguous()
     out = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
-    meta, out_scale = _launch_pattern(segment_lengths, dilation_rates, mixing, H, dropout_p)
+    meta, out_scale, nested = _launch_pattern(segment_lengths, dilation_rates, mixing, H, dropout_p)
     seed_t, drop_thr, rdrop, dropout = _dropout_args(dropout_p, seed, lse, segment_lengths, dilation_rates)
     _runner(_dilated_attn_fwd_kernel)[_rows_grid(Nq, meta["L"], "BLOCK_M", B * H)](
         q, k, v, out, lse, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         out.stride(0), out.stride(1), out.stride(2), H, N, q_offset, Nq, out_scale * rdrop, seed_t, drop_thr,
         HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // k.shape[1], DROPOUT=dropout,
-        WALKS=_walks_constexpr("fwd", "rows", meta, q_offset), **meta)
+        WALKS=_walks_constexpr("fwd", "rows", meta, nested, q_offset), **meta)
     return out, lse
 
 
@@ -1233,14 +1240,15 @@ def dilated_attn_bwd(dout, q, k, v, out, lse, segment_lengths, dilation_rates, *
     dq = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Hkv, N, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Hkv, N, D), dtype=v.dtype, device=v.device)
-    meta, out_scale = _launch_pattern(segment_lengths, dilation_rates, mixing, H, dropout_p)
+    meta, out_scale, nested = _launch_pattern(segment_lengths, dilation_rates, mixing, H, dropout_p)
     seed_t, drop_thr, rdrop, dropout = _dropout_args(dropout_p, seed, lse, segment_lengths, dilation_rates)
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               dout.stride(0), dout.stride(1), dout.stride(2), H, N, q_offset, Nq, out_scale * rdrop, seed_t, drop_thr)
     flags = dict(HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // Hkv, DROPOUT=dropout, **meta)
     _runner(_dilated_attn_bwd_dq_kernel)[_rows_grid(Nq, meta["L"], "BLOCK_M", B * H)](
-        q, k, v, dout, lse, delta, dq, scale, *common, WALKS=_walks_constexpr("bwd", "rows", meta, q_offset),
+        q, k, v, dout, lse, delta, dq, scale, *common, WALKS=_walks_constexpr("bwd", "rows", meta, nested, q_offset),
         **flags)
     _runner(_dilated_attn_bwd_dkdv_kernel)[_rows_grid(N, meta["L"], "BLOCK_N", B * Hkv)](
-        q, k, v, dout, lse, delta, dk, dv, scale, *common, WALKS=_walks_constexpr("bwd", "keys", meta, 0), **flags)
+        q, k, v, dout, lse, delta, dk, dv, scale, *common, WALKS=_walks_constexpr("bwd", "keys", meta, nested, 0),
+        **flags)
     return dq, dk, dv
