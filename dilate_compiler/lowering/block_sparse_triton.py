@@ -14,11 +14,13 @@ of the block size (``RAGGED``) and whether positions go through an index table (
 ``order``) are constexprs too. Block tiles (``BLOCK_M``, ``BLOCK_N``) divide the layout block size and are
 autotuned.
 
-Scheduling: programs start heaviest block rows first (longest-processing-time order). The launcher sorts each
-layout head's block rows (columns, for dK/dV) by list length, descending and stable (``TileOrder``), and a
-program's linear launch index maps to (rank, head) with the head varying fastest. A row that visits every key
-block (a global token's) then starts in the first wave instead of at its head's turn in the grid, where it
-ran alone at the end (local + global at 256K: a 2048-block row against rows of 16).
+Scheduling: programs start heaviest block rows first (longest-processing-time order), and programs of equal
+work launch in (head, block) order. The launcher sorts all (program head, block row) pairs (block columns, for
+dK/dV) by list length, descending and stable (``TileOrder``, one packed ``head * NB + block`` entry per pair), and
+a program's linear launch index reads its pair there. A row that visits every key block (a global token's) then
+starts in the first wave instead of at its head's turn in the grid, where it ran alone at the end (local + global
+at 256K: a 2048-block row against rows of 16); and the programs running at one time are neighbouring blocks of
+one head, which share most key blocks in L2 (a sliding window), instead of one block of every head.
 """
 
 from __future__ import annotations
@@ -137,17 +139,13 @@ def _fwd_tile(acc, m_i, l_i, q, p, jb, bits, k_base, v_base, Rows, stride_kn, Te
 
 
 @triton.jit
-def _heavy_first(TileOrder, NB, HEADS, PER_HEAD: tl.constexpr, BS: tl.constexpr, BLOCK: tl.constexpr):
-    """This program's (tile, head index): launch index ``lin`` -> rank ``lin // heads`` of its head's block rows
-    sorted by work (``TileOrder[head, rank]``), head ``lin % heads`` (all heads of one rank launch together)."""
-    n_heads = tl.num_programs(1)
+def _heavy_first(TileOrder, NB, BS: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's (tile, head index): launch index ``lin`` -> the (head, block) pair at ``lin // SUB`` of the
+    pairs sorted by work (``TileOrder``: ``head * NB + block``), sub-tile ``lin % SUB`` of that block."""
     lin = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    rank = lin // n_heads
-    bh = lin % n_heads
     SUB: tl.constexpr = BS // BLOCK
-    hl = (bh % HEADS) if PER_HEAD else 0
-    block = tl.load(TileOrder + hl * NB + rank // SUB)
-    return block * SUB + rank % SUB, bh
+    pair = tl.load(TileOrder + lin // SUB)
+    return (pair % NB) * SUB + lin % SUB, pair // NB
 
 
 @triton.jit
@@ -172,7 +170,7 @@ def _block_sparse_fwd_kernel(
     PER_HEAD: tl.constexpr, NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr, RAGGED: tl.constexpr,
     PERMUTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m, bh = _heavy_first(TileOrder, NB, H, PER_HEAD, BS, BLOCK_M)
+    pid_m, bh = _heavy_first(TileOrder, NB, BS, BLOCK_M)
     if pid_m * BLOCK_M >= N:   # a sub-tile past the end of the last (partial) block
         return
     b, h, p, row, n_part, n_tot = _query_tile(KvCount, pid_m, bh, H, NB, PER_HEAD, BS, BLOCK_M)
@@ -234,7 +232,7 @@ def _block_sparse_bwd_dq_kernel(
     PER_HEAD: tl.constexpr, NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr, RAGGED: tl.constexpr,
     PERMUTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m, bh = _heavy_first(TileOrder, NB, H, PER_HEAD, BS, BLOCK_M)
+    pid_m, bh = _heavy_first(TileOrder, NB, BS, BLOCK_M)
     if pid_m * BLOCK_M >= N:   # a sub-tile past the end of the last (partial) block
         return
     b, h, p, row, n_part, n_tot = _query_tile(KvCount, pid_m, bh, H, NB, PER_HEAD, BS, BLOCK_M)
@@ -305,7 +303,7 @@ def _block_sparse_bwd_dkdv_kernel(
     PERMUTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     HKV = H // GQA
-    pid_n, bkh = _heavy_first(TileOrder, NB, HKV, PER_HEAD, BS, BLOCK_N)
+    pid_n, bkh = _heavy_first(TileOrder, NB, BS, BLOCK_N)
     if pid_n * BLOCK_N >= N:
         return
     b = (bkh // HKV).to(tl.int64)                  # int64 base offsets, as in _query_tile
@@ -391,14 +389,16 @@ def _grid(n: int, bs: int, block: str, programs: int):
     return lambda META: (triton.cdiv(n, bs) * (bs // META[block]), programs)
 
 
-def tile_order(count, heads: int) -> torch.Tensor:
-    """``[heads, NB]`` int32: each layout head's blocks by list length (``count[..., 1]``), longest first,
-    stable. ``heads`` > the layout's heads (a per-head layout under GQA, seen from a kv head) sums the counts of
-    each group of consecutive heads."""
+def tile_order(count, heads: int, programs: int) -> torch.Tensor:
+    """``[programs * NB]`` int32: the launch order of the (program head, block) pairs, packed ``head * NB +
+    block``: most work (list length, ``count[..., 1]``) first; equal work in (head, block) order (a stable sort).
+    Program head ``x`` reads layout head ``x % heads``. ``heads`` < the layout's heads (a per-head layout under
+    GQA, seen from a kv head) sums the counts of each group of consecutive heads."""
     work = count[..., 1]
     if work.shape[0] > heads:
         work = work.view(heads, -1, work.shape[-1]).sum(1)
-    return torch.argsort(work, dim=-1, descending=True, stable=True).to(torch.int32).contiguous()
+    idx = torch.arange(programs, device=work.device) % work.shape[0]
+    return torch.argsort(work[idx].flatten(), descending=True, stable=True).to(torch.int32)
 
 
 def _flags(q, k, kv_idx, terms, order, checks, block_size, is_causal):
@@ -430,7 +430,7 @@ def block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size:
     nb = kv_idx.shape[1]
     _kernel("fwd", block_size)[_grid(N, block_size, "BLOCK_M", B * H)](
         q, k, v, out, lse, terms, _table_arg(coords, q, GRID_AXES), _table_arg(order, q, 1), kv_count, kv_idx,
-        kv_bits, tile_order(kv_count, kv_count.shape[0]), scale,
+        kv_bits, tile_order(kv_count, kv_count.shape[0], B * H), scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         out.stride(0), out.stride(1), out.stride(2), H, N, nb, kv_idx.shape[2],
         **_flags(q, k, kv_idx, terms, order, checks, block_size, is_causal))
@@ -460,9 +460,9 @@ def block_sparse_attn_bwd(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_b
     rows = _table_arg(order, q, 1)
     _kernel("dq", block_size)[_grid(N, block_size, "BLOCK_M", B * H)](
         q, k, v, dout, lse, delta, dq, terms, coords, rows, kv_count, kv_idx, kv_bits,
-        tile_order(kv_count, kv_count.shape[0]), scale, *strides, H, N, nb, kv_idx.shape[2], **flags)
+        tile_order(kv_count, kv_count.shape[0], B * H), scale, *strides, H, N, nb, kv_idx.shape[2], **flags)
     kv_heads = Hkv if q_count.shape[0] > 1 else 1
     _kernel("dkdv", block_size)[_grid(N, block_size, "BLOCK_N", B * Hkv)](
         q, k, v, dout, lse, delta, dk, dv, terms, coords, rows, q_count, q_idx, q_bits,
-        tile_order(q_count, kv_heads), scale, *strides, H, N, nb, q_idx.shape[2], **flags)
+        tile_order(q_count, kv_heads, B * Hkv), scale, *strides, H, N, nb, q_idx.shape[2], **flags)
     return dq, dk, dv

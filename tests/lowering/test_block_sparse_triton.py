@@ -70,11 +70,13 @@ def test_kernels_read_and_write_through_an_order_table(causal):
 
 
 def test_tile_order_puts_heavy_rows_first():
-    """Local + global: the global block row visits every key block, so it starts first; ties keep row order.
-    Per-head lists seen from kv heads sum each GQA group's counts."""
+    """Local + global: the global block row visits every key block, so it starts first, in every program head;
+    equal work keeps (head, block) order. Per-head lists seen from kv heads sum each GQA group's counts."""
     lay = (P.local(2) | P.global_tokens(16)).layout(16 * 6, 16, num_heads=1)
     assert lay.kv_count[0, :, 1].tolist() == [6, 3, 4, 4, 4, 3]
-    order = tile_order(lay.kv_count, 1)
-    assert order.dtype == torch.int32 and order.tolist() == [[0, 2, 3, 4, 1, 5]]
+    order = tile_order(lay.kv_count, 1, 1)
+    assert order.dtype == torch.int32 and order.tolist() == [0, 2, 3, 4, 1, 5]
+    assert tile_order(lay.kv_count, 1, 2).tolist() == [0, 6, 2, 3, 4, 8, 9, 10, 1, 5, 7, 11]
     count = torch.tensor([[[0, 1], [0, 5]], [[0, 1], [0, 1]], [[0, 9], [0, 1]], [[0, 1], [0, 1]]])
-    assert tile_order(count, 2).tolist() == [[1, 0], [0, 1]]
+    assert tile_order(count, 2, 2).tolist() == [2, 1, 0, 3]
+    assert tile_order(count, 2, 4).tolist() == [2, 6, 1, 5, 0, 3, 4, 7]
