@@ -59,6 +59,11 @@ class BlockSet:
     def mask(self, num_blocks: int, num_heads: int, device) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__}.mask")
 
+    def diagonal(self, delta: Tensor) -> Optional[Tensor]:
+        """bool, per block offset ``delta = I - J``: whether the set holds the pairs on that diagonal, when the
+        set depends on ``I - J`` only; else None."""
+        return None
+
 
 def _block_grid(num_blocks: int, device):
     i = torch.arange(num_blocks, device=device).view(1, -1, 1)
@@ -74,6 +79,9 @@ class LocalBlocks(BlockSet):
         i, j = _block_grid(num_blocks, device)
         return (i - j).abs() < self.window_blocks
 
+    def diagonal(self, delta):
+        return delta.abs() < self.window_blocks
+
 
 @dataclass(frozen=True)
 class DilatedBlocks(BlockSet):
@@ -85,6 +93,12 @@ class DilatedBlocks(BlockSet):
         for r in self.rates:
             m |= (i - j) % r == 0
         return m
+
+    def diagonal(self, delta):
+        on = torch.zeros_like(delta, dtype=torch.bool)
+        for r in self.rates:
+            on |= delta % r == 0
+        return on
 
 
 @dataclass(frozen=True)
@@ -455,6 +469,7 @@ def term_checks(terms: Tensor) -> int:
 
 
 def term_table(terms: Sequence[Term], device=None) -> Tensor:
+    """int32 ``[1 + len(terms), TERM_COLUMNS]``: row 0 always true, then each term's intervals."""
     rows = [UNBOUNDED * (3 + GRID_AXES)] + [t.d + t.p + t.j + sum(t.g, ()) for t in terms]
     return torch.tensor(rows, dtype=torch.int32, device=device)
 
@@ -497,6 +512,16 @@ def build_layout(pattern: Pattern, seq_len: int, block_size: int, *, num_heads: 
                          f"are supported (intersections multiply terms)")
     N, bs = seq_len, block_size
     nb = -(-N // bs)
+    table = term_table(pattern.terms)
+    checks = term_checks(table)
+    if _lists_on_gpu(pattern, device, schedule):
+        diag = _diagonals(pattern.terms, nb)
+        from .lowering.layout_triton import build_lists
+
+        table = table.to(device)
+        lists = build_lists(table, None if diag is None else diag.to(device), N, bs, is_causal)
+        return BlockLayout(N, bs, bool(is_causal), lists[0], table, *lists[1:], pattern.coordinates(N, device),
+                           schedule, checks)
     blk = torch.arange(nb, device=device, dtype=torch.int32)   # positions < INF = 2**30: int32 pairs
     lo = blk * bs
     hi = torch.clamp(lo + bs - 1, max=N - 1)
@@ -547,8 +572,32 @@ def build_layout(pattern: Pattern, seq_len: int, block_size: int, *, num_heads: 
     kv_count, kv_idx, kv_bits = _lists(state, bits, rank)
     q_count, q_idx, q_bits = _lists(state.transpose(1, 2), bits.transpose(1, 2),
                                     None if rank is None else rank.t())
-    return BlockLayout(N, bs, bool(is_causal), state, term_table(pattern.terms, device), kv_count, kv_idx, kv_bits,
-                       q_count, q_idx, q_bits, coords, schedule)
+    return BlockLayout(N, bs, bool(is_causal), state, table.to(device), kv_count, kv_idx, kv_bits,
+                       q_count, q_idx, q_bits, coords, schedule, checks)
+
+
+def _diagonals(terms: Sequence[Term], nb: int) -> Optional[Tensor]:
+    """int8 ``[1 + len(terms), 2 nb - 1]`` (CPU): row ``t`` the block diagonals ``I - J`` (at ``I - J + nb - 1``)
+    that term ``t``'s block sets allow; None when no term has block sets."""
+    if not any(t.blocks for t in terms):
+        return None
+    delta = torch.arange(-(nb - 1), nb)
+    rows = [torch.ones_like(delta, dtype=torch.bool)]
+    for t in terms:
+        on = torch.ones_like(delta, dtype=torch.bool)
+        for bset in t.blocks:
+            on &= bset.diagonal(delta)
+        rows.append(on)
+    return torch.stack(rows).to(torch.int8)
+
+
+def _lists_on_gpu(pattern: Pattern, device, schedule: str) -> bool:
+    """Whether ``build_layout`` runs the list kernels (``lowering.layout_triton``): a CUDA device, outside a
+    traced graph, the row schedule, no grid terms and block sets that depend on ``I - J`` only."""
+    if device is None or torch.device(device).type != "cuda" or schedule != "row" or torch.compiler.is_compiling():
+        return False
+    probe = torch.zeros(1, dtype=torch.long)
+    return all(not t.uses_grid and all(b.diagonal(probe) is not None for b in t.blocks) for t in pattern.terms)
 
 
 def _schedule_rank(schedule: str, nb: int, device) -> Optional[Tensor]:

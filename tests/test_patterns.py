@@ -219,3 +219,41 @@ def test_term_checks_name_the_bounded_columns():
     assert lay.checks & 0b11 == 0b11 and lay.checks >> 6 == 0
     assert P.local(1).layout(64, 16).checks == 0           # whole blocks: every visited block is full
     assert lay.to("cpu").checks == lay.checks
+
+
+GPU_LIST_PATTERNS = {
+    "window20": P.sliding_window(20),
+    "local3|global5": P.local(3) | P.global_tokens(5),
+    "dilated23&window40": P.dilated((2, 3)) & P.sliding_window(40),
+    "local2|dilated(4)|global40": P.local(2) | P.dilated((4,)) | P.global_tokens(40),
+}
+
+
+@pytest.mark.parametrize("name,causal,n", [(name, causal, 77) for name in sorted(GPU_LIST_PATTERNS)
+                                            for causal in (False, True)]
+                         + [("window20", True, 160), ("local3|global5", False, 160)])
+def test_list_kernels_equal_the_pytorch_build(name, causal, n):
+    """``build_layout``'s GPU path (``layout_triton``, run here under the interpreter on CPU tensors) gives the
+    PyTorch build's state, counts, lists and bits, slot for slot; chunks of 4 columns make each row's running
+    counts cross chunks. Ragged (77) and whole (160) blocks."""
+    from dilate_compiler.lowering.layout_triton import build_lists
+
+    pattern = GPU_LIST_PATTERNS[name]
+    want = pattern.layout(n, 8, is_causal=causal)
+    assert P._lists_on_gpu(pattern, "cuda", "row")
+    nb = -(-n // 8)
+    diag = P._diagonals(pattern.terms, nb)
+    got = build_lists(P.term_table(pattern.terms), diag, n, 8, causal, chunk=4)
+    names = ("state", "kv_count", "kv_idx", "kv_bits", "q_count", "q_idx", "q_bits")
+    for field_name, tensor in zip(names, got):
+        assert torch.equal(tensor, getattr(want, field_name)), field_name
+
+
+def test_list_kernels_serve_diagonal_block_sets_only():
+    """Random and per-head block sets, grid terms and the Hilbert schedule keep the PyTorch build."""
+    assert not P._lists_on_gpu(P.local(2) | P.random(2, seed=0), "cuda", "row")
+    assert not P._lists_on_gpu(P.neighborhood((4, 4), 1), "cuda", "row")
+    assert not P._lists_on_gpu(P.local(2), "cuda", "hilbert")
+    assert not P._lists_on_gpu(P.local(2), "cpu", "row")
+    assert P._diagonals(P.sliding_window(8).terms, 4) is None
+    assert P._diagonals(P.local(2).terms, 4)[1].tolist() == [0, 0, 1, 1, 1, 0, 0]

@@ -111,3 +111,18 @@ def test_adaptive_on_cuda_matches_the_exact_path():
     assert_close(out, ref, torch.bfloat16)
     out.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("name,pattern", [("window4096", P.sliding_window(4096)),
+                                          ("local8|global1", P.local(8) | P.global_tokens(1)),
+                                          ("dilated&window", P.dilated((2, 3)) & P.sliding_window(5000))])
+@pytest.mark.parametrize("n,causal", [(262144, False), (100_000, True)])
+def test_layout_built_on_cuda_equals_the_cpu_build(name, pattern, n, causal):
+    """A layout built on CUDA (the list kernels, two chunks of 1024 columns per row at 256K) equals the PyTorch
+    build on the CPU, tensor for tensor."""
+    assert P._lists_on_gpu(pattern, "cuda", "row")
+    got = pattern.layout(n, 128, is_causal=causal, device="cuda")
+    want = pattern.layout(n, 128, is_causal=causal)
+    for field_name in P.LAYOUT_TENSORS:
+        assert torch.equal(getattr(got, field_name).cpu(), getattr(want, field_name)), field_name
+    assert got.checks == want.checks
