@@ -12,7 +12,8 @@ Flex's block mask: --flex-mask create builds it with create_block_mask(_compile=
 call, which compiles, and its steady-state build are timed separately); --flex-mask from-layout hands Flex
 our layout's block lists (BlockMask.from_kv_blocks, the same partial/full split and mask_mod), which skips
 create_block_mask's minutes-long first compile and measures the kernels on identical block structure.
-Layout build: ours = pattern.layout(...) on the GPU (median of 5, after one warm call).
+Layout build: ours = pattern.layout(...) on the GPU (median of 5, after one warm call; that first call, which
+compiles the list kernels, is timed separately).
 Useful FLOPs: 4*D*H per allowed (query, key) pair; "computed" FLOPs count every token pair of a visited block.
 Times: medians of triton.testing.do_bench.
 """
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 import triton
 
 import dilate_compiler as dc
-from bench_dilated import bench, flex_block_mask
+from bench_dilated import bench, flex_block_mask, tuned_configs
 from dilate_compiler import patterns as P
 
 H, D, BS, WINDOW = 16, 64, 128, 4096
@@ -99,7 +100,11 @@ def main():
             q, k, v = (torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=a.backward)
                        for _ in range(3))
             row = {"pattern": name, "N": N, "H": H, "D": D, "block_size": BS, "causal": causal}
-            pattern.layout(N, BS, is_causal=causal, device="cuda")
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            pattern.layout(N, BS, is_causal=causal, device="cuda")    # the first call compiles the list kernels
+            torch.cuda.synchronize()
+            row["ours_layout_first_call_s"] = time.perf_counter() - t0
             times = []
             for _ in range(5):
                 torch.cuda.synchronize()
@@ -152,8 +157,13 @@ def main():
             print(json.dumps(row), flush=True)
             del q, k, v, lay, bm
             torch.cuda.empty_cache()
+    from dilate_compiler.lowering.block_sparse_triton import _autotuned
+
+    tuned = tuned_configs({kind: _autotuned(kind, BS) for kind in ("fwd", "dq", "dkdv")})
+    print("autotuned configs:", json.dumps(tuned, indent=1), flush=True)
     with open(os.path.join(a.out, "bench_block_sparse.json"), "w") as f:
-        json.dump({"device": dev, "torch": torch.__version__, "triton": triton.__version__, "rows": rows}, f, indent=1)
+        json.dump({"device": dev, "torch": torch.__version__, "triton": triton.__version__, "rows": rows,
+                   "tuned": tuned}, f, indent=1)
     print("\npattern        N        ours ms  flex ms  dense ms  x flex  ours TF/s(useful/computed) dense TF/s"
           "  layout ms  flex mask ms (first call s)")
     for r in rows:

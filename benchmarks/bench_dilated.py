@@ -271,10 +271,22 @@ def main():
                "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
         rows.append(row)
         _log(a.out, row)
+    from dilate_compiler.lowering import dilated_triton as dt
+
+    tuned = tuned_configs({"fwd": dt._dilated_attn_fwd_kernel, "dq": dt._dilated_attn_bwd_dq_kernel,
+                           "dkdv": dt._dilated_attn_bwd_dkdv_kernel})
+    print("autotuned configs:", json.dumps(tuned, indent=1), flush=True)
     with open(os.path.join(a.out, "bench_dilated.json"), "w") as f:
-        json.dump({"device": dev, "torch": torch.__version__, "triton": triton.__version__, "rows": rows}, f, indent=1)
+        json.dump({"device": dev, "torch": torch.__version__, "triton": triton.__version__, "rows": rows,
+                   "tuned": tuned}, f, indent=1)
     _summary(rows, methods)
     _plot(rows, methods, os.path.join(a.out, "bench_dilated.png"))
+
+
+def tuned_configs(kernels: dict) -> dict:
+    """The configs each autotuned kernel chose, per autotune key (the kernel's own cache)."""
+    return {name: {str(key): str(cfg) for key, cfg in getattr(kernel, "cache", {}).items()}
+            for name, kernel in kernels.items()}
 
 
 def _log(out_dir, row):

@@ -49,8 +49,10 @@ def _configs(kind: str):
     if kind == "fwd":
         space = ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 4, 3), (64, 64, 4, 3),
                  (64, 128, 4, 2), (128, 32, 4, 4))
-    else:
-        space = ((64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3))
+    else:   # the last two: long-resident tiles against short, deeply pipelined ones (dQ: 128 rows x 32 keys;
+        # dK/dV: 128 keys x 32 queries), the split of Triton's fused-attention backward
+        space = ((64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3),
+                 (128, 32, 4, 5), (32, 128, 4, 5))
     configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in space]
     return configs if AUTOTUNE else configs[:1]
 
