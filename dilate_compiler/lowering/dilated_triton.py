@@ -46,6 +46,12 @@ def _configs(kind: str):
     """Autotuning space over block sizes, warps and stages; the chosen config is cached per key."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    space = tile_space(kind)
+    return space if AUTOTUNE else space[:1]
+
+
+def tile_space(kind: str) -> list:
+    """Every tile configuration of the GPU autotuning space ``kind`` ("fwd" or "bwd"), pinned or not."""
     if kind == "fwd":
         space = ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 4, 3), (64, 64, 4, 3),
                  (64, 128, 4, 2), (128, 32, 4, 4))
@@ -53,8 +59,7 @@ def _configs(kind: str):
         # dK/dV: 128 keys x 32 queries), the split of Triton's fused-attention backward
         space = ((64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3),
                  (128, 32, 4, 5), (32, 128, 4, 5))
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in space]
-    return configs if AUTOTUNE else configs[:1]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in space]
 
 
 _KEY = ["N", "HEAD_DIM", "NUM_BRANCHES", "L", "IS_CAUSAL", "MIXING_LSE", "GQA", "DROPOUT", "WALKS",
@@ -1134,20 +1139,20 @@ def walks(nested: bool, w0: int, L: int, owned: int, walked: int, offset: int) -
     return 2 if w0 % span == 0 and offset % span == 0 else 1
 
 
-def _walks_constexpr(space: str, owner: str, meta: dict, nested: bool, offset: int) -> int:
-    """The kernels' constexpr ``WALKS`` over the autotuning space ``space`` ("fwd" or "bwd"): 2 (or 0) when
+def _walks_constexpr(kernel, owner: str, meta: dict, nested: bool, offset: int) -> int:
+    """The constexpr ``WALKS`` of an autotuned ``kernel`` over its configurations: 2 (or 0) when
     every configuration needs the walks only (the per-branch blocks only), else 1 (both compiled, chosen per
     program). Compiling one path instead of both halves the first call's compile time. ``owner``: "rows"
     (forward, dQ: query tiles own rows from ``offset`` on, key tiles are walked) or "keys" (dK/dV: key tiles of
     all N own the rows, query tiles are walked)."""
-    return _walks_over_space(space, owner, nested, meta["W0"], meta["L"], offset)
+    tiles = tuple((cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]) for cfg in kernel.configs)
+    return _walks_over_space(tiles, owner, nested, meta["W0"], meta["L"], offset)
 
 
 @functools.lru_cache(maxsize=1024)
-def _walks_over_space(space: str, owner: str, nested: bool, w0: int, L: int, offset: int) -> int:
+def _walks_over_space(tiles: tuple, owner: str, nested: bool, w0: int, L: int, offset: int) -> int:
     found = set()
-    for cfg in _configs(space):
-        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+    for bm, bn in tiles:
         owned, walked, start = (bm, bn, offset) if owner == "rows" else (bn, bm, 0)
         found.add(walks(nested, w0, L, owned, walked, start))
     return found.pop() if len(found) == 1 else 1
@@ -1224,7 +1229,7 @@ def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: boo
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         out.stride(0), out.stride(1), out.stride(2), H, N, q_offset, Nq, out_scale * rdrop, seed_t, drop_thr,
         HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // k.shape[1], DROPOUT=dropout,
-        WALKS=_walks_constexpr("fwd", "rows", meta, nested, q_offset), **meta)
+        WALKS=_walks_constexpr(_dilated_attn_fwd_kernel, "rows", meta, nested, q_offset), **meta)
     return out, lse
 
 
@@ -1247,10 +1252,10 @@ def dilated_attn_bwd(dout, q, k, v, out, lse, segment_lengths, dilation_rates, *
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               dout.stride(0), dout.stride(1), dout.stride(2), H, N, q_offset, Nq, out_scale * rdrop, seed_t, drop_thr)
     flags = dict(HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // Hkv, DROPOUT=dropout, **meta)
+    walks_dq = _walks_constexpr(_dilated_attn_bwd_dq_kernel, "rows", meta, nested, q_offset)
+    walks_dkdv = _walks_constexpr(_dilated_attn_bwd_dkdv_kernel, "keys", meta, nested, 0)
     _runner(_dilated_attn_bwd_dq_kernel)[_rows_grid(Nq, meta["L"], "BLOCK_M", B * H)](
-        q, k, v, dout, lse, delta, dq, scale, *common, WALKS=_walks_constexpr("bwd", "rows", meta, nested, q_offset),
-        **flags)
+        q, k, v, dout, lse, delta, dq, scale, *common, WALKS=walks_dq, **flags)
     _runner(_dilated_attn_bwd_dkdv_kernel)[_rows_grid(N, meta["L"], "BLOCK_N", B * Hkv)](
-        q, k, v, dout, lse, delta, dk, dv, scale, *common, WALKS=_walks_constexpr("bwd", "keys", meta, nested, 0),
-        **flags)
+        q, k, v, dout, lse, delta, dk, dv, scale, *common, WALKS=walks_dkdv, **flags)
     return dq, dk, dv

@@ -1,6 +1,8 @@
 """GPU subset (marker ``gpu``): the op on CUDA runs the Triton kernels; checked against float64 and against
 eager PyTorch's own error at the same dtype; the kernels appear in Inductor's output code."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -102,6 +104,55 @@ def test_nested_walks_on_cuda(D, is_causal, lo):
     dq, dk, dv = dilated_attn_bwd(dout[:, :, lo:hi].to(torch.bfloat16), q[:, :, lo:hi], k, v, out, lse, NESTED_SEGS,
                                   NESTED_RATES, q_offset=lo, **args)
     for name, a, b in zip(("dq", "dk", "dv"), (dq, dk, dv), (ref_grads[0][:, :, lo:hi], ref_grads[1], ref_grads[2])):
+        assert_close(a, b, torch.bfloat16, name)
+
+
+def _tile_cases():
+    from dilate_compiler.lowering.dilated_triton import tile_space
+
+    return [(kind, i) for kind in ("fwd", "bwd") for i in range(len(tile_space(kind)))]
+
+
+@contextlib.contextmanager
+def _pinned(kernels, config):
+    """Each autotuned kernel of ``kernels`` runs ``config`` alone (its choice cache emptied), then is restored."""
+    saved = [(kernel.configs, kernel.cache) for kernel in kernels]
+    for kernel in kernels:
+        kernel.configs, kernel.cache = [config], {}
+    try:
+        yield
+    finally:
+        for kernel, (configs, cache) in zip(kernels, saved):
+            kernel.configs, kernel.cache = configs, cache
+
+
+@pytest.mark.parametrize("kind,index", _tile_cases(), ids=lambda x: str(x))
+def test_every_tile_of_the_autotuning_space_matches_reference(kind, index):
+    """Whichever tile configuration the autotuner picks is exact: each one of the space, pinned in turn (the
+    forward kernel, or both backward kernels), on the nested pattern (walks; the causal diagonal), against
+    float64."""
+    from dilate_compiler.lowering import dilated_triton as dt
+
+    config = dt.tile_space(kind)[index]
+    kernels = ([dt._dilated_attn_fwd_kernel] if kind == "fwd"
+               else [dt._dilated_attn_bwd_dq_kernel, dt._dilated_attn_bwd_dkdv_kernel])
+    N, D = 4500, 64
+    g = torch.Generator(device="cuda").manual_seed(index)
+    q = torch.randn(1, 4, N, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 2, N, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    args = dict(is_causal=True, scale=D ** -0.5, mixing="lse")
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref = dc.Dilated(NESTED_SEGS, NESTED_RATES).reference(q64, k64, v64, is_causal=True, scale=D ** -0.5)
+    with _pinned(kernels if kind == "fwd" else [], config):
+        out, lse = dt.dilated_attn_fwd(q, k, v, NESTED_SEGS, NESTED_RATES, **args)
+    assert_close(out, ref, torch.bfloat16)
+    if kind == "fwd":
+        return
+    dout = torch.randn(ref.shape, device="cuda", generator=g, dtype=torch.float64)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout)
+    with _pinned(kernels, config):
+        grads = dt.dilated_attn_bwd(dout.to(torch.bfloat16), q, k, v, out, lse, NESTED_SEGS, NESTED_RATES, **args)
+    for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert_close(a, b, torch.bfloat16, name)
 
 
