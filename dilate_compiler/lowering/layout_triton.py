@@ -69,13 +69,18 @@ def _pair_class(Terms, Diag, I, J, N, NB, BS, NUM_TERMS: tl.constexpr, DIAG_TERM
 
 
 @triton.jit
-def _row_pairs(row, tr, col, NB):
-    """Block pairs of list row ``row`` (direction ``tr``: 0 key blocks of query block ``row``, 1 query blocks of
-    key block ``row``) at columns ``col``."""
+def _chunk(Terms, Diag, row, tr, c0, N, NB, BS, NUM_TERMS: tl.constexpr, DIAG_TERMS: tl.constexpr,
+           IS_CAUSAL: tl.constexpr, RAGGED: tl.constexpr, CHUNK: tl.constexpr):
+    """Columns ``c0 ..`` of list row ``row`` (direction ``tr``: 0 the key blocks of query block ``row``, 1 the
+    query blocks of key block ``row``): ``col``, ``inside`` (< NB), and the pairs' ``full``, ``part``, ``bits``
+    (full and partial false past NB)."""
+    col = c0 + tl.arange(0, CHUNK)
+    inside = col < NB
     rows = row + col * 0
     I = tl.where(tr == 0, rows, col)
     J = tl.where(tr == 0, col, rows)
-    return I, J
+    full, bits = _pair_class(Terms, Diag, I, J, N, NB, BS, NUM_TERMS, DIAG_TERMS, IS_CAUSAL, RAGGED)
+    return col, inside, full & inside, (bits != 0) & inside, bits
 
 
 @triton.jit
@@ -86,12 +91,8 @@ def _layout_count_kernel(Terms, Diag, State, Count, N, NB, BS, NUM_TERMS: tl.con
     n_part = 0
     n_full = 0
     for c0 in range(0, NB, CHUNK):
-        col = c0 + tl.arange(0, CHUNK)
-        inside = col < NB
-        I, J = _row_pairs(row, tr, col, NB)
-        full, bits = _pair_class(Terms, Diag, I, J, N, NB, BS, NUM_TERMS, DIAG_TERMS, IS_CAUSAL, RAGGED)
-        full = full & inside
-        part = (bits != 0) & inside
+        col, inside, full, part, bits = _chunk(Terms, Diag, row, tr, c0, N, NB, BS, NUM_TERMS, DIAG_TERMS,
+                                               IS_CAUSAL, RAGGED, CHUNK)
         n_part += tl.sum(part.to(tl.int32), 0)
         n_full += tl.sum(full.to(tl.int32), 0)
         state = tl.where(full, 2, tl.where(part, 1, 0)).to(tl.int8)
@@ -114,12 +115,8 @@ def _layout_list_kernel(Terms, Diag, Count, Idx, Bits, N, NB, BS, KW, QW, NUM_TE
     seen_full = 0
     seen_empty = 0
     for c0 in range(0, NB, CHUNK):
-        col = c0 + tl.arange(0, CHUNK)
-        inside = col < NB
-        I, J = _row_pairs(row, tr, col, NB)
-        full, bits = _pair_class(Terms, Diag, I, J, N, NB, BS, NUM_TERMS, DIAG_TERMS, IS_CAUSAL, RAGGED)
-        full = full & inside
-        part = (bits != 0) & inside
+        col, inside, full, part, bits = _chunk(Terms, Diag, row, tr, c0, N, NB, BS, NUM_TERMS, DIAG_TERMS,
+                                               IS_CAUSAL, RAGGED, CHUNK)
         empty = inside & ~full & ~part
         c_part = tl.cumsum(part.to(tl.int32), 0) + seen_part
         c_full = tl.cumsum(full.to(tl.int32), 0) + seen_full
