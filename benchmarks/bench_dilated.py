@@ -161,7 +161,7 @@ def dilated_flex_block_mask(N, segs, rates, causal, mask_mod, bs=128, device="cu
     from dilate_compiler import patterns as P
 
     state = dilated_block_state(N, segs, rates, causal, bs, device)[None]
-    count, idx, _ = P._lists(state, torch.zeros(state.shape, dtype=torch.int32, device=device))
+    count, idx, _ = P.block_lists(state, torch.zeros(state.shape, dtype=torch.int32, device=device))
     return flex_block_mask(count[0], idx[0], bs, N, mask_mod)
 
 

@@ -569,8 +569,8 @@ def build_layout(pattern: Pattern, seq_len: int, block_size: int, *, num_heads: 
     state = torch.where(full, FULL, torch.where(bits != 0, PARTIAL, EMPTY)).to(torch.int8)
     bits = torch.where(full, 0, bits)
     rank = _schedule_rank(schedule, nb, device)
-    kv_count, kv_idx, kv_bits = _lists(state, bits, rank)
-    q_count, q_idx, q_bits = _lists(state.transpose(1, 2), bits.transpose(1, 2),
+    kv_count, kv_idx, kv_bits = block_lists(state, bits, rank)
+    q_count, q_idx, q_bits = block_lists(state.transpose(1, 2), bits.transpose(1, 2),
                                     None if rank is None else rank.t())
     return BlockLayout(N, bs, bool(is_causal), state, table.to(device), kv_count, kv_idx, kv_bits,
                        q_count, q_idx, q_bits, coords, schedule, checks)
@@ -609,7 +609,7 @@ def _schedule_rank(schedule: str, nb: int, device) -> Optional[Tensor]:
     return inverse(curve_order((nb, nb))).view(nb, nb).to(device)
 
 
-def _lists(state: Tensor, bits: Tensor, rank: Optional[Tensor] = None):
+def block_lists(state: Tensor, bits: Tensor, rank: Optional[Tensor] = None):
     """Per row of ``state``: its non-empty columns, partial ones first, as int32 index lists; inside each part
     by column index, or by ``rank[row, col]`` when given. The list width is the longest row's (one host sync);
     slots past a row's count hold its empty columns in index order (never read by the kernels).
@@ -680,6 +680,6 @@ def expand_lists(terms, kv_count, kv_idx, kv_bits, seq_len: int, block_size: int
 
 
 __all__ = [
-    "BlockLayout", "Grid", "Pattern", "Term", "build_layout", "dilated", "from_layout", "global_tokens",
+    "BlockLayout", "Grid", "Pattern", "Term", "block_lists", "build_layout", "dilated", "from_layout", "global_tokens",
     "intersection", "local", "neighborhood", "random", "sliding_window", "union",
 ]

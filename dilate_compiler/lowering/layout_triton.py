@@ -9,7 +9,7 @@ query blocks) and walks its ``nb`` columns in chunks, recomputing each pair's cl
 1. ``_layout_count_kernel``: each row's (partial, total) counts, and the ``state`` table;
 2. the host reads the two list widths (the longest row of each direction: the one sync);
 3. ``_layout_list_kernel``: each column's slot is a running count (partials first, then fulls, then the empty
-   columns that fill the width), as in ``patterns._lists``, written with one scattered store per chunk.
+   columns that fill the width), as in ``patterns.block_lists``, written with one scattered store per chunk.
 
 It serves patterns whose block sets depend on ``I - J`` only (``local``, ``dilated``: a per-term table over the
 ``2 nb - 1`` diagonals), without grid terms, with one layout head and the row schedule; the others build in
@@ -131,10 +131,11 @@ def _layout_list_kernel(Terms, Diag, Count, Idx, Bits, N, NB, BS, KW, QW, NUM_TE
 
 
 def build_lists(terms: torch.Tensor, diag, seq_len: int, block_size: int, is_causal: bool, chunk: int = CHUNK):
-    """``(state, kv_count, kv_idx, kv_bits, q_count, q_idx, q_bits)`` of one layout head, as ``patterns._lists``
-    gives them, on ``terms``' device. ``terms``: the int32 term table (row 0 the always-true term); ``diag``:
-    int8 ``[T, 2 nb - 1]``, row ``t`` the diagonals ``I - J + nb - 1`` term ``t``'s block sets allow, or None
-    when no term has block sets. ``chunk``: columns per step of a program (a power of two)."""
+    """``(state, kv_count, kv_idx, kv_bits, q_count, q_idx, q_bits)`` of one layout head, as
+    ``patterns.block_lists`` gives them, on ``terms``' device. ``terms``: the int32 term table (row 0 the
+    always-true term); ``diag``: int8 ``[T, 2 nb - 1]``, row ``t`` the diagonals ``I - J + nb - 1`` that term
+    ``t``'s block sets allow, or None when no term has block sets. ``chunk``: columns per step of a program (a
+    power of two)."""
     device = terms.device
     nb = -(-seq_len // block_size)
     num_terms = terms.shape[0]
