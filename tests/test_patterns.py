@@ -240,7 +240,7 @@ def test_list_kernels_equal_the_pytorch_build(name, causal, n):
 
     pattern = GPU_LIST_PATTERNS[name]
     want = pattern.layout(n, 8, is_causal=causal)
-    assert P.block_lists_on_gpu(pattern, "cuda", "row")
+    assert P._lists_on_gpu(pattern, "cuda", "row")
     nb = -(-n // 8)
     diag = P._diagonals(pattern.terms, nb)
     got = build_lists(P.term_table(pattern.terms), diag, n, 8, causal, chunk=4)
@@ -251,9 +251,9 @@ def test_list_kernels_equal_the_pytorch_build(name, causal, n):
 
 def test_list_kernels_serve_diagonal_block_sets_only():
     """Random and per-head block sets, grid terms and the Hilbert schedule keep the PyTorch build."""
-    assert not P.block_lists_on_gpu(P.local(2) | P.random(2, seed=0), "cuda", "row")
-    assert not P.block_lists_on_gpu(P.neighborhood((4, 4), 1), "cuda", "row")
-    assert not P.block_lists_on_gpu(P.local(2), "cuda", "hilbert")
-    assert not P.block_lists_on_gpu(P.local(2), "cpu", "row")
+    assert not P._lists_on_gpu(P.local(2) | P.random(2, seed=0), "cuda", "row")
+    assert not P._lists_on_gpu(P.neighborhood((4, 4), 1), "cuda", "row")
+    assert not P._lists_on_gpu(P.local(2), "cuda", "hilbert")
+    assert not P._lists_on_gpu(P.local(2), "cpu", "row")
     assert P._diagonals(P.sliding_window(8).terms, 4) is None
     assert P._diagonals(P.local(2).terms, 4)[1].tolist() == [0, 0, 1, 1, 1, 0, 0]
