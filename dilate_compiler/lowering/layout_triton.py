@@ -19,6 +19,8 @@ PyTorch. The lists equal PyTorch's slot for slot. The kernels launch directly (n
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -148,11 +150,14 @@ def build_lists(terms: torch.Tensor, diag, seq_len: int, block_size: int, is_cau
                  RAGGED=seq_len % block_size != 0, CHUNK=min(chunk, triton.next_power_of_2(nb)))
     state = torch.empty(1, nb, nb, dtype=torch.int8, device=device)
     count = torch.empty(2, nb, 2, dtype=torch.int32, device=device)
-    _layout_count_kernel[(nb, 2)](terms, diag, state, count, seq_len, nb, block_size, **flags)
-    kw, qw = (max(w, 1) for w in count[:, :, 1].amax(1).tolist())    # the one host sync
-    idx = torch.empty(nb * (kw + qw), dtype=torch.int32, device=device)
-    bits = torch.empty(nb * (kw + qw), dtype=torch.int32, device=device)
-    _layout_list_kernel[(nb, 2)](terms, diag, count, idx, bits, seq_len, nb, block_size, kw, qw, **flags)
+    with contextlib.ExitStack() as launch:
+        if device.type == "cuda":                         # kernels launch on the current device: make it theirs
+            launch.enter_context(torch.cuda.device(device))
+        _layout_count_kernel[(nb, 2)](terms, diag, state, count, seq_len, nb, block_size, **flags)
+        kw, qw = (max(w, 1) for w in count[:, :, 1].amax(1).tolist())    # the one host sync
+        idx = torch.empty(nb * (kw + qw), dtype=torch.int32, device=device)
+        bits = torch.empty(nb * (kw + qw), dtype=torch.int32, device=device)
+        _layout_list_kernel[(nb, 2)](terms, diag, count, idx, bits, seq_len, nb, block_size, kw, qw, **flags)
     split = nb * kw
     return (state, count[:1], idx[:split].view(1, nb, kw), bits[:split].view(1, nb, kw), count[1:],
             idx[split:].view(1, nb, qw), bits[split:].view(1, nb, qw))
