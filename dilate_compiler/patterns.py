@@ -571,7 +571,7 @@ def build_layout(pattern: Pattern, seq_len: int, block_size: int, *, num_heads: 
     rank = _schedule_rank(schedule, nb, device)
     kv_count, kv_idx, kv_bits = block_lists(state, bits, rank)
     q_count, q_idx, q_bits = block_lists(state.transpose(1, 2), bits.transpose(1, 2),
-                                    None if rank is None else rank.t())
+                                         None if rank is None else rank.t())
     return BlockLayout(N, bs, bool(is_causal), state, table.to(device), kv_count, kv_idx, kv_bits,
                        q_count, q_idx, q_bits, coords, schedule, checks)
 

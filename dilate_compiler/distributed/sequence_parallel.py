@@ -362,8 +362,7 @@ def _backward_impl(dout, q, k, v, out, lse, key):
         dq, dk, dv = _sparse_backward(dout, q, k, v, lse, delta, group, rank, world, plan)
     else:
         dq, dk, dv = _ring_backward(dout, q, k, v, lse, delta, group, rank, world, plan, _dense_kernels(cfg, q))
-    # dk and dv may be views of one stacked buffer: copy, custom op outputs must not alias
-    return dq.to(q.dtype), dk.to(k.dtype, copy=True), dv.to(v.dtype, copy=True)
+    return dq.to(q.dtype), _unaliased(dk, k.dtype), _unaliased(dv, v.dtype)
 
 
 @torch.library.custom_op("dilate_compiler::sequence_parallel_forward", mutates_args=())

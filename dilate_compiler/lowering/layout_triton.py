@@ -25,7 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..patterns import TERM_COLUMNS
+
 CHUNK = 1024
+assert TERM_COLUMNS == 12   # _pair_class reads term rows of 12 ints
 
 
 @triton.jit
