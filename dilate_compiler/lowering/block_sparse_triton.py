@@ -7,6 +7,11 @@ full ones, with no mask at all. Empty blocks are never visited. All blocks of a 
 (one softmax over the union of allowed keys). The dK/dV program owns ``BLOCK_N`` keys of one kv head inside
 key block ``J``, loops over the query heads of its GQA group and walks the transposed lists ``q_idx[h, J]``.
 
+Loops: one flat loop per list part with one ``BLOCK_N`` (``BLOCK_M``) tile per iteration, the next tile's block
+read one iteration ahead, so the tile loads pipeline with as many buffers as a contiguous walk's; and the
+partial tiles' term test has no branch on the block's term bits (a branch kept the whole mask tile live and
+made the 128 x 128 tile spill). Both were found with a profile against FlexAttention's kernel on the same blocks.
+
 Specialisation: layout block size, head dim, causality, GQA ratio, per-head layout, the number of terms and
 the set of term-table columns that some term bounds (``checks``) are constexprs; the lists and the term
 intervals are tensors, so one compiled kernel serves every layout of a pattern family. Whether N is a multiple
@@ -79,16 +84,16 @@ def _token_ok(Terms, Coords, bits, p2, j2, N, IS_CAUSAL: tl.constexpr, NUM_TERMS
     dc1 = _coord_diff(d, Coords, pc, jc, 1, CHECKS)
     dc2 = _coord_diff(d, Coords, pc, jc, 2, CHECKS)
     for t in tl.static_range(NUM_TERMS):
-        if ((bits >> t) & 1) != 0:
-            row = Terms + t * 12
-            term = d == d
-            term = _within(term, d, row, 0, CHECKS)
-            term = _within(term, p2, row, 2, CHECKS)
-            term = _within(term, j2, row, 4, CHECKS)
-            term = _within(term, dc0, row, 6, CHECKS)
-            term = _within(term, dc1, row, 8, CHECKS)
-            term = _within(term, dc2, row, 10, CHECKS)
-            ok = ok | term
+        row = Terms + t * 12
+        term = d == d
+        term = _within(term, d, row, 0, CHECKS)
+        term = _within(term, p2, row, 2, CHECKS)
+        term = _within(term, j2, row, 4, CHECKS)
+        term = _within(term, dc0, row, 6, CHECKS)
+        term = _within(term, dc1, row, 8, CHECKS)
+        term = _within(term, dc2, row, 10, CHECKS)
+        ok = ok | (term & (((bits >> t) & 1) != 0))   # no branch on the block's bits: a branch materialises the
+        # whole mask tile in registers (128 x 128 tiles then spilled)
     if RAGGED:
         ok = ok & (j2 < N) & (p2 < N)
     if IS_CAUSAL:
@@ -123,18 +128,35 @@ def _load_kv(k_base, v_base, Rows, j, stride_kn, N, MASK: tl.constexpr, RAGGED: 
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, p, jb, bits, k_base, v_base, Rows, stride_kn, Terms, Coords, N, qk_scale,
-              MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr,
-              RAGGED: tl.constexpr, PERMUTED: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-              HEAD_DIM: tl.constexpr):
-    for sub in tl.static_range(0, BS, BLOCK_N):
-        j = jb * BS + sub + tl.arange(0, BLOCK_N)
+def _list_entry(Idx, Bits, e, ok, MASK: tl.constexpr):
+    """Block ``Idx[e]`` of a list row and its term bits (``MASK``; else 0); 0 where ``ok`` is false."""
+    blk = tl.load(Idx + e, mask=ok, other=0)
+    bits = 0
+    if MASK:
+        bits = tl.load(Bits + e, mask=ok, other=0)
+    return blk, bits
+
+
+@triton.jit
+def _fwd_blocks(acc, m_i, l_i, q, p, Idx, Bits, lo, hi, k_base, v_base, Rows, stride_kn, Terms, Coords, N, qk_scale,
+                MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr,
+                RAGGED: tl.constexpr, PERMUTED: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+                HEAD_DIM: tl.constexpr):
+    """The key blocks of list entries ``[lo, hi)`` of row ``Idx`` / ``Bits``, one ``BLOCK_N`` tile per iteration.
+    The next tile's block is read one iteration ahead, so the K and V loads pipeline as a contiguous walk's do
+    (a load whose address comes from a load of the same iteration gets one buffer fewer)."""
+    SUB: tl.constexpr = BS // BLOCK_N
+    last = tl.maximum(hi - 1, lo)
+    blk, bits = _list_entry(Idx, Bits, lo, lo < hi, MASK)
+    for t in range(lo * SUB, hi * SUB):
+        j = blk * BS + (t % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
         k, v = _load_kv(k_base, v_base, Rows, j, stride_kn, N, MASK, RAGGED, PERMUTED, HEAD_DIM)
         s = (tl.dot(q, tl.trans(k)) * qk_scale).to(tl.float32)
         if MASK:
             ok = _token_ok(Terms, Coords, bits, p[:, None], j[None, :], N, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED)
             s = tl.where(ok, s, float("-inf"))
         acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, v, MASK)
+        blk, bits = _list_entry(Idx, Bits, tl.minimum((t + 1) // SUB, last), True, MASK)
     return acc, m_i, l_i
 
 
@@ -185,17 +207,13 @@ def _block_sparse_fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for e in range(0, n_part):
-        jb = tl.load(KvIdx + row * KW + e)
-        bits = tl.load(KvBits + row * KW + e)
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, p, jb, bits, k_base, v_base, Rows, stride_kn, Terms, Coords,
-                                  N, qk_scale, True, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED, PERMUTED, BS, BLOCK_N,
-                                  HEAD_DIM)
-    for e in range(n_part, n_tot):
-        jb = tl.load(KvIdx + row * KW + e)
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, p, jb, 0, k_base, v_base, Rows, stride_kn, Terms, Coords, N,
-                                  qk_scale, False, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED, PERMUTED, BS, BLOCK_N,
-                                  HEAD_DIM)
+    idx, bits = KvIdx + row * KW, KvBits + row * KW
+    acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, p, idx, bits, 0, n_part, k_base, v_base, Rows, stride_kn, Terms,
+                                Coords, N, qk_scale, True, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED, PERMUTED, BS, BLOCK_N,
+                                HEAD_DIM)
+    acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, p, idx, bits, n_part, n_tot, k_base, v_base, Rows, stride_kn, Terms,
+                                Coords, N, qk_scale, False, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED, PERMUTED, BS,
+                                BLOCK_N, HEAD_DIM)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i > 0.0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
@@ -205,12 +223,16 @@ def _block_sparse_fwd_kernel(
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse2, delta, p, jb, bits, k_base, v_base, Rows, stride_kn, Terms, Coords, N, qk_scale,
-             MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr,
-             RAGGED: tl.constexpr, PERMUTED: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-             HEAD_DIM: tl.constexpr):
-    for sub in tl.static_range(0, BS, BLOCK_N):
-        j = jb * BS + sub + tl.arange(0, BLOCK_N)
+def _dq_blocks(dq, q, do, lse2, delta, p, Idx, Bits, lo, hi, k_base, v_base, Rows, stride_kn, Terms, Coords, N,
+               qk_scale, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr,
+               RAGGED: tl.constexpr, PERMUTED: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+               HEAD_DIM: tl.constexpr):
+    """dQ over the key blocks of list entries ``[lo, hi)`` (the loop of ``_fwd_blocks``)."""
+    SUB: tl.constexpr = BS // BLOCK_N
+    last = tl.maximum(hi - 1, lo)
+    blk, bits = _list_entry(Idx, Bits, lo, lo < hi, MASK)
+    for t in range(lo * SUB, hi * SUB):
+        j = blk * BS + (t % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
         k, v = _load_kv(k_base, v_base, Rows, j, stride_kn, N, MASK, RAGGED, PERMUTED, HEAD_DIM)
         s = (tl.dot(q, tl.trans(k)) * qk_scale).to(tl.float32)
         pr = tl.exp2(s - lse2[:, None])
@@ -220,6 +242,7 @@ def _dq_tile(dq, q, do, lse2, delta, p, jb, bits, k_base, v_base, Rows, stride_k
         dp = tl.dot(do, tl.trans(v)).to(tl.float32)
         ds = pr * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
+        blk, bits = _list_entry(Idx, Bits, tl.minimum((t + 1) // SUB, last), True, MASK)
     return dq
 
 
@@ -249,26 +272,27 @@ def _block_sparse_bwd_dq_kernel(
     v_base = V + b * stride_kb + (h // GQA) * stride_kh
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for e in range(0, n_part):
-        jb = tl.load(KvIdx + row * KW + e)
-        bits = tl.load(KvBits + row * KW + e)
-        dq = _dq_tile(dq, q, do, lse2, delta, p, jb, bits, k_base, v_base, Rows, stride_kn, Terms, Coords, N,
-                      qk_scale, True, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED, PERMUTED, BS, BLOCK_N, HEAD_DIM)
-    for e in range(n_part, n_tot):
-        jb = tl.load(KvIdx + row * KW + e)
-        dq = _dq_tile(dq, q, do, lse2, delta, p, jb, 0, k_base, v_base, Rows, stride_kn, Terms, Coords, N,
-                      qk_scale, False, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED, PERMUTED, BS, BLOCK_N, HEAD_DIM)
+    idx, bits = KvIdx + row * KW, KvBits + row * KW
+    dq = _dq_blocks(dq, q, do, lse2, delta, p, idx, bits, 0, n_part, k_base, v_base, Rows, stride_kn, Terms, Coords,
+                    N, qk_scale, True, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED, PERMUTED, BS, BLOCK_N, HEAD_DIM)
+    dq = _dq_blocks(dq, q, do, lse2, delta, p, idx, bits, n_part, n_tot, k_base, v_base, Rows, stride_kn, Terms,
+                    Coords, N, qk_scale, False, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED, PERMUTED, BS, BLOCK_N, HEAD_DIM)
     tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, j, ib, bits, q_base, do_base, lse_base, delta_base, Rows, stride_qn, stride_on,
-               Terms, Coords, N, qk_scale, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr,
-               CHECKS: tl.constexpr, RAGGED: tl.constexpr, PERMUTED: tl.constexpr, BS: tl.constexpr,
-               BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _dkdv_blocks(dk, dv, k, v, j, Idx, Bits, lo, hi, q_base, do_base, lse_base, delta_base, Rows, stride_qn,
+                 stride_on, Terms, Coords, N, qk_scale, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                 NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr, RAGGED: tl.constexpr, PERMUTED: tl.constexpr,
+                 BS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """dK, dV from the query blocks of list entries ``[lo, hi)`` of a transposed list row, one ``BLOCK_M`` tile
+    per iteration (the next tile's block read one iteration ahead, as in ``_fwd_blocks``)."""
+    SUB: tl.constexpr = BS // BLOCK_M
     offs_d = tl.arange(0, HEAD_DIM)
-    for sub in tl.static_range(0, BS, BLOCK_M):
-        p = ib * BS + sub + tl.arange(0, BLOCK_M)
+    last = tl.maximum(hi - 1, lo)
+    blk, bits = _list_entry(Idx, Bits, lo, lo < hi, MASK)
+    for t in range(lo * SUB, hi * SUB):
+        p = blk * BS + (t % SUB) * BLOCK_M + tl.arange(0, BLOCK_M)
         r = _rows(Rows, p, N, PERMUTED, RAGGED)
         if MASK and RAGGED:
             p_ok = p < N
@@ -290,6 +314,7 @@ def _dkdv_tile(dk, dv, k, v, j, ib, bits, q_base, do_base, lse_base, delta_base,
         dpt = tl.dot(v, tl.trans(do)).to(tl.float32)
         dst = pt * (dpt - delta[None, :])
         dk = tl.dot(dst.to(q.dtype), q, dk)
+        blk, bits = _list_entry(Idx, Bits, tl.minimum((t + 1) // SUB, last), True, MASK)
     return dk, dv
 
 
@@ -329,17 +354,13 @@ def _block_sparse_bwd_dkdv_kernel(
         do_base = DO + b * stride_ob + h * stride_oh
         lse_base = Lse + (b * H + h) * N
         delta_base = Delta + (b * H + h) * N
-        for e in range(0, n_part):
-            ib = tl.load(QIdx + col * QW + e)
-            bits = tl.load(QBits + col * QW + e)
-            dk, dv = _dkdv_tile(dk, dv, k, v, j, ib, bits, q_base, do_base, lse_base, delta_base, Rows, stride_qn,
-                                stride_on, Terms, Coords, N, qk_scale, True, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED,
-                                PERMUTED, BS, BLOCK_M, HEAD_DIM)
-        for e in range(n_part, n_tot):
-            ib = tl.load(QIdx + col * QW + e)
-            dk, dv = _dkdv_tile(dk, dv, k, v, j, ib, 0, q_base, do_base, lse_base, delta_base, Rows, stride_qn,
-                                stride_on, Terms, Coords, N, qk_scale, False, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED,
-                                PERMUTED, BS, BLOCK_M, HEAD_DIM)
+        idx, bits = QIdx + col * QW, QBits + col * QW
+        dk, dv = _dkdv_blocks(dk, dv, k, v, j, idx, bits, 0, n_part, q_base, do_base, lse_base, delta_base, Rows,
+                              stride_qn, stride_on, Terms, Coords, N, qk_scale, True, IS_CAUSAL, NUM_TERMS, CHECKS,
+                              RAGGED, PERMUTED, BS, BLOCK_M, HEAD_DIM)
+        dk, dv = _dkdv_blocks(dk, dv, k, v, j, idx, bits, n_part, n_tot, q_base, do_base, lse_base, delta_base, Rows,
+                              stride_qn, stride_on, Terms, Coords, N, qk_scale, False, IS_CAUSAL, NUM_TERMS, CHECKS,
+                              RAGGED, PERMUTED, BS, BLOCK_M, HEAD_DIM)
     tl.store(DK + kv_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
 
@@ -347,17 +368,24 @@ def _block_sparse_bwd_dkdv_kernel(
 # --- launchers -------------------------------------------------------------------------------------------
 
 
-def _space(kind: str, bs: int):
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+def tile_space(kind: str, bs: int) -> list:
+    """Every tile configuration of the GPU autotuning space ``kind`` ("fwd" or "bwd") whose tiles divide the
+    layout block size ``bs``, pinned or not."""
     if kind == "fwd":
         space = ((128, 64, 4, 3), (128, 128, 8, 2), (128, 128, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3),
                  (128, 32, 4, 4), (64, 128, 4, 2),
                  (64, 64, 4, 2), (64, 64, 4, 4), (64, 32, 4, 3), (32, 64, 4, 3), (32, 32, 4, 3), (16, 16, 4, 2))
-    else:
-        space = ((64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2), (16, 16, 4, 2))
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-               for m, n, w, s in space if m <= bs and n <= bs]
+    else:   # the last two: the dilated kernels' split (long resident tiles against short, deeply pipelined ones)
+        space = ((64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2), (16, 16, 4, 2),
+                 (128, 32, 4, 5), (32, 128, 4, 5))
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in space if m <= bs and n <= bs]
+
+
+def _space(kind: str, bs: int):
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    configs = tile_space(kind, bs)
     return configs if AUTOTUNE else configs[:1]
 
 

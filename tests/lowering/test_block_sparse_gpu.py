@@ -72,6 +72,41 @@ def test_op_on_cuda_runs_kernels_and_matches_reference(case):
         assert_close(a, b, dtype, name_, eager_err=rel_err(e, b))
 
 
+def _tile_cases():
+    from dilate_compiler.lowering.block_sparse_triton import tile_space
+
+    return [(kind, i) for kind in ("fwd", "bwd") for i in range(len(tile_space(kind, 128)))]
+
+
+@pytest.mark.parametrize("kind,index", _tile_cases(), ids=lambda x: str(x))
+def test_every_tile_of_the_autotuning_space_matches_reference(kind, index):
+    """Whichever tile configuration the autotuner picks is exact: each one of the space, pinned in turn (the
+    forward kernel, or both backward kernels), on a causal window with partial blocks, a ragged end and GQA,
+    against float64."""
+    from dilate_compiler.lowering import block_sparse_triton as bt
+    from tests.lowering.test_dilated_gpu import _pinned
+
+    config = bt.tile_space(kind, 128)[index]
+    kernels = [bt._autotuned("fwd", 128)] if kind == "fwd" else [bt._autotuned("dq", 128), bt._autotuned("dkdv", 128)]
+    N, D, pattern = 1000, 64, P.sliding_window(300) | P.global_tokens(5)
+    g = torch.Generator(device="cuda").manual_seed(index)
+    q, k, v = (torch.randn(1, h, N, D, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+               for h in (4, 2, 2))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = dense_reference(q64, k64, v64, pattern.token_mask(N, 128, num_heads=4, is_causal=True, device="cuda"))
+    with _pinned(kernels if kind == "fwd" else [], config):
+        out = dc.ops.block_sparse_attention(q, k, v, pattern, block_size=128, is_causal=True)
+    assert_close(out, ref, torch.bfloat16)
+    if kind == "fwd":
+        return
+    dout = torch.randn(ref.shape, device="cuda", generator=g, dtype=torch.float64)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout)
+    with _pinned(kernels, config):
+        grads = torch.autograd.grad(out, (q, k, v), dout.to(torch.bfloat16))
+    for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close(a, b, torch.bfloat16, name)
+
+
 def test_block_size_256_runs_the_exact_path_and_says_why():
     q = torch.randn(1, 2, 600, 64, device="cuda", dtype=torch.bfloat16)
     assert not use_kernels(q, 256)
