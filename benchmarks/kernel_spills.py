@@ -1,0 +1,95 @@
+"""Registers, spills and pipelining of the block-sparse kernels' tile spaces, compiled for a GPU target without a
+GPU (Triton's compiler and its bundled ptxas; the numbers are for the installed Triton version).
+
+    python benchmarks/kernel_spills.py [--arch 90] [--kinds fwd,dq,dkdv] [--n 262144]
+
+Per tile configuration: ptxas registers and spill bytes, shared memory, and the ``async_wait`` counts of the
+Triton GPU IR (``num = 0`` at the top of a loop: no copy in flight across iterations, i.e. no prefetch).
+The kernels are specialised as for a causal sliding window at N (block size 128, D=64, bf16, one head layout).
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from dilate_compiler.lowering import block_sparse_triton as bt
+
+
+
+def _jit_fn(kernel):
+    while not hasattr(kernel, "arg_names"):
+        kernel = kernel.fn
+    return kernel
+
+
+def compile_for(kernel, values: dict, num_warps: int, num_stages: int, arch: int):
+    """``values``: argument name -> type string ('*bf16', 'fp32'), ('i32', value) or a constexpr value. Returns
+    (compiled kernel, ptxas report)."""
+    fn = _jit_fn(kernel)
+    sig, consts, attrs = {}, {}, {}
+    for i, name in enumerate(fn.arg_names):
+        v = values[name]
+        if isinstance(v, str):
+            sig[name] = v
+            if v.startswith("*"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, tuple) and v[1] != 1:          # Triton specialises integers equal to 1 as constants
+            sig[name] = v[0]
+            if v[1] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            sig[name], consts[name] = "constexpr", v[1] if isinstance(v, tuple) else v
+    ck = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
+                        options={"num_warps": num_warps, "num_stages": num_stages})
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ck.asm["ptx"])
+    sm = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+    from triton.backends.nvidia.compiler import get_ptxas   # the ptxas this Triton uses for the target
+
+    report = subprocess.run([get_ptxas(arch).path, f"-arch={sm}", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+    os.unlink(f.name)
+    return ck, report.stdout + report.stderr
+
+
+def window_values(n: int) -> dict:
+    h, d = 16, 64
+    strides = {f"stride_{t}{a}": ("i32", s) for t in "qkob" for a, s in (("b", h * n * d), ("h", n * d), ("n", d))}
+    return dict(Q="*bf16", K="*bf16", V="*bf16", Out="*bf16", DO="*bf16", DQ="*bf16", DK="*bf16", DV="*bf16",
+                Lse="*fp32", Delta="*fp32", Terms="*i32", Coords="*i32", Rows="*i32", KvCount="*i32", KvIdx="*i32",
+                KvBits="*i32", QCount="*i32", QIdx="*i32", QBits="*i32", TileOrder="*i32", sm_scale="fp32",
+                H=("i32", h), N=("i32", n), NB=("i32", n // 128), KW=("i32", 34), QW=("i32", 34),
+                HEAD_DIM=d, BS=128, IS_CAUSAL=True, GQA=1, PER_HEAD=False, NUM_TERMS=2, CHECKS=3, RAGGED=False,
+                PERMUTED=False, **strides)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--kinds", default="fwd,dq,dkdv")
+    ap.add_argument("--n", type=int, default=262144)
+    a = ap.parse_args()
+    kernels = {"fwd": bt._block_sparse_fwd_kernel, "dq": bt._block_sparse_bwd_dq_kernel,
+               "dkdv": bt._block_sparse_bwd_dkdv_kernel}
+    print(f"triton {triton.__version__}, sm_{a.arch}")
+    print("kernel  tile (M, N, warps, stages)  registers  spill bytes (st/ld)  shared bytes  async_wait nums")
+    for kind in a.kinds.split(","):
+        for cfg in bt.tile_space("fwd" if kind == "fwd" else "bwd", 128):
+            bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+            values = dict(window_values(a.n), BLOCK_M=bm, BLOCK_N=bn)
+            ck, report = compile_for(kernels[kind], values, cfg.num_warps, cfg.num_stages, a.arch)
+            regs = re.search(r"Used (\d+) registers", report)
+            spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+            waits = re.findall(r"async_wait[^\n]*num = (\d+)", ck.asm["ttgir"])
+            print(f"{kind:<7} {str((bm, bn, cfg.num_warps, cfg.num_stages)):<27} {regs.group(1) if regs else '?':>9}"
+                  f"  {spill.group(1) + '/' + spill.group(2) if spill else '?':>19}  {ck.metadata.shared:>12}"
+                  f"  {','.join(waits)}")
+
+
+if __name__ == "__main__":
+    main()
