@@ -23,7 +23,8 @@ from dilate_compiler.lowering import block_sparse_triton as bt
 
 
 def _jit_fn(kernel):
-    while not hasattr(kernel, "arg_names"):
+    """The ``triton.jit`` function under autotuning / heuristics wrappers."""
+    while not isinstance(kernel, triton.runtime.JITFunction):
         kernel = kernel.fn
     return kernel
 
