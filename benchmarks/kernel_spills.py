@@ -1,11 +1,14 @@
-"""Registers, spills and pipelining of the block-sparse kernels' tile spaces, compiled for a GPU target without a
-GPU (Triton's compiler and its bundled ptxas; the numbers are for the installed Triton version).
+"""Registers, spills and pipelining of the kernels' tile spaces, compiled for a GPU target without a GPU (Triton's
+compiler and its bundled ptxas; the numbers are for the installed Triton version).
 
-    python benchmarks/kernel_spills.py [--arch 90] [--kinds fwd,dq,dkdv] [--n 262144]
+    python benchmarks/kernel_spills.py [--family block-sparse|dilated] [--arch 90] [--kinds fwd,dq,dkdv]
+                                       [--n 262144] [--causal]
 
 Per tile configuration: ptxas registers and spill bytes, shared memory, and the ``async_wait`` counts of the
 Triton GPU IR (``num = 0`` at the top of a loop: no copy in flight across iterations, i.e. no prefetch).
-The kernels are specialised as for a causal sliding window at N (block size 128, D=64, bf16, one head layout).
+Specialisation: block-sparse as for the causal sliding window at N (block size 128, D=64, bf16, one head
+layout); dilated as config A (H=16, D=64, segments 2048..16384, rates 1..8, ``mixing="lse"``) at N, causal with
+``--causal``.
 """
 
 import argparse
@@ -19,6 +22,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from dilate_compiler.lowering import block_sparse_triton as bt
+from dilate_compiler.lowering import dilated_triton as dt
 
 
 
@@ -53,7 +57,8 @@ def compile_for(kernel, values: dict, num_warps: int, num_stages: int, arch: int
     sm = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
     from triton.backends.nvidia.compiler import get_ptxas   # the ptxas this Triton uses for the target
 
-    report = subprocess.run([get_ptxas(arch).path, f"-arch={sm}", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+    report = subprocess.run([get_ptxas(arch).path, f"-arch={sm}", "-v", f.name, "-o", os.devnull],
+                            capture_output=True, text=True)
     os.unlink(f.name)
     return ck, report.stdout + report.stderr
 
@@ -69,21 +74,46 @@ def window_values(n: int) -> dict:
                 PERMUTED=False, **strides)
 
 
+def config_a_values(n: int, causal: bool, kind: str, bm: int, bn: int) -> dict:
+    h, d = 16, 64
+    meta, _, nested = dt._launch_pattern((2048, 4096, 8192, 16384), (1, 2, 4, 8), "lse", h, 0.0)
+    walks = dt._walks_over_space(((bm, bn),), "keys" if kind == "dkdv" else "rows", nested, meta["W0"], meta["L"], 0)
+    strides = {f"stride_{t}{a}": ("i32", s) for t in "qko" for a, s in (("b", h * n * d), ("h", n * d), ("n", d))}
+    return dict(Q="*bf16", K="*bf16", V="*bf16", Out="*bf16", DO="*bf16", DQ="*bf16", DK="*bf16", DV="*bf16",
+                Lse="*fp32", Delta="*fp32", sm_scale="fp32", H=("i32", h), N=("i32", n), Q_LO=("i32", 0),
+                N_Q=("i32", n), out_scale="fp32", Seed="*i64", drop_thr=("i32", 0), HEAD_DIM=d, IS_CAUSAL=causal,
+                GQA=1, DROPOUT=0, WALKS=walks, **meta, **strides)
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--family", default="block-sparse", choices=("block-sparse", "dilated"))
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--kinds", default="fwd,dq,dkdv")
     ap.add_argument("--n", type=int, default=262144)
+    ap.add_argument("--causal", action="store_true")
     a = ap.parse_args()
-    kernels = {"fwd": bt._block_sparse_fwd_kernel, "dq": bt._block_sparse_bwd_dq_kernel,
-               "dkdv": bt._block_sparse_bwd_dkdv_kernel}
-    print(f"triton {triton.__version__}, sm_{a.arch}")
+    if a.family == "block-sparse":
+        kernels = {"fwd": bt._block_sparse_fwd_kernel, "dq": bt._block_sparse_bwd_dq_kernel,
+                   "dkdv": bt._block_sparse_bwd_dkdv_kernel}
+        space = lambda kind: bt.tile_space(kind, 128)     # noqa: E731
+    else:
+        kernels = {"fwd": dt._dilated_attn_fwd_kernel, "dq": dt._dilated_attn_bwd_dq_kernel,
+                   "dkdv": dt._dilated_attn_bwd_dkdv_kernel}
+        space = dt.tile_space
+    causal = a.causal or a.family == "block-sparse"
+    print(f"triton {triton.__version__}, sm_{a.arch}, {a.family}, causal={causal}")
     print("kernel  tile (M, N, warps, stages)  registers  spill bytes (st/ld)  shared bytes  async_wait nums")
     for kind in a.kinds.split(","):
-        for cfg in bt.tile_space("fwd" if kind == "fwd" else "bwd", 128):
+        for cfg in space("fwd" if kind == "fwd" else "bwd"):
             bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-            values = dict(window_values(a.n), BLOCK_M=bm, BLOCK_N=bn)
-            ck, report = compile_for(kernels[kind], values, cfg.num_warps, cfg.num_stages, a.arch)
+            if a.family == "block-sparse":
+                values = window_values(a.n)
+            else:
+                values = config_a_values(a.n, a.causal, kind, bm, bn)
+            fn = _jit_fn(kernels[kind])
+            values = {name: val for name, val in dict(values, BLOCK_M=bm, BLOCK_N=bn).items() if name in fn.arg_names}
+            ck, report = compile_for(fn, values, cfg.num_warps, cfg.num_stages, a.arch)
             regs = re.search(r"Used (\d+) registers", report)
             spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
             waits = re.findall(r"async_wait[^\n]*num = (\d+)", ck.asm["ttgir"])
