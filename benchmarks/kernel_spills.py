@@ -5,7 +5,10 @@ compiler and its bundled ptxas; the numbers are for the installed Triton version
                                        [--n 262144] [--causal]
 
 Per tile configuration: ptxas registers and spill bytes, shared memory, and the ``async_wait`` counts of the
-Triton GPU IR (``num = 0`` at the top of a loop: no copy in flight across iterations, i.e. no prefetch).
+Triton GPU IR: how many copies may still be in flight at each wait. ``num = 0`` at a loop's top: every copy
+issued so far lands before the iteration computes, so tiles are fetched at most one iteration ahead (the block-sparse
+loops before their flat form issued those copies at the end of the body, after the compute); ``num = 2`` (3 stages)
+keeps copies in flight two iterations ahead.
 Specialisation: block-sparse as for the causal sliding window at N (block size 128, D=64, bf16, one head
 layout); dilated as config A (H=16, D=64, segments 2048..16384, rates 1..8, ``mixing="lse"``) at N, causal with
 ``--causal``.

@@ -79,6 +79,12 @@ def _branch_offset(h, BRANCH: tl.constexpr, R: tl.constexpr, HG_START: tl.conste
     return o, sel
 
 
+@triton.constexpr_function
+def _before(i):
+    """The branch before branch ``i`` (0 for branch 0: the ``W_PREV`` of walk 0, which it doesn't read)."""
+    return max(i - 1, 0)
+
+
 @triton.jit
 def _dropout_keep(seed, p, u, stream, drop_thr):
     """Dropout keep flags of the (query ``p``, key) pairs (broadcast) in one stream (``(b * H + h) *
@@ -539,6 +545,9 @@ def _dilated_attn_fwd_kernel(
     WALKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     tl.static_assert(NUM_BRANCHES <= 8)
+    WS: tl.constexpr = (W0, W1, W2, W3, W4, W5, W6, W7)       # per-branch constexprs, indexed by branch
+    RS: tl.constexpr = (R0, R1, R2, R3, R4, R5, R6, R7)
+    SS: tl.constexpr = (S0, S1, S2, S3, S4, S5, S6, S7, S8)
     i_tile = tl.program_id(0)
     i_bh = tl.program_id(1)
     b = (i_bh // H).to(tl.int64)
@@ -565,87 +574,18 @@ def _dilated_attn_fwd_kernel(
     # otherwise one block per branch (constexpr-unrolled), each adding its keys to the same online softmax.
     if _one_segment(p_first, p_last, W0, WALKS, BLOCK_N, L):
         if WALKS > 0:   # constexpr: kernels whose programs never walk compile no walk
-            acc, m_i, l_i = _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N,
-                                      qk_scale, 0, W0, W0, R0, IS_CAUSAL, BLOCK_N, HEAD_DIM,
-                                      NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
-            if NUM_BRANCHES > 1:
-                acc, m_i, l_i = _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn,
-                                          N, qk_scale, 1, W0, W1, R1, IS_CAUSAL, BLOCK_N, HEAD_DIM,
-                                          NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
-            if NUM_BRANCHES > 2:
-                acc, m_i, l_i = _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn,
-                                          N, qk_scale, 2, W1, W2, R2, IS_CAUSAL, BLOCK_N, HEAD_DIM,
-                                          NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
-            if NUM_BRANCHES > 3:
-                acc, m_i, l_i = _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn,
-                                          N, qk_scale, 3, W2, W3, R3, IS_CAUSAL, BLOCK_N, HEAD_DIM,
-                                          NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
-            if NUM_BRANCHES > 4:
-                acc, m_i, l_i = _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn,
-                                          N, qk_scale, 4, W3, W4, R4, IS_CAUSAL, BLOCK_N, HEAD_DIM,
-                                          NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
-            if NUM_BRANCHES > 5:
-                acc, m_i, l_i = _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn,
-                                          N, qk_scale, 5, W4, W5, R5, IS_CAUSAL, BLOCK_N, HEAD_DIM,
-                                          NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
-            if NUM_BRANCHES > 6:
-                acc, m_i, l_i = _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn,
-                                          N, qk_scale, 6, W5, W6, R6, IS_CAUSAL, BLOCK_N, HEAD_DIM,
-                                          NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
-            if NUM_BRANCHES > 7:
-                acc, m_i, l_i = _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn,
-                                          N, qk_scale, 7, W6, W7, R7, IS_CAUSAL, BLOCK_N, HEAD_DIM,
+            for B in tl.static_range(NUM_BRANCHES):   # walk B: branch B's segment outside branch B-1's
+                acc, m_i, l_i = _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N,
+                                          qk_scale, B, WS[_before(B)], WS[B], RS[B], IS_CAUSAL, BLOCK_N, HEAD_DIM,
                                           NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
     else:
         if WALKS < 2:   # constexpr: kernels whose programs all walk compile no per-branch block
-            # One block per branch (constexpr-unrolled); each adds its keys to the same online softmax.
-            o, sel = _branch_offset(h, 0, R0, S0, S1, MIXING_LSE, c)
-            if sel:
-                acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                            qk_scale, W0, R0, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                            seed, drop_thr, stream + 0, DROPOUT)
-            if NUM_BRANCHES > 1:
-                o, sel = _branch_offset(h, 1, R1, S1, S2, MIXING_LSE, c)
+            for B in tl.static_range(NUM_BRANCHES):   # one block per branch, each adding its keys
+                o, sel = _branch_offset(h, B, RS[B], SS[B], SS[B + 1], MIXING_LSE, c)
                 if sel:
                     acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                                qk_scale, W1, R1, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                                seed, drop_thr, stream + 1, DROPOUT)
-            if NUM_BRANCHES > 2:
-                o, sel = _branch_offset(h, 2, R2, S2, S3, MIXING_LSE, c)
-                if sel:
-                    acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                                qk_scale, W2, R2, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                                seed, drop_thr, stream + 2, DROPOUT)
-            if NUM_BRANCHES > 3:
-                o, sel = _branch_offset(h, 3, R3, S3, S4, MIXING_LSE, c)
-                if sel:
-                    acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                                qk_scale, W3, R3, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                                seed, drop_thr, stream + 3, DROPOUT)
-            if NUM_BRANCHES > 4:
-                o, sel = _branch_offset(h, 4, R4, S4, S5, MIXING_LSE, c)
-                if sel:
-                    acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                                qk_scale, W4, R4, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                                seed, drop_thr, stream + 4, DROPOUT)
-            if NUM_BRANCHES > 5:
-                o, sel = _branch_offset(h, 5, R5, S5, S6, MIXING_LSE, c)
-                if sel:
-                    acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                                qk_scale, W5, R5, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                                seed, drop_thr, stream + 5, DROPOUT)
-            if NUM_BRANCHES > 6:
-                o, sel = _branch_offset(h, 6, R6, S6, S7, MIXING_LSE, c)
-                if sel:
-                    acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                                qk_scale, W6, R6, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                                seed, drop_thr, stream + 6, DROPOUT)
-            if NUM_BRANCHES > 7:
-                o, sel = _branch_offset(h, 7, R7, S7, S8, MIXING_LSE, c)
-                if sel:
-                    acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                                qk_scale, W7, R7, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                                seed, drop_thr, stream + 7, DROPOUT)
+                                                qk_scale, WS[B], RS[B], IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                                seed, drop_thr, stream + B, DROPOUT)
     # Epilogue: rows no branch links have l_i == 0 -> output 0, lse -inf.
     linked = l_i > 0.0
     out = (acc / tl.where(linked, l_i, 1.0)[:, None] * out_scale).to(tl.float32)
@@ -714,6 +654,9 @@ def _dilated_attn_bwd_dq_kernel(
     S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr, S8: tl.constexpr,
     WALKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    WS: tl.constexpr = (W0, W1, W2, W3, W4, W5, W6, W7)       # per-branch constexprs, indexed by branch
+    RS: tl.constexpr = (R0, R1, R2, R3, R4, R5, R6, R7)
+    SS: tl.constexpr = (S0, S1, S2, S3, S4, S5, S6, S7, S8)
     i_tile = tl.program_id(0)
     i_bh = tl.program_id(1)
     b = (i_bh // H).to(tl.int64)
@@ -741,86 +684,18 @@ def _dilated_attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if _one_segment(p_first, p_last, W0, WALKS, BLOCK_N, L):
         if WALKS > 0:   # constexpr: kernels whose programs never walk compile no walk
-            dq = _dq_walk(dq, q, do, lse2, delta, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N, qk_scale,
-                          out_scale, 0, W0, W0, R0, IS_CAUSAL, BLOCK_N, HEAD_DIM, NUM_BRANCHES,
-                          R1, R2, R3, R4, R5, R6, R7)
-            if NUM_BRANCHES > 1:
-                dq = _dq_walk(dq, q, do, lse2, delta, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N,
-                              qk_scale, out_scale, 1, W0, W1, R1, IS_CAUSAL, BLOCK_N, HEAD_DIM,
-                              NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
-            if NUM_BRANCHES > 2:
-                dq = _dq_walk(dq, q, do, lse2, delta, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N,
-                              qk_scale, out_scale, 2, W1, W2, R2, IS_CAUSAL, BLOCK_N, HEAD_DIM,
-                              NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
-            if NUM_BRANCHES > 3:
-                dq = _dq_walk(dq, q, do, lse2, delta, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N,
-                              qk_scale, out_scale, 3, W2, W3, R3, IS_CAUSAL, BLOCK_N, HEAD_DIM,
-                              NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
-            if NUM_BRANCHES > 4:
-                dq = _dq_walk(dq, q, do, lse2, delta, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N,
-                              qk_scale, out_scale, 4, W3, W4, R4, IS_CAUSAL, BLOCK_N, HEAD_DIM,
-                              NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
-            if NUM_BRANCHES > 5:
-                dq = _dq_walk(dq, q, do, lse2, delta, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N,
-                              qk_scale, out_scale, 5, W4, W5, R5, IS_CAUSAL, BLOCK_N, HEAD_DIM,
-                              NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
-            if NUM_BRANCHES > 6:
-                dq = _dq_walk(dq, q, do, lse2, delta, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N,
-                              qk_scale, out_scale, 6, W5, W6, R6, IS_CAUSAL, BLOCK_N, HEAD_DIM,
-                              NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
-            if NUM_BRANCHES > 7:
-                dq = _dq_walk(dq, q, do, lse2, delta, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N,
-                              qk_scale, out_scale, 7, W6, W7, R7, IS_CAUSAL, BLOCK_N, HEAD_DIM,
-                              NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+            for B in tl.static_range(NUM_BRANCHES):
+                dq = _dq_walk(dq, q, do, lse2, delta, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N, qk_scale,
+                              out_scale, B, WS[_before(B)], WS[B], RS[B], IS_CAUSAL, BLOCK_N, HEAD_DIM, NUM_BRANCHES,
+                              R1, R2, R3, R4, R5, R6, R7)
     else:
         if WALKS < 2:   # constexpr, as in the forward
-            o, sel = _branch_offset(h, 0, R0, S0, S1, MIXING_LSE, c)
-            if sel:
-                dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                    qk_scale, out_scale, W0, R0, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                    seed, drop_thr, stream + 0, DROPOUT)
-            if NUM_BRANCHES > 1:
-                o, sel = _branch_offset(h, 1, R1, S1, S2, MIXING_LSE, c)
+            for B in tl.static_range(NUM_BRANCHES):
+                o, sel = _branch_offset(h, B, RS[B], SS[B], SS[B + 1], MIXING_LSE, c)
                 if sel:
                     dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                        qk_scale, out_scale, W1, R1, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                        seed, drop_thr, stream + 1, DROPOUT)
-            if NUM_BRANCHES > 2:
-                o, sel = _branch_offset(h, 2, R2, S2, S3, MIXING_LSE, c)
-                if sel:
-                    dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                        qk_scale, out_scale, W2, R2, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                        seed, drop_thr, stream + 2, DROPOUT)
-            if NUM_BRANCHES > 3:
-                o, sel = _branch_offset(h, 3, R3, S3, S4, MIXING_LSE, c)
-                if sel:
-                    dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                        qk_scale, out_scale, W3, R3, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                        seed, drop_thr, stream + 3, DROPOUT)
-            if NUM_BRANCHES > 4:
-                o, sel = _branch_offset(h, 4, R4, S4, S5, MIXING_LSE, c)
-                if sel:
-                    dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                        qk_scale, out_scale, W4, R4, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                        seed, drop_thr, stream + 4, DROPOUT)
-            if NUM_BRANCHES > 5:
-                o, sel = _branch_offset(h, 5, R5, S5, S6, MIXING_LSE, c)
-                if sel:
-                    dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                        qk_scale, out_scale, W5, R5, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                        seed, drop_thr, stream + 5, DROPOUT)
-            if NUM_BRANCHES > 6:
-                o, sel = _branch_offset(h, 6, R6, S6, S7, MIXING_LSE, c)
-                if sel:
-                    dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                        qk_scale, out_scale, W6, R6, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                        seed, drop_thr, stream + 6, DROPOUT)
-            if NUM_BRANCHES > 7:
-                o, sel = _branch_offset(h, 7, R7, S7, S8, MIXING_LSE, c)
-                if sel:
-                    dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                        qk_scale, out_scale, W7, R7, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                        seed, drop_thr, stream + 7, DROPOUT)
+                                        qk_scale, out_scale, WS[B], RS[B], IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
+                                        seed, drop_thr, stream + B, DROPOUT)
     dq = (dq * sm_scale).to(tl.float32)
     tl.store(DQ + q_off + pq[:, None] * stride_qn + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None])
@@ -917,6 +792,9 @@ def _dilated_attn_bwd_dkdv_kernel(
     S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr, S8: tl.constexpr,
     WALKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    WS: tl.constexpr = (W0, W1, W2, W3, W4, W5, W6, W7)       # per-branch constexprs, indexed by branch
+    RS: tl.constexpr = (R0, R1, R2, R3, R4, R5, R6, R7)
+    SS: tl.constexpr = (S0, S1, S2, S3, S4, S5, S6, S7, S8)
     i_tile = tl.program_id(0)
     i_bkh = tl.program_id(1)
     HKV = H // GQA
@@ -954,101 +832,20 @@ def _dilated_attn_bwd_dkdv_kernel(
         delta_base = Delta + ((b * H + h).to(tl.int64) * N_Q - Q_LO)
         if nested:
             if WALKS > 0:   # constexpr, as in the forward
-                dk, dv = _dkdv_walk(dk, dv, k, v, j, j_first, j_last, h, c, q_base, do_base, lse_base, delta_base,
-                                    stride_qn, stride_on, Q_LO, q_hi, qk_scale, out_scale, 0, W0, W0, R0,
-                                    IS_CAUSAL, BLOCK_M, HEAD_DIM, NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
-                if NUM_BRANCHES > 1:
-                    dk, dv = _dkdv_walk(dk, dv, k, v, j, j_first, j_last, h, c, q_base, do_base, lse_base,
-                                        delta_base, stride_qn, stride_on, Q_LO, q_hi, qk_scale, out_scale, 1, W0,
-                                        W1, R1, IS_CAUSAL, BLOCK_M, HEAD_DIM, NUM_BRANCHES,
-                                        R1, R2, R3, R4, R5, R6, R7)
-                if NUM_BRANCHES > 2:
-                    dk, dv = _dkdv_walk(dk, dv, k, v, j, j_first, j_last, h, c, q_base, do_base, lse_base,
-                                        delta_base, stride_qn, stride_on, Q_LO, q_hi, qk_scale, out_scale, 2, W1,
-                                        W2, R2, IS_CAUSAL, BLOCK_M, HEAD_DIM, NUM_BRANCHES,
-                                        R1, R2, R3, R4, R5, R6, R7)
-                if NUM_BRANCHES > 3:
-                    dk, dv = _dkdv_walk(dk, dv, k, v, j, j_first, j_last, h, c, q_base, do_base, lse_base,
-                                        delta_base, stride_qn, stride_on, Q_LO, q_hi, qk_scale, out_scale, 3, W2,
-                                        W3, R3, IS_CAUSAL, BLOCK_M, HEAD_DIM, NUM_BRANCHES,
-                                        R1, R2, R3, R4, R5, R6, R7)
-                if NUM_BRANCHES > 4:
-                    dk, dv = _dkdv_walk(dk, dv, k, v, j, j_first, j_last, h, c, q_base, do_base, lse_base,
-                                        delta_base, stride_qn, stride_on, Q_LO, q_hi, qk_scale, out_scale, 4, W3,
-                                        W4, R4, IS_CAUSAL, BLOCK_M, HEAD_DIM, NUM_BRANCHES,
-                                        R1, R2, R3, R4, R5, R6, R7)
-                if NUM_BRANCHES > 5:
-                    dk, dv = _dkdv_walk(dk, dv, k, v, j, j_first, j_last, h, c, q_base, do_base, lse_base,
-                                        delta_base, stride_qn, stride_on, Q_LO, q_hi, qk_scale, out_scale, 5, W4,
-                                        W5, R5, IS_CAUSAL, BLOCK_M, HEAD_DIM, NUM_BRANCHES,
-                                        R1, R2, R3, R4, R5, R6, R7)
-                if NUM_BRANCHES > 6:
-                    dk, dv = _dkdv_walk(dk, dv, k, v, j, j_first, j_last, h, c, q_base, do_base, lse_base,
-                                        delta_base, stride_qn, stride_on, Q_LO, q_hi, qk_scale, out_scale, 6, W5,
-                                        W6, R6, IS_CAUSAL, BLOCK_M, HEAD_DIM, NUM_BRANCHES,
-                                        R1, R2, R3, R4, R5, R6, R7)
-                if NUM_BRANCHES > 7:
-                    dk, dv = _dkdv_walk(dk, dv, k, v, j, j_first, j_last, h, c, q_base, do_base, lse_base,
-                                        delta_base, stride_qn, stride_on, Q_LO, q_hi, qk_scale, out_scale, 7, W6,
-                                        W7, R7, IS_CAUSAL, BLOCK_M, HEAD_DIM, NUM_BRANCHES,
+                for B in tl.static_range(NUM_BRANCHES):
+                    dk, dv = _dkdv_walk(dk, dv, k, v, j, j_first, j_last, h, c, q_base, do_base, lse_base, delta_base,
+                                        stride_qn, stride_on, Q_LO, q_hi, qk_scale, out_scale, B, WS[_before(B)],
+                                        WS[B], RS[B], IS_CAUSAL, BLOCK_M, HEAD_DIM, NUM_BRANCHES,
                                         R1, R2, R3, R4, R5, R6, R7)
         else:
             if WALKS < 2:   # constexpr, as in the forward
-                o, sel = _branch_offset(h, 0, R0, S0, S1, MIXING_LSE, c)
-                if sel:
-                    dk, dv = _bwd_dkdv_branch(
-                        dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn,
-                        stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W0, R0, IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                        seed, drop_thr, stream + 0, DROPOUT)
-                if NUM_BRANCHES > 1:
-                    o, sel = _branch_offset(h, 1, R1, S1, S2, MIXING_LSE, c)
+                for B in tl.static_range(NUM_BRANCHES):
+                    o, sel = _branch_offset(h, B, RS[B], SS[B], SS[B + 1], MIXING_LSE, c)
                     if sel:
                         dk, dv = _bwd_dkdv_branch(
                             dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn,
-                            stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W1, R1, IS_CAUSAL, BLOCK_M, BLOCK_N,
-                            HEAD_DIM, seed, drop_thr, stream + 1, DROPOUT)
-                if NUM_BRANCHES > 2:
-                    o, sel = _branch_offset(h, 2, R2, S2, S3, MIXING_LSE, c)
-                    if sel:
-                        dk, dv = _bwd_dkdv_branch(
-                            dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn,
-                            stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W2, R2, IS_CAUSAL, BLOCK_M, BLOCK_N,
-                            HEAD_DIM, seed, drop_thr, stream + 2, DROPOUT)
-                if NUM_BRANCHES > 3:
-                    o, sel = _branch_offset(h, 3, R3, S3, S4, MIXING_LSE, c)
-                    if sel:
-                        dk, dv = _bwd_dkdv_branch(
-                            dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn,
-                            stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W3, R3, IS_CAUSAL, BLOCK_M, BLOCK_N,
-                            HEAD_DIM, seed, drop_thr, stream + 3, DROPOUT)
-                if NUM_BRANCHES > 4:
-                    o, sel = _branch_offset(h, 4, R4, S4, S5, MIXING_LSE, c)
-                    if sel:
-                        dk, dv = _bwd_dkdv_branch(
-                            dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn,
-                            stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W4, R4, IS_CAUSAL, BLOCK_M, BLOCK_N,
-                            HEAD_DIM, seed, drop_thr, stream + 4, DROPOUT)
-                if NUM_BRANCHES > 5:
-                    o, sel = _branch_offset(h, 5, R5, S5, S6, MIXING_LSE, c)
-                    if sel:
-                        dk, dv = _bwd_dkdv_branch(
-                            dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn,
-                            stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W5, R5, IS_CAUSAL, BLOCK_M, BLOCK_N,
-                            HEAD_DIM, seed, drop_thr, stream + 5, DROPOUT)
-                if NUM_BRANCHES > 6:
-                    o, sel = _branch_offset(h, 6, R6, S6, S7, MIXING_LSE, c)
-                    if sel:
-                        dk, dv = _bwd_dkdv_branch(
-                            dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn,
-                            stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W6, R6, IS_CAUSAL, BLOCK_M, BLOCK_N,
-                            HEAD_DIM, seed, drop_thr, stream + 6, DROPOUT)
-                if NUM_BRANCHES > 7:
-                    o, sel = _branch_offset(h, 7, R7, S7, S8, MIXING_LSE, c)
-                    if sel:
-                        dk, dv = _bwd_dkdv_branch(
-                            dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn,
-                            stride_on, o, Q_LO, q_hi, qk_scale, out_scale, W7, R7, IS_CAUSAL, BLOCK_M, BLOCK_N,
-                            HEAD_DIM, seed, drop_thr, stream + 7, DROPOUT)
+                            stride_on, o, Q_LO, q_hi, qk_scale, out_scale, WS[B], RS[B], IS_CAUSAL, BLOCK_M, BLOCK_N,
+                            HEAD_DIM, seed, drop_thr, stream + B, DROPOUT)
     dk = (dk * sm_scale).to(tl.float32)
     dv = (dv * out_scale).to(tl.float32)                                                 # dV = P^T (out_scale * dO)
     tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=key_ok[:, None])

@@ -1,0 +1,84 @@
+"""PTX of the dilated and block-sparse kernels over a matrix of specialisations, compiled without a GPU, for
+checking that a source change leaves the kernels the GPU runs unchanged.
+
+    python benchmarks/ptx_snapshot.py DIR [--arch 90]      # before the change, then into another DIR after it
+    diff -r DIR_BEFORE DIR_AFTER                           # no output: the same machine code is generated
+
+Line-number (``.loc``, ``.file``) directives, comments and labels are dropped, so moving code around doesn't
+count as a change. The numbers are for the installed Triton version: compare two snapshots from the same one.
+"""
+
+import argparse
+import os
+import re
+
+from kernel_spills import _jit_fn, compile_for, window_values
+
+from dilate_compiler.lowering import block_sparse_triton as bt
+from dilate_compiler.lowering import dilated_triton as dt
+
+N, H, D = 262144, 16, 64
+PATTERNS = {"A": ((2048, 4096, 8192, 16384), (1, 2, 4, 8), "lse"), "flat": ((2048, 3000), (2, 3), "lse"),
+            "groups": ((2048, 4096, 8192), (1, 2, 4), "head_groups"), "eight": ((64,) * 8, (1,) * 8, "lse")}
+# pattern, causal, dropout constexpr, forward tile, backward tile, first query position (Q_LO)
+DILATED = [("A", False, 0, (128, 64, 4, 3), (64, 64, 4, 2), 0), ("A", True, 0, (128, 64, 4, 3), (128, 32, 4, 5), 0),
+           ("A", True, 1, (64, 64, 4, 3), (64, 64, 4, 2), 0), ("A", False, 0, (64, 64, 4, 3), (32, 64, 4, 3), 0),
+           ("flat", True, 0, (128, 64, 4, 3), (64, 64, 4, 2), 0),
+           ("groups", False, 2, (64, 64, 4, 3), (64, 64, 4, 2), 0),
+           ("eight", True, 0, (64, 64, 4, 3), (64, 64, 4, 2), 0), ("A", True, 0, (64, 64, 4, 3), (64, 64, 4, 2), 100)]
+
+
+def _text(ptx: str) -> str:
+    keep = [line for line in ptx.splitlines()
+            if not re.match(r"\s*\.(loc|file)\b", line) and "$L__" not in line and not line.strip().startswith("//")]
+    text = "\n".join(keep)
+    return text[:text.find(".section\t.debug")] if ".section\t.debug" in text else text
+
+
+def dilated_cases():
+    kernels = {"fwd": dt._dilated_attn_fwd_kernel, "dq": dt._dilated_attn_bwd_dq_kernel,
+               "dkdv": dt._dilated_attn_bwd_dkdv_kernel}
+    strides = {f"stride_{t}{a}": ("i32", s) for t in "qko" for a, s in (("b", H * N * D), ("h", N * D), ("n", D))}
+    for name, causal, dropout, fwd_tile, bwd_tile, q_lo in DILATED:
+        segs, rates, mixing = PATTERNS[name]
+        meta, _, nested = dt._launch_pattern(segs, rates, mixing, H, 0.1 if dropout else 0.0)
+        for kind, kernel in kernels.items():
+            bm, bn, w, s = fwd_tile if kind == "fwd" else bwd_tile
+            offset = 0 if kind == "dkdv" else q_lo
+            walks = dt._walks_over_space(((bm, bn),), "keys" if kind == "dkdv" else "rows", nested, meta["W0"],
+                                         meta["L"], offset)
+            values = dict(Q="*bf16", K="*bf16", V="*bf16", Out="*bf16", DO="*bf16", DQ="*bf16", DK="*bf16",
+                          DV="*bf16", Lse="*fp32", Delta="*fp32", sm_scale="fp32", H=("i32", H), N=("i32", N),
+                          Q_LO=("i32", q_lo), N_Q=("i32", N), out_scale="fp32", Seed="*i64", drop_thr=("i32", 123),
+                          HEAD_DIM=D, IS_CAUSAL=causal, GQA=2, DROPOUT=dropout, WALKS=walks, BLOCK_M=bm,
+                          BLOCK_N=bn, **meta, **strides)
+            tag = f"dilated_{name}_{'causal' if causal else 'full'}_drop{dropout}_{kind}_{bm}x{bn}_qlo{q_lo}"
+            yield tag, kernel, values, w, s
+
+
+def block_sparse_cases():
+    kernels = {"fwd": bt._block_sparse_fwd_kernel, "dq": bt._block_sparse_bwd_dq_kernel,
+               "dkdv": bt._block_sparse_bwd_dkdv_kernel}
+    for kind, kernel in kernels.items():
+        for cfg in bt.tile_space("fwd" if kind == "fwd" else "bwd", 128)[:3]:
+            bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+            yield (f"block_sparse_window_{kind}_{bm}x{bn}", kernel, dict(window_values(N), BLOCK_M=bm, BLOCK_N=bn),
+                   cfg.num_warps, cfg.num_stages)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--arch", type=int, default=90)
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    for tag, kernel, values, warps, stages in (*dilated_cases(), *block_sparse_cases()):
+        names = _jit_fn(kernel).arg_names
+        ck, _ = compile_for(kernel, {k: v for k, v in values.items() if k in names}, warps, stages, a.arch)
+        with open(os.path.join(a.out, tag + ".ptx"), "w") as f:
+            f.write(_text(ck.asm["ptx"]))
+        print(tag, flush=True)
+
+
+if __name__ == "__main__":
+    main()
