@@ -79,12 +79,6 @@ def _branch_offset(h, BRANCH: tl.constexpr, R: tl.constexpr, HG_START: tl.conste
     return o, sel
 
 
-@triton.constexpr_function
-def _before(i):
-    """The branch before branch ``i`` (0 for branch 0: the ``W_PREV`` of walk 0, which it doesn't read)."""
-    return max(i - 1, 0)
-
-
 @triton.jit
 def _dropout_keep(seed, p, u, stream, drop_thr):
     """Dropout keep flags of the (query ``p``, key) pairs (broadcast) in one stream (``(b * H + h) *
@@ -546,6 +540,7 @@ def _dilated_attn_fwd_kernel(
 ):
     tl.static_assert(NUM_BRANCHES <= 8)
     WS: tl.constexpr = (W0, W1, W2, W3, W4, W5, W6, W7)       # per-branch constexprs, indexed by branch
+    WP: tl.constexpr = (W0, W0, W1, W2, W3, W4, W5, W6)       # the segment before walk B's (unread by walk 0)
     RS: tl.constexpr = (R0, R1, R2, R3, R4, R5, R6, R7)
     SS: tl.constexpr = (S0, S1, S2, S3, S4, S5, S6, S7, S8)
     i_tile = tl.program_id(0)
@@ -576,7 +571,7 @@ def _dilated_attn_fwd_kernel(
         if WALKS > 0:   # constexpr: kernels whose programs never walk compile no walk
             for B in tl.static_range(NUM_BRANCHES):   # walk B: branch B's segment outside branch B-1's
                 acc, m_i, l_i = _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N,
-                                          qk_scale, B, WS[_before(B)], WS[B], RS[B], IS_CAUSAL, BLOCK_N, HEAD_DIM,
+                                          qk_scale, B, WP[B], WS[B], RS[B], IS_CAUSAL, BLOCK_N, HEAD_DIM,
                                           NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
     else:
         if WALKS < 2:   # constexpr: kernels whose programs all walk compile no per-branch block
@@ -655,6 +650,7 @@ def _dilated_attn_bwd_dq_kernel(
     WALKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     WS: tl.constexpr = (W0, W1, W2, W3, W4, W5, W6, W7)       # per-branch constexprs, indexed by branch
+    WP: tl.constexpr = (W0, W0, W1, W2, W3, W4, W5, W6)       # the segment before walk B's (unread by walk 0)
     RS: tl.constexpr = (R0, R1, R2, R3, R4, R5, R6, R7)
     SS: tl.constexpr = (S0, S1, S2, S3, S4, S5, S6, S7, S8)
     i_tile = tl.program_id(0)
@@ -686,7 +682,7 @@ def _dilated_attn_bwd_dq_kernel(
         if WALKS > 0:   # constexpr: kernels whose programs never walk compile no walk
             for B in tl.static_range(NUM_BRANCHES):
                 dq = _dq_walk(dq, q, do, lse2, delta, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N, qk_scale,
-                              out_scale, B, WS[_before(B)], WS[B], RS[B], IS_CAUSAL, BLOCK_N, HEAD_DIM, NUM_BRANCHES,
+                              out_scale, B, WP[B], WS[B], RS[B], IS_CAUSAL, BLOCK_N, HEAD_DIM, NUM_BRANCHES,
                               R1, R2, R3, R4, R5, R6, R7)
     else:
         if WALKS < 2:   # constexpr, as in the forward
@@ -793,6 +789,7 @@ def _dilated_attn_bwd_dkdv_kernel(
     WALKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     WS: tl.constexpr = (W0, W1, W2, W3, W4, W5, W6, W7)       # per-branch constexprs, indexed by branch
+    WP: tl.constexpr = (W0, W0, W1, W2, W3, W4, W5, W6)       # the segment before walk B's (unread by walk 0)
     RS: tl.constexpr = (R0, R1, R2, R3, R4, R5, R6, R7)
     SS: tl.constexpr = (S0, S1, S2, S3, S4, S5, S6, S7, S8)
     i_tile = tl.program_id(0)
@@ -834,7 +831,7 @@ def _dilated_attn_bwd_dkdv_kernel(
             if WALKS > 0:   # constexpr, as in the forward
                 for B in tl.static_range(NUM_BRANCHES):
                     dk, dv = _dkdv_walk(dk, dv, k, v, j, j_first, j_last, h, c, q_base, do_base, lse_base, delta_base,
-                                        stride_qn, stride_on, Q_LO, q_hi, qk_scale, out_scale, B, WS[_before(B)],
+                                        stride_qn, stride_on, Q_LO, q_hi, qk_scale, out_scale, B, WP[B],
                                         WS[B], RS[B], IS_CAUSAL, BLOCK_M, HEAD_DIM, NUM_BRANCHES,
                                         R1, R2, R3, R4, R5, R6, R7)
         else:
