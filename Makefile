@@ -24,8 +24,19 @@ test: $(VENV)/.installed
 GPU_PY ?= python3
 BENCH_OUT ?= benchmarks/out
 
+# Three pytest processes at once (the two kernel files, then everything else); logs in $(BENCH_OUT).
+GPU_TEST_FILES := tests/lowering/test_dilated_gpu.py tests/lowering/test_block_sparse_gpu.py
+
 test-gpu:
-	DILATE_COMPILER_AUTOTUNE=0 PYTHONPATH=$(CURDIR) $(GPU_PY) -m pytest -q -m gpu tests
+	mkdir -p $(BENCH_OUT)
+	@pids=""; i=0; \
+	for group in $(GPU_TEST_FILES) "tests $(foreach f,$(GPU_TEST_FILES),--ignore=$(f))"; do \
+		i=$$((i + 1)); \
+		(DILATE_COMPILER_AUTOTUNE=0 PYTHONPATH=$(CURDIR) $(GPU_PY) -m pytest -q -p no:cacheprovider -m gpu \
+			$$group > $(BENCH_OUT)/test-gpu-$$i.log 2>&1) & pids="$$pids $$!"; \
+	done; \
+	rc=0; for pid in $$pids; do wait $$pid || rc=1; done; \
+	tail -n 2 $(BENCH_OUT)/test-gpu-*.log; exit $$rc
 
 bench:
 	mkdir -p $(BENCH_OUT)
