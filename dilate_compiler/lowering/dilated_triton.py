@@ -225,26 +225,26 @@ def _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn,
 
 
 @triton.jit
-def _walk_count(n, x, y, I: tl.constexpr, B: tl.constexpr, NUM_BRANCHES: tl.constexpr, R: tl.constexpr):
-    if (I > B) and (I < NUM_BRANCHES):
-        n += (((x % R) == 0) & ((y % R) == 0)).to(tl.float32)
-    return n
+def _walk_log2_mult(x, y, B: tl.constexpr, NUM_BRANCHES: tl.constexpr, RS: tl.constexpr):
+    """log2 of the multiplicity of the pairs of walk ``B``: ``x`` = the walked positions minus h (a vector),
+    ``y`` = the program's residue class minus h; branch ``i > B`` (rate ``RS[i]``) counts when its rate divides
+    both."""
+    n = (x * 0 + 1).to(tl.float32)
+    for i in tl.static_range(B + 1, NUM_BRANCHES):
+        n += (((x % RS[i]) == 0) & ((y % RS[i]) == 0)).to(tl.float32)
+    return tl.log2(n)
 
 
 @triton.jit
-def _walk_log2_mult(x, y, B: tl.constexpr, NUM_BRANCHES: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr,
-                    R3: tl.constexpr, R4: tl.constexpr, R5: tl.constexpr, R6: tl.constexpr, R7: tl.constexpr):
-    """log2 of the multiplicity of the pairs of walk ``B``: ``x`` = the walked positions minus h (a vector),
-    ``y`` = the program's residue class minus h; branch ``i > B`` counts when ``R_i`` divides both."""
-    n = (x * 0 + 1).to(tl.float32)
-    n = _walk_count(n, x, y, 1, B, NUM_BRANCHES, R1)
-    n = _walk_count(n, x, y, 2, B, NUM_BRANCHES, R2)
-    n = _walk_count(n, x, y, 3, B, NUM_BRANCHES, R3)
-    n = _walk_count(n, x, y, 4, B, NUM_BRANCHES, R4)
-    n = _walk_count(n, x, y, 5, B, NUM_BRANCHES, R5)
-    n = _walk_count(n, x, y, 6, B, NUM_BRANCHES, R6)
-    n = _walk_count(n, x, y, 7, B, NUM_BRANCHES, R7)
-    return tl.log2(n)
+def _walk_split(x0, lo, hi, valid_hi, h, y, B: tl.constexpr, R: tl.constexpr, NUM_BRANCHES: tl.constexpr,
+                RS: tl.constexpr, BLOCK: tl.constexpr):
+    """For the tiles ``[lo, hi)`` of a walk over positions ``x0 + R * m`` (``hi <= valid_hi``): the log2
+    multiplicities of a tile's positions and where the whole tiles end (the partial one follows). A position's
+    multiplicity depends on its index mod L / R, and BLOCK is a multiple of L, so one vector, computed once per
+    run, serves every tile (computed per tile it doubled the kernel's time)."""
+    lm = _walk_log2_mult(x0 + (lo + tl.arange(0, BLOCK)) * R - h, y, B, NUM_BRANCHES, RS)
+    whole = lo + tl.maximum(tl.minimum(hi, valid_hi) - lo, 0) // BLOCK * BLOCK
+    return lm, whole
 
 
 @triton.jit
@@ -309,23 +309,32 @@ def softmax_step(acc, m_i, l_i, s, v, ROWS_MAY_BE_EMPTY: tl.constexpr):
 
 
 @triton.jit
+def _walk_key_tile(q, k_base, v_base, stride_kn, j0, start, valid_hi, lm, qk_scale, R: tl.constexpr,
+                   TAIL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The key tile at ``start`` of a walk (keys ``j0 + R * m``): positions, K, V and the scores in base 2 with
+    the keys' log2 multiplicities ``lm`` added. ``TAIL``: the last, partial tile, whose keys ``>= valid_hi`` are
+    read at the last valid one and weigh 0."""
+    m = start + tl.arange(0, BLOCK_N)
+    if TAIL:
+        j = j0 + tl.minimum(m, valid_hi - 1) * R
+        lmt = tl.where(m < valid_hi, lm, float("-inf"))
+    else:
+        j = j0 + m * R
+        lmt = lm
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :])
+    v = tl.load(v_base + j[:, None] * stride_kn + offs_d[None, :])
+    s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale + lmt[None, :]
+    return j, k, v, s
+
+
+@triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, hi, valid_hi, lm, qk_scale, R: tl.constexpr,
                MASK: tl.constexpr, TAIL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Key tiles ``[lo, hi)`` of a walk, ``lm`` the log2 multiplicities of a tile's keys. ``TAIL``: the last,
-    partial tile, whose keys ``>= valid_hi`` are read at the last valid one and weigh 0; ``MASK``: the causal
-    diagonal."""
-    offs_d = tl.arange(0, HEAD_DIM)
+    """Key tiles ``[lo, hi)`` of a walk (``_walk_key_tile``); ``MASK``: the causal diagonal."""
     for start in range(lo, hi, BLOCK_N):
-        m = start + tl.arange(0, BLOCK_N)
-        if TAIL:
-            j = j0 + tl.minimum(m, valid_hi - 1) * R
-            lmt = tl.where(m < valid_hi, lm, float("-inf"))
-        else:
-            j = j0 + m * R
-            lmt = lm
-        k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :])
-        v = tl.load(v_base + j[:, None] * stride_kn + offs_d[None, :])
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale + lmt[None, :]
+        j, k, v, s = _walk_key_tile(q, k_base, v_base, stride_kn, j0, start, valid_hi, lm, qk_scale, R, TAIL,
+                                    BLOCK_N, HEAD_DIM)
         if MASK:
             s = tl.where(j[None, :] <= p[:, None], s, float("-inf"))
         acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, v, MASK)
@@ -335,13 +344,9 @@ def _fwd_tiles(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, hi, valid
 @triton.jit
 def _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, lo, hi, valid_hi, qk_scale,
              B: tl.constexpr, R: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-             NUM_BRANCHES: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, R4: tl.constexpr,
-             R5: tl.constexpr, R6: tl.constexpr, R7: tl.constexpr):
-    """Key tiles ``[lo, hi)`` of a walk (``hi <= valid_hi``): whole tiles, then the partial one. A key's
-    multiplicity depends on its index mod L / R, and BLOCK_N is a multiple of L, so one vector, computed here
-    once, serves every tile (computed per tile it doubled the kernel's time)."""
-    lm = _walk_log2_mult(j0 + (lo + tl.arange(0, BLOCK_N)) * R - h, y, B, NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
-    whole = lo + tl.maximum(tl.minimum(hi, valid_hi) - lo, 0) // BLOCK_N * BLOCK_N
+             NUM_BRANCHES: tl.constexpr, RS: tl.constexpr):
+    """Key tiles ``[lo, hi)`` of a walk (``hi <= valid_hi``): whole tiles, then the partial one."""
+    lm, whole = _walk_split(j0, lo, hi, valid_hi, h, y, B, R, NUM_BRANCHES, RS, BLOCK_N)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, whole, valid_hi, lm,
                                qk_scale, R, MASK, False, BLOCK_N, HEAD_DIM)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, whole, hi, valid_hi, lm,
@@ -352,23 +357,19 @@ def _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, lo, hi, v
 @triton.jit
 def _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N, qk_scale,
               B: tl.constexpr, W_PREV: tl.constexpr, W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr,
-              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, R1: tl.constexpr,
-              R2: tl.constexpr, R3: tl.constexpr, R4: tl.constexpr, R5: tl.constexpr, R6: tl.constexpr,
-              R7: tl.constexpr):
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, RS: tl.constexpr):
     """Walk ``B`` of a forward program (see the section comment), if branch ``B`` selects class ``c``."""
     if (c % R) == (h % R):
         j0, a_hi, b_lo, b_hi, n_keys = _walk_keys(p_first, p_last, h % R, N, B, W_PREV, W, R, IS_CAUSAL, BLOCK_N)
         y = c - h
         if B > 0:
             acc, m_i, l_i = _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, 0, a_hi, a_hi,
-                                     qk_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES,
-                                     R1, R2, R3, R4, R5, R6, R7)
+                                     qk_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS)
         acc, m_i, l_i = _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, b_lo, b_hi, n_keys,
-                                 qk_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+                                 qk_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS)
         if IS_CAUSAL and B == 0:
             acc, m_i, l_i = _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, b_hi, n_keys, n_keys,
-                                     qk_scale, B, R, True, BLOCK_N, HEAD_DIM, NUM_BRANCHES,
-                                     R1, R2, R3, R4, R5, R6, R7)
+                                     qk_scale, B, R, True, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS)
     return acc, m_i, l_i
 
 
@@ -377,18 +378,9 @@ def _dq_tiles(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, lo, hi, 
               R: tl.constexpr, MASK: tl.constexpr, TAIL: tl.constexpr, BLOCK_N: tl.constexpr,
               HEAD_DIM: tl.constexpr):
     """dQ over key tiles ``[lo, hi)`` of a walk (as ``_fwd_tiles``): P = m * exp2(S - LSE), dS = P * (dP - delta)."""
-    offs_d = tl.arange(0, HEAD_DIM)
     for start in range(lo, hi, BLOCK_N):
-        m = start + tl.arange(0, BLOCK_N)
-        if TAIL:
-            j = j0 + tl.minimum(m, valid_hi - 1) * R
-            lmt = tl.where(m < valid_hi, lm, float("-inf"))
-        else:
-            j = j0 + m * R
-            lmt = lm
-        k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :])
-        v = tl.load(v_base + j[:, None] * stride_kn + offs_d[None, :])
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale + lmt[None, :]
+        j, k, v, s = _walk_key_tile(q, k_base, v_base, stride_kn, j0, start, valid_hi, lm, qk_scale, R, TAIL,
+                                    BLOCK_N, HEAD_DIM)
         pr = tl.exp2(s - lse2[:, None])
         if MASK:
             pr = tl.where(j[None, :] <= p[:, None], pr, 0.0)
@@ -401,11 +393,9 @@ def _dq_tiles(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, lo, hi, 
 @triton.jit
 def _dq_run(dq, q, do, lse2, delta, p, h, y, k_base, v_base, stride_kn, j0, lo, hi, valid_hi, qk_scale, out_scale,
             B: tl.constexpr, R: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-            NUM_BRANCHES: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, R4: tl.constexpr,
-            R5: tl.constexpr, R6: tl.constexpr, R7: tl.constexpr):
+            NUM_BRANCHES: tl.constexpr, RS: tl.constexpr):
     """dQ over key tiles ``[lo, hi)`` of a walk: whole tiles, then the partial one (as ``_fwd_run``)."""
-    lm = _walk_log2_mult(j0 + (lo + tl.arange(0, BLOCK_N)) * R - h, y, B, NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
-    whole = lo + tl.maximum(tl.minimum(hi, valid_hi) - lo, 0) // BLOCK_N * BLOCK_N
+    lm, whole = _walk_split(j0, lo, hi, valid_hi, h, y, B, R, NUM_BRANCHES, RS, BLOCK_N)
     dq = _dq_tiles(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, lo, whole, valid_hi, lm, qk_scale,
                    out_scale, R, MASK, False, BLOCK_N, HEAD_DIM)
     dq = _dq_tiles(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, whole, hi, valid_hi, lm, qk_scale,
@@ -416,21 +406,19 @@ def _dq_run(dq, q, do, lse2, delta, p, h, y, k_base, v_base, stride_kn, j0, lo, 
 @triton.jit
 def _dq_walk(dq, q, do, lse2, delta, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N, qk_scale, out_scale,
              B: tl.constexpr, W_PREV: tl.constexpr, W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr,
-             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, R1: tl.constexpr,
-             R2: tl.constexpr, R3: tl.constexpr, R4: tl.constexpr, R5: tl.constexpr, R6: tl.constexpr,
-             R7: tl.constexpr):
+             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, RS: tl.constexpr):
     """Walk ``B`` of a dQ program, if branch ``B`` selects class ``c``."""
     if (c % R) == (h % R):
         j0, a_hi, b_lo, b_hi, n_keys = _walk_keys(p_first, p_last, h % R, N, B, W_PREV, W, R, IS_CAUSAL, BLOCK_N)
         y = c - h
         if B > 0:
             dq = _dq_run(dq, q, do, lse2, delta, p, h, y, k_base, v_base, stride_kn, j0, 0, a_hi, a_hi, qk_scale,
-                         out_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+                         out_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS)
         dq = _dq_run(dq, q, do, lse2, delta, p, h, y, k_base, v_base, stride_kn, j0, b_lo, b_hi, n_keys, qk_scale,
-                     out_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+                     out_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS)
         if IS_CAUSAL and B == 0:
             dq = _dq_run(dq, q, do, lse2, delta, p, h, y, k_base, v_base, stride_kn, j0, b_hi, n_keys, n_keys,
-                         qk_scale, out_scale, B, R, True, BLOCK_N, HEAD_DIM, NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+                         qk_scale, out_scale, B, R, True, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS)
     return dq
 
 
@@ -468,13 +456,9 @@ def _dkdv_tiles(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stride_q
 @triton.jit
 def _dkdv_run(dk, dv, k, v, j, h, y, q_base, do_base, lse_base, delta_base, stride_qn, stride_on, p0, lo, hi,
               valid_hi, qk_scale, out_scale, B: tl.constexpr, R: tl.constexpr, MASK: tl.constexpr,
-              BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, R1: tl.constexpr,
-              R2: tl.constexpr, R3: tl.constexpr, R4: tl.constexpr, R5: tl.constexpr, R6: tl.constexpr,
-              R7: tl.constexpr):
-    """dK, dV from query tiles ``[lo, hi)`` of a walk (``hi <= valid_hi``): whole tiles, then the partial one;
-    the multiplicities, periodic in the query index, computed once (as ``_fwd_run``)."""
-    lm = _walk_log2_mult(p0 + (lo + tl.arange(0, BLOCK_M)) * R - h, y, B, NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
-    whole = lo + tl.maximum(tl.minimum(hi, valid_hi) - lo, 0) // BLOCK_M * BLOCK_M
+              BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, RS: tl.constexpr):
+    """dK, dV from query tiles ``[lo, hi)`` of a walk (``hi <= valid_hi``): whole tiles, then the partial one."""
+    lm, whole = _walk_split(p0, lo, hi, valid_hi, h, y, B, R, NUM_BRANCHES, RS, BLOCK_M)
     dk, dv = _dkdv_tiles(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stride_qn, stride_on, p0, lo, whole,
                          valid_hi, lm, qk_scale, out_scale, R, MASK, False, BLOCK_M, HEAD_DIM)
     dk, dv = _dkdv_tiles(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stride_qn, stride_on, p0, whole, hi,
@@ -486,8 +470,7 @@ def _dkdv_run(dk, dv, k, v, j, h, y, q_base, do_base, lse_base, delta_base, stri
 def _dkdv_walk(dk, dv, k, v, j, j_first, j_last, h, c, q_base, do_base, lse_base, delta_base, stride_qn, stride_on,
                Q_LO, Q_HI, qk_scale, out_scale, B: tl.constexpr, W_PREV: tl.constexpr, W: tl.constexpr,
                R: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-               NUM_BRANCHES: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr, R4: tl.constexpr,
-               R5: tl.constexpr, R6: tl.constexpr, R7: tl.constexpr):
+               NUM_BRANCHES: tl.constexpr, RS: tl.constexpr):
     """Walk ``B`` of a dK/dV program whose keys ``[j_first, j_last]`` (class ``c``) lie inside one segment of
     every branch, if branch ``B`` selects the class: its queries inside B's segment but outside branch B-1's,
     among those q holds (``[Q_LO, Q_HI)``)."""
@@ -504,21 +487,21 @@ def _dkdv_walk(dk, dv, k, v, j, j_first, j_last, h, c, q_base, do_base, lse_base
                 full_lo = tl.minimum(tl.cdiv(tl.cdiv(tl.maximum(j_last - p0, 0), R), BLOCK_M) * BLOCK_M, n_q)
                 dk, dv = _dkdv_run(dk, dv, k, v, j, h, y, q_base, do_base, lse_base, delta_base, stride_qn,
                                    stride_on, p0, m_begin, full_lo, n_q, qk_scale, out_scale, B, R, True, BLOCK_M,
-                                   HEAD_DIM, NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+                                   HEAD_DIM, NUM_BRANCHES, RS)
             dk, dv = _dkdv_run(dk, dv, k, v, j, h, y, q_base, do_base, lse_base, delta_base, stride_qn, stride_on,
                                p0, full_lo, n_q, n_q, qk_scale, out_scale, B, R, False, BLOCK_M, HEAD_DIM,
-                               NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+                               NUM_BRANCHES, RS)
         else:
             hole = j_first // W_PREV * W_PREV
             if not IS_CAUSAL:                                           # queries before the hole precede the keys
                 a_hi = tl.minimum(tl.cdiv(tl.maximum(hole - p0, 0), R), n_q)
                 dk, dv = _dkdv_run(dk, dv, k, v, j, h, y, q_base, do_base, lse_base, delta_base, stride_qn,
                                    stride_on, p0, 0, a_hi, a_hi, qk_scale, out_scale, B, R, False, BLOCK_M,
-                                   HEAD_DIM, NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+                                   HEAD_DIM, NUM_BRANCHES, RS)
             b_lo = tl.cdiv(tl.maximum(hole + W_PREV - p0, 0), R)
             dk, dv = _dkdv_run(dk, dv, k, v, j, h, y, q_base, do_base, lse_base, delta_base, stride_qn, stride_on,
                                p0, b_lo, n_q, n_q, qk_scale, out_scale, B, R, False, BLOCK_M, HEAD_DIM,
-                               NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+                               NUM_BRANCHES, RS)
     return dk, dv
 
 
@@ -572,7 +555,7 @@ def _dilated_attn_fwd_kernel(
             for B in tl.static_range(NUM_BRANCHES):   # walk B: branch B's segment outside branch B-1's
                 acc, m_i, l_i = _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N,
                                           qk_scale, B, WP[B], WS[B], RS[B], IS_CAUSAL, BLOCK_N, HEAD_DIM,
-                                          NUM_BRANCHES, R1, R2, R3, R4, R5, R6, R7)
+                                          NUM_BRANCHES, RS)
     else:
         if WALKS < 2:   # constexpr: kernels whose programs all walk compile no per-branch block
             for B in tl.static_range(NUM_BRANCHES):   # one block per branch, each adding its keys
@@ -682,8 +665,7 @@ def _dilated_attn_bwd_dq_kernel(
         if WALKS > 0:   # constexpr: kernels whose programs never walk compile no walk
             for B in tl.static_range(NUM_BRANCHES):
                 dq = _dq_walk(dq, q, do, lse2, delta, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N, qk_scale,
-                              out_scale, B, WP[B], WS[B], RS[B], IS_CAUSAL, BLOCK_N, HEAD_DIM, NUM_BRANCHES,
-                              R1, R2, R3, R4, R5, R6, R7)
+                              out_scale, B, WP[B], WS[B], RS[B], IS_CAUSAL, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS)
     else:
         if WALKS < 2:   # constexpr, as in the forward
             for B in tl.static_range(NUM_BRANCHES):
@@ -832,8 +814,7 @@ def _dilated_attn_bwd_dkdv_kernel(
                 for B in tl.static_range(NUM_BRANCHES):
                     dk, dv = _dkdv_walk(dk, dv, k, v, j, j_first, j_last, h, c, q_base, do_base, lse_base, delta_base,
                                         stride_qn, stride_on, Q_LO, q_hi, qk_scale, out_scale, B, WP[B],
-                                        WS[B], RS[B], IS_CAUSAL, BLOCK_M, HEAD_DIM, NUM_BRANCHES,
-                                        R1, R2, R3, R4, R5, R6, R7)
+                                        WS[B], RS[B], IS_CAUSAL, BLOCK_M, HEAD_DIM, NUM_BRANCHES, RS)
         else:
             if WALKS < 2:   # constexpr, as in the forward
                 for B in tl.static_range(NUM_BRANCHES):
