@@ -66,26 +66,41 @@ def compile_for(kernel, values: dict, num_warps: int, num_stages: int, arch: int
     return ck, report.stdout + report.stderr
 
 
+CONFIG_A = ((2048, 4096, 8192, 16384), (1, 2, 4, 8), "lse")
+KERNELS = {"block-sparse": {"fwd": bt._block_sparse_fwd_kernel, "dq": bt._block_sparse_bwd_dq_kernel,
+                            "dkdv": bt._block_sparse_bwd_dkdv_kernel},
+           "dilated": {"fwd": dt._dilated_attn_fwd_kernel, "dq": dt._dilated_attn_bwd_dq_kernel,
+                       "dkdv": dt._dilated_attn_bwd_dkdv_kernel}}
+
+
+def _strides(n: int, h: int, d: int, tensors: str) -> dict:
+    """``stride_{t}{b,h,n}`` of contiguous ``[B, h, n, d]`` tensors, for each letter ``t`` of ``tensors``."""
+    return {f"stride_{t}{a}": ("i32", s) for t in tensors for a, s in (("b", h * n * d), ("h", n * d), ("n", d))}
+
+
 def window_values(n: int) -> dict:
     h, d = 16, 64
-    strides = {f"stride_{t}{a}": ("i32", s) for t in "qkob" for a, s in (("b", h * n * d), ("h", n * d), ("n", d))}
     return dict(Q="*bf16", K="*bf16", V="*bf16", Out="*bf16", DO="*bf16", DQ="*bf16", DK="*bf16", DV="*bf16",
                 Lse="*fp32", Delta="*fp32", Terms="*i32", Coords="*i32", Rows="*i32", KvCount="*i32", KvIdx="*i32",
                 KvBits="*i32", QCount="*i32", QIdx="*i32", QBits="*i32", TileOrder="*i32", sm_scale="fp32",
                 H=("i32", h), N=("i32", n), NB=("i32", n // 128), KW=("i32", 34), QW=("i32", 34),
                 HEAD_DIM=d, BS=128, IS_CAUSAL=True, GQA=1, PER_HEAD=False, NUM_TERMS=2, CHECKS=3, RAGGED=False,
-                PERMUTED=False, **strides)
+                PERMUTED=False, **_strides(n, h, d, "qkob"))
 
 
-def config_a_values(n: int, causal: bool, kind: str, bm: int, bn: int) -> dict:
-    h, d = 16, 64
-    meta, _, nested = dt._launch_pattern((2048, 4096, 8192, 16384), (1, 2, 4, 8), "lse", h, 0.0)
-    walks = dt._walks_over_space(((bm, bn),), "keys" if kind == "dkdv" else "rows", nested, meta["W0"], meta["L"], 0)
-    strides = {f"stride_{t}{a}": ("i32", s) for t in "qko" for a, s in (("b", h * n * d), ("h", n * d), ("n", d))}
+def dilated_values(n: int, pattern: tuple, causal: bool, kind: str, bm: int, bn: int, *, dropout: int = 0,
+                   gqa: int = 1, q_lo: int = 0, drop_thr: int = 0, h: int = 16, d: int = 64) -> dict:
+    """The dilated kernel ``kind``'s arguments for ``pattern`` = (segments, rates, mixing) at N = ``n``, with the
+    ``WALKS`` its launcher would pass for the tile ``bm`` x ``bn`` (``dropout``: the ``DROPOUT`` constexpr)."""
+    segs, rates, mixing = pattern
+    meta, _, nested = dt._launch_pattern(segs, rates, mixing, h, 0.1 if dropout else 0.0)
+    owner, offset = ("keys", 0) if kind == "dkdv" else ("rows", q_lo)
+    walks = dt._walks_over_space(((bm, bn),), owner, nested, meta["W0"], meta["L"], offset)
     return dict(Q="*bf16", K="*bf16", V="*bf16", Out="*bf16", DO="*bf16", DQ="*bf16", DK="*bf16", DV="*bf16",
-                Lse="*fp32", Delta="*fp32", sm_scale="fp32", H=("i32", h), N=("i32", n), Q_LO=("i32", 0),
-                N_Q=("i32", n), out_scale="fp32", Seed="*i64", drop_thr=("i32", 0), HEAD_DIM=d, IS_CAUSAL=causal,
-                GQA=1, DROPOUT=0, WALKS=walks, **meta, **strides)
+                Lse="*fp32", Delta="*fp32", sm_scale="fp32", H=("i32", h), N=("i32", n), Q_LO=("i32", q_lo),
+                N_Q=("i32", n), out_scale="fp32", Seed="*i64", drop_thr=("i32", drop_thr), HEAD_DIM=d,
+                IS_CAUSAL=causal, GQA=gqa, DROPOUT=dropout, WALKS=walks, BLOCK_M=bm, BLOCK_N=bn, **meta,
+                **_strides(n, h, d, "qko"))
 
 
 def main():
@@ -96,14 +111,8 @@ def main():
     ap.add_argument("--n", type=int, default=262144)
     ap.add_argument("--causal", action="store_true")
     a = ap.parse_args()
-    if a.family == "block-sparse":
-        kernels = {"fwd": bt._block_sparse_fwd_kernel, "dq": bt._block_sparse_bwd_dq_kernel,
-                   "dkdv": bt._block_sparse_bwd_dkdv_kernel}
-        space = lambda kind: bt.tile_space(kind, 128)     # noqa: E731
-    else:
-        kernels = {"fwd": dt._dilated_attn_fwd_kernel, "dq": dt._dilated_attn_bwd_dq_kernel,
-                   "dkdv": dt._dilated_attn_bwd_dkdv_kernel}
-        space = dt.tile_space
+    kernels = KERNELS[a.family]
+    space = (lambda kind: bt.tile_space(kind, 128)) if a.family == "block-sparse" else dt.tile_space
     causal = a.causal or a.family == "block-sparse"
     print(f"triton {triton.__version__}, sm_{a.arch}, {a.family}, causal={causal}")
     print("kernel  tile (M, N, warps, stages)  registers  spill bytes (st/ld)  shared bytes  async_wait nums")
@@ -113,7 +122,7 @@ def main():
             if a.family == "block-sparse":
                 values = window_values(a.n)
             else:
-                values = config_a_values(a.n, a.causal, kind, bm, bn)
+                values = dilated_values(a.n, CONFIG_A, a.causal, kind, bm, bn)
             fn = _jit_fn(kernels[kind])
             values = {name: val for name, val in dict(values, BLOCK_M=bm, BLOCK_N=bn).items() if name in fn.arg_names}
             ck, report = compile_for(fn, values, cfg.num_warps, cfg.num_stages, a.arch)

@@ -12,13 +12,12 @@ import argparse
 import os
 import re
 
-from kernel_spills import _jit_fn, compile_for, window_values
+from kernel_spills import CONFIG_A, KERNELS, _jit_fn, compile_for, dilated_values, window_values
 
 from dilate_compiler.lowering import block_sparse_triton as bt
-from dilate_compiler.lowering import dilated_triton as dt
 
 N, H, D = 262144, 16, 64
-PATTERNS = {"A": ((2048, 4096, 8192, 16384), (1, 2, 4, 8), "lse"), "flat": ((2048, 3000), (2, 3), "lse"),
+PATTERNS = {"A": CONFIG_A, "flat": ((2048, 3000), (2, 3), "lse"),
             "groups": ((2048, 4096, 8192), (1, 2, 4), "head_groups"), "eight": ((64,) * 8, (1,) * 8, "lse")}
 # pattern, causal, dropout constexpr, forward tile, backward tile, first query position (Q_LO)
 DILATED = [("A", False, 0, (128, 64, 4, 3), (64, 64, 4, 2), 0), ("A", True, 0, (128, 64, 4, 3), (128, 32, 4, 5), 0),
@@ -36,30 +35,17 @@ def _text(ptx: str) -> str:
 
 
 def dilated_cases():
-    kernels = {"fwd": dt._dilated_attn_fwd_kernel, "dq": dt._dilated_attn_bwd_dq_kernel,
-               "dkdv": dt._dilated_attn_bwd_dkdv_kernel}
-    strides = {f"stride_{t}{a}": ("i32", s) for t in "qko" for a, s in (("b", H * N * D), ("h", N * D), ("n", D))}
     for name, causal, dropout, fwd_tile, bwd_tile, q_lo in DILATED:
-        segs, rates, mixing = PATTERNS[name]
-        meta, _, nested = dt._launch_pattern(segs, rates, mixing, H, 0.1 if dropout else 0.0)
-        for kind, kernel in kernels.items():
+        for kind, kernel in KERNELS["dilated"].items():
             bm, bn, w, s = fwd_tile if kind == "fwd" else bwd_tile
-            offset = 0 if kind == "dkdv" else q_lo
-            walks = dt._walks_over_space(((bm, bn),), "keys" if kind == "dkdv" else "rows", nested, meta["W0"],
-                                         meta["L"], offset)
-            values = dict(Q="*bf16", K="*bf16", V="*bf16", Out="*bf16", DO="*bf16", DQ="*bf16", DK="*bf16",
-                          DV="*bf16", Lse="*fp32", Delta="*fp32", sm_scale="fp32", H=("i32", H), N=("i32", N),
-                          Q_LO=("i32", q_lo), N_Q=("i32", N), out_scale="fp32", Seed="*i64", drop_thr=("i32", 123),
-                          HEAD_DIM=D, IS_CAUSAL=causal, GQA=2, DROPOUT=dropout, WALKS=walks, BLOCK_M=bm,
-                          BLOCK_N=bn, **meta, **strides)
+            values = dilated_values(N, PATTERNS[name], causal, kind, bm, bn, dropout=dropout, gqa=2, q_lo=q_lo,
+                                    drop_thr=123, h=H, d=D)
             tag = f"dilated_{name}_{'causal' if causal else 'full'}_drop{dropout}_{kind}_{bm}x{bn}_qlo{q_lo}"
             yield tag, kernel, values, w, s
 
 
 def block_sparse_cases():
-    kernels = {"fwd": bt._block_sparse_fwd_kernel, "dq": bt._block_sparse_bwd_dq_kernel,
-               "dkdv": bt._block_sparse_bwd_dkdv_kernel}
-    for kind, kernel in kernels.items():
+    for kind, kernel in KERNELS["block-sparse"].items():
         for cfg in bt.tile_space("fwd" if kind == "fwd" else "bwd", 128)[:3]:
             bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
             yield (f"block_sparse_window_{kind}_{bm}x{bn}", kernel, dict(window_values(N), BLOCK_M=bm, BLOCK_N=bn),
