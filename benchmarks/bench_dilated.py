@@ -273,7 +273,8 @@ def main():
         _log(a.out, row)
     from dilate_compiler.lowering import dilated_triton as dt
 
-    tuned = tuned_configs({"fwd": dt._dilated_attn_fwd_kernel, "dq": dt._dilated_attn_bwd_dq_kernel,
+    tuned = tuned_configs({"fwd": dt._dilated_attn_fwd_kernel, "walk0": dt._dilated_attn_fwd_walk0_kernel,
+                           "dq": dt._dilated_attn_bwd_dq_kernel,
                            "dkdv": dt._dilated_attn_bwd_dkdv_kernel})
     print("autotuned configs:", json.dumps(tuned, indent=1), flush=True)
     with open(os.path.join(a.out, "bench_dilated.json"), "w") as f:

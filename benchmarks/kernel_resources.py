@@ -25,7 +25,8 @@ def main():
     out = dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=a.causal)
     out.backward(torch.ones_like(out))
     torch.cuda.synchronize()
-    for name in ("_dilated_attn_fwd_kernel", "_dilated_attn_bwd_dq_kernel", "_dilated_attn_bwd_dkdv_kernel"):
+    for name in ("_dilated_attn_fwd_kernel", "_dilated_attn_fwd_walk0_kernel", "_dilated_attn_bwd_dq_kernel",
+                 "_dilated_attn_bwd_dkdv_kernel"):
         tuner = getattr(kt, name)
         best = getattr(tuner, "best_config", None)
         print(f"{name}: best config {best}")

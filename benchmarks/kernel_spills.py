@@ -2,7 +2,7 @@
 compiler and its bundled ptxas; the numbers are for the installed Triton version).
 
     python benchmarks/kernel_spills.py [--family block-sparse|dilated] [--arch 90] [--kinds fwd,dq,dkdv]
-                                       [--n 262144] [--causal]
+                                       [--n 262144] [--causal]    (dilated kinds: fwd,walk0,dq,dkdv)
 
 Per tile configuration: ptxas registers and spill bytes, shared memory, and the ``async_wait`` counts of the
 Triton GPU IR: how many copies may still be in flight at each wait. ``num = 0`` at a loop's top: every copy
@@ -69,8 +69,8 @@ def compile_for(kernel, values: dict, num_warps: int, num_stages: int, arch: int
 CONFIG_A = ((2048, 4096, 8192, 16384), (1, 2, 4, 8), "lse")
 KERNELS = {"block-sparse": {"fwd": bt._block_sparse_fwd_kernel, "dq": bt._block_sparse_bwd_dq_kernel,
                             "dkdv": bt._block_sparse_bwd_dkdv_kernel},
-           "dilated": {"fwd": dt._dilated_attn_fwd_kernel, "dq": dt._dilated_attn_bwd_dq_kernel,
-                       "dkdv": dt._dilated_attn_bwd_dkdv_kernel}}
+           "dilated": {"fwd": dt._dilated_attn_fwd_kernel, "walk0": dt._dilated_attn_fwd_walk0_kernel,
+                       "dq": dt._dilated_attn_bwd_dq_kernel, "dkdv": dt._dilated_attn_bwd_dkdv_kernel}}
 
 
 def _strides(n: int, h: int, d: int, tensors: str) -> dict:
@@ -91,13 +91,16 @@ def window_values(n: int) -> dict:
 def dilated_values(n: int, pattern: tuple, causal: bool, kind: str, bm: int, bn: int, *, dropout: int = 0,
                    gqa: int = 1, q_lo: int = 0, drop_thr: int = 0, h: int = 16, d: int = 64) -> dict:
     """The dilated kernel ``kind``'s arguments for ``pattern`` = (segments, rates, mixing) at N = ``n``, with the
-    ``WALKS`` its launcher would pass for the tile ``bm`` x ``bn`` (``dropout``: the ``DROPOUT`` constexpr)."""
+    ``WALKS`` and ``SEEDED`` its launcher would pass for the tile ``bm`` x ``bn`` (``dropout``: the ``DROPOUT``
+    constexpr; "walk0": the causal walk-0 kernel)."""
     segs, rates, mixing = pattern
     meta, _, nested = dt._launch_pattern(segs, rates, mixing, h, 0.1 if dropout else 0.0)
     owner, offset = ("keys", 0) if kind == "dkdv" else ("rows", q_lo)
     walks = dt._walks_over_space(((bm, bn),), owner, nested, meta["W0"], meta["L"], offset)
+    seeded = kind == "fwd" and dt.walk0_applies(meta, nested, causal, walks)
     return dict(Q="*bf16", K="*bf16", V="*bf16", Out="*bf16", DO="*bf16", DQ="*bf16", DK="*bf16", DV="*bf16",
-                Lse="*fp32", Delta="*fp32", sm_scale="fp32", H=("i32", h), N=("i32", n), Q_LO=("i32", q_lo),
+                Out0="*bf16", Lse0="*fp32", SEEDED=int(seeded), Lse="*fp32", Delta="*fp32", sm_scale="fp32",
+                H=("i32", h), N=("i32", n), Q_LO=("i32", q_lo),
                 N_Q=("i32", n), out_scale="fp32", Seed="*i64", drop_thr=("i32", drop_thr), HEAD_DIM=d,
                 IS_CAUSAL=causal, GQA=gqa, DROPOUT=dropout, WALKS=walks, BLOCK_M=bm, BLOCK_N=bn, **meta,
                 **_strides(n, h, d, "qko"))
@@ -112,12 +115,15 @@ def main():
     ap.add_argument("--causal", action="store_true")
     a = ap.parse_args()
     kernels = KERNELS[a.family]
-    space = (lambda kind: bt.tile_space(kind, 128)) if a.family == "block-sparse" else dt.tile_space
+    if a.family == "block-sparse":
+        space = lambda kind: bt.tile_space("fwd" if kind == "fwd" else "bwd", 128)
+    else:
+        space = lambda kind: dt.tile_space(kind if kind in ("fwd", "walk0") else "bwd")
     causal = a.causal or a.family == "block-sparse"
     print(f"triton {triton.__version__}, sm_{a.arch}, {a.family}, causal={causal}")
     print("kernel  tile (M, N, warps, stages)  registers  spill bytes (st/ld)  shared bytes  async_wait nums")
     for kind in a.kinds.split(","):
-        for cfg in space("fwd" if kind == "fwd" else "bwd"):
+        for cfg in space(kind):
             bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
             if a.family == "block-sparse":
                 values = window_values(a.n)

@@ -37,7 +37,9 @@ def _text(ptx: str) -> str:
 def dilated_cases():
     for name, causal, dropout, fwd_tile, bwd_tile, q_lo in DILATED:
         for kind, kernel in KERNELS["dilated"].items():
-            bm, bn, w, s = fwd_tile if kind == "fwd" else bwd_tile
+            bm, bn, w, s = fwd_tile if kind in ("fwd", "walk0") else bwd_tile
+            if kind == "walk0" and not dilated_values(N, PATTERNS[name], causal, "fwd", bm, bn, q_lo=q_lo)["SEEDED"]:
+                continue
             values = dilated_values(N, PATTERNS[name], causal, kind, bm, bn, dropout=dropout, gqa=2, q_lo=q_lo,
                                     drop_thr=123, h=H, d=D)
             tag = f"dilated_{name}_{'causal' if causal else 'full'}_drop{dropout}_{kind}_{bm}x{bn}_qlo{q_lo}"

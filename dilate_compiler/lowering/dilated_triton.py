@@ -24,6 +24,7 @@ leave the normaliser unchanged and ``1 / (1 - p)`` rides on ``out_scale``.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 
@@ -32,6 +33,8 @@ import triton
 import triton.language as tl
 
 from ..strategies.dilated import Dilated
+
+log = logging.getLogger("dilate_compiler")
 
 MAX_BRANCHES = 8
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
@@ -51,8 +54,12 @@ def _configs(kind: str):
 
 
 def tile_space(kind: str) -> list:
-    """Every tile configuration of the GPU autotuning space ``kind`` ("fwd" or "bwd"), pinned or not."""
-    if kind == "fwd":
+    """Every tile configuration of the GPU autotuning space ``kind`` ("fwd", "walk0" or "bwd"), pinned or
+    not."""
+    if kind == "walk0":   # causal flash attention inside the shortest segment: the key tile divides the row tile
+        space = ((128, 64, 4, 3), (128, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
+                 (128, 32, 4, 4))
+    elif kind == "fwd":
         space = ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 4, 3), (64, 64, 4, 3),
                  (64, 128, 4, 2), (128, 32, 4, 4))
     else:   # the last two: long-resident tiles against short, deeply pipelined ones (dQ: 128 rows x 32 keys;
@@ -64,6 +71,8 @@ def tile_space(kind: str) -> list:
 
 _KEY = ["N", "HEAD_DIM", "NUM_BRANCHES", "L", "IS_CAUSAL", "MIXING_LSE", "GQA", "DROPOUT", "WALKS",
         "W0", "W1", "W2", "W3", "W4", "W5", "W6", "W7", "R0", "R1", "R2", "R3", "R4", "R5", "R6", "R7"]
+_KEY_WALK0 = ["N", "HEAD_DIM", "NUM_BRANCHES", "L", "GQA", "W0", "W1", "W2", "W3", "W4", "W5", "W6", "W7",
+              "R0", "R1", "R2", "R3", "R4", "R5", "R6", "R7"]
 
 
 @triton.jit
@@ -505,10 +514,10 @@ def _dkdv_walk(dk, dv, k, v, j, j_first, j_last, h, c, q_base, do_base, lse_base
     return dk, dv
 
 
-@triton.autotune(configs=_configs("fwd"), key=_KEY)
+@triton.autotune(configs=_configs("fwd"), key=_KEY + ["SEEDED"])
 @triton.jit
 def _dilated_attn_fwd_kernel(
-    Q, K, V, Out, Lse, sm_scale,
+    Q, K, V, Out, Lse, Out0, Lse0, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_ob, stride_oh, stride_on, H, N, Q_LO, N_Q, out_scale, Seed, drop_thr,
     HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, L: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -519,9 +528,10 @@ def _dilated_attn_fwd_kernel(
     R4: tl.constexpr, R5: tl.constexpr, R6: tl.constexpr, R7: tl.constexpr,
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
     S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr, S8: tl.constexpr,
-    WALKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WALKS: tl.constexpr, SEEDED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     tl.static_assert(NUM_BRANCHES <= 8)
+    tl.static_assert(not SEEDED or WALKS == 2)
     WS: tl.constexpr = (W0, W1, W2, W3, W4, W5, W6, W7)       # per-branch constexprs, indexed by branch
     WP: tl.constexpr = (W0, W0, W1, W2, W3, W4, W5, W6)       # the segment before walk B's (unread by walk 0)
     RS: tl.constexpr = (R0, R1, R2, R3, R4, R5, R6, R7)
@@ -533,6 +543,9 @@ def _dilated_attn_fwd_kernel(
     c, p, row_ok, p_first, p_last, n_left = _query_tile(i_tile, Q_LO, N_Q, L, BLOCK_M)
     if n_left <= 0:
         return
+    if SEEDED:      # rows inside one shortest segment, of one class: all or none have later walks
+        if not _later_walks(p_first, h, NUM_BRANCHES, WS, RS):
+            return      # the walk-0 kernel wrote their output
     pq = p - Q_LO                                       # rows of q, out and lse
     offs_d = tl.arange(0, HEAD_DIM)
     q_base = Q + b * stride_qb + h.to(tl.int64) * stride_qh
@@ -545,14 +558,21 @@ def _dilated_attn_fwd_kernel(
     if DROPOUT:
         seed = tl.load(Seed)
     stream = i_bh * NUM_BRANCHES
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if SEEDED:      # walk 0 ran in _dilated_attn_fwd_walk0_kernel: its normalised output and base-2 lse
+        o0_base = Out0 + b * stride_ob + h.to(tl.int64) * stride_oh
+        acc = tl.load(o0_base + pq[:, None] * stride_on + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        acc = acc.to(tl.float32)
+        m_i = tl.load(Lse0 + i_bh.to(tl.int64) * N_Q + pq, mask=row_ok, other=0.0)
+        l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     # Nested pattern, rows inside one segment: each linked key once, weighted (see the section above);
     # otherwise one block per branch (constexpr-unrolled), each adding its keys to the same online softmax.
     if _one_segment(p_first, p_last, W0, WALKS, BLOCK_N, L):
         if WALKS > 0:   # constexpr: kernels whose programs never walk compile no walk
-            for B in tl.static_range(NUM_BRANCHES):   # walk B: branch B's segment outside branch B-1's
+            for B in tl.static_range(SEEDED, NUM_BRANCHES):   # walk B: branch B's segment outside branch B-1's
                 acc, m_i, l_i = _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N,
                                           qk_scale, B, WP[B], WS[B], RS[B], IS_CAUSAL, BLOCK_N, HEAD_DIM,
                                           NUM_BRANCHES, RS)
@@ -571,6 +591,120 @@ def _dilated_attn_fwd_kernel(
     o_base = Out + b * stride_ob + h.to(tl.int64) * stride_oh
     tl.store(o_base + pq[:, None] * stride_on + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
     tl.store(Lse + i_bh.to(tl.int64) * N_Q + pq, lse, mask=row_ok)
+
+
+# --- causal nested patterns: walk 0 over contiguous query rows ------------------------------------------------
+#
+# Walk 0 of a causal nested pattern whose shortest branch has rate 1 is causal attention inside each segment of
+# that branch. In the forward kernel a program's rows are one residue class (stride L), so they span L *
+# BLOCK_M positions and walk 0's masked diagonal is that wide: at 128 rows and L = 8, half of walk 0's tiles
+# (config A: 1.347x the distinct pairs overall). This kernel runs walk 0 over contiguous rows instead, as causal
+# flash attention in segments (masked diagonal BLOCK_M wide), with each pair's log2 multiplicity
+# ``log2 min(k(p - h), k(j - h))``, ``k(x)`` = the number of branches whose rate divides x (the rates form a
+# chain, so those are a prefix of the branches). Rows that link no key beyond walk 0 get their output and lse
+# here; for the others its normalised output and base-2 log-sum-exp seed the forward kernel's online softmax
+# (``SEEDED``), which walks branches 1.. only and skips the programs of the first kind. See ``walk0_applies``.
+# The seed is a workspace of out's shape and dtype plus an fp32 row vector (O(N); the forward reads, never
+# writes it, so autotuning may rerun the forward). The partial output's rounding to out's dtype weighs by walk
+# 0's share of the softmax mass: in float16 tests it raised the RMS error by 3% and left the max error as is
+# (an fp32 workspace: 0.3%, at twice the memory traffic).
+
+
+@triton.jit
+def _log2_count(x, NUM_BRANCHES: tl.constexpr, RS: tl.constexpr):
+    """log2 of the number of branches whose rate divides ``x`` (a vector)."""
+    n = (x * 0).to(tl.float32)
+    for i in tl.static_range(NUM_BRANCHES):
+        n += ((x % RS[i]) == 0).to(tl.float32)
+    return tl.log2(n)
+
+
+@triton.jit
+def _later_walks(p, h, NUM_BRANCHES: tl.constexpr, WS: tl.constexpr, RS: tl.constexpr):
+    """Whether causal rows ``p`` (vector or scalar) link keys beyond walk 0: some branch B > 0 selects them and
+    they lie past the first branch-(B-1) segment of their branch-B segment (walk B's keys before the hole)."""
+    more = p < 0
+    for i in tl.static_range(1, NUM_BRANCHES):
+        more = more | ((((p - h) % RS[i]) == 0) & ((p % WS[i]) >= WS[i - 1]))
+    return more
+
+
+@triton.jit
+def _walk0_tiles(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, lo, hi, qk_scale,
+                 MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Contiguous key tiles ``[lo, hi)`` (``hi - lo`` a multiple of BLOCK_N, every tile starting at the same
+    position mod L, so the keys' log2 counts ``lkj`` serve each); ``MASK``: the causal diagonal."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    for start in range(lo, hi, BLOCK_N):
+        j = start + tl.arange(0, BLOCK_N)
+        if MASK:   # rows past the end may reach keys past N: read as 0, never stored
+            k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :], mask=j[:, None] < N, other=0.0)
+            v = tl.load(v_base + j[:, None] * stride_kn + offs_d[None, :], mask=j[:, None] < N, other=0.0)
+        else:
+            k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :])
+            v = tl.load(v_base + j[:, None] * stride_kn + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale + tl.minimum(lkp[:, None], lkj[None, :])
+        if MASK:
+            s = tl.where(j[None, :] <= p[:, None], s, float("-inf"))
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, v, False)
+    return acc, m_i, l_i
+
+
+@triton.autotune(configs=_configs("walk0"), key=_KEY_WALK0)
+@triton.jit
+def _dilated_attn_fwd_walk0_kernel(
+    Q, K, V, Out, Lse, Out0, Lse0, sm_scale,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+    stride_ob, stride_oh, stride_on, H, N, Q_LO, N_Q,
+    HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, L: tl.constexpr, GQA: tl.constexpr,
+    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,
+    W4: tl.constexpr, W5: tl.constexpr, W6: tl.constexpr, W7: tl.constexpr,
+    R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
+    R4: tl.constexpr, R5: tl.constexpr, R6: tl.constexpr, R7: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Walk 0 of a causal nested pattern (section above): program ``(t, b * H + h)`` owns the BLOCK_M
+    contiguous positions from ``(Q_LO // BLOCK_M + t) * BLOCK_M`` (inside one segment: W0 % BLOCK_M == 0).
+    Rows that link nothing beyond walk 0 (``_later_walks``; config A: about 2 in 3) get their final output and
+    lse here, in Out and Lse; the others their seed, in Out0 and Lse0."""
+    tl.static_assert(BLOCK_M % BLOCK_N == 0)
+    tl.static_assert(BLOCK_N % L == 0)
+    tl.static_assert(W0 % BLOCK_M == 0)
+    tl.static_assert(R0 == 1)
+    WS: tl.constexpr = (W0, W1, W2, W3, W4, W5, W6, W7)
+    RS: tl.constexpr = (R0, R1, R2, R3, R4, R5, R6, R7)
+    i_bh = tl.program_id(1)
+    b = (i_bh // H).to(tl.int64)
+    h = i_bh % H
+    r0 = (Q_LO // BLOCK_M + tl.program_id(0)) * BLOCK_M
+    p = r0 + tl.arange(0, BLOCK_M)
+    row_ok = (p >= Q_LO) & (p < Q_LO + N_Q)
+    pq = p - Q_LO
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_base = Q + b * stride_qb + h.to(tl.int64) * stride_qh
+    kh = (h // GQA).to(tl.int64)
+    k_base = K + b * stride_kb + kh * stride_kh
+    v_base = V + b * stride_kb + kh * stride_kh
+    q = tl.load(q_base + pq[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    qk_scale = sm_scale * 1.4426950408889634
+    s0 = r0 // W0 * W0                                               # the segment's first position
+    lkp = _log2_count(p - h, NUM_BRANCHES, RS)
+    lkj = _log2_count(s0 + tl.arange(0, BLOCK_N) - h, NUM_BRANCHES, RS)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = _walk0_tiles(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, s0, r0, qk_scale,
+                                 False, BLOCK_N, HEAD_DIM)
+    acc, m_i, l_i = _walk0_tiles(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, r0, r0 + BLOCK_M,
+                                 qk_scale, True, BLOCK_N, HEAD_DIM)
+    more = _later_walks(p, h, NUM_BRANCHES, WS, RS)
+    out = (acc / l_i[:, None]).to(Out.dtype.element_ty)
+    lse2 = m_i + tl.log2(l_i)
+    o_off = b * stride_ob + h.to(tl.int64) * stride_oh + pq[:, None] * stride_on + offs_d[None, :]
+    tl.store(Out + o_off, out, mask=(row_ok & ~more)[:, None])
+    tl.store(Out0 + o_off, out, mask=(row_ok & more)[:, None])
+    tl.store(Lse + i_bh.to(tl.int64) * N_Q + pq, lse2 * 0.6931471805599453, mask=row_ok & ~more)
+    tl.store(Lse0 + i_bh.to(tl.int64) * N_Q + pq, lse2, mask=row_ok & more)
 
 
 @triton.jit
@@ -933,6 +1067,35 @@ def _walks_over_space(tiles: tuple, owner: str, nested: bool, w0: int, L: int, o
     return found.pop() if len(found) == 1 else 1
 
 
+_LOGGED_WALK0 = []
+
+
+def _walk0_runs(meta: dict, nested: bool, is_causal: bool, walks_fwd: int) -> bool:
+    """``walk0_applies``, outside graph capture only. Inside ``torch.compile`` and ``torch.export`` the forward
+    kernel walks walk 0 itself (strided rows; the same function, slower on causal patterns): Inductor's build of
+    the walk-0 kernel failed with a Triton CompilationError whose cause is not yet known (logged once)."""
+    if not walk0_applies(meta, nested, is_causal, walks_fwd):
+        return False
+    if torch.compiler.is_compiling():
+        if not _LOGGED_WALK0:
+            _LOGGED_WALK0.append(True)
+            log.warning("dilated attention inside torch.compile / torch.export: the causal forward walks the "
+                        "shortest branch over strided rows; the contiguous-row walk-0 kernel runs in eager calls only")
+        return False
+    return True
+
+
+def walk0_applies(meta: dict, nested: bool, is_causal: bool, walks_fwd: int) -> bool:
+    """Whether the forward runs walk 0 in ``_dilated_attn_fwd_walk0_kernel`` and seeds the forward kernel with it:
+    a causal nested pattern whose shortest branch has rate 1, every forward program walking (``walks_fwd ==
+    2``), and each tile of the walk-0 space fitting (its row tile divides the shortest segment, its key tile is
+    a multiple of L)."""
+    if not (is_causal and nested and walks_fwd == 2 and meta["R0"] == 1):
+        return False
+    return all(meta["W0"] % cfg.kwargs["BLOCK_M"] == 0 and cfg.kwargs["BLOCK_N"] % meta["L"] == 0
+               for cfg in _dilated_attn_fwd_walk0_kernel.configs)
+
+
 def _runner(kernel):
     if INTERPRET:
         return kernel
@@ -999,12 +1162,21 @@ def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: boo
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     meta, out_scale, nested = _launch_pattern(segment_lengths, dilation_rates, mixing, H, dropout_p)
     seed_t, drop_thr, rdrop, dropout = _dropout_args(dropout_p, seed, lse, segment_lengths, dilation_rates)
+    walks_fwd = _walks_constexpr(_dilated_attn_fwd_kernel, "rows", meta, nested, q_offset)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               out.stride(0), out.stride(1), out.stride(2), H, N, q_offset, Nq)
+    seeded = _walk0_runs(meta, nested, is_causal, walks_fwd)
+    out0, lse0 = out, lse                               # unread unless seeded
+    if seeded:
+        out0, lse0 = torch.empty_like(out), torch.empty_like(lse)
+        grid = lambda META: (triton.cdiv(q_offset + Nq, META["BLOCK_M"]) - q_offset // META["BLOCK_M"], B * H)
+        _runner(_dilated_attn_fwd_walk0_kernel)[grid](
+            q, k, v, out, lse, out0, lse0, scale, *strides, HEAD_DIM=D, GQA=H // k.shape[1],
+            **{key: meta[key] for key in _KEY_WALK0 if key in meta})
     _runner(_dilated_attn_fwd_kernel)[_rows_grid(Nq, meta["L"], "BLOCK_M", B * H)](
-        q, k, v, out, lse, scale,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), H, N, q_offset, Nq, out_scale * rdrop, seed_t, drop_thr,
-        HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // k.shape[1], DROPOUT=dropout,
-        WALKS=_walks_constexpr(_dilated_attn_fwd_kernel, "rows", meta, nested, q_offset), **meta)
+        q, k, v, out, lse, out0, lse0, scale, *strides, out_scale * rdrop, seed_t, drop_thr,
+        HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // k.shape[1], DROPOUT=dropout, WALKS=walks_fwd, SEEDED=int(seeded),
+        **meta)
     return out, lse
 
 

@@ -82,7 +82,8 @@ def test_kernels_with_query_offset_on_cuda(lo, hi):
 NESTED_SEGS, NESTED_RATES = (1024, 2048, 4096), (1, 2, 4)   # tiles of up to 128 rows x L=4 fit a 1024-segment
 
 
-@pytest.mark.parametrize("D,is_causal,lo", [(64, False, 0), (64, True, 0), (128, True, 0), (64, True, 1000)])
+@pytest.mark.parametrize("D,is_causal,lo", [(64, False, 0), (64, True, 0), (128, True, 0), (64, True, 1000),
+                                             (64, True, 1024)])
 def test_nested_walks_on_cuda(D, is_causal, lo):
     """A chain of segments and rates with segments longer than a tile: the kernels visit each linked pair once,
     weighted by its multiplicity (the walks of ``nested_order``), forward and backward, also at a query offset."""
@@ -96,8 +97,10 @@ def test_nested_walks_on_cuda(D, is_causal, lo):
     args = dict(is_causal=is_causal, scale=D ** -0.5, mixing="lse")
     out, lse = dilated_attn_fwd(q[:, :, lo:hi], k, v, NESTED_SEGS, NESTED_RATES, q_offset=lo, **args)
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
-    ref = dc.Dilated(NESTED_SEGS, NESTED_RATES).reference(q64, k64, v64, is_causal=is_causal, scale=D ** -0.5)
-    assert_close(out, ref[:, :, lo:hi], torch.bfloat16)
+    strategy = dc.Dilated(NESTED_SEGS, NESTED_RATES)
+    ref = strategy.reference(q64, k64, v64, is_causal=is_causal, scale=D ** -0.5)
+    eager = eager_dilated(q, k, v, strategy, is_causal)[:, :, lo:hi]
+    assert_close(out, ref[:, :, lo:hi], torch.bfloat16, eager_err=rel_err(eager, ref[:, :, lo:hi]))
     dout = torch.zeros(ref.shape, device="cuda", dtype=torch.float64)
     dout[:, :, lo:hi] = torch.randn(out.shape, device="cuda", generator=g, dtype=torch.float64)
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout)
@@ -110,7 +113,7 @@ def test_nested_walks_on_cuda(D, is_causal, lo):
 def _tile_cases():
     from dilate_compiler.lowering.dilated_triton import tile_space
 
-    return [(kind, i) for kind in ("fwd", "bwd") for i in range(len(tile_space(kind)))]
+    return [(kind, i) for kind in ("fwd", "walk0", "bwd") for i in range(len(tile_space(kind)))]
 
 
 @contextlib.contextmanager
@@ -129,13 +132,13 @@ def _pinned(kernels, config):
 @pytest.mark.parametrize("kind,index", _tile_cases(), ids=lambda x: str(x))
 def test_every_tile_of_the_autotuning_space_matches_reference(kind, index):
     """Whichever tile configuration the autotuner picks is exact: each one of the space, pinned in turn (the
-    forward kernel, or both backward kernels), on the nested pattern (walks; the causal diagonal), against
-    float64."""
+    forward kernel, the causal walk-0 kernel, or both backward kernels), on the nested pattern (walks; the causal
+    diagonal), against float64 and eager's error."""
     from dilate_compiler.lowering import dilated_triton as dt
 
     config = dt.tile_space(kind)[index]
-    kernels = ([dt._dilated_attn_fwd_kernel] if kind == "fwd"
-               else [dt._dilated_attn_bwd_dq_kernel, dt._dilated_attn_bwd_dkdv_kernel])
+    kernels = {"fwd": [dt._dilated_attn_fwd_kernel], "walk0": [dt._dilated_attn_fwd_walk0_kernel],
+               "bwd": [dt._dilated_attn_bwd_dq_kernel, dt._dilated_attn_bwd_dkdv_kernel]}[kind]
     N, D = 4500, 64
     g = torch.Generator(device="cuda").manual_seed(index)
     q = torch.randn(1, 4, N, D, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -143,10 +146,11 @@ def test_every_tile_of_the_autotuning_space_matches_reference(kind, index):
     args = dict(is_causal=True, scale=D ** -0.5, mixing="lse")
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     ref = dc.Dilated(NESTED_SEGS, NESTED_RATES).reference(q64, k64, v64, is_causal=True, scale=D ** -0.5)
-    with _pinned(kernels if kind == "fwd" else [], config):
+    with _pinned(kernels if kind != "bwd" else [], config):
         out, lse = dt.dilated_attn_fwd(q, k, v, NESTED_SEGS, NESTED_RATES, **args)
-    assert_close(out, ref, torch.bfloat16)
-    if kind == "fwd":
+    assert_close(out, ref, torch.bfloat16, eager_err=rel_err(eager_dilated(q, k, v, dc.Dilated(
+        NESTED_SEGS, NESTED_RATES), True), ref))
+    if kind != "bwd":
         return
     dout = torch.randn(ref.shape, device="cuda", generator=g, dtype=torch.float64)
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout)
@@ -188,18 +192,21 @@ class Block(torch.nn.Module):
         return x + self.o(a.transpose(1, 2).reshape(B, N, E))
 
 
-def test_kernels_appear_in_inductor_output_code():
+@pytest.mark.parametrize("segs,rates", [(SEGS, RATES), (NESTED_SEGS, NESTED_RATES)])
+def test_kernels_appear_in_inductor_output_code(segs, rates):
+    """Also on a causal chain (walks): there the eager op runs the walk-0 kernel and the compiled graph the
+    forward kernel alone (``_walk0_runs``), so the comparison below checks one against the other."""
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
     model = Block().cuda().to(torch.bfloat16)
     x = torch.randn(2, 1024, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    compiled = torch.compile(model, backend=dilated_backend, options={"strategy": dc.Dilated(SEGS, RATES)})
+    compiled = torch.compile(model, backend=dilated_backend, options={"strategy": dc.Dilated(segs, rates)})
     out, code = run_and_get_code(compiled, x)
     assert any("_dilated_attn_fwd_kernel" in c for c in code), "forward kernel not in Inductor's output code"
     with torch.no_grad():
         q, k, v = model.qkv(x).view(2, 1024, 3, 8, 64).permute(2, 0, 3, 1, 4)
-        a = dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=True)
+        a = dc.ops.dilated_attention(q, k, v, segs, rates, is_causal=True)
         expected = x + model.o(a.transpose(1, 2).reshape(2, 1024, 512))
     assert_close(out, expected, torch.bfloat16)
     _, bwd_code = run_and_get_code(lambda: out.sum().backward())

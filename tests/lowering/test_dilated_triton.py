@@ -142,6 +142,69 @@ def test_walks_compile_one_path_when_the_tiles_decide_it():
     assert walks(False, 2048, 8, 128, 64, 0) == 0             # not nested (head_groups, dropout, no chain)
 
 
+def test_causal_walk0_kernel_applies_to_causal_rate_one_chains_only():
+    """The first walk runs over contiguous rows (``_dilated_attn_fwd_walk0_kernel``) for causal chains whose
+    shortest branch has rate 1 and whose every forward program walks."""
+    from dilate_compiler.lowering.dilated_triton import _launch_pattern, walk0_applies
+
+    def applies(segs, rates, is_causal, walks=2):
+        meta, _, nested = _launch_pattern(segs, rates, "lse", 4, 0.0)
+        return walk0_applies(meta, nested, is_causal, walks)
+
+    assert applies((2048, 4096, 8192, 16384), (1, 2, 4, 8), True)
+    assert applies((64, 128), (1, 1), True)
+    assert not applies((2048, 4096, 8192, 16384), (1, 2, 4, 8), False)        # nothing masked to save
+    assert not applies((2048, 4096, 8192, 16384), (1, 2, 4, 8), True, walks=1)  # some programs don't walk
+    assert not applies((64, 128), (2, 4), True)                                # walk 0 skips rows
+    assert not applies((4, 6), (2, 3), True)                                   # not a chain
+    assert not applies((24, 48), (1, 2), True)                                 # a row tile (16) straddles 24
+
+
+@pytest.mark.parametrize("lo,hi", [(0, 300), (64, 260)])
+def test_causal_walk0_kernel_seeds_the_forward(monkeypatch, lo, hi):
+    """With walk 0 run over contiguous rows and its softmax state seeding the strided forward, out and lse
+    match the forward that walks everything itself and the float64 reference, also at a query offset."""
+    from dilate_compiler.lowering import dilated_triton as dt
+
+    segs, rates = (64, 128, 256), (1, 2, 4)
+    g = torch.Generator().manual_seed(lo)
+    q, k, v = (torch.randn(1, h, 300, 32, generator=g).to(DEVICE) for h in (4, 2, 2))
+    args = dict(is_causal=True, scale=32 ** -0.5, mixing="lse", q_offset=lo)
+    seen = []
+    applies = dt.walk0_applies
+    monkeypatch.setattr(dt, "walk0_applies", lambda *a: seen.append(applies(*a)) or seen[-1])
+    out, lse = dt.dilated_attn_fwd(q[:, :, lo:hi], k, v, segs, rates, **args)
+    monkeypatch.setattr(dt, "walk0_applies", lambda *a: False)
+    out_plain, lse_plain = dt.dilated_attn_fwd(q[:, :, lo:hi], k, v, segs, rates, **args)
+    assert seen == [True]
+    ref = dc.Dilated(segs, rates).reference(q.double(), k.double(), v.double(), is_causal=True, scale=32 ** -0.5)
+    assert_close(out, ref[:, :, lo:hi], torch.float32)
+    torch.testing.assert_close(out, out_plain)
+    torch.testing.assert_close(lse, lse_plain)
+
+
+def test_causal_walk0_kernel_stays_out_of_graph_capture(monkeypatch, caplog):
+    """Inside torch.compile / torch.export the forward walks walk 0 itself, and says so once."""
+    from dilate_compiler.lowering import dilated_triton as dt
+
+    class Unlaunchable:
+        def __getitem__(self, grid):
+            raise AssertionError("the walk-0 kernel was launched during graph capture")
+
+    monkeypatch.setattr(dt, "_dilated_attn_fwd_walk0_kernel", Unlaunchable())
+    monkeypatch.setattr(dt, "walk0_applies", lambda *a: True)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(dt, "_LOGGED_WALK0", [])
+    segs, rates = (64, 128, 256), (1, 2, 4)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 150, 32, generator=g).to(DEVICE) for _ in range(3))
+    with caplog.at_level("WARNING", logger="dilate_compiler"):
+        out, _ = dt.dilated_attn_fwd(q, k, v, segs, rates, is_causal=True, scale=32 ** -0.5, mixing="lse")
+    assert "walk-0 kernel runs in eager calls only" in caplog.text
+    ref = dc.Dilated(segs, rates).reference(q.double(), k.double(), v.double(), is_causal=True, scale=32 ** -0.5)
+    assert_close(out, ref, torch.float32)
+
+
 def test_query_offset_outside_the_keys_is_refused():
     q, k = torch.zeros(1, 1, 8, 32), torch.zeros(1, 1, 10, 32)
     with pytest.raises(ValueError, match="q_offset"):
