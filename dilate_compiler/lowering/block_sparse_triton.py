@@ -203,6 +203,7 @@ def _block_sparse_fwd_kernel(
                 other=0.0)
     k_base = K + b * stride_kb + (h // GQA) * stride_kh
     v_base = V + b * stride_kb + (h // GQA) * stride_kh
+    sm_scale = tl.cast(sm_scale, tl.float32)   # float arguments may arrive as fp64 (Inductor types them so)
     qk_scale = sm_scale * 1.4426950408889634
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -270,6 +271,7 @@ def _block_sparse_bwd_dq_kernel(
     delta = tl.load(Delta + (b * H + h) * N + r, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + (h // GQA) * stride_kh
     v_base = V + b * stride_kb + (h // GQA) * stride_kh
+    sm_scale = tl.cast(sm_scale, tl.float32)   # float arguments may arrive as fp64 (Inductor types them so)
     qk_scale = sm_scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     idx, bits = KvIdx + row * KW, KvBits + row * KW
@@ -341,6 +343,7 @@ def _block_sparse_bwd_dkdv_kernel(
     kv_off = b * stride_kb + kh * stride_kh + rows[:, None] * stride_kn + offs_d[None, :]
     k = tl.load(K + kv_off, mask=key_ok[:, None], other=0.0)
     v = tl.load(V + kv_off, mask=key_ok[:, None], other=0.0)
+    sm_scale = tl.cast(sm_scale, tl.float32)   # float arguments may arrive as fp64 (Inductor types them so)
     qk_scale = sm_scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)

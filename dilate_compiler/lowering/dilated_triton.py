@@ -24,7 +24,6 @@ leave the normaliser unchanged and ``1 / (1 - p)`` rides on ``out_scale``.
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import os
 
@@ -33,8 +32,6 @@ import triton
 import triton.language as tl
 
 from ..strategies.dilated import Dilated
-
-log = logging.getLogger("dilate_compiler")
 
 MAX_BRANCHES = 8
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
@@ -553,6 +550,8 @@ def _dilated_attn_fwd_kernel(
     k_base = K + b * stride_kb + kh * stride_kh
     v_base = V + b * stride_kb + kh * stride_kh
     q = tl.load(q_base + pq[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    sm_scale = tl.cast(sm_scale, tl.float32)   # float arguments may arrive as fp64 (Inductor types them so)
+    out_scale = tl.cast(out_scale, tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
     seed = 0
     if DROPOUT:
@@ -686,6 +685,7 @@ def _dilated_attn_fwd_walk0_kernel(
     k_base = K + b * stride_kb + kh * stride_kh
     v_base = V + b * stride_kb + kh * stride_kh
     q = tl.load(q_base + pq[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    sm_scale = tl.cast(sm_scale, tl.float32)   # float arguments may arrive as fp64 (Inductor types them so)
     qk_scale = sm_scale * 1.4426950408889634
     s0 = r0 // W0 * W0                                               # the segment's first position
     lkp = _log2_count(p - h, NUM_BRANCHES, RS)
@@ -789,6 +789,8 @@ def _dilated_attn_bwd_dq_kernel(
     lse2 = tl.load(Lse + i_bh.to(tl.int64) * N_Q + pq, mask=row_ok, other=0.0) * 1.4426950408889634
     lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
     delta = tl.load(Delta + i_bh.to(tl.int64) * N_Q + pq, mask=row_ok, other=0.0)
+    sm_scale = tl.cast(sm_scale, tl.float32)   # float arguments may arrive as fp64 (Inductor types them so)
+    out_scale = tl.cast(out_scale, tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
     seed = 0
     if DROPOUT:
@@ -927,6 +929,8 @@ def _dilated_attn_bwd_dkdv_kernel(
     kv_off = b.to(tl.int64) * stride_kb + kh.to(tl.int64) * stride_kh + j[:, None] * stride_kn + offs_d[None, :]
     k = tl.load(K + kv_off, mask=key_ok[:, None], other=0.0)
     v = tl.load(V + kv_off, mask=key_ok[:, None], other=0.0)
+    sm_scale = tl.cast(sm_scale, tl.float32)   # float arguments may arrive as fp64 (Inductor types them so)
+    out_scale = tl.cast(out_scale, tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -1067,24 +1071,6 @@ def _walks_over_space(tiles: tuple, owner: str, nested: bool, w0: int, L: int, o
     return found.pop() if len(found) == 1 else 1
 
 
-_LOGGED_WALK0 = []
-
-
-def _walk0_runs(meta: dict, nested: bool, is_causal: bool, walks_fwd: int) -> bool:
-    """``walk0_applies``, outside graph capture only. Inside ``torch.compile`` and ``torch.export`` the forward
-    kernel walks walk 0 itself (strided rows; the same function, slower on causal patterns): Inductor's build of
-    the walk-0 kernel failed with a Triton CompilationError whose cause is not yet known (logged once)."""
-    if not walk0_applies(meta, nested, is_causal, walks_fwd):
-        return False
-    if torch.compiler.is_compiling():
-        if not _LOGGED_WALK0:
-            _LOGGED_WALK0.append(True)
-            log.warning("dilated attention inside torch.compile / torch.export: the causal forward walks the "
-                        "shortest branch over strided rows; the contiguous-row walk-0 kernel runs in eager calls only")
-        return False
-    return True
-
-
 def walk0_applies(meta: dict, nested: bool, is_causal: bool, walks_fwd: int) -> bool:
     """Whether the forward runs walk 0 in ``_dilated_attn_fwd_walk0_kernel`` and seeds the forward kernel with it:
     a causal nested pattern whose shortest branch has rate 1, every forward program walking (``walks_fwd ==
@@ -1165,7 +1151,7 @@ def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: boo
     walks_fwd = _walks_constexpr(_dilated_attn_fwd_kernel, "rows", meta, nested, q_offset)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                out.stride(0), out.stride(1), out.stride(2), H, N, q_offset, Nq)
-    seeded = _walk0_runs(meta, nested, is_causal, walks_fwd)
+    seeded = walk0_applies(meta, nested, is_causal, walks_fwd)
     out0, lse0 = out, lse                               # unread unless seeded
     if seeded:
         out0, lse0 = torch.empty_like(out), torch.empty_like(lse)

@@ -1,0 +1,76 @@
+"""Build each Triton kernel the way Inductor builds a user-defined kernel, without a GPU: from the source Inductor
+emits for it (the kernel and the transitive closure of its helpers, ``user_defined_triton_kernel_transitive_closure_
+source_code``), with its float arguments typed fp64, as Inductor types Python floats, compiled for sm_90. Run by
+``test_kernels_build_from_inductor_source`` in a process without ``TRITON_INTERPRET`` (exit status 1 on a failure).
+"""
+
+import importlib.util
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+
+import triton  # noqa: E402
+from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from kernel_spills import CONFIG_A, KERNELS, _jit_fn, dilated_values, window_values  # noqa: E402
+
+# (family, kernel kind, causal, tile): config A's walks (causal: seeded by the walk-0 kernel), the backward's, and
+# the block-sparse window
+CASES = [("dilated", "fwd", True, (128, 64)), ("dilated", "fwd", False, (128, 64)),
+         ("dilated", "walk0", True, (128, 64)), ("dilated", "dq", True, (64, 64)), ("dilated", "dkdv", True, (64, 64)),
+         ("block-sparse", "fwd", True, (128, 64))]
+
+
+def inductor_kernel(kernel, tmp: str):
+    """The kernel as Inductor re-emits it: its source and its helpers', loaded from a fresh module."""
+    fn = _jit_fn(kernel)
+    path = os.path.join(tmp, f"emitted_{fn.__name__}.py")
+    with open(path, "w") as f:
+        f.write("import triton\nimport triton.language as tl\n@triton.jit\n"
+                + user_defined_triton_kernel_transitive_closure_source_code(fn))
+    spec = importlib.util.spec_from_file_location(f"emitted_{fn.__name__}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, fn.__name__)
+
+
+def build(kernel, values: dict):
+    """Compile ``kernel`` for sm_90: ``values`` maps argument names to a type string or a constexpr value."""
+    sig, consts = {}, {}
+    for name in kernel.arg_names:
+        v = values[name]
+        if isinstance(v, tuple):
+            v = v[0]
+        if isinstance(v, str):
+            sig[name] = v
+        else:
+            sig[name], consts[name] = "constexpr", v
+    triton.compile(ASTSource(kernel, sig, consts), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": 4, "num_stages": 3})
+
+
+def main() -> int:
+    failed = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for family, kind, causal, (bm, bn) in CASES:
+            kernel = inductor_kernel(KERNELS[family][kind], tmp)
+            if family == "dilated":
+                values = dilated_values(262144, CONFIG_A, causal, kind, bm, bn)
+            else:
+                values = dict(window_values(262144), BLOCK_M=bm, BLOCK_N=bn)
+            values = {name: ("fp64" if name in ("sm_scale", "out_scale") else v) for name, v in values.items()}
+            try:
+                build(kernel, values)
+                print(f"{family} {kind} causal={causal}: built")
+            except Exception as e:  # noqa: BLE001 -- report every kernel, then fail
+                failed += 1
+                print(f"{family} {kind} causal={causal}: FAILED {type(e).__name__}: {e}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
