@@ -24,17 +24,21 @@ test: $(VENV)/.installed
 GPU_PY ?= python3
 BENCH_OUT ?= benchmarks/out
 
-# Three pytest processes at once (the two kernel files, then everything else); logs in $(BENCH_OUT).
-GPU_TEST_FILES := tests/lowering/test_dilated_gpu.py tests/lowering/test_block_sparse_gpu.py
+# Five pytest processes at once: each kernel file's every-tile test apart from the rest of that file, then
+# everything else; logs in $(BENCH_OUT).
+DILATED_GPU := tests/lowering/test_dilated_gpu.py
+BLOCK_SPARSE_GPU := tests/lowering/test_block_sparse_gpu.py
 
 test-gpu:
 	mkdir -p $(BENCH_OUT)
-	@pids=""; i=0; \
-	for group in $(GPU_TEST_FILES) "tests $(foreach f,$(GPU_TEST_FILES),--ignore=$(f))"; do \
-		i=$$((i + 1)); \
-		(DILATE_COMPILER_AUTOTUNE=0 PYTHONPATH=$(CURDIR) $(GPU_PY) -m pytest -q -p no:cacheprovider -m gpu \
-			$$group > $(BENCH_OUT)/test-gpu-$$i.log 2>&1) & pids="$$pids $$!"; \
-	done; \
+	@run() { log=$$1; shift; DILATE_COMPILER_AUTOTUNE=0 PYTHONPATH=$(CURDIR) $(GPU_PY) -m pytest -q \
+		-p no:cacheprovider -m gpu "$$@" > $(BENCH_OUT)/test-gpu-$$log.log 2>&1; }; \
+	pids=""; \
+	run 1 $(DILATED_GPU) -k every_tile & pids="$$pids $$!"; \
+	run 2 $(DILATED_GPU) -k "not every_tile" & pids="$$pids $$!"; \
+	run 3 $(BLOCK_SPARSE_GPU) -k every_tile & pids="$$pids $$!"; \
+	run 4 $(BLOCK_SPARSE_GPU) -k "not every_tile" & pids="$$pids $$!"; \
+	run 5 tests --ignore=$(DILATED_GPU) --ignore=$(BLOCK_SPARSE_GPU) & pids="$$pids $$!"; \
 	rc=0; for pid in $$pids; do wait $$pid || rc=1; done; \
 	tail -n 2 $(BENCH_OUT)/test-gpu-*.log; exit $$rc
 
