@@ -511,6 +511,20 @@ def _dkdv_walk(dk, dv, k, v, j, j_first, j_last, h, c, q_base, do_base, lse_base
     return dk, dv
 
 
+@triton.jit
+def _head_rows(Q, K, V, b, h, pq, row_ok, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
+               GQA: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A forward program's query rows ``pq`` of head ``h`` (0 where not ``row_ok``) and the K and V bases of its
+    kv head."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_base = Q + b * stride_qb + h.to(tl.int64) * stride_qh
+    kh = (h // GQA).to(tl.int64)
+    k_base = K + b * stride_kb + kh * stride_kh
+    v_base = V + b * stride_kb + kh * stride_kh
+    q = tl.load(q_base + pq[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    return q, k_base, v_base
+
+
 @triton.autotune(configs=_configs("fwd"), key=_KEY + ["SEEDED"])
 @triton.jit
 def _dilated_attn_fwd_kernel(
@@ -545,11 +559,8 @@ def _dilated_attn_fwd_kernel(
             return      # the walk-0 kernel wrote their output
     pq = p - Q_LO                                       # rows of q, out and lse
     offs_d = tl.arange(0, HEAD_DIM)
-    q_base = Q + b * stride_qb + h.to(tl.int64) * stride_qh
-    kh = (h // GQA).to(tl.int64)
-    k_base = K + b * stride_kb + kh * stride_kh
-    v_base = V + b * stride_kb + kh * stride_kh
-    q = tl.load(q_base + pq[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q, k_base, v_base = _head_rows(Q, K, V, b, h, pq, row_ok, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
+                                   GQA, HEAD_DIM)
     sm_scale = tl.cast(sm_scale, tl.float32)   # float arguments may arrive as fp64 (Inductor types them so)
     out_scale = tl.cast(out_scale, tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
@@ -680,11 +691,8 @@ def _dilated_attn_fwd_walk0_kernel(
     row_ok = (p >= Q_LO) & (p < Q_LO + N_Q)
     pq = p - Q_LO
     offs_d = tl.arange(0, HEAD_DIM)
-    q_base = Q + b * stride_qb + h.to(tl.int64) * stride_qh
-    kh = (h // GQA).to(tl.int64)
-    k_base = K + b * stride_kb + kh * stride_kh
-    v_base = V + b * stride_kb + kh * stride_kh
-    q = tl.load(q_base + pq[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q, k_base, v_base = _head_rows(Q, K, V, b, h, pq, row_ok, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
+                                   GQA, HEAD_DIM)
     sm_scale = tl.cast(sm_scale, tl.float32)   # float arguments may arrive as fp64 (Inductor types them so)
     qk_scale = sm_scale * 1.4426950408889634
     s0 = r0 // W0 * W0                                               # the segment's first position
