@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ..patterns import GRID_AXES, TERM_COLUMNS
-from .dilated_triton import (AUTOTUNE, INTERPRET, _runner, rows_addressable, rows_fit, softmax_step,
+from .dilated_triton import (AUTOTUNE, INTERPRET, _runner, launch_device, rows_addressable, rows_fit, softmax_step,
                              tensor_unsupported_reason)
 
 LN2 = 0.6931471805599453
@@ -459,12 +459,13 @@ def block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size:
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     nb = kv_idx.shape[1]
-    _kernel("fwd", block_size)[_grid(N, block_size, "BLOCK_M", B * H)](
-        q, k, v, out, lse, terms, _table_arg(coords, q, GRID_AXES), _table_arg(order, q, 1), kv_count, kv_idx,
-        kv_bits, tile_order(kv_count, kv_count.shape[0], B * H), scale,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        out.stride(0), out.stride(1), out.stride(2), H, N, nb, kv_idx.shape[2],
-        **_flags(q, k, kv_idx, terms, order, checks, block_size, is_causal))
+    with launch_device(q):
+        _kernel("fwd", block_size)[_grid(N, block_size, "BLOCK_M", B * H)](
+            q, k, v, out, lse, terms, _table_arg(coords, q, GRID_AXES), _table_arg(order, q, 1), kv_count, kv_idx,
+            kv_bits, tile_order(kv_count, kv_count.shape[0], B * H), scale,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            out.stride(0), out.stride(1), out.stride(2), H, N, nb, kv_idx.shape[2],
+            **_flags(q, k, kv_idx, terms, order, checks, block_size, is_causal))
     return out, lse
 
 
@@ -489,11 +490,12 @@ def block_sparse_attn_bwd(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_b
     flags = _flags(q, k, kv_idx, terms, order, checks, block_size, is_causal)
     coords = _table_arg(coords, q, GRID_AXES)
     rows = _table_arg(order, q, 1)
-    _kernel("dq", block_size)[_grid(N, block_size, "BLOCK_M", B * H)](
-        q, k, v, dout, lse, delta, dq, terms, coords, rows, kv_count, kv_idx, kv_bits,
-        tile_order(kv_count, kv_count.shape[0], B * H), scale, *strides, H, N, nb, kv_idx.shape[2], **flags)
     kv_heads = Hkv if q_count.shape[0] > 1 else 1
-    _kernel("dkdv", block_size)[_grid(N, block_size, "BLOCK_N", B * Hkv)](
-        q, k, v, dout, lse, delta, dk, dv, terms, coords, rows, q_count, q_idx, q_bits,
-        tile_order(q_count, kv_heads, B * Hkv), scale, *strides, H, N, nb, q_idx.shape[2], **flags)
+    with launch_device(q):
+        _kernel("dq", block_size)[_grid(N, block_size, "BLOCK_M", B * H)](
+            q, k, v, dout, lse, delta, dq, terms, coords, rows, kv_count, kv_idx, kv_bits,
+            tile_order(kv_count, kv_count.shape[0], B * H), scale, *strides, H, N, nb, kv_idx.shape[2], **flags)
+        _kernel("dkdv", block_size)[_grid(N, block_size, "BLOCK_N", B * Hkv)](
+            q, k, v, dout, lse, delta, dk, dv, terms, coords, rows, q_count, q_idx, q_bits,
+            tile_order(q_count, kv_heads, B * Hkv), scale, *strides, H, N, nb, q_idx.shape[2], **flags)
     return dq, dk, dv

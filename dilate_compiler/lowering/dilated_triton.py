@@ -23,6 +23,7 @@ leave the normaliser unchanged and ``1 / (1 - p)`` rides on ``out_scale``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -1090,6 +1091,12 @@ def walk0_applies(meta: dict, nested: bool, is_causal: bool, walks_fwd: int) -> 
                for cfg in _dilated_attn_fwd_walk0_kernel.configs)
 
 
+def launch_device(t: torch.Tensor):
+    """The context of a kernel launch on ``t``'s tensors: Triton launches on the current CUDA device, so make it
+    ``t``'s (a no-op off CUDA)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 def _runner(kernel):
     if INTERPRET:
         return kernel
@@ -1161,16 +1168,17 @@ def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: boo
                out.stride(0), out.stride(1), out.stride(2), H, N, q_offset, Nq)
     seeded = walk0_applies(meta, nested, is_causal, walks_fwd)
     out0, lse0 = out, lse                               # unread unless seeded
-    if seeded:
-        out0, lse0 = torch.empty_like(out), torch.empty_like(lse)
-        grid = lambda META: (triton.cdiv(q_offset + Nq, META["BLOCK_M"]) - q_offset // META["BLOCK_M"], B * H)
-        _runner(_dilated_attn_fwd_walk0_kernel)[grid](
-            q, k, v, out, lse, out0, lse0, scale, *strides, HEAD_DIM=D, GQA=H // k.shape[1],
-            **{key: meta[key] for key in _KEY_WALK0 if key in meta})
-    _runner(_dilated_attn_fwd_kernel)[_rows_grid(Nq, meta["L"], "BLOCK_M", B * H)](
-        q, k, v, out, lse, out0, lse0, scale, *strides, out_scale * rdrop, seed_t, drop_thr,
-        HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // k.shape[1], DROPOUT=dropout, WALKS=walks_fwd, SEEDED=int(seeded),
-        **meta)
+    with launch_device(q):
+        if seeded:
+            out0, lse0 = torch.empty_like(out), torch.empty_like(lse)
+            grid = lambda META: (triton.cdiv(q_offset + Nq, META["BLOCK_M"]) - q_offset // META["BLOCK_M"], B * H)
+            _runner(_dilated_attn_fwd_walk0_kernel)[grid](
+                q, k, v, out, lse, out0, lse0, scale, *strides, HEAD_DIM=D, GQA=H // k.shape[1],
+                **{key: meta[key] for key in _KEY_WALK0 if key in meta})
+        _runner(_dilated_attn_fwd_kernel)[_rows_grid(Nq, meta["L"], "BLOCK_M", B * H)](
+            q, k, v, out, lse, out0, lse0, scale, *strides, out_scale * rdrop, seed_t, drop_thr,
+            HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // k.shape[1], DROPOUT=dropout, WALKS=walks_fwd,
+            SEEDED=int(seeded), **meta)
     return out, lse
 
 
@@ -1195,8 +1203,9 @@ def dilated_attn_bwd(dout, q, k, v, out, lse, segment_lengths, dilation_rates, *
     flags = dict(HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // Hkv, DROPOUT=dropout, **meta)
     walks_dq = _walks_constexpr(_dilated_attn_bwd_dq_kernel, "rows", meta, nested, q_offset)
     walks_dkdv = _walks_constexpr(_dilated_attn_bwd_dkdv_kernel, "keys", meta, nested, 0)
-    _runner(_dilated_attn_bwd_dq_kernel)[_rows_grid(Nq, meta["L"], "BLOCK_M", B * H)](
-        q, k, v, dout, lse, delta, dq, scale, *common, WALKS=walks_dq, **flags)
-    _runner(_dilated_attn_bwd_dkdv_kernel)[_rows_grid(N, meta["L"], "BLOCK_N", B * Hkv)](
-        q, k, v, dout, lse, delta, dk, dv, scale, *common, WALKS=walks_dkdv, **flags)
+    with launch_device(q):
+        _runner(_dilated_attn_bwd_dq_kernel)[_rows_grid(Nq, meta["L"], "BLOCK_M", B * H)](
+            q, k, v, dout, lse, delta, dq, scale, *common, WALKS=walks_dq, **flags)
+        _runner(_dilated_attn_bwd_dkdv_kernel)[_rows_grid(N, meta["L"], "BLOCK_N", B * Hkv)](
+            q, k, v, dout, lse, delta, dk, dv, scale, *common, WALKS=walks_dkdv, **flags)
     return dq, dk, dv

@@ -19,13 +19,12 @@ PyTorch. The lists equal PyTorch's slot for slot. The kernels launch directly (n
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from ..patterns import TERM_COLUMNS
+from .dilated_triton import launch_device
 
 CHUNK = 1024
 assert TERM_COLUMNS == 12   # _pair_class reads term rows of 12 ints
@@ -153,9 +152,7 @@ def build_lists(terms: torch.Tensor, diag, seq_len: int, block_size: int, is_cau
                  RAGGED=seq_len % block_size != 0, CHUNK=min(chunk, triton.next_power_of_2(nb)))
     state = torch.empty(1, nb, nb, dtype=torch.int8, device=device)
     count = torch.empty(2, nb, 2, dtype=torch.int32, device=device)
-    with contextlib.ExitStack() as launch:
-        if device.type == "cuda":                         # kernels launch on the current device: make it theirs
-            launch.enter_context(torch.cuda.device(device))
+    with launch_device(terms):
         _layout_count_kernel[(nb, 2)](terms, diag, state, count, seq_len, nb, block_size, **flags)
         kw, qw = (max(w, 1) for w in count[:, :, 1].amax(1).tolist())    # the one host sync
         idx = torch.empty(nb * (kw + qw), dtype=torch.int32, device=device)

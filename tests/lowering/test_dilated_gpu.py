@@ -160,6 +160,30 @@ def test_every_tile_of_the_autotuning_space_matches_reference(kind, index):
         assert_close(a, b, torch.bfloat16, name)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_kernels_run_on_the_inputs_device_not_the_current_one():
+    """Triton launches on the current device; the launchers make it the inputs' (dilated with the walk-0 kernel,
+    block-sparse, the layout build), forward and backward, and match the same call on the current device."""
+    from dilate_compiler import patterns as P
+
+    g = torch.Generator(device="cuda:0").manual_seed(0)
+    qkv0 = [torch.randn(1, 4, 2500, 64, device="cuda:0", generator=g, dtype=torch.bfloat16) for _ in range(3)]
+    ops = {"dilated": lambda q, k, v: dc.ops.dilated_attention(q, k, v, NESTED_SEGS, NESTED_RATES, is_causal=True),
+           "block-sparse": lambda q, k, v: dc.ops.block_sparse_attention(q, k, v, P.sliding_window(512),
+                                                                         block_size=128, is_causal=True)}
+    torch.cuda.set_device(0)
+    for name, op in ops.items():
+        results = []
+        for device in ("cuda:0", "cuda:1"):
+            q, k, v = (t.to(device).requires_grad_() for t in qkv0)
+            out = op(q, k, v)
+            out.float().square().sum().backward()
+            results.append([t.cpu() for t in (out, q.grad, k.grad, v.grad)])
+        assert torch.cuda.current_device() == 0
+        for what, a, b in zip(("out", "dq", "dk", "dv"), *results):
+            assert torch.equal(a, b), f"{name} {what}: cuda:1 differs from cuda:0"
+
+
 def test_strided_inputs_from_batch_first_layout():
     x = torch.randn(1, 700, 3, 8, 64, device="cuda", dtype=torch.bfloat16)
     q, k, v = (x[:, :, i].transpose(1, 2) for i in range(3))        # [B, H, N, D] views, not contiguous
