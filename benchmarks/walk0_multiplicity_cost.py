@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench
 
-from dilate_compiler.lowering.dilated_triton import _log2_count, softmax_step
+from dilate_compiler.lowering.dilated_triton import _walk_log2_mult, softmax_step
 
 
 @triton.jit
@@ -32,7 +32,7 @@ def _tiles(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, lo, hi, 
         elif MODE == 1:
             s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale + tl.minimum(lkp[:, None], lkj[None, :])
         else:
-            lkt = _log2_count(j - h, NUM_BRANCHES, RS)
+            lkt = _walk_log2_mult(j - h, j - h, 0, NUM_BRANCHES, RS)
             s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale + tl.minimum(lkp[:, None], lkt[None, :])
         if MASK:
             s = tl.where(j[None, :] <= p[:, None], s, float("-inf"))
@@ -54,8 +54,8 @@ def _kernel(Q, K, V, Out0, Lse0, sm_scale, stride_qb, stride_qh, stride_qn, H, N
     q = tl.load(Q + base + p[:, None] * stride_qn + offs_d[None, :])
     qk_scale = sm_scale * 1.4426950408889634
     s0 = r0 // W0 * W0
-    lkp = _log2_count(p - h, NUM_BRANCHES, RS)
-    lkj = _log2_count(s0 + tl.arange(0, BLOCK_N) - h, NUM_BRANCHES, RS)
+    lkp = _walk_log2_mult(p - h, p - h, 0, NUM_BRANCHES, RS)
+    lkj = _walk_log2_mult(s0 + tl.arange(0, BLOCK_N) - h, s0 + tl.arange(0, BLOCK_N) - h, 0, NUM_BRANCHES, RS)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)

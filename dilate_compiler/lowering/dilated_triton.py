@@ -622,15 +622,6 @@ def _dilated_attn_fwd_kernel(
 
 
 @triton.jit
-def _log2_count(x, NUM_BRANCHES: tl.constexpr, RS: tl.constexpr):
-    """log2 of the number of branches whose rate divides ``x`` (a vector)."""
-    n = (x * 0).to(tl.float32)
-    for i in tl.static_range(NUM_BRANCHES):
-        n += ((x % RS[i]) == 0).to(tl.float32)
-    return tl.log2(n)
-
-
-@triton.jit
 def _later_walks(p, h, NUM_BRANCHES: tl.constexpr, WS: tl.constexpr, RS: tl.constexpr):
     """Whether causal rows ``p`` (vector or scalar) link keys beyond walk 0: some branch B > 0 selects them and
     they lie past the first branch-(B-1) segment of their branch-B segment (walk B's keys before the hole)."""
@@ -697,8 +688,9 @@ def _dilated_attn_fwd_walk0_kernel(
     sm_scale = tl.cast(sm_scale, tl.float32)   # float arguments may arrive as fp64 (Inductor types them so)
     qk_scale = sm_scale * 1.4426950408889634
     s0 = r0 // W0 * W0                                               # the segment's first position
-    lkp = _log2_count(p - h, NUM_BRANCHES, RS)
-    lkj = _log2_count(s0 + tl.arange(0, BLOCK_N) - h, NUM_BRANCHES, RS)
+    # log2 k(x): with rate 1 first, walk 0's multiplicity of a pair (x, x) counts the branches dividing x
+    lkp = _walk_log2_mult(p - h, p - h, 0, NUM_BRANCHES, RS)
+    lkj = _walk_log2_mult(s0 + tl.arange(0, BLOCK_N) - h, s0 + tl.arange(0, BLOCK_N) - h, 0, NUM_BRANCHES, RS)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)

@@ -11,12 +11,9 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 
-import triton  # noqa: E402
 from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
-from kernel_spills import CONFIG_A, KERNELS, _jit_fn, dilated_values, window_values  # noqa: E402
+from kernel_spills import CONFIG_A, KERNELS, _jit_fn, compile_for, dilated_values, window_values  # noqa: E402
 
 # (family, kernel kind, causal, tile): config A's walks (causal: seeded by the walk-0 kernel), the backward's, and
 # the block-sparse window
@@ -38,21 +35,6 @@ def inductor_kernel(kernel, tmp: str):
     return getattr(module, fn.__name__)
 
 
-def build(kernel, values: dict):
-    """Compile ``kernel`` for sm_90: ``values`` maps argument names to a type string or a constexpr value."""
-    sig, consts = {}, {}
-    for name in kernel.arg_names:
-        v = values[name]
-        if isinstance(v, tuple):
-            v = v[0]
-        if isinstance(v, str):
-            sig[name] = v
-        else:
-            sig[name], consts[name] = "constexpr", v
-    triton.compile(ASTSource(kernel, sig, consts), target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": 4, "num_stages": 3})
-
-
 def main() -> int:
     failed = 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -62,9 +44,10 @@ def main() -> int:
                 values = dilated_values(262144, CONFIG_A, causal, kind, bm, bn)
             else:
                 values = dict(window_values(262144), BLOCK_M=bm, BLOCK_N=bn)
-            values = {name: ("fp64" if name in ("sm_scale", "out_scale") else v) for name, v in values.items()}
+            values = {name: ("fp64" if name in ("sm_scale", "out_scale") else v) for name, v in values.items()
+                      if name in kernel.arg_names}
             try:
-                build(kernel, values)
+                compile_for(kernel, values, 4, 3, 90)
                 print(f"{family} {kind} causal={causal}: built")
             except Exception as e:  # noqa: BLE001 -- report every kernel, then fail
                 failed += 1
