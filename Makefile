@@ -24,18 +24,20 @@ test: $(VENV)/.installed
 GPU_PY ?= python3
 BENCH_OUT ?= benchmarks/out
 
-# Five pytest processes at once: each kernel file's every-tile test apart from the rest of that file, then
-# everything else; logs in $(BENCH_OUT).
+# Six pytest processes at once: each kernel file's every-tile test apart from the rest of that file (the dilated
+# file's nested-walk and query-offset tests apart again), then everything else; logs, with the slowest tests, in
+# $(BENCH_OUT).
 DILATED_GPU := tests/lowering/test_dilated_gpu.py
 BLOCK_SPARSE_GPU := tests/lowering/test_block_sparse_gpu.py
 
 test-gpu:
 	mkdir -p $(BENCH_OUT)
 	@run() { log=$$1; shift; DILATE_COMPILER_AUTOTUNE=0 PYTHONPATH=$(CURDIR) $(GPU_PY) -m pytest -q \
-		-p no:cacheprovider -m gpu "$$@" > $(BENCH_OUT)/test-gpu-$$log.log 2>&1; }; \
+		-p no:cacheprovider --durations=5 -m gpu "$$@" > $(BENCH_OUT)/test-gpu-$$log.log 2>&1; }; \
 	pids=""; \
 	run 1 $(DILATED_GPU) -k every_tile & pids="$$pids $$!"; \
-	run 2 $(DILATED_GPU) -k "not every_tile" & pids="$$pids $$!"; \
+	run 2 $(DILATED_GPU) -k "not every_tile and (nested or offset)" & pids="$$pids $$!"; \
+	run 6 $(DILATED_GPU) -k "not every_tile and not nested and not offset" & pids="$$pids $$!"; \
 	run 3 $(BLOCK_SPARSE_GPU) -k every_tile & pids="$$pids $$!"; \
 	run 4 $(BLOCK_SPARSE_GPU) -k "not every_tile" & pids="$$pids $$!"; \
 	run 5 tests --ignore=$(DILATED_GPU) --ignore=$(BLOCK_SPARSE_GPU) & pids="$$pids $$!"; \

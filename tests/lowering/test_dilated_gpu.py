@@ -175,7 +175,7 @@ def test_kernels_run_on_the_inputs_device_not_the_current_one():
     for name, op in ops.items():
         results = []
         for device in ("cuda:0", "cuda:1"):
-            q, k, v = (t.to(device).requires_grad_() for t in qkv0)
+            q, k, v = (t.to(device, copy=True).requires_grad_() for t in qkv0)     # fresh leaves per call
             out = op(q, k, v)
             out.float().square().sum().backward()
             results.append([t.cpu() for t in (out, q.grad, k.grad, v.grad)])
