@@ -160,13 +160,15 @@ def test_causal_walk0_kernel_applies_to_causal_rate_one_chains_only():
     assert not applies((24, 48), (1, 2), True)                                 # a row tile (16) straddles 24
 
 
-@pytest.mark.parametrize("lo,hi", [(0, 300), (64, 260)])
-def test_causal_walk0_kernel_seeds_the_forward(monkeypatch, lo, hi):
+@pytest.mark.parametrize("segs,lo,hi", [((64, 128, 256), 0, 300), ((64, 128, 256), 64, 260),
+                                         ((128, 256, 512), 0, 300)])
+def test_causal_walk0_kernel_seeds_the_forward(monkeypatch, segs, lo, hi):
     """With walk 0 run over contiguous rows and its softmax state seeding the strided forward, out and lse
-    match the forward that walks everything itself and the float64 reference, also at a query offset."""
+    match the forward that walks everything itself and the float64 reference, also at a query offset, and
+    with shortest segments of 8 row tiles (128 positions, 16-row tiles)."""
     from dilate_compiler.lowering import dilated_triton as dt
 
-    segs, rates = (64, 128, 256), (1, 2, 4)
+    rates = (1, 2, 4)
     g = torch.Generator().manual_seed(lo)
     q, k, v = (torch.randn(1, h, 300, 32, generator=g).to(DEVICE) for h in (4, 2, 2))
     args = dict(is_causal=True, scale=32 ** -0.5, mixing="lse", q_offset=lo)
