@@ -37,8 +37,8 @@ import triton
 import triton.language as tl
 
 from ..patterns import GRID_AXES, TERM_COLUMNS
-from .dilated_triton import (AUTOTUNE, INTERPRET, _runner, launch_device, rows_addressable, rows_fit, softmax_step,
-                             tensor_unsupported_reason)
+from .dilated_triton import (AUTOTUNE, INTERPRET, _runner, launch_device, rows_addressable, rows_fit,
+                             scaled_softmax_step, tensor_unsupported_reason)
 
 LN2 = 0.6931471805599453
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)  # 256 unrolls past the H100's shared memory at D=128
@@ -151,11 +151,11 @@ def _fwd_blocks(acc, m_i, l_i, q, p, Idx, Bits, lo, hi, k_base, v_base, Rows, st
     for t in range(lo * SUB, hi * SUB):
         j = blk * BS + (t % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
         k, v = _load_kv(k_base, v_base, Rows, j, stride_kn, N, MASK, RAGGED, PERMUTED, HEAD_DIM)
-        s = (tl.dot(q, tl.trans(k)) * qk_scale).to(tl.float32)
+        s = tl.dot(q, tl.trans(k)).to(tl.float32)          # raw: scaled inside the step, one multiply-add per score
         if MASK:
             ok = _token_ok(Terms, Coords, bits, p[:, None], j[None, :], N, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED)
             s = tl.where(ok, s, float("-inf"))
-        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, v, MASK)
+        acc, m_i, l_i = scaled_softmax_step(acc, m_i, l_i, s, qk_scale, v, MASK)
         blk, bits = _list_entry(Idx, Bits, tl.minimum((t + 1) // SUB, last), True, MASK)
     return acc, m_i, l_i
 

@@ -316,6 +316,24 @@ def softmax_step(acc, m_i, l_i, s, v, ROWS_MAY_BE_EMPTY: tl.constexpr):
 
 
 @triton.jit
+def scaled_softmax_step(acc, m_i, l_i, s, qk_scale, v, ROWS_MAY_BE_EMPTY: tl.constexpr):
+    """``softmax_step`` over raw products ``s`` (``-inf`` where masked) with their base-2 scale ``qk_scale > 0``:
+    the row max is taken before scaling (scaling commutes with it), so a score costs one fused multiply-add for
+    exp2's argument. Scaled first, the scores cost a multiply for the max beside that multiply-add (ptxas kept
+    both), or a multiply and a subtraction."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    if ROWS_MAY_BE_EMPTY:
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new
+    alpha = tl.exp2(m_i - m_safe)
+    pr = tl.exp2(s * qk_scale - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(pr, 1)
+    acc = tl.dot(pr.to(v.dtype), v, acc * alpha[:, None])
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _walk_key_tile(q, k_base, v_base, stride_kn, j0, start, valid_hi, lm, qk_scale, R: tl.constexpr,
                    TAIL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     """The key tile at ``start`` of a walk (keys ``j0 + R * m``): positions, K, V and the scores in base 2 with
