@@ -162,19 +162,19 @@ def _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, hi, n_key
         else:
             k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :])
             v = tl.load(v_base + j[:, None] * stride_kn + offs_d[None, :])
-        s = (tl.dot(q, tl.trans(k)) * qk_scale).to(tl.float32)            # [BLOCK_M, BLOCK_N]
+        s = tl.dot(q, tl.trans(k)).to(tl.float32)          # [BLOCK_M, BLOCK_N], raw: see scaled_softmax_step
         if MASK:
             ok = k_ok[None, :] & ((j[None, :] // W) == (p[:, None] // W))
             if IS_CAUSAL:
                 ok = ok & (j[None, :] <= p[:, None])
             s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             m_safe = m_new
         alpha = tl.exp2(m_i - m_safe)
-        pr = tl.exp2(s - m_safe[:, None])
+        pr = tl.exp2(s * qk_scale - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(pr, 1)
         if DROPOUT:
             pr = tl.where(_keep_tile(seed, p, j, j0, start, stream, drop_thr, R, BLOCK_N, DROPOUT), pr, 0.0)
