@@ -38,7 +38,7 @@ import triton.language as tl
 
 from ..patterns import GRID_AXES, TERM_COLUMNS
 from .dilated_triton import (AUTOTUNE, INTERPRET, _runner, launch_device, rows_addressable, rows_fit,
-                             scaled_softmax_step, tensor_unsupported_reason)
+                             softmax_step, tensor_unsupported_reason)
 
 LN2 = 0.6931471805599453
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)  # 256 unrolls past the H100's shared memory at D=128
@@ -155,7 +155,7 @@ def _fwd_blocks(acc, m_i, l_i, q, p, Idx, Bits, lo, hi, k_base, v_base, Rows, st
         if MASK:
             ok = _token_ok(Terms, Coords, bits, p[:, None], j[None, :], N, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED)
             s = tl.where(ok, s, float("-inf"))
-        acc, m_i, l_i = scaled_softmax_step(acc, m_i, l_i, s, qk_scale, v, MASK)
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, qk_scale, v, MASK)
         blk, bits = _list_entry(Idx, Bits, tl.minimum((t + 1) // SUB, last), True, MASK)
     return acc, m_i, l_i
 

@@ -162,19 +162,13 @@ def _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, hi, n_key
         else:
             k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :])
             v = tl.load(v_base + j[:, None] * stride_kn + offs_d[None, :])
-        s = tl.dot(q, tl.trans(k)).to(tl.float32)          # [BLOCK_M, BLOCK_N], raw: see scaled_softmax_step
+        s = tl.dot(q, tl.trans(k)).to(tl.float32)          # [BLOCK_M, BLOCK_N], raw: see softmax_weights
         if MASK:
             ok = k_ok[None, :] & ((j[None, :] // W) == (p[:, None] // W))
             if IS_CAUSAL:
                 ok = ok & (j[None, :] <= p[:, None])
             s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            m_safe = m_new
-        alpha = tl.exp2(m_i - m_safe)
-        pr = tl.exp2(s * qk_scale - m_safe[:, None])
+        m_new, alpha, pr = softmax_weights(m_i, s, qk_scale, MASK)
         l_i = l_i * alpha + tl.sum(pr, 1)
         if DROPOUT:
             pr = tl.where(_keep_tile(seed, p, j, j0, start, stream, drop_thr, R, BLOCK_N, DROPOUT), pr, 0.0)
@@ -300,34 +294,25 @@ def _walk_keys(p_first, p_last, o, N, B: tl.constexpr, W_PREV: tl.constexpr, W: 
 
 
 @triton.jit
-def softmax_step(acc, m_i, l_i, s, v, ROWS_MAY_BE_EMPTY: tl.constexpr):
-    """One online-softmax step (base 2): scores ``s`` (``-inf`` where masked) against values ``v``.
-    ``ROWS_MAY_BE_EMPTY``: a row may have every score of the tile masked (its max is kept finite)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    if ROWS_MAY_BE_EMPTY:
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_safe = m_new
-    alpha = tl.exp2(m_i - m_safe)
-    pr = tl.exp2(s - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(pr, 1)
-    acc = tl.dot(pr.to(v.dtype), v, acc * alpha[:, None])
-    return acc, m_new, l_i
-
-
-@triton.jit
-def scaled_softmax_step(acc, m_i, l_i, s, qk_scale, v, ROWS_MAY_BE_EMPTY: tl.constexpr):
-    """``softmax_step`` over raw products ``s`` (``-inf`` where masked) with their base-2 scale ``qk_scale > 0``:
-    the row max is taken before scaling (scaling commutes with it), so a score costs one fused multiply-add for
-    exp2's argument. Scaled first, the scores cost a multiply for the max beside that multiply-add (ptxas kept
-    both), or a multiply and a subtraction."""
+def softmax_weights(m_i, s, qk_scale, ROWS_MAY_BE_EMPTY: tl.constexpr):
+    """The online softmax's new row max, the rescale of what came before and the tile's weights (base 2), from
+    products ``s`` (``-inf`` where masked) and their scale ``qk_scale > 0`` (1.0: ``s`` is scaled already). The
+    row max is taken before scaling, which commutes with it, so a score costs one fused multiply-add for exp2's
+    argument; scaled first, it cost a multiply for the max beside that (ptxas kept both), or a multiply and a
+    subtraction. ``ROWS_MAY_BE_EMPTY``: a row may have every score of the tile masked (its max is kept
+    finite)."""
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     if ROWS_MAY_BE_EMPTY:
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_safe = m_new
-    alpha = tl.exp2(m_i - m_safe)
-    pr = tl.exp2(s * qk_scale - m_safe[:, None])
+    return m_new, tl.exp2(m_i - m_safe), tl.exp2(s * qk_scale - m_safe[:, None])
+
+
+@triton.jit
+def softmax_step(acc, m_i, l_i, s, qk_scale, v, ROWS_MAY_BE_EMPTY: tl.constexpr):
+    """One online-softmax step (``softmax_weights``) against values ``v``."""
+    m_new, alpha, pr = softmax_weights(m_i, s, qk_scale, ROWS_MAY_BE_EMPTY)
     l_i = l_i * alpha + tl.sum(pr, 1)
     acc = tl.dot(pr.to(v.dtype), v, acc * alpha[:, None])
     return acc, m_new, l_i
@@ -362,7 +347,7 @@ def _fwd_tiles(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, hi, valid
                                     BLOCK_N, HEAD_DIM)
         if MASK:
             s = tl.where(j[None, :] <= p[:, None], s, float("-inf"))
-        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, v, MASK)
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, 1.0, v, MASK)
     return acc, m_i, l_i
 
 
@@ -666,7 +651,7 @@ def _walk0_tiles(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, lo
         s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale + tl.minimum(lkp[:, None], lkj[None, :])
         if MASK:
             s = tl.where(j[None, :] <= p[:, None], s, float("-inf"))
-        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, v, False)
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, 1.0, v, False)
     return acc, m_i, l_i
 
 
