@@ -1,13 +1,14 @@
 """Block-sparse attention on the GPU, side by side with FlexAttention on the same mask and dense SDPA, one run.
 
-    python benchmarks/bench_block_sparse.py --out DIR [--ns 16384,65536,262144] [--backward]
+    python benchmarks/bench_block_sparse.py --out DIR [--ns 16384,65536,262144] [--backward] [--compiled]
 
 Patterns (B=1, H=16, D=64, bf16, block size 128):
 - window:       causal sliding window of 4096 tokens (Mistral-style: p - 4096 < j <= p), token-exact.
 - local+global: local(8) (query block I sees key blocks |I - J| < 8) | global_tokens(128) (one global block),
                 not causal.
 Methods: ours (dc.ops.block_sparse_attention with a prebuilt layout); flex (flex_attention compiled, with the
-same mask_mod); dense (F.scaled_dot_product_attention, flash, full attention).
+same mask_mod); dense (F.scaled_dot_product_attention, flash, full attention); with --compiled also
+ours-compiled (the same call under torch.compile: the kernels as Inductor emits them, after one compiling call).
 Flex's block mask: --flex-mask create builds it with create_block_mask(_compile=True) once per N (its first
 call, which compiles, and its steady-state build are timed separately); --flex-mask from-layout hands Flex
 our layout's block lists (BlockMask.from_kv_blocks, the same partial/full split and mask_mod), which skips
@@ -85,6 +86,7 @@ def main():
     ap.add_argument("--backward", action="store_true")
     ap.add_argument("--flex-mask", default="create", choices=("create", "from-layout"))
     ap.add_argument("--patterns", default="window,local+global")
+    ap.add_argument("--compiled", action="store_true", help="also time ours under torch.compile (ours-compiled)")
     a = ap.parse_args()
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -139,9 +141,16 @@ def main():
                 "flex": lambda: flex(q, k, v, block_mask=bm),
                 "dense": lambda: F.scaled_dot_product_attention(q, k, v),
             }
+            if a.compiled:
+                ours_c = torch.compile(lambda q, k, v: dc.ops.block_sparse_attention(q, k, v, lay, block_size=BS,
+                                                                                     is_causal=causal),
+                                       fullgraph=True, dynamic=False)
+                fns["ours-compiled"] = lambda: ours_c(q, k, v)
             with torch.no_grad():
                 ref = fns["ours"]().float()
                 row["flex_vs_ours_max_abs"] = (fns["flex"]().float() - ref).abs().max().item()
+                if a.compiled:
+                    row["compiled_vs_ours_max_abs"] = (fns["ours-compiled"]().float() - ref).abs().max().item()
             for m, fn in fns.items():
                 with torch.no_grad():
                     ms = bench(fn)

@@ -6,6 +6,7 @@
 Methods (all bf16, B=1):
 - ours:   dc.ops.dilated_attention (the Triton kernels; all branches fused, no gather).
 - ours-dropout: the same with dropout_p = --dropout (in-kernel Philox masks; method named in --methods).
+- ours-compiled: ours under torch.compile (the kernels as Inductor emits them; method named in --methods).
 - dense:  F.scaled_dot_product_attention with the flash backend (full attention: a different, larger problem).
 - gather: LongNet done the usual way: per branch and head offset, strided gather, flash SDPA
           (aten._scaled_dot_product_flash_attention returns the LSE), scatter, LSE merge. Its backward treats
@@ -217,6 +218,11 @@ def main():
                     "dense": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
                     "gather": lambda: gather_sdpa(q, k, v, SEGS, RATES, causal),
                 }
+                if "ours-compiled" in methods:
+                    ours_c = torch.compile(lambda q, k, v: dc.ops.dilated_attention(q, k, v, SEGS, RATES,
+                                                                                     is_causal=causal),
+                                           fullgraph=True, dynamic=False)
+                    fns["ours-compiled"] = lambda: ours_c(q, k, v)
                 if "flex" in methods and N <= a.flex_max_n:
                     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
                     if flex_compiled is None:
