@@ -88,6 +88,7 @@ def main():
     ap.add_argument("--patterns", default="window,local+global")
     ap.add_argument("--compiled", action="store_true", help="also time ours under torch.compile (ours-compiled)")
     a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     dev = torch.cuda.get_device_name()

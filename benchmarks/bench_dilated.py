@@ -192,6 +192,7 @@ def main():
     ap.add_argument("--scale-n", type=int, default=0)
     ap.add_argument("--dropout", type=float, default=0.1, help="dropout_p of the ours-dropout method")
     a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch.cuda.get_device_name()
     print(f"device={dev} torch={torch.__version__} triton={triton.__version__}", flush=True)

@@ -29,6 +29,7 @@ def main():
     ap.add_argument("--ns", default="16384,65536")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
     dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device("cuda", 0))
     print(f"device={torch.cuda.get_device_name()} torch={torch.__version__} triton={triton.__version__}", flush=True)
     strategy = dc.Dilated((2048, 4096, 8192), (1, 2, 4))

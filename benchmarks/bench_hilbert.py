@@ -71,6 +71,7 @@ def main():
     ap.add_argument("--skip-flex", action="store_true")
     ap.add_argument("--flex-build", action="store_true", help="also time Flex's compiled create_block_mask")
     a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     grid = (a.side, a.side)
