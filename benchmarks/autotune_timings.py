@@ -1,0 +1,96 @@
+"""Every tile configuration's time as the autotuner measured it, for the dilated forward kernels of one call,
+eager (Triton's autotuner) and under torch.compile (Inductor's autotuner of user-defined kernels), and the whole
+op's time with each config of one kernel pinned: whether the config picked is the fastest by a margin larger than
+the run-to-run noise, and whether the two paths agree.
+
+    python benchmarks/autotune_timings.py [--config A|B] [--n 262144] [--causal] [--repeats 2] [--compiled]
+
+Each repeat clears the autotuner's choice and tunes again (Triton's disk cache of autotuning results is off).
+"""
+
+import argparse
+import logging
+import os
+
+os.environ["TRITON_CACHE_AUTOTUNING"] = "0"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+import dilate_compiler as dc  # noqa: E402
+from dilate_compiler.lowering import dilated_triton as dt  # noqa: E402
+
+SEGS, RATES = (2048, 4096, 8192, 16384), (1, 2, 4, 8)
+KERNELS = {"walk0": dt._dilated_attn_fwd_walk0_kernel, "fwd": dt._dilated_attn_fwd_kernel}
+
+
+def _cfg(c) -> str:
+    return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}/{c.num_warps}w/{c.num_stages}s"
+
+
+class _InductorTimings(logging.Handler):
+    """Collects the debug lines of Inductor's ``benchmark_all_configs``."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="A", choices=("A", "B"))
+    ap.add_argument("--n", type=int, default=262144)
+    ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--compiled", action="store_true")
+    a = ap.parse_args()
+    H, D = (16, 64) if a.config == "A" else (8, 128)
+    q, k, v = (torch.randn(1, H, a.n, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    op = lambda q, k, v: dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=a.causal)  # noqa: E731
+    print(f"config {a.config}, N={a.n}, causal={a.causal}; times in ms (median of the autotuner's runs)")
+    for r in range(a.repeats):
+        for kernel in KERNELS.values():
+            kernel.cache.clear()
+            kernel.configs_timings = None
+        op(q, k, v)
+        torch.cuda.synchronize()
+        for name, kernel in KERNELS.items():
+            if not kernel.configs_timings:
+                continue
+            ranked = sorted(kernel.configs_timings.items(), key=lambda kv: kv[1][0])
+            print(f"eager repeat {r} {name}: " + ", ".join(f"{_cfg(c)} {t[0]:.3f}" for c, t in ranked))
+        print(f"eager repeat {r}: op {triton.testing.do_bench(lambda: op(q, k, v)):.3f} ms")
+    for name, kernel in KERNELS.items():     # the whole op with each config of one kernel, the other's choice kept
+        chosen = dict(kernel.cache)
+        if not chosen:
+            continue
+        times = []
+        for cfg in kernel.configs:
+            kernel.cache.update({key: cfg for key in chosen})
+            times.append((triton.testing.do_bench(lambda: op(q, k, v)), cfg))
+        kernel.cache.update(chosen)
+        print(f"op with each {name} config: " + ", ".join(f"{_cfg(c)} {t:.3f}" for t, c in sorted(times)))
+    if not a.compiled:
+        return
+    import torch._inductor.config as inductor_config
+
+    inductor_config.force_disable_caches = True
+    handler = _InductorTimings()
+    heuristics_log = logging.getLogger("torch._inductor.runtime.triton_heuristics")
+    heuristics_log.addHandler(handler)
+    heuristics_log.setLevel(logging.DEBUG)
+    for r in range(a.repeats):
+        torch._dynamo.reset()
+        handler.lines.clear()
+        compiled = torch.compile(op, fullgraph=True, dynamic=False)
+        compiled(q, k, v)
+        torch.cuda.synchronize()
+        print(f"compiled repeat {r}: " + " | ".join(handler.lines))
+        print(f"compiled repeat {r}: op {triton.testing.do_bench(lambda: compiled(q, k, v)):.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
