@@ -424,12 +424,23 @@ def tile_order(count, heads: int, programs: int) -> torch.Tensor:
     """``[programs * NB]`` int32: the launch order of the (program head, block) pairs, packed ``head * NB +
     block``: most work (list length, ``count[..., 1]``) first; equal work in (head, block) order (a stable sort).
     Program head ``x`` reads layout head ``x % heads``. ``heads`` < the layout's heads (a per-head layout under
-    GQA, seen from a kv head) sums the counts of each group of consecutive heads."""
+    GQA, seen from a kv head) sums the counts of each group of consecutive heads.
+
+    Kept on ``count`` per ``(heads, programs)`` and ``count``'s version (an in-place change sorts again): a layout
+    reused across calls sorts once, not on every launch (a sort is a few small kernels, about 20 us)."""
+    cacheable = type(count) is torch.Tensor and not torch.compiler.is_compiling()
+    key = (heads, programs, count._version)
+    cached = count.__dict__.get("_tile_orders", {}) if cacheable else {}
+    if key in cached:
+        return cached[key]
     work = count[..., 1]
     if work.shape[0] > heads:
         work = work.view(heads, -1, work.shape[-1]).sum(1)
     idx = torch.arange(programs, device=work.device) % work.shape[0]
-    return torch.argsort(work[idx].flatten(), descending=True, stable=True).to(torch.int32)
+    order = torch.argsort(work[idx].flatten(), descending=True, stable=True).to(torch.int32)
+    if cacheable:
+        count.__dict__["_tile_orders"] = {k: v for k, v in cached.items() if k[2] == count._version} | {key: order}
+    return order
 
 
 def _flags(q, k, kv_idx, terms, order, checks, block_size, is_causal):

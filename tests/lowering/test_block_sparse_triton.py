@@ -80,3 +80,15 @@ def test_tile_order_puts_heavy_rows_first():
     count = torch.tensor([[[0, 1], [0, 5]], [[0, 1], [0, 1]], [[0, 9], [0, 1]], [[0, 1], [0, 1]]])
     assert tile_order(count, 2, 2).tolist() == [2, 1, 0, 3]
     assert tile_order(count, 2, 4).tolist() == [2, 6, 1, 5, 0, 3, 4, 7]
+
+
+def test_tile_order_is_sorted_once_per_layout_and_again_after_a_change():
+    """A layout reused across launches keeps its launch order (the same tensor back); another program count sorts
+    anew; an in-place change of the counts (a new version) sorts again."""
+    count = torch.tensor([[[0, 1], [0, 5], [0, 3]]])
+    first = tile_order(count, 1, 2)
+    assert tile_order(count, 1, 2) is first and first.tolist() == [1, 4, 2, 5, 0, 3]
+    assert tile_order(count, 1, 1).tolist() == [1, 2, 0]
+    count[0, 0, 1] = 9
+    assert tile_order(count, 1, 2).tolist() == [0, 3, 1, 4, 2, 5]
+    assert tile_order(count, 1, 1).tolist() == [0, 1, 2]
