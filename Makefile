@@ -25,8 +25,8 @@ GPU_PY ?= python3
 BENCH_OUT ?= benchmarks/out
 
 # Six pytest processes at once: each kernel file's every-tile test apart from the rest of that file (the dilated
-# file's nested-walk and query-offset tests apart again), then everything else; logs, with the slowest tests, in
-# $(BENCH_OUT).
+# file's nested-walk, query-offset and Inductor-autotuning tests apart again), then everything else; logs, with
+# the slowest tests, in $(BENCH_OUT).
 DILATED_GPU := tests/lowering/test_dilated_gpu.py
 BLOCK_SPARSE_GPU := tests/lowering/test_block_sparse_gpu.py
 
@@ -36,8 +36,8 @@ test-gpu:
 		-p no:cacheprovider --durations=5 -m gpu "$$@" > $(BENCH_OUT)/test-gpu-$$log.log 2>&1; }; \
 	pids=""; \
 	run 1 $(DILATED_GPU) -k every_tile & pids="$$pids $$!"; \
-	run 2 $(DILATED_GPU) -k "not every_tile and (nested or offset)" & pids="$$pids $$!"; \
-	run 6 $(DILATED_GPU) -k "not every_tile and not nested and not offset" & pids="$$pids $$!"; \
+	run 2 $(DILATED_GPU) -k "not every_tile and (nested or offset or two_shapes)" & pids="$$pids $$!"; \
+	run 6 $(DILATED_GPU) -k "not every_tile and not nested and not offset and not two_shapes" & pids="$$pids $$!"; \
 	run 3 $(BLOCK_SPARSE_GPU) -k every_tile & pids="$$pids $$!"; \
 	run 4 $(BLOCK_SPARSE_GPU) -k "not every_tile" & pids="$$pids $$!"; \
 	run 5 tests --ignore=$(DILATED_GPU) --ignore=$(BLOCK_SPARSE_GPU) & pids="$$pids $$!"; \

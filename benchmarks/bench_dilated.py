@@ -224,6 +224,10 @@ def main():
                                                                                      is_causal=causal),
                                            fullgraph=True, dynamic=False)
                     fns["ours-compiled"] = lambda: ours_c(q, k, v)
+                    with torch.no_grad():          # the eager output stays alive: the compiled one can't reuse it
+                        eager_out = fns["ours"]()
+                        row["compiled_vs_ours_max_abs"] = (ours_c(q, k, v) - eager_out).abs().max().item()
+                        del eager_out
                 if "flex" in methods and N <= a.flex_max_n:
                     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
                     if flex_compiled is None:

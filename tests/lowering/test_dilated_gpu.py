@@ -117,11 +117,12 @@ def _tile_cases():
 
 
 @contextlib.contextmanager
-def _pinned(kernels, config):
-    """Each autotuned kernel of ``kernels`` runs ``config`` alone (its choice cache emptied), then is restored."""
+def _pinned(kernels, *configs):
+    """Each autotuned kernel of ``kernels`` tunes over ``configs`` alone (one: runs it; its choice cache emptied),
+    then is restored."""
     saved = [(kernel.configs, kernel.cache) for kernel in kernels]
     for kernel in kernels:
-        kernel.configs, kernel.cache = [config], {}
+        kernel.configs, kernel.cache = list(configs), {}
     try:
         yield
     finally:
@@ -238,6 +239,49 @@ def test_kernels_appear_in_inductor_output_code(segs, rates, kernels):
     _, bwd_code = run_and_get_code(lambda: out.sum().backward())
     assert any("_dilated_attn_bwd_dkdv_kernel" in c for c in bwd_code), "backward kernels not in output code"
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def _tiles(kind: str, *shapes):
+    from dilate_compiler.lowering import dilated_triton as dt
+
+    return [next(c for c in dt.tile_space(kind) if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) == shape)
+            for shape in shapes]
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_inductor_autotuning_over_tiles_of_two_shapes_matches_reference(reverse):
+    """Inductor autotunes user kernels itself and launches its pick with that config's grid. Two tiles of
+    different row (and key) counts per space, in both orders, so the one Inductor picks is the first in one run and
+    the second in the other: the compiled op's output and gradients match float64 (compared with the reference,
+    not with an eager output whose freed buffer the compiled one could reuse)."""
+    import torch._inductor.config as inductor_config
+
+    from dilate_compiler.lowering import dilated_triton as dt
+
+    order = (lambda c: c[::-1]) if reverse else (lambda c: c)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q, k, v = (torch.randn(1, 4, 3000, 64, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+               for _ in range(3))
+    op = lambda q, k, v: dc.ops.dilated_attention(q, k, v, NESTED_SEGS, NESTED_RATES, is_causal=True)  # noqa: E731
+    torch._dynamo.reset()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(inductor_config.patch(force_disable_caches=True))
+        for kernel, kind, shapes in ((dt._dilated_attn_fwd_kernel, "fwd", ((128, 64, 4), (64, 64, 4))),
+                                     (dt._dilated_attn_fwd_walk0_kernel, "walk0", ((128, 64, 4), (64, 64, 4))),
+                                     (dt._dilated_attn_bwd_dq_kernel, "bwd", ((128, 32, 4), (32, 128, 4))),
+                                     (dt._dilated_attn_bwd_dkdv_kernel, "bwd", ((128, 32, 4), (32, 128, 4)))):
+            stack.enter_context(_pinned([kernel], *order(_tiles(kind, *shapes))))
+        out = torch.compile(op, fullgraph=True, dynamic=False)(q, k, v)
+        dout = torch.randn(out.shape, device="cuda", generator=g, dtype=torch.bfloat16)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+    torch._dynamo.reset()
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    strategy = dc.Dilated(NESTED_SEGS, NESTED_RATES)
+    ref = strategy.reference(q64, k64, v64, is_causal=True)
+    assert_close(out, ref, torch.bfloat16)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close(a, b, torch.bfloat16, name)
 
 
 def test_export_traces_the_op_on_cuda():
