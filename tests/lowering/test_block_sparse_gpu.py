@@ -111,34 +111,20 @@ def test_every_tile_of_the_autotuning_space_matches_reference(kind, index):
 def test_inductor_autotuning_over_tiles_of_two_shapes_matches_reference(reverse):
     """As the dilated test of that name: two tiles of different row (and key) counts per space, in both orders;
     the op compiled by Inductor, which autotunes and launches the kernels itself, matches float64."""
-    import contextlib
-
-    import torch._inductor.config as inductor_config
-
     from dilate_compiler.lowering import block_sparse_triton as bt
-    from tests.lowering.test_dilated_gpu import _pinned
-
-    def tiles(kind, *shapes):
-        return [next(c for c in bt.tile_space(kind, 128)
-                     if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) == shape) for shape in shapes]
+    from tests.lowering.test_dilated_gpu import compiled_over_tiles, tiles
 
     order = (lambda c: c[::-1]) if reverse else (lambda c: c)
+    pins = [([bt._autotuned("fwd", 128)], order(tiles(bt.tile_space("fwd", 128), (128, 128, 4), (64, 64, 4)))),
+            ([bt._autotuned("dq", 128), bt._autotuned("dkdv", 128)],
+             order(tiles(bt.tile_space("bwd", 128), (128, 32, 4), (32, 128, 4))))]
     N, D, pattern = 1000, 64, P.sliding_window(300) | P.global_tokens(5)
     g = torch.Generator(device="cuda").manual_seed(7)
     q, k, v = (torch.randn(1, h, N, D, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
                for h in (4, 2, 2))
     lay = pattern.layout(N, 128, num_heads=4, is_causal=True, device="cuda")
     op = lambda q, k, v: dc.ops.block_sparse_attention(q, k, v, lay, block_size=128, is_causal=True)  # noqa: E731
-    torch._dynamo.reset()
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(inductor_config.patch(force_disable_caches=True))
-        stack.enter_context(_pinned([bt._autotuned("fwd", 128)], *order(tiles("fwd", (128, 128, 4), (64, 64, 4)))))
-        stack.enter_context(_pinned([bt._autotuned("dq", 128), bt._autotuned("dkdv", 128)],
-                                    *order(tiles("bwd", (128, 32, 4), (32, 128, 4)))))
-        out = torch.compile(op, fullgraph=True, dynamic=False)(q, k, v)
-        dout = torch.randn(out.shape, device="cuda", generator=g, dtype=torch.bfloat16)
-        grads = torch.autograd.grad(out, (q, k, v), dout)
-    torch._dynamo.reset()
+    out, dout, grads = compiled_over_tiles(op, pins, q, k, v, g)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref = dense_reference(q64, k64, v64, pattern.token_mask(N, 128, num_heads=4, is_causal=True, device="cuda"))
     assert_close(out, ref, torch.bfloat16)

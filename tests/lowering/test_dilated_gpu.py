@@ -241,11 +241,27 @@ def test_kernels_appear_in_inductor_output_code(segs, rates, kernels):
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
-def _tiles(kind: str, *shapes):
-    from dilate_compiler.lowering import dilated_triton as dt
-
-    return [next(c for c in dt.tile_space(kind) if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) == shape)
+def tiles(space: list, *shapes) -> list:
+    """The configs of ``space`` with these (BLOCK_M, BLOCK_N, warps), in that order (the first of each)."""
+    return [next(c for c in space if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) == shape)
             for shape in shapes]
+
+
+def compiled_over_tiles(op, pins, q, k, v, g):
+    """``op(q, k, v)`` compiled by Inductor, whose own autotuner runs over each ``(kernels, configs)`` of
+    ``pins``, and its gradients for a random ``dout``: (out, dout, grads)."""
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(inductor_config.patch(force_disable_caches=True))
+        for kernels, configs in pins:
+            stack.enter_context(_pinned(kernels, *configs))
+        out = torch.compile(op, fullgraph=True, dynamic=False)(q, k, v)
+        dout = torch.randn(out.shape, device=out.device, generator=g, dtype=out.dtype)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+    torch._dynamo.reset()
+    return out, dout, grads
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -254,30 +270,21 @@ def test_inductor_autotuning_over_tiles_of_two_shapes_matches_reference(reverse)
     different row (and key) counts per space, in both orders, so the one Inductor picks is the first in one run and
     the second in the other: the compiled op's output and gradients match float64 (compared with the reference,
     not with an eager output whose freed buffer the compiled one could reuse)."""
-    import torch._inductor.config as inductor_config
-
     from dilate_compiler.lowering import dilated_triton as dt
 
     order = (lambda c: c[::-1]) if reverse else (lambda c: c)
+    fwd, bwd = ((128, 64, 4), (64, 64, 4)), ((128, 32, 4), (32, 128, 4))
+    pins = [([dt._dilated_attn_fwd_kernel], order(tiles(dt.tile_space("fwd"), *fwd))),
+            ([dt._dilated_attn_fwd_walk0_kernel], order(tiles(dt.tile_space("walk0"), *fwd))),
+            ([dt._dilated_attn_bwd_dq_kernel, dt._dilated_attn_bwd_dkdv_kernel],
+             order(tiles(dt.tile_space("bwd"), *bwd)))]
     g = torch.Generator(device="cuda").manual_seed(5)
     q, k, v = (torch.randn(1, 4, 3000, 64, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
                for _ in range(3))
     op = lambda q, k, v: dc.ops.dilated_attention(q, k, v, NESTED_SEGS, NESTED_RATES, is_causal=True)  # noqa: E731
-    torch._dynamo.reset()
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(inductor_config.patch(force_disable_caches=True))
-        for kernel, kind, shapes in ((dt._dilated_attn_fwd_kernel, "fwd", ((128, 64, 4), (64, 64, 4))),
-                                     (dt._dilated_attn_fwd_walk0_kernel, "walk0", ((128, 64, 4), (64, 64, 4))),
-                                     (dt._dilated_attn_bwd_dq_kernel, "bwd", ((128, 32, 4), (32, 128, 4))),
-                                     (dt._dilated_attn_bwd_dkdv_kernel, "bwd", ((128, 32, 4), (32, 128, 4)))):
-            stack.enter_context(_pinned([kernel], *order(_tiles(kind, *shapes))))
-        out = torch.compile(op, fullgraph=True, dynamic=False)(q, k, v)
-        dout = torch.randn(out.shape, device="cuda", generator=g, dtype=torch.bfloat16)
-        grads = torch.autograd.grad(out, (q, k, v), dout)
-    torch._dynamo.reset()
+    out, dout, grads = compiled_over_tiles(op, pins, q, k, v, g)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    strategy = dc.Dilated(NESTED_SEGS, NESTED_RATES)
-    ref = strategy.reference(q64, k64, v64, is_causal=True)
+    ref = dc.Dilated(NESTED_SEGS, NESTED_RATES).reference(q64, k64, v64, is_causal=True)
     assert_close(out, ref, torch.bfloat16)
     ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
     for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
