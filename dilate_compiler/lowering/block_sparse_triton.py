@@ -427,9 +427,10 @@ def tile_order(count, heads: int, programs: int) -> torch.Tensor:
     GQA, seen from a kv head) sums the counts of each group of consecutive heads.
 
     Kept on ``count`` per ``(heads, programs)`` and ``count``'s version (an in-place change sorts again): a layout
-    reused across calls sorts once, not on every launch (a sort is a few small kernels, about 20 us)."""
-    cacheable = type(count) is torch.Tensor and not torch.compiler.is_compiling()
-    key = (heads, programs, count._version)
+    reused across calls sorts once, not on every launch (a sort is a few small kernels, about 20 us). Not kept
+    while tracing, nor on inference tensors (which have no version counter)."""
+    cacheable = type(count) is torch.Tensor and not count.is_inference() and not torch.compiler.is_compiling()
+    key = (heads, programs, count._version if cacheable else 0)
     cached = count.__dict__.get("_tile_orders", {}) if cacheable else {}
     if key in cached:
         return cached[key]

@@ -92,3 +92,8 @@ def test_tile_order_is_sorted_once_per_layout_and_again_after_a_change():
     count[0, 0, 1] = 9
     assert tile_order(count, 1, 2).tolist() == [0, 3, 1, 4, 2, 5]
     assert tile_order(count, 1, 1).tolist() == [0, 1, 2]
+    with torch.inference_mode():           # a layout built under inference mode: no version counter, no cache
+        count = torch.tensor([[[0, 1], [0, 5], [0, 3]]])
+        assert tile_order(count, 1, 1).tolist() == [1, 2, 0]
+        count[0, 2, 1] = 7
+        assert tile_order(count, 1, 1).tolist() == [2, 1, 0]
