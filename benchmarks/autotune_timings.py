@@ -1,7 +1,8 @@
 """Every tile configuration's time as the autotuner measured it, for the dilated forward kernels of one call,
 eager (Triton's autotuner) and under torch.compile (Inductor's autotuner of user-defined kernels), and the whole
-op's time with each config of one kernel pinned: whether the config picked is the fastest by a margin larger than
-the run-to-run noise, and whether the two paths agree.
+op's time with each config of one kernel pinned, under ``do_bench`` and back to back: whether the config picked is
+the fastest by a margin larger than the run-to-run noise, whether the two paths agree, and whether the way of
+timing changes the ranking.
 
     python benchmarks/autotune_timings.py [--config A|B] [--n 262144] [--causal] [--repeats 2] [--compiled]
 
@@ -26,6 +27,21 @@ KERNELS = {"walk0": dt._dilated_attn_fwd_walk0_kernel, "fwd": dt._dilated_attn_f
 
 def _cfg(c) -> str:
     return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}/{c.num_warps}w/{c.num_stages}s"
+
+
+def back_to_back(fn, calls: int = 20) -> float:
+    """Mean ms per call over ``calls`` calls launched back to back (no cache flush or pause between them, as in a
+    model), after three warm-up calls. ``do_bench`` zeroes a 256 MB buffer before each call instead."""
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / calls
 
 
 class _InductorTimings(logging.Handler):
@@ -62,7 +78,8 @@ def main():
                 continue
             ranked = sorted(kernel.configs_timings.items(), key=lambda kv: kv[1][0])
             print(f"eager repeat {r} {name}: " + ", ".join(f"{_cfg(c)} {t[0]:.3f}" for c, t in ranked))
-        print(f"eager repeat {r}: op {triton.testing.do_bench(lambda: op(q, k, v)):.3f} ms")
+        print(f"eager repeat {r}: op {triton.testing.do_bench(lambda: op(q, k, v)):.3f} ms under do_bench, "
+              f"{back_to_back(lambda: op(q, k, v)):.3f} back to back")
     for name, kernel in KERNELS.items():     # the whole op with each config of one kernel, the other's choice kept
         chosen = dict(kernel.cache)
         if not chosen:
@@ -70,9 +87,10 @@ def main():
         times = []
         for cfg in kernel.configs:
             kernel.cache.update({key: cfg for key in chosen})
-            times.append((triton.testing.do_bench(lambda: op(q, k, v)), cfg))
+            times.append((triton.testing.do_bench(lambda: op(q, k, v)), back_to_back(lambda: op(q, k, v)), cfg))
         kernel.cache.update(chosen)
-        print(f"op with each {name} config: " + ", ".join(f"{_cfg(c)} {t:.3f}" for t, c in sorted(times)))
+        print(f"op with each {name} config, ms under do_bench / back to back: "
+              + ", ".join(f"{_cfg(c)} {t:.3f} / {b:.3f}" for t, b, c in sorted(times, key=lambda x: x[0])))
     if not a.compiled:
         return
     import torch._inductor.config as inductor_config
@@ -89,7 +107,8 @@ def main():
         compiled(q, k, v)
         torch.cuda.synchronize()
         print(f"compiled repeat {r}: " + " | ".join(handler.lines))
-        print(f"compiled repeat {r}: op {triton.testing.do_bench(lambda: compiled(q, k, v)):.3f} ms")
+        print(f"compiled repeat {r}: op {triton.testing.do_bench(lambda: compiled(q, k, v)):.3f} ms under do_bench, "
+              f"{back_to_back(lambda: compiled(q, k, v)):.3f} back to back")
 
 
 if __name__ == "__main__":
