@@ -464,7 +464,11 @@ def term_checks(terms: Tensor) -> int:
     """Bit ``c`` set when some row of the term table bounds column ``c`` (a lower or upper end of an interval).
     The kernels compile only those comparisons (a grid neighbourhood tests 4 of the 12)."""
     unbounded = torch.tensor(UNBOUNDED * (3 + GRID_AXES), dtype=terms.dtype)
-    used = (terms.detach().cpu() != unbounded).any(0).tolist()
+    rows = terms.detach().cpu()
+    if rows.ndim != 2 or rows.shape[0] == 0 or not torch.equal(rows[0], unbounded):
+        raise ValueError(f"terms must be a table whose row 0 is the always-true row {unbounded.tolist()} "
+                         f"(term_table; the kernels rely on it), got {rows[:1].tolist()}")
+    used = (rows != unbounded).any(0).tolist()
     return sum(1 << c for c, u in enumerate(used) if u)
 
 

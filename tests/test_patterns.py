@@ -221,6 +221,18 @@ def test_term_checks_name_the_bounded_columns():
     assert lay.to("cpu").checks == lay.checks
 
 
+def test_a_term_table_without_the_always_true_row_0_is_refused():
+    """The kernels skip row 0's bounds in the backward: a table whose row 0 bounds something is an error."""
+    from dilate_compiler.patterns import term_checks
+
+    lay = P.sliding_window(5).layout(64, 16)
+    assert term_checks(lay.terms) == 0b11
+    with pytest.raises(ValueError, match="row 0 is the always-true row"):
+        term_checks(lay.terms[1:])
+    with pytest.raises(ValueError, match="row 0 is the always-true row"):
+        term_checks(lay.terms[:0])
+
+
 GPU_LIST_PATTERNS = {
     "window20": P.sliding_window(20),
     "local3|global5": P.local(3) | P.global_tokens(5),
