@@ -16,10 +16,11 @@ from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitiv
 from kernel_spills import CONFIG_A, KERNELS, _jit_fn, compile_for, dilated_values, window_values  # noqa: E402
 
 # (family, kernel kind, causal, tile): config A's walks (causal: seeded by the walk-0 kernel), the backward's, and
-# the block-sparse window
+# the block-sparse window's forward and backward
 CASES = [("dilated", "fwd", True, (128, 64)), ("dilated", "fwd", False, (128, 64)),
          ("dilated", "walk0", True, (128, 64)), ("dilated", "dq", True, (64, 64)), ("dilated", "dkdv", True, (64, 64)),
-         ("block-sparse", "fwd", True, (128, 64))]
+         ("block-sparse", "fwd", True, (128, 64)), ("block-sparse", "dq", True, (64, 64)),
+         ("block-sparse", "dkdv", True, (64, 64))]
 
 
 def inductor_kernel(kernel, tmp: str):

@@ -24,6 +24,11 @@ CASES = {  # pattern, N, Hq, Hkv, block size, causal
     "neighborhood|global-rowmajor": (P.neighborhood((5, 9), 1) | P.global_tokens(1), 46, 2, 1, 16, False),
     "neighborhood-hilbert": (P.neighborhood((5, 9), (1, 2)).reordered(P.Grid((5, 9), curve_order((5, 9)))), 45,
                              2, 2, 16, False),
+    # one-ended token intervals (no public pattern makes them; the kernels compile them): queries up to 10 or keys
+    # from 30 (an upper end first), and keys from 30 or the block diagonal (a lower end first)
+    "p<=10|j>=30-causal": (P._pattern("p<=10|j>=30", P.Term(p=(-P.INF, 10)), P.Term(j=(30, P.INF))), 61, 2, 1, 16,
+                           True),
+    "j>=30|local-full": (P._pattern("j>=30", P.Term(j=(30, P.INF))) | P.local(1), 61, 2, 2, 16, False),
 }
 
 
