@@ -29,6 +29,10 @@ CASES = {  # pattern, N, Hq, Hkv, block size, causal
     "p<=10|j>=30-causal": (P._pattern("p<=10|j>=30", P.Term(p=(-P.INF, 10)), P.Term(j=(30, P.INF))), 61, 2, 1, 16,
                            True),
     "j>=30|local-full": (P._pattern("j>=30", P.Term(j=(30, P.INF))) | P.local(1), 61, 2, 2, 16, False),
+    # causal with p - j bounded below only (causality rides on that end) or on both ends
+    "d>=-5|global-causal": (P._pattern("d>=-5", P.Term(d=(-5, P.INF))) | P.global_tokens(3), 61, 2, 1, 16, True),
+    "d<=-20|window-causal-bs32": (P._pattern("d<=-20", P.Term(d=(-40, -20))) | P.sliding_window(10), 61, 2, 1, 32,
+                             True),
 }
 
 
