@@ -642,15 +642,16 @@ def _walk0_tiles(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, lo
     offs_d = tl.arange(0, HEAD_DIM)
     for start in range(lo, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)
-        if MASK:   # rows past the end may reach keys past N: read as 0, never stored
-            k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :], mask=j[:, None] < N, other=0.0)
-            v = tl.load(v_base + j[:, None] * stride_kn + offs_d[None, :], mask=j[:, None] < N, other=0.0)
-        else:
-            k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :])
-            v = tl.load(v_base + j[:, None] * stride_kn + offs_d[None, :])
+        jr = j
+        if MASK:   # rows past the end may reach keys past N: read at N - 1, seen only by those rows (causal)
+            jr = tl.minimum(j, N - 1)
+        k = tl.load(k_base + jr[:, None] * stride_kn + offs_d[None, :])
+        v = tl.load(v_base + jr[:, None] * stride_kn + offs_d[None, :])
         s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale + tl.minimum(lkp[:, None], lkj[None, :])
-        if MASK:
-            s = tl.where(j[None, :] <= p[:, None], s, float("-inf"))
+        if MASK:   # causal as a bias (0 or below -1e30), not a compare and select per score: ptxas packed those
+            # predicates into registers. Positions relative to lo (the diagonal's first key) are small, so exact
+            # in float32 at any N.
+            s = s + tl.minimum((p - lo).to(tl.float32)[:, None] - (j - lo).to(tl.float32)[None, :], 0.0) * 1e30
         acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, 1.0, v, False)
     return acc, m_i, l_i
 
