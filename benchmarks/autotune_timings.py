@@ -18,14 +18,15 @@ os.environ["TRITON_CACHE_AUTOTUNING"] = "0"
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-import dilate_compiler as dc  # noqa: E402
 from dilate_compiler.lowering import dilated_triton as dt  # noqa: E402
 
-SEGS, RATES = (2048, 4096, 8192, 16384), (1, 2, 4, 8)
+from profile_dilated import add_problem_args, problem  # noqa: E402  (benchmarks/, beside this script)
+
 KERNELS = {"walk0": dt._dilated_attn_fwd_walk0_kernel, "fwd": dt._dilated_attn_fwd_kernel}
 
 
-def _cfg(c) -> str:
+def tile_name(c) -> str:
+    """A tile config as ``{BLOCK_M}x{BLOCK_N}/{warps}w/{stages}s``, e.g. ``128x64/4w/3s``."""
     return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}/{c.num_warps}w/{c.num_stages}s"
 
 
@@ -57,15 +58,11 @@ class _InductorTimings(logging.Handler):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default="A", choices=("A", "B"))
-    ap.add_argument("--n", type=int, default=262144)
-    ap.add_argument("--causal", action="store_true")
+    add_problem_args(ap)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--compiled", action="store_true")
     a = ap.parse_args()
-    H, D = (16, 64) if a.config == "A" else (8, 128)
-    q, k, v = (torch.randn(1, H, a.n, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    op = lambda q, k, v: dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=a.causal)  # noqa: E731
+    q, k, v, op = problem(a)
     print(f"config {a.config}, N={a.n}, causal={a.causal}; times in ms (median of the autotuner's runs)")
     for r in range(a.repeats):
         for kernel in KERNELS.values():
@@ -77,7 +74,7 @@ def main():
             if not kernel.configs_timings:
                 continue
             ranked = sorted(kernel.configs_timings.items(), key=lambda kv: kv[1][0])
-            print(f"eager repeat {r} {name}: " + ", ".join(f"{_cfg(c)} {t[0]:.3f}" for c, t in ranked))
+            print(f"eager repeat {r} {name}: " + ", ".join(f"{tile_name(c)} {t[0]:.3f}" for c, t in ranked))
         print(f"eager repeat {r}: op {triton.testing.do_bench(lambda: op(q, k, v)):.3f} ms under do_bench, "
               f"{back_to_back(lambda: op(q, k, v)):.3f} back to back")
     for name, kernel in KERNELS.items():     # the whole op with each config of one kernel, the other's choice kept
@@ -90,7 +87,7 @@ def main():
             times.append((triton.testing.do_bench(lambda: op(q, k, v)), back_to_back(lambda: op(q, k, v)), cfg))
         kernel.cache.update(chosen)
         print(f"op with each {name} config, ms under do_bench / back to back: "
-              + ", ".join(f"{_cfg(c)} {t:.3f} / {b:.3f}" for t, b, c in sorted(times, key=lambda x: x[0])))
+              + ", ".join(f"{tile_name(c)} {t:.3f} / {b:.3f}" for t, b, c in sorted(times, key=lambda x: x[0])))
     if not a.compiled:
         return
     import torch._inductor.config as inductor_config

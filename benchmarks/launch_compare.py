@@ -12,30 +12,28 @@ differ is the launch.
 import argparse
 import json
 import os
-import re
 import tempfile
 
 import torch
 import triton
 from torch.profiler import ProfilerActivity, profile
 
-import dilate_compiler as dc
 from dilate_compiler.lowering import dilated_triton as dt
 
-SEGS, RATES = (2048, 4096, 8192, 16384), (1, 2, 4, 8)
-KERNELS = (dt._dilated_attn_fwd_walk0_kernel, dt._dilated_attn_fwd_kernel)
+from autotune_timings import KERNELS, tile_name   # noqa: E402  (benchmarks/, beside this script)
+from profile_dilated import add_problem_args, problem   # noqa: E402
+
 LAUNCH_ARGS = ("grid", "block", "registers per thread", "shared memory", "est. achieved occupancy %")
 
 
 def _tile(spec: str, kind: str):
-    m = re.fullmatch(r"(\d+)x(\d+)/(\d+)w/(\d+)s", spec)
-    if not m:
-        raise ValueError(f"--tile must look like 64x64/4w/3s, got {spec!r}")
-    bm, bn, w, s = map(int, m.groups())
-    for c in dt.tile_space(kind):
-        if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == (bm, bn, w, s):
+    """The config of the ``kind`` space named ``spec`` (``tile_name``)."""
+    space = dt.tile_space(kind)
+    for c in space:
+        if tile_name(c) == spec:
             return c
-    raise ValueError(f"--tile {spec!r} is not in the {kind!r} space")
+    raise ValueError(f"--tile must name a config of the {kind!r} space ({', '.join(map(tile_name, space))}), "
+                     f"got {spec!r}")
 
 
 def _launches(fn, reps: int) -> dict:
@@ -63,16 +61,12 @@ def _launches(fn, reps: int) -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default="A", choices=("A", "B"))
-    ap.add_argument("--n", type=int, default=262144)
-    ap.add_argument("--causal", action="store_true")
+    add_problem_args(ap)
     ap.add_argument("--tile", default="64x64/4w/3s")
     ap.add_argument("--reps", type=int, default=5)
     a = ap.parse_args()
-    H, D = (16, 64) if a.config == "A" else (8, 128)
-    q, k, v = (torch.randn(1, H, a.n, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    op = lambda q, k, v: dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=a.causal)  # noqa: E731
-    for kernel, kind in zip(KERNELS, ("walk0", "fwd")):
+    q, k, v, op = problem(a)
+    for kind, kernel in KERNELS.items():
         kernel.configs, kernel.cache = [_tile(a.tile, kind)], {}
     import torch._inductor.config as inductor_config
 

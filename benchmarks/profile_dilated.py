@@ -16,20 +16,31 @@ import dilate_compiler as dc
 SEGS, RATES = (2048, 4096, 8192, 16384), (1, 2, 4, 8)
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def add_problem_args(ap: argparse.ArgumentParser) -> None:
+    """``--config``, ``--n``, ``--causal``: the dilated attention call these benchmarks look at."""
     ap.add_argument("--config", default="A", choices=("A", "B"))
     ap.add_argument("--n", type=int, default=262144)
     ap.add_argument("--causal", action="store_true")
+
+
+def problem(a, requires_grad: bool = False):
+    """q, k, v (bf16 on CUDA) of ``a.config`` at ``a.n`` and the op ``(q, k, v) -> out`` with ``a.causal``."""
+    H, D = (16, 64) if a.config == "A" else (8, 128)
+    q, k, v = (torch.randn(1, H, a.n, D, device="cuda", dtype=torch.bfloat16, requires_grad=requires_grad)
+               for _ in range(3))
+    return q, k, v, lambda q, k, v: dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=a.causal)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    add_problem_args(ap)
     ap.add_argument("--backward", action="store_true")
     ap.add_argument("--reps", type=int, default=5)
     a = ap.parse_args()
-    H, D = (16, 64) if a.config == "A" else (8, 128)
-    q, k, v = (torch.randn(1, H, a.n, D, device="cuda", dtype=torch.bfloat16, requires_grad=a.backward)
-               for _ in range(3))
+    q, k, v, op = problem(a, requires_grad=a.backward)
 
     def call():
-        out = dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=a.causal)
+        out = op(q, k, v)
         if a.backward:
             out.backward(torch.ones_like(out))
 
