@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from ..patterns import GRID_AXES, TERM_COLUMNS
+from . import exp2_fma
 from .dilated_triton import (AUTOTUNE, INTERPRET, _runner, launch_device, rows_addressable, rows_fit,
                              softmax_step, tensor_unsupported_reason)
 
@@ -171,7 +172,7 @@ def _list_entry(Idx, Bits, e, ok, MASK: tl.constexpr):
 def _fwd_blocks(acc, m_i, l_i, q, p, Idx, Bits, lo, hi, k_base, v_base, Rows, stride_kn, Terms, Coords, N, qk_scale,
                 MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr,
                 RAGGED: tl.constexpr, PERMUTED: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-                HEAD_DIM: tl.constexpr):
+                HEAD_DIM: tl.constexpr, EXP2_ON_FMA: tl.constexpr):
     """The key blocks of list entries ``[lo, hi)`` of row ``Idx`` / ``Bits``, one ``BLOCK_N`` tile per iteration.
     The next tile's block is read one iteration ahead, so the K and V loads pipeline as a contiguous walk's do
     (a load whose address comes from a load of the same iteration gets one buffer fewer)."""
@@ -185,7 +186,7 @@ def _fwd_blocks(acc, m_i, l_i, q, p, Idx, Bits, lo, hi, k_base, v_base, Rows, st
         if MASK:
             ok = _token_ok(Terms, Coords, bits, p[:, None], j[None, :], N, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED)
             s = tl.where(ok, s, float("-inf"))
-        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, qk_scale, v, MASK)
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, qk_scale, v, MASK, EXP2_ON_FMA)
         blk, bits = _list_entry(Idx, Bits, tl.minimum((t + 1) // SUB, last), True, MASK)
     return acc, m_i, l_i
 
@@ -220,7 +221,7 @@ def _block_sparse_fwd_kernel(
     H, N, NB, KW,
     HEAD_DIM: tl.constexpr, BS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr,
     PER_HEAD: tl.constexpr, NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr, RAGGED: tl.constexpr,
-    PERMUTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PERMUTED: tl.constexpr, EXP2_ON_FMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m, bh = _heavy_first(TileOrder, NB, BS, BLOCK_M)
     if pid_m * BLOCK_M >= N:   # a sub-tile past the end of the last (partial) block
@@ -241,10 +242,10 @@ def _block_sparse_fwd_kernel(
     idx, bits = KvIdx + row * KW, KvBits + row * KW
     acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, p, idx, bits, 0, n_part, k_base, v_base, Rows, stride_kn, Terms,
                                 Coords, N, qk_scale, True, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED, PERMUTED, BS, BLOCK_N,
-                                HEAD_DIM)
+                                HEAD_DIM, EXP2_ON_FMA)
     acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, p, idx, bits, n_part, n_tot, k_base, v_base, Rows, stride_kn, Terms,
                                 Coords, N, qk_scale, False, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED, PERMUTED, BS,
-                                BLOCK_N, HEAD_DIM)
+                                BLOCK_N, HEAD_DIM, EXP2_ON_FMA)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i > 0.0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
@@ -428,7 +429,8 @@ def _space(kind: str, bs: int):
 def _autotuned(kind: str, bs: int):
     fn = {"fwd": _block_sparse_fwd_kernel, "dq": _block_sparse_bwd_dq_kernel,
           "dkdv": _block_sparse_bwd_dkdv_kernel}[kind]
-    return triton.autotune(configs=_space("fwd" if kind == "fwd" else "bwd", bs), key=_KEY)(fn)
+    key = _KEY + ["EXP2_ON_FMA"] if kind == "fwd" else _KEY
+    return triton.autotune(configs=_space("fwd" if kind == "fwd" else "bwd", bs), key=key)(fn)
 
 
 def _kernel(kind: str, bs: int):
@@ -509,7 +511,8 @@ def block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size:
             kv_bits, tile_order(kv_count, kv_count.shape[0], B * H), scale,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             out.stride(0), out.stride(1), out.stride(2), H, N, nb, kv_idx.shape[2],
-            **_flags(q, k, kv_idx, terms, order, checks, block_size, is_causal))
+            EXP2_ON_FMA=exp2_fma.from_env(INTERPRET), **_flags(q, k, kv_idx, terms, order, checks, block_size,
+                                                                is_causal))
     return out, lse
 
 

@@ -33,6 +33,8 @@ import triton
 import triton.language as tl
 
 from ..strategies.dilated import Dilated
+from . import exp2_fma
+from .exp2_fma import exp2_weights
 
 MAX_BRANCHES = 8
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
@@ -69,8 +71,8 @@ def tile_space(kind: str) -> list:
 
 _KEY = ["N", "HEAD_DIM", "NUM_BRANCHES", "L", "IS_CAUSAL", "MIXING_LSE", "GQA", "DROPOUT", "WALKS",
         "W0", "W1", "W2", "W3", "W4", "W5", "W6", "W7", "R0", "R1", "R2", "R3", "R4", "R5", "R6", "R7"]
-_KEY_WALK0 = ["N", "HEAD_DIM", "NUM_BRANCHES", "L", "GQA", "W0", "W1", "W2", "W3", "W4", "W5", "W6", "W7",
-              "R0", "R1", "R2", "R3", "R4", "R5", "R6", "R7"]
+_KEY_WALK0 = ["N", "HEAD_DIM", "NUM_BRANCHES", "L", "GQA", "EXP2_ON_FMA", "W0", "W1", "W2", "W3", "W4", "W5", "W6",
+              "W7", "R0", "R1", "R2", "R3", "R4", "R5", "R6", "R7"]
 
 
 @triton.jit
@@ -148,7 +150,8 @@ def _query_tile(i_tile, Q_LO, N_Q, L: tl.constexpr, BLOCK_M: tl.constexpr):
 @triton.jit
 def _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, hi, n_keys, qk_scale,
                W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK: tl.constexpr,
-               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, seed, drop_thr, stream, DROPOUT: tl.constexpr):
+               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, seed, drop_thr, stream, DROPOUT: tl.constexpr,
+               EXP2_ON_FMA: tl.constexpr):
     """Key blocks ``[lo, hi)`` of one branch; ``MASK`` only on boundary blocks (segment edges, causal diagonal).
     Dropout zeroes dropped pairs in ``P @ V`` only (the normaliser keeps them; ``1 / (1 - p)`` is in out_scale)."""
     offs_d = tl.arange(0, HEAD_DIM)
@@ -168,7 +171,7 @@ def _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, hi, n_key
             if IS_CAUSAL:
                 ok = ok & (j[None, :] <= p[:, None])
             s = tl.where(ok, s, float("-inf"))
-        m_new, alpha, pr = softmax_weights(m_i, s, qk_scale, MASK)
+        m_new, alpha, pr = softmax_weights(m_i, s, qk_scale, MASK, EXP2_ON_FMA)
         l_i = l_i * alpha + tl.sum(pr, 1)
         if DROPOUT:
             pr = tl.where(_keep_tile(seed, p, j, j0, start, stream, drop_thr, R, BLOCK_N, DROPOUT), pr, 0.0)
@@ -199,13 +202,16 @@ def _key_range(p_first, p_last, o, N, W: tl.constexpr, R: tl.constexpr, IS_CAUSA
 @triton.jit
 def _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N, qk_scale,
                 W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, seed, drop_thr, stream, DROPOUT: tl.constexpr):
+                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, seed, drop_thr, stream, DROPOUT: tl.constexpr,
+                EXP2_ON_FMA: tl.constexpr):
     """Online softmax over one branch's keys for the query rows ``p`` (scores in base 2)."""
     j0, n_keys, n_full = _key_range(p_first, p_last, o, N, W, R, IS_CAUSAL, BLOCK_N)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, 0, n_full, n_keys, qk_scale,
-                               W, R, IS_CAUSAL, False, BLOCK_N, HEAD_DIM, seed, drop_thr, stream, DROPOUT)
+                               W, R, IS_CAUSAL, False, BLOCK_N, HEAD_DIM, seed, drop_thr, stream, DROPOUT,
+                               EXP2_ON_FMA)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, n_full, n_keys, n_keys,
-                               qk_scale, W, R, IS_CAUSAL, True, BLOCK_N, HEAD_DIM, seed, drop_thr, stream, DROPOUT)
+                               qk_scale, W, R, IS_CAUSAL, True, BLOCK_N, HEAD_DIM, seed, drop_thr, stream, DROPOUT,
+                               EXP2_ON_FMA)
     return acc, m_i, l_i
 
 
@@ -294,25 +300,25 @@ def _walk_keys(p_first, p_last, o, N, B: tl.constexpr, W_PREV: tl.constexpr, W: 
 
 
 @triton.jit
-def softmax_weights(m_i, s, qk_scale, ROWS_MAY_BE_EMPTY: tl.constexpr):
+def softmax_weights(m_i, s, qk_scale, ROWS_MAY_BE_EMPTY: tl.constexpr, EXP2_ON_FMA: tl.constexpr):
     """The online softmax's new row max, the rescale of what came before and the tile's weights (base 2), from
     products ``s`` (``-inf`` where masked) and their scale ``qk_scale > 0`` (1.0: ``s`` is scaled already). The
     row max is taken before scaling, which commutes with it, so a score costs one fused multiply-add for exp2's
     argument; scaled first, it cost a multiply for the max beside that (ptxas kept both), or a multiply and a
     subtraction. ``ROWS_MAY_BE_EMPTY``: a row may have every score of the tile masked (its max is kept
-    finite)."""
+    finite). ``EXP2_ON_FMA``: how many of each 8 weights take exp2 on the FMA units (``exp2_fma``)."""
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     if ROWS_MAY_BE_EMPTY:
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_safe = m_new
-    return m_new, tl.exp2(m_i - m_safe), tl.exp2(s * qk_scale - m_safe[:, None])
+    return m_new, tl.exp2(m_i - m_safe), exp2_weights(s * qk_scale - m_safe[:, None], EXP2_ON_FMA)
 
 
 @triton.jit
-def softmax_step(acc, m_i, l_i, s, qk_scale, v, ROWS_MAY_BE_EMPTY: tl.constexpr):
+def softmax_step(acc, m_i, l_i, s, qk_scale, v, ROWS_MAY_BE_EMPTY: tl.constexpr, EXP2_ON_FMA: tl.constexpr):
     """One online-softmax step (``softmax_weights``) against values ``v``."""
-    m_new, alpha, pr = softmax_weights(m_i, s, qk_scale, ROWS_MAY_BE_EMPTY)
+    m_new, alpha, pr = softmax_weights(m_i, s, qk_scale, ROWS_MAY_BE_EMPTY, EXP2_ON_FMA)
     l_i = l_i * alpha + tl.sum(pr, 1)
     acc = tl.dot(pr.to(v.dtype), v, acc * alpha[:, None])
     return acc, m_new, l_i
@@ -340,46 +346,48 @@ def _walk_key_tile(q, k_base, v_base, stride_kn, j0, start, valid_hi, lm, qk_sca
 
 @triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, hi, valid_hi, lm, qk_scale, R: tl.constexpr,
-               MASK: tl.constexpr, TAIL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+               MASK: tl.constexpr, TAIL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+               EXP2_ON_FMA: tl.constexpr):
     """Key tiles ``[lo, hi)`` of a walk (``_walk_key_tile``); ``MASK``: the causal diagonal."""
     for start in range(lo, hi, BLOCK_N):
         j, k, v, s = _walk_key_tile(q, k_base, v_base, stride_kn, j0, start, valid_hi, lm, qk_scale, R, TAIL,
                                     BLOCK_N, HEAD_DIM)
         if MASK:
             s = tl.where(j[None, :] <= p[:, None], s, float("-inf"))
-        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, 1.0, v, MASK)
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, 1.0, v, MASK, EXP2_ON_FMA)
     return acc, m_i, l_i
 
 
 @triton.jit
 def _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, lo, hi, valid_hi, qk_scale,
              B: tl.constexpr, R: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-             NUM_BRANCHES: tl.constexpr, RS: tl.constexpr):
+             NUM_BRANCHES: tl.constexpr, RS: tl.constexpr, EXP2_ON_FMA: tl.constexpr):
     """Key tiles ``[lo, hi)`` of a walk (``hi <= valid_hi``): whole tiles, then the partial one."""
     lm, whole = _walk_split(j0, lo, hi, valid_hi, h, y, B, R, NUM_BRANCHES, RS, BLOCK_N)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, whole, valid_hi, lm,
-                               qk_scale, R, MASK, False, BLOCK_N, HEAD_DIM)
+                               qk_scale, R, MASK, False, BLOCK_N, HEAD_DIM, EXP2_ON_FMA)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, whole, hi, valid_hi, lm,
-                               qk_scale, R, MASK, True, BLOCK_N, HEAD_DIM)
+                               qk_scale, R, MASK, True, BLOCK_N, HEAD_DIM, EXP2_ON_FMA)
     return acc, m_i, l_i
 
 
 @triton.jit
 def _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N, qk_scale,
               B: tl.constexpr, W_PREV: tl.constexpr, W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr,
-              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, RS: tl.constexpr):
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, RS: tl.constexpr,
+              EXP2_ON_FMA: tl.constexpr):
     """Walk ``B`` of a forward program (see the section comment), if branch ``B`` selects class ``c``."""
     if (c % R) == (h % R):
         j0, a_hi, b_lo, b_hi, n_keys = _walk_keys(p_first, p_last, h % R, N, B, W_PREV, W, R, IS_CAUSAL, BLOCK_N)
         y = c - h
         if B > 0:
             acc, m_i, l_i = _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, 0, a_hi, a_hi,
-                                     qk_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS)
+                                     qk_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS, EXP2_ON_FMA)
         acc, m_i, l_i = _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, b_lo, b_hi, n_keys,
-                                 qk_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS)
+                                 qk_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS, EXP2_ON_FMA)
         if IS_CAUSAL and B == 0:
             acc, m_i, l_i = _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, b_hi, n_keys, n_keys,
-                                     qk_scale, B, R, True, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS)
+                                     qk_scale, B, R, True, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS, EXP2_ON_FMA)
     return acc, m_i, l_i
 
 
@@ -529,7 +537,7 @@ def _head_rows(Q, K, V, b, h, pq, row_ok, stride_qb, stride_qh, stride_qn, strid
     return q, k_base, v_base
 
 
-@triton.autotune(configs=_configs("fwd"), key=_KEY + ["SEEDED"])
+@triton.autotune(configs=_configs("fwd"), key=_KEY + ["SEEDED", "EXP2_ON_FMA"])
 @triton.jit
 def _dilated_attn_fwd_kernel(
     Q, K, V, Out, Lse, Out0, Lse0, sm_scale,
@@ -543,7 +551,8 @@ def _dilated_attn_fwd_kernel(
     R4: tl.constexpr, R5: tl.constexpr, R6: tl.constexpr, R7: tl.constexpr,
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
     S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr, S8: tl.constexpr,
-    WALKS: tl.constexpr, SEEDED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    WALKS: tl.constexpr, SEEDED: tl.constexpr, EXP2_ON_FMA: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     tl.static_assert(NUM_BRANCHES <= 8)
     tl.static_assert(not SEEDED or WALKS == 2)
@@ -589,7 +598,7 @@ def _dilated_attn_fwd_kernel(
             for B in tl.static_range(SEEDED, NUM_BRANCHES):   # walk B: branch B's segment outside branch B-1's
                 acc, m_i, l_i = _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N,
                                           qk_scale, B, WP[B], WS[B], RS[B], IS_CAUSAL, BLOCK_N, HEAD_DIM,
-                                          NUM_BRANCHES, RS)
+                                          NUM_BRANCHES, RS, EXP2_ON_FMA)
     else:
         if WALKS < 2:   # constexpr: kernels whose programs all walk compile no per-branch block
             for B in tl.static_range(NUM_BRANCHES):   # one block per branch, each adding its keys
@@ -597,7 +606,7 @@ def _dilated_attn_fwd_kernel(
                 if sel:
                     acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
                                                 qk_scale, WS[B], RS[B], IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                                seed, drop_thr, stream + B, DROPOUT)
+                                                seed, drop_thr, stream + B, DROPOUT, EXP2_ON_FMA)
     # Epilogue: rows no branch links have l_i == 0 -> output 0, lse -inf.
     linked = l_i > 0.0
     out = (acc / tl.where(linked, l_i, 1.0)[:, None] * out_scale).to(tl.float32)
@@ -636,7 +645,7 @@ def _later_walks(p, h, NUM_BRANCHES: tl.constexpr, WS: tl.constexpr, RS: tl.cons
 
 @triton.jit
 def _walk0_tiles(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, lo, hi, qk_scale,
-                 MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+                 MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, EXP2_ON_FMA: tl.constexpr):
     """Contiguous key tiles ``[lo, hi)`` (``hi - lo`` a multiple of BLOCK_N, every tile starting at the same
     position mod L, so the keys' log2 counts ``lkj`` serve each); ``MASK``: the causal diagonal."""
     offs_d = tl.arange(0, HEAD_DIM)
@@ -652,7 +661,7 @@ def _walk0_tiles(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, lo
             # predicates into registers. Positions relative to lo (the diagonal's first key) are small, so exact
             # in float32 at any N.
             s = s + tl.minimum((p - lo).to(tl.float32)[:, None] - (j - lo).to(tl.float32)[None, :], 0.0) * 1e30
-        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, 1.0, v, False)
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, 1.0, v, False, EXP2_ON_FMA)
     return acc, m_i, l_i
 
 
@@ -667,7 +676,7 @@ def _dilated_attn_fwd_walk0_kernel(
     W4: tl.constexpr, W5: tl.constexpr, W6: tl.constexpr, W7: tl.constexpr,
     R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
     R4: tl.constexpr, R5: tl.constexpr, R6: tl.constexpr, R7: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EXP2_ON_FMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Walk 0 of a causal nested pattern (section above): program ``(t, b * H + h)`` owns the BLOCK_M
     contiguous positions from ``(Q_LO // BLOCK_M + t) * BLOCK_M`` (inside one segment: W0 % BLOCK_M == 0).
@@ -699,9 +708,9 @@ def _dilated_attn_fwd_walk0_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc, m_i, l_i = _walk0_tiles(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, s0, r0, qk_scale,
-                                 False, BLOCK_N, HEAD_DIM)
+                                 False, BLOCK_N, HEAD_DIM, EXP2_ON_FMA)
     acc, m_i, l_i = _walk0_tiles(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, r0, r0 + BLOCK_M,
-                                 qk_scale, True, BLOCK_N, HEAD_DIM)
+                                 qk_scale, True, BLOCK_N, HEAD_DIM, EXP2_ON_FMA)
     more = _later_walks(p, h, NUM_BRANCHES, WS, RS)
     out = (acc / l_i[:, None]).to(Out.dtype.element_ty)
     lse2 = m_i + tl.log2(l_i)
@@ -1163,6 +1172,7 @@ def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: boo
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                out.stride(0), out.stride(1), out.stride(2), H, N, q_offset, Nq)
     seeded = walk0_applies(meta, nested, is_causal, walks_fwd)
+    exp2_on_fma = exp2_fma.from_env(INTERPRET)
     out0, lse0 = out, lse                               # unread unless seeded
     with launch_device(q):
         if seeded:
@@ -1170,11 +1180,11 @@ def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: boo
             grid = lambda META: (triton.cdiv(q_offset + Nq, META["BLOCK_M"]) - q_offset // META["BLOCK_M"], B * H)
             _runner(_dilated_attn_fwd_walk0_kernel)[grid](
                 q, k, v, out, lse, out0, lse0, scale, *strides, HEAD_DIM=D, GQA=H // k.shape[1],
-                **{key: meta[key] for key in _KEY_WALK0 if key in meta})
+                EXP2_ON_FMA=exp2_on_fma, **{key: meta[key] for key in _KEY_WALK0 if key in meta})
         _runner(_dilated_attn_fwd_kernel)[_rows_grid(Nq, meta["L"], "BLOCK_M", B * H)](
             q, k, v, out, lse, out0, lse0, scale, *strides, out_scale * rdrop, seed_t, drop_thr,
             HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // k.shape[1], DROPOUT=dropout, WALKS=walks_fwd,
-            SEEDED=int(seeded), **meta)
+            SEEDED=int(seeded), EXP2_ON_FMA=exp2_on_fma, **meta)
     return out, lse
 
 

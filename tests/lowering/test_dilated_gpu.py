@@ -349,3 +349,30 @@ def test_dropout_runs_the_kernels_inside_inductor():
     assert not any("dilated_attention_forward_exact" in c for c in code), "dropout took the exact path"
     out.sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("on_fma", [1, 2, 3, 4])
+@pytest.mark.parametrize("segs,rates,is_causal,dtype,D", [
+    (SEGS, RATES, False, torch.bfloat16, 64),            # not nested: the per-branch loop
+    (NESTED_SEGS, NESTED_RATES, True, torch.bfloat16, 64),   # causal nested: the walk-0 kernel and the walks
+    (NESTED_SEGS, NESTED_RATES, False, torch.float16, 128),
+])
+def test_exp2_on_fma_matches_reference(on_fma, segs, rates, is_causal, dtype, D, monkeypatch):
+    """DILATE_COMPILER_EXP2_ON_FMA (``exp2_fma``): the forward kernels with ``on_fma`` of each 8 softmax weights'
+    exp2 on the FMA units, against float64 and eager's error; a NaN key row gives NaN in the same rows as the
+    MUFU path."""
+    from dilate_compiler.lowering.exp2_fma import ENV
+
+    N = 4500
+    g = torch.Generator(device="cuda").manual_seed(on_fma + D)
+    q, k, v = (torch.randn(1, h, N, D, device="cuda", generator=g, dtype=dtype) for h in (4, 2, 2))
+    monkeypatch.setenv(ENV, str(on_fma))
+    out = dc.ops.dilated_attention(q, k, v, segs, rates, is_causal=is_causal)
+    strategy = dc.Dilated(segs, rates)
+    ref = strategy.reference(q.double(), k.double(), v.double(), is_causal=is_causal)
+    assert_close(out, ref, dtype, eager_err=rel_err(eager_dilated(q, k, v, strategy, is_causal), ref))
+    k[:, :, 700] = float("nan")
+    nan_rows = dc.ops.dilated_attention(q, k, v, segs, rates, is_causal=is_causal).isnan().any(-1)
+    monkeypatch.setenv(ENV, "0")
+    expected = dc.ops.dilated_attention(q, k, v, segs, rates, is_causal=is_causal).isnan().any(-1)
+    assert expected.any() and torch.equal(nan_rows, expected)
