@@ -45,17 +45,42 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("DILATE_COMPILER_AUTOTUNE", "1") != "0"
 
 
+def pipelined_tiles_enabled() -> bool:
+    """``DILATE_COMPILER_PIPELINED_TILES=1`` (an experiment, read when the kernels are defined): the forward
+    spaces also hold pipelined tiles (``PIPELINED``: the next key tile's Q K^T issued before this tile's
+    softmax, ``benchmarks/pipelined_softmax_probe.py``)."""
+    raw = os.environ.get("DILATE_COMPILER_PIPELINED_TILES", "0")
+    if raw not in ("0", "1"):
+        raise ValueError(f"DILATE_COMPILER_PIPELINED_TILES must be 0 or 1 (pipelined forward tiles in the "
+                         f"autotuning spaces), got {raw!r}")
+    return raw == "1"
+
+
+# the tiles whose pipelined form interleaves HGMMAs with the exp2s in SASS (Triton 3.6, sm_90a, D=64)
+PIPELINED_TILES = ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3))
+
+
+def tile_config(bm: int, bn: int, warps: int, stages: int, pipelined=None) -> triton.Config:
+    """A tile config; ``pipelined`` (0 or 1): the forward kernels' ``PIPELINED`` constexpr (None: a backward
+    tile, which has none)."""
+    kwargs = {"BLOCK_M": bm, "BLOCK_N": bn}
+    if pipelined is not None:
+        kwargs["PIPELINED"] = pipelined
+    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
+
+
 def _configs(kind: str):
     """Autotuning space over block sizes, warps and stages; the chosen config is cached per key."""
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+        return [tile_config(16, 16, 4, 1, None if kind == "bwd" else 0)]
     space = tile_space(kind)
     return space if AUTOTUNE else space[:1]
 
 
-def tile_space(kind: str) -> list:
+def tile_space(kind: str, pipelined: bool | None = None) -> list:
     """Every tile configuration of the GPU autotuning space ``kind`` ("fwd", "walk0" or "bwd"), pinned or
-    not."""
+    not; the forward spaces with pipelined tiles after the rest when ``pipelined`` (default:
+    ``pipelined_tiles_enabled()``)."""
     if kind == "walk0":   # causal flash attention inside the shortest segment: the key tile divides the row tile
         space = ((128, 64, 4, 3), (128, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
                  (128, 32, 4, 4))
@@ -66,7 +91,10 @@ def tile_space(kind: str) -> list:
         # dK/dV: 128 keys x 32 queries), the split of Triton's fused-attention backward
         space = ((64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3),
                  (128, 32, 4, 5), (32, 128, 4, 5))
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in space]
+    if kind == "bwd":
+        return [tile_config(*tile) for tile in space]
+    extra = PIPELINED_TILES if (pipelined_tiles_enabled() if pipelined is None else pipelined) else ()
+    return [tile_config(*tile, 0) for tile in space] + [tile_config(*tile, 1) for tile in extra]
 
 
 _KEY = ["N", "HEAD_DIM", "NUM_BRANCHES", "L", "IS_CAUSAL", "MIXING_LSE", "GQA", "DROPOUT", "WALKS",
@@ -345,29 +373,60 @@ def _walk_key_tile(q, k_base, v_base, stride_kn, j0, start, valid_hi, lm, qk_sca
 
 
 @triton.jit
+def _walk_tile_rows(base, stride_kn, j0, start, R: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The rows of K or V at the whole key tile ``start`` of a walk (keys ``j0 + R * m``)."""
+    j = j0 + (start + tl.arange(0, BLOCK_N)) * R
+    return tl.load(base + j[:, None] * stride_kn + tl.arange(0, HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _fwd_tiles_pipelined(acc, m_i, l_i, q, k_base, v_base, stride_kn, j0, lo, hi, lm, qk_scale, R: tl.constexpr,
+                         BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, EXP2_ON_FMA: tl.constexpr):
+    """Whole key tiles ``[lo, hi)`` of a walk (``lo < hi``), as ``_fwd_tiles``, with the next tile's Q K^T
+    issued before this tile's softmax (``PIPELINED``): a prologue computes the first, an epilogue finishes the
+    last tile. The products stay raw until their softmax (scaled and biased there, as ``_walk_key_tile`` does):
+    a use in the same iteration would make Triton wait for the product at once."""
+    s = tl.dot(q, tl.trans(_walk_tile_rows(k_base, stride_kn, j0, lo, R, BLOCK_N, HEAD_DIM))).to(tl.float32)
+    for start in range(lo, hi - BLOCK_N, BLOCK_N):
+        k_next = _walk_tile_rows(k_base, stride_kn, j0, start + BLOCK_N, R, BLOCK_N, HEAD_DIM)
+        v = _walk_tile_rows(v_base, stride_kn, j0, start, R, BLOCK_N, HEAD_DIM)
+        s_next = tl.dot(q, tl.trans(k_next)).to(tl.float32)
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s * qk_scale + lm[None, :], 1.0, v, False, EXP2_ON_FMA)
+        s = s_next
+    v = _walk_tile_rows(v_base, stride_kn, j0, hi - BLOCK_N, R, BLOCK_N, HEAD_DIM)
+    return softmax_step(acc, m_i, l_i, s * qk_scale + lm[None, :], 1.0, v, False, EXP2_ON_FMA)
+
+
+@triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, hi, valid_hi, lm, qk_scale, R: tl.constexpr,
                MASK: tl.constexpr, TAIL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-               EXP2_ON_FMA: tl.constexpr):
-    """Key tiles ``[lo, hi)`` of a walk (``_walk_key_tile``); ``MASK``: the causal diagonal."""
-    for start in range(lo, hi, BLOCK_N):
-        j, k, v, s = _walk_key_tile(q, k_base, v_base, stride_kn, j0, start, valid_hi, lm, qk_scale, R, TAIL,
-                                    BLOCK_N, HEAD_DIM)
-        if MASK:
-            s = tl.where(j[None, :] <= p[:, None], s, float("-inf"))
-        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, 1.0, v, MASK, EXP2_ON_FMA)
+               EXP2_ON_FMA: tl.constexpr, PIPELINED: tl.constexpr):
+    """Key tiles ``[lo, hi)`` of a walk (``_walk_key_tile``); ``MASK``: the causal diagonal; ``PIPELINED``:
+    whole unmasked tiles by ``_fwd_tiles_pipelined``."""
+    if PIPELINED and not MASK and not TAIL:
+        if lo < hi:
+            acc, m_i, l_i = _fwd_tiles_pipelined(acc, m_i, l_i, q, k_base, v_base, stride_kn, j0, lo, hi, lm,
+                                                 qk_scale, R, BLOCK_N, HEAD_DIM, EXP2_ON_FMA)
+    else:
+        for start in range(lo, hi, BLOCK_N):
+            j, k, v, s = _walk_key_tile(q, k_base, v_base, stride_kn, j0, start, valid_hi, lm, qk_scale, R, TAIL,
+                                        BLOCK_N, HEAD_DIM)
+            if MASK:
+                s = tl.where(j[None, :] <= p[:, None], s, float("-inf"))
+            acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, 1.0, v, MASK, EXP2_ON_FMA)
     return acc, m_i, l_i
 
 
 @triton.jit
 def _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, lo, hi, valid_hi, qk_scale,
              B: tl.constexpr, R: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-             NUM_BRANCHES: tl.constexpr, RS: tl.constexpr, EXP2_ON_FMA: tl.constexpr):
+             NUM_BRANCHES: tl.constexpr, RS: tl.constexpr, EXP2_ON_FMA: tl.constexpr, PIPELINED: tl.constexpr):
     """Key tiles ``[lo, hi)`` of a walk (``hi <= valid_hi``): whole tiles, then the partial one."""
     lm, whole = _walk_split(j0, lo, hi, valid_hi, h, y, B, R, NUM_BRANCHES, RS, BLOCK_N)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, whole, valid_hi, lm,
-                               qk_scale, R, MASK, False, BLOCK_N, HEAD_DIM, EXP2_ON_FMA)
+                               qk_scale, R, MASK, False, BLOCK_N, HEAD_DIM, EXP2_ON_FMA, PIPELINED)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, whole, hi, valid_hi, lm,
-                               qk_scale, R, MASK, True, BLOCK_N, HEAD_DIM, EXP2_ON_FMA)
+                               qk_scale, R, MASK, True, BLOCK_N, HEAD_DIM, EXP2_ON_FMA, PIPELINED)
     return acc, m_i, l_i
 
 
@@ -375,19 +434,21 @@ def _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, lo, hi, v
 def _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N, qk_scale,
               B: tl.constexpr, W_PREV: tl.constexpr, W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr,
               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, RS: tl.constexpr,
-              EXP2_ON_FMA: tl.constexpr):
+              EXP2_ON_FMA: tl.constexpr, PIPELINED: tl.constexpr):
     """Walk ``B`` of a forward program (see the section comment), if branch ``B`` selects class ``c``."""
     if (c % R) == (h % R):
         j0, a_hi, b_lo, b_hi, n_keys = _walk_keys(p_first, p_last, h % R, N, B, W_PREV, W, R, IS_CAUSAL, BLOCK_N)
         y = c - h
         if B > 0:
             acc, m_i, l_i = _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, 0, a_hi, a_hi,
-                                     qk_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS, EXP2_ON_FMA)
+                                     qk_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS, EXP2_ON_FMA,
+                                     PIPELINED)
         acc, m_i, l_i = _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, b_lo, b_hi, n_keys,
-                                 qk_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS, EXP2_ON_FMA)
+                                 qk_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS, EXP2_ON_FMA, PIPELINED)
         if IS_CAUSAL and B == 0:
             acc, m_i, l_i = _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, b_hi, n_keys, n_keys,
-                                     qk_scale, B, R, True, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS, EXP2_ON_FMA)
+                                     qk_scale, B, R, True, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS, EXP2_ON_FMA,
+                                     PIPELINED)
     return acc, m_i, l_i
 
 
@@ -552,7 +613,7 @@ def _dilated_attn_fwd_kernel(
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
     S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr, S8: tl.constexpr,
     WALKS: tl.constexpr, SEEDED: tl.constexpr, EXP2_ON_FMA: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, PIPELINED: tl.constexpr,
 ):
     tl.static_assert(NUM_BRANCHES <= 8)
     tl.static_assert(not SEEDED or WALKS == 2)
@@ -598,7 +659,7 @@ def _dilated_attn_fwd_kernel(
             for B in tl.static_range(SEEDED, NUM_BRANCHES):   # walk B: branch B's segment outside branch B-1's
                 acc, m_i, l_i = _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N,
                                           qk_scale, B, WP[B], WS[B], RS[B], IS_CAUSAL, BLOCK_N, HEAD_DIM,
-                                          NUM_BRANCHES, RS, EXP2_ON_FMA)
+                                          NUM_BRANCHES, RS, EXP2_ON_FMA, PIPELINED)
     else:
         if WALKS < 2:   # constexpr: kernels whose programs all walk compile no per-branch block
             for B in tl.static_range(NUM_BRANCHES):   # one block per branch, each adding its keys
@@ -644,10 +705,41 @@ def _later_walks(p, h, NUM_BRANCHES: tl.constexpr, WS: tl.constexpr, RS: tl.cons
 
 
 @triton.jit
+def _walk0_rows(base, stride_kn, start, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The rows of K or V at the contiguous key tile ``start`` (inside the sequence)."""
+    return tl.load(base + (start + tl.arange(0, BLOCK_N))[:, None] * stride_kn + tl.arange(0, HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _walk0_tiles_pipelined(acc, m_i, l_i, q, lkp, lkj, k_base, v_base, stride_kn, lo, hi, qk_scale,
+                           BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, EXP2_ON_FMA: tl.constexpr):
+    """Unmasked tiles ``[lo, hi)`` (``lo < hi``) as ``_walk0_tiles``, with the next tile's Q K^T issued before
+    this tile's softmax (``PIPELINED``): a prologue computes the first, an epilogue finishes the last tile. The
+    products stay raw until their softmax (as ``_fwd_tiles_pipelined``)."""
+    s = tl.dot(q, tl.trans(_walk0_rows(k_base, stride_kn, lo, BLOCK_N, HEAD_DIM))).to(tl.float32)
+    for start in range(lo, hi - BLOCK_N, BLOCK_N):
+        s_next = tl.dot(q, tl.trans(_walk0_rows(k_base, stride_kn, start + BLOCK_N, BLOCK_N, HEAD_DIM)))
+        v = _walk0_rows(v_base, stride_kn, start, BLOCK_N, HEAD_DIM)
+        s = s * qk_scale + tl.minimum(lkp[:, None], lkj[None, :])
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, 1.0, v, False, EXP2_ON_FMA)
+        s = s_next.to(tl.float32)
+    v = _walk0_rows(v_base, stride_kn, hi - BLOCK_N, BLOCK_N, HEAD_DIM)
+    s = s * qk_scale + tl.minimum(lkp[:, None], lkj[None, :])
+    return softmax_step(acc, m_i, l_i, s, 1.0, v, False, EXP2_ON_FMA)
+
+
+@triton.jit
 def _walk0_tiles(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, lo, hi, qk_scale,
-                 MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, EXP2_ON_FMA: tl.constexpr):
+                 MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, EXP2_ON_FMA: tl.constexpr,
+                 PIPELINED: tl.constexpr):
     """Contiguous key tiles ``[lo, hi)`` (``hi - lo`` a multiple of BLOCK_N, every tile starting at the same
-    position mod L, so the keys' log2 counts ``lkj`` serve each); ``MASK``: the causal diagonal."""
+    position mod L, so the keys' log2 counts ``lkj`` serve each); ``MASK``: the causal diagonal; ``PIPELINED``:
+    unmasked tiles by ``_walk0_tiles_pipelined``."""
+    if PIPELINED and not MASK:
+        if lo < hi:
+            acc, m_i, l_i = _walk0_tiles_pipelined(acc, m_i, l_i, q, lkp, lkj, k_base, v_base, stride_kn, lo, hi,
+                                                   qk_scale, BLOCK_N, HEAD_DIM, EXP2_ON_FMA)
+        return acc, m_i, l_i
     offs_d = tl.arange(0, HEAD_DIM)
     for start in range(lo, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)
@@ -676,7 +768,7 @@ def _dilated_attn_fwd_walk0_kernel(
     W4: tl.constexpr, W5: tl.constexpr, W6: tl.constexpr, W7: tl.constexpr,
     R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
     R4: tl.constexpr, R5: tl.constexpr, R6: tl.constexpr, R7: tl.constexpr,
-    EXP2_ON_FMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EXP2_ON_FMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PIPELINED: tl.constexpr,
 ):
     """Walk 0 of a causal nested pattern (section above): program ``(t, b * H + h)`` owns the BLOCK_M
     contiguous positions from ``(Q_LO // BLOCK_M + t) * BLOCK_M`` (inside one segment: W0 % BLOCK_M == 0).
@@ -708,9 +800,9 @@ def _dilated_attn_fwd_walk0_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc, m_i, l_i = _walk0_tiles(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, s0, r0, qk_scale,
-                                 False, BLOCK_N, HEAD_DIM, EXP2_ON_FMA)
+                                 False, BLOCK_N, HEAD_DIM, EXP2_ON_FMA, PIPELINED)
     acc, m_i, l_i = _walk0_tiles(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, r0, r0 + BLOCK_M,
-                                 qk_scale, True, BLOCK_N, HEAD_DIM, EXP2_ON_FMA)
+                                 qk_scale, True, BLOCK_N, HEAD_DIM, EXP2_ON_FMA, PIPELINED)
     more = _later_walks(p, h, NUM_BRANCHES, WS, RS)
     out = (acc / l_i[:, None]).to(Out.dtype.element_ty)
     lse2 = m_i + tl.log2(l_i)

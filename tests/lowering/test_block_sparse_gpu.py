@@ -75,7 +75,7 @@ def test_op_on_cuda_runs_kernels_and_matches_reference(case):
 def _tile_cases():
     from dilate_compiler.lowering.block_sparse_triton import tile_space
 
-    return [(kind, i) for kind in ("fwd", "bwd") for i in range(len(tile_space(kind, 128)))]
+    return [(kind, i) for kind in ("fwd", "bwd") for i in range(len(tile_space(kind, 128, pipelined=True)))]
 
 
 @pytest.mark.parametrize("kind,index", _tile_cases(), ids=lambda x: str(x))
@@ -84,9 +84,9 @@ def test_every_tile_of_the_autotuning_space_matches_reference(kind, index):
     forward kernel, or both backward kernels), on a causal window with partial blocks, a ragged end and GQA,
     against float64."""
     from dilate_compiler.lowering import block_sparse_triton as bt
-    from tests.lowering.test_dilated_gpu import _pinned
+    from tests.lowering.pinning import pinned as _pinned
 
-    config = bt.tile_space(kind, 128)[index]
+    config = bt.tile_space(kind, 128, pipelined=True)[index]
     kernels = [bt._autotuned("fwd", 128)] if kind == "fwd" else [bt._autotuned("dq", 128), bt._autotuned("dkdv", 128)]
     N, D, pattern = 1000, 64, P.sliding_window(300) | P.global_tokens(5)
     g = torch.Generator(device="cuda").manual_seed(index)

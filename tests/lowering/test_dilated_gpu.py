@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import dilate_compiler as dc
 from dilate_compiler.backend import dilated_backend
 from dilate_compiler.lowering.dilated_op import use_kernels
+from tests.lowering.pinning import pinned as _pinned
 from tests.tolerances import assert_close, eager_dilated, rel_err
 
 pytestmark = pytest.mark.gpu
@@ -113,21 +114,7 @@ def test_nested_walks_on_cuda(D, is_causal, lo):
 def _tile_cases():
     from dilate_compiler.lowering.dilated_triton import tile_space
 
-    return [(kind, i) for kind in ("fwd", "walk0", "bwd") for i in range(len(tile_space(kind)))]
-
-
-@contextlib.contextmanager
-def _pinned(kernels, *configs):
-    """Each autotuned kernel of ``kernels`` tunes over ``configs`` alone (one: runs it; its choice cache emptied),
-    then is restored."""
-    saved = [(kernel.configs, kernel.cache) for kernel in kernels]
-    for kernel in kernels:
-        kernel.configs, kernel.cache = list(configs), {}
-    try:
-        yield
-    finally:
-        for kernel, (configs, cache) in zip(kernels, saved):
-            kernel.configs, kernel.cache = configs, cache
+    return [(kind, i) for kind in ("fwd", "walk0", "bwd") for i in range(len(tile_space(kind, pipelined=True)))]
 
 
 @pytest.mark.parametrize("kind,index", _tile_cases(), ids=lambda x: str(x))
@@ -137,7 +124,7 @@ def test_every_tile_of_the_autotuning_space_matches_reference(kind, index):
     diagonal), against float64 and eager's error."""
     from dilate_compiler.lowering import dilated_triton as dt
 
-    config = dt.tile_space(kind)[index]
+    config = dt.tile_space(kind, pipelined=True)[index]
     kernels = {"fwd": [dt._dilated_attn_fwd_kernel], "walk0": [dt._dilated_attn_fwd_walk0_kernel],
                "bwd": [dt._dilated_attn_bwd_dq_kernel, dt._dilated_attn_bwd_dkdv_kernel]}[kind]
     N, D = 4500, 64

@@ -335,3 +335,46 @@ def test_row_offsets_past_int32_read_a_contiguous_copy():
     copy = rows_addressable(view)
     assert copy.is_contiguous() and copy.stride(-2) == 64 and rows_fit(copy)
     assert rows_addressable(batch_first(2**20)).stride(-2) == 1024        # read in place
+
+
+@pytest.mark.parametrize("segs,rates,is_causal,lo,hi", [
+    ((64, 128, 256), (1, 2, 4), False, 0, 300),      # nested: walks of whole tiles, then a partial one
+    ((64, 128, 256), (1, 2, 4), True, 0, 300),       # causal: the walk-0 kernel's unmasked tiles, then walks 1..
+    ((64, 128, 256), (1, 2, 4), True, 64, 260),      # at a query offset
+    ((48, 96), (1, 2), False, 0, 150),               # per-branch blocks (not pipelined) beside walks
+])
+def test_pipelined_tiles_match_in_order_tiles(segs, rates, is_causal, lo, hi):
+    """``PIPELINED`` tiles (the next key tile's scores issued before this tile's softmax; a prologue and an
+    epilogue) compute what the in-order loop does, bit for bit here, and match float64."""
+    from dilate_compiler.lowering import dilated_triton as dt
+    from tests.lowering.pinning import pinned
+
+    g = torch.Generator().manual_seed(lo + len(segs))
+    q, k, v = (torch.randn(1, h, 300, 32, generator=g).to(DEVICE) for h in (4, 2, 2))
+    args = dict(is_causal=is_causal, scale=32 ** -0.5, mixing="lse", q_offset=lo)
+    kernels = [dt._dilated_attn_fwd_kernel, dt._dilated_attn_fwd_walk0_kernel]
+    in_order = dt.dilated_attn_fwd(q[:, :, lo:hi], k, v, segs, rates, **args)
+    with pinned(kernels, dt.tile_config(16, 16, 4, 1, 1)):
+        out, lse = dt.dilated_attn_fwd(q[:, :, lo:hi], k, v, segs, rates, **args)
+    assert torch.equal(out, in_order[0]) and torch.equal(lse, in_order[1])
+    ref = dc.Dilated(segs, rates).reference(q.double(), k.double(), v.double(), is_causal=is_causal, scale=32 ** -0.5)
+    assert_close(out, ref[:, :, lo:hi], torch.float32)
+
+
+def test_pipelined_tiles_join_the_forward_spaces_on_request(monkeypatch):
+    from dilate_compiler.lowering import block_sparse_triton as bt
+    from dilate_compiler.lowering import dilated_triton as dt
+
+    monkeypatch.delenv("DILATE_COMPILER_PIPELINED_TILES", raising=False)
+    for space in (dt.tile_space("fwd"), dt.tile_space("walk0"), bt.tile_space("fwd", 128)):
+        assert {c.kwargs["PIPELINED"] for c in space} == {0}
+    assert all("PIPELINED" not in c.kwargs for c in dt.tile_space("bwd") + bt.tile_space("bwd", 128))
+    monkeypatch.setenv("DILATE_COMPILER_PIPELINED_TILES", "1")
+    for space in (dt.tile_space("fwd"), dt.tile_space("walk0"), bt.tile_space("fwd", 128)):
+        piped = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in space
+                 if c.kwargs["PIPELINED"]]
+        assert piped == list(dt.PIPELINED_TILES)
+    assert len(bt.tile_space("fwd", 64, pipelined=True)) == len(bt.tile_space("fwd", 64, pipelined=False)) + 1
+    monkeypatch.setenv("DILATE_COMPILER_PIPELINED_TILES", "yes")
+    with pytest.raises(ValueError, match="DILATE_COMPILER_PIPELINED_TILES must be 0 or 1 .*got 'yes'"):
+        dt.tile_space("fwd")
