@@ -705,26 +705,43 @@ def _later_walks(p, h, NUM_BRANCHES: tl.constexpr, WS: tl.constexpr, RS: tl.cons
 
 
 @triton.jit
-def _walk0_rows(base, stride_kn, start, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """The rows of K or V at the contiguous key tile ``start`` (inside the sequence)."""
-    return tl.load(base + (start + tl.arange(0, BLOCK_N))[:, None] * stride_kn + tl.arange(0, HEAD_DIM)[None, :])
+def _walk0_rows(base, stride_kn, start, N, MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """The rows of K or V at the contiguous key tile ``start``; ``MASK``: rows past N read at N - 1."""
+    j = start + tl.arange(0, BLOCK_N)
+    if MASK:
+        j = tl.minimum(j, N - 1)
+    return tl.load(base + j[:, None] * stride_kn + tl.arange(0, HEAD_DIM)[None, :])
 
 
 @triton.jit
-def _walk0_tiles_pipelined(acc, m_i, l_i, q, lkp, lkj, k_base, v_base, stride_kn, lo, hi, qk_scale,
-                           BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, EXP2_ON_FMA: tl.constexpr):
-    """Unmasked tiles ``[lo, hi)`` (``lo < hi``) as ``_walk0_tiles``, with the next tile's Q K^T issued before
-    this tile's softmax (``PIPELINED``): a prologue computes the first, an epilogue finishes the last tile. The
-    products stay raw until their softmax (as ``_fwd_tiles_pipelined``)."""
-    s = tl.dot(q, tl.trans(_walk0_rows(k_base, stride_kn, lo, BLOCK_N, HEAD_DIM))).to(tl.float32)
+def _walk0_bias(p, lkp, lkj, start, lo, MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """log2 multiplicities, and with ``MASK`` the causal diagonal as a bias (as ``_walk0_tiles``; 0 where
+    j <= p, so unmasked scores get the same sum)."""
+    b = tl.minimum(lkp[:, None], lkj[None, :])
+    if MASK:
+        j = start + tl.arange(0, BLOCK_N)
+        b = b + tl.minimum((p - lo).to(tl.float32)[:, None] - (j - lo).to(tl.float32)[None, :], 0.0) * 1e30
+    return b
+
+
+@triton.jit
+def _walk0_tiles_pipelined(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, lo, hi, qk_scale,
+                           MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           EXP2_ON_FMA: tl.constexpr):
+    """Tiles ``[lo, hi)`` (``lo < hi``) as ``_walk0_tiles``, with the next tile's Q K^T issued before this
+    tile's softmax (``PIPELINED``): a prologue computes the first, an epilogue finishes the last tile. The
+    products stay raw until their softmax (as ``_fwd_tiles_pipelined``). The diagonal (``MASK``) runs this form
+    too: with the in-order diagonal after a pipelined loop, ptxas serialised every wgmma of the kernel (C7515,
+    "non wgmma instructions defining accumulator registers")."""
+    s = tl.dot(q, tl.trans(_walk0_rows(k_base, stride_kn, lo, N, MASK, BLOCK_N, HEAD_DIM))).to(tl.float32)
     for start in range(lo, hi - BLOCK_N, BLOCK_N):
-        s_next = tl.dot(q, tl.trans(_walk0_rows(k_base, stride_kn, start + BLOCK_N, BLOCK_N, HEAD_DIM)))
-        v = _walk0_rows(v_base, stride_kn, start, BLOCK_N, HEAD_DIM)
-        s = s * qk_scale + tl.minimum(lkp[:, None], lkj[None, :])
+        s_next = tl.dot(q, tl.trans(_walk0_rows(k_base, stride_kn, start + BLOCK_N, N, MASK, BLOCK_N, HEAD_DIM)))
+        v = _walk0_rows(v_base, stride_kn, start, N, MASK, BLOCK_N, HEAD_DIM)
+        s = s * qk_scale + _walk0_bias(p, lkp, lkj, start, lo, MASK, BLOCK_N)
         acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, 1.0, v, False, EXP2_ON_FMA)
         s = s_next.to(tl.float32)
-    v = _walk0_rows(v_base, stride_kn, hi - BLOCK_N, BLOCK_N, HEAD_DIM)
-    s = s * qk_scale + tl.minimum(lkp[:, None], lkj[None, :])
+    v = _walk0_rows(v_base, stride_kn, hi - BLOCK_N, N, MASK, BLOCK_N, HEAD_DIM)
+    s = s * qk_scale + _walk0_bias(p, lkp, lkj, hi - BLOCK_N, lo, MASK, BLOCK_N)
     return softmax_step(acc, m_i, l_i, s, 1.0, v, False, EXP2_ON_FMA)
 
 
@@ -734,11 +751,11 @@ def _walk0_tiles(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, lo
                  PIPELINED: tl.constexpr):
     """Contiguous key tiles ``[lo, hi)`` (``hi - lo`` a multiple of BLOCK_N, every tile starting at the same
     position mod L, so the keys' log2 counts ``lkj`` serve each); ``MASK``: the causal diagonal; ``PIPELINED``:
-    unmasked tiles by ``_walk0_tiles_pipelined``."""
-    if PIPELINED and not MASK:
+    by ``_walk0_tiles_pipelined``."""
+    if PIPELINED:
         if lo < hi:
-            acc, m_i, l_i = _walk0_tiles_pipelined(acc, m_i, l_i, q, lkp, lkj, k_base, v_base, stride_kn, lo, hi,
-                                                   qk_scale, BLOCK_N, HEAD_DIM, EXP2_ON_FMA)
+            acc, m_i, l_i = _walk0_tiles_pipelined(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, lo,
+                                                   hi, qk_scale, MASK, BLOCK_N, HEAD_DIM, EXP2_ON_FMA)
         return acc, m_i, l_i
     offs_d = tl.arange(0, HEAD_DIM)
     for start in range(lo, hi, BLOCK_N):
