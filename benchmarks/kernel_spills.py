@@ -128,7 +128,7 @@ def main():
     causal = a.causal or a.family == "block-sparse"
     print(f"triton {triton.__version__}, sm_{a.arch}, {a.family}, causal={causal}, exp2_on_fma={a.exp2_on_fma}")
     print("kernel  tile (M, N, warps, stages[, pipelined])  registers  spill bytes (st/ld)  shared bytes  "
-          "async_wait nums")
+          "async_wait nums  [wgmma serialized: ptxas C7515]")
     for kind in a.kinds.split(","):
         for cfg in space(kind):
             bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
@@ -145,7 +145,7 @@ def main():
             tile = (bm, bn, cfg.num_warps, cfg.num_stages) + ((1,) if cfg.kwargs.get("PIPELINED") else ())
             print(f"{kind:<7} {str(tile):<27} {regs.group(1) if regs else '?':>9}"
                   f"  {spill.group(1) + '/' + spill.group(2) if spill else '?':>19}  {ck.metadata.shared:>12}"
-                  f"  {','.join(waits)}")
+                  f"  {','.join(waits)}" + ("  wgmma serialized" if "C7515" in report else ""))
 
 
 if __name__ == "__main__":
