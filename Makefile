@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: demo test test-gpu bench clean
+.PHONY: demo test test-gpu bench bench-experiments clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,23 @@ bench:
 	mkdir -p $(BENCH_OUT)
 	PYTHONPATH=$(CURDIR) $(GPU_PY) benchmarks/bench_dilated.py --out $(BENCH_OUT) --configs A --ns 262144 \
 		--causal both --methods ours,dense,gather --backward
+
+# The experiments off by default (RESULTS.md, "Experiments prepared for the next GPU session"), each beside the
+# default kernels and the anchors in one run: the pipelining probe; exp2 on the FMA units (ours-exp2fma{k}); and
+# pipelined tiles, whose spaces are read when the kernels are defined, so in their own processes. Five logs in
+# $(BENCH_OUT) (each row printed as JSON); the benchmarks' own files go to $(BENCH_TMP).
+BENCH_TMP ?= /tmp/dilate_compiler_bench
+bench-experiments:
+	mkdir -p $(BENCH_OUT)
+	PYTHONPATH=$(CURDIR) $(GPU_PY) benchmarks/pipelined_softmax_probe.py > $(BENCH_OUT)/probe.log 2>&1
+	for p in 0 1; do \
+		DILATE_COMPILER_PIPELINED_TILES=$$p PYTHONPATH=$(CURDIR) $(GPU_PY) benchmarks/bench_block_sparse.py \
+			--out $(BENCH_TMP)/block_sparse_pipelined$$p --ns 65536,262144 --flex-mask from-layout \
+			--patterns window,local+global --exp2-on-fma 1,2 > $(BENCH_OUT)/block_sparse_pipelined$$p.log 2>&1; \
+		DILATE_COMPILER_PIPELINED_TILES=$$p PYTHONPATH=$(CURDIR) $(GPU_PY) benchmarks/bench_dilated.py \
+			--out $(BENCH_TMP)/dilated_pipelined$$p --configs A --ns 262144 --causal both \
+			--methods ours,dense,gather --exp2-on-fma 1,2 > $(BENCH_OUT)/dilated_pipelined$$p.log 2>&1; \
+	done
 
 clean:
 	rm -rf $(VENV) build *.egg-info
