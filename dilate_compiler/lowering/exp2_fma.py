@@ -5,7 +5,7 @@ as its two matrix products, and the forward kernels run the two one after the ot
 units (128 lanes per clock) can take part of the exp2s, as FlashAttention 4 does on Blackwell. Whether that pays
 on Hopper is an experiment: ``DILATE_COMPILER_EXP2_ON_FMA`` = k in 1..4 computes k of each ``PACK`` weights of a
 thread that way (0, the default: all on the MUFU, ``tl.exp2``). Read when a kernel is launched (the value is
-part of the autotuning key), so one process can time several.
+part of the autotuning key), so one process can time several; under ``torch.compile``, when the op is traced.
 
 The polynomial path, per weight, as the PTX below and ``emulate`` (the same steps, in NumPy) run it::
 
