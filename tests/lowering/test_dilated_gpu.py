@@ -340,7 +340,7 @@ def test_dropout_runs_the_kernels_inside_inductor():
 
 @pytest.mark.parametrize("on_fma", [1, 2, 3, 4])
 @pytest.mark.parametrize("segs,rates,is_causal,dtype,D", [
-    (SEGS, RATES, False, torch.bfloat16, 64),            # not nested: the per-branch loop
+    (SEGS, RATES, False, torch.bfloat16, 64),            # segments shorter than a tile's rows: per-branch loop
     (NESTED_SEGS, NESTED_RATES, True, torch.bfloat16, 64),   # causal nested: the walk-0 kernel and the walks
     (NESTED_SEGS, NESTED_RATES, False, torch.float16, 128),
 ])
