@@ -175,11 +175,15 @@ def exp2_on_fma_methods(values: str, op) -> dict:
 
     def with_env(k):
         def call():
+            before = os.environ.get(ENV)
             os.environ[ENV] = k
             try:
                 return op()
-            finally:
-                os.environ.pop(ENV)
+            finally:   # as it was: the other methods run with the caller's setting
+                if before is None:
+                    os.environ.pop(ENV)
+                else:
+                    os.environ[ENV] = before
         return call
 
     return {f"ours-exp2fma{k}": with_env(k) for k in values.split(",") if k}

@@ -38,8 +38,8 @@ import triton.language as tl
 
 from ..patterns import GRID_AXES, TERM_COLUMNS
 from . import exp2_fma
-from .dilated_triton import (AUTOTUNE, INTERPRET, PIPELINED_TILES, _runner, launch_device, pipelined_tiles_enabled,
-                             rows_addressable, rows_fit, softmax_step, tensor_unsupported_reason, tile_config)
+from .dilated_triton import (AUTOTUNE, INTERPRET, _runner, launch_device, pipelined_tiles, rows_addressable, rows_fit,
+                             softmax_step, tensor_unsupported_reason, tile_config)
 
 LN2 = 0.6931471805599453
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)  # 256 unrolls past the H100's shared memory at D=128
@@ -454,8 +454,8 @@ def tile_space(kind: str, bs: int, pipelined: bool | None = None) -> list:
         space = ((64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2), (16, 16, 4, 2),
                  (128, 32, 4, 5), (32, 128, 4, 5))
     configs = [tile_config(m, n, w, s, None if kind == "bwd" else 0) for m, n, w, s in space if m <= bs and n <= bs]
-    if kind == "fwd" and (pipelined_tiles_enabled() if pipelined is None else pipelined):
-        configs += [tile_config(m, n, w, s, 1) for m, n, w, s in PIPELINED_TILES if m <= bs and n <= bs]
+    if kind == "fwd":
+        configs += [tile_config(m, n, w, s, 1) for m, n, w, s in pipelined_tiles(pipelined) if m <= bs and n <= bs]
     return configs
 
 

@@ -60,6 +60,12 @@ def pipelined_tiles_enabled() -> bool:
 PIPELINED_TILES = ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3))
 
 
+def pipelined_tiles(pipelined: bool | None) -> tuple:
+    """The (BLOCK_M, BLOCK_N, warps, stages) a forward space adds as pipelined tiles: ``PIPELINED_TILES`` when
+    ``pipelined`` (None: ``pipelined_tiles_enabled()``), else none."""
+    return PIPELINED_TILES if (pipelined_tiles_enabled() if pipelined is None else pipelined) else ()
+
+
 def tile_config(bm: int, bn: int, warps: int, stages: int, pipelined=None) -> triton.Config:
     """A tile config; ``pipelined`` (0 or 1): the forward kernels' ``PIPELINED`` constexpr (None: a backward
     tile, which has none)."""
@@ -93,8 +99,7 @@ def tile_space(kind: str, pipelined: bool | None = None) -> list:
                  (128, 32, 4, 5), (32, 128, 4, 5))
     if kind == "bwd":
         return [tile_config(*tile) for tile in space]
-    extra = PIPELINED_TILES if (pipelined_tiles_enabled() if pipelined is None else pipelined) else ()
-    return [tile_config(*tile, 0) for tile in space] + [tile_config(*tile, 1) for tile in extra]
+    return [tile_config(*tile, 0) for tile in space] + [tile_config(*tile, 1) for tile in pipelined_tiles(pipelined)]
 
 
 _KEY = ["N", "HEAD_DIM", "NUM_BRANCHES", "L", "IS_CAUSAL", "MIXING_LSE", "GQA", "DROPOUT", "WALKS",
@@ -706,7 +711,8 @@ def _later_walks(p, h, NUM_BRANCHES: tl.constexpr, WS: tl.constexpr, RS: tl.cons
 
 @triton.jit
 def _walk0_rows(base, stride_kn, start, N, MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """The rows of K or V at the contiguous key tile ``start``; ``MASK``: rows past N read at N - 1."""
+    """The rows of K or V at the contiguous key tile ``start``; ``MASK`` (the diagonal): rows past N read at
+    N - 1, seen only by query rows past the end (causal), never stored."""
     j = start + tl.arange(0, BLOCK_N)
     if MASK:
         j = tl.minimum(j, N - 1)
@@ -714,14 +720,16 @@ def _walk0_rows(base, stride_kn, start, N, MASK: tl.constexpr, BLOCK_N: tl.const
 
 
 @triton.jit
-def _walk0_bias(p, lkp, lkj, start, lo, MASK: tl.constexpr, BLOCK_N: tl.constexpr):
-    """log2 multiplicities, and with ``MASK`` the causal diagonal as a bias (as ``_walk0_tiles``; 0 where
-    j <= p, so unmasked scores get the same sum)."""
-    b = tl.minimum(lkp[:, None], lkj[None, :])
+def _walk0_scores(s, p, lkp, lkj, start, lo, qk_scale, MASK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Raw products ``s`` of the key tile at ``start`` -> scores in base 2 with the log2 multiplicities added;
+    ``MASK``: the causal diagonal as a bias (0 or below -1e30), not a compare and select per score: ptxas packed
+    those predicates into registers. Positions relative to ``lo`` (the diagonal's first key) are small, so exact
+    in float32 at any N."""
+    s = s * qk_scale + tl.minimum(lkp[:, None], lkj[None, :])
     if MASK:
         j = start + tl.arange(0, BLOCK_N)
-        b = b + tl.minimum((p - lo).to(tl.float32)[:, None] - (j - lo).to(tl.float32)[None, :], 0.0) * 1e30
-    return b
+        s = s + tl.minimum((p - lo).to(tl.float32)[:, None] - (j - lo).to(tl.float32)[None, :], 0.0) * 1e30
+    return s
 
 
 @triton.jit
@@ -737,11 +745,11 @@ def _walk0_tiles_pipelined(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride
     for start in range(lo, hi - BLOCK_N, BLOCK_N):
         s_next = tl.dot(q, tl.trans(_walk0_rows(k_base, stride_kn, start + BLOCK_N, N, MASK, BLOCK_N, HEAD_DIM)))
         v = _walk0_rows(v_base, stride_kn, start, N, MASK, BLOCK_N, HEAD_DIM)
-        s = s * qk_scale + _walk0_bias(p, lkp, lkj, start, lo, MASK, BLOCK_N)
+        s = _walk0_scores(s, p, lkp, lkj, start, lo, qk_scale, MASK, BLOCK_N)
         acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, 1.0, v, False, EXP2_ON_FMA)
         s = s_next.to(tl.float32)
     v = _walk0_rows(v_base, stride_kn, hi - BLOCK_N, N, MASK, BLOCK_N, HEAD_DIM)
-    s = s * qk_scale + _walk0_bias(p, lkp, lkj, hi - BLOCK_N, lo, MASK, BLOCK_N)
+    s = _walk0_scores(s, p, lkp, lkj, hi - BLOCK_N, lo, qk_scale, MASK, BLOCK_N)
     return softmax_step(acc, m_i, l_i, s, 1.0, v, False, EXP2_ON_FMA)
 
 
@@ -757,19 +765,10 @@ def _walk0_tiles(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, lo
             acc, m_i, l_i = _walk0_tiles_pipelined(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, lo,
                                                    hi, qk_scale, MASK, BLOCK_N, HEAD_DIM, EXP2_ON_FMA)
         return acc, m_i, l_i
-    offs_d = tl.arange(0, HEAD_DIM)
     for start in range(lo, hi, BLOCK_N):
-        j = start + tl.arange(0, BLOCK_N)
-        jr = j
-        if MASK:   # rows past the end may reach keys past N: read at N - 1, seen only by those rows (causal)
-            jr = tl.minimum(j, N - 1)
-        k = tl.load(k_base + jr[:, None] * stride_kn + offs_d[None, :])
-        v = tl.load(v_base + jr[:, None] * stride_kn + offs_d[None, :])
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale + tl.minimum(lkp[:, None], lkj[None, :])
-        if MASK:   # causal as a bias (0 or below -1e30), not a compare and select per score: ptxas packed those
-            # predicates into registers. Positions relative to lo (the diagonal's first key) are small, so exact
-            # in float32 at any N.
-            s = s + tl.minimum((p - lo).to(tl.float32)[:, None] - (j - lo).to(tl.float32)[None, :], 0.0) * 1e30
+        k = _walk0_rows(k_base, stride_kn, start, N, MASK, BLOCK_N, HEAD_DIM)
+        v = _walk0_rows(v_base, stride_kn, start, N, MASK, BLOCK_N, HEAD_DIM)
+        s = _walk0_scores(tl.dot(q, tl.trans(k)).to(tl.float32), p, lkp, lkj, start, lo, qk_scale, MASK, BLOCK_N)
         acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, 1.0, v, False, EXP2_ON_FMA)
     return acc, m_i, l_i
 
