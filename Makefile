@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: demo test test-gpu bench bench-probe bench-exp2 bench-pipelined clean
+.PHONY: demo test test-gpu bench bench-probe clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,36 +49,11 @@ bench:
 	PYTHONPATH=$(CURDIR) $(GPU_PY) benchmarks/bench_dilated.py --out $(BENCH_OUT) --configs A --ns 262144 \
 		--causal both --methods ours,dense,gather --backward
 
-# The experiments off by default (RESULTS.md, "Experiments prepared for the next GPU session"), each beside the
-# default kernels and the anchors in one run; one target per device call (each autotunes and compiles its own
-# tiles: minutes). Logs in $(BENCH_OUT) (each row printed as JSON); the benchmarks' own files in $(BENCH_TMP).
-BENCH_TMP ?= /tmp/dilate_compiler_bench
-BENCH_BS := benchmarks/bench_block_sparse.py --ns 65536,262144 --flex-mask from-layout
-BENCH_DL := benchmarks/bench_dilated.py --configs A --ns 262144 --causal both --methods ours,dense,gather
-
-# the pipelining probe (plain flash attention, in order against pipelined, per tile and exp2-on-FMA share)
+# The probe of flash attention's inner-loop forms (in order, pipelined, lazy rescale; RESULTS.md), beside flash
+# SDPA, one device call; log in $(BENCH_OUT).
 bench-probe:
 	mkdir -p $(BENCH_OUT)
-	PYTHONPATH=$(CURDIR) $(GPU_PY) benchmarks/pipelined_softmax_probe.py > $(BENCH_OUT)/probe.log 2>&1
-
-# exp2 on the FMA units: ours-exp2fma1/2 beside ours in the same runs
-bench-exp2:
-	mkdir -p $(BENCH_OUT)
-	PYTHONPATH=$(CURDIR) $(GPU_PY) $(BENCH_BS) --out $(BENCH_TMP)/exp2_bs --patterns window --exp2-on-fma 1,2 \
-		> $(BENCH_OUT)/exp2_block_sparse.log 2>&1
-	PYTHONPATH=$(CURDIR) $(GPU_PY) $(BENCH_DL) --out $(BENCH_TMP)/exp2_dl --exp2-on-fma 1,2 \
-		> $(BENCH_OUT)/exp2_dilated.log 2>&1
-
-# pipelined tiles off and on; the spaces are read when the kernels are defined, so one process each
-bench-pipelined:
-	mkdir -p $(BENCH_OUT)
-	for p in 0 1; do \
-		DILATE_COMPILER_PIPELINED_TILES=$$p PYTHONPATH=$(CURDIR) $(GPU_PY) $(BENCH_BS) \
-			--out $(BENCH_TMP)/pipelined$${p}_bs --patterns window,local+global \
-			> $(BENCH_OUT)/pipelined$${p}_block_sparse.log 2>&1; \
-		DILATE_COMPILER_PIPELINED_TILES=$$p PYTHONPATH=$(CURDIR) $(GPU_PY) $(BENCH_DL) \
-			--out $(BENCH_TMP)/pipelined$${p}_dl > $(BENCH_OUT)/pipelined$${p}_dilated.log 2>&1; \
-	done
+	PYTHONPATH=$(CURDIR) $(GPU_PY) benchmarks/softmax_loop_probe.py > $(BENCH_OUT)/probe.log 2>&1
 
 clean:
 	rm -rf $(VENV) build *.egg-info

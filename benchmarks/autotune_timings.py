@@ -26,10 +26,8 @@ KERNELS = {"walk0": dt._dilated_attn_fwd_walk0_kernel, "fwd": dt._dilated_attn_f
 
 
 def tile_name(c) -> str:
-    """A tile config as ``{BLOCK_M}x{BLOCK_N}/{warps}w/{stages}s``, e.g. ``128x64/4w/3s``, with ``/pipelined``
-    for a pipelined forward tile (``DILATE_COMPILER_PIPELINED_TILES``)."""
-    return (f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}/{c.num_warps}w/{c.num_stages}s"
-            + ("/pipelined" if c.kwargs.get("PIPELINED") else ""))
+    """A tile config as ``{BLOCK_M}x{BLOCK_N}/{warps}w/{stages}s``, e.g. ``128x64/4w/3s``."""
+    return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}/{c.num_warps}w/{c.num_stages}s"
 
 
 def back_to_back(fn, calls: int = 20) -> float:

@@ -1,7 +1,6 @@
 """Block-sparse attention on the GPU, side by side with FlexAttention on the same mask and dense SDPA, one run.
 
     python benchmarks/bench_block_sparse.py --out DIR [--ns 16384,65536,262144] [--backward] [--compiled]
-        [--exp2-on-fma 1,2]
 
 Patterns (B=1, H=16, D=64, bf16, block size 128):
 - window:       causal sliding window of 4096 tokens (Mistral-style: p - 4096 < j <= p), token-exact.
@@ -10,7 +9,6 @@ Patterns (B=1, H=16, D=64, bf16, block size 128):
 Methods: ours (dc.ops.block_sparse_attention with a prebuilt layout); flex (flex_attention compiled, with the
 same mask_mod); dense (F.scaled_dot_product_attention, flash, full attention); with --compiled also
 ours-compiled (the same call under torch.compile: the kernels as Inductor emits them, after one compiling call).
-With --exp2-on-fma k,..: ours-exp2fma{k} (DILATE_COMPILER_EXP2_ON_FMA=k, as in bench_dilated).
 Flex's block mask: --flex-mask create builds it with create_block_mask(_compile=True) once per N (its first
 call, which compiles, and its steady-state build are timed separately); --flex-mask from-layout hands Flex
 our layout's block lists (BlockMask.from_kv_blocks, the same partial/full split and mask_mod), which skips
@@ -34,7 +32,7 @@ import torch.nn.functional as F
 import triton
 
 import dilate_compiler as dc
-from bench_dilated import bench, exp2_on_fma_methods, flex_block_mask, tuned_configs
+from bench_dilated import bench, flex_block_mask, tuned_configs
 from dilate_compiler import patterns as P
 
 H, D, BS, WINDOW = 16, 64, 128, 4096
@@ -89,7 +87,6 @@ def main():
     ap.add_argument("--flex-mask", default="create", choices=("create", "from-layout"))
     ap.add_argument("--patterns", default="window,local+global")
     ap.add_argument("--compiled", action="store_true", help="also time ours under torch.compile (ours-compiled)")
-    ap.add_argument("--exp2-on-fma", default="", help="comma-separated k: also time ours-exp2fma{k} (bench_dilated)")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -145,7 +142,6 @@ def main():
                 "flex": lambda: flex(q, k, v, block_mask=bm),
                 "dense": lambda: F.scaled_dot_product_attention(q, k, v),
             }
-            fns.update(exp2_on_fma_methods(a.exp2_on_fma, fns["ours"]))
             if a.compiled:
                 ours_c = torch.compile(lambda q, k, v: dc.ops.block_sparse_attention(q, k, v, lay, block_size=BS,
                                                                                      is_causal=causal),

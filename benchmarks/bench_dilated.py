@@ -1,14 +1,12 @@
 """Dilated attention on the GPU, side by side with its anchors, in one run.
 
     python benchmarks/bench_dilated.py --out DIR [--configs A,B] [--ns 16384,65536,262144] [--causal both]
-        [--methods ours,dense,gather,flex] [--backward] [--scale-n 2097152] [--dropout 0.1] [--exp2-on-fma 1,2]
+        [--methods ours,dense,gather,flex] [--backward] [--scale-n 2097152] [--dropout 0.1]
 
 Methods (all bf16, B=1):
 - ours:   dc.ops.dilated_attention (the Triton kernels; all branches fused, no gather).
 - ours-dropout: the same with dropout_p = --dropout (in-kernel Philox masks; method named in --methods).
 - ours-compiled: ours under torch.compile (the kernels as Inductor emits them; method named in --methods).
-- ours-exp2fma{k}: ours with DILATE_COMPILER_EXP2_ON_FMA=k (k of each 8 softmax weights' exp2 on the FMA units),
-          for each k of --exp2-on-fma, in the same run.
 - dense:  F.scaled_dot_product_attention with the flash backend (full attention: a different, larger problem).
 - gather: LongNet done the usual way: per branch and head offset, strided gather, flash SDPA
           (aten._scaled_dot_product_flash_attention returns the LSE), scatter, LSE merge. Its backward treats
@@ -168,27 +166,6 @@ def dilated_flex_block_mask(N, segs, rates, causal, mask_mod, bs=128, device="cu
     return flex_block_mask(count[0], idx[0], bs, N, mask_mod)
 
 
-def exp2_on_fma_methods(values: str, op) -> dict:
-    """``{"ours-exp2fma{k}": fn}`` for each k of the comma-separated ``values``: ``op()`` with
-    DILATE_COMPILER_EXP2_ON_FMA=k set at each call (read at launch; each value tunes its own configs)."""
-    from dilate_compiler.lowering.exp2_fma import ENV
-
-    def with_env(k):
-        def call():
-            before = os.environ.get(ENV)
-            os.environ[ENV] = k
-            try:
-                return op()
-            finally:   # as it was: the other methods run with the caller's setting
-                if before is None:
-                    os.environ.pop(ENV)
-                else:
-                    os.environ[ENV] = before
-        return call
-
-    return {f"ours-exp2fma{k}": with_env(k) for k in values.split(",") if k}
-
-
 def bench(fn, backward=False, inputs=()):
     if backward:
         def step():
@@ -214,13 +191,12 @@ def main():
                          "no create_block_mask; lets Flex run at 256K")
     ap.add_argument("--scale-n", type=int, default=0)
     ap.add_argument("--dropout", type=float, default=0.1, help="dropout_p of the ours-dropout method")
-    ap.add_argument("--exp2-on-fma", default="", help="comma-separated k: also time ours-exp2fma{k} (docstring)")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = False
     dev = torch.cuda.get_device_name()
     print(f"device={dev} torch={torch.__version__} triton={triton.__version__}", flush=True)
-    methods = a.methods.split(",") + list(exp2_on_fma_methods(a.exp2_on_fma, None))
+    methods = a.methods.split(",")
     causals = {"both": (False, True), "true": (True,), "false": (False,)}[a.causal]
     rows = []
     flex_compiled = None
@@ -243,7 +219,6 @@ def main():
                     "dense": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
                     "gather": lambda: gather_sdpa(q, k, v, SEGS, RATES, causal),
                 }
-                fns.update(exp2_on_fma_methods(a.exp2_on_fma, fns["ours"]))
                 if "ours-compiled" in methods:
                     ours_c = torch.compile(lambda q, k, v: dc.ops.dilated_attention(q, k, v, SEGS, RATES,
                                                                                      is_causal=causal),

@@ -2,8 +2,7 @@
 compiler and its bundled ptxas; the numbers are for the installed Triton version).
 
     python benchmarks/kernel_spills.py [--family block-sparse|dilated] [--arch 90] [--kinds fwd,dq,dkdv]
-                                       [--n 262144] [--causal] [--exp2-on-fma 0] [--pipelined]
-                                       (dilated kinds: fwd,walk0,dq,dkdv)
+                                       [--n 262144] [--causal]    (dilated kinds: fwd,walk0,dq,dkdv)
 
 Per tile configuration: ptxas registers and spill bytes, shared memory, and the ``async_wait`` counts of the
 Triton GPU IR: how many copies may still be in flight at each wait. ``num = 0`` at a loop's top: every copy
@@ -79,23 +78,21 @@ def _strides(n: int, h: int, d: int, tensors: str) -> dict:
     return {f"stride_{t}{a}": ("i32", s) for t in tensors for a, s in (("b", h * n * d), ("h", n * d), ("n", d))}
 
 
-def window_values(n: int, exp2_on_fma: int = 0, pipelined: int = 0) -> dict:
+def window_values(n: int) -> dict:
     h, d = 16, 64
     return dict(Q="*bf16", K="*bf16", V="*bf16", Out="*bf16", DO="*bf16", DQ="*bf16", DK="*bf16", DV="*bf16",
                 Lse="*fp32", Delta="*fp32", Terms="*i32", Coords="*i32", Rows="*i32", KvCount="*i32", KvIdx="*i32",
                 KvBits="*i32", QCount="*i32", QIdx="*i32", QBits="*i32", TileOrder="*i32", sm_scale="fp32",
                 H=("i32", h), N=("i32", n), NB=("i32", n // 128), KW=("i32", 34), QW=("i32", 34),
                 HEAD_DIM=d, BS=128, IS_CAUSAL=True, GQA=1, PER_HEAD=False, NUM_TERMS=2, CHECKS=3, RAGGED=False,
-                PERMUTED=False, EXP2_ON_FMA=exp2_on_fma, PIPELINED=pipelined, **_strides(n, h, d, "qkob"))
+                PERMUTED=False, **_strides(n, h, d, "qkob"))
 
 
 def dilated_values(n: int, pattern: tuple, causal: bool, kind: str, bm: int, bn: int, *, dropout: int = 0,
-                   gqa: int = 1, q_lo: int = 0, drop_thr: int = 0, h: int = 16, d: int = 64,
-                   exp2_on_fma: int = 0, pipelined: int = 0) -> dict:
+                   gqa: int = 1, q_lo: int = 0, drop_thr: int = 0, h: int = 16, d: int = 64) -> dict:
     """The dilated kernel ``kind``'s arguments for ``pattern`` = (segments, rates, mixing) at N = ``n``, with the
     ``WALKS`` and ``SEEDED`` its launcher would pass for the tile ``bm`` x ``bn`` (``dropout``: the ``DROPOUT``
-    constexpr; "walk0": the causal walk-0 kernel; ``exp2_on_fma``: ``EXP2_ON_FMA``, as ``exp2_fma``;
-    ``pipelined``: the forward kernels' ``PIPELINED`` tile constexpr)."""
+    constexpr; "walk0": the causal walk-0 kernel)."""
     segs, rates, mixing = pattern
     meta, _, nested = dt._launch_pattern(segs, rates, mixing, h, 0.1 if dropout else 0.0)
     owner, offset = ("keys", 0) if kind == "dkdv" else ("rows", q_lo)
@@ -105,8 +102,7 @@ def dilated_values(n: int, pattern: tuple, causal: bool, kind: str, bm: int, bn:
                 Out0="*bf16", Lse0="*fp32", SEEDED=int(seeded), Lse="*fp32", Delta="*fp32", sm_scale="fp32",
                 H=("i32", h), N=("i32", n), Q_LO=("i32", q_lo),
                 N_Q=("i32", n), out_scale="fp32", Seed="*i64", drop_thr=("i32", drop_thr), HEAD_DIM=d,
-                IS_CAUSAL=causal, GQA=gqa, DROPOUT=dropout, WALKS=walks, EXP2_ON_FMA=exp2_on_fma, BLOCK_M=bm,
-                BLOCK_N=bn, PIPELINED=pipelined, **meta,
+                IS_CAUSAL=causal, GQA=gqa, DROPOUT=dropout, WALKS=walks, BLOCK_M=bm, BLOCK_N=bn, **meta,
                 **_strides(n, h, d, "qko"))
 
 
@@ -117,33 +113,30 @@ def main():
     ap.add_argument("--kinds", default="fwd,dq,dkdv")
     ap.add_argument("--n", type=int, default=262144)
     ap.add_argument("--causal", action="store_true")
-    ap.add_argument("--exp2-on-fma", type=int, default=0, help="EXP2_ON_FMA of the forward kernels (exp2_fma)")
-    ap.add_argument("--pipelined", action="store_true", help="the forward spaces with their pipelined tiles")
     a = ap.parse_args()
     kernels = KERNELS[a.family]
     if a.family == "block-sparse":
-        space = lambda kind: bt.tile_space("fwd" if kind == "fwd" else "bwd", 128, a.pipelined)
+        space = lambda kind: bt.tile_space("fwd" if kind == "fwd" else "bwd", 128)
     else:
-        space = lambda kind: dt.tile_space(kind if kind in ("fwd", "walk0") else "bwd", a.pipelined)
+        space = lambda kind: dt.tile_space(kind if kind in ("fwd", "walk0") else "bwd")
     causal = a.causal or a.family == "block-sparse"
-    print(f"triton {triton.__version__}, sm_{a.arch}, {a.family}, causal={causal}, exp2_on_fma={a.exp2_on_fma}")
-    print("kernel  tile (M, N, warps, stages[, pipelined])  registers  spill bytes (st/ld)  shared bytes  "
-          "async_wait nums  [wgmma serialized: ptxas C7515]")
+    print(f"triton {triton.__version__}, sm_{a.arch}, {a.family}, causal={causal}")
+    print("kernel  tile (M, N, warps, stages)  registers  spill bytes (st/ld)  shared bytes  async_wait nums  "
+          "[wgmma serialized: ptxas C7515]")
     for kind in a.kinds.split(","):
         for cfg in space(kind):
             bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
             if a.family == "block-sparse":
-                values = window_values(a.n, a.exp2_on_fma)
+                values = window_values(a.n)
             else:
-                values = dilated_values(a.n, CONFIG_A, a.causal, kind, bm, bn, exp2_on_fma=a.exp2_on_fma)
+                values = dilated_values(a.n, CONFIG_A, a.causal, kind, bm, bn)
             fn = _jit_fn(kernels[kind])
-            values = {name: val for name, val in dict(values, **cfg.kwargs).items() if name in fn.arg_names}
+            values = {name: val for name, val in dict(values, BLOCK_M=bm, BLOCK_N=bn).items() if name in fn.arg_names}
             ck, report = compile_for(fn, values, cfg.num_warps, cfg.num_stages, a.arch)
             regs = re.search(r"Used (\d+) registers", report)
             spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
             waits = re.findall(r"async_wait[^\n]*num = (\d+)", ck.asm["ttgir"])
-            tile = (bm, bn, cfg.num_warps, cfg.num_stages) + ((1,) if cfg.kwargs.get("PIPELINED") else ())
-            print(f"{kind:<7} {str(tile):<27} {regs.group(1) if regs else '?':>9}"
+            print(f"{kind:<7} {str((bm, bn, cfg.num_warps, cfg.num_stages)):<27} {regs.group(1) if regs else '?':>9}"
                   f"  {spill.group(1) + '/' + spill.group(2) if spill else '?':>19}  {ck.metadata.shared:>12}"
                   f"  {','.join(waits)}" + ("  wgmma serialized" if "C7515" in report else ""))
 

@@ -36,7 +36,7 @@ def _tiles(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, lo, hi, 
             s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale + tl.minimum(lkp[:, None], lkt[None, :])
         if MASK:
             s = tl.where(j[None, :] <= p[:, None], s, float("-inf"))
-        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, 1.0, v, False, 0)
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, 1.0, v, False)
     return acc, m_i, l_i
 
 

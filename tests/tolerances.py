@@ -41,7 +41,3 @@ def eager_dilated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, strategy, i
     s = s.float().masked_fill(m == 0, float("-inf")) + torch.log(m.clamp_min(1).float())
     out = torch.softmax(s, -1).nan_to_num(0.0).to(q.dtype) @ v.repeat_interleave(g, 1)
     return out / strategy.num_branches if strategy.mixing == "head_groups" else out
-
-# exp2 of a softmax weight by the polynomial on the FMA units (dilate_compiler.lowering.exp2_fma), relative to
-# float64 over the normal float32 range: ex2.approx's own error is about 2e-7
-EXP2_POLY_REL_ERR = 3.1e-6

@@ -37,9 +37,8 @@ import triton
 import triton.language as tl
 
 from ..patterns import GRID_AXES, TERM_COLUMNS
-from . import exp2_fma
-from .dilated_triton import (AUTOTUNE, INTERPRET, _runner, launch_device, pipelined_tiles, rows_addressable, rows_fit,
-                             softmax_step, tensor_unsupported_reason, tile_config)
+from .dilated_triton import (AUTOTUNE, INTERPRET, _runner, launch_device, rows_addressable, rows_fit,
+                             softmax_step, tensor_unsupported_reason)
 
 LN2 = 0.6931471805599453
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)  # 256 unrolls past the H100's shared memory at D=128
@@ -169,50 +168,13 @@ def _list_entry(Idx, Bits, e, ok, MASK: tl.constexpr):
 
 
 @triton.jit
-def _full_rows(base, Rows, j, stride_kn, N, RAGGED: tl.constexpr, PERMUTED: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """K or V at positions ``j`` of a full block (in bounds)."""
-    return tl.load(base + _rows(Rows, j, N, PERMUTED, RAGGED)[:, None] * stride_kn + tl.arange(0, HEAD_DIM)[None, :])
-
-
-@triton.jit
-def _fwd_blocks_pipelined(acc, m_i, l_i, q, Idx, lo, hi, k_base, v_base, Rows, stride_kn, N, qk_scale,
-                          RAGGED: tl.constexpr, PERMUTED: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-                          HEAD_DIM: tl.constexpr, EXP2_ON_FMA: tl.constexpr):
-    """Full blocks of list entries ``[lo, hi)`` (``lo < hi``) as ``_fwd_blocks``, with the next tile's scores
-    issued before this tile's softmax (``PIPELINED``): a prologue scores the first tile, an epilogue finishes the
-    last; the block of the tile after next is read one iteration ahead."""
-    SUB: tl.constexpr = BS // BLOCK_N
-    offs_n = tl.arange(0, BLOCK_N)
-    j = tl.load(Idx + lo) * BS + offs_n
-    s = tl.dot(q, tl.trans(_full_rows(k_base, Rows, j, stride_kn, N, RAGGED, PERMUTED, HEAD_DIM))).to(tl.float32)
-    blk = tl.load(Idx + tl.minimum((lo * SUB + 1) // SUB, hi - 1))          # the next tile's block
-    for t in range(lo * SUB, hi * SUB - 1):
-        j_next = blk * BS + ((t + 1) % SUB) * BLOCK_N + offs_n
-        k_next = _full_rows(k_base, Rows, j_next, stride_kn, N, RAGGED, PERMUTED, HEAD_DIM)
-        v = _full_rows(v_base, Rows, j, stride_kn, N, RAGGED, PERMUTED, HEAD_DIM)
-        s_next = tl.dot(q, tl.trans(k_next)).to(tl.float32)
-        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, qk_scale, v, False, EXP2_ON_FMA)
-        s = s_next
-        j = j_next
-        blk = tl.load(Idx + tl.minimum((t + 2) // SUB, hi - 1))
-    v = _full_rows(v_base, Rows, j, stride_kn, N, RAGGED, PERMUTED, HEAD_DIM)
-    return softmax_step(acc, m_i, l_i, s, qk_scale, v, False, EXP2_ON_FMA)
-
-
-@triton.jit
 def _fwd_blocks(acc, m_i, l_i, q, p, Idx, Bits, lo, hi, k_base, v_base, Rows, stride_kn, Terms, Coords, N, qk_scale,
                 MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr,
                 RAGGED: tl.constexpr, PERMUTED: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-                HEAD_DIM: tl.constexpr, EXP2_ON_FMA: tl.constexpr, PIPELINED: tl.constexpr):
+                HEAD_DIM: tl.constexpr):
     """The key blocks of list entries ``[lo, hi)`` of row ``Idx`` / ``Bits``, one ``BLOCK_N`` tile per iteration.
     The next tile's block is read one iteration ahead, so the K and V loads pipeline as a contiguous walk's do
-    (a load whose address comes from a load of the same iteration gets one buffer fewer). ``PIPELINED``: full
-    blocks by ``_fwd_blocks_pipelined``."""
-    if PIPELINED and not MASK:
-        if lo < hi:
-            acc, m_i, l_i = _fwd_blocks_pipelined(acc, m_i, l_i, q, Idx, lo, hi, k_base, v_base, Rows, stride_kn, N,
-                                                  qk_scale, RAGGED, PERMUTED, BS, BLOCK_N, HEAD_DIM, EXP2_ON_FMA)
-        return acc, m_i, l_i
+    (a load whose address comes from a load of the same iteration gets one buffer fewer)."""
     SUB: tl.constexpr = BS // BLOCK_N
     last = tl.maximum(hi - 1, lo)
     blk, bits = _list_entry(Idx, Bits, lo, lo < hi, MASK)
@@ -223,7 +185,7 @@ def _fwd_blocks(acc, m_i, l_i, q, p, Idx, Bits, lo, hi, k_base, v_base, Rows, st
         if MASK:
             ok = _token_ok(Terms, Coords, bits, p[:, None], j[None, :], N, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED)
             s = tl.where(ok, s, float("-inf"))
-        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, qk_scale, v, MASK, EXP2_ON_FMA)
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, qk_scale, v, MASK)
         blk, bits = _list_entry(Idx, Bits, tl.minimum((t + 1) // SUB, last), True, MASK)
     return acc, m_i, l_i
 
@@ -258,8 +220,7 @@ def _block_sparse_fwd_kernel(
     H, N, NB, KW,
     HEAD_DIM: tl.constexpr, BS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr,
     PER_HEAD: tl.constexpr, NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr, RAGGED: tl.constexpr,
-    PERMUTED: tl.constexpr, EXP2_ON_FMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PIPELINED: tl.constexpr,
+    PERMUTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m, bh = _heavy_first(TileOrder, NB, BS, BLOCK_M)
     if pid_m * BLOCK_M >= N:   # a sub-tile past the end of the last (partial) block
@@ -280,10 +241,10 @@ def _block_sparse_fwd_kernel(
     idx, bits = KvIdx + row * KW, KvBits + row * KW
     acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, p, idx, bits, 0, n_part, k_base, v_base, Rows, stride_kn, Terms,
                                 Coords, N, qk_scale, True, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED, PERMUTED, BS, BLOCK_N,
-                                HEAD_DIM, EXP2_ON_FMA, PIPELINED)
+                                HEAD_DIM)
     acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, p, idx, bits, n_part, n_tot, k_base, v_base, Rows, stride_kn, Terms,
                                 Coords, N, qk_scale, False, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED, PERMUTED, BS,
-                                BLOCK_N, HEAD_DIM, EXP2_ON_FMA, PIPELINED)
+                                BLOCK_N, HEAD_DIM)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i > 0.0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
@@ -442,10 +403,9 @@ def _block_sparse_bwd_dkdv_kernel(
 # --- launchers -------------------------------------------------------------------------------------------
 
 
-def tile_space(kind: str, bs: int, pipelined: bool | None = None) -> list:
+def tile_space(kind: str, bs: int) -> list:
     """Every tile configuration of the GPU autotuning space ``kind`` ("fwd" or "bwd") whose tiles divide the
-    layout block size ``bs``, pinned or not; the forward space with pipelined tiles after the rest when
-    ``pipelined`` (default: ``pipelined_tiles_enabled()``)."""
+    layout block size ``bs``, pinned or not."""
     if kind == "fwd":
         space = ((128, 64, 4, 3), (128, 128, 8, 2), (128, 128, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3),
                  (128, 32, 4, 4), (64, 128, 4, 2),
@@ -453,15 +413,13 @@ def tile_space(kind: str, bs: int, pipelined: bool | None = None) -> list:
     else:   # the last two: the dilated kernels' split (long resident tiles against short, deeply pipelined ones)
         space = ((64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2), (16, 16, 4, 2),
                  (128, 32, 4, 5), (32, 128, 4, 5))
-    configs = [tile_config(m, n, w, s, None if kind == "bwd" else 0) for m, n, w, s in space if m <= bs and n <= bs]
-    if kind == "fwd":
-        configs += [tile_config(m, n, w, s, 1) for m, n, w, s in pipelined_tiles(pipelined) if m <= bs and n <= bs]
-    return configs
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for m, n, w, s in space if m <= bs and n <= bs]
 
 
 def _space(kind: str, bs: int):
     if INTERPRET:
-        return [tile_config(16, 16, 4, 1, 0 if kind == "fwd" else None)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     configs = tile_space(kind, bs)
     return configs if AUTOTUNE else configs[:1]
 
@@ -470,8 +428,7 @@ def _space(kind: str, bs: int):
 def _autotuned(kind: str, bs: int):
     fn = {"fwd": _block_sparse_fwd_kernel, "dq": _block_sparse_bwd_dq_kernel,
           "dkdv": _block_sparse_bwd_dkdv_kernel}[kind]
-    key = _KEY + ["EXP2_ON_FMA"] if kind == "fwd" else _KEY
-    return triton.autotune(configs=_space("fwd" if kind == "fwd" else "bwd", bs), key=key)(fn)
+    return triton.autotune(configs=_space("fwd" if kind == "fwd" else "bwd", bs), key=_KEY)(fn)
 
 
 def _kernel(kind: str, bs: int):
@@ -552,8 +509,7 @@ def block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size:
             kv_bits, tile_order(kv_count, kv_count.shape[0], B * H), scale,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             out.stride(0), out.stride(1), out.stride(2), H, N, nb, kv_idx.shape[2],
-            EXP2_ON_FMA=exp2_fma.from_env(INTERPRET), **_flags(q, k, kv_idx, terms, order, checks, block_size,
-                                                                is_causal))
+            **_flags(q, k, kv_idx, terms, order, checks, block_size, is_causal))
     return out, lse
 
 

@@ -33,8 +33,6 @@ import triton
 import triton.language as tl
 
 from ..strategies.dilated import Dilated
-from . import exp2_fma
-from .exp2_fma import exp2_weights
 
 MAX_BRANCHES = 8
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
@@ -45,48 +43,17 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 AUTOTUNE = os.environ.get("DILATE_COMPILER_AUTOTUNE", "1") != "0"
 
 
-def pipelined_tiles_enabled() -> bool:
-    """``DILATE_COMPILER_PIPELINED_TILES=1`` (an experiment, read when the kernels are defined): the forward
-    spaces also hold pipelined tiles (``PIPELINED``: the next key tile's Q K^T issued before this tile's
-    softmax, ``benchmarks/pipelined_softmax_probe.py``)."""
-    raw = os.environ.get("DILATE_COMPILER_PIPELINED_TILES", "0")
-    if raw not in ("0", "1"):
-        raise ValueError(f"DILATE_COMPILER_PIPELINED_TILES must be 0 or 1 (pipelined forward tiles in the "
-                         f"autotuning spaces), got {raw!r}")
-    return raw == "1"
-
-
-# the tiles whose pipelined form interleaves HGMMAs with the exp2s in SASS (Triton 3.6, sm_90a, D=64)
-PIPELINED_TILES = ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3))
-
-
-def pipelined_tiles(pipelined: bool | None) -> tuple:
-    """The (BLOCK_M, BLOCK_N, warps, stages) a forward space adds as pipelined tiles: ``PIPELINED_TILES`` when
-    ``pipelined`` (None: ``pipelined_tiles_enabled()``), else none."""
-    return PIPELINED_TILES if (pipelined_tiles_enabled() if pipelined is None else pipelined) else ()
-
-
-def tile_config(bm: int, bn: int, warps: int, stages: int, pipelined=None) -> triton.Config:
-    """A tile config; ``pipelined`` (0 or 1): the forward kernels' ``PIPELINED`` constexpr (None: a backward
-    tile, which has none)."""
-    kwargs = {"BLOCK_M": bm, "BLOCK_N": bn}
-    if pipelined is not None:
-        kwargs["PIPELINED"] = pipelined
-    return triton.Config(kwargs, num_warps=warps, num_stages=stages)
-
-
 def _configs(kind: str):
     """Autotuning space over block sizes, warps and stages; the chosen config is cached per key."""
     if INTERPRET:
-        return [tile_config(16, 16, 4, 1, None if kind == "bwd" else 0)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     space = tile_space(kind)
     return space if AUTOTUNE else space[:1]
 
 
-def tile_space(kind: str, pipelined: bool | None = None) -> list:
+def tile_space(kind: str) -> list:
     """Every tile configuration of the GPU autotuning space ``kind`` ("fwd", "walk0" or "bwd"), pinned or
-    not; the forward spaces with pipelined tiles after the rest when ``pipelined`` (default:
-    ``pipelined_tiles_enabled()``)."""
+    not."""
     if kind == "walk0":   # causal flash attention inside the shortest segment: the key tile divides the row tile
         space = ((128, 64, 4, 3), (128, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
                  (128, 32, 4, 4))
@@ -97,15 +64,13 @@ def tile_space(kind: str, pipelined: bool | None = None) -> list:
         # dK/dV: 128 keys x 32 queries), the split of Triton's fused-attention backward
         space = ((64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3),
                  (128, 32, 4, 5), (32, 128, 4, 5))
-    if kind == "bwd":
-        return [tile_config(*tile) for tile in space]
-    return [tile_config(*tile, 0) for tile in space] + [tile_config(*tile, 1) for tile in pipelined_tiles(pipelined)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in space]
 
 
 _KEY = ["N", "HEAD_DIM", "NUM_BRANCHES", "L", "IS_CAUSAL", "MIXING_LSE", "GQA", "DROPOUT", "WALKS",
         "W0", "W1", "W2", "W3", "W4", "W5", "W6", "W7", "R0", "R1", "R2", "R3", "R4", "R5", "R6", "R7"]
-_KEY_WALK0 = ["N", "HEAD_DIM", "NUM_BRANCHES", "L", "GQA", "EXP2_ON_FMA", "W0", "W1", "W2", "W3", "W4", "W5", "W6",
-              "W7", "R0", "R1", "R2", "R3", "R4", "R5", "R6", "R7"]
+_KEY_WALK0 = ["N", "HEAD_DIM", "NUM_BRANCHES", "L", "GQA", "W0", "W1", "W2", "W3", "W4", "W5", "W6", "W7",
+              "R0", "R1", "R2", "R3", "R4", "R5", "R6", "R7"]
 
 
 @triton.jit
@@ -183,8 +148,7 @@ def _query_tile(i_tile, Q_LO, N_Q, L: tl.constexpr, BLOCK_M: tl.constexpr):
 @triton.jit
 def _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, hi, n_keys, qk_scale,
                W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK: tl.constexpr,
-               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, seed, drop_thr, stream, DROPOUT: tl.constexpr,
-               EXP2_ON_FMA: tl.constexpr):
+               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, seed, drop_thr, stream, DROPOUT: tl.constexpr):
     """Key blocks ``[lo, hi)`` of one branch; ``MASK`` only on boundary blocks (segment edges, causal diagonal).
     Dropout zeroes dropped pairs in ``P @ V`` only (the normaliser keeps them; ``1 / (1 - p)`` is in out_scale)."""
     offs_d = tl.arange(0, HEAD_DIM)
@@ -204,7 +168,7 @@ def _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, hi, n_key
             if IS_CAUSAL:
                 ok = ok & (j[None, :] <= p[:, None])
             s = tl.where(ok, s, float("-inf"))
-        m_new, alpha, pr = softmax_weights(m_i, s, qk_scale, MASK, EXP2_ON_FMA)
+        m_new, alpha, pr = softmax_weights(m_i, s, qk_scale, MASK)
         l_i = l_i * alpha + tl.sum(pr, 1)
         if DROPOUT:
             pr = tl.where(_keep_tile(seed, p, j, j0, start, stream, drop_thr, R, BLOCK_N, DROPOUT), pr, 0.0)
@@ -235,16 +199,13 @@ def _key_range(p_first, p_last, o, N, W: tl.constexpr, R: tl.constexpr, IS_CAUSA
 @triton.jit
 def _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N, qk_scale,
                 W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, seed, drop_thr, stream, DROPOUT: tl.constexpr,
-                EXP2_ON_FMA: tl.constexpr):
+                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, seed, drop_thr, stream, DROPOUT: tl.constexpr):
     """Online softmax over one branch's keys for the query rows ``p`` (scores in base 2)."""
     j0, n_keys, n_full = _key_range(p_first, p_last, o, N, W, R, IS_CAUSAL, BLOCK_N)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, 0, n_full, n_keys, qk_scale,
-                               W, R, IS_CAUSAL, False, BLOCK_N, HEAD_DIM, seed, drop_thr, stream, DROPOUT,
-                               EXP2_ON_FMA)
+                               W, R, IS_CAUSAL, False, BLOCK_N, HEAD_DIM, seed, drop_thr, stream, DROPOUT)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, n_full, n_keys, n_keys,
-                               qk_scale, W, R, IS_CAUSAL, True, BLOCK_N, HEAD_DIM, seed, drop_thr, stream, DROPOUT,
-                               EXP2_ON_FMA)
+                               qk_scale, W, R, IS_CAUSAL, True, BLOCK_N, HEAD_DIM, seed, drop_thr, stream, DROPOUT)
     return acc, m_i, l_i
 
 
@@ -333,25 +294,25 @@ def _walk_keys(p_first, p_last, o, N, B: tl.constexpr, W_PREV: tl.constexpr, W: 
 
 
 @triton.jit
-def softmax_weights(m_i, s, qk_scale, ROWS_MAY_BE_EMPTY: tl.constexpr, EXP2_ON_FMA: tl.constexpr):
+def softmax_weights(m_i, s, qk_scale, ROWS_MAY_BE_EMPTY: tl.constexpr):
     """The online softmax's new row max, the rescale of what came before and the tile's weights (base 2), from
     products ``s`` (``-inf`` where masked) and their scale ``qk_scale > 0`` (1.0: ``s`` is scaled already). The
     row max is taken before scaling, which commutes with it, so a score costs one fused multiply-add for exp2's
     argument; scaled first, it cost a multiply for the max beside that (ptxas kept both), or a multiply and a
     subtraction. ``ROWS_MAY_BE_EMPTY``: a row may have every score of the tile masked (its max is kept
-    finite). ``EXP2_ON_FMA``: how many of each 8 weights take exp2 on the FMA units (``exp2_fma``)."""
+    finite)."""
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     if ROWS_MAY_BE_EMPTY:
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_safe = m_new
-    return m_new, tl.exp2(m_i - m_safe), exp2_weights(s * qk_scale - m_safe[:, None], EXP2_ON_FMA)
+    return m_new, tl.exp2(m_i - m_safe), tl.exp2(s * qk_scale - m_safe[:, None])
 
 
 @triton.jit
-def softmax_step(acc, m_i, l_i, s, qk_scale, v, ROWS_MAY_BE_EMPTY: tl.constexpr, EXP2_ON_FMA: tl.constexpr):
+def softmax_step(acc, m_i, l_i, s, qk_scale, v, ROWS_MAY_BE_EMPTY: tl.constexpr):
     """One online-softmax step (``softmax_weights``) against values ``v``."""
-    m_new, alpha, pr = softmax_weights(m_i, s, qk_scale, ROWS_MAY_BE_EMPTY, EXP2_ON_FMA)
+    m_new, alpha, pr = softmax_weights(m_i, s, qk_scale, ROWS_MAY_BE_EMPTY)
     l_i = l_i * alpha + tl.sum(pr, 1)
     acc = tl.dot(pr.to(v.dtype), v, acc * alpha[:, None])
     return acc, m_new, l_i
@@ -378,82 +339,47 @@ def _walk_key_tile(q, k_base, v_base, stride_kn, j0, start, valid_hi, lm, qk_sca
 
 
 @triton.jit
-def _walk_tile_rows(base, stride_kn, j0, start, R: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """The rows of K or V at the whole key tile ``start`` of a walk (keys ``j0 + R * m``)."""
-    j = j0 + (start + tl.arange(0, BLOCK_N)) * R
-    return tl.load(base + j[:, None] * stride_kn + tl.arange(0, HEAD_DIM)[None, :])
-
-
-@triton.jit
-def _fwd_tiles_pipelined(acc, m_i, l_i, q, k_base, v_base, stride_kn, j0, lo, hi, lm, qk_scale, R: tl.constexpr,
-                         BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, EXP2_ON_FMA: tl.constexpr):
-    """Whole key tiles ``[lo, hi)`` of a walk (``lo < hi``), as ``_fwd_tiles``, with the next tile's Q K^T
-    issued before this tile's softmax (``PIPELINED``): a prologue computes the first, an epilogue finishes the
-    last tile. The products stay raw until their softmax (scaled and biased there, as ``_walk_key_tile`` does):
-    a use in the same iteration would make Triton wait for the product at once."""
-    s = tl.dot(q, tl.trans(_walk_tile_rows(k_base, stride_kn, j0, lo, R, BLOCK_N, HEAD_DIM))).to(tl.float32)
-    for start in range(lo, hi - BLOCK_N, BLOCK_N):
-        k_next = _walk_tile_rows(k_base, stride_kn, j0, start + BLOCK_N, R, BLOCK_N, HEAD_DIM)
-        v = _walk_tile_rows(v_base, stride_kn, j0, start, R, BLOCK_N, HEAD_DIM)
-        s_next = tl.dot(q, tl.trans(k_next)).to(tl.float32)
-        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s * qk_scale + lm[None, :], 1.0, v, False, EXP2_ON_FMA)
-        s = s_next
-    v = _walk_tile_rows(v_base, stride_kn, j0, hi - BLOCK_N, R, BLOCK_N, HEAD_DIM)
-    return softmax_step(acc, m_i, l_i, s * qk_scale + lm[None, :], 1.0, v, False, EXP2_ON_FMA)
-
-
-@triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, hi, valid_hi, lm, qk_scale, R: tl.constexpr,
-               MASK: tl.constexpr, TAIL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-               EXP2_ON_FMA: tl.constexpr, PIPELINED: tl.constexpr):
-    """Key tiles ``[lo, hi)`` of a walk (``_walk_key_tile``); ``MASK``: the causal diagonal; ``PIPELINED``:
-    whole unmasked tiles by ``_fwd_tiles_pipelined``."""
-    if PIPELINED and not MASK and not TAIL:
-        if lo < hi:
-            acc, m_i, l_i = _fwd_tiles_pipelined(acc, m_i, l_i, q, k_base, v_base, stride_kn, j0, lo, hi, lm,
-                                                 qk_scale, R, BLOCK_N, HEAD_DIM, EXP2_ON_FMA)
-    else:
-        for start in range(lo, hi, BLOCK_N):
-            j, k, v, s = _walk_key_tile(q, k_base, v_base, stride_kn, j0, start, valid_hi, lm, qk_scale, R, TAIL,
-                                        BLOCK_N, HEAD_DIM)
-            if MASK:
-                s = tl.where(j[None, :] <= p[:, None], s, float("-inf"))
-            acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, 1.0, v, MASK, EXP2_ON_FMA)
+               MASK: tl.constexpr, TAIL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Key tiles ``[lo, hi)`` of a walk (``_walk_key_tile``); ``MASK``: the causal diagonal."""
+    for start in range(lo, hi, BLOCK_N):
+        j, k, v, s = _walk_key_tile(q, k_base, v_base, stride_kn, j0, start, valid_hi, lm, qk_scale, R, TAIL,
+                                    BLOCK_N, HEAD_DIM)
+        if MASK:
+            s = tl.where(j[None, :] <= p[:, None], s, float("-inf"))
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, 1.0, v, MASK)
     return acc, m_i, l_i
 
 
 @triton.jit
 def _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, lo, hi, valid_hi, qk_scale,
              B: tl.constexpr, R: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-             NUM_BRANCHES: tl.constexpr, RS: tl.constexpr, EXP2_ON_FMA: tl.constexpr, PIPELINED: tl.constexpr):
+             NUM_BRANCHES: tl.constexpr, RS: tl.constexpr):
     """Key tiles ``[lo, hi)`` of a walk (``hi <= valid_hi``): whole tiles, then the partial one."""
     lm, whole = _walk_split(j0, lo, hi, valid_hi, h, y, B, R, NUM_BRANCHES, RS, BLOCK_N)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, whole, valid_hi, lm,
-                               qk_scale, R, MASK, False, BLOCK_N, HEAD_DIM, EXP2_ON_FMA, PIPELINED)
+                               qk_scale, R, MASK, False, BLOCK_N, HEAD_DIM)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, whole, hi, valid_hi, lm,
-                               qk_scale, R, MASK, True, BLOCK_N, HEAD_DIM, EXP2_ON_FMA, PIPELINED)
+                               qk_scale, R, MASK, True, BLOCK_N, HEAD_DIM)
     return acc, m_i, l_i
 
 
 @triton.jit
 def _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N, qk_scale,
               B: tl.constexpr, W_PREV: tl.constexpr, W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr,
-              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, RS: tl.constexpr,
-              EXP2_ON_FMA: tl.constexpr, PIPELINED: tl.constexpr):
+              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, RS: tl.constexpr):
     """Walk ``B`` of a forward program (see the section comment), if branch ``B`` selects class ``c``."""
     if (c % R) == (h % R):
         j0, a_hi, b_lo, b_hi, n_keys = _walk_keys(p_first, p_last, h % R, N, B, W_PREV, W, R, IS_CAUSAL, BLOCK_N)
         y = c - h
         if B > 0:
             acc, m_i, l_i = _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, 0, a_hi, a_hi,
-                                     qk_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS, EXP2_ON_FMA,
-                                     PIPELINED)
+                                     qk_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS)
         acc, m_i, l_i = _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, b_lo, b_hi, n_keys,
-                                 qk_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS, EXP2_ON_FMA, PIPELINED)
+                                 qk_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS)
         if IS_CAUSAL and B == 0:
             acc, m_i, l_i = _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, b_hi, n_keys, n_keys,
-                                     qk_scale, B, R, True, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS, EXP2_ON_FMA,
-                                     PIPELINED)
+                                     qk_scale, B, R, True, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS)
     return acc, m_i, l_i
 
 
@@ -603,7 +529,7 @@ def _head_rows(Q, K, V, b, h, pq, row_ok, stride_qb, stride_qh, stride_qn, strid
     return q, k_base, v_base
 
 
-@triton.autotune(configs=_configs("fwd"), key=_KEY + ["SEEDED", "EXP2_ON_FMA"])
+@triton.autotune(configs=_configs("fwd"), key=_KEY + ["SEEDED"])
 @triton.jit
 def _dilated_attn_fwd_kernel(
     Q, K, V, Out, Lse, Out0, Lse0, sm_scale,
@@ -617,8 +543,7 @@ def _dilated_attn_fwd_kernel(
     R4: tl.constexpr, R5: tl.constexpr, R6: tl.constexpr, R7: tl.constexpr,
     S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
     S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr, S8: tl.constexpr,
-    WALKS: tl.constexpr, SEEDED: tl.constexpr, EXP2_ON_FMA: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, PIPELINED: tl.constexpr,
+    WALKS: tl.constexpr, SEEDED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     tl.static_assert(NUM_BRANCHES <= 8)
     tl.static_assert(not SEEDED or WALKS == 2)
@@ -664,7 +589,7 @@ def _dilated_attn_fwd_kernel(
             for B in tl.static_range(SEEDED, NUM_BRANCHES):   # walk B: branch B's segment outside branch B-1's
                 acc, m_i, l_i = _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N,
                                           qk_scale, B, WP[B], WS[B], RS[B], IS_CAUSAL, BLOCK_N, HEAD_DIM,
-                                          NUM_BRANCHES, RS, EXP2_ON_FMA, PIPELINED)
+                                          NUM_BRANCHES, RS)
     else:
         if WALKS < 2:   # constexpr: kernels whose programs all walk compile no per-branch block
             for B in tl.static_range(NUM_BRANCHES):   # one block per branch, each adding its keys
@@ -672,7 +597,7 @@ def _dilated_attn_fwd_kernel(
                 if sel:
                     acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
                                                 qk_scale, WS[B], RS[B], IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                                seed, drop_thr, stream + B, DROPOUT, EXP2_ON_FMA)
+                                                seed, drop_thr, stream + B, DROPOUT)
     # Epilogue: rows no branch links have l_i == 0 -> output 0, lse -inf.
     linked = l_i > 0.0
     out = (acc / tl.where(linked, l_i, 1.0)[:, None] * out_scale).to(tl.float32)
@@ -710,66 +635,24 @@ def _later_walks(p, h, NUM_BRANCHES: tl.constexpr, WS: tl.constexpr, RS: tl.cons
 
 
 @triton.jit
-def _walk0_rows(base, stride_kn, start, N, MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """The rows of K or V at the contiguous key tile ``start``; ``MASK`` (the diagonal): rows past N read at
-    N - 1, seen only by query rows past the end (causal), never stored."""
-    j = start + tl.arange(0, BLOCK_N)
-    if MASK:
-        j = tl.minimum(j, N - 1)
-    return tl.load(base + j[:, None] * stride_kn + tl.arange(0, HEAD_DIM)[None, :])
-
-
-@triton.jit
-def _walk0_scores(s, p, lkp, lkj, start, lo, qk_scale, MASK: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Raw products ``s`` of the key tile at ``start`` -> scores in base 2 with the log2 multiplicities added;
-    ``MASK``: the causal diagonal as a bias (0 or below -1e30), not a compare and select per score: ptxas packed
-    those predicates into registers. Positions relative to ``lo`` (the diagonal's first key) are small, so exact
-    in float32 at any N."""
-    s = s * qk_scale + tl.minimum(lkp[:, None], lkj[None, :])
-    if MASK:
-        j = start + tl.arange(0, BLOCK_N)
-        s = s + tl.minimum((p - lo).to(tl.float32)[:, None] - (j - lo).to(tl.float32)[None, :], 0.0) * 1e30
-    return s
-
-
-@triton.jit
-def _walk0_tiles_pipelined(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, lo, hi, qk_scale,
-                           MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                           EXP2_ON_FMA: tl.constexpr):
-    """Tiles ``[lo, hi)`` (``lo < hi``) as ``_walk0_tiles``, with the next tile's Q K^T issued before this
-    tile's softmax (``PIPELINED``): a prologue computes the first, an epilogue finishes the last tile. The
-    products stay raw until their softmax (as ``_fwd_tiles_pipelined``). The diagonal (``MASK``) runs this form
-    too: with the in-order diagonal after a pipelined loop, ptxas serialised every wgmma of the kernel (C7515,
-    "non wgmma instructions defining accumulator registers")."""
-    s = tl.dot(q, tl.trans(_walk0_rows(k_base, stride_kn, lo, N, MASK, BLOCK_N, HEAD_DIM))).to(tl.float32)
-    for start in range(lo, hi - BLOCK_N, BLOCK_N):
-        s_next = tl.dot(q, tl.trans(_walk0_rows(k_base, stride_kn, start + BLOCK_N, N, MASK, BLOCK_N, HEAD_DIM)))
-        v = _walk0_rows(v_base, stride_kn, start, N, MASK, BLOCK_N, HEAD_DIM)
-        s = _walk0_scores(s, p, lkp, lkj, start, lo, qk_scale, MASK, BLOCK_N)
-        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, 1.0, v, False, EXP2_ON_FMA)
-        s = s_next.to(tl.float32)
-    v = _walk0_rows(v_base, stride_kn, hi - BLOCK_N, N, MASK, BLOCK_N, HEAD_DIM)
-    s = _walk0_scores(s, p, lkp, lkj, hi - BLOCK_N, lo, qk_scale, MASK, BLOCK_N)
-    return softmax_step(acc, m_i, l_i, s, 1.0, v, False, EXP2_ON_FMA)
-
-
-@triton.jit
 def _walk0_tiles(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, lo, hi, qk_scale,
-                 MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, EXP2_ON_FMA: tl.constexpr,
-                 PIPELINED: tl.constexpr):
+                 MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Contiguous key tiles ``[lo, hi)`` (``hi - lo`` a multiple of BLOCK_N, every tile starting at the same
-    position mod L, so the keys' log2 counts ``lkj`` serve each); ``MASK``: the causal diagonal; ``PIPELINED``:
-    by ``_walk0_tiles_pipelined``."""
-    if PIPELINED:
-        if lo < hi:
-            acc, m_i, l_i = _walk0_tiles_pipelined(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, lo,
-                                                   hi, qk_scale, MASK, BLOCK_N, HEAD_DIM, EXP2_ON_FMA)
-        return acc, m_i, l_i
+    position mod L, so the keys' log2 counts ``lkj`` serve each); ``MASK``: the causal diagonal."""
+    offs_d = tl.arange(0, HEAD_DIM)
     for start in range(lo, hi, BLOCK_N):
-        k = _walk0_rows(k_base, stride_kn, start, N, MASK, BLOCK_N, HEAD_DIM)
-        v = _walk0_rows(v_base, stride_kn, start, N, MASK, BLOCK_N, HEAD_DIM)
-        s = _walk0_scores(tl.dot(q, tl.trans(k)).to(tl.float32), p, lkp, lkj, start, lo, qk_scale, MASK, BLOCK_N)
-        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, 1.0, v, False, EXP2_ON_FMA)
+        j = start + tl.arange(0, BLOCK_N)
+        jr = j
+        if MASK:   # rows past the end may reach keys past N: read at N - 1, seen only by those rows (causal)
+            jr = tl.minimum(j, N - 1)
+        k = tl.load(k_base + jr[:, None] * stride_kn + offs_d[None, :])
+        v = tl.load(v_base + jr[:, None] * stride_kn + offs_d[None, :])
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale + tl.minimum(lkp[:, None], lkj[None, :])
+        if MASK:   # causal as a bias (0 or below -1e30), not a compare and select per score: ptxas packed those
+            # predicates into registers. Positions relative to lo (the diagonal's first key) are small, so exact
+            # in float32 at any N.
+            s = s + tl.minimum((p - lo).to(tl.float32)[:, None] - (j - lo).to(tl.float32)[None, :], 0.0) * 1e30
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, 1.0, v, False)
     return acc, m_i, l_i
 
 
@@ -784,7 +667,7 @@ def _dilated_attn_fwd_walk0_kernel(
     W4: tl.constexpr, W5: tl.constexpr, W6: tl.constexpr, W7: tl.constexpr,
     R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
     R4: tl.constexpr, R5: tl.constexpr, R6: tl.constexpr, R7: tl.constexpr,
-    EXP2_ON_FMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PIPELINED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Walk 0 of a causal nested pattern (section above): program ``(t, b * H + h)`` owns the BLOCK_M
     contiguous positions from ``(Q_LO // BLOCK_M + t) * BLOCK_M`` (inside one segment: W0 % BLOCK_M == 0).
@@ -816,9 +699,9 @@ def _dilated_attn_fwd_walk0_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc, m_i, l_i = _walk0_tiles(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, s0, r0, qk_scale,
-                                 False, BLOCK_N, HEAD_DIM, EXP2_ON_FMA, PIPELINED)
+                                 False, BLOCK_N, HEAD_DIM)
     acc, m_i, l_i = _walk0_tiles(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, r0, r0 + BLOCK_M,
-                                 qk_scale, True, BLOCK_N, HEAD_DIM, EXP2_ON_FMA, PIPELINED)
+                                 qk_scale, True, BLOCK_N, HEAD_DIM)
     more = _later_walks(p, h, NUM_BRANCHES, WS, RS)
     out = (acc / l_i[:, None]).to(Out.dtype.element_ty)
     lse2 = m_i + tl.log2(l_i)
@@ -1280,7 +1163,6 @@ def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: boo
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                out.stride(0), out.stride(1), out.stride(2), H, N, q_offset, Nq)
     seeded = walk0_applies(meta, nested, is_causal, walks_fwd)
-    exp2_on_fma = exp2_fma.from_env(INTERPRET)
     out0, lse0 = out, lse                               # unread unless seeded
     with launch_device(q):
         if seeded:
@@ -1288,11 +1170,11 @@ def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: boo
             grid = lambda META: (triton.cdiv(q_offset + Nq, META["BLOCK_M"]) - q_offset // META["BLOCK_M"], B * H)
             _runner(_dilated_attn_fwd_walk0_kernel)[grid](
                 q, k, v, out, lse, out0, lse0, scale, *strides, HEAD_DIM=D, GQA=H // k.shape[1],
-                EXP2_ON_FMA=exp2_on_fma, **{key: meta[key] for key in _KEY_WALK0 if key in meta})
+                **{key: meta[key] for key in _KEY_WALK0 if key in meta})
         _runner(_dilated_attn_fwd_kernel)[_rows_grid(Nq, meta["L"], "BLOCK_M", B * H)](
             q, k, v, out, lse, out0, lse0, scale, *strides, out_scale * rdrop, seed_t, drop_thr,
             HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // k.shape[1], DROPOUT=dropout, WALKS=walks_fwd,
-            SEEDED=int(seeded), EXP2_ON_FMA=exp2_on_fma, **meta)
+            SEEDED=int(seeded), **meta)
     return out, lse
 
 

@@ -33,6 +33,11 @@ CASES = {  # pattern, N, Hq, Hkv, block size, causal
     "d>=-5|global-causal": (P._pattern("d>=-5", P.Term(d=(-5, P.INF))) | P.global_tokens(3), 61, 2, 1, 16, True),
     "d<=-20|window-causal-bs32": (P._pattern("d<=-20", P.Term(d=(-40, -20))) | P.sliding_window(10), 61, 2, 1, 32,
                              True),
+    # the window alone: one term besides row 0, bounding only p - j (causal: row 0's bit on the diagonal blocks,
+    # the window's on its edge blocks)
+    "window-ragged-causal": (P.sliding_window(20), 45, 2, 1, 16, True),
+    "window-ragged-full": (P.sliding_window(20), 45, 2, 2, 16, False),
+    "window-causal-bs32": (P.sliding_window(40), 64, 2, 1, 32, True),
 }
 
 
@@ -106,34 +111,3 @@ def test_tile_order_is_sorted_once_per_layout_and_again_after_a_change():
         assert tile_order(count, 1, 1).tolist() == [1, 2, 0]
         count[0, 2, 1] = 7
         assert tile_order(count, 1, 1).tolist() == [2, 1, 0]
-
-
-PIPELINED_CASES = {name: CASES[name] for name in ("window|global-ragged-causal", "perhead-gqa-local|global-bs32",
-                                                   "neighborhood-hilbert", "dilated-bs32-causal")}
-PIPELINED_CASES.update({   # rows of up to 7 full blocks: the loop body runs, not just its prologue and epilogue
-    "local3-bs16-full": (P.local(3), 100, 2, 1, 16, False),
-    "local2|global-bs32-ragged-causal": (P.local(2) | P.global_tokens(2), 150, 2, 2, 32, True),
-})
-
-
-@pytest.mark.parametrize("name", sorted(PIPELINED_CASES))
-def test_pipelined_tiles_match_in_order_tiles(name):
-    """The forward's ``PIPELINED`` tiles (full blocks: the next tile's scores issued before this tile's softmax,
-    the block of the tile after next read one iteration ahead; 2 sub-tiles per block at block size 32) compute
-    what the in-order loop does, bit for bit here, and match float64."""
-    from dilate_compiler.lowering import block_sparse_triton as bt
-    from dilate_compiler.lowering.dilated_triton import tile_config
-    from tests.lowering.pinning import pinned
-
-    pattern, N, Hq, Hkv, bs, causal = PIPELINED_CASES[name]
-    g = torch.Generator().manual_seed(N + 1)
-    q, k, v = (torch.randn(1, h, N, 32, generator=g).to(DEVICE, torch.float16) for h in (Hq, Hkv, Hkv))
-    lay = pattern.layout(N, bs, num_heads=Hq, is_causal=causal, device=DEVICE)
-    args = (*lay.tensors()[:4], bs, causal, 0.2, lay.coords, lay.checks)
-    in_order = block_sparse_attn_fwd(q, k, v, *args)
-    with pinned([bt._autotuned("fwd", bs)], tile_config(16, 16, 4, 1, 1)):
-        out, lse = block_sparse_attn_fwd(q, k, v, *args)
-    assert torch.equal(out, in_order[0]) and torch.equal(lse, in_order[1])
-    mask = pattern.token_mask(N, bs, num_heads=Hq, is_causal=causal, device=DEVICE)
-    ref = dense_reference(q.double(), k.double(), v.double(), mask, scale=0.2)
-    assert_close(out, ref, torch.float16)

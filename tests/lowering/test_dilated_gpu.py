@@ -114,7 +114,7 @@ def test_nested_walks_on_cuda(D, is_causal, lo):
 def _tile_cases():
     from dilate_compiler.lowering.dilated_triton import tile_space
 
-    return [(kind, i) for kind in ("fwd", "walk0", "bwd") for i in range(len(tile_space(kind, pipelined=True)))]
+    return [(kind, i) for kind in ("fwd", "walk0", "bwd") for i in range(len(tile_space(kind)))]
 
 
 @pytest.mark.parametrize("kind,index", _tile_cases(), ids=lambda x: str(x))
@@ -124,7 +124,7 @@ def test_every_tile_of_the_autotuning_space_matches_reference(kind, index):
     diagonal), against float64 and eager's error."""
     from dilate_compiler.lowering import dilated_triton as dt
 
-    config = dt.tile_space(kind, pipelined=True)[index]
+    config = dt.tile_space(kind)[index]
     kernels = {"fwd": [dt._dilated_attn_fwd_kernel], "walk0": [dt._dilated_attn_fwd_walk0_kernel],
                "bwd": [dt._dilated_attn_bwd_dq_kernel, dt._dilated_attn_bwd_dkdv_kernel]}[kind]
     N, D = 4500, 64
@@ -336,30 +336,3 @@ def test_dropout_runs_the_kernels_inside_inductor():
     assert not any("dilated_attention_forward_exact" in c for c in code), "dropout took the exact path"
     out.sum().backward()
     assert torch.isfinite(x.grad).all()
-
-
-@pytest.mark.parametrize("on_fma", [1, 2, 3, 4])
-@pytest.mark.parametrize("segs,rates,is_causal,dtype,D", [
-    (SEGS, RATES, False, torch.bfloat16, 64),            # segments shorter than a tile's rows: per-branch loop
-    (NESTED_SEGS, NESTED_RATES, True, torch.bfloat16, 64),   # causal nested: the walk-0 kernel and the walks
-    (NESTED_SEGS, NESTED_RATES, False, torch.float16, 128),
-])
-def test_exp2_on_fma_matches_reference(on_fma, segs, rates, is_causal, dtype, D, monkeypatch):
-    """DILATE_COMPILER_EXP2_ON_FMA (``exp2_fma``): the forward kernels with ``on_fma`` of each 8 softmax weights'
-    exp2 on the FMA units, against float64 and eager's error; a NaN key row gives NaN in the same rows as the
-    MUFU path."""
-    from dilate_compiler.lowering.exp2_fma import ENV
-
-    N = 4500
-    g = torch.Generator(device="cuda").manual_seed(on_fma + D)
-    q, k, v = (torch.randn(1, h, N, D, device="cuda", generator=g, dtype=dtype) for h in (4, 2, 2))
-    monkeypatch.setenv(ENV, str(on_fma))
-    out = dc.ops.dilated_attention(q, k, v, segs, rates, is_causal=is_causal)
-    strategy = dc.Dilated(segs, rates)
-    ref = strategy.reference(q.double(), k.double(), v.double(), is_causal=is_causal)
-    assert_close(out, ref, dtype, eager_err=rel_err(eager_dilated(q, k, v, strategy, is_causal), ref))
-    k[:, :, 700] = float("nan")
-    nan_rows = dc.ops.dilated_attention(q, k, v, segs, rates, is_causal=is_causal).isnan().any(-1)
-    monkeypatch.setenv(ENV, "0")
-    expected = dc.ops.dilated_attention(q, k, v, segs, rates, is_causal=is_causal).isnan().any(-1)
-    assert expected.any() and torch.equal(nan_rows, expected)

@@ -1,21 +1,23 @@
-"""Does issuing the next tile's Q @ K^T before this tile's softmax pay, in Triton on this GPU? A probe on plain
-(dense, non-causal) flash attention, before any kernel of the project is changed.
+"""Which form of flash attention's inner loop is fastest in Triton on this GPU? A probe on plain (dense,
+non-causal) attention, outside the project's kernels.
 
-    python benchmarks/pipelined_softmax_probe.py [--n 65536] [--heads 16] [--exp2-on-fma 0,1,2]
+    python benchmarks/softmax_loop_probe.py [--n 65536] [--heads 16] [--forms "in order,pipelined,lazy rescale"]
         [--tiles 128x128/4w/3s,128x128/8w/2s,128x64/4w/3s,128x64/8w/3s,64x64/4w/3s]
 
-Two forms of the same loop, each over tiles of the block-sparse forward's space (``--tiles``):
-- ``in order``: load K/V, S = Q K^T, softmax weights, acc += P V (what the project's kernels do). Triton waits
-  for each matrix product before the next step, so at head dim 64 the MMAs and the exp2s (MUFU) run one after
-  the other.
+Three forms of the same loop (``FORMS``), each over tiles of the block-sparse forward's space (``--tiles``):
+- ``in order``: load K/V, S = Q K^T, softmax weights, acc += P V (what the project's kernels do, by their
+  ``softmax_step``). Triton waits for each matrix product before the next step, so at head dim 64 the MMAs and
+  the exp2s (MUFU) run one after the other.
 - ``pipelined``: S of the next tile is issued before the softmax of this one (a prologue computes the first S,
   an epilogue finishes the last tile). In the SASS (Triton 3.6, sm_90a) the next tile's HGMMAs and the previous
   tile's P @ V interleave with this tile's MUFUs, at the price of the registers of a second S tile
   (128 x 128 with 8 warps: 156 -> 255 registers, no spill; 128 x 128 with 4 warps spills ~1 KB).
-Each also with ``EXP2_ON_FMA`` = k of each 8 weights' exp2 on the FMA units (``exp2_fma``). Both forms share the
-project's ``softmax_weights``. Prints TFLOP/s per (form, k, tile) beside flash SDPA's, and each output's max
-difference from SDPA's; ``tests/lowering/test_pipelined_softmax_probe.py`` checks both forms against float64
-under the interpreter.
+- ``lazy rescale``: in order, but the running max (and with it acc and l) moves only when some row of the tile
+  has risen by more than 2^8 (FlashAttention 4's rule): most tiles skip acc's rescale, at the price of a
+  reduction across the tile's rows per tile. Exact: the weights are then at most 2^8, and acc / l is the same.
+Prints TFLOP/s per (tile, form) beside flash SDPA's, and each output's max difference from SDPA's;
+``tests/lowering/test_softmax_loop_probe.py`` checks every form against float64 under the interpreter.
+Measured results: RESULTS.md.
 """
 
 from __future__ import annotations
@@ -26,14 +28,18 @@ import torch
 import triton
 import triton.language as tl
 
-from dilate_compiler.lowering.dilated_triton import softmax_weights
+from dilate_compiler.lowering.dilated_triton import softmax_step
+
+
+FORMS = ("in order", "pipelined", "lazy rescale")
+LAZY_RESCALE_LOG2 = 8.0   # the lazy form rescales once some row's max has risen by more than this (2^8), as FA4
 
 
 @triton.jit
-def _probe_kernel(Q, K, V, Out, N, sm_scale, PIPELINED: tl.constexpr, EXP2_ON_FMA: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _probe_kernel(Q, K, V, Out, N, sm_scale, FORM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, TAU: tl.constexpr):
     """Dense attention of ``BLOCK_M`` rows of head ``program_id(1)`` over all ``N`` keys (``N`` a multiple of both
-    blocks), contiguous ``[H, N, HEAD_DIM]`` tensors."""
+    blocks), contiguous ``[H, N, HEAD_DIM]`` tensors, in the loop form ``FORMS[FORM]``."""
     base = tl.program_id(1).to(tl.int64) * N * HEAD_DIM
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -44,45 +50,53 @@ def _probe_kernel(Q, K, V, Out, N, sm_scale, PIPELINED: tl.constexpr, EXP2_ON_FM
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if PIPELINED:
+    if FORM == 1:
         s = tl.dot(q, tl.trans(tl.load(k_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]))).to(tl.float32)
         for start in range(0, N - BLOCK_N, BLOCK_N):
             j = start + offs_n
             k_next = tl.load(k_base + (j + BLOCK_N)[:, None] * HEAD_DIM + offs_d[None, :])
             v = tl.load(v_base + j[:, None] * HEAD_DIM + offs_d[None, :])
             s_next = tl.dot(q, tl.trans(k_next)).to(tl.float32)       # issued before this tile's softmax
-            m_new, alpha, p = softmax_weights(m_i, s, qk_scale, False, EXP2_ON_FMA)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-            m_i = m_new
+            acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, qk_scale, v, False)
             s = s_next
         j = N - BLOCK_N + offs_n
         v = tl.load(v_base + j[:, None] * HEAD_DIM + offs_d[None, :])
-        m_new, alpha, p = softmax_weights(m_i, s, qk_scale, False, EXP2_ON_FMA)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, qk_scale, v, False)
     else:
         for start in range(0, N, BLOCK_N):
             j = start + offs_n
             k = tl.load(k_base + j[:, None] * HEAD_DIM + offs_d[None, :])
             v = tl.load(v_base + j[:, None] * HEAD_DIM + offs_d[None, :])
             s = tl.dot(q, tl.trans(k)).to(tl.float32)
-            m_new, alpha, p = softmax_weights(m_i, s, qk_scale, False, EXP2_ON_FMA)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-            m_i = m_new
+            if FORM == 2:
+                # the running max, and with it acc and l, move only when some row's max rose by more than TAU
+                # (the first tile: from -inf); the weights are then at most 2^TAU
+                m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+                if tl.max(m_new - m_i, 0) > TAU:
+                    alpha = tl.exp2(m_i - m_new)
+                    acc = acc * alpha[:, None]
+                    l_i = l_i * alpha
+                    m_i = m_new
+                p = tl.exp2(s * qk_scale - m_i[:, None])
+                l_i = l_i + tl.sum(p, 1)
+                acc = tl.dot(p.to(v.dtype), v, acc)
+            else:
+                acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, qk_scale, v, False)
     tl.store(Out + base + rows[:, None] * HEAD_DIM + offs_d[None, :], (acc / l_i[:, None]).to(Out.dtype.element_ty))
 
 
-def probe_attention(q, k, v, pipelined: bool, exp2_on_fma: int, block_m: int, block_n: int, num_warps: int = 4,
-                    num_stages: int = 1):
-    """``[H, N, D]`` contiguous q, k, v -> dense softmax(q k^T / sqrt(D)) v by ``_probe_kernel``."""
+def probe_attention(q, k, v, form: str, block_m: int, block_n: int, num_warps: int = 4, num_stages: int = 1,
+                    tau: float = LAZY_RESCALE_LOG2):
+    """``[H, N, D]`` contiguous q, k, v -> dense softmax(q k^T / sqrt(D)) v by ``_probe_kernel`` in loop form
+    ``form`` (one of ``FORMS``)."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     H, N, D = q.shape
     if N % block_m or N % block_n:
         raise ValueError(f"N ({N}) must be a multiple of block_m ({block_m}) and block_n ({block_n})")
     out = torch.empty_like(q)
-    _probe_kernel[(N // block_m, H)](q, k, v, out, N, D ** -0.5, PIPELINED=pipelined, EXP2_ON_FMA=exp2_on_fma,
-                                    HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    _probe_kernel[(N // block_m, H)](q, k, v, out, N, D ** -0.5, FORM=FORMS.index(form), HEAD_DIM=D,
+                                    BLOCK_M=block_m, BLOCK_N=block_n, TAU=tau, num_warps=num_warps,
                                     num_stages=num_stages)
     return out
 
@@ -94,7 +108,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=65536)
     ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--exp2-on-fma", default="0,1,2")
+    ap.add_argument("--forms", default=",".join(FORMS))
     ap.add_argument("--tiles", default="128x128/4w/3s,128x128/8w/2s,128x64/4w/3s,128x64/8w/3s,64x64/4w/3s")
     a = ap.parse_args()
     tiles = {tile_name(c): c for c in tile_space("fwd", 128)}
@@ -110,18 +124,16 @@ def main():
                                    warmup=50, rep=200, return_mode="median")
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}; H={a.heads} "
           f"N={a.n} D={D} bf16, dense non-causal; flash SDPA {sdpa:.3f} ms ({flop / sdpa / 1e9:.0f} TFLOP/s)")
+    forms = a.forms.split(",")
     for cfg in (tiles[t] for t in a.tiles.split(",")):
         bm, bn, w, st = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages
-        for on_fma in (int(x) for x in a.exp2_on_fma.split(",")):
-            cells = []
-            for pipelined in (False, True):
-                fn = lambda: probe_attention(q, k, v, pipelined, on_fma, bm, bn, w, st)
-                diff = (fn().float() - ref.float()).abs().max().item()
-                ms = triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
-                cells.append(f"{'pipelined' if pipelined else 'in order'} {ms:8.3f} ms {flop / ms / 1e9:5.0f} TF/s "
-                             f"(max diff {diff:.1e})")
-            print(f"{bm}x{bn}/{w}w/{st}s exp2_on_fma={on_fma}: " + " | ".join(cells), flush=True)
-
+        cells = []
+        for form in forms:
+            fn = lambda: probe_attention(q, k, v, form, bm, bn, w, st)
+            diff = (fn().float() - ref.float()).abs().max().item()
+            ms = triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
+            cells.append(f"{form} {ms:8.3f} ms {flop / ms / 1e9:5.0f} TF/s (max diff {diff:.1e})")
+        print(f"{bm}x{bn}/{w}w/{st}s: " + " | ".join(cells), flush=True)
 
 if __name__ == "__main__":
     main()
