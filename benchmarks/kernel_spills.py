@@ -9,6 +9,8 @@ Triton GPU IR: how many copies may still be in flight at each wait. ``num = 0`` 
 issued so far lands before the iteration computes, so tiles are fetched at most one iteration ahead (the block-sparse
 loops before their flat form issued those copies at the end of the body, after the compute); ``num = 2`` (3 stages)
 keeps copies in flight two iterations ahead.
+A tile whose wgmma ptxas serialises (a wait after each HGMMA) is marked with ptxas's reason: C7511, too few
+registers for the wgmma pipeline; C7515, a non-wgmma instruction defining accumulator registers.
 Specialisation: block-sparse as for the causal sliding window at N (block size 128, D=64, bf16, one head
 layout); dilated as config A (H=16, D=64, segments 2048..16384, rates 1..8, ``mixing="lse"``) at N, causal with
 ``--causal``.
@@ -122,7 +124,7 @@ def main():
     causal = a.causal or a.family == "block-sparse"
     print(f"triton {triton.__version__}, sm_{a.arch}, {a.family}, causal={causal}")
     print("kernel  tile (M, N, warps, stages)  registers  spill bytes (st/ld)  shared bytes  async_wait nums  "
-          "[wgmma serialized: ptxas C7515]")
+          "[wgmma serialized: ptxas C7511 registers / C7515 accumulator]")
     for kind in a.kinds.split(","):
         for cfg in space(kind):
             bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
@@ -138,7 +140,8 @@ def main():
             waits = re.findall(r"async_wait[^\n]*num = (\d+)", ck.asm["ttgir"])
             print(f"{kind:<7} {str((bm, bn, cfg.num_warps, cfg.num_stages)):<27} {regs.group(1) if regs else '?':>9}"
                   f"  {spill.group(1) + '/' + spill.group(2) if spill else '?':>19}  {ck.metadata.shared:>12}"
-                  f"  {','.join(waits)}" + ("  wgmma serialized" if "C7515" in report else ""))
+                  f"  {','.join(waits)}" + "".join(f"  wgmma serialized ({code})" for code in ("C7511", "C7515")
+                                                if code in report))
 
 
 if __name__ == "__main__":
