@@ -36,37 +36,41 @@ LAZY_RESCALE_LOG2 = 8.0   # the lazy form rescales once some row's max has risen
 
 
 @triton.jit
+def _rows_at(base, rows, HEAD_DIM: tl.constexpr):
+    """Rows ``rows`` of a contiguous ``[N, HEAD_DIM]`` matrix at ``base``."""
+    return tl.load(base + rows[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :])
+
+
+@triton.jit
 def _probe_kernel(Q, K, V, Out, N, sm_scale, FORM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_N: tl.constexpr, TAU: tl.constexpr):
     """Dense attention of ``BLOCK_M`` rows of head ``program_id(1)`` over all ``N`` keys (``N`` a multiple of both
     blocks), contiguous ``[H, N, HEAD_DIM]`` tensors, in the loop form ``FORMS[FORM]``."""
     base = tl.program_id(1).to(tl.int64) * N * HEAD_DIM
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
-    q = tl.load(Q + base + rows[:, None] * HEAD_DIM + offs_d[None, :])
+    q = _rows_at(Q + base, rows, HEAD_DIM)
     k_base, v_base = K + base, V + base
     qk_scale = sm_scale * 1.4426950408889634
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     if FORM == 1:
-        s = tl.dot(q, tl.trans(tl.load(k_base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]))).to(tl.float32)
+        s = tl.dot(q, tl.trans(_rows_at(k_base, offs_n, HEAD_DIM))).to(tl.float32)
         for start in range(0, N - BLOCK_N, BLOCK_N):
             j = start + offs_n
-            k_next = tl.load(k_base + (j + BLOCK_N)[:, None] * HEAD_DIM + offs_d[None, :])
-            v = tl.load(v_base + j[:, None] * HEAD_DIM + offs_d[None, :])
+            k_next = _rows_at(k_base, j + BLOCK_N, HEAD_DIM)
+            v = _rows_at(v_base, j, HEAD_DIM)
             s_next = tl.dot(q, tl.trans(k_next)).to(tl.float32)       # issued before this tile's softmax
             acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, qk_scale, v, False)
             s = s_next
-        j = N - BLOCK_N + offs_n
-        v = tl.load(v_base + j[:, None] * HEAD_DIM + offs_d[None, :])
-        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, qk_scale, v, False)
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, qk_scale, _rows_at(v_base, N - BLOCK_N + offs_n, HEAD_DIM),
+                                     False)
     else:
         for start in range(0, N, BLOCK_N):
             j = start + offs_n
-            k = tl.load(k_base + j[:, None] * HEAD_DIM + offs_d[None, :])
-            v = tl.load(v_base + j[:, None] * HEAD_DIM + offs_d[None, :])
+            k = _rows_at(k_base, j, HEAD_DIM)
+            v = _rows_at(v_base, j, HEAD_DIM)
             s = tl.dot(q, tl.trans(k)).to(tl.float32)
             if FORM == 2:
                 # the running max, and with it acc and l, move only when some row's max rose by more than TAU
@@ -82,6 +86,7 @@ def _probe_kernel(Q, K, V, Out, N, sm_scale, FORM: tl.constexpr, HEAD_DIM: tl.co
                 acc = tl.dot(p.to(v.dtype), v, acc)
             else:
                 acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, qk_scale, v, False)
+    offs_d = tl.arange(0, HEAD_DIM)
     tl.store(Out + base + rows[:, None] * HEAD_DIM + offs_d[None, :], (acc / l_i[:, None]).to(Out.dtype.element_ty))
 
 
@@ -134,6 +139,7 @@ def main():
             ms = triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
             cells.append(f"{form} {ms:8.3f} ms {flop / ms / 1e9:5.0f} TF/s (max diff {diff:.1e})")
         print(f"{bm}x{bn}/{w}w/{st}s: " + " | ".join(cells), flush=True)
+
 
 if __name__ == "__main__":
     main()
