@@ -26,8 +26,10 @@ KERNELS = {"walk0": dt._dilated_attn_fwd_walk0_kernel, "fwd": dt._dilated_attn_f
 
 
 def tile_name(c) -> str:
-    """A tile config as ``{BLOCK_M}x{BLOCK_N}/{warps}w/{stages}s``, e.g. ``128x64/4w/3s``."""
-    return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}/{c.num_warps}w/{c.num_stages}s"
+    """A tile config as ``{BLOCK_M}x{BLOCK_N}/{warps}w/{stages}s[@{registers}]``, e.g. ``128x64/4w/3s`` or
+    ``128x64/8w/3s@128`` (registers per thread capped, ``tile_configs``)."""
+    cap = f"@{c.maxnreg}" if c.maxnreg else ""
+    return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}/{c.num_warps}w/{c.num_stages}s{cap}"
 
 
 def back_to_back(fn, calls: int = 20) -> float:

@@ -38,7 +38,7 @@ def _jit_fn(kernel):
     return kernel
 
 
-def compile_for(kernel, values: dict, num_warps: int, num_stages: int, arch: int):
+def compile_for(kernel, values: dict, num_warps: int, num_stages: int, arch: int, maxnreg=None):
     """``values``: argument name -> type string ('*bf16', 'fp32'), ('i32', value) or a constexpr value. Returns
     (compiled kernel, ptxas report)."""
     fn = _jit_fn(kernel)
@@ -56,7 +56,7 @@ def compile_for(kernel, values: dict, num_warps: int, num_stages: int, arch: int
         else:
             sig[name], consts[name] = "constexpr", v[1] if isinstance(v, tuple) else v
     ck = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
-                        options={"num_warps": num_warps, "num_stages": num_stages})
+                        options={"num_warps": num_warps, "num_stages": num_stages, "maxnreg": maxnreg})
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ck.asm["ptx"])
     sm = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
@@ -123,7 +123,7 @@ def main():
         space = lambda kind: dt.tile_space(kind if kind in ("fwd", "walk0") else "bwd")
     causal = a.causal or a.family == "block-sparse"
     print(f"triton {triton.__version__}, sm_{a.arch}, {a.family}, causal={causal}")
-    print("kernel  tile (M, N, warps, stages)  registers  spill bytes (st/ld)  shared bytes  async_wait nums  "
+    print("kernel  tile (M, N, warps, stages[, cap])  registers  spill bytes (st/ld)  shared bytes  async_wait nums  "
           "[wgmma serialized: ptxas C7511 registers / C7515 accumulator]")
     for kind in a.kinds.split(","):
         for cfg in space(kind):
@@ -134,11 +134,12 @@ def main():
                 values = dilated_values(a.n, CONFIG_A, a.causal, kind, bm, bn)
             fn = _jit_fn(kernels[kind])
             values = {name: val for name, val in dict(values, BLOCK_M=bm, BLOCK_N=bn).items() if name in fn.arg_names}
-            ck, report = compile_for(fn, values, cfg.num_warps, cfg.num_stages, a.arch)
+            ck, report = compile_for(fn, values, cfg.num_warps, cfg.num_stages, a.arch, cfg.maxnreg)
             regs = re.search(r"Used (\d+) registers", report)
             spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
             waits = re.findall(r"async_wait[^\n]*num = (\d+)", ck.asm["ttgir"])
-            print(f"{kind:<7} {str((bm, bn, cfg.num_warps, cfg.num_stages)):<27} {regs.group(1) if regs else '?':>9}"
+            tile = (bm, bn, cfg.num_warps, cfg.num_stages) + ((cfg.maxnreg,) if cfg.maxnreg else ())
+            print(f"{kind:<7} {str(tile):<27} {regs.group(1) if regs else '?':>9}"
                   f"  {spill.group(1) + '/' + spill.group(2) if spill else '?':>19}  {ck.metadata.shared:>12}"
                   f"  {','.join(waits)}" + "".join(f"  wgmma serialized ({code})" for code in ("C7511", "C7515")
                                                 if code in report))

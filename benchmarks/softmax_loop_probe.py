@@ -91,7 +91,7 @@ def _probe_kernel(Q, K, V, Out, N, sm_scale, FORM: tl.constexpr, HEAD_DIM: tl.co
 
 
 def probe_attention(q, k, v, form: str, block_m: int, block_n: int, num_warps: int = 4, num_stages: int = 1,
-                    tau: float = LAZY_RESCALE_LOG2):
+                    tau: float = LAZY_RESCALE_LOG2, maxnreg=None):
     """``[H, N, D]`` contiguous q, k, v -> dense softmax(q k^T / sqrt(D)) v by ``_probe_kernel`` in loop form
     ``form`` (one of ``FORMS``)."""
     if form not in FORMS:
@@ -102,7 +102,7 @@ def probe_attention(q, k, v, form: str, block_m: int, block_n: int, num_warps: i
     out = torch.empty_like(q)
     _probe_kernel[(N // block_m, H)](q, k, v, out, N, D ** -0.5, FORM=FORMS.index(form), HEAD_DIM=D,
                                     BLOCK_M=block_m, BLOCK_N=block_n, TAU=tau, num_warps=num_warps,
-                                    num_stages=num_stages)
+                                    num_stages=num_stages, maxnreg=maxnreg)
     return out
 
 
@@ -134,11 +134,11 @@ def main():
         bm, bn, w, st = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages
         cells = []
         for form in forms:
-            fn = lambda: probe_attention(q, k, v, form, bm, bn, w, st)
+            fn = lambda: probe_attention(q, k, v, form, bm, bn, w, st, maxnreg=cfg.maxnreg)
             diff = (fn().float() - ref.float()).abs().max().item()
             ms = triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
             cells.append(f"{form} {ms:8.3f} ms {flop / ms / 1e9:5.0f} TF/s (max diff {diff:.1e})")
-        print(f"{bm}x{bn}/{w}w/{st}s: " + " | ".join(cells), flush=True)
+        print(f"{tile_name(cfg)}: " + " | ".join(cells), flush=True)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from ..patterns import GRID_AXES, TERM_COLUMNS
 from .dilated_triton import (AUTOTUNE, INTERPRET, _runner, launch_device, rows_addressable, rows_fit,
-                             softmax_step, tensor_unsupported_reason)
+                             softmax_step, tensor_unsupported_reason, tile_configs)
 
 LN2 = 0.6931471805599453
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)  # 256 unrolls past the H100's shared memory at D=128
@@ -406,15 +406,14 @@ def _block_sparse_bwd_dkdv_kernel(
 def tile_space(kind: str, bs: int) -> list:
     """Every tile configuration of the GPU autotuning space ``kind`` ("fwd" or "bwd") whose tiles divide the
     layout block size ``bs``, pinned or not."""
-    if kind == "fwd":
-        space = ((128, 64, 4, 3), (128, 128, 8, 2), (128, 128, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3),
-                 (128, 32, 4, 4), (64, 128, 4, 2),
+    if kind == "fwd":   # 128 x 128, 8 warps, 3 stages held to 128 registers: two CTAs per SM (tile_configs)
+        space = ((128, 64, 4, 3), (128, 128, 8, 2), (128, 128, 4, 3), (128, 128, 8, 3, 128), (128, 64, 8, 3),
+                 (64, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 2),
                  (64, 64, 4, 2), (64, 64, 4, 4), (64, 32, 4, 3), (32, 64, 4, 3), (32, 32, 4, 3), (16, 16, 4, 2))
     else:   # the last two: the dilated kernels' split (long resident tiles against short, deeply pipelined ones)
         space = ((64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2), (16, 16, 4, 2),
                  (128, 32, 4, 5), (32, 128, 4, 5))
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in space if m <= bs and n <= bs]
+    return tile_configs(t for t in space if t[0] <= bs and t[1] <= bs)
 
 
 def _space(kind: str, bs: int):

@@ -55,16 +55,27 @@ def tile_space(kind: str) -> list:
     """Every tile configuration of the GPU autotuning space ``kind`` ("fwd", "walk0" or "bwd"), pinned or
     not."""
     if kind == "walk0":   # causal flash attention inside the shortest segment: the key tile divides the row tile
-        space = ((128, 64, 4, 3), (128, 128, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
-                 (128, 32, 4, 4))
+        space = ((128, 64, 4, 3), (128, 128, 4, 3), (128, 64, 8, 3), (128, 64, 8, 3, 128), (128, 128, 8, 3),
+                 (64, 64, 4, 3), (128, 32, 4, 4))
     elif kind == "fwd":
-        space = ((128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 4, 3), (64, 64, 4, 3),
-                 (64, 128, 4, 2), (128, 32, 4, 4))
+        space = ((128, 64, 4, 3), (128, 64, 8, 3), (128, 64, 8, 3, 128), (128, 128, 8, 2), (128, 128, 4, 3),
+                 (64, 64, 4, 3), (64, 128, 4, 2), (128, 32, 4, 4), (128, 32, 8, 4, 128))
     else:   # the last two: long-resident tiles against short, deeply pipelined ones (dQ: 128 rows x 32 keys;
         # dK/dV: 128 keys x 32 queries), the split of Triton's fused-attention backward
         space = ((64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3),
                  (128, 32, 4, 5), (32, 128, 4, 5))
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in space]
+    return tile_configs(space)
+
+
+def tile_configs(space) -> list:
+    """``triton.Config`` of each ``(BLOCK_M, BLOCK_N, warps, stages[, registers])`` tile. A fifth entry caps the
+    registers per thread (ptxas ``maxnreg``): an 8-warp tile held to 128 runs two CTAs, 16 warps, per SM instead
+    of one. The in-order loop is latency-bound (ncu, block-sparse window: 41% of issue slots busy, 8 warps per
+    SM), and the second CTA hides its waits (H200: window forward 2.75 -> 2.49 ms at 64K, config A non-causal
+    9.11 -> 8.40 ms at 256K). Inductor (torch 2.11 to 2.13) doesn't pass ``Config.maxnreg`` on to user-defined
+    kernels: under torch.compile such a tile compiles uncapped and its autotuning times it so."""
+    return [triton.Config({"BLOCK_M": t[0], "BLOCK_N": t[1]}, num_warps=t[2], num_stages=t[3],
+                          maxnreg=t[4] if len(t) > 4 else None) for t in space]
 
 
 _KEY = ["N", "HEAD_DIM", "NUM_BRANCHES", "L", "IS_CAUSAL", "MIXING_LSE", "GQA", "DROPOUT", "WALKS",
