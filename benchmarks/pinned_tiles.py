@@ -1,16 +1,17 @@
-"""Forward op time with one kernel pinned to each of a list of tiles, registers per thread capped or not: what a
-tile (e.g. a register cap, ``tile_configs``) buys before it joins an autotuning space.
+"""An op's time with one of its kernels pinned to each of a list of tiles, registers per thread capped or not:
+what a tile (e.g. a register cap, ``tile_configs``) buys before it joins an autotuning space.
 
-    python benchmarks/pinned_tiles.py --problem window|A|A-causal-walk0|A-causal-fwd|B [--n 262144]
+    python benchmarks/pinned_tiles.py --problem window|A|A-causal|B --kernel fwd|walk0|dq|dkdv [--n 262144]
         --tiles 128x128/4w/3s,128x128/8w/3s@128
 
 Problems (bf16, B=1):
-- window: block-sparse causal sliding window of 4096 tokens (H=16, D=64, block size 128), the forward kernel;
-- A / B: dilated config A (H=16, D=64) or B (H=8, D=128), non-causal, the forward kernel;
-- A-causal-walk0 / A-causal-fwd: config A causal, the walk-0 kernel or the forward kernel (the other autotuned).
-A tile is ``{BLOCK_M}x{BLOCK_N}/{warps}w/{stages}s[@{registers}]`` (``autotune_timings.tile_name``); it need not
-be in the space. Times: medians of ``triton.testing.do_bench`` (warmup 25, rep 100) of the whole op, after one
-call that compiles the tile. Prints one line per tile; ``--out`` also writes them as JSON.
+- window: block-sparse causal sliding window of 4096 tokens (H=16, D=64, block size 128);
+- A, A-causal, B: dilated config A (H=16, D=64) non-causal or causal, config B (H=8, D=128) non-causal.
+Kernels: fwd (the forward), walk0 (causal dilated only), dq, dkdv; the others autotune as usual. fwd and walk0 time
+the forward; dq and dkdv forward + backward (``out.backward``). A tile is
+``{BLOCK_M}x{BLOCK_N}/{warps}w/{stages}s[@{registers}]`` (``autotune_timings.tile_name``); it need not be in the
+space. Times: medians of ``triton.testing.do_bench`` (warmup 25, rep 100) of the whole op, after one call that
+compiles the tile. Prints one line per tile; ``--out`` also writes them as JSON.
 """
 
 import argparse
@@ -31,7 +32,8 @@ from dilate_compiler.lowering import dilated_triton as dt  # noqa: E402
 from autotune_timings import tile_name  # noqa: E402  (benchmarks/, beside this script)
 from profile_dilated import RATES, SEGS  # noqa: E402
 
-PROBLEMS = ("window", "A", "A-causal-walk0", "A-causal-fwd", "B")
+PROBLEMS = ("window", "A", "A-causal", "B")
+KERNELS = ("fwd", "walk0", "dq", "dkdv")
 TILE = re.compile(r"(\d+)x(\d+)/(\d+)w/(\d+)s(?:@(\d+))?")
 
 
@@ -45,32 +47,48 @@ def parse_tile(spec: str) -> triton.Config:
                          maxnreg=int(r) if r else None)
 
 
-def problem(name: str, n: int):
-    """(the autotuned kernel to pin, the op call) of problem ``name`` at N = ``n``."""
-    if name not in PROBLEMS:
-        raise ValueError(f"problem must be one of {PROBLEMS}, got {name!r}")
-    H, D = (8, 128) if name == "B" else (16, 64)
-    q, k, v = (torch.randn(1, H, n, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    if name == "window":
+def kernel_of(problem: str, kernel: str):
+    """The autotuned kernel ``kernel`` of ``problem``'s op."""
+    if problem not in PROBLEMS:
+        raise ValueError(f"problem must be one of {PROBLEMS}, got {problem!r}")
+    if kernel not in KERNELS or (kernel == "walk0" and problem != "A-causal"):
+        accepted = KERNELS if problem == "A-causal" else tuple(k for k in KERNELS if k != "walk0")
+        raise ValueError(f"kernel of problem {problem!r} must be one of {accepted}, got {kernel!r}")
+    if problem == "window":
+        return bt._autotuned(kernel, 128)
+    return {"fwd": dt._dilated_attn_fwd_kernel, "walk0": dt._dilated_attn_fwd_walk0_kernel,
+            "dq": dt._dilated_attn_bwd_dq_kernel, "dkdv": dt._dilated_attn_bwd_dkdv_kernel}[kernel]
+
+
+def problem_call(problem: str, n: int, backward: bool):
+    """``problem``'s op at N = ``n`` as a call: its forward, or forward + backward."""
+    H, D = (8, 128) if problem == "B" else (16, 64)
+    q, k, v = (torch.randn(1, H, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+               for _ in range(3))
+    if problem == "window":
         lay = P.sliding_window(4096).layout(n, 128, is_causal=True, device="cuda")
-        return bt._autotuned("fwd", 128), lambda: dc.ops.block_sparse_attention(q, k, v, lay, block_size=128,
-                                                                                is_causal=True)
-    causal = name.startswith("A-causal")
-    kernel = dt._dilated_attn_fwd_walk0_kernel if name == "A-causal-walk0" else dt._dilated_attn_fwd_kernel
-    return kernel, lambda: dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=causal)
+        op = lambda: dc.ops.block_sparse_attention(q, k, v, lay, block_size=128, is_causal=True)   # noqa: E731
+    else:
+        op = lambda: dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=problem == "A-causal")  # noqa: E731
+    if not backward:
+        return op
+    dout = torch.randn(1, H, n, D, device="cuda", dtype=torch.bfloat16)
+    return lambda: op().backward(dout)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--problem", default="window", choices=PROBLEMS)
+    ap.add_argument("--kernel", default="fwd", choices=KERNELS)
     ap.add_argument("--n", type=int, default=262144)
     ap.add_argument("--tiles", required=True)
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     configs = [parse_tile(t) for t in a.tiles.split(",")]
-    kernel, call = problem(a.problem, a.n)
+    kernel = kernel_of(a.problem, a.kernel)
+    call = problem_call(a.problem, a.n, a.kernel in ("dq", "dkdv"))
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}; {a.problem} "
-          f"N={a.n}", flush=True)
+          f"N={a.n}, {a.kernel} pinned", flush=True)
     saved = kernel.configs, kernel.cache
     times = {}
     try:
@@ -83,9 +101,10 @@ def main():
     finally:
         kernel.configs, kernel.cache = saved
     if a.out:
-        with open(os.path.join(a.out, f"pinned_tiles_{a.problem}_{a.n}.json"), "w") as f:
+        with open(os.path.join(a.out, f"pinned_tiles_{a.problem}_{a.kernel}_{a.n}.json"), "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "triton": triton.__version__, "problem": a.problem, "N": a.n, "ms": times}, f, indent=1)
+                       "triton": triton.__version__, "problem": a.problem, "kernel": a.kernel, "N": a.n,
+                       "ms": times}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -31,3 +31,15 @@ def test_parse_tile_inverts_tile_name_over_every_space():
 def test_parse_tile_names_what_it_refuses(spec):
     with pytest.raises(ValueError, match="128x64/8w/3s@128"):
         parse_tile(spec)
+
+
+def test_kernel_of_each_problem_and_what_it_refuses():
+    from pinned_tiles import kernel_of
+
+    assert kernel_of("window", "dq") is bt._autotuned("dq", 128)
+    assert kernel_of("A-causal", "walk0") is dt._dilated_attn_fwd_walk0_kernel
+    assert kernel_of("B", "dkdv") is dt._dilated_attn_bwd_dkdv_kernel
+    with pytest.raises(ValueError, match="kernel of problem 'A' must be one of"):
+        kernel_of("A", "walk0")
+    with pytest.raises(ValueError, match="problem must be one of"):
+        kernel_of("C", "fwd")
