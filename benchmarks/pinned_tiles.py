@@ -18,8 +18,10 @@ import argparse
 import json
 import os
 import re
+import sys
 
 os.environ["TRITON_CACHE_AUTOTUNING"] = "0"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # tests.lowering.pinning
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -30,7 +32,8 @@ from dilate_compiler.lowering import block_sparse_triton as bt  # noqa: E402
 from dilate_compiler.lowering import dilated_triton as dt  # noqa: E402
 
 from autotune_timings import tile_name  # noqa: E402  (benchmarks/, beside this script)
-from profile_dilated import RATES, SEGS  # noqa: E402
+from profile_dilated import problem as dilated_problem  # noqa: E402
+from tests.lowering.pinning import pinned  # noqa: E402  (the pinning the GPU tests use)
 
 PROBLEMS = ("window", "A", "A-causal", "B")
 KERNELS = ("fwd", "walk0", "dq", "dkdv")
@@ -61,19 +64,21 @@ def kernel_of(problem: str, kernel: str):
 
 
 def problem_call(problem: str, n: int, backward: bool):
-    """``problem``'s op at N = ``n`` as a call: its forward, or forward + backward."""
-    H, D = (8, 128) if problem == "B" else (16, 64)
-    q, k, v = (torch.randn(1, H, n, D, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
-               for _ in range(3))
+    """``problem``'s op at N = ``n`` as a call: its forward, or forward + backward (the dilated problems are
+    ``profile_dilated.problem``'s)."""
     if problem == "window":
+        q, k, v = (torch.randn(1, 16, n, 64, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+                   for _ in range(3))
         lay = P.sliding_window(4096).layout(n, 128, is_causal=True, device="cuda")
-        op = lambda: dc.ops.block_sparse_attention(q, k, v, lay, block_size=128, is_causal=True)   # noqa: E731
+        op = lambda q, k, v: dc.ops.block_sparse_attention(q, k, v, lay, block_size=128,  # noqa: E731
+                                                           is_causal=True)
     else:
-        op = lambda: dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=problem == "A-causal")  # noqa: E731
+        spec = argparse.Namespace(config=problem[0], n=n, causal=problem == "A-causal")
+        q, k, v, op = dilated_problem(spec, requires_grad=backward)
     if not backward:
-        return op
-    dout = torch.randn(1, H, n, D, device="cuda", dtype=torch.bfloat16)
-    return lambda: op().backward(dout)
+        return lambda: op(q, k, v)
+    dout = torch.randn(q.shape, device="cuda", dtype=q.dtype)
+    return lambda: op(q, k, v).backward(dout)
 
 
 def main():
@@ -89,17 +94,13 @@ def main():
     call = problem_call(a.problem, a.n, a.kernel in ("dq", "dkdv"))
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}; {a.problem} "
           f"N={a.n}, {a.kernel} pinned", flush=True)
-    saved = kernel.configs, kernel.cache
     times = {}
-    try:
-        for cfg in configs:
-            kernel.configs, kernel.cache = [cfg], {}
+    for cfg in configs:
+        with pinned([kernel], cfg):
             call()
             torch.cuda.synchronize()
             times[tile_name(cfg)] = triton.testing.do_bench(call, warmup=25, rep=100)
-            print(f"{tile_name(cfg):<22} {times[tile_name(cfg)]:8.3f} ms", flush=True)
-    finally:
-        kernel.configs, kernel.cache = saved
+        print(f"{tile_name(cfg):<22} {times[tile_name(cfg)]:8.3f} ms", flush=True)
     if a.out:
         with open(os.path.join(a.out, f"pinned_tiles_{a.problem}_{a.kernel}_{a.n}.json"), "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
