@@ -44,11 +44,19 @@ def _args(argv=None):
     ap.add_argument("--rates", default="1,2,4,8")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--causal", default="true", help="causality of the scaling runs: true, false or both (true,false)")
+    ap.add_argument("--causal", default="true",
+                    help="causality of the checks and scaling runs: true, false or both (true,false)")
     ap.add_argument("--longest", default="8388608,12582912")
     ap.add_argument("--deadline", type=float, default=300.0, help="seconds after which no new phase starts")
     ap.add_argument("--phases", default="check,scaling,anchor,longest,overlap", help="which phases run, in this order")
     return ap.parse_args(argv)
+
+
+def _causal_flags(a) -> list[bool]:
+    flags = a.causal.split(",")
+    if not flags or any(f not in ("true", "false") for f in flags):
+        raise ValueError(f"--causal must be true, false or both (true,false), got {a.causal!r}")
+    return [f == "true" for f in flags]
 
 
 class Run:
@@ -115,9 +123,10 @@ def phase_check(run, strategy):
 
     a, world = run.a, run.world
     unaligned = a.n + world * a.unaligned_extra
-    cases = [("sparse", "contiguous", True, a.n), ("ring", "contiguous", True, a.n),
-             ("head_parallel", "contiguous", True, a.n), ("sparse", "zigzag", True, a.n),
-             ("sparse", "contiguous", True, unaligned), ("ring", "contiguous", True, unaligned)]
+    cases = [(mode, layout, causal, n) for causal in _causal_flags(a)
+             for mode, layout, n in [("sparse", "contiguous", a.n), ("ring", "contiguous", a.n),
+                                     ("head_parallel", "contiguous", a.n), ("sparse", "zigzag", a.n),
+                                     ("sparse", "contiguous", unaligned), ("ring", "contiguous", unaligned)]]
     for mode, layout, causal, n in cases:
         name = f"check {mode} {layout} causal={causal} N={n}"
         if not run.go(name):
@@ -181,7 +190,7 @@ def phase_scaling(run, strategy):
         return fwd, fb
 
     plan = []
-    for causal in [c == "true" for c in a.causal.split(",")]:
+    for causal in _causal_flags(a):
         plan.append(("1 GPU", a.n, causal, None))
         if a.weak_per_rank != a.n:
             plan.append(("1 GPU", a.weak_per_rank, causal, None))
@@ -258,15 +267,17 @@ def phase_anchor(run):
                 f = lambda: F.scaled_dot_product_attention(*ins, is_causal=True)  # noqa: E731
                 fwd = run.time_ms(f, reps=3, warmup=1)
                 fb = run.time_ms(lambda: torch.autograd.grad(f(), ins, dout), reps=3, warmup=1)
+                local_rows = ins[0].shape[2]
         run.log(phase="anchor", what="torch context_parallel, dense flash SDPA", causal=True, n=a.n, world=world,
-                fwd_ms=fwd, fwd_bwd_ms=fb, local_rows=q.shape[2])
+                fwd_ms=fwd, fwd_bwd_ms=fb, local_rows=local_rows)
     except Exception:   # noqa: BLE001
         run.log(phase="anchor", what="torch context_parallel", error=traceback.format_exc()[-2000:])
 
 
 def phase_longest(run, strategy):
     """Forward + backward of one causal layer at each length (sparse mode), longest last; stops at the first
-    that fails."""
+    that fails. The first call at a length may include compiling kernels for it: give a length twice to time it
+    once compiled."""
     from dilate_compiler.distributed import ring_attention
 
     a, world = run.a, run.world
@@ -292,7 +303,7 @@ def phase_longest(run, strategy):
             peak = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" else 0.0
             run.log(phase="longest", n=n, world=world, causal=True, fwd_ms=run.max_over_ranks(fwd),
                     fwd_bwd_ms=run.max_over_ranks(fwd + bwd), finite=bool(run.max_over_ranks(float(not finite)) == 0),
-                    peak_gib_per_gpu=run.max_over_ranks(peak), note="first call (compiled kernels already cached)")
+                    peak_gib_per_gpu=run.max_over_ranks(peak), note="one call; the first at a length includes compiling any kernel new to it")
             del q, k, v, dout, ins, out, grads
         except Exception:   # noqa: BLE001
             run.log(phase="longest", n=n, error=traceback.format_exc()[-1500:])

@@ -117,18 +117,24 @@ class RingShift:
 
 
 def all_to_all(t: Tensor, out_splits: list, in_splits: list, group, kind: str) -> Tensor:
-    """Differentiable all-to-all along dim 0 (functional collectives: traceable by torch.compile)."""
+    """Differentiable all-to-all along dim 0 (functional collectives: traceable by torch.compile). Eager calls
+    count their bytes forward, and backward the reverse all-to-all of the gradient (a hook on the output)."""
     import torch.distributed._functional_collectives as funcol
 
     from torch._subclasses.fake_tensor import FakeTensor
 
     rank = dist.get_rank(group)
     item = t[0].numel() * t.element_size() if t.shape[0] else 0
-    if not isinstance(t, FakeTensor):   # count runs, not traces
-        _record(kind, (sum(in_splits) - in_splits[rank]) * item, (sum(out_splits) - out_splits[rank]) * item,
-                sum(1 for r, n in enumerate(in_splits) if n and r != rank))
+    counted = not isinstance(t, FakeTensor) and not torch.compiler.is_compiling()   # count runs, not traces
+    sent, received = (sum(in_splits) - in_splits[rank]) * item, (sum(out_splits) - out_splits[rank]) * item
+    if counted:
+        _record(kind, sent, received, sum(1 for r, n in enumerate(in_splits) if n and r != rank))
     out = funcol.all_to_all_single_autograd(t.contiguous(), out_splits, in_splits, group)
-    return funcol.wait_tensor(out) if isinstance(out, funcol.AsyncCollectiveTensor) else out
+    out = funcol.wait_tensor(out) if isinstance(out, funcol.AsyncCollectiveTensor) else out
+    if counted and out.requires_grad:
+        messages = sum(1 for r, n in enumerate(out_splits) if n and r != rank)
+        out.register_hook(lambda g: _record(kind, received, sent, messages))
+    return out
 
 
 def check_shapes_agree(group, world_size: int, what: str, values: tuple, device) -> None:

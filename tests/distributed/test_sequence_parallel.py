@@ -153,7 +153,7 @@ def test_dense_ring_steps_run_the_kernels_and_equal_dense_attention():
 
 
 def _bytes_worker(rank, world):
-    from dilate_compiler.distributed import count_bytes, ring_attention, shard_sequence
+    from dilate_compiler.distributed import count_bytes, head_parallel_attention, ring_attention, shard_sequence
 
     B, Hkv, Dh = 2, 2, 8
     got = {}
@@ -176,6 +176,14 @@ def _bytes_worker(rank, world):
     run("dilated-ring", dc.Dilated((48,), (4,)), 144, mode="ring")
     run("local-1", dc.BlockSparse(P.local(1), block_size=8), 96)
     run("local-2", dc.BlockSparse(P.local(2), block_size=8), 96)
+    # head-parallel: q/k/v shards out to their heads' ranks and the output back; backward the reverse
+    q, k, v = (shard_sequence(torch.randn(B, 4, 96, Dh, dtype=torch.float64)).requires_grad_() for _ in range(3))
+    with count_bytes() as fwd:
+        out = head_parallel_attention(q, k, v, dc.Dilated((24, 48), (2, 4)))
+    with count_bytes() as bwd:
+        out.sum().backward()
+    got["head_parallel"] = (fwd.sent_bytes("heads"), fwd.received_bytes("heads"), bwd.sent_bytes("heads"),
+                            bwd.received_bytes("heads"), fwd.messages, bwd.messages)
     return got
 
 
@@ -198,6 +206,11 @@ def test_bytes_moved_follow_the_pattern():
         # block-diagonal blocks need nothing from the other rank; local(2) only the one key block across the boundary
         assert g["local-1"] == (0, 0, 0, 0)
         assert g["local-2"][:2] == (8 * row_bytes, 8 * row_bytes)
+        # head-parallel, 4 heads on 2 ranks: q and k/v stacked (2 heads x 48 rows each) out and the output back,
+        # forward; the output's gradient out and dq, dk/dv back, backward: the same bytes, one message per
+        # all-to-all (three each way)
+        moved = 4 * 2 * 48 * 8 * 2 * 8          # 4 tensors, 2 heads, 48 rows, D=8, B=2, float64
+        assert g["head_parallel"] == (moved, moved, moved, moved, 3, 3)
 
 
 def _failing_worker(rank, world):
