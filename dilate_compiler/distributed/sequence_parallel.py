@@ -101,6 +101,7 @@ class Plan:
     scale: float
     windows: list = None      # Dilated: the key windows of this rank's query runs (window.py)
     window_rows: list = None  # Dilated, ring mode: rows of each rank's shard inside this rank's windows
+    held_pos: Tensor = None   # sparse: [Hkv, S + received] positions of the shard's rows, then each peer's (sorted)
 
 
 def _rows_needed(links: Links, heads: Tensor, ranges, pos: Tensor, num_kv_heads: int):
@@ -138,6 +139,9 @@ def _plan(key: str, rank: int, world: int, shard_len: int, num_heads: int, num_k
             send_idx[b] = _rows_needed(links, heads, ranges[b], rank_pos[rank], num_kv_heads)[0]
             recv_pos[b] = _rows_needed(links, heads, ranges[rank], rank_pos[b], num_kv_heads)[1]
     plan = Plan(links, heads, rank_pos[rank], rank_pos, linked, send_idx, recv_pos, scale)
+    if cfg.mode == "sparse":
+        plan.held_pos = torch.cat([plan.q_pos.view(1, -1).expand(num_kv_heads, -1)] +
+                                  [recv_pos[b] for b in sorted(recv_pos)], dim=1)
     if isinstance(cfg.strategy, Dilated):
         plan.windows = window.windows(cfg.strategy, N, ranges[rank])
         if cfg.mode == "ring":
@@ -217,12 +221,12 @@ def _gather_rows(t: Tensor, idx: Tensor) -> Tensor:
 def _exchange_kv(k, v, group, rank, world, plan: Plan):
     """The keys this rank holds after the exchange: ``k, v [B, Hkv, S + received, D]`` (the shard first; the
     shard itself, uncopied, when nothing moves), their positions ``[Hkv, S + received]`` and the peers."""
-    sends = {b: torch.stack((_gather_rows(k, idx), _gather_rows(v, idx))) for b, idx in plan.send_idx.items()}
+    sends = {b: torch.stack((_gather_rows(k, idx), _gather_rows(v, idx))) for b, idx in plan.send_idx.items()
+             if idx.shape[1]}
     shapes = {b: (2,) + k.shape[:-2] + (pos.shape[1], k.shape[-1]) for b, pos in plan.recv_pos.items()}
     got = comm.exchange(group, sends, shapes, k.dtype, k.device, "kv")
     peers = sorted(got)
-    Hkv = k.shape[1]
-    pos = torch.cat([plan.q_pos.view(1, -1).expand(Hkv, -1)] + [plan.recv_pos[b] for b in peers], dim=1)
+    pos = plan.held_pos
     if pos.shape[1] == k.shape[2]:
         return k, v, pos, peers
     keys = torch.cat([torch.stack((k, v))] + [got[b] for b in peers], dim=-2)
