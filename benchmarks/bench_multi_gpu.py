@@ -303,7 +303,8 @@ def phase_longest(run, strategy):
             peak = torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" else 0.0
             run.log(phase="longest", n=n, world=world, causal=True, fwd_ms=run.max_over_ranks(fwd),
                     fwd_bwd_ms=run.max_over_ranks(fwd + bwd), finite=bool(run.max_over_ranks(float(not finite)) == 0),
-                    peak_gib_per_gpu=run.max_over_ranks(peak), note="one call; the first at a length includes compiling any kernel new to it")
+                    peak_gib_per_gpu=run.max_over_ranks(peak),
+                    note="one call; the first at a length includes compiling any kernel new to it")
             del q, k, v, dout, ins, out, grads
         except Exception:   # noqa: BLE001
             run.log(phase="longest", n=n, error=traceback.format_exc()[-1500:])

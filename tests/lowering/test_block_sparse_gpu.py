@@ -159,6 +159,37 @@ def test_kernels_in_inductor_output_code():
     torch.testing.assert_close(out, model(q, k, v), atol=2e-2, rtol=2e-2)
 
 
+def test_inductor_compiles_a_capped_tile_with_its_cap():
+    """Under torch.compile with ``inductor_caps`` installed a register-capped tile keeps its cap: the config in
+    Inductor's output code carries it, and the kernel Inductor compiled from it uses at most that many registers
+    (the same tile uncapped takes 255)."""
+    from torch._inductor.codecache import PyCodeCache
+    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+    from torch._inductor.utils import run_and_get_code
+
+    from dilate_compiler.lowering import block_sparse_triton as bt
+    from dilate_compiler.lowering import inductor_caps
+    from tests.lowering.pinning import pinned
+
+    assert inductor_caps.install() == ""       # what DILATE_COMPILER_INDUCTOR_CAPS=1 does at the first launch
+    capped = next(c for c in bt.tile_space("fwd", 128) if c.maxnreg)
+    q, k, v = (torch.randn(1, 4, 2048, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    lay = P.sliding_window(512).layout(2048, 128, is_causal=True, device="cuda")
+
+    def op(q, k, v):
+        return dc.ops.block_sparse_attention(q, k, v, lay, block_size=128, is_causal=True)
+
+    torch._dynamo.reset()
+    with pinned([bt._autotuned("fwd", 128)], capped):
+        out, codes = run_and_get_code(torch.compile(op), q, k, v)
+    assert any("_block_sparse_fwd_kernel" in c and f"'maxnreg': {capped.maxnreg}" in c for c in codes)
+    tuners = [obj for m in PyCodeCache.modules for obj in vars(m).values() if isinstance(obj, CachingAutotuner)
+              and obj.inductor_meta.get("kernel_name", "").startswith("_block_sparse_fwd_kernel")]
+    regs = [launcher.n_regs for t in tuners for launcher in t.launchers]
+    assert regs and max(regs) <= capped.maxnreg, regs
+    torch.testing.assert_close(out, op(q, k, v), atol=2e-2, rtol=2e-2)
+
+
 def test_adaptive_on_cuda_matches_the_exact_path():
     strategy = dc.Adaptive(top_k=4, block_size=64, threshold=0.9, sink_blocks=1)
     g = torch.Generator(device="cuda").manual_seed(0)
