@@ -208,14 +208,19 @@ class Block(torch.nn.Module):
     (SEGS, RATES, ("_dilated_attn_fwd_kernel",)),
     (NESTED_SEGS, NESTED_RATES, ("_dilated_attn_fwd_walk0_kernel", "_dilated_attn_fwd_kernel"))])
 def test_kernels_appear_in_inductor_output_code(segs, rates, kernels):
-    """Also on a causal chain, whose forward runs the walk-0 kernel, then the walks."""
+    """Also on a causal chain, whose forward runs the walk-0 kernel, then the walks. The graph caches are off: on
+    an AOTAutograd cache hit the forward call loads the backward graph too, and the backward would show no code."""
+    import torch._functorch.config as functorch_config
+    from torch._inductor import config as inductor_config
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
     model = Block().cuda().to(torch.bfloat16)
     x = torch.randn(2, 1024, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     compiled = torch.compile(model, backend=dilated_backend, options={"strategy": dc.Dilated(segs, rates)})
-    out, code = run_and_get_code(compiled, x)
+    no_caches = (functorch_config.patch(enable_autograd_cache=False), inductor_config.patch(fx_graph_cache=False))
+    with no_caches[0], no_caches[1]:
+        out, code = run_and_get_code(compiled, x)
     for name in kernels:
         assert any(name in c for c in code), f"{name} not in Inductor's output code"
     with torch.no_grad():
@@ -223,7 +228,8 @@ def test_kernels_appear_in_inductor_output_code(segs, rates, kernels):
         a = dc.ops.dilated_attention(q, k, v, segs, rates, is_causal=True)
         expected = x + model.o(a.transpose(1, 2).reshape(2, 1024, 512))
     assert_close(out, expected, torch.bfloat16)
-    _, bwd_code = run_and_get_code(lambda: out.sum().backward())
+    with no_caches[0], no_caches[1]:
+        _, bwd_code = run_and_get_code(lambda: out.sum().backward())
     assert any("_dilated_attn_bwd_dkdv_kernel" in c for c in bwd_code), "backward kernels not in output code"
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
