@@ -54,7 +54,7 @@ def _args(argv=None):
 
 def _causal_flags(a) -> list[bool]:
     flags = a.causal.split(",")
-    if not flags or any(f not in ("true", "false") for f in flags):
+    if any(f not in ("true", "false") for f in flags):
         raise ValueError(f"--causal must be true, false or both (true,false), got {a.causal!r}")
     return [f == "true" for f in flags]
 

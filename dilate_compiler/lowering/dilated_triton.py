@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from ..strategies.dilated import Dilated
+from . import inductor_caps
 
 MAX_BRANCHES = 8
 SUPPORTED_HEAD_DIMS = (32, 64, 128)
@@ -1108,8 +1109,6 @@ def _runner(kernel):
     if INTERPRET:
         return kernel
     from torch.library import wrap_triton
-
-    from . import inductor_caps
 
     if inductor_caps.ENABLED:
         inductor_caps.install()   # once: Inductor compiles the capped tiles with their cap (opt-in, inductor_caps.py)
