@@ -1,6 +1,7 @@
 """Block-sparse attention on the GPU, side by side with FlexAttention on the same mask and dense SDPA, one run.
 
     python benchmarks/bench_block_sparse.py --out DIR [--ns 16384,65536,262144] [--backward] [--compiled]
+        [--methods ours,flex,dense]
 
 Patterns (B=1, H=16, D=64, bf16, block size 128):
 - window:       causal sliding window of 4096 tokens (Mistral-style: p - 4096 < j <= p), token-exact.
@@ -87,7 +88,12 @@ def main():
     ap.add_argument("--flex-mask", default="create", choices=("create", "from-layout"))
     ap.add_argument("--patterns", default="window,local+global")
     ap.add_argument("--compiled", action="store_true", help="also time ours under torch.compile (ours-compiled)")
+    ap.add_argument("--methods", default="ours,flex,dense",
+                    help="which of ours, flex, dense to time (ours always runs; without flex no Flex block mask)")
     a = ap.parse_args()
+    methods = set(a.methods.split(",")) | {"ours"}
+    if not methods <= {"ours", "flex", "dense"}:
+        raise SystemExit(f"--methods {a.methods!r}: accepted are ours, flex, dense (comma-separated)")
     os.makedirs(a.out, exist_ok=True)
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -120,7 +126,9 @@ def main():
             row["density"] = lay.density
             row["useful_flop"] = 4 * D * H * useful
             row["flex_mask"] = a.flex_mask
-            if a.flex_mask == "create":
+            if "flex" not in methods:
+                bm = None
+            elif a.flex_mask == "create":
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 bm = create_block_mask(mask_mod, None, None, N, N, device="cuda", BLOCK_SIZE=BS, _compile=True)
@@ -136,12 +144,14 @@ def main():
                 row["flex_mask_ms"] = 1e3 * statistics.median(times)
             else:
                 bm = flex_block_mask_from_layout(lay, mask_mod)
-            row["flex_sparsity"] = bm.sparsity() / 100.0
+            if bm is not None:
+                row["flex_sparsity"] = bm.sparsity() / 100.0
             fns = {
                 "ours": lambda: dc.ops.block_sparse_attention(q, k, v, lay, block_size=BS, is_causal=causal),
                 "flex": lambda: flex(q, k, v, block_mask=bm),
                 "dense": lambda: F.scaled_dot_product_attention(q, k, v),
             }
+            fns = {m: fn for m, fn in fns.items() if m in methods}
             if a.compiled:
                 ours_c = torch.compile(lambda q, k, v: dc.ops.block_sparse_attention(q, k, v, lay, block_size=BS,
                                                                                      is_causal=causal),
@@ -149,7 +159,8 @@ def main():
                 fns["ours-compiled"] = lambda: ours_c(q, k, v)
             with torch.no_grad():   # ours' output stays alive: another method's output can't reuse its memory
                 ours_out = fns["ours"]()
-                row["flex_vs_ours_max_abs"] = (fns["flex"]() - ours_out).abs().max().item()
+                if "flex" in fns:
+                    row["flex_vs_ours_max_abs"] = (fns["flex"]() - ours_out).abs().max().item()
                 if a.compiled:
                     row["compiled_vs_ours_max_abs"] = (fns["ours-compiled"]() - ours_out).abs().max().item()
                 del ours_out
@@ -178,9 +189,11 @@ def main():
     print("\npattern        N        ours ms  flex ms  dense ms  x flex  ours TF/s(useful/computed) dense TF/s"
           "  layout ms  flex mask ms (first call s)")
     for r in rows:
-        print(f"{r['pattern']:<14} {r['N']:<8} {r['ours_fwd_ms']:7.3f}  {r['flex_fwd_ms']:7.3f}  {r['dense_fwd_ms']:8.2f}"
-              f"  {r['flex_fwd_ms'] / r['ours_fwd_ms']:6.2f}  {r['ours_fwd_tflops']:6.0f} / "
-              f"{r['ours_fwd_tflops_computed_blocks']:6.0f}            {r['dense_fwd_tflops']:6.0f}"
+        nan = float("nan")
+        print(f"{r['pattern']:<14} {r['N']:<8} {r['ours_fwd_ms']:7.3f}  {r.get('flex_fwd_ms', nan):7.3f}  "
+              f"{r.get('dense_fwd_ms', nan):8.2f}  {r.get('flex_fwd_ms', nan) / r['ours_fwd_ms']:6.2f}  "
+              f"{r['ours_fwd_tflops']:6.0f} / {r['ours_fwd_tflops_computed_blocks']:6.0f}            "
+              f"{r.get('dense_fwd_tflops', nan):6.0f}"
               f"  {r['ours_layout_ms']:9.2f}  {r.get('flex_mask_ms', float('nan')):8.2f} "
               f"({r.get('flex_mask_first_call_s', float('nan')):.1f})")
 
