@@ -74,7 +74,7 @@ def tile_configs(space) -> list:
     of one. The in-order loop is latency-bound (ncu, block-sparse window: 41% of issue slots busy, 8 warps per
     SM), and the second CTA hides its waits (H200: window forward 2.75 -> 2.49 ms at 64K, config A non-causal
     9.11 -> 8.40 ms at 256K). Inductor (torch 2.11 to 2.13) doesn't pass ``Config.maxnreg`` on to user-defined
-    kernels by itself: ``inductor_caps`` forwards it (opt-in: ``DILATE_COMPILER_INDUCTOR_CAPS=1``)."""
+    kernels by itself: ``inductor_caps`` forwards it (on unless ``DILATE_COMPILER_INDUCTOR_CAPS=0``)."""
     return [triton.Config({"BLOCK_M": t[0], "BLOCK_N": t[1]}, num_warps=t[2], num_stages=t[3],
                           maxnreg=t[4] if len(t) > 4 else None) for t in space]
 
@@ -1111,7 +1111,7 @@ def _runner(kernel):
     from torch.library import wrap_triton
 
     if inductor_caps.ENABLED:
-        inductor_caps.install()   # once: Inductor compiles the capped tiles with their cap (opt-in, inductor_caps.py)
+        inductor_caps.install()   # once: Inductor compiles the capped tiles with their cap (inductor_caps.py)
     return wrap_triton(kernel)
 
 

@@ -14,9 +14,10 @@ configs carry a cap compiles in the process that generated it (other kernels sti
 Configs without a cap are untouched. Without the forwarding a capped tile compiles uncapped under torch.compile:
 correct, but slower (RESULTS.md, "Register caps under torch.compile").
 
-Opt-in: with ``DILATE_COMPILER_INDUCTOR_CAPS=1`` the ops call ``install`` when they first launch a kernel; by
-default they don't. It replaces three of Inductor's functions, and its GPU checks are not complete yet
-(RESULTS.md, "Register caps under torch.compile").
+On by default: the ops call ``install`` when they first launch a kernel on a GPU. ``DILATE_COMPILER_INDUCTOR_CAPS=0``
+turns it off (Inductor's three functions are then left as they are, and capped tiles compile uncapped under
+torch.compile). The GPU tests that compile the ops under Inductor pass with it on and off (RESULTS.md, "Register
+caps under torch.compile").
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ import os
 
 log = logging.getLogger(__name__)
 
-ENABLED = os.environ.get("DILATE_COMPILER_INDUCTOR_CAPS", "0") == "1"
+_SETTING = os.environ.get("DILATE_COMPILER_INDUCTOR_CAPS", "1")
+if _SETTING not in ("0", "1"):
+    raise ValueError(f"DILATE_COMPILER_INDUCTOR_CAPS must be '0' (off) or '1' (on, the default), got {_SETTING!r}")
+ENABLED = _SETTING == "1"
 
 _STATE = {"installed": False, "reason": ""}
 MARK = "'maxnreg'"   # how a capped config appears in generated source (``repr`` of its dict)

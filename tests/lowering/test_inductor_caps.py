@@ -55,3 +55,30 @@ def test_a_missing_inductor_piece_is_reported(monkeypatch, caplog):
     reason = inductor_caps.install()
     assert "CachingAutotuner._create_compile_options" in reason, reason
     assert "capped tiles compile uncapped" in caplog.text
+
+
+def _enabled_in_a_fresh_process(setting):
+    """``inductor_caps.ENABLED`` in a new interpreter with ``DILATE_COMPILER_INDUCTOR_CAPS`` set to ``setting``
+    (None: unset): (returncode, stdout, stderr)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "DILATE_COMPILER_INDUCTOR_CAPS"}
+    if setting is not None:
+        env["DILATE_COMPILER_INDUCTOR_CAPS"] = setting
+    code = "from dilate_compiler.lowering import inductor_caps; print(inductor_caps.ENABLED)"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    return r.returncode, r.stdout.strip(), r.stderr
+
+
+def test_the_forwarding_is_on_by_default_and_off_with_0():
+    assert _enabled_in_a_fresh_process(None)[:2] == (0, "True")
+    assert _enabled_in_a_fresh_process("1")[:2] == (0, "True")
+    assert _enabled_in_a_fresh_process("0")[:2] == (0, "False")
+
+
+def test_an_unknown_setting_is_refused_by_name():
+    rc, _, err = _enabled_in_a_fresh_process("yes")
+    assert rc != 0
+    assert "DILATE_COMPILER_INDUCTOR_CAPS must be '0' (off) or '1' (on, the default), got 'yes'" in err
