@@ -1,7 +1,7 @@
 """Block-sparse attention on the GPU, side by side with FlexAttention on the same mask and dense SDPA, one run.
 
     python benchmarks/bench_block_sparse.py --out DIR [--ns 16384,65536,262144] [--backward] [--compiled]
-        [--methods ours,flex,dense]
+        [--methods ours,flex,dense] [--cuda-graph]
 
 Patterns (B=1, H=16, D=64, bf16, block size 128):
 - window:       causal sliding window of 4096 tokens (Mistral-style: p - 4096 < j <= p), token-exact.
@@ -17,7 +17,10 @@ create_block_mask's minutes-long first compile and measures the kernels on ident
 Layout build: ours = pattern.layout(...) on the GPU (median of 5, after one warm call; that first call, which
 compiles the list kernels, is timed separately).
 Useful FLOPs: 4*D*H per allowed (query, key) pair; "computed" FLOPs count every token pair of a visited block.
-Times: medians of triton.testing.do_bench.
+Times: medians of triton.testing.do_bench (which zeroes a 256 MB buffer before each call; a call whose host side
+takes longer than its kernels leaves the GPU idle in between, counted). With --cuda-graph each forward is also
+timed replaying a CUDA graph of it (triton.testing.do_bench_cudagraph, median; no host work and no L2 flush
+between calls): the kernels' own time. Written as {method}_fwd_graph_ms beside {method}_fwd_ms.
 """
 
 from __future__ import annotations
@@ -88,6 +91,8 @@ def main():
     ap.add_argument("--flex-mask", default="create", choices=("create", "from-layout"))
     ap.add_argument("--patterns", default="window,local+global")
     ap.add_argument("--compiled", action="store_true", help="also time ours under torch.compile (ours-compiled)")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="also time each forward replaying a CUDA graph of it ({method}_fwd_graph_ms)")
     ap.add_argument("--methods", default="ours,flex,dense",
                     help="which of ours, flex, dense to time (ours always runs; without flex no Flex block mask)")
     a = ap.parse_args()
@@ -170,11 +175,22 @@ def main():
                 row[f"{m}_fwd_ms"] = ms
                 flops = 4 * D * H * N * N if m == "dense" else row["useful_flop"]
                 row[f"{m}_fwd_tflops"] = flops / ms / 1e9
+                if a.cuda_graph:
+                    try:
+                        with torch.no_grad():
+                            ms_g = triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
+                    except RuntimeError as e:   # a method that can't be captured: say so, time the others
+                        row[f"{m}_fwd_graph_error"] = str(e)[:300]
+                        ms_g = float("nan")
+                    row[f"{m}_fwd_graph_ms"] = ms_g
+                    row[f"{m}_fwd_graph_tflops"] = flops / ms_g / 1e9
                 if a.backward:
                     ms_b = bench(fn, backward=True, inputs=(q, k, v))
                     row[f"{m}_fwdbwd_ms"] = ms_b
                     row[f"{m}_fwdbwd_tflops"] = 3.5 * flops / ms_b / 1e9
             row["ours_fwd_tflops_computed_blocks"] = 4 * D * H * visited / row["ours_fwd_ms"] / 1e9
+            if a.cuda_graph:
+                row["ours_fwd_graph_tflops_computed_blocks"] = 4 * D * H * visited / row["ours_fwd_graph_ms"] / 1e9
             rows.append(row)
             print(json.dumps(row), flush=True)
             del q, k, v, lay, bm
@@ -196,6 +212,15 @@ def main():
               f"{r.get('dense_fwd_tflops', nan):6.0f}"
               f"  {r['ours_layout_ms']:9.2f}  {r.get('flex_mask_ms', float('nan')):8.2f} "
               f"({r.get('flex_mask_first_call_s', float('nan')):.1f})")
+    if a.cuda_graph:
+        print("\nin a CUDA graph: pattern  N  ours ms  flex ms  dense ms  ours computed-block TF/s / dense TF/s")
+        for r in rows:
+            nan = float("nan")
+            ratio = r["ours_fwd_graph_tflops_computed_blocks"] / r.get("dense_fwd_graph_tflops", nan)
+            print(f"{r['pattern']:<14} {r['N']:<8} {r['ours_fwd_graph_ms']:7.3f}  "
+                  f"{r.get('flex_fwd_graph_ms', nan):7.3f}  {r.get('dense_fwd_graph_ms', nan):8.2f}  "
+                  f"{r['ours_fwd_graph_tflops_computed_blocks']:6.0f} / {r.get('dense_fwd_graph_tflops', nan):6.0f}"
+                  f" = {ratio:.2f}")
 
 
 if __name__ == "__main__":
