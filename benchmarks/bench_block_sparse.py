@@ -204,18 +204,17 @@ def main():
                    "tuned": tuned}, f, indent=1)
     print("\npattern        N        ours ms  flex ms  dense ms  x flex  ours TF/s(useful/computed) dense TF/s"
           "  layout ms  flex mask ms (first call s)")
+    nan = float("nan")
     for r in rows:
-        nan = float("nan")
         print(f"{r['pattern']:<14} {r['N']:<8} {r['ours_fwd_ms']:7.3f}  {r.get('flex_fwd_ms', nan):7.3f}  "
               f"{r.get('dense_fwd_ms', nan):8.2f}  {r.get('flex_fwd_ms', nan) / r['ours_fwd_ms']:6.2f}  "
               f"{r['ours_fwd_tflops']:6.0f} / {r['ours_fwd_tflops_computed_blocks']:6.0f}            "
               f"{r.get('dense_fwd_tflops', nan):6.0f}"
-              f"  {r['ours_layout_ms']:9.2f}  {r.get('flex_mask_ms', float('nan')):8.2f} "
-              f"({r.get('flex_mask_first_call_s', float('nan')):.1f})")
+              f"  {r['ours_layout_ms']:9.2f}  {r.get('flex_mask_ms', nan):8.2f} "
+              f"({r.get('flex_mask_first_call_s', nan):.1f})")
     if a.cuda_graph:
         print("\nin a CUDA graph: pattern  N  ours ms  flex ms  dense ms  ours computed-block TF/s / dense TF/s")
         for r in rows:
-            nan = float("nan")
             ratio = r["ours_fwd_graph_tflops_computed_blocks"] / r.get("dense_fwd_graph_tflops", nan)
             print(f"{r['pattern']:<14} {r['N']:<8} {r['ours_fwd_graph_ms']:7.3f}  "
                   f"{r.get('flex_fwd_graph_ms', nan):7.3f}  {r.get('dense_fwd_graph_ms', nan):8.2f}  "

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dilate_compiler.lowering.dilated_triton import softmax_step
+from dilate_compiler.lowering.dilated_triton import INTERPRET, softmax_step
 
 FORMS = ("loop", "flattened")
 
@@ -80,6 +80,7 @@ def _fused_heads_kernel(Q, K, V, Out, KvCount, KvIdx, sm_scale, stride_h, stride
             _head(Q, K, V, Out, tl.program_id(1) * HPP + hh, offs, idx, n_blocks, stride_h, stride_n, qk_scale, BS,
                   HEAD_DIM)
 
+
 def fused_heads_attention(q, k, v, layout, heads_per_program: int, form: str, num_warps: int = 8,
                           num_stages: int = 3, maxnreg: int | None = 128):
     """Attention of ``q, k, v`` (``[1, H, N, D]``, contiguous) over ``layout``'s block lists (shared by the heads,
@@ -96,7 +97,7 @@ def fused_heads_attention(q, k, v, layout, heads_per_program: int, form: str, nu
         raise ValueError("q, k, v must be contiguous")
     out = torch.empty_like(q)
     bs = layout.block_size
-    extra = {"maxnreg": maxnreg} if maxnreg and not os.environ.get("TRITON_INTERPRET") == "1" else {}
+    extra = {"maxnreg": maxnreg} if maxnreg and not INTERPRET else {}   # the interpreter takes no register cap
     _fused_heads_kernel[(N // bs, H // heads_per_program)](
         q, k, v, out, layout.kv_count.to(torch.int32), layout.kv_idx.to(torch.int32), D ** -0.5, q.stride(1),
         q.stride(2), layout.kv_idx.shape[2], HPP=heads_per_program, FLATTEN=form == "flattened", BS=bs,

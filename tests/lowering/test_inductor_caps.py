@@ -67,7 +67,9 @@ def _enabled_in_a_fresh_process(setting):
     env = {k: v for k, v in os.environ.items() if k != "DILATE_COMPILER_INDUCTOR_CAPS"}
     if setting is not None:
         env["DILATE_COMPILER_INDUCTOR_CAPS"] = setting
-    code = "from dilate_compiler.lowering import inductor_caps; print(inductor_caps.ENABLED)"
+    # the module alone, from its file: the package would import torch (seconds per process)
+    code = ("import importlib.util as u; s = u.spec_from_file_location('caps', {!r}); m = u.module_from_spec(s); "
+            "s.loader.exec_module(m); print(m.ENABLED)").format(inductor_caps.__file__)
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     return r.returncode, r.stdout.strip(), r.stderr
 
