@@ -81,6 +81,26 @@ def _fused_heads_kernel(Q, K, V, Out, KvCount, KvIdx, sm_scale, stride_h, stride
                   HEAD_DIM)
 
 
+def check_shared_lists(q, k, v, layout):
+    """What the probes' kernels need (this one's and ``persistent_rows_probe.py``'s): the layout's lists shared by
+    the heads, no partial blocks, N a multiple of its block size, and q, k, v contiguous. Not checked while a CUDA
+    graph captures (reading the counts would synchronise): the probes check before they capture."""
+    N = q.shape[2]
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    if layout.kv_idx.shape[0] != 1 or int(layout.kv_count[..., 0].sum()) or N % layout.block_size:
+        raise ValueError("layout must be shared by the heads, with no partial blocks, and N a multiple of its "
+                         f"block size (got {layout.kv_idx.shape[0]} list heads, block size {layout.block_size})")
+    if not all(t.is_contiguous() for t in (q, k, v)):
+        raise ValueError("q, k, v must be contiguous")
+
+
+def launch_options(num_warps: int, num_stages: int, maxnreg: int | None) -> dict:
+    """Launch keywords of a probe kernel: ``maxnreg`` only on the GPU (the interpreter takes no register cap)."""
+    extra = {"maxnreg": maxnreg} if maxnreg and not INTERPRET else {}
+    return dict(num_warps=num_warps, num_stages=num_stages, **extra)
+
+
 def fused_heads_attention(q, k, v, layout, heads_per_program: int, form: str, num_warps: int = 8,
                           num_stages: int = 3, maxnreg: int | None = 128):
     """Attention of ``q, k, v`` (``[1, H, N, D]``, contiguous) over ``layout``'s block lists (shared by the heads,
@@ -90,18 +110,13 @@ def fused_heads_attention(q, k, v, layout, heads_per_program: int, form: str, nu
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     if H % heads_per_program:
         raise ValueError(f"heads_per_program ({heads_per_program}) must divide the heads ({H})")
-    if layout.kv_idx.shape[0] != 1 or int(layout.kv_count[..., 0].sum()) or N % layout.block_size:
-        raise ValueError("layout must be shared by the heads, with no partial blocks, and N a multiple of its "
-                         f"block size (got {layout.kv_idx.shape[0]} list heads, block size {layout.block_size})")
-    if not all(t.is_contiguous() for t in (q, k, v)):
-        raise ValueError("q, k, v must be contiguous")
+    check_shared_lists(q, k, v, layout)
     out = torch.empty_like(q)
     bs = layout.block_size
-    extra = {"maxnreg": maxnreg} if maxnreg and not INTERPRET else {}   # the interpreter takes no register cap
     _fused_heads_kernel[(N // bs, H // heads_per_program)](
         q, k, v, out, layout.kv_count.to(torch.int32), layout.kv_idx.to(torch.int32), D ** -0.5, q.stride(1),
         q.stride(2), layout.kv_idx.shape[2], HPP=heads_per_program, FLATTEN=form == "flattened", BS=bs,
-        HEAD_DIM=D, num_warps=num_warps, num_stages=num_stages, **extra)
+        HEAD_DIM=D, **launch_options(num_warps, num_stages, maxnreg))
     return out
 
 

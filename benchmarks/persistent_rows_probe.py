@@ -34,8 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dilate_compiler.lowering.dilated_triton import INTERPRET
-from fused_heads_probe import _row_blocks   # benchmarks/, beside this script: the same row loop
+from fused_heads_probe import _row_blocks, check_shared_lists, launch_options   # benchmarks/, beside this script
 
 COMPILED = {}   # kernel name -> the handle of its last launch (registers, spills)
 
@@ -144,26 +143,12 @@ def lpt_schedule(lengths: torch.Tensor, order: torch.Tensor, programs: int, nb: 
     return table[0], table[1], table[2], count
 
 
-def _check(q, layout):
-    _, H, N, D = q.shape
-    if q.is_cuda and torch.cuda.is_current_stream_capturing():   # checked before capture (it reads the counts)
-        return
-    if layout.kv_idx.shape[0] != 1 or int(layout.kv_count[..., 0].sum()) or N % layout.block_size:
-        raise ValueError("layout must be shared by the heads, with no partial blocks, and N a multiple of its "
-                         f"block size (got {layout.kv_idx.shape[0]} list heads, block size {layout.block_size})")
-
-
-def _launch_opts(num_warps, num_stages, maxnreg):
-    extra = {"maxnreg": maxnreg} if maxnreg and not INTERPRET else {}   # the interpreter takes no register cap
-    return dict(num_warps=num_warps, num_stages=num_stages, **extra)
-
-
 def rows_attention(q, k, v, layout, *, timeline=None, num_warps=8, num_stages=3, maxnreg=128):
     """One program per (block row, head), longest rows first. ``timeline``: an int64 ``[rows * H, 4]`` tensor
     to fill (GPU only)."""
     from dilate_compiler.lowering.block_sparse_triton import tile_order
 
-    _check(q, layout)
+    check_shared_lists(q, k, v, layout)
     _, H, N, D = q.shape
     bs, nb = layout.block_size, N // layout.block_size
     count, idx = layout.kv_count.to(torch.int32), layout.kv_idx.to(torch.int32)
@@ -172,7 +157,7 @@ def rows_attention(q, k, v, layout, *, timeline=None, num_warps=8, num_stages=3,
     times = timeline if timeline is not None else torch.zeros(4, dtype=torch.int64, device=q.device)
     COMPILED["rows"] = _rows_kernel[(nb * H,)](
         q, k, v, out, count, idx, order, times, D ** -0.5, q.stride(1), q.stride(2), idx.shape[2], nb,
-        TIMELINE=timeline is not None, BS=bs, HEAD_DIM=D, **_launch_opts(num_warps, num_stages, maxnreg))
+        TIMELINE=timeline is not None, BS=bs, HEAD_DIM=D, **launch_options(num_warps, num_stages, maxnreg))
     return out
 
 
@@ -189,7 +174,7 @@ def persistent_schedule(layout, heads: int, programs: int):
 def persistent_attention(q, k, v, layout, programs: int, *, prefetch_q=False, schedule=None, timeline=None,
                          num_warps=8, num_stages=3, maxnreg=128):
     """``programs`` persistent programs over the (block row, head) tiles (``persistent_schedule``)."""
-    _check(q, layout)
+    check_shared_lists(q, k, v, layout)
     _, H, N, D = q.shape
     rows, hs, lens, cnt = schedule if schedule is not None else persistent_schedule(layout, H, programs)
     idx = layout.kv_idx.to(torch.int32)
@@ -198,7 +183,7 @@ def persistent_attention(q, k, v, layout, programs: int, *, prefetch_q=False, sc
     COMPILED["persistent" + ("-prefetch" if prefetch_q else "")] = _persistent_kernel[(programs,)](
         q, k, v, out, rows, hs, lens, cnt, idx, times, D ** -0.5, q.stride(1), q.stride(2), idx.shape[2],
         rows.shape[1], PREFETCH_Q=prefetch_q, TIMELINE=timeline is not None, BS=layout.block_size, HEAD_DIM=D,
-        **_launch_opts(num_warps, num_stages, maxnreg))
+        **launch_options(num_warps, num_stages, maxnreg))
     return out
 
 

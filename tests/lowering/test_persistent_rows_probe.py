@@ -55,10 +55,13 @@ def test_lpt_schedule_balances_and_covers_every_tile():
     assert (lens[:, -2:] == 0).all()                        # two zero entries past each program's last tile
 
 
-def test_probe_rejects_partial_blocks():
+def test_probe_rejects_partial_blocks_and_strided_inputs():
     q = torch.zeros(1, 2, 64, 16)
     with pytest.raises(ValueError, match="no partial blocks"):
         rows_attention(q, q, q, P.sliding_window(20).layout(64, 16))
+    k = torch.zeros(1, 64, 2, 16).transpose(1, 2)          # the kernels read k with q's strides
+    with pytest.raises(ValueError, match="q, k, v must be contiguous"):
+        persistent_attention(q, k, q, P.local(1).layout(64, 16), 2)
 
 
 def test_analyse_reads_a_saved_timeline():
