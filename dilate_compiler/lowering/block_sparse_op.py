@@ -7,6 +7,10 @@
   columns of ``terms``) is a compile-time constant of the kernels. ``order`` (int, ``[N]`` or empty): position
   ``p`` of the layout is row ``order[p]`` of q, k, v, out and lse, i.e. the op equals gathering q, k, v with
   ``order``, attending, and scattering out and lse back; the kernels read through the table with no copy.
+  In eager mode on compute capability 9.0, a layout of full blocks only (no token mask; block size 128, head dim
+  64, not causal) runs the warp-specialised Gluon forward of ``block_sparse_gluon`` instead (not under
+  ``torch.compile`` or export, where the Triton forward runs; ``DILATE_COMPILER_WARP_SPECIALISED=0`` turns it
+  off). The backward is the Triton kernels' in both cases.
 - ``dilate_compiler::block_sparse_attention_backward(dout, q, k, v, out, lse, <layout>, ...) -> (dq, dk, dv)``.
 - ``..._exact`` variants: the exact path as opaque custom ops.
 
@@ -20,13 +24,26 @@ import torch
 from torch import Tensor
 
 from .block_sparse_eager import block_sparse_backward_eager, block_sparse_forward_eager
-from .block_sparse_triton import block_sparse_attn_bwd, block_sparse_attn_fwd, kernel_unsupported_reason
+from .block_sparse_triton import block_sparse_attn_bwd, block_sparse_attn_fwd, kernel_unsupported_reason, tile_order
 from .dilated_op import kernels_apply, lse_dtype
+
+try:
+    from . import block_sparse_gluon
+except ImportError as e:   # a Triton without Gluon's Hopper API: the Triton forward runs everywhere
+    block_sparse_gluon = None
+    _GLUON_MISSING = f"Gluon unavailable ({e})"
 
 
 def use_kernels(q: Tensor, block_size: int) -> bool:
     """True when the Triton kernels run this call."""
     return kernels_apply("block-sparse attention", q, kernel_unsupported_reason(q, block_size))
+
+
+def warp_specialised_reason(q, k, v, kv_count, block_size: int, is_causal: bool, order) -> str:
+    """Why the warp-specialised Hopper forward (``block_sparse_gluon``) doesn't run this call, or ''."""
+    if block_sparse_gluon is None:
+        return _GLUON_MISSING
+    return block_sparse_gluon.unsupported_reason(q, k, v, kv_count, block_size, is_causal, order)
 
 
 @torch.library.custom_op("dilate_compiler::block_sparse_attention_forward_exact", mutates_args=())
@@ -85,6 +102,9 @@ def block_sparse_attention_forward(
     is_causal: bool, scale: float,
 ) -> tuple[Tensor, Tensor]:
     if use_kernels(q, block_size):
+        if not warp_specialised_reason(q, k, v, kv_count, block_size, is_causal, order):
+            return block_sparse_gluon.block_sparse_attn_fwd_ws(
+                q, k, v, kv_count, kv_idx, tile_order(kv_count, kv_count.shape[0], q.shape[0] * q.shape[1]), scale)
         return block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size, is_causal, scale,
                                      coords, checks, order)
     return torch.ops.dilate_compiler.block_sparse_attention_forward_exact(

@@ -1,0 +1,132 @@
+"""The warp-specialised Hopper forward (``block_sparse_gluon``): when the op takes it, and (GPU, marker ``gpu``)
+that it matches float64 and the Triton forward, feeds the Triton backward, leaves compiled graphs to the Triton
+kernels and replays in a CUDA graph. Gluon has no CPU interpreter, so its exactness is checked on the GPU only."""
+
+import os
+import subprocess
+import sys
+from unittest import mock
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dilate_compiler as dc
+from dilate_compiler import patterns as P
+from dilate_compiler.lowering import block_sparse_gluon as bg
+from dilate_compiler.lowering import block_sparse_op
+from tests.lowering.test_block_sparse_op import dense_reference
+from tests.tolerances import assert_close, rel_err
+
+
+def test_all_blocks_full_reads_once_per_layout_version():
+    lay = (P.local(2) | P.global_tokens(128)).layout(1024, 128)
+    assert bg.all_blocks_full(lay.kv_count) is True
+    assert bg.all_blocks_full(P.sliding_window(300).layout(1024, 128).kv_count) is False
+    with mock.patch.object(torch.Tensor, "any", side_effect=AssertionError("read again")):
+        assert bg.all_blocks_full(lay.kv_count) is True          # kept on the tensor
+    lay.kv_count[0, 3, 0] = 1                                    # an in-place change: read again
+    assert bg.all_blocks_full(lay.kv_count) is False
+
+
+def test_the_op_says_why_it_runs_the_triton_forward_off_hopper():
+    q = torch.zeros(1, 2, 256, 64, dtype=torch.bfloat16)
+    lay = P.local(1).layout(256, 128)
+    reason = block_sparse_op.warp_specialised_reason(q, q, q, lay.kv_count, 128, False, None)
+    assert reason.startswith("device cpu")
+    with mock.patch.object(bg, "ENABLED", False):
+        assert "DILATE_COMPILER_WARP_SPECIALISED=0" in bg.unsupported_reason(q, q, q, lay.kv_count, 128, False, None)
+
+
+def test_an_unknown_setting_is_refused_by_name():
+    env = dict(os.environ, DILATE_COMPILER_WARP_SPECIALISED="yes")
+    r = subprocess.run([sys.executable, "-c", "import dilate_compiler.lowering.block_sparse_gluon"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "DILATE_COMPILER_WARP_SPECIALISED must be '0' (off) or '1' (on, the default), got 'yes'" in r.stderr
+
+
+def _hopper():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+def _empty_row_layout(nb):
+    lay = torch.ones(nb, nb, dtype=torch.bool).tril()
+    lay[1] = False                                               # block row 1 attends to nothing
+    return P.from_layout(lay)
+
+
+CASES = {  # pattern, dtype, B, Hq, Hkv, N
+    "local+global": (lambda: P.local(8) | P.global_tokens(128), torch.bfloat16, 2, 4, 4, 2048),
+    "local-gqa-fp16": (lambda: P.local(2), torch.float16, 1, 8, 2, 1024),
+    "perhead-random": (lambda: P.random(3, seed=2, per_head=True) | P.local(1), torch.bfloat16, 2, 4, 2, 1536),
+    "empty-row": (lambda: _empty_row_layout(8), torch.bfloat16, 1, 2, 2, 1024),
+    "many-tiles": (lambda: P.local(4) | P.global_tokens(128), torch.bfloat16, 2, 8, 8, 4096),   # 512 tiles
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs compute capability 9.0")
+@pytest.mark.parametrize("name", list(CASES))
+def test_warp_specialised_forward_matches_float64_and_the_triton_forward(name):
+    make, dtype, B, Hq, Hkv, N = CASES[name]
+    pattern = make()
+    g = torch.Generator(device="cuda").manual_seed(N + Hq)
+    q, k, v = (torch.randn(B, h, N, 64, device="cuda", generator=g, dtype=dtype).requires_grad_()
+               for h in (Hq, Hkv, Hkv))
+    lay = pattern.layout(N, 128, num_heads=Hq, device="cuda")
+    calls = []
+    run = bg.block_sparse_attn_fwd_ws
+    with mock.patch.object(bg, "block_sparse_attn_fwd_ws", lambda *a: calls.append(1) or run(*a)):
+        out = dc.ops.block_sparse_attention(q, k, v, lay, block_size=128)
+    assert calls, block_sparse_op.warp_specialised_reason(q, k, v, lay.kv_count, 128, False, None)
+    mask = pattern.token_mask(N, 128, num_heads=Hq, device="cuda")
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = dense_reference(q64, k64, v64, mask)
+    eager = F.scaled_dot_product_attention(*(t.detach() for t in (q, k.repeat_interleave(Hq // Hkv, 1),
+                                                                   v.repeat_interleave(Hq // Hkv, 1))),
+                                           attn_mask=mask.unsqueeze(0)).nan_to_num(0.0)
+    assert_close(out, ref, dtype, eager_err=rel_err(eager, ref))
+    # the LSE it hands the backward: the Triton forward's, and the Triton backward's gradients are exact
+    args = lay.args(None)
+    ws_out, ws_lse = torch.ops.dilate_compiler.block_sparse_attention_forward(q, k, v, *args, 128, False, 64 ** -0.5)
+    with mock.patch.object(bg, "ENABLED", False):
+        tr_out, tr_lse = torch.ops.dilate_compiler.block_sparse_attention_forward(q, k, v, *args, 128, False,
+                                                                                  64 ** -0.5)
+    torch.testing.assert_close(ws_out, tr_out, atol=2e-2, rtol=0)
+    finite = torch.isfinite(tr_lse)
+    assert torch.equal(finite, torch.isfinite(ws_lse))
+    torch.testing.assert_close(ws_lse[finite], tr_lse[finite], atol=1e-4, rtol=1e-5)
+    dout = torch.randn(out.shape, device="cuda", generator=g, dtype=dtype)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    for what, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close(a, b, dtype, what)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs compute capability 9.0")
+def test_compiled_graphs_run_the_triton_forward_and_cuda_graphs_the_warp_specialised_one():
+    from torch._inductor.utils import run_and_get_code
+
+    q, k, v = (torch.randn(1, 4, 2048, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    lay = (P.local(2) | P.global_tokens(128)).layout(2048, 128, device="cuda")
+
+    def op(q, k, v):
+        return dc.ops.block_sparse_attention(q, k, v, lay, block_size=128)
+
+    eager = op(q, k, v)
+    calls = []
+    run = bg.block_sparse_attn_fwd_ws
+    with mock.patch.object(bg, "block_sparse_attn_fwd_ws", lambda *a: calls.append(1) or run(*a)):
+        torch._dynamo.reset()
+        out, codes = run_and_get_code(torch.compile(op), q, k, v)
+        assert not calls and any("_block_sparse_fwd_kernel" in c for c in codes)
+        torch.testing.assert_close(out, eager, atol=2e-2, rtol=0)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = op(q, k, v)
+        assert calls                                              # the layout was read before the capture
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.testing.assert_close(captured, op(q, k, v), atol=0, rtol=0)
