@@ -1,15 +1,17 @@
 """Block-sparse attention on the GPU, side by side with FlexAttention on the same mask and dense SDPA, one run.
 
     python benchmarks/bench_block_sparse.py --out DIR [--ns 16384,65536,262144] [--backward] [--compiled]
-        [--methods ours,flex,dense] [--cuda-graph]
+        [--methods ours,ours-triton,flex,dense] [--cuda-graph]
 
 Patterns (B=1, H=16, D=64, bf16, block size 128):
 - window:       causal sliding window of 4096 tokens (Mistral-style: p - 4096 < j <= p), token-exact.
 - local+global: local(8) (query block I sees key blocks |I - J| < 8) | global_tokens(128) (one global block),
                 not causal.
-Methods: ours (dc.ops.block_sparse_attention with a prebuilt layout); flex (flex_attention compiled, with the
-same mask_mod); dense (F.scaled_dot_product_attention, flash, full attention); with --compiled also
-ours-compiled (the same call under torch.compile: the kernels as Inductor emits them, after one compiling call).
+Methods: ours (dc.ops.block_sparse_attention with a prebuilt layout; each row's "ours_forward" says whether its
+forward ran the warp-specialised Hopper kernel or why not); ours-triton (the same with the warp-specialised forward
+off: the Triton forward); flex (flex_attention compiled, with the same mask_mod); dense
+(F.scaled_dot_product_attention, flash, full attention); with --compiled also ours-compiled (the same call under
+torch.compile: the kernels as Inductor emits them, after one compiling call).
 Flex's block mask: --flex-mask create builds it with create_block_mask(_compile=True) once per N (its first
 call, which compiles, and its steady-state build are timed separately); --flex-mask from-layout hands Flex
 our layout's block lists (BlockMask.from_kv_blocks, the same partial/full split and mask_mod), which skips
@@ -38,6 +40,8 @@ import triton
 import dilate_compiler as dc
 from bench_dilated import bench, flex_block_mask, tuned_configs
 from dilate_compiler import patterns as P
+from dilate_compiler.lowering import block_sparse_gluon
+from dilate_compiler.lowering.block_sparse_op import warp_specialised_reason
 
 H, D, BS, WINDOW = 16, 64, 128, 4096
 
@@ -83,6 +87,17 @@ def flex_block_mask_from_layout(layout, mask_mod):
     return flex_block_mask(layout.kv_count[0], layout.kv_idx[0], layout.block_size, layout.seq_len, mask_mod)
 
 
+def triton_forward(fn):
+    """``fn`` run with the op's warp-specialised forward turned off (the Triton forward, as before it)."""
+    def run():
+        saved, block_sparse_gluon.ENABLED = block_sparse_gluon.ENABLED, False
+        try:
+            return fn()
+        finally:
+            block_sparse_gluon.ENABLED = saved
+    return run
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -94,11 +109,12 @@ def main():
     ap.add_argument("--cuda-graph", action="store_true",
                     help="also time each forward replaying a CUDA graph of it ({method}_fwd_graph_ms)")
     ap.add_argument("--methods", default="ours,flex,dense",
-                    help="which of ours, flex, dense to time (ours always runs; without flex no Flex block mask)")
+                    help="which of ours, ours-triton, flex, dense to time (ours always runs; without flex no Flex "
+                         "block mask)")
     a = ap.parse_args()
     methods = set(a.methods.split(",")) | {"ours"}
-    if not methods <= {"ours", "flex", "dense"}:
-        raise SystemExit(f"--methods {a.methods!r}: accepted are ours, flex, dense (comma-separated)")
+    if not methods <= {"ours", "ours-triton", "flex", "dense"}:
+        raise SystemExit(f"--methods {a.methods!r}: accepted are ours, ours-triton, flex, dense (comma-separated)")
     os.makedirs(a.out, exist_ok=True)
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -153,10 +169,13 @@ def main():
                 row["flex_sparsity"] = bm.sparsity() / 100.0
             fns = {
                 "ours": lambda: dc.ops.block_sparse_attention(q, k, v, lay, block_size=BS, is_causal=causal),
+                "ours-triton": triton_forward(
+                    lambda: dc.ops.block_sparse_attention(q, k, v, lay, block_size=BS, is_causal=causal)),
                 "flex": lambda: flex(q, k, v, block_mask=bm),
                 "dense": lambda: F.scaled_dot_product_attention(q, k, v),
             }
             fns = {m: fn for m, fn in fns.items() if m in methods}
+            row["ours_forward"] = warp_specialised_reason(q, k, v, lay.kv_count, BS, causal, None) or "warp-specialised"
             if a.compiled:
                 ours_c = torch.compile(lambda q, k, v: dc.ops.block_sparse_attention(q, k, v, lay, block_size=BS,
                                                                                      is_causal=causal),
@@ -166,6 +185,8 @@ def main():
                 ours_out = fns["ours"]()
                 if "flex" in fns:
                     row["flex_vs_ours_max_abs"] = (fns["flex"]() - ours_out).abs().max().item()
+                if "ours-triton" in fns:
+                    row["ours_triton_vs_ours_max_abs"] = (fns["ours-triton"]() - ours_out).abs().max().item()
                 if a.compiled:
                     row["compiled_vs_ours_max_abs"] = (fns["ours-compiled"]() - ours_out).abs().max().item()
                 del ours_out
@@ -188,9 +209,12 @@ def main():
                     ms_b = bench(fn, backward=True, inputs=(q, k, v))
                     row[f"{m}_fwdbwd_ms"] = ms_b
                     row[f"{m}_fwdbwd_tflops"] = 3.5 * flops / ms_b / 1e9
-            row["ours_fwd_tflops_computed_blocks"] = 4 * D * H * visited / row["ours_fwd_ms"] / 1e9
-            if a.cuda_graph:
-                row["ours_fwd_graph_tflops_computed_blocks"] = 4 * D * H * visited / row["ours_fwd_graph_ms"] / 1e9
+            for m in ("ours", "ours-triton"):
+                if m in fns:
+                    row[f"{m}_fwd_tflops_computed_blocks"] = 4 * D * H * visited / row[f"{m}_fwd_ms"] / 1e9
+                    if a.cuda_graph:
+                        row[f"{m}_fwd_graph_tflops_computed_blocks"] = (4 * D * H * visited
+                                                                        / row[f"{m}_fwd_graph_ms"] / 1e9)
             rows.append(row)
             print(json.dumps(row), flush=True)
             del q, k, v, lay, bm
