@@ -42,6 +42,10 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .dilated_triton import INTERPRET
 
+# TMA copies: async_load / async_store in newer Gluon (Triton 3.9 has only these), async_copy_* in Triton 3.6
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+
 _SETTING = os.environ.get("DILATE_COMPILER_WARP_SPECIALISED", "1")
 if _SETTING not in ("0", "1"):
     raise ValueError(f"DILATE_COMPILER_WARP_SPECIALISED must be '0' (off) or '1' (on, the default), got {_SETTING!r}")
@@ -82,14 +86,14 @@ def _producer(q_desc, k_desc, v_desc, tables, dims, bufs, STAGES: gl.constexpr, 
         Slots.index(qs).store(gl.full([1], tile, gl.int32, slot_layout))
         q_row, kv_row, lrow, n = _tile(TileOrder, KvCount, tile, NB, H, LH, N, GQA)
         mbarrier.expect(q_ready.index(qs), q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_ready.index(qs), q_bufs.index(qs))
+        _tma_load(q_desc, [q_row, 0], q_ready.index(qs), q_bufs.index(qs))
         for t in range(n):
             blk = gl.load(KvIdx + lrow * KW + t)
             s = kv % STAGES
             mbarrier.wait(kv_empty.index(s), ((kv // STAGES) & 1) ^ 1)
             mbarrier.expect(kv_ready.index(s), 2 * k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [kv_row + blk * _BLOCK, 0], kv_ready.index(s), k_bufs.index(s))
-            tma.async_copy_global_to_shared(v_desc, [kv_row + blk * _BLOCK, 0], kv_ready.index(s), v_bufs.index(s))
+            _tma_load(k_desc, [kv_row + blk * _BLOCK, 0], kv_ready.index(s), k_bufs.index(s))
+            _tma_load(v_desc, [kv_row + blk * _BLOCK, 0], kv_ready.index(s), v_bufs.index(s))
             kv += 1
         i += 1
         tile = gl.atomic_add(Counter, 1)
@@ -175,7 +179,7 @@ def _consumer(o_desc, Lse, tables, dims, bufs, qk_scale, HEAD_DIM: gl.constexpr,
         tma.store_wait(pendings=0)                 # the previous tile's store has read o_smem
         o_smem.store(out.to(dtype))
         fence_async_shared()
-        tma.async_copy_shared_to_global(o_desc, [q_row + PART * _HALF, 0], o_smem)
+        _tma_store(o_desc, [q_row + PART * _HALF, 0], o_smem)
         gl.store(Lse + q_row + PART * _HALF + gl.arange(0, _HALF, layout=rows), lse)
         i += 1
         tile = _read_slot(Slots, q_ready, i)
