@@ -40,6 +40,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .block_sparse_triton import keepable, kept_on
 from .dilated_triton import INTERPRET
 
 # TMA copies: async_load / async_store in newer Gluon (Triton 3.9 has only these), async_copy_* in Triton 3.6
@@ -57,6 +58,7 @@ HALF = 64            # query rows per consumer warpgroup
 _HALF = gl.constexpr(HALF)
 STAGES = 3           # K/V ring depth (two stages are live in a consumer; the third lets the producer run ahead)
 HEAD_DIMS = (64,)
+_SLOT_LAYOUT = gl.constexpr(gl.BlockedLayout([1], [32], [4], [0]))   # a tile index, across a 4-warp partition
 
 
 @gluon.jit
@@ -76,14 +78,13 @@ def _producer(q_desc, k_desc, v_desc, tables, dims, bufs, STAGES: gl.constexpr, 
     TileOrder, KvCount, KvIdx, Counter, Slots = tables
     total, NB, H, LH, N, KW = dims
     q_bufs, k_bufs, v_bufs, q_ready, q_empty, kv_ready, kv_empty = bufs
-    slot_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
     i = 0
     kv = 0
     tile = gl.atomic_add(Counter, 1)
     while tile < total:
         qs = i % 2
         mbarrier.wait(q_empty.index(qs), ((i // 2) & 1) ^ 1)       # a fresh barrier passes parity 1 at once
-        Slots.index(qs).store(gl.full([1], tile, gl.int32, slot_layout))
+        Slots.index(qs).store(gl.full([1], tile, gl.int32, _SLOT_LAYOUT))
         q_row, kv_row, lrow, n = _tile(TileOrder, KvCount, tile, NB, H, LH, N, GQA)
         mbarrier.expect(q_ready.index(qs), q_desc.block_type.nbytes)
         _tma_load(q_desc, [q_row, 0], q_ready.index(qs), q_bufs.index(qs))
@@ -99,7 +100,7 @@ def _producer(q_desc, k_desc, v_desc, tables, dims, bufs, STAGES: gl.constexpr, 
         tile = gl.atomic_add(Counter, 1)
     qs = i % 2
     mbarrier.wait(q_empty.index(qs), ((i // 2) & 1) ^ 1)
-    Slots.index(qs).store(gl.full([1], -1, gl.int32, slot_layout))
+    Slots.index(qs).store(gl.full([1], -1, gl.int32, _SLOT_LAYOUT))
     mbarrier.arrive(q_ready.index(qs))
 
 
@@ -115,9 +116,8 @@ def _softmax_block(qk, m_i, l_i, qk_scale):
 @gluon.jit
 def _read_slot(Slots, q_ready, i):
     """Wait for Q buffer ``i % 2``'s tile and read which tile it is (-1: no more)."""
-    slot_layout: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
     mbarrier.wait(q_ready.index(i % 2), (i // 2) & 1)
-    return gl.max(Slots.index(i % 2).load(slot_layout), axis=0)
+    return gl.max(Slots.index(i % 2).load(_SLOT_LAYOUT), axis=0)
 
 
 @gluon.jit
@@ -220,18 +220,18 @@ def _block_sparse_fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, Lse, TileOrder, 
 
 def all_blocks_full(kv_count: torch.Tensor) -> bool | None:
     """Whether no block row of the layout has a partial block (``kv_count[..., 0]`` all zero). Read from the
-    device once per ``kv_count`` version and kept on the tensor (as ``tile_order`` keeps its sort); None when
-    it isn't known and can't be read now (while a CUDA graph captures, or on tensors with no version counter)."""
-    if type(kv_count) is not torch.Tensor or kv_count.is_inference():
+    device once per ``kv_count`` version and kept on the tensor (``kept_on``, as ``tile_order`` keeps its sort);
+    None when it isn't known and can't be read now (while a CUDA graph captures, or on tensors with no version
+    counter)."""
+    if not keepable(kv_count):
         return None
-    cached = kv_count.__dict__.get("_all_blocks_full")
-    if cached is not None and cached[0] == kv_count._version:
-        return cached[1]
-    if kv_count.is_cuda and torch.cuda.is_current_stream_capturing():
-        return None
-    full = not bool(kv_count[..., 0].any())
-    kv_count.__dict__["_all_blocks_full"] = (kv_count._version, full)
-    return full
+
+    def read():
+        if kv_count.is_cuda and torch.cuda.is_current_stream_capturing():
+            return None
+        return not bool(kv_count[..., 0].any())
+
+    return kept_on(kv_count, "_all_blocks_full", read)
 
 
 def unsupported_reason(q, k, v, kv_count, block_size: int, is_causal: bool, order) -> str:

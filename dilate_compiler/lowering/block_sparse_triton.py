@@ -451,28 +451,44 @@ def _grid(n: int, bs: int, block: str, programs: int):
     return lambda META: (triton.cdiv(n, bs) * (bs // META[block]), programs)
 
 
+def keepable(t) -> bool:
+    """Whether a value derived from tensor ``t`` can be kept on it (``kept_on``): a plain tensor with a version
+    counter (not an inference tensor, not a subclass such as a fake tensor), outside tracing."""
+    return type(t) is torch.Tensor and not t.is_inference() and not torch.compiler.is_compiling()
+
+
+def kept_on(t, key: str, compute):
+    """``compute()``, kept on tensor ``t`` under ``key`` until ``t`` changes in place (its version counter): a
+    layout reused across calls computes once. Where ``t`` isn't ``keepable``, ``compute()`` runs on every call. A
+    None result is not kept."""
+    if not keepable(t):
+        return compute()
+    entry = t.__dict__.get(key)
+    if entry is not None and entry[0] == t._version:
+        return entry[1]
+    value = compute()
+    if value is not None:
+        t.__dict__[key] = (t._version, value)
+    return value
+
+
 def tile_order(count, heads: int, programs: int) -> torch.Tensor:
     """``[programs * NB]`` int32: the launch order of the (program head, block) pairs, packed ``head * NB +
     block``: most work (list length, ``count[..., 1]``) first; equal work in (head, block) order (a stable sort).
     Program head ``x`` reads layout head ``x % heads``. ``heads`` < the layout's heads (a per-head layout under
     GQA, seen from a kv head) sums the counts of each group of consecutive heads.
 
-    Kept on ``count`` per ``(heads, programs)`` and ``count``'s version (an in-place change sorts again): a layout
-    reused across calls sorts once, not on every launch (a sort is a few small kernels, about 20 us). Not kept
-    while tracing, nor on inference tensors (which have no version counter)."""
-    cacheable = type(count) is torch.Tensor and not count.is_inference() and not torch.compiler.is_compiling()
-    key = (heads, programs, count._version if cacheable else 0)
-    cached = count.__dict__.get("_tile_orders", {}) if cacheable else {}
-    if key in cached:
-        return cached[key]
-    work = count[..., 1]
-    if work.shape[0] > heads:
-        work = work.view(heads, -1, work.shape[-1]).sum(1)
-    idx = torch.arange(programs, device=work.device) % work.shape[0]
-    order = torch.argsort(work[idx].flatten(), descending=True, stable=True).to(torch.int32)
-    if cacheable:
-        count.__dict__["_tile_orders"] = {k: v for k, v in cached.items() if k[2] == count._version} | {key: order}
-    return order
+    Kept on ``count`` per ``(heads, programs)`` and ``count``'s version (``kept_on``; an in-place change sorts
+    again): a layout reused across calls sorts once, not on every launch (a sort is a few small kernels, about
+    20 us)."""
+    def sort():
+        work = count[..., 1]
+        if work.shape[0] > heads:
+            work = work.view(heads, -1, work.shape[-1]).sum(1)
+        idx = torch.arange(programs, device=work.device) % work.shape[0]
+        return torch.argsort(work[idx].flatten(), descending=True, stable=True).to(torch.int32)
+
+    return kept_on(count, f"_tile_order_{heads}_{programs}", sort)
 
 
 def _flags(q, k, kv_idx, terms, order, checks, block_size, is_causal):
