@@ -4,7 +4,10 @@
         [--methods ours,dense,gather,flex] [--backward] [--scale-n 2097152] [--dropout 0.1]
 
 Methods (all bf16, B=1):
-- ours:   dc.ops.dilated_attention (the Triton kernels; all branches fused, no gather).
+- ours:   dc.ops.dilated_attention (the kernels; all branches fused, no gather). On Hopper a nested non-causal
+          pattern at D=64 runs the warp-specialised Gluon forward; each row's "ours_forward" says which forward ran.
+- ours-triton: the same with the warp-specialised forward turned off (the Triton forward; method named in
+          --methods).
 - ours-dropout: the same with dropout_p = --dropout (in-kernel Philox masks; method named in --methods).
 - ours-compiled: ours under torch.compile (the kernels as Inductor emits them; method named in --methods).
 - dense:  F.scaled_dot_product_attention with the flash backend (full attention: a different, larger problem).
@@ -166,6 +169,26 @@ def dilated_flex_block_mask(N, segs, rates, causal, mask_mod, bs=128, device="cu
     return flex_block_mask(count[0], idx[0], bs, N, mask_mod)
 
 
+def forward_taken(q, k, v, causal) -> str:
+    """Which forward the op runs for this call: "warp-specialised", or why the Triton forward runs."""
+    from dilate_compiler.lowering.dilated_op import warp_specialised_reason
+
+    return warp_specialised_reason(q, k, v, None, SEGS, RATES, causal, "lse", 0.0) or "warp-specialised"
+
+
+def triton_forward(fn):
+    """``fn`` run with the op's warp-specialised forward turned off (the Triton forward, as before it)."""
+    from dilate_compiler.lowering import block_sparse_gluon
+
+    def run():
+        saved, block_sparse_gluon.ENABLED = block_sparse_gluon.ENABLED, False
+        try:
+            return fn()
+        finally:
+            block_sparse_gluon.ENABLED = saved
+    return run
+
+
 def bench(fn, backward=False, inputs=()):
     if backward:
         def step():
@@ -216,9 +239,17 @@ def main():
                     "ours": lambda: dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=causal),
                     "ours-dropout": lambda: dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=causal,
                                                                      dropout_p=a.dropout),
+                    "ours-triton": triton_forward(lambda: dc.ops.dilated_attention(q, k, v, SEGS, RATES,
+                                                                                   is_causal=causal)),
                     "dense": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
                     "gather": lambda: gather_sdpa(q, k, v, SEGS, RATES, causal),
                 }
+                row["ours_forward"] = forward_taken(q, k, v, causal)
+                if "ours-triton" in methods:
+                    with torch.no_grad():
+                        a_out, b_out = fns["ours"](), fns["ours-triton"]()
+                        row["triton_vs_ours_max_abs"] = (a_out - b_out).abs().max().item()
+                        del a_out, b_out
                 if "ours-compiled" in methods:
                     ours_c = torch.compile(lambda q, k, v: dc.ops.dilated_attention(q, k, v, SEGS, RATES,
                                                                                      is_causal=causal),

@@ -25,6 +25,12 @@ from ..strategies.dilated import Dilated
 from .dilated_eager import dilated_attention_backward_eager, dilated_attention_forward_eager
 from .dilated_triton import dilated_attn_bwd, dilated_attn_fwd, kernel_unsupported_reason
 
+try:
+    from . import dilated_gluon
+except ImportError as e:   # a Triton without Gluon's Hopper API: the Triton forward runs everywhere
+    dilated_gluon = None
+    _GLUON_MISSING = f"Gluon unavailable ({e})"
+
 log = logging.getLogger("dilate_compiler")
 _LOGGED: set = set()
 
@@ -53,6 +59,15 @@ def kernels_apply(what: str, q: Tensor, reason: str) -> bool:
 def use_kernels(q: Tensor, attn_mask, dropout_p: float, num_branches: int) -> bool:
     """True when the Triton kernels run this call."""
     return kernels_apply("dilated attention", q, kernel_unsupported_reason(q, attn_mask, dropout_p, num_branches))
+
+
+def warp_specialised_reason(q, k, v, attn_mask, segment_lengths, dilation_rates, is_causal: bool, mixing: str,
+                            dropout_p: float) -> str:
+    """Why the warp-specialised Hopper forward (``dilated_gluon``) doesn't run this call, or ''."""
+    if dilated_gluon is None:
+        return _GLUON_MISSING
+    return dilated_gluon.unsupported_reason(q, k, v, attn_mask, segment_lengths, dilation_rates,
+                                            is_causal=is_causal, mixing=mixing, dropout_p=dropout_p)
 
 
 # --- the exact path ----------------------------------------------------------------------------------------
@@ -109,6 +124,9 @@ def dilated_attention_forward(
     seed: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:
     if use_kernels(q, attn_mask, dropout_p, len(segment_lengths)):
+        if not warp_specialised_reason(q, k, v, attn_mask, segment_lengths, dilation_rates, is_causal, mixing,
+                                       dropout_p):
+            return dilated_gluon.dilated_attn_fwd_ws(q, k, v, segment_lengths, dilation_rates, scale=scale)
         return dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, is_causal=is_causal, scale=scale,
                                 mixing=mixing, dropout_p=dropout_p, seed=seed)
     return torch.ops.dilate_compiler.dilated_attention_forward_exact(

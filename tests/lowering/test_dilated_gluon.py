@@ -1,0 +1,126 @@
+"""The warp-specialised Hopper dilated forward (``dilated_gluon``): when the op takes it, and (GPU, marker ``gpu``)
+that it matches float64 and the Triton forward, feeds the Triton backward, leaves compiled graphs to the Triton
+kernels and replays in a CUDA graph. Gluon has no CPU interpreter, so its exactness is checked on the GPU only."""
+
+from unittest import mock
+
+import pytest
+import torch
+
+import dilate_compiler as dc
+from dilate_compiler.lowering import block_sparse_gluon as bsg
+from dilate_compiler.lowering import dilated_gluon as dg
+from dilate_compiler.lowering import dilated_op
+from tests.tolerances import assert_close, eager_dilated, rel_err
+
+SEGS, RATES = (1024, 2048, 4096), (1, 2, 4)
+
+
+def test_the_op_says_why_it_runs_the_triton_forward_off_hopper():
+    q = torch.zeros(1, 2, 2048, 64, dtype=torch.bfloat16)
+    reason = dilated_op.warp_specialised_reason(q, q, q, None, SEGS, RATES, False, "lse", 0.0)
+    assert reason.startswith("device cpu")
+    with mock.patch.object(bsg, "ENABLED", False):
+        reason = dg.unsupported_reason(q, q, q, None, SEGS, RATES, is_causal=False, mixing="lse", dropout_p=0.0)
+    assert "DILATE_COMPILER_WARP_SPECIALISED=0" in reason
+
+
+def _call_reason(q, segs=SEGS, rates=RATES, is_causal=False, mixing="lse", dropout_p=0.0, attn_mask=None):
+    return dg.call_reason(q, q, q, attn_mask, segs, rates, is_causal=is_causal, mixing=mixing, dropout_p=dropout_p)
+
+
+@pytest.mark.parametrize("n,change,expected", [
+    (2048, dict(is_causal=True), "causal, a mask or dropout"),
+    (2048, dict(dropout_p=0.1), "causal, a mask or dropout"),
+    (2048, dict(attn_mask=torch.zeros(2048, 2048)), "causal, a mask or dropout"),
+    (2048, dict(mixing="head_groups"), "a nested pattern under mixing='lse'"),
+    (2048, dict(segs=(1024, 1536), rates=(1, 2)), "a nested pattern under mixing='lse'"),
+    (2048, dict(segs=(384, 768), rates=(1, 2)), "L * 128 = 256 dividing N and the shortest segment"),
+    (2304, {}, "N 2304"),
+])
+def test_the_reasons_name_what_the_forward_does_not_take(n, change, expected):
+    assert _call_reason(torch.zeros(1, 2, 2048, 64, dtype=torch.bfloat16)) == ""
+    assert expected in _call_reason(torch.zeros(1, 2, n, 64, dtype=torch.bfloat16), **change)
+
+
+def test_the_reasons_name_dtypes_head_dims_and_layouts_it_does_not_take():
+    q = torch.zeros(1, 2, 2048, 64, dtype=torch.bfloat16)
+    assert "head dim 32" in _call_reason(torch.zeros(1, 2, 2048, 32, dtype=torch.bfloat16))
+    assert "dtype torch.float32" in _call_reason(q.float())
+    assert "not contiguous" in _call_reason(torch.zeros(1, 2048, 2, 64, dtype=torch.bfloat16).transpose(1, 2))
+    k = torch.zeros(1, 2, 4096, 64, dtype=torch.bfloat16)
+    assert "queries 2048" in dg.call_reason(q, k, k, None, SEGS, RATES, is_causal=False, mixing="lse", dropout_p=0.0)
+
+
+def _hopper():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+CASES = {  # segments, rates, dtype, B, Hq, Hkv, N
+    "L4-B2": ((1024, 2048, 4096), (1, 2, 4), torch.bfloat16, 2, 4, 4, 4096),
+    "L8-truncated": ((1024, 2048, 4096, 8192), (1, 2, 4, 8), torch.bfloat16, 1, 2, 2, 7168),
+    "unsorted-gqa-fp16": ((2048, 1024), (2, 1), torch.float16, 1, 8, 2, 3072),
+    "unlinked-rows": ((512, 1024), (2, 4), torch.bfloat16, 1, 4, 4, 2048),       # odd classes link nothing
+    "many-tiles": ((512, 1024, 2048), (1, 2, 4), torch.bfloat16, 1, 8, 8, 8192),  # 512 tiles: rings wrap
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs compute capability 9.0")
+@pytest.mark.parametrize("name", list(CASES))
+def test_warp_specialised_forward_matches_float64_and_the_triton_forward(name):
+    segs, rates, dtype, B, Hq, Hkv, N = CASES[name]
+    g = torch.Generator(device="cuda").manual_seed(N + Hq)
+    q, k, v = (torch.randn(B, h, N, 64, device="cuda", generator=g, dtype=dtype).requires_grad_()
+               for h in (Hq, Hkv, Hkv))
+    calls = []
+    run = dg.dilated_attn_fwd_ws
+    with mock.patch.object(dg, "dilated_attn_fwd_ws", lambda *a, **kw: calls.append(1) or run(*a, **kw)):
+        out = dc.ops.dilated_attention(q, k, v, segs, rates)
+    assert calls, dilated_op.warp_specialised_reason(q, k, v, None, segs, rates, False, "lse", 0.0)
+    strategy = dc.Dilated(segs, rates)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = strategy.reference(q64, k64, v64, is_causal=False)
+    eager = eager_dilated(*(t.detach() for t in (q, k, v)), strategy, False)
+    assert_close(out, ref, dtype, eager_err=rel_err(eager, ref))
+    # the LSE it hands the backward: the Triton forward's, and the Triton backward's gradients are exact
+    args = (None, list(segs), list(rates), False, 64 ** -0.5, "lse", 0.0, None)
+    ws_out, ws_lse = torch.ops.dilate_compiler.dilated_attention_forward(q, k, v, *args)
+    with mock.patch.object(bsg, "ENABLED", False):
+        tr_out, tr_lse = torch.ops.dilate_compiler.dilated_attention_forward(q, k, v, *args)
+    torch.testing.assert_close(ws_out, tr_out, atol=2e-2, rtol=0)
+    finite = torch.isfinite(tr_lse)
+    assert torch.equal(finite, torch.isfinite(ws_lse))
+    torch.testing.assert_close(ws_lse[finite], tr_lse[finite], atol=1e-4, rtol=1e-5)
+    dout = torch.randn(out.shape, device="cuda", generator=g, dtype=dtype)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    for what, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close(a, b, dtype, what)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs compute capability 9.0")
+def test_compiled_graphs_run_the_triton_forward_and_cuda_graphs_the_warp_specialised_one():
+    from torch._inductor.utils import run_and_get_code
+
+    q, k, v = (torch.randn(1, 4, 4096, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+
+    def op(q, k, v):
+        return dc.ops.dilated_attention(q, k, v, SEGS, RATES)
+
+    eager = op(q, k, v)
+    calls = []
+    run = dg.dilated_attn_fwd_ws
+    with mock.patch.object(dg, "dilated_attn_fwd_ws", lambda *a, **kw: calls.append(1) or run(*a, **kw)):
+        torch._dynamo.reset()
+        out, codes = run_and_get_code(torch.compile(op), q, k, v)
+        assert not calls and any("_dilated_attn_fwd_kernel" in c for c in codes)
+        torch.testing.assert_close(out, eager, atol=2e-2, rtol=0)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = op(q, k, v)
+        assert calls
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.testing.assert_close(captured, op(q, k, v), atol=0, rtol=0)
