@@ -47,7 +47,7 @@ test-gpu:
 bench:
 	mkdir -p $(BENCH_OUT)
 	PYTHONPATH=$(CURDIR) $(GPU_PY) benchmarks/bench_dilated.py --out $(BENCH_OUT) --configs A --ns 262144 \
-		--causal both --methods ours,dense,gather --backward
+		--causal both --methods ours,ours-triton,dense,gather --backward
 
 # The probe of flash attention's inner-loop forms (in order, pipelined, lazy rescale; RESULTS.md), beside flash
 # SDPA, one device call; log in $(BENCH_OUT).
