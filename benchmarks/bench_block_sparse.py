@@ -38,9 +38,8 @@ import torch.nn.functional as F
 import triton
 
 import dilate_compiler as dc
-from bench_dilated import bench, flex_block_mask, tuned_configs
+from bench_dilated import bench, flex_block_mask, triton_forward, tuned_configs
 from dilate_compiler import patterns as P
-from dilate_compiler.lowering import block_sparse_gluon
 from dilate_compiler.lowering.block_sparse_op import warp_specialised_reason
 
 H, D, BS, WINDOW = 16, 64, 128, 4096
@@ -85,17 +84,6 @@ def allowed_pairs(layout) -> tuple[int, int]:
 def flex_block_mask_from_layout(layout, mask_mod):
     """FlexAttention's BlockMask with our layout's block lists: partial blocks (mask_mod applied) and full ones."""
     return flex_block_mask(layout.kv_count[0], layout.kv_idx[0], layout.block_size, layout.seq_len, mask_mod)
-
-
-def triton_forward(fn):
-    """``fn`` run with the op's warp-specialised forward turned off (the Triton forward, as before it)."""
-    def run():
-        saved, block_sparse_gluon.ENABLED = block_sparse_gluon.ENABLED, False
-        try:
-            return fn()
-        finally:
-            block_sparse_gluon.ENABLED = saved
-    return run
 
 
 def main():

@@ -178,14 +178,11 @@ def forward_taken(q, k, v, causal) -> str:
 
 def triton_forward(fn):
     """``fn`` run with the op's warp-specialised forward turned off (the Triton forward, as before it)."""
-    from dilate_compiler.lowering import block_sparse_gluon
+    from dilate_compiler.lowering import hopper_gluon
 
     def run():
-        saved, block_sparse_gluon.ENABLED = block_sparse_gluon.ENABLED, False
-        try:
+        with hopper_gluon.turned_off():
             return fn()
-        finally:
-            block_sparse_gluon.ENABLED = saved
     return run
 
 

@@ -16,14 +16,10 @@ A query tile is ``(b, h, t, c)``: the rows ``t * L * 128 + c + L * i``, ``i < 12
 the shortest branch. Its keys, walk by walk (walk B: branch B's segment minus branch B-1's; applies when branch
 B selects class c), class by class (``o = h mod R_B + k R_B``), run by run (``L * 128`` positions each):
 
-- a producer partition (4 warps, 24 registers; one thread issues) draws query tiles in (b, h, t, c) order,
-  ``c`` fastest (concurrent CTAs then share their K/V runs in L2), from a counter in global memory, TMA-loads
-  the tile's Q into one of two buffers and its key tiles' K and V into a ring of ``STAGES`` buffers, and writes
-  each key tile's log2 multiplicity into a slot beside its stage;
-- two consumer partitions (one warpgroup each, 240 registers) own the top and bottom 64 query rows, as in
-  ``block_sparse_gluon``: asynchronous wgmma, each key tile's P V issued with the next tile's Q Kᵀ so that it
-  runs during that tile's softmax, a stage released once its P V retires, the output stored by TMA and the LSE
-  (natural log, as the Triton forward) by stores.
+One persistent CTA per SM, as ``block_sparse_gluon`` (partitions, buffers and barriers: ``hopper_gluon``): the
+producer draws query tiles in (b, h, t, c) order, ``c`` fastest (concurrent CTAs then share their K/V runs in
+L2), from a counter in global memory, TMA-loads Q and the key tiles' K and V, and writes each key tile's log2
+multiplicity into a slot beside its stage; the consumers are ``hopper_gluon.attend`` with that bias.
 
 What it takes (``unsupported_reason``): compute capability 9.0, fp16/bf16, head dim 64, a nested pattern under
 LSE mixing, no dropout, no mask, not causal, all queries (``q_offset == 0``, as many rows as k), contiguous q, k,
@@ -40,22 +36,15 @@ import math
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from . import block_sparse_gluon as bsg
-from .dilated_triton import INTERPRET, MAX_BRANCHES, nested_order
+from . import hopper_gluon as hg
+from .dilated_triton import MAX_BRANCHES, nested_order
 
-_tma_load = bsg._tma_load
-_tma_store = bsg._tma_store
-
-BLOCK = bsg.BLOCK    # query rows of a tile and keys of a K/V stage
+BLOCK = hg.BLOCK     # query rows of a tile and keys of a K/V stage
 _BLOCK = gl.constexpr(BLOCK)
-_HALF = gl.constexpr(bsg.HALF)
-STAGES = bsg.STAGES
-HEAD_DIMS = (64,)
-_SLOT_LAYOUT = bsg._SLOT_LAYOUT
+_HALF = gl.constexpr(hg.HALF)
 
 
 @gluon.jit
@@ -112,7 +101,7 @@ def _key_tiles(p_first, h, c, N, L: gl.constexpr, NUM_BRANCHES: gl.constexpr, WS
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, tables, dims, bufs, STAGES: gl.constexpr, GQA: gl.constexpr,
               L: gl.constexpr, NUM_BRANCHES: gl.constexpr, WS: gl.constexpr, WP: gl.constexpr, RS: gl.constexpr):
-    Counter, Slots, Bias = tables
+    Counter, Slots, StageSlots = tables
     total, T, H, N = dims
     q_bufs, k_bufs, v_bufs, q_ready, q_empty, kv_ready, kv_empty = bufs
     D: gl.constexpr = k_desc.block_type.shape[1]
@@ -120,12 +109,10 @@ def _producer(q_desc, k_desc, v_desc, tables, dims, bufs, STAGES: gl.constexpr, 
     kv = 0
     tile = gl.atomic_add(Counter, 1)
     while tile < total:
-        qs = i % 2
-        mbarrier.wait(q_empty.index(qs), ((i // 2) & 1) ^ 1)       # a fresh barrier passes parity 1 at once
-        Slots.index(qs).store(gl.full([1], tile, gl.int32, _SLOT_LAYOUT))
+        qs = hg.next_q_buffer(Slots, q_empty, i, tile)
         h, c, p_first, q_row, kv_row = _query_tile(tile, T, H, N, L, GQA)
         mbarrier.expect(q_ready.index(qs), q_desc.block_type.nbytes)
-        _tma_load(q_desc, [q_row, c * D], q_ready.index(qs), q_bufs.index(qs))
+        hg.tma_load(q_desc, [q_row, c * D], q_ready.index(qs), q_bufs.index(qs))
         y = (c - h % L + L) % L
         for B in gl.static_range(NUM_BRANCHES):
             if y % RS[B] == 0:
@@ -135,37 +122,15 @@ def _producer(q_desc, k_desc, v_desc, tables, dims, bufs, STAGES: gl.constexpr, 
                     lm = _log2_multiplicity((o - h % L + L) % L, y, B, NUM_BRANCHES, RS)
                     for m in range(n_a + n_b):
                         pos = gl.where(m < n_a, lo_a + m * (L * _BLOCK), lo_b + (m - n_a) * (L * _BLOCK))
-                        s = kv % STAGES
-                        mbarrier.wait(kv_empty.index(s), ((kv // STAGES) & 1) ^ 1)
-                        Bias.index(s).store(gl.full([1], lm, gl.float32, _SLOT_LAYOUT))
-                        mbarrier.expect(kv_ready.index(s), 2 * k_desc.block_type.nbytes)
-                        _tma_load(k_desc, [kv_row + pos // L, o * D], kv_ready.index(s), k_bufs.index(s))
-                        _tma_load(v_desc, [kv_row + pos // L, o * D], kv_ready.index(s), v_bufs.index(s))
+                        s = hg.next_stage(kv_empty, kv_ready, StageSlots, kv, lm, 2 * k_desc.block_type.nbytes,
+                                          STAGES, True)
+                        hg.tma_load(k_desc, [kv_row + pos // L, o * D], kv_ready.index(s), k_bufs.index(s))
+                        hg.tma_load(v_desc, [kv_row + pos // L, o * D], kv_ready.index(s), v_bufs.index(s))
                         kv += 1
         i += 1
         tile = gl.atomic_add(Counter, 1)
-    qs = i % 2
-    mbarrier.wait(q_empty.index(qs), ((i // 2) & 1) ^ 1)
-    Slots.index(qs).store(gl.full([1], -1, gl.int32, _SLOT_LAYOUT))
+    qs = hg.next_q_buffer(Slots, q_empty, i, -1)
     mbarrier.arrive(q_ready.index(qs))
-
-
-@gluon.jit
-def _softmax_tile(qk, m_i, l_i, qk_scale, lm):
-    """One key tile of the online softmax in base 2, every score carrying the tile's log2 multiplicity ``lm``:
-    (m, l, p, alpha)."""
-    m_new = gl.maximum(m_i, gl.max(qk, axis=1) * qk_scale + lm)
-    p = gl.exp2(qk * qk_scale - (m_new - lm)[:, None])
-    alpha = gl.exp2(m_i - m_new)
-    return m_new, l_i * alpha + gl.sum(p, axis=1), p, alpha
-
-
-@gluon.jit
-def _ready_tile(kv_ready, Bias, kv, STAGES: gl.constexpr):
-    """Wait for K/V stage ``kv % STAGES`` and read its key tile's log2 multiplicity."""
-    s = kv % STAGES
-    mbarrier.wait(kv_ready.index(s), (kv // STAGES) & 1)
-    return s, gl.max(Bias.index(s).load(_SLOT_LAYOUT), axis=0)
 
 
 @gluon.jit
@@ -173,65 +138,24 @@ def _consumer(o_desc, Lse, tables, dims, bufs, qk_scale, HEAD_DIM: gl.constexpr,
               GQA: gl.constexpr, L: gl.constexpr, NUM_BRANCHES: gl.constexpr, WS: gl.constexpr, WP: gl.constexpr,
               RS: gl.constexpr, PART: gl.constexpr):
     """Query rows ``[PART * HALF, (PART + 1) * HALF)`` of each tile."""
-    Counter, Slots, Bias = tables
+    Counter, Slots, StageSlots = tables
     total, T, H, N = dims
     q_bufs, k_bufs, v_bufs, q_ready, q_empty, kv_ready, kv_empty = bufs
-    dtype: gl.constexpr = o_desc.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, _BLOCK, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    rows: gl.constexpr = gl.SliceLayout(1, s_layout)
-    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
-    o_smem = gl.allocate_shared_memory(dtype, [_HALF, HEAD_DIM], o_desc.layout)
+    o_smem = gl.allocate_shared_memory(o_desc.dtype, [_HALF, HEAD_DIM], o_desc.layout)
     i = 0
     kv = 0
-    tile = bsg._read_slot(Slots, q_ready, i)
+    tile = hg.read_slot(Slots, q_ready, i)
     while tile >= 0:
         h, c, p_first, q_row, kv_row = _query_tile(tile, T, H, N, L, GQA)
         n = _key_tiles(p_first, h, c, N, L, NUM_BRANCHES, WS, WP, RS)
         q = q_bufs.index(i % 2).slice(PART * _HALF, _HALF, dim=0)
-        m_i = gl.full([_HALF], float("-inf"), gl.float32, layout=rows)
-        l_i = gl.zeros([_HALF], gl.float32, layout=rows)
-        acc = gl.zeros([_HALF, HEAD_DIM], gl.float32, layout=o_layout)
-        if n > 0:
-            s, lm = _ready_tile(kv_ready, Bias, kv, STAGES)
-            qk = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)), gl.zeros([_HALF, _BLOCK], gl.float32, s_layout),
-                               use_acc=False, is_async=True)
-            qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
-            m_i, l_i, p, alpha = _softmax_tile(qk, m_i, l_i, qk_scale, lm)
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
-            kv += 1
-            for t in range(1, n):
-                sp = (kv - 1) % STAGES
-                s, lm = _ready_tile(kv_ready, Bias, kv, STAGES)
-                qk = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)),
-                                   gl.zeros([_HALF, _BLOCK], gl.float32, s_layout), use_acc=False, is_async=True)
-                acc = warpgroup_mma(p_op, v_bufs.index(sp), acc, is_async=True)     # tile t - 1's P V
-                qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk,))
-                m_i, l_i, p, alpha = _softmax_tile(qk, m_i, l_i, qk_scale, lm)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                mbarrier.arrive(kv_empty.index(sp))
-                acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
-                p_op = gl.convert_layout(p.to(dtype), p_layout)
-                kv += 1
-            sp = (kv - 1) % STAGES
-            acc = warpgroup_mma(p_op, v_bufs.index(sp), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            mbarrier.arrive(kv_empty.index(sp))
+        acc, m_i, l_i, kv = hg.attend(q, bufs, StageSlots, kv, n, qk_scale, STAGES, True)
         mbarrier.arrive(q_empty.index(i % 2))
-        l_safe = gl.where(l_i > 0.0, l_i, 1.0)
-        lse = gl.where(l_i > 0.0, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-        out = acc / gl.convert_layout(l_safe, o_rows)[:, None]
-        tma.store_wait(pendings=0)                 # the previous tile's store has read o_smem
-        o_smem.store(out.to(dtype))
-        fence_async_shared()
-        _tma_store(o_desc, [q_row + PART * _HALF, c * HEAD_DIM], o_smem)
-        rows_i = PART * _HALF + gl.arange(0, _HALF, layout=rows)
+        lse = hg.finish(acc, m_i, l_i, o_smem, o_desc, q_row + PART * _HALF, c * HEAD_DIM)
+        rows_i = PART * _HALF + gl.arange(0, _HALF, layout=lse.type.layout)
         gl.store(Lse + (tile // (L * T)).to(gl.int64) * N + p_first + rows_i * L, lse)
         i += 1
-        tile = bsg._read_slot(Slots, q_ready, i)
+        tile = hg.read_slot(Slots, q_ready, i)
     tma.store_wait(pendings=0)
 
 
@@ -246,24 +170,8 @@ def _dilated_fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, Lse, Counter, total, 
     WS: gl.constexpr = (W0, W1, W2, W3, W4, W5, W6, W7)       # per-branch constexprs, indexed by branch
     WP: gl.constexpr = (W0, W0, W1, W2, W3, W4, W5, W6)       # the segment before walk B's (unread by walk 0)
     RS: gl.constexpr = (R0, R1, R2, R3, R4, R5, R6, R7)
-    dtype: gl.constexpr = q_desc.dtype
-    q_bufs = gl.allocate_shared_memory(dtype, [2, _BLOCK, HEAD_DIM], q_desc.layout)
-    k_bufs = gl.allocate_shared_memory(dtype, [STAGES, _BLOCK, HEAD_DIM], k_desc.layout)
-    v_bufs = gl.allocate_shared_memory(dtype, [STAGES, _BLOCK, HEAD_DIM], v_desc.layout)
-    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    kv_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    slots = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    bias = gl.allocate_shared_memory(gl.float32, [STAGES, 1], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    for j in gl.static_range(2):
-        mbarrier.init(q_ready.index(j), count=1)
-        mbarrier.init(q_empty.index(j), count=2)
-    for j in gl.static_range(STAGES):
-        mbarrier.init(kv_ready.index(j), count=1)
-        mbarrier.init(kv_empty.index(j), count=2)
-    bufs = (q_bufs, k_bufs, v_bufs, q_ready, q_empty, kv_ready, kv_empty)
-    tables = (Counter, slots, bias)
+    bufs, slots, stage_slots = hg.buffers(q_desc, k_desc, v_desc, STAGES)
+    tables = (Counter, slots, stage_slots)
     dims = (total, T, H, N)
     gl.warp_specialize([
         (_producer, (q_desc, k_desc, v_desc, tables, dims, bufs, STAGES, GQA, L, NUM_BRANCHES, WS, WP, RS)),
@@ -280,23 +188,16 @@ def _dilated_fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, Lse, Counter, total, 
 def unsupported_reason(q, k, v, attn_mask, segment_lengths, dilation_rates, *, is_causal: bool, mixing: str,
                        dropout_p: float) -> str:
     """Why the warp-specialised dilated forward can't run this call (the Triton forward runs instead), or ''."""
-    if not bsg.ENABLED:
-        return "turned off (DILATE_COMPILER_WARP_SPECIALISED=0)"
-    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
-        return f"device {q.device} (the warp-specialised forward is written for compute capability 9.0)"
-    if INTERPRET:
-        return "TRITON_INTERPRET=1 (Gluon has no interpreter)"
-    if torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in (q, k, v)):
-        return "traced (a compiled graph runs the Triton forward, which Inductor sees)"
-    return call_reason(q, k, v, attn_mask, segment_lengths, dilation_rates, is_causal=is_causal, mixing=mixing,
-                       dropout_p=dropout_p)
+    return hg.device_reason(q, (q, k, v)) or call_reason(q, k, v, attn_mask, segment_lengths, dilation_rates,
+                                                         is_causal=is_causal, mixing=mixing, dropout_p=dropout_p)
 
 
 def call_reason(q, k, v, attn_mask, segment_lengths, dilation_rates, *, is_causal: bool, mixing: str,
                 dropout_p: float) -> str:
     """What of the call itself (dtype, shapes, pattern, layout; not the device) the forward doesn't take, or ''."""
-    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in HEAD_DIMS:
-        return f"dtype {q.dtype}, head dim {q.shape[-1]} (float16/bfloat16, head dim in {HEAD_DIMS})"
+    reason = hg.dtype_reason(q)
+    if reason:
+        return reason
     if is_causal or attn_mask is not None or dropout_p != 0.0:
         return "causal, a mask or dropout"
     chain = nested_order(segment_lengths, dilation_rates, mixing, dropout_p)
@@ -320,7 +221,7 @@ def _descriptor(t: torch.Tensor, L: int, rows: int) -> TensorDescriptor:
     d = t.shape[-1]
     flat = t.view(-1, L * d)
     return TensorDescriptor(flat, list(flat.shape), [L * d, 1], [rows, d],
-                            bsg._smem_layout(rows, d, t.dtype == torch.bfloat16))
+                            hg.smem_layout(rows, d, t.dtype == torch.bfloat16))
 
 
 def dilated_attn_fwd_ws(q, k, v, segment_lengths, dilation_rates, *, scale: float):
@@ -336,11 +237,11 @@ def dilated_attn_fwd_ws(q, k, v, segment_lengths, dilation_rates, *, scale: floa
     T = N // (L * BLOCK)
     total = B * H * T * L
     counter = torch.zeros(1, dtype=torch.int32, device=q.device)
-    programs = min(bsg._programs(q.device.index), total)
+    programs = min(hg.programs(q.device.index), total)
     with torch.cuda.device(q.device):
         _dilated_fwd_ws_kernel[(programs,)](
-            _descriptor(q, L, BLOCK), _descriptor(k, L, BLOCK), _descriptor(v, L, BLOCK), _descriptor(out, L, bsg.HALF),
-            lse, counter, total, T, H, N, scale * 1.4426950408889634, HEAD_DIM=D, STAGES=STAGES,
+            _descriptor(q, L, BLOCK), _descriptor(k, L, BLOCK), _descriptor(v, L, BLOCK), _descriptor(out, L, hg.HALF),
+            lse, counter, total, T, H, N, scale * 1.4426950408889634, HEAD_DIM=D, STAGES=hg.STAGES,
             GQA=H // k.shape[1], L=L, NUM_BRANCHES=len(segment_lengths),
             **{f"W{i}": ws[i] for i in range(MAX_BRANCHES)}, **{f"R{i}": rs[i] for i in range(MAX_BRANCHES)},
             num_warps=4)

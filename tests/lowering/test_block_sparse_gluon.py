@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import dilate_compiler as dc
 from dilate_compiler import patterns as P
 from dilate_compiler.lowering import block_sparse_gluon as bg
+from dilate_compiler.lowering import hopper_gluon as hg
 from dilate_compiler.lowering import block_sparse_op
 from tests.lowering.test_block_sparse_op import dense_reference
 from tests.tolerances import assert_close, rel_err
@@ -34,7 +35,7 @@ def test_the_op_says_why_it_runs_the_triton_forward_off_hopper():
     lay = P.local(1).layout(256, 128)
     reason = block_sparse_op.warp_specialised_reason(q, q, q, lay.kv_count, 128, False, None)
     assert reason.startswith("device cpu")
-    with mock.patch.object(bg, "ENABLED", False):
+    with hg.turned_off():
         assert "DILATE_COMPILER_WARP_SPECIALISED=0" in bg.unsupported_reason(q, q, q, lay.kv_count, 128, False, None)
 
 
@@ -44,6 +45,20 @@ def test_an_unknown_setting_is_refused_by_name():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     assert "DILATE_COMPILER_WARP_SPECIALISED must be '0' (off) or '1' (on, the default), got 'yes'" in r.stderr
+
+
+def assert_like_triton_forward_with_exact_gradients(ws, triton, out, ref, inputs, inputs64, g):
+    """A warp-specialised forward's ``(out, lse)`` against the Triton forward's (the LSE is what the Triton
+    backward reads), and the gradients of the op's ``out`` against float64 ``ref``'s."""
+    torch.testing.assert_close(ws[0], triton[0], atol=2e-2, rtol=0)
+    finite = torch.isfinite(triton[1])
+    assert torch.equal(finite, torch.isfinite(ws[1]))
+    torch.testing.assert_close(ws[1][finite], triton[1][finite], atol=1e-4, rtol=1e-5)
+    dout = torch.randn(out.shape, device="cuda", generator=g, dtype=out.dtype)
+    grads = torch.autograd.grad(out, inputs, dout)
+    ref_grads = torch.autograd.grad(ref, inputs64, dout.double())
+    for what, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close(a, b, out.dtype, what)
 
 
 def _hopper():
@@ -90,18 +105,11 @@ def test_warp_specialised_forward_matches_float64_and_the_triton_forward(name):
     # the LSE it hands the backward: the Triton forward's, and the Triton backward's gradients are exact
     args = lay.args(None)
     ws_out, ws_lse = torch.ops.dilate_compiler.block_sparse_attention_forward(q, k, v, *args, 128, False, 64 ** -0.5)
-    with mock.patch.object(bg, "ENABLED", False):
+    with hg.turned_off():
         tr_out, tr_lse = torch.ops.dilate_compiler.block_sparse_attention_forward(q, k, v, *args, 128, False,
                                                                                   64 ** -0.5)
-    torch.testing.assert_close(ws_out, tr_out, atol=2e-2, rtol=0)
-    finite = torch.isfinite(tr_lse)
-    assert torch.equal(finite, torch.isfinite(ws_lse))
-    torch.testing.assert_close(ws_lse[finite], tr_lse[finite], atol=1e-4, rtol=1e-5)
-    dout = torch.randn(out.shape, device="cuda", generator=g, dtype=dtype)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
-    for what, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
-        assert_close(a, b, dtype, what)
+    assert_like_triton_forward_with_exact_gradients((ws_out, ws_lse), (tr_out, tr_lse), out, ref, (q, k, v),
+                                                    (q64, k64, v64), g)
 
 
 @pytest.mark.gpu

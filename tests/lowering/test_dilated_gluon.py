@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import dilate_compiler as dc
-from dilate_compiler.lowering import block_sparse_gluon as bsg
 from dilate_compiler.lowering import dilated_gluon as dg
+from dilate_compiler.lowering import hopper_gluon as hg
 from dilate_compiler.lowering import dilated_op
+from tests.lowering.test_block_sparse_gluon import assert_like_triton_forward_with_exact_gradients
 from tests.tolerances import assert_close, eager_dilated, rel_err
 
 SEGS, RATES = (1024, 2048, 4096), (1, 2, 4)
@@ -20,7 +21,7 @@ def test_the_op_says_why_it_runs_the_triton_forward_off_hopper():
     q = torch.zeros(1, 2, 2048, 64, dtype=torch.bfloat16)
     reason = dilated_op.warp_specialised_reason(q, q, q, None, SEGS, RATES, False, "lse", 0.0)
     assert reason.startswith("device cpu")
-    with mock.patch.object(bsg, "ENABLED", False):
+    with hg.turned_off():
         reason = dg.unsupported_reason(q, q, q, None, SEGS, RATES, is_causal=False, mixing="lse", dropout_p=0.0)
     assert "DILATE_COMPILER_WARP_SPECIALISED=0" in reason
 
@@ -86,17 +87,10 @@ def test_warp_specialised_forward_matches_float64_and_the_triton_forward(name):
     # the LSE it hands the backward: the Triton forward's, and the Triton backward's gradients are exact
     args = (None, list(segs), list(rates), False, 64 ** -0.5, "lse", 0.0, None)
     ws_out, ws_lse = torch.ops.dilate_compiler.dilated_attention_forward(q, k, v, *args)
-    with mock.patch.object(bsg, "ENABLED", False):
+    with hg.turned_off():
         tr_out, tr_lse = torch.ops.dilate_compiler.dilated_attention_forward(q, k, v, *args)
-    torch.testing.assert_close(ws_out, tr_out, atol=2e-2, rtol=0)
-    finite = torch.isfinite(tr_lse)
-    assert torch.equal(finite, torch.isfinite(ws_lse))
-    torch.testing.assert_close(ws_lse[finite], tr_lse[finite], atol=1e-4, rtol=1e-5)
-    dout = torch.randn(out.shape, device="cuda", generator=g, dtype=dtype)
-    grads = torch.autograd.grad(out, (q, k, v), dout)
-    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
-    for what, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
-        assert_close(a, b, dtype, what)
+    assert_like_triton_forward_with_exact_gradients((ws_out, ws_lse), (tr_out, tr_lse), out, ref, (q, k, v),
+                                                    (q64, k64, v64), g)
 
 
 @pytest.mark.gpu
