@@ -6,7 +6,7 @@ each (block row, head) program pays about 2.5 block iterations to start and fini
 global's 16 blocks) feel (``benchmarks/RESULTS.md``). Here one persistent CTA per SM hides that cost: its producer
 draws tiles, (block row, head) pairs in the launcher's heaviest-first order (``tile_order``), from a counter in
 global memory (at run time, not a static schedule, so the SMs that finish first take more tiles) and loads each
-tile's key blocks from the layout's lists; the consumers are ``hopper_gluon.attend``. The partitions, buffers and
+tile's key blocks from the layout's lists; the consumers are ``hopper_gluon.consume``. The partitions, buffers and
 barriers are described in ``hopper_gluon``.
 
 What it takes (``unsupported_reason``): an H100/H200-class GPU (compute capability 9.0), fp16/bf16, head dim 64
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from . import hopper_gluon as hg
@@ -73,26 +73,16 @@ def _producer(q_desc, k_desc, v_desc, tables, dims, bufs, STAGES: gl.constexpr, 
 
 
 @gluon.jit
-def _consumer(o_desc, Lse, tables, dims, bufs, qk_scale, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-              GQA: gl.constexpr, PART: gl.constexpr):
-    """Query rows ``[PART * HALF, (PART + 1) * HALF)`` of each tile."""
-    TileOrder, KvCount, KvIdx, Counter, Slots = tables
-    total, NB, H, LH, N, KW = dims
-    q_bufs, k_bufs, v_bufs, q_ready, q_empty, kv_ready, kv_empty = bufs
-    o_smem = gl.allocate_shared_memory(o_desc.dtype, [_HALF, HEAD_DIM], o_desc.layout)
-    i = 0
-    kv = 0
-    tile = hg.read_slot(Slots, q_ready, i)
-    while tile >= 0:
-        q_row, kv_row, lrow, n = _tile(TileOrder, KvCount, tile, NB, H, LH, N, GQA)
-        q = q_bufs.index(i % 2).slice(PART * _HALF, _HALF, dim=0)
-        acc, m_i, l_i, kv = hg.attend(q, bufs, None, kv, n, qk_scale, STAGES, False)
-        mbarrier.arrive(q_empty.index(i % 2))
-        lse = hg.finish(acc, m_i, l_i, o_smem, o_desc, q_row + PART * _HALF, 0)
-        gl.store(Lse + q_row + PART * _HALF + gl.arange(0, _HALF, layout=lse.type.layout), lse)
-        i += 1
-        tile = hg.read_slot(Slots, q_ready, i)
-    tma.store_wait(pendings=0)
+def _tile_rows(tile, dims, GQA: gl.constexpr):
+    """For ``hopper_gluon.consume``: tile ``tile``'s number of key blocks and where its output and LSE go."""
+    TileOrder, KvCount, total, NB, H, LH, N, KW = dims
+    q_row, kv_row, lrow, n = _tile(TileOrder, KvCount, tile, NB, H, LH, N, GQA)
+    return n, (q_row, 0, q_row, 1)
+
+
+@gluon.jit
+def _consumer(o_desc, Lse, slots, bufs, rows, qk_scale, GQA: gl.constexpr, STAGES: gl.constexpr, PART: gl.constexpr):
+    hg.consume(o_desc, Lse, slots, None, bufs, rows, qk_scale, _tile_rows, GQA, STAGES, False, PART)
 
 
 @gluon.jit
@@ -102,10 +92,11 @@ def _block_sparse_fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, Lse, TileOrder, 
     bufs, slots, _ = hg.buffers(q_desc, k_desc, v_desc, STAGES)
     tables = (TileOrder, KvCount, KvIdx, Counter, slots)
     dims = (total, NB, H, LH, N, KW)
+    rows = (TileOrder, KvCount) + dims
     gl.warp_specialize([
         (_producer, (q_desc, k_desc, v_desc, tables, dims, bufs, STAGES, GQA)),
-        (_consumer, (o_desc, Lse, tables, dims, bufs, qk_scale, HEAD_DIM, STAGES, GQA, 0)),
-        (_consumer, (o_desc, Lse, tables, dims, bufs, qk_scale, HEAD_DIM, STAGES, GQA, 1)),
+        (_consumer, (o_desc, Lse, slots, bufs, rows, qk_scale, GQA, STAGES, 0)),
+        (_consumer, (o_desc, Lse, slots, bufs, rows, qk_scale, GQA, STAGES, 1)),
     ], [4, 4], [240, 240])
 
 

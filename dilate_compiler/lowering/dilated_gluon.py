@@ -19,7 +19,7 @@ B selects class c), class by class (``o = h mod R_B + k R_B``), run by run (``L 
 One persistent CTA per SM, as ``block_sparse_gluon`` (partitions, buffers and barriers: ``hopper_gluon``): the
 producer draws query tiles in (b, h, t, c) order, ``c`` fastest (concurrent CTAs then share their K/V runs in
 L2), from a counter in global memory, TMA-loads Q and the key tiles' K and V, and writes each key tile's log2
-multiplicity into a slot beside its stage; the consumers are ``hopper_gluon.attend`` with that bias.
+multiplicity into a slot beside its stage; the consumers are ``hopper_gluon.consume`` with that bias.
 
 What it takes (``unsupported_reason``): compute capability 9.0, fp16/bf16, head dim 64, a nested pattern under
 LSE mixing, no dropout, no mask, not causal, all queries (``q_offset == 0``, as many rows as k), contiguous q, k,
@@ -36,7 +36,7 @@ import math
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from . import hopper_gluon as hg
@@ -134,29 +134,22 @@ def _producer(q_desc, k_desc, v_desc, tables, dims, bufs, STAGES: gl.constexpr, 
 
 
 @gluon.jit
-def _consumer(o_desc, Lse, tables, dims, bufs, qk_scale, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-              GQA: gl.constexpr, L: gl.constexpr, NUM_BRANCHES: gl.constexpr, WS: gl.constexpr, WP: gl.constexpr,
-              RS: gl.constexpr, PART: gl.constexpr):
-    """Query rows ``[PART * HALF, (PART + 1) * HALF)`` of each tile."""
-    Counter, Slots, StageSlots = tables
-    total, T, H, N = dims
-    q_bufs, k_bufs, v_bufs, q_ready, q_empty, kv_ready, kv_empty = bufs
-    o_smem = gl.allocate_shared_memory(o_desc.dtype, [_HALF, HEAD_DIM], o_desc.layout)
-    i = 0
-    kv = 0
-    tile = hg.read_slot(Slots, q_ready, i)
-    while tile >= 0:
-        h, c, p_first, q_row, kv_row = _query_tile(tile, T, H, N, L, GQA)
-        n = _key_tiles(p_first, h, c, N, L, NUM_BRANCHES, WS, WP, RS)
-        q = q_bufs.index(i % 2).slice(PART * _HALF, _HALF, dim=0)
-        acc, m_i, l_i, kv = hg.attend(q, bufs, StageSlots, kv, n, qk_scale, STAGES, True)
-        mbarrier.arrive(q_empty.index(i % 2))
-        lse = hg.finish(acc, m_i, l_i, o_smem, o_desc, q_row + PART * _HALF, c * HEAD_DIM)
-        rows_i = PART * _HALF + gl.arange(0, _HALF, layout=lse.type.layout)
-        gl.store(Lse + (tile // (L * T)).to(gl.int64) * N + p_first + rows_i * L, lse)
-        i += 1
-        tile = hg.read_slot(Slots, q_ready, i)
-    tma.store_wait(pendings=0)
+def _tile_rows(tile, dims, PATTERN: gl.constexpr):
+    """For ``hopper_gluon.consume``: query tile ``tile``'s number of key tiles and where its output and LSE
+    go (its rows are ``L`` positions apart)."""
+    L: gl.constexpr = PATTERN[0]
+    GQA: gl.constexpr = PATTERN[1]
+    NUM_BRANCHES: gl.constexpr = PATTERN[2]
+    T, H, N, D = dims
+    h, c, p_first, q_row, kv_row = _query_tile(tile, T, H, N, L, GQA)
+    n = _key_tiles(p_first, h, c, N, L, NUM_BRANCHES, PATTERN[3], PATTERN[4], PATTERN[5])
+    return n, (q_row, c * D, (tile // (L * T)).to(gl.int64) * N + p_first, L)
+
+
+@gluon.jit
+def _consumer(o_desc, Lse, slots, stage_slots, bufs, rows, qk_scale, PATTERN: gl.constexpr, STAGES: gl.constexpr,
+              PART: gl.constexpr):
+    hg.consume(o_desc, Lse, slots, stage_slots, bufs, rows, qk_scale, _tile_rows, PATTERN, STAGES, True, PART)
 
 
 @gluon.jit
@@ -173,12 +166,12 @@ def _dilated_fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, Lse, Counter, total, 
     bufs, slots, stage_slots = hg.buffers(q_desc, k_desc, v_desc, STAGES)
     tables = (Counter, slots, stage_slots)
     dims = (total, T, H, N)
+    rows = (T, H, N, HEAD_DIM)
+    PATTERN: gl.constexpr = (L, GQA, NUM_BRANCHES, WS, WP, RS)
     gl.warp_specialize([
         (_producer, (q_desc, k_desc, v_desc, tables, dims, bufs, STAGES, GQA, L, NUM_BRANCHES, WS, WP, RS)),
-        (_consumer, (o_desc, Lse, tables, dims, bufs, qk_scale, HEAD_DIM, STAGES, GQA, L, NUM_BRANCHES, WS, WP,
-                     RS, 0)),
-        (_consumer, (o_desc, Lse, tables, dims, bufs, qk_scale, HEAD_DIM, STAGES, GQA, L, NUM_BRANCHES, WS, WP,
-                     RS, 1)),
+        (_consumer, (o_desc, Lse, slots, stage_slots, bufs, rows, qk_scale, PATTERN, STAGES, 0)),
+        (_consumer, (o_desc, Lse, slots, stage_slots, bufs, rows, qk_scale, PATTERN, STAGES, 1)),
     ], [4, 4], [240, 240])
 
 

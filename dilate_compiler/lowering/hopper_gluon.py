@@ -171,62 +171,142 @@ def _softmax_tile(qk, m_i, l_i, qk_scale, lm, BIASED: gl.constexpr):
     return m_new, l_i * alpha + gl.sum(p, axis=1), p, alpha
 
 
+@gluon.constexpr_function
+def score_layout():
+    """A consumer warpgroup's scores ``[HALF, BLOCK]``, as wgmma leaves them."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK, 16])
+
+
+@gluon.constexpr_function
+def out_layout(head_dim):
+    """A consumer warpgroup's output accumulator ``[HALF, head_dim]``."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, head_dim, 16])
+
+
+@gluon.constexpr_function
+def p_layout(head_dim):
+    """P as the register A operand of P V."""
+    return gl.DotOperandLayout(operand_index=0, parent=out_layout(head_dim), k_width=2)
+
+
 @gluon.jit
-def attend(q, bufs, StageSlots, kv, n, qk_scale, STAGES: gl.constexpr, BIASED: gl.constexpr):
-    """Consumer: 64 query rows ``q`` (shared memory) against the next ``n`` key tiles of the ring, from stage
-    count ``kv`` on; returns ``(acc, m, l, kv)`` (unnormalised output, base-2 row max and sum)."""
+def _first_tile(q, bufs, StageSlots, kv, qk_scale, STAGES: gl.constexpr, BIASED: gl.constexpr):
+    """A query tile's first key tile when no P V is pending: Q Kᵀ, then the softmax from scratch;
+    returns ``(m, l, P as a P V operand, kv)``."""
     q_bufs, k_bufs, v_bufs, q_ready, q_empty, kv_ready, kv_empty = bufs
-    dtype: gl.constexpr = q.dtype
+    s, lm = _ready_stage(kv_ready, StageSlots, kv, STAGES, BIASED)
+    qk = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)), gl.zeros([_HALF, _BLOCK], gl.float32, score_layout()),
+                       use_acc=False, is_async=True)
+    qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
+    m_i = gl.full([_HALF], float("-inf"), gl.float32, layout=gl.SliceLayout(1, score_layout()))
+    m_i, l_i, p, alpha = _softmax_tile(qk, m_i, gl.zeros_like(m_i), qk_scale, lm, BIASED)
+    return m_i, l_i, gl.convert_layout(p.to(q.dtype), p_layout(q.shape[1])), kv + 1
+
+
+@gluon.jit
+def _next_tiles(q, acc, m_i, l_i, p_op, bufs, StageSlots, kv, n, qk_scale, STAGES: gl.constexpr,
+                BIASED: gl.constexpr):
+    """Key tiles 1 .. n-1 of a query tile: each tile's Q Kᵀ issued with the previous tile's P V, which runs
+    during this tile's softmax; a stage released once its P V retires. The last tile's P V stays pending:
+    returns ``(acc, m, l, its P, kv)``."""
+    q_bufs, k_bufs, v_bufs, q_ready, q_empty, kv_ready, kv_empty = bufs
     HEAD_DIM: gl.constexpr = q.shape[1]
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, _BLOCK, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, HEAD_DIM, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    rows: gl.constexpr = gl.SliceLayout(1, s_layout)
-    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
-    m_i = gl.full([_HALF], float("-inf"), gl.float32, layout=rows)
-    l_i = gl.zeros([_HALF], gl.float32, layout=rows)
-    acc = gl.zeros([_HALF, HEAD_DIM], gl.float32, layout=o_layout)
-    if n > 0:
-        s, lm = _ready_stage(kv_ready, StageSlots, kv, STAGES, BIASED)
-        qk = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)), gl.zeros([_HALF, _BLOCK], gl.float32, s_layout),
-                           use_acc=False, is_async=True)
-        qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
-        m_i, l_i, p, alpha = _softmax_tile(qk, m_i, l_i, qk_scale, lm, BIASED)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-        kv += 1
-        for t in range(1, n):
-            sp = (kv - 1) % STAGES
-            s, lm = _ready_stage(kv_ready, StageSlots, kv, STAGES, BIASED)
-            qk = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)),
-                               gl.zeros([_HALF, _BLOCK], gl.float32, s_layout), use_acc=False, is_async=True)
-            acc = warpgroup_mma(p_op, v_bufs.index(sp), acc, is_async=True)     # tile t - 1's P V
-            qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk,))
-            m_i, l_i, p, alpha = _softmax_tile(qk, m_i, l_i, qk_scale, lm, BIASED)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-            mbarrier.arrive(kv_empty.index(sp))
-            acc = acc * gl.convert_layout(alpha, o_rows)[:, None]
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
-            kv += 1
+    for t in range(1, n):
         sp = (kv - 1) % STAGES
-        acc = warpgroup_mma(p_op, v_bufs.index(sp), acc, is_async=True)
+        s, lm = _ready_stage(kv_ready, StageSlots, kv, STAGES, BIASED)
+        qk = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)),
+                           gl.zeros([_HALF, _BLOCK], gl.float32, score_layout()), use_acc=False, is_async=True)
+        acc = warpgroup_mma(p_op, v_bufs.index(sp), acc, is_async=True)     # tile t - 1's P V
+        qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk,))
+        m_i, l_i, p, alpha = _softmax_tile(qk, m_i, l_i, qk_scale, lm, BIASED)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
         mbarrier.arrive(kv_empty.index(sp))
-    return acc, m_i, l_i, kv
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, out_layout(HEAD_DIM)))[:, None]
+        p_op = gl.convert_layout(p.to(q.dtype), p_layout(HEAD_DIM))
+        kv += 1
+    return acc, m_i, l_i, p_op, kv
 
 
 @gluon.jit
-def finish(acc, m_i, l_i, o_smem, o_desc, row, col):
-    """Consumer epilogue: normalise ``acc`` and store it by TMA at ``[row, col]`` of ``o_desc`` (through
-    ``o_smem``, once the previous tile's store has read it); returns the rows' LSE (natural log; -inf for rows
-    that link nothing, whose output is 0)."""
+def _store_rows(acc, m_i, l_i, o_smem, o_desc, Lse, where, PART: gl.constexpr):
+    """Normalise ``acc`` and store it by TMA at ``[o_row + PART * HALF, o_col]`` of ``o_desc`` (through
+    ``o_smem``, once the previous store has read it), and the rows' LSE (natural log) at ``Lse + lse_base +
+    row * lse_step``; rows that link nothing (``l == 0``) get output 0 and LSE -inf."""
+    o_row, o_col, lse_base, lse_step = where
     o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
     l_safe = gl.where(l_i > 0.0, l_i, 1.0)
     lse = gl.where(l_i > 0.0, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
     out = acc / gl.convert_layout(l_safe, o_rows)[:, None]
-    tma.store_wait(pendings=0)                 # the previous tile's store has read o_smem
+    tma.store_wait(pendings=0)                 # the previous store has read o_smem
     o_smem.store(out.to(o_desc.dtype))
     fence_async_shared()
-    tma_store(o_desc, [row, col], o_smem)
-    return lse
+    tma_store(o_desc, [o_row + PART * _HALF, o_col], o_smem)
+    rows_i = PART * _HALF + gl.arange(0, _HALF, layout=lse.type.layout)
+    gl.store(Lse + lse_base + rows_i * lse_step, lse)
+
+
+@gluon.jit
+def consume(o_desc, Lse, Slots, StageSlots, bufs, dims, qk_scale, TILE: gl.constexpr, PATTERN: gl.constexpr,
+            STAGES: gl.constexpr, BIASED: gl.constexpr, PART: gl.constexpr):
+    """Consumer partition: rows ``[PART * HALF, (PART + 1) * HALF)`` of every query tile the producer streams.
+    ``TILE(tile, dims, PATTERN)`` gives a tile's number of key tiles and where its output and LSE go,
+    ``(n, (o_row, o_col, lse_base, lse_step))``. Key tiles run back to back across query tiles: the last P V of
+    one query tile is issued with the next one's first Q Kᵀ and runs during that tile's softmax; then the
+    first one's output is stored. ``BIASED``: every key tile's scores carry the log2 multiplicity in its stage
+    slot."""
+    q_bufs, k_bufs, v_bufs, q_ready, q_empty, kv_ready, kv_empty = bufs
+    HEAD_DIM: gl.constexpr = o_desc.block_type.shape[1]
+    rows: gl.constexpr = gl.SliceLayout(1, score_layout())
+    o_smem = gl.allocate_shared_memory(o_desc.dtype, [_HALF, HEAD_DIM], o_desc.layout)
+    no_max = gl.full([_HALF], float("-inf"), gl.float32, layout=rows)
+    no_sum = gl.zeros([_HALF], gl.float32, layout=rows)
+    no_acc = gl.zeros([_HALF, HEAD_DIM], gl.float32, layout=out_layout(HEAD_DIM))
+    i = 0
+    kv = 0
+    tile = read_slot(Slots, q_ready, i)
+    n, where = TILE(gl.maximum(tile, 0), dims, PATTERN)
+    while (tile >= 0) & (n == 0):             # tiles that link nothing, before the first that links keys
+        mbarrier.arrive(q_empty.index(i % 2))
+        _store_rows(no_acc, no_max, no_sum, o_smem, o_desc, Lse, where, PART)
+        i += 1
+        tile = read_slot(Slots, q_ready, i)
+        n, where = TILE(gl.maximum(tile, 0), dims, PATTERN)
+    if tile >= 0:
+        q = q_bufs.index(i % 2).slice(PART * _HALF, _HALF, dim=0)
+        m_i, l_i, p_op, kv = _first_tile(q, bufs, StageSlots, kv, qk_scale, STAGES, BIASED)
+        acc, m_i, l_i, p_op, kv = _next_tiles(q, no_acc, m_i, l_i, p_op, bufs, StageSlots, kv, n, qk_scale, STAGES,
+                                              BIASED)
+        mbarrier.arrive(q_empty.index(i % 2))
+        pending = where                      # the query tile whose last P V is pending
+        i += 1
+        tile = read_slot(Slots, q_ready, i)
+        while tile >= 0:
+            n, where = TILE(tile, dims, PATTERN)
+            if n == 0:
+                _store_rows(no_acc, no_max, no_sum, o_smem, o_desc, Lse, where, PART)
+            else:
+                q = q_bufs.index(i % 2).slice(PART * _HALF, _HALF, dim=0)
+                sp = (kv - 1) % STAGES
+                s, lm = _ready_stage(kv_ready, StageSlots, kv, STAGES, BIASED)
+                qk = warpgroup_mma(q, k_bufs.index(s).permute((1, 0)),
+                                   gl.zeros([_HALF, _BLOCK], gl.float32, score_layout()), use_acc=False,
+                                   is_async=True)
+                acc = warpgroup_mma(p_op, v_bufs.index(sp), acc, is_async=True)   # the pending tile's last P V
+                qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk,))
+                m_n, l_n, p, alpha = _softmax_tile(qk, no_max, no_sum, qk_scale, lm, BIASED)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                mbarrier.arrive(kv_empty.index(sp))
+                _store_rows(acc, m_i, l_i, o_smem, o_desc, Lse, pending, PART)
+                p_op = gl.convert_layout(p.to(q.dtype), p_layout(HEAD_DIM))
+                acc, m_i, l_i, p_op, kv = _next_tiles(q, no_acc, m_n, l_n, p_op, bufs, StageSlots, kv + 1, n,
+                                                      qk_scale, STAGES, BIASED)
+                pending = where
+            mbarrier.arrive(q_empty.index(i % 2))
+            i += 1
+            tile = read_slot(Slots, q_ready, i)
+        sp = (kv - 1) % STAGES
+        acc = warpgroup_mma(p_op, v_bufs.index(sp), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(kv_empty.index(sp))
+        _store_rows(acc, m_i, l_i, o_smem, o_desc, Lse, pending, PART)
+    tma.store_wait(pendings=0)
