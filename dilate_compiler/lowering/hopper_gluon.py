@@ -10,10 +10,11 @@ Both kernels run one persistent CTA per SM in three partitions:
   small shared-memory slot written before the buffer's barrier is armed (the arrive releases the write); a slot
   holding -1 ends the consumers' loop. The dilated producer also writes each key tile's log2 multiplicity into
   a slot beside its stage;
-- two consumers (one warpgroup each, 240 registers) own the top and bottom 64 rows of a tile (``attend``):
+- two consumers (one warpgroup each, 240 registers) own the top and bottom 64 rows of a tile (``consume``):
   asynchronous wgmma for Q Kᵀ and P V, the online softmax in base 2, each key tile's P V issued with the next
   tile's Q Kᵀ so that it runs during that tile's softmax, a stage released (one arrive per consumer) once the
-  P V that reads it retires. The output leaves by TMA (``finish``), the LSE by stores.
+  P V that reads it retires. Key tiles run back to back across query tiles: a query tile's last P V runs under
+  the next query tile's first softmax, and its output then leaves by TMA, its LSE by stores.
 
 Gluon has no CPU interpreter: the kernels are checked against float64 on the GPU only.
 ``DILATE_COMPILER_WARP_SPECIALISED=0`` turns both off.
