@@ -14,7 +14,7 @@ column block of the ``[B * H * N / L, L * D]`` view of K or V, so TMA loads them
 
 A query tile is ``(b, h, t, c)``: the rows ``t * L * 128 + c + L * i``, ``i < 128``, all inside one segment of
 the shortest branch. Its keys, walk by walk (walk B: branch B's segment minus branch B-1's; applies when branch
-B selects class c), class by class (``o = h mod R_B + k R_B``), run by run (``L * 128`` positions each):
+B selects class c), class by class (``o = h mod R_B + k R_B``), run by run (``L * 128`` positions each).
 
 One persistent CTA per SM, as ``block_sparse_gluon`` (partitions, buffers and barriers: ``hopper_gluon``): the
 producer draws query tiles in (b, h, t, c) order, ``c`` fastest (concurrent CTAs then share their K/V runs in
