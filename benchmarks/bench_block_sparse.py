@@ -155,10 +155,10 @@ def main():
                 bm = flex_block_mask_from_layout(lay, mask_mod)
             if bm is not None:
                 row["flex_sparsity"] = bm.sparsity() / 100.0
+            ours = lambda: dc.ops.block_sparse_attention(q, k, v, lay, block_size=BS, is_causal=causal)  # noqa: E731
             fns = {
-                "ours": lambda: dc.ops.block_sparse_attention(q, k, v, lay, block_size=BS, is_causal=causal),
-                "ours-triton": triton_forward(
-                    lambda: dc.ops.block_sparse_attention(q, k, v, lay, block_size=BS, is_causal=causal)),
+                "ours": ours,
+                "ours-triton": triton_forward(ours),
                 "flex": lambda: flex(q, k, v, block_mask=bm),
                 "dense": lambda: F.scaled_dot_product_attention(q, k, v),
             }

@@ -232,12 +232,12 @@ def main():
                 distinct = 4 * D * distinct_pairs(N, H, SEGS, RATES, causal)
                 row = {"config": cfg, "H": H, "D": D, "N": N, "causal": causal, "useful_flop": useful,
                        "distinct_flop": distinct}
+                ours = lambda: dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=causal)  # noqa: E731
                 fns = {
-                    "ours": lambda: dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=causal),
+                    "ours": ours,
                     "ours-dropout": lambda: dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=causal,
                                                                      dropout_p=a.dropout),
-                    "ours-triton": triton_forward(lambda: dc.ops.dilated_attention(q, k, v, SEGS, RATES,
-                                                                                   is_causal=causal)),
+                    "ours-triton": triton_forward(ours),
                     "dense": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
                     "gather": lambda: gather_sdpa(q, k, v, SEGS, RATES, causal),
                 }

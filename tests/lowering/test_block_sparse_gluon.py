@@ -2,6 +2,7 @@
 that it matches float64 and the Triton forward, feeds the Triton backward, leaves compiled graphs to the Triton
 kernels and replays in a CUDA graph. Gluon has no CPU interpreter, so its exactness is checked on the GPU only."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -61,6 +62,36 @@ def assert_like_triton_forward_with_exact_gradients(ws, triton, out, ref, inputs
         assert_close(a, b, out.dtype, what)
 
 
+@contextlib.contextmanager
+def counted(module, name):
+    """Within the block, calls of ``module.name`` (a launcher) are counted in the list yielded."""
+    calls = []
+    run = getattr(module, name)
+    with mock.patch.object(module, name, lambda *a, **kw: calls.append(1) or run(*a, **kw)):
+        yield calls
+
+
+def assert_compiled_runs_triton_and_cuda_graph_replays_ws(op, inputs, module, launcher, triton_kernel):
+    """``torch.compile(op)`` runs the Triton forward (``triton_kernel`` in Inductor's code, ``module.launcher``
+    not called) and matches eager; a CUDA graph captured in eager mode runs the warp-specialised launcher and
+    replays it bit for bit on new inputs."""
+    from torch._inductor.utils import run_and_get_code
+
+    eager = op(*inputs)
+    with counted(module, launcher) as calls:
+        torch._dynamo.reset()
+        out, codes = run_and_get_code(torch.compile(op), *inputs)
+        assert not calls and any(triton_kernel in c for c in codes)
+        torch.testing.assert_close(out, eager, atol=2e-2, rtol=0)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = op(*inputs)
+        assert calls                                  # whatever the launcher checks was read before the capture
+    inputs[0].copy_(torch.randn_like(inputs[0]))
+    graph.replay()
+    torch.testing.assert_close(captured, op(*inputs), atol=0, rtol=0)
+
+
 def _hopper():
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
@@ -90,9 +121,7 @@ def test_warp_specialised_forward_matches_float64_and_the_triton_forward(name):
     q, k, v = (torch.randn(B, h, N, 64, device="cuda", generator=g, dtype=dtype).requires_grad_()
                for h in (Hq, Hkv, Hkv))
     lay = pattern.layout(N, 128, num_heads=Hq, device="cuda")
-    calls = []
-    run = bg.block_sparse_attn_fwd_ws
-    with mock.patch.object(bg, "block_sparse_attn_fwd_ws", lambda *a: calls.append(1) or run(*a)):
+    with counted(bg, "block_sparse_attn_fwd_ws") as calls:
         out = dc.ops.block_sparse_attention(q, k, v, lay, block_size=128)
     assert calls, block_sparse_op.warp_specialised_reason(q, k, v, lay.kv_count, 128, False, None)
     mask = pattern.token_mask(N, 128, num_heads=Hq, device="cuda")
@@ -115,26 +144,11 @@ def test_warp_specialised_forward_matches_float64_and_the_triton_forward(name):
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="needs compute capability 9.0")
 def test_compiled_graphs_run_the_triton_forward_and_cuda_graphs_the_warp_specialised_one():
-    from torch._inductor.utils import run_and_get_code
-
     q, k, v = (torch.randn(1, 4, 2048, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     lay = (P.local(2) | P.global_tokens(128)).layout(2048, 128, device="cuda")
 
     def op(q, k, v):
         return dc.ops.block_sparse_attention(q, k, v, lay, block_size=128)
 
-    eager = op(q, k, v)
-    calls = []
-    run = bg.block_sparse_attn_fwd_ws
-    with mock.patch.object(bg, "block_sparse_attn_fwd_ws", lambda *a: calls.append(1) or run(*a)):
-        torch._dynamo.reset()
-        out, codes = run_and_get_code(torch.compile(op), q, k, v)
-        assert not calls and any("_block_sparse_fwd_kernel" in c for c in codes)
-        torch.testing.assert_close(out, eager, atol=2e-2, rtol=0)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = op(q, k, v)
-        assert calls                                              # the layout was read before the capture
-    q.copy_(torch.randn_like(q))
-    graph.replay()
-    torch.testing.assert_close(captured, op(q, k, v), atol=0, rtol=0)
+    assert_compiled_runs_triton_and_cuda_graph_replays_ws(op, (q, k, v), bg, "block_sparse_attn_fwd_ws",
+                                                          "_block_sparse_fwd_kernel")

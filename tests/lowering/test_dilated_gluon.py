@@ -2,8 +2,6 @@
 that it matches float64 and the Triton forward, feeds the Triton backward, leaves compiled graphs to the Triton
 kernels and replays in a CUDA graph. Gluon has no CPU interpreter, so its exactness is checked on the GPU only."""
 
-from unittest import mock
-
 import pytest
 import torch
 
@@ -11,7 +9,8 @@ import dilate_compiler as dc
 from dilate_compiler.lowering import dilated_gluon as dg
 from dilate_compiler.lowering import hopper_gluon as hg
 from dilate_compiler.lowering import dilated_op
-from tests.lowering.test_block_sparse_gluon import assert_like_triton_forward_with_exact_gradients
+from tests.lowering.test_block_sparse_gluon import (assert_compiled_runs_triton_and_cuda_graph_replays_ws,
+                                                   assert_like_triton_forward_with_exact_gradients, counted)
 from tests.tolerances import assert_close, eager_dilated, rel_err
 
 SEGS, RATES = (1024, 2048, 4096), (1, 2, 4)
@@ -74,9 +73,7 @@ def test_warp_specialised_forward_matches_float64_and_the_triton_forward(name):
     g = torch.Generator(device="cuda").manual_seed(N + Hq)
     q, k, v = (torch.randn(B, h, N, 64, device="cuda", generator=g, dtype=dtype).requires_grad_()
                for h in (Hq, Hkv, Hkv))
-    calls = []
-    run = dg.dilated_attn_fwd_ws
-    with mock.patch.object(dg, "dilated_attn_fwd_ws", lambda *a, **kw: calls.append(1) or run(*a, **kw)):
+    with counted(dg, "dilated_attn_fwd_ws") as calls:
         out = dc.ops.dilated_attention(q, k, v, segs, rates)
     assert calls, dilated_op.warp_specialised_reason(q, k, v, None, segs, rates, False, "lse", 0.0)
     strategy = dc.Dilated(segs, rates)
@@ -96,25 +93,10 @@ def test_warp_specialised_forward_matches_float64_and_the_triton_forward(name):
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="needs compute capability 9.0")
 def test_compiled_graphs_run_the_triton_forward_and_cuda_graphs_the_warp_specialised_one():
-    from torch._inductor.utils import run_and_get_code
-
     q, k, v = (torch.randn(1, 4, 4096, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
 
     def op(q, k, v):
         return dc.ops.dilated_attention(q, k, v, SEGS, RATES)
 
-    eager = op(q, k, v)
-    calls = []
-    run = dg.dilated_attn_fwd_ws
-    with mock.patch.object(dg, "dilated_attn_fwd_ws", lambda *a, **kw: calls.append(1) or run(*a, **kw)):
-        torch._dynamo.reset()
-        out, codes = run_and_get_code(torch.compile(op), q, k, v)
-        assert not calls and any("_dilated_attn_fwd_kernel" in c for c in codes)
-        torch.testing.assert_close(out, eager, atol=2e-2, rtol=0)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = op(q, k, v)
-        assert calls
-    q.copy_(torch.randn_like(q))
-    graph.replay()
-    torch.testing.assert_close(captured, op(q, k, v), atol=0, rtol=0)
+    assert_compiled_runs_triton_and_cuda_graph_replays_ws(op, (q, k, v), dg, "dilated_attn_fwd_ws",
+                                                          "_dilated_attn_fwd_kernel")
