@@ -16,6 +16,7 @@ import torch.fx as fx
 from .api import check_strategy
 from .passes.pipeline import attention_visible, run_pipeline
 from .passes.site import Report
+from .passes.sources import INPUT_NAME, mark_state
 
 log = logging.getLogger(__name__)
 OPTIONS = ("strategy", "where", "strict", "inductor")
@@ -48,10 +49,33 @@ def to_pre_dispatch(gm: fx.GraphModule, example_inputs) -> fx.GraphModule:
     # preserve_node_meta: new nodes keep nn_module_stack / stack_trace of their Dynamo node (report locations).
     with attention_visible(), fx_traceback.preserve_node_meta():
         if fake_mode is None:
-            return make_fx(run, pre_dispatch=True, tracing_mode="fake")(*example_inputs)
-        fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
-        with fake_mode:
-            return make_fx(run, pre_dispatch=True, tracing_mode="real")(*fakes)
+            traced = make_fx(run, pre_dispatch=True, tracing_mode="fake")(*example_inputs)
+        else:
+            fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+            with fake_mode:
+                traced = make_fx(run, pre_dispatch=True, tracing_mode="real")(*fakes)
+    state = []
+    for old, new, x in zip(_placeholders(gm), _placeholders(traced), example_inputs):
+        new.meta[INPUT_NAME] = old.name   # reports name Dynamo's inputs, not make_fx's arg0_1
+        if _is_model_state(old, x):
+            state.append(new.name)
+    mark_state(traced, state)
+    return traced
+
+
+def _placeholders(gm: fx.GraphModule) -> list:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def _is_model_state(node: fx.Node, example) -> bool:
+    """Dynamo lifts parameters and buffers to graph inputs: they are the model's state, not a sequence."""
+    if isinstance(example, torch.nn.Parameter):
+        return True
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    name = getattr(source, "name", "")
+    name = name() if callable(name) else name   # a method in older torch, a property in newer
+    return "._buffers[" in str(name)
 
 
 def dilated_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict] = None):

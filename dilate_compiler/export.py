@@ -27,6 +27,7 @@ from .api import check_strategy, export_program
 from .passes.pipeline import run_pipeline
 from .passes.rewrite_attention import CONSTANT_PREFIX, Where
 from .passes.site import Report
+from .passes.sources import mark_state
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ def export(model: torch.nn.Module, args: tuple, strategy=None, *, kwargs: Option
     """
     strategy = check_strategy(strategy)
     ep = export_program(model, args, kwargs, dynamic_shapes)
+    user_inputs = set(ep.graph_signature.user_inputs)
+    mark_state(ep.graph_module, [n.name for n in ep.graph.nodes if n.op == "placeholder" and n.name not in user_inputs])
     report: Report = run_pipeline(ep.graph_module, strategy, where=where, strict=strict)
     _retarget_outputs(ep)
     _lift_constants(ep)

@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from .site import AttentionSite
+from .sources import Sources, is_view, names, storage_root, written_args
 
 A = torch.ops.aten
 SOFTMAX = {A.softmax.int, A._softmax.default, A._safe_softmax.default}
@@ -305,15 +306,23 @@ def peel_repeat_kv(k: fx.Node):
 def find_attention(gm: fx.GraphModule) -> list:
     """Every attention site of ``gm``, accepted (``status="found"``) or skipped with a reason."""
     sites = []
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    sources = Sources(gm)
     for n in list(gm.graph.nodes):
         if n.op != "call_function":
             continue
+        site = None
         if n.target == A.scaled_dot_product_attention.default:
-            sites.append(_sdpa_site(n, len(sites)))
+            site = _sdpa_site(n, len(sites))
         elif n.target in SOFTMAX:
             site = _softmax_site(n, len(sites))
-            if site is not None:
-                sites.append(site)
+        if site is None:
+            continue
+        if site.status != "skipped":
+            reason = _self_attention_reason(site, sources) or _mutation_reason(site, order)
+            if reason:
+                site.skip(reason)
+        sites.append(site)
     return sites
 
 
@@ -335,6 +344,12 @@ def _sdpa_site(n: fx.Node, index: int) -> AttentionSite:
 
 def _softmax_site(sm: fx.Node, index: int) -> Optional[AttentionSite]:
     kw = kwargs_of(sm)
+    rank = val(kw["self"]).dim()
+    if kw["dim"] % rank != rank - 1:
+        if _near_product(sm, up=True) and _near_product(sm, up=False):
+            return AttentionSite(f"attention_{index}", "matmul-softmax", location(sm)).skip(
+                f"the softmax ({sm.name}) normalises dim {kw['dim']} of {rank}, not the key axis (the last)")
+        return None
     sc = Scores()
     if not walk_scores(kw["self"], sc):
         if sc.reason and _near_product(kw["self"], up=True) and _near_product(sm, up=False):
@@ -389,6 +404,61 @@ def _softmax_site(sm: fx.Node, index: int) -> Optional[AttentionSite]:
     return _check_shapes(site)
 
 
+def _graph_input(n) -> Optional[fx.Node]:
+    """The input placeholder ``n`` is a view, copy or constant multiple of (through layout ops, casts and scales),
+    else None."""
+    while isinstance(n, fx.Node) and n.op == "call_function" and n.args:
+        if n.target in (A.mul.Tensor, A.mul.Scalar, A.div.Tensor, A.div.Scalar) and constant(n.args[1]) is not None:
+            n = n.args[0]
+        elif n.target in CASTS or n.target in _LAYOUT_OPS or is_view(n):   # views, in-place ops
+            n = n.args[0]
+        else:
+            break
+    return n if isinstance(n, fx.Node) and n.op == "placeholder" else None
+
+
+def _self_attention_reason(site: AttentionSite, sources: Sources) -> str:
+    """Why the site is not self-attention over one sequence, or ''.
+
+    q, k and v must be computed from the same graph inputs (``sources``); when q and k are graph inputs
+    themselves (a function ``f(q, k, v)``), the graph cannot tell, and equal lengths are taken as self-attention.
+    """
+    nodes = site.nodes
+    q, k, v = nodes["q"], nodes["k"] if nodes.get("k") is not None else nodes["kT"], nodes["v"]
+    nq, nk = site.q_shape[2], site.k_shape[2]
+    sq, sk, sv = sources.of(q), sources.of(k), sources.of(v)
+    direct = _graph_input(q) is not None and _graph_input(k) is not None
+    if not direct and (sq != sk or not sv <= sk):
+        if sq <= sk and sv <= sk and nq != nk:
+            return (f"keys extend the queries' sequence (query length {nq}, key length {nk}: a KV cache); queries "
+                    f"that are the last positions of a longer key sequence are not supported")
+        return (f"cross-attention: k/v are computed from other inputs than q (q from {names(sq)}, k from "
+                f"{names(sk)}, v from {names(sv)})")
+    if nq != nk:
+        return f"cross-attention: query length {nq} != key length {nk}"
+    return ""
+
+
+def _mutation_reason(site: AttentionSite, order: dict) -> str:
+    """Why the op, placed where the attention's output is, would not read q, k and the mask as the model did, or
+    ''. The model reads them at the q.kᵀ product and the score ops; an in-place op between there and the output
+    that writes to their storage (``q.mul_(2)`` after ``s = q @ k.mT``) changes what the op would read."""
+    nodes = site.nodes
+    if site.kind == "sdpa":
+        return ""  # one node reads everything
+    first = min(order[n] for n in nodes["remove"])
+    last = order[nodes["out"]]
+    reads = [nodes["q"], nodes["k"] if nodes.get("k") is not None else nodes["kT"]] + [t[1] for t in nodes["terms"]]
+    roots = {storage_root(x) for x in reads if isinstance(x, fx.Node)}
+    for n, i in order.items():
+        if first < i < last:
+            for w in written_args(n):
+                if storage_root(w) in roots:
+                    return (f"the in-place op {n.target} ({n.name}) between the q.kᵀ product and the output writes to "
+                            f"a tensor the attention read ({w.name})")
+    return ""
+
+
 def _escape_reason(x, users) -> str:
     if not users:
         return f"the attention weights ({x.name}) are not used by a product with v"
@@ -397,6 +467,9 @@ def _escape_reason(x, users) -> str:
     return f"the attention weights ({x.name}) escape: {what}"
 
 
+_LAYOUT_OPS = {A.transpose.int, A.permute.default, A.view.default, A.reshape.default, A._unsafe_view.default,
+               A.expand.default, A.unsqueeze.default, A.squeeze.dim, A.mT.default, A.t.default, A.slice.Tensor,
+               A.select.int, A.detach.default, A.repeat_interleave.self_int, A.repeat.default}
 _SHAPE_OPS = CASTS | {A.transpose.int, A.permute.default, A.mul.Tensor, A.div.Tensor, A.view.default,
                       A.reshape.default, A._unsafe_view.default, A.select.int}
 
@@ -464,8 +537,6 @@ def _check_shapes(site: AttentionSite) -> AttentionSite:
         return site.skip(f"dtype {qv.dtype} is not supported (float16, bfloat16, float32, float64)")
     if not (qv.dtype == kv.dtype == vv.dtype):
         return site.skip(f"q, k, v dtypes differ ({qv.dtype}, {kv.dtype}, {vv.dtype})")
-    if qv.shape[2] != kv.shape[2]:
-        return site.skip(f"cross-attention: query length {qv.shape[2]} != key length {kv.shape[2]}")
     if site.scale is None:
         site.scale = 1.0 / math.sqrt(qv.shape[-1])
     if k is not None and "heads_3d" not in nodes:

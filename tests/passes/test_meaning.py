@@ -1,0 +1,158 @@
+"""Rewrites that would change a model's meaning are skipped with the true reason (issue: no silent change of
+meaning). Each test here failed before its fix."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dilate_compiler as dc
+from tests.passes.helpers import DENSE, check_rewrite
+from tests.passes.test_find_attention import Fn, qkv
+
+warnings.filterwarnings("ignore", category=UserWarning)
+STRATEGY = dc.Dilated((4, 8), (1, 2))   # not dense: a wrong rewrite changes the output
+
+
+def _skipped_reasons(res) -> list:
+    return [s.reason for s in res.report.skipped]
+
+
+# --- cross-attention is read from the graph, not from the lengths ---------------------------------------------
+
+
+def test_cross_attention_of_equal_length_is_skipped():
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerDecoderLayer(32, 4, 64, dropout=0.0, batch_first=True).eval()
+    tgt, memory = torch.randn(2, 16, 32), torch.randn(2, 16, 32)
+    res = dc.rewrite(layer, (tgt, memory), STRATEGY)
+    assert [s.location for s in res.report.rewritten] == ["self_attn"]
+    (cross,) = res.report.skipped
+    assert cross.location == "multihead_attn"
+    assert cross.reason == ("cross-attention: k/v are computed from other inputs than q (q from {tgt}, k from "
+                            "{memory}, v from {memory})")
+
+
+def test_cross_attention_is_skipped_under_the_backend_too():
+    from dilate_compiler import backend
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerDecoderLayer(32, 4, 64, dropout=0.0, batch_first=True).eval()
+    tgt, memory = torch.randn(2, 16, 32), torch.randn(2, 16, 32)
+    compiled = torch.compile(layer, backend=backend.dilated_backend, options={"strategy": DENSE}, fullgraph=True)
+    torch.testing.assert_close(compiled(tgt, memory), layer(tgt, memory), atol=1e-5, rtol=1e-5)
+    report = backend.last_report()
+    assert len(report.rewritten) == 1 and report.skipped[0].reason.startswith("cross-attention: k/v are computed")
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["t5", "bart"])
+def test_encoder_decoder_models_keep_cross_attention(name):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if name == "t5":
+        cfg = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                    use_cache=False, decoder_start_token_id=0)
+        model = transformers.T5Model(cfg).eval()
+    else:
+        cfg = transformers.BartConfig(vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2,
+                                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                      decoder_ffn_dim=64, use_cache=False, max_position_embeddings=64)
+        model = transformers.BartModel(cfg).eval()
+
+    class Hidden(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids, dec_ids):
+            return self.model(input_ids=ids, decoder_input_ids=dec_ids).last_hidden_state
+
+    ids = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    dec = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(2))
+    res = check_rewrite(Hidden(), (ids, dec), 4, grads=False, allow_skipped=True)   # 2 encoder + 2 decoder self
+    assert len(res.report.skipped) == 2, str(res.report)
+    assert all(r.startswith("cross-attention: k/v are computed from other inputs than q")
+               for r in _skipped_reasons(res)), str(res.report)
+
+
+def test_attention_over_inputs_q_k_v_is_taken_as_self_attention():
+    """``f(q, k, v)`` over graph inputs can't be told from cross-attention; equal lengths are self-attention."""
+    check_rewrite(Fn(lambda q, k, v: F.scaled_dot_product_attention(q, k, v)), qkv(), 1)
+
+
+def test_projected_from_two_inputs_is_cross_attention():
+    w = torch.randn(8, 8)
+    res = dc.rewrite(Fn(lambda x, y: F.scaled_dot_product_attention(x @ w, y @ w, y @ w)), qkv()[:2], DENSE)
+    assert res.report.skipped[0].reason.startswith("cross-attention: k/v are computed from other inputs than q")
+
+
+def test_keys_that_extend_the_queries_are_not_called_cross_attention():
+    """A KV cache: keys = cat(cached, new); the queries are the new positions."""
+    w = torch.randn(8, 8)
+
+    def fn(x, cached):
+        return F.scaled_dot_product_attention(x @ w, torch.cat([cached, x @ w], 2), torch.cat([cached, x @ w], 2))
+
+    x, cached = torch.randn(2, 4, 1, 8), torch.randn(2, 4, 7, 8)
+    res = dc.rewrite(Fn(fn), (x, cached), DENSE)
+    reason = res.report.skipped[0].reason
+    assert reason.startswith("keys extend the queries' sequence (query length 1, key length 8: a KV cache)"), reason
+
+
+# --- the softmax must normalise over keys ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("three_d", [False, True])
+def test_softmax_over_another_axis_is_skipped(three_d):
+    q, k, v = qkv()
+    if three_d:
+        q, k, v = q[0], k[0], v[0]
+        fn = lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2), dim=1) @ v  # noqa: E731
+    else:
+        fn = lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2), dim=-2) @ v  # noqa: E731
+    res = dc.rewrite(Fn(fn), (q, k, v), DENSE)
+    assert not res.report.rewritten
+    assert "not the key axis (the last)" in res.report.skipped[0].reason
+    torch.testing.assert_close(res.module(q, k, v), fn(q, k, v))
+
+
+# --- in-place changes after the scores ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("what", ["q", "k", "mask"])
+def test_in_place_change_after_the_scores_is_skipped(what):
+    mask = torch.zeros(24, 24)
+
+    def fn(q, k, v):
+        q, k, m = q.clone(), k.clone(), mask.clone()
+        s = q @ k.mT * 0.3 + m
+        {"q": q, "k": k, "mask": m}[what].mul_(2)
+        return torch.softmax(s, -1) @ v
+
+    q, k, v = qkv()
+    res = dc.rewrite(Fn(fn), (q, k, v), DENSE)
+    assert not res.report.rewritten
+    assert "in-place op aten.mul_.Tensor" in res.report.skipped[0].reason
+    torch.testing.assert_close(res.module(q, k, v), fn(q, k, v))
+
+
+def test_in_place_change_of_something_else_keeps_the_rewrite():
+    def fn(q, k, v):
+        other = v.clone()
+        s = q @ k.mT * 0.3
+        other.mul_(2)
+        return torch.softmax(s, -1) @ v + other
+
+    check_rewrite(Fn(fn), qkv(), 1)
+
+
+def test_in_place_change_before_the_scores_keeps_the_rewrite():
+    def fn(q, k, v):
+        q = q.clone()
+        q.mul_(2)
+        return torch.softmax(q @ k.mT * 0.3, -1) @ v
+
+    check_rewrite(Fn(fn), qkv(), 1)
