@@ -34,10 +34,10 @@ from torch import Tensor
 INF = 2**30
 UNBOUNDED = (-INF, INF)
 MAX_TERMS = 31  # a partial block carries its terms as bits of an int32; bit 0 is the always-true term
-GRID_AXES = 3    # coordinate columns of a grid pattern (2-D grids leave the last one 0)
+GRID_AXES = 3    # coordinate columns of a grid pattern (a 2-D grid's cells leave the first one 0)
 TERM_COLUMNS = 6 + 2 * GRID_AXES
-# Coordinates of tokens outside the grid (e.g. a CLS token before it): token i sits FAR * (i + 1) away on
-# the first axis, so no coordinate interval (|radius| < FAR) ever links it to another token.
+# Coordinates of tokens outside the grid (e.g. a CLS token before it): token i sits at -FAR * (i + 1) on every
+# axis, so no coordinate interval (|radius| < FAR) on any axis links it to another token (only to itself).
 FAR = 1 << 20
 MAX_EXTRA_TOKENS = 1000
 
@@ -213,7 +213,7 @@ class Grid:
             cells = cells[self.order.cpu()]
         out = torch.zeros(seq_len, GRID_AXES, dtype=torch.int64)
         out[extra:, GRID_AXES - len(self.shape):] = cells
-        out[:extra, 0] = -FAR * torch.arange(1, extra + 1)
+        out[:extra, :] = -FAR * torch.arange(1, extra + 1).view(-1, 1)
         return out.to(torch.int32).to(device)
 
 
@@ -339,8 +339,9 @@ def from_layout(layout: Tensor) -> Pattern:
 def neighborhood(grid: Sequence[int], radius) -> Pattern:
     """Grid neighbourhood attention: the last ``prod(grid)`` tokens are the cells of ``grid`` in row-major
     order, and a cell attends the cells at most ``radius`` away along every axis (``|dy| <= r and |dx| <= r``;
-    ``radius`` is an int or one int per axis). Tokens before the grid (a CLS token) get no neighbours: combine
-    with ``global_tokens``. Inside ``dc.Hilbert`` the same mask runs in curve order."""
+    ``radius`` is an int or one int per axis). Tokens before the grid (a CLS token) attend only themselves and
+    no cell attends them: combine with ``global_tokens``. Inside ``dc.Hilbert`` the same mask runs in curve
+    order."""
     from .hilbert import check_grid
 
     grid = check_grid(grid)

@@ -89,6 +89,27 @@ def test_unsupported_site_is_skipped_and_export_still_works():
         dc.export(Cross(), (q, kv), STRATEGY, strict=True)
 
 
+def test_block_sparse_site_with_a_dynamic_length_is_skipped_and_the_program_runs_at_any_length():
+    """A layout is built for one length: a symbolic length is never specialised to the example's."""
+    model = Causal()
+    strategy = dc.BlockSparse(dc.patterns.sliding_window(16), block_size=16)
+    ep = dc.export(model, (torch.randn(2, 64, 32),), strategy, dynamic_shapes={"x": {1: Dim("N", min=2, max=4096)}})
+    (site,) = ep.dilate_report.skipped
+    assert site.reason.startswith("block-sparse layouts are built at compile time for a static sequence length")
+    for n in (64, 96):
+        x = torch.randn(2, n, 32)
+        torch.testing.assert_close(ep.module()(x), model(x))
+
+
+def test_where_with_a_dynamic_length_does_not_specialise_it():
+    model = Causal()
+    ep = dc.export(model, (torch.randn(2, 40, 32),), STRATEGY, dynamic_shapes={"x": {1: Dim("N", min=2, max=4096)}},
+                   where=16)
+    assert len(ep.dilate_report.rewritten) == 1
+    x = torch.randn(2, 77, 32)
+    torch.testing.assert_close(ep.module()(x), dc.rewrite(model, (x,), STRATEGY).module(x))
+
+
 def _run_package_in_fresh_process(package, inputs, expected, tmp_path):
     io = tmp_path / "io.pt"
     torch.save((inputs, expected), io)

@@ -1,10 +1,13 @@
 """Block layouts built from patterns (interval arithmetic on blocks) against brute-force token masks written
 here from each pattern's definition."""
 
+import math
+
 import pytest
 import torch
 
 from dilate_compiler import patterns as P
+from dilate_compiler.hilbert import curve_order
 
 N, BS, H = 77, 16, 4  # ragged: 77 = 4 * 16 + 13
 
@@ -144,6 +147,17 @@ def test_neighborhood_layout_equals_brute_force(grid, radius, bs, extra, curve):
     per_block = blocks.view(nb, bs, nb, bs)
     assert not per_block.any(3).any(1)[lay.state[0] == P.EMPTY].any()
     assert per_block.all(3).all(1)[lay.state[0] == P.FULL].all()
+
+
+@pytest.mark.parametrize("grid", [(4, 4), (2, 2, 4)], ids=str)
+def test_tokens_before_the_grid_attend_only_themselves(grid):
+    """A token before the grid is no cell: it links only itself, and no cell links it (on 2-D grids too)."""
+    n = 2 + math.prod(grid)
+    for pattern in (P.neighborhood(grid, 1), P.neighborhood(grid, 1).reordered(P.Grid(grid, curve_order(grid)))):
+        mask = pattern.token_mask(n, 4)[0]
+        assert mask[:2].nonzero().tolist() == [[0, 0], [1, 1]]
+        assert mask[:, :2].nonzero().tolist() == [[0, 0], [1, 1]]
+        assert torch.equal(pattern.layout(n, 4).token_mask()[0], mask)
 
 
 def test_hilbert_order_makes_neighbourhood_blocks_dense():

@@ -19,7 +19,7 @@ from torch._guards import detect_fake_mode
 from torch.utils._pytree import tree_map
 
 from .find_attention import IGNORED_USERS, val
-from .site import AttentionSkipped, AttentionSite
+from .site import AttentionSkipped, AttentionSite, static_int
 
 A = torch.ops.aten
 
@@ -30,10 +30,8 @@ def selected(site: AttentionSite, where: Where) -> bool:
     if where is None:
         return True
     if isinstance(where, int) and not isinstance(where, bool):
-        try:
-            return int(site.seq_len) >= where
-        except TypeError:  # symbolic length: keep it (the op handles any N)
-            return True
+        n = static_int(site.q_shape[2]) if site.q_shape else None
+        return n is None or n >= where   # a symbolic length is kept: the op handles any N
     if callable(where):
         return bool(where(site))
     raise TypeError(f"where must be None, a minimum sequence length (int) or a callable(site) -> bool, got {where!r}")

@@ -5,6 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import torch
+
+
+def static_int(x) -> Optional[int]:
+    """``x`` as an int when it is one at compile time; None for a symbolic size. Never guards on (specialises) a
+    symbolic size, as ``int(x)`` would."""
+    if isinstance(x, int) and not isinstance(x, bool):
+        return x
+    if isinstance(x, torch.SymInt):
+        from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+        return int(x) if is_concrete_int(x) else None
+    return None
 
 
 @dataclass

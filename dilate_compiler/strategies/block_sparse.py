@@ -13,14 +13,12 @@ from typing import Optional, Union
 
 import torch
 
+from ..passes.site import static_int
 from ..patterns import BlockLayout, Pattern
 
 
 def _static_len(site) -> Optional[int]:
-    try:
-        return int(site.q_shape[2])
-    except (TypeError, ValueError):
-        return None
+    return static_int(site.q_shape[2]) if len(site.q_shape) == 4 else None
 
 
 def model_mask_pattern(site, n: int):
