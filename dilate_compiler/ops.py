@@ -41,6 +41,9 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
     if hkv == 0 or hq % hkv:
         raise ValueError(
             f"the number of query heads ({hq}) must be a multiple of the number of key/value heads ({hkv})")
+    for what, size in (("batch size B", q.shape[0]), ("query heads Hq", hq), ("head dim D", q.shape[3])):
+        if isinstance(size, int) and size == 0:
+            raise ValueError(f"q must have {what} >= 1, got q of shape {tuple(q.shape)}")
 
 
 def check_scale(scale: Optional[float], head_dim: int) -> float:
@@ -65,6 +68,8 @@ def check_attn_mask(attn_mask: Optional[Tensor], q: Tensor) -> Optional[Tensor]:
         raise TypeError(f"attn_mask must be a Tensor or None, got {type(attn_mask).__name__}")
     if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
         raise TypeError(f"attn_mask must be bool (True attends) or floating (added to scores), got {attn_mask.dtype}")
+    if attn_mask.device != q.device:
+        raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}; accepted: a mask on q's device")
     if attn_mask.requires_grad:
         raise NotImplementedError(
             "attn_mask.requires_grad=True: gradients with respect to an additive attention bias are not "
@@ -73,12 +78,11 @@ def check_attn_mask(attn_mask: Optional[Tensor], q: Tensor) -> Optional[Tensor]:
     if attn_mask.dim() > 4:
         raise ValueError(f"attn_mask must have at most 4 dims, got shape {tuple(attn_mask.shape)}")
     mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
-    try:
-        torch.broadcast_shapes(mask.shape, (B, H, N, N))
-    except RuntimeError:
-        raise ValueError(
-            f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to [B, Hq, N, N] = {[B, H, N, N]}"
-        ) from None
+    for dim, (got, want) in zip(("batch B", "heads Hq", "queries N", "keys N"), zip(mask.shape, (B, H, N, N))):
+        if got not in (1, want):
+            raise ValueError(
+                f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to [B, Hq, N, N] = {[B, H, N, N]}: "
+                f"its {dim} dim is {got}; accepted: 1 or {want}")
     if mask.shape[1] not in (1, H):
         raise ValueError(f"attn_mask's head dim must be 1 or {H}, got shape {tuple(attn_mask.shape)}")
     return mask
@@ -144,7 +148,14 @@ def resolve_layout(layout, q: Tensor, block_size: int, is_causal: bool):
     from .patterns import BlockLayout, Pattern, from_layout
 
     B, H, N, _ = q.shape
+    if q.device.type == "meta":
+        raise ValueError("q, k, v are meta tensors: block-sparse attention builds its block lists from the layout's "
+                         "data at run time; pass tensors with data (under torch.compile / torch.export tracing, "
+                         "fake tensors work)")
     if isinstance(layout, Tensor):
+        if layout.device.type == "meta":
+            raise ValueError("layout is a meta tensor (no data); accepted: a bool tensor with data, a pattern or a "
+                             "BlockLayout")
         layout = from_layout(layout)
     if isinstance(layout, Pattern):
         return layout.layout(N, block_size, num_heads=H, is_causal=is_causal, device=q.device)
@@ -242,6 +253,9 @@ def adaptive_block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, strategy, *
     check_qkv(q, k, v)
     scale = check_scale(scale, q.shape[-1])
     B, H, N, D = q.shape
+    if N == 0:
+        raise ValueError(f"adaptive block selection needs at least one token; got q of shape {tuple(q.shape)} "
+                         f"(sequence length N=0)")
     bs = strategy.block_size
     with torch.no_grad():
         chosen = strategy.select(q, k, is_causal=is_causal, scale=scale)

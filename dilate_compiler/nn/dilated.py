@@ -50,13 +50,27 @@ class DilatedAttention(nn.Module):
                 f"attention_dropout={self.attention_dropout}")
 
 
+def _check_module_mask(name: str, mask, device: torch.device) -> None:
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"{name} must be bool (True: masked out, as in nn.MultiheadAttention) or floating (added to "
+                        f"the scores), got dtype {mask.dtype}")
+    if mask.device != device:
+        raise ValueError(f"{name} is on {mask.device} but the query is on {device}; accepted: a mask on the query's "
+                         f"device")
+
+
 def merge_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], batch: int, num_heads: int,
-                seq_len: int) -> Optional[Tensor]:
+                seq_len: int, device: torch.device) -> Optional[Tensor]:
     """``nn.MultiheadAttention``'s masks as one mask for the op (bool: True attends, or additive float).
 
     ``attn_mask``: ``[N, N]`` or ``[B * H, N, N]``; bool True means *not* allowed (as in nn.MultiheadAttention).
     ``key_padding_mask``: ``[B, N]``; bool True means padding (ignored), or additive float.
     """
+    for name, m in (("attn_mask", attn_mask), ("key_padding_mask", key_padding_mask)):
+        if m is not None:
+            _check_module_mask(name, m, device)
     masks = []
     if attn_mask is not None:
         if attn_mask.dim() == 2 and attn_mask.shape == (seq_len, seq_len):
@@ -142,7 +156,7 @@ class ProjectedAttention(nn.Module):
         q = self.q_proj(query).view(B, N, self.num_heads, self.head_dim)
         k = self.k_proj(key).view(B, key.shape[1], self.num_kv_heads, self.head_dim)
         v = self.v_proj(value).view(B, value.shape[1], self.num_kv_heads, self.head_dim)
-        mask = merge_masks(attn_mask, key_padding_mask, B, self.num_heads, N)
+        mask = merge_masks(attn_mask, key_padding_mask, B, self.num_heads, N, query.device)
         x = self.attention(q, k, v, is_causal=is_causal, attn_mask=mask).reshape(B, N, self.embed_dim)
         if self.norm is not None:
             x = self.norm(x)

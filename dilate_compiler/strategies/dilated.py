@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 MIXINGS = ("lse", "head_groups")
+MAX_INT64 = 2**63 - 1
 
 
 def _as_int_tuple(name: str, value) -> tuple[int, ...]:
@@ -35,6 +36,9 @@ def _as_int_tuple(name: str, value) -> tuple[int, ...]:
     for x in items:
         if isinstance(x, bool) or not isinstance(x, int) or x <= 0:
             raise ValueError(f"{name} must hold positive ints, got {value!r} (bad entry {x!r})")
+        if x > MAX_INT64:
+            raise ValueError(f"{name} must hold ints of at most 2**63 - 1 (int64), got {value!r} (bad entry {x!r}); "
+                             f"a segment longer than the sequence holds the whole sequence")
     return items
 
 
