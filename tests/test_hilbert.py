@@ -369,3 +369,15 @@ def test_backend_compiles_the_hilbert_strategy():
     want = dc.rewrite(model, (img,), strategy).module(img)
     torch.testing.assert_close(compiled(img), want, rtol=1e-5, atol=1e-5)
     assert "hilbert order" in str(dc.backend.REPORTS[-1])
+
+
+def test_plan_hands_out_a_permutation_of_the_callers_own():
+    """Mutating the returned permutation must not change what later sites and calls use."""
+    h = dc.Hilbert((4, 4), dc.BlockSparse(P.local(1), block_size=4))
+    perm, _ = h.plan(16)
+    expected = perm.clone()
+    perm.zero_()
+    assert torch.equal(h.plan(16)[0], expected)
+    q = torch.randn(1, 2, 16, 8)
+    fresh = dc.Hilbert((4, 4), dc.BlockSparse(P.local(1), block_size=4))
+    torch.testing.assert_close(h.attention(q, q, q), fresh.attention(q, q, q))

@@ -82,8 +82,14 @@ class Hilbert:
     # --- the plan for one (grid, sequence length) ------------------------------------------------------------
 
     def plan(self, seq_len: int, grid: Optional[tuple] = None):
-        """``(perm, inner)`` for ``seq_len`` tokens: the permutation to curve order (``x[..., perm, :]``) and the
-        inner strategy as it runs on the reordered sequence. Raises ``ValueError`` when they don't fit."""
+        """``(perm, inner)`` for ``seq_len`` tokens: the permutation to curve order (``x[..., perm, :]``, a tensor
+        of the caller's own) and the inner strategy as it runs on the reordered sequence. Raises ``ValueError``
+        when they don't fit."""
+        perm, inner = self._plan(seq_len, grid)
+        return perm.clone(), inner
+
+    def _plan(self, seq_len: int, grid: Optional[tuple] = None):
+        """``plan``, with the cached permutation itself (shared by every site: never hand it out)."""
         grid = check_grid(grid if grid is not None else self.grid, "grid")
         key = (grid, seq_len)
         if key not in self._cache:
@@ -102,7 +108,7 @@ class Hilbert:
         share the same constants."""
         key = (grid, seq_len, str(device))
         if key not in self._cache:
-            perm, _ = self.plan(seq_len, grid)
+            perm, _ = self._plan(seq_len, grid)
             self._cache[key] = (perm.to(device), inverse(perm).to(device), perm.to(device, torch.int32))
         return self._cache[key][:2]
 
@@ -129,7 +135,7 @@ class Hilbert:
     def token_mask(self, seq_len: int, num_heads: int = 1, grid: Optional[tuple] = None) -> Tensor:
         """The mask in the caller's (row-major) order, ``[Hl, N, N]``: bool for a BlockSparse inner strategy,
         the link multiplicity (int64) for a Dilated one (O(N^2), for tests and references)."""
-        perm, inner = self.plan(seq_len, grid)
+        perm, inner = self._plan(seq_len, grid)
         inv = inverse(perm)
         if isinstance(inner, Dilated):
             m = inner.multiplicity(seq_len, num_heads)
@@ -143,7 +149,7 @@ class Hilbert:
         from .. import ops
 
         ops.check_qkv(q, k, v)
-        perm, inner = self.plan(q.shape[2], grid)
+        perm, inner = self._plan(q.shape[2], grid)
         if self.reorder == "fused":
             order = self.device_order(q.shape[2], check_grid(grid if grid is not None else self.grid), q.device)
             return ops.block_sparse_attention(q, k, v, inner.pattern, block_size=inner.block_size, scale=scale,
@@ -182,7 +188,7 @@ class Hilbert:
             if grid is None:
                 return f"grid=None and the grid could not be inferred: {why}; pass grid="
         try:
-            perm, inner = self.plan(n, grid)
+            perm, inner = self._plan(n, grid)
         except (ValueError, NotImplementedError) as e:
             return str(e)
         reason = inner.check_site(site)
