@@ -29,7 +29,11 @@ from .sources import Sources, is_view, names, storage_root, written_args
 
 A = torch.ops.aten
 SOFTMAX = {A.softmax.int, A._softmax.default, A._safe_softmax.default}
-CASTS = {A.to.dtype, A._to_copy.default, A.clone.default, A.contiguous.default, A.alias.default}
+CASTS = {A.to.dtype, A._to_copy.default, A.clone.default, A.contiguous.default, A.alias.default, A.type_as.default}
+DTYPE_CASTS = {A.to.dtype, A._to_copy.default, A.type_as.default}   # casts that may change the dtype
+VIEWS = {A.view.default, A.reshape.default, A._unsafe_view.default}
+# Users that read only an intermediate's shape; the rewrite gives them the shape instead.
+SHAPE_READERS = {A.expand_as.default: 1, A.sym_size.int: 0}   # op -> argument index that is read for its shape
 IGNORED_USERS = {A._assert_tensor_metadata.default}
 PRODUCTS = {A.matmul.default, A.bmm.default}
 QK_PRODUCTS = PRODUCTS | {A.baddbmm.default, A.einsum.default}  # what a q.kᵀ product can be
@@ -95,6 +99,7 @@ class Scores:
         self.terms: list = []
         self.nodes: list = []  # intermediate nodes, softmax input first
         self.qk: Optional[fx.Node] = None
+        self.views: list = []  # shapes the scores are viewed as on the way (leading dims split or merged)
         self.reason = ""
 
 
@@ -108,6 +113,14 @@ def walk_scores(n: fx.Node, sc: Scores) -> bool:
         sc.nodes.append(n)
         if n.target in CASTS:
             n = n.args[0]
+            continue
+        if n.target in VIEWS:
+            src = n.args[0]
+            if not isinstance(src, fx.Node) or tuple(val(src).shape[-2:]) != tuple(val(n).shape[-2:]):
+                sc.reason = f"a view ({n.name}) between the q.kᵀ product and the softmax changes the [queries, keys] dims"
+                return False
+            sc.views.append(tuple(val(n).shape))
+            n = src
             continue
         if n.target in (A.mul.Tensor, A.mul.Scalar, A.div.Tensor, A.div.Scalar):
             kw = kwargs_of(n)
@@ -176,8 +189,9 @@ def _leads_to_product(n, depth=12) -> bool:
     while isinstance(n, fx.Node) and depth > 0:
         if n.target in QK_PRODUCTS:
             return True
-        if n.target in CASTS or n.target in (A.mul.Tensor, A.div.Tensor, A.mul.Scalar, A.div.Scalar,
-                                              A.masked_fill.Scalar, A.masked_fill.Tensor):
+        if n.target in CASTS or n.target in VIEWS or n.target in (A.mul.Tensor, A.div.Tensor, A.mul.Scalar,
+                                                                   A.div.Scalar, A.masked_fill.Scalar,
+                                                                   A.masked_fill.Tensor):
             n = n.args[0]
         elif n.target in (A.where.self, A.where.ScalarOther):
             n = n.args[1]
@@ -386,11 +400,19 @@ def _softmax_site(sm: fx.Node, index: int) -> Optional[AttentionSite]:
         return site.skip(f"the softmax output goes to {u.target} ({u.name}), not into a product with v")
     v = pv[1]
     transposes = [kT] if (kT is not None and k is not None) else []
+    shape_users = []
     for node in sc.nodes + [sc.qk] + transposes:
         users = real_users(node)
-        if len(users) != 1:
+        readers = [u for u in users if _reads_shape_of(u, node)]
+        if len(users) - len(readers) != 1:
             site.q_shape = tuple(val(q).shape)
-            return site.skip(f"an intermediate of the attention ({node.name}) is also used elsewhere")
+            others = ", ".join(f"{u.name} ({u.target})" for u in users if u not in readers) or "nothing"
+            return site.skip(f"an intermediate of the attention ({node.name}) is used elsewhere too: its users are "
+                             f"{others}, and the rewrite removes it")
+        if readers and val(node).dim() != val(q).dim():
+            site.q_shape = tuple(val(q).shape)
+            return site.skip(f"{readers[0].name} reads the shape of {node.name}, a view of the scores of another rank")
+        shape_users += [(u, node) for u in readers]
     site.scale, site.dropout_p = sc.factor, dropout_p
     fills = [t for t in sc.terms if t[0] == "fill"]
     adds = [t for t in sc.terms if t[0] == "add"]
@@ -400,7 +422,8 @@ def _softmax_site(sm: fx.Node, index: int) -> Optional[AttentionSite]:
     for _, m, fill, keep_when in fills:
         terms.append(("keep", m, keep_when) if site.mask_kind == "bool" else ("fill", m, fill, keep_when))
     remove = [u] + chain[::-1] + sc.nodes + [sc.qk] + transposes
-    site.nodes = {"out": u, "q": q, "k": k, "kT": kT, "v": v, "terms": terms, "remove": remove}
+    site.nodes = {"out": u, "q": q, "k": k, "kT": kT, "v": v, "terms": terms, "remove": remove,
+                  "shape_users": shape_users, "score_views": sc.views}
     return _check_shapes(site)
 
 
@@ -459,6 +482,13 @@ def _mutation_reason(site: AttentionSite, order: dict) -> str:
     return ""
 
 
+def _reads_shape_of(user: fx.Node, node: fx.Node) -> bool:
+    """``user`` reads only the shape of ``node`` (``expand_as(mask, scores)``, ``sym_size(scores, d)``)."""
+    index = SHAPE_READERS.get(user.target)
+    return index is not None and len(user.args) > index and user.args[index] is node and (
+        sum(a is node for a in user.args) == 1)
+
+
 def _escape_reason(x, users) -> str:
     if not users:
         return f"the attention weights ({x.name}) are not used by a product with v"
@@ -515,6 +545,32 @@ def _merged_head_shapes(site: AttentionSite, qv, kv, vv) -> Optional[str]:
     return None
 
 
+def _peel_dtype_casts(site: AttentionSite) -> str:
+    """q, k, v of different dtypes where the model casts them (``v.to(p.dtype)``, ``q.float()``): read them from
+    before their dtype casts when that gives one dtype (the op computes in float32 or better either way, and its
+    output is cast to the model's); else the reason."""
+    nodes = site.nodes
+    names = ("q", "k" if nodes.get("k") is not None else "kT", "v")
+    given = [val(nodes[n]).dtype for n in names]
+    peeled = [_before_dtype_casts(nodes[n]) for n in names]
+    if len({val(n).dtype for n in peeled}) != 1:
+        return (f"q, k, v dtypes differ ({', '.join(str(d) for d in given)}), also before the casts that make them "
+                f"({', '.join(str(val(n).dtype) for n in peeled)})")
+    for n, node in zip(names, peeled):
+        nodes[n] = node
+    return ""
+
+
+def _before_dtype_casts(n: fx.Node) -> fx.Node:
+    """``n`` before the dtype casts that made it (on the same device)."""
+    while n.target in DTYPE_CASTS or n.target in CASTS:
+        src = n.args[0]
+        if not isinstance(src, fx.Node) or val(src).device != val(n).device or not val(src).is_floating_point():
+            break
+        n = src
+    return n
+
+
 def _check_shapes(site: AttentionSite) -> AttentionSite:
     nodes = site.nodes
     q, v = nodes["q"], nodes["v"]
@@ -533,10 +589,21 @@ def _check_shapes(site: AttentionSite) -> AttentionSite:
     if qv.dim() != 4 or kv.dim() != 4 or vv.dim() != 4:
         return site.skip(f"q/k/v must be 4-D [B, H, N, D] (or [B*H, N, D] with a visible head split); got "
                          f"{qv.dim()}-D q {tuple(qv.shape)}")
+    if not (qv.dtype == kv.dtype == vv.dtype):
+        reason = _peel_dtype_casts(site)
+        if reason:
+            return site.skip(reason)
+        qv = torch.empty(qv.shape, dtype=val(nodes["q"]).dtype, device="meta")
+        site.dtype = qv.dtype
     if qv.dtype not in DTYPES:
         return site.skip(f"dtype {qv.dtype} is not supported (float16, bfloat16, float32, float64)")
-    if not (qv.dtype == kv.dtype == vv.dtype):
-        return site.skip(f"q, k, v dtypes differ ({qv.dtype}, {kv.dtype}, {vv.dtype})")
+    B, H = qv.shape[0], qv.shape[1]
+    for shape in nodes.get("score_views", []):
+        if tuple(shape[:-2]) not in ((B, H), (B * H,)):
+            return site.skip(f"the scores are viewed as {list(shape)} between the q.kᵀ product and the softmax; "
+                             f"accepted: [B, H, Nq, Nk] = {[B, H] + list(shape[-2:])} or [B*H, Nq, Nk]")
+    merged = "heads_3d" in nodes or any(len(shape) == 3 for shape in nodes.get("score_views", []))
+    nodes["merged_terms"] = merged
     if site.scale is None:
         site.scale = 1.0 / math.sqrt(qv.shape[-1])
     if k is not None and "heads_3d" not in nodes:
@@ -554,7 +621,7 @@ def _check_shapes(site: AttentionSite) -> AttentionSite:
         if m is None or m.dim() > 4:
             return site.skip(f"mask {t[1]} has no shape or more than 4 dims")
         shape = (1,) * (4 - m.dim()) + tuple(m.shape)
-        if "heads_3d" in nodes and m.dim() == 3 and m.shape[0] not in (1,):
+        if merged and m.dim() == 3 and m.shape[0] not in (1,):
             if m.shape[0] != qv.shape[0] * qv.shape[1]:
                 return site.skip(f"mask {t[1].name} of shape {tuple(m.shape)} does not match [B*H, N, N]")
             shape = (qv.shape[0], qv.shape[1]) + tuple(m.shape[1:])

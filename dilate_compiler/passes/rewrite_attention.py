@@ -115,6 +115,31 @@ def _build_mask(emit, terms: list, heads_3d: Optional[tuple] = None) -> Optional
     return mask
 
 
+def _give_shape(emit, user: fx.Node, node: fx.Node, nodes: dict) -> None:
+    """``user`` read only the shape of ``node``, an intermediate the rewrite removes: give it the shape, read from
+    q (leading dims and queries) and k (keys) where it is symbolic."""
+    shape = list(val(node).shape)
+    k = nodes["k"] if nodes.get("k") is not None else nodes["kT"]
+    k_len_dim = -2 if nodes.get("k") is not None else -1
+
+    def size(d: int):
+        if not isinstance(shape[d], torch.SymInt):
+            return int(shape[d])
+        src, dim = (k, k_len_dim) if d == len(shape) - 1 else (nodes["q"], d)
+        return emit(A.sym_size.int, (src, dim))
+
+    if user.target == A.sym_size.int:
+        d = user.args[1] % len(shape)
+        new = size(d)
+        if isinstance(new, int):   # a static size: fold it into the users
+            for u in list(user.users):
+                u.args = tuple(new if a is user else a for a in u.args)
+            return
+    else:   # expand_as(mask, node)
+        new = emit(A.expand.default, (user.args[0], [size(d) for d in range(len(shape))]))
+    user.replace_all_uses_with(new)
+
+
 def _replace(gm: fx.GraphModule, site: AttentionSite, strategy) -> None:
     nodes = site.nodes
     out = nodes["out"]
@@ -124,10 +149,11 @@ def _replace(gm: fx.GraphModule, site: AttentionSite, strategy) -> None:
         q, v = nodes["q"], nodes["v"]
         k = nodes["k"] if nodes.get("k") is not None else emit(A.transpose.int, (nodes["kT"], -2, -1))
         heads_3d = None
+        B, H = site.q_shape[0], site.q_shape[1]
         if "heads_3d" in nodes:  # [B*H, N, D] -> [B, H, N, D]; index b * H + h
-            B, H = site.q_shape[0], site.q_shape[1]
-            heads_3d = (B, H)
             q, k, v = (emit(A.reshape.default, (t, [B, H] + list(val(t).shape[1:]))) for t in (q, k, v))
+        if nodes.get("merged_terms"):
+            heads_3d = (B, H)
         mask = _build_mask(emit, nodes["terms"], heads_3d)
         new = strategy.emit_call(emit, q, k, v, mask, is_causal=site.is_causal,
                                  scale=float(site.scale), dropout_p=site.dropout_p, site=site)
@@ -138,6 +164,9 @@ def _replace(gm: fx.GraphModule, site: AttentionSite, strategy) -> None:
     new.meta["nn_module_stack"] = out.meta.get("nn_module_stack", {})
     new.meta["dilate_compiler_site"] = site.name
     out.replace_all_uses_with(new)
+    for user, node in nodes.get("shape_users", []):
+        with gm.graph.inserting_before(user):
+            _give_shape(_emitter(gm, fake_mode), user, node, nodes)
     for n in nodes["remove"]:
         for u in list(n.users):
             if u.target in IGNORED_USERS and not u.users:
