@@ -167,6 +167,8 @@ def walk_scores(n: fx.Node, sc: Scores) -> bool:
             n = kw["self"]
             continue
         sc.reason = f"unsupported op {n.target} between the q.kᵀ product and the softmax ({n.name})"
+        if n.target == A.tanh.default:
+            sc.reason += ": tanh soft-capping of the scores (c * tanh(s / c), as in Gemma2) is not supported"
         return False
     # Apply inner -> outer.
     for op in reversed(ops):
@@ -220,10 +222,14 @@ def _near_product(n: fx.Node, up: bool, depth: int = 8) -> bool:
 
 
 def _score_operand(a, b):
-    if _leads_to_product(a) and not _leads_to_product(b):
-        return a, b
-    if _leads_to_product(b) and not _leads_to_product(a):
-        return b, a
+    """``(scores, mask)`` of an ``add``: the operand the q.kᵀ product flows into is the scores (through the ops the
+    walk reads, or else through any ops: the walk then stops at the op it can't read and names it)."""
+    for reaches in (_leads_to_product, lambda n: isinstance(n, fx.Node) and (
+            n.target in QK_PRODUCTS or _near_product(n, up=True))):
+        if reaches(a) and not reaches(b):
+            return a, b
+        if reaches(b) and not reaches(a):
+            return b, a
     return None
 
 

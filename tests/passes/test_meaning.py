@@ -156,3 +156,27 @@ def test_in_place_change_before_the_scores_keeps_the_rewrite():
         return torch.softmax(q @ k.mT * 0.3, -1) @ v
 
     check_rewrite(Fn(fn), qkv(), 1)
+
+
+# --- what stops a rewrite is named -----------------------------------------------------------------------------
+
+
+def test_gemma2_soft_capping_is_named_as_what_stops_the_rewrite():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, use_cache=False,
+                                    attn_implementation="eager", sliding_window=8)
+    model = transformers.Gemma2Model(cfg).eval()
+
+    class Hidden(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids):
+            return self.model(ids).last_hidden_state
+
+    report = dc.explain(Hidden(), (torch.randint(0, 100, (2, 12)),), DENSE)
+    assert len(report.skipped) == 2
+    assert all("tanh soft-capping of the scores" in s.reason for s in report.skipped), str(report)
