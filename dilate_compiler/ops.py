@@ -206,12 +206,68 @@ def block_sparse_attention(
     check_qkv(q, k, v)
     block_size = _check_block_size(block_size)
     scale = check_scale(scale, q.shape[-1])
-    lay = resolve_layout(layout, q, block_size, is_causal)
     if order is not None:
         check_order(order, q)
-    out, _ = torch.ops.dilate_compiler.block_sparse_attention_forward(q, k, v, *lay.args(order), block_size,
-                                                                      is_causal, scale)
+    if torch.compiler.is_compiling() and _is_pattern(layout):
+        # Building a layout reads data, which a traced graph can't: Dynamo builds it when it traces this call
+        # (from the pattern's value) and keeps the tensors as constants of the graph.
+        *tensors, checks = _layout_constants(_pattern_spec(layout), q.shape[2], block_size, q.shape[1], is_causal,
+                                             q.device)
+        if order is None:
+            order = torch.empty(0, dtype=torch.int32, device=q.device)
+        args = (*tensors, order, checks)
+    else:
+        args = resolve_layout(layout, q, block_size, is_causal).args(order)
+    out, _ = torch.ops.dilate_compiler.block_sparse_attention_forward(q, k, v, *args, block_size, is_causal, scale)
     return out
+
+
+def _is_pattern(layout) -> bool:
+    from .patterns import Pattern
+
+    return isinstance(layout, Pattern)
+
+
+def _pattern_spec(pattern) -> tuple:
+    """A pattern as nested tuples of ints and strings (its value, which Dynamo can hold as a constant whether the
+    pattern was made inside or outside the compiled region)."""
+    from .patterns import DilatedBlocks, LocalBlocks, RandomBlocks
+
+    if pattern.grid is not None:
+        raise ValueError(f"pattern {pattern.name} is on a grid: under torch.compile pass its layout, built outside "
+                         f"the compiled region (pattern.layout(N, block_size, ...)), instead of the pattern")
+    terms = []
+    for t in pattern.terms:
+        blocks = []
+        for b in t.blocks:
+            if isinstance(b, LocalBlocks):
+                blocks.append(("local", b.window_blocks))
+            elif isinstance(b, DilatedBlocks):
+                blocks.append(("dilated", tuple(b.rates)))
+            elif isinstance(b, RandomBlocks):
+                blocks.append(("random", b.blocks_per_row, b.seed, b.per_head))
+            else:
+                raise ValueError(f"pattern {pattern.name} holds a block layout tensor: under torch.compile pass its "
+                                 f"layout, built outside the compiled region, instead of the pattern")
+        terms.append((tuple(blocks), tuple(t.d), tuple(t.p), tuple(t.j), tuple(tuple(g) for g in t.g)))
+    return pattern.name, tuple(terms)
+
+
+def _pattern_of_spec(spec: tuple):
+    from .patterns import DilatedBlocks, LocalBlocks, Pattern, RandomBlocks, Term
+
+    kinds = {"local": LocalBlocks, "dilated": DilatedBlocks, "random": RandomBlocks}
+    name, terms = spec
+    return Pattern(tuple(Term(tuple(kinds[b[0]](*b[1:]) for b in blocks), d, p, j, g) for blocks, d, p, j, g in terms),
+                   name)
+
+
+@torch._dynamo.assume_constant_result
+def _layout_constants(spec: tuple, seq_len: int, block_size: int, num_heads: int, is_causal: bool, device) -> tuple:
+    """The layout tensors and check bits of the pattern ``spec`` describes; under ``torch.compile`` Dynamo calls
+    this eagerly while tracing and keeps the result as constants of the graph."""
+    lay = _pattern_of_spec(spec).layout(seq_len, block_size, num_heads=num_heads, is_causal=is_causal, device=device)
+    return (*lay.tensors(), lay.checks)
 
 
 _CHECKED_ORDERS = WeakIdKeyDictionary()   # order tensor -> version it was checked at
