@@ -429,7 +429,9 @@ def _softmax_site(sm: fx.Node, index: int) -> Optional[AttentionSite]:
         terms.append(("keep", m, keep_when) if site.mask_kind == "bool" else ("fill", m, fill, keep_when))
     remove = [u] + chain[::-1] + sc.nodes + [sc.qk] + transposes
     site.nodes = {"out": u, "q": q, "k": k, "kT": kT, "v": v, "terms": terms, "remove": remove,
-                  "shape_users": shape_users, "score_views": sc.views}
+                  "shape_users": shape_users, "score_views": sc.views,
+                  # torch.softmax of a row whose every score is -inf is NaN (_safe_softmax gives 0, as the op does)
+                  "empty_rows_nan": sm.target != A._safe_softmax.default}
     return _check_shapes(site)
 
 

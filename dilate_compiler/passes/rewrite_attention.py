@@ -115,6 +115,16 @@ def _build_mask(emit, terms: list, heads_3d: Optional[tuple] = None) -> Optional
     return mask
 
 
+def _empty_rows_nan(emit, out: fx.Node, mask: fx.Node) -> fx.Node:
+    """The model's ``softmax`` makes a row whose every score is -inf NaN; the op makes it 0. Rows the mask leaves
+    no key get NaN again (one pass over the mask, which the site materialises anyway)."""
+    if val(mask).dtype == torch.bool:
+        empty = emit(A.logical_not.default, (emit(A.any.dim, (mask, -1, True)),))
+    else:
+        empty = emit(A.all.dim, (emit(A.eq.Scalar, (mask, float("-inf"))), -1, True))
+    return emit(A.where.ScalarSelf, (empty, float("nan"), out))
+
+
 def _give_shape(emit, user: fx.Node, node: fx.Node, nodes: dict) -> None:
     """``user`` read only the shape of ``node``, an intermediate the rewrite removes: give it the shape, read from
     q (leading dims and queries) and k (keys) where it is symbolic."""
@@ -157,6 +167,8 @@ def _replace(gm: fx.GraphModule, site: AttentionSite, strategy) -> None:
         mask = _build_mask(emit, nodes["terms"], heads_3d)
         new = strategy.emit_call(emit, q, k, v, mask, is_causal=site.is_causal,
                                  scale=float(site.scale), dropout_p=site.dropout_p, site=site)
+        if mask is not None and nodes.get("empty_rows_nan"):
+            new = _empty_rows_nan(emit, new, mask)
         if heads_3d is not None:
             new = emit(A.reshape.default, (new, list(val(out).shape)))
         if val(new).dtype != val(out).dtype:

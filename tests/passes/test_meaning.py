@@ -180,3 +180,34 @@ def test_gemma2_soft_capping_is_named_as_what_stops_the_rewrite():
     report = dc.explain(Hidden(), (torch.randint(0, 100, (2, 12)),), DENSE)
     assert len(report.skipped) == 2
     assert all("tanh soft-capping of the scores" in s.reason for s in report.skipped), str(report)
+
+
+# --- rows that see no key: what the model's own softmax gives ---------------------------------------------------
+
+
+def test_rows_with_no_key_are_nan_as_torch_softmax_makes_them():
+    """``softmax`` of a row of -inf is NaN; the op alone gives 0, the rewrite gives the model's NaN back."""
+    keep = torch.ones(24, 24, dtype=torch.bool).tril()
+    keep[:2] = False
+
+    def fn(q, k, v):
+        return torch.softmax((q @ k.mT * 0.3).masked_fill(~keep, float("-inf")), -1) @ v
+
+    q, k, v = qkv()
+    res = dc.rewrite(Fn(fn), (q, k, v), DENSE)
+    out, ref = res.module(q, k, v), fn(q, k, v)
+    assert res.report.rewritten and ref[:, :, :2].isnan().all()
+    torch.testing.assert_close(out, ref, equal_nan=True, atol=1e-5, rtol=1e-5)
+
+
+def test_rows_with_no_key_stay_zero_under_safe_softmax():
+    keep = torch.ones(24, 24, dtype=torch.bool).tril()
+    keep[:2] = False
+
+    def fn(q, k, v):
+        return torch.ops.aten._safe_softmax((q @ k.mT * 0.3).masked_fill(~keep, float("-inf")), -1) @ v
+
+    q, k, v = qkv()
+    res = dc.rewrite(Fn(fn), (q, k, v), DENSE)
+    assert res.report.rewritten
+    torch.testing.assert_close(res.module(q, k, v), fn(q, k, v), atol=1e-5, rtol=1e-5)
