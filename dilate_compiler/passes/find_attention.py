@@ -100,6 +100,7 @@ class Scores:
         self.nodes: list = []  # intermediate nodes, softmax input first
         self.qk: Optional[fx.Node] = None
         self.views: list = []  # shapes the scores are viewed as on the way (leading dims split or merged)
+        self.tensor_scales: list = []   # (node, divides): run-time scalars the scores are multiplied / divided by
         self.reason = ""
 
 
@@ -128,7 +129,16 @@ def walk_scores(n: fx.Node, sc: Scores) -> bool:
             c = constant(b)
             if c is None and n.target in (A.mul.Tensor, A.mul.Scalar):
                 a, c = b, constant(a)
-            if c is None or not isinstance(a, fx.Node):
+            if c is None:
+                scores, t = _tensor_scale(n)
+                if scores is None:
+                    sc.reason = (f"the scores are scaled by {n.name}, neither a constant nor a run-time scalar "
+                                 f"(a tensor of one element)")
+                    return False
+                ops.append(("scale_tensor", t, n.target in (A.div.Tensor, A.div.Scalar)))
+                n = scores
+                continue
+            if not isinstance(a, fx.Node):
                 sc.reason = f"the scores are scaled by a run-time tensor ({n.name}), not a constant"
                 return False
             ops.append(("scale", 1.0 / c if n.target in (A.div.Tensor, A.div.Scalar) else c))
@@ -172,6 +182,13 @@ def walk_scores(n: fx.Node, sc: Scores) -> bool:
         return False
     # Apply inner -> outer.
     for op in reversed(ops):
+        if op[0] == "scale_tensor":
+            if sc.terms:   # (s + m) * t: the mask would be scaled by a run-time value of unknown sign
+                sc.reason = (f"a run-time scale ({op[1].name}) multiplies the scores after a mask term; only scales "
+                             f"applied before the mask are read")
+                return False
+            sc.tensor_scales.append(op[1:])
+            continue
         if op[0] == "scale":
             sc.factor *= op[1]
             sc.terms = [(t[0], t[1], t[2] * op[1]) if t[0] == "add" else (t[0], t[1], t[2] * op[1], t[3])
@@ -187,10 +204,26 @@ def walk_scores(n: fx.Node, sc: Scores) -> bool:
     return True
 
 
+def _tensor_scale(n: fx.Node):
+    """``(scores, t)`` when ``n`` is ``scores * t`` or ``scores / t`` (or ``t * scores``) with ``t`` a tensor of one
+    element (a learned temperature, a scale computed at run time); else ``(None, None)``."""
+    kw = kwargs_of(n)
+    a, b = kw["self"], kw["other"]
+    candidates = [(a, b)] + ([(b, a)] if n.target == A.mul.Tensor else [])
+    for scores, t in candidates:
+        tv = val(t)
+        if (isinstance(scores, fx.Node) and isinstance(t, fx.Node) and isinstance(tv, torch.Tensor)
+                and tv.numel() == 1 and tv.is_floating_point() and _leads_to_product(scores)):
+            return scores, t
+    return None, None
+
+
 def _leads_to_product(n, depth=12) -> bool:
     while isinstance(n, fx.Node) and depth > 0:
         if n.target in QK_PRODUCTS:
             return True
+        if n.target == A.mul.Tensor and isinstance(n.args[1], fx.Node):
+            return _leads_to_product(n.args[0], depth - 1) or _leads_to_product(n.args[1], depth - 1)
         if n.target in CASTS or n.target in VIEWS or n.target in (A.mul.Tensor, A.div.Tensor, A.mul.Scalar,
                                                                    A.div.Scalar, A.masked_fill.Scalar,
                                                                    A.masked_fill.Tensor):
@@ -429,6 +462,7 @@ def _softmax_site(sm: fx.Node, index: int) -> Optional[AttentionSite]:
         terms.append(("keep", m, keep_when) if site.mask_kind == "bool" else ("fill", m, fill, keep_when))
     remove = [u] + chain[::-1] + sc.nodes + [sc.qk] + transposes
     site.nodes = {"out": u, "q": q, "k": k, "kT": kT, "v": v, "terms": terms, "remove": remove,
+                  "tensor_scales": sc.tensor_scales,
                   "shape_users": shape_users, "score_views": sc.views,
                   # torch.softmax of a row whose every score is -inf is NaN (_safe_softmax gives 0, as the op does)
                   "empty_rows_nan": sm.target != A._safe_softmax.default}
@@ -480,6 +514,7 @@ def _mutation_reason(site: AttentionSite, order: dict) -> str:
     first = min(order[n] for n in nodes["remove"])
     last = order[nodes["out"]]
     reads = [nodes["q"], nodes["k"] if nodes.get("k") is not None else nodes["kT"]] + [t[1] for t in nodes["terms"]]
+    reads += [t for t, _ in nodes.get("tensor_scales", [])]
     roots = {storage_root(x) for x in reads if isinstance(x, fx.Node)}
     for n, i in order.items():
         if first < i < last:

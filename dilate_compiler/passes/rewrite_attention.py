@@ -165,6 +165,11 @@ def _replace(gm: fx.GraphModule, site: AttentionSite, strategy) -> None:
         if nodes.get("merged_terms"):
             heads_3d = (B, H)
         mask = _build_mask(emit, nodes["terms"], heads_3d)
+        for t, divides in nodes.get("tensor_scales", []):   # s * t == (q * t) . k: the op scales q, autograd sees it
+            t = emit(A.reshape.default, (t, []))
+            if val(t).dtype != val(q).dtype:
+                t = emit(A.to.dtype, (t, val(q).dtype))
+            q = emit(A.div.Tensor if divides else A.mul.Tensor, (q, t))
         new = strategy.emit_call(emit, q, k, v, mask, is_causal=site.is_causal,
                                  scale=float(site.scale), dropout_p=site.dropout_p, site=site)
         if mask is not None and nodes.get("empty_rows_nan"):

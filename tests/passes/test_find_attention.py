@@ -179,20 +179,48 @@ def test_softmax_that_is_not_attention_is_not_a_site():
 
 
 class LearnedTemperature(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, divide=False, mask=False):
         super().__init__()
-        self.temp = torch.nn.Parameter(torch.tensor(0.3))
+        self.temp = torch.nn.Parameter(torch.tensor(0.3 if not divide else 3.0))
+        self.divide, self.mask = divide, mask
 
     def forward(self, q, k, v):
-        return torch.softmax((q @ k.mT) * self.temp, -1) @ v
+        s = (q @ k.mT) / self.temp if self.divide else self.temp * (q @ k.mT)
+        if self.mask:
+            s = s + torch.full((N, N), -1e9).triu(1)
+        return torch.softmax(s, -1) @ v
+
+
+@pytest.mark.parametrize("divide", [False, True])
+@pytest.mark.parametrize("mask", [False, True])
+def test_run_time_scale_is_folded_into_q_with_its_gradient(divide, mask):
+    """A learned temperature (a one-element tensor) scales q before the op: s * t == (q * t) . k."""
+    model = LearnedTemperature(divide, mask)
+    q, k, v = qkv()
+    res = dc.rewrite(model, (q, k, v), DENSE)
+    assert len(res.report.rewritten) == 1, str(res.report)
+    out, ref = res.module(q, k, v), model(q, k, v)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    (g,) = torch.autograd.grad(out.square().sum(), [p for n, p in res.module.named_parameters() if "temp" in n])
+    (ref_g,) = torch.autograd.grad(ref.square().sum(), [model.temp])
+    torch.testing.assert_close(g, ref_g, atol=1e-5, rtol=1e-5)
+
+
+def test_run_time_scale_after_a_mask_is_skipped_with_reason():
+    temp = torch.nn.Parameter(torch.tensor(0.3))
+    fn = Fn(lambda q, k, v: torch.softmax((q @ k.mT + torch.full((N, N), -1e9).triu(1)) * temp, -1) @ v)
+    fn.temp = temp
+    res = dc.rewrite(fn, qkv(), DENSE)
+    assert "multiplies the scores after a mask term" in res.report.skipped[0].reason
 
 
 def test_unreadable_scores_between_product_and_softmax_are_reported():
-    """softmax(f(q @ kT)) @ v with f unreadable (a learned temperature, an unsupported op): a skipped site whose
-    reason names the node, not silence; the model is unchanged."""
-    res = dc.rewrite(LearnedTemperature(), qkv(), DENSE)
+    """softmax(f(q @ kT)) @ v with f unreadable (an unsupported op, a scale that is not a scalar): a skipped site
+    whose reason names the node, not silence; the model is unchanged."""
+    per_head = torch.rand(1, H, 1, 1)
+    res = dc.rewrite(Fn(lambda q, k, v: torch.softmax((q @ k.mT) * per_head, -1) @ v), qkv(), DENSE)
     assert not res.report.rewritten and len(res.report.skipped) == 1
-    assert "scaled by a run-time tensor" in res.report.skipped[0].reason
+    assert "neither a constant nor a run-time scalar" in res.report.skipped[0].reason
     res = dc.rewrite(Fn(lambda q, k, v: torch.softmax(torch.tanh(q @ k.mT), -1) @ v), qkv(), DENSE)
     assert "unsupported op" in res.report.skipped[0].reason and "tanh" in res.report.skipped[0].reason
     q, k, v = qkv()
