@@ -39,6 +39,7 @@ from torch import Tensor
 from ..lowering.dilated_op import lse_dtype
 from ..strategies.dilated import Dilated
 from . import comm, dense_steps, window
+from .agreement import strategy_value
 from .attend import attend_backward, attend_forward, merge
 from .links import LAYOUTS, Links, check_strategy, links_for, positions, shard_ranges
 
@@ -64,9 +65,10 @@ _LOCK = threading.Lock()
 
 
 def register(config: Config) -> str:
-    """A string key for ``config`` (custom ops take strings); equal configs share a key."""
-    ident = (id(config.strategy), id(config.group), config.mode, config.layout, config.is_causal, config.scale,
-             config.head_range)
+    """A string key for ``config`` (custom ops take strings); equal configs share a key, and with it the plan
+    cache: strategies are compared by value (``agreement.strategy_value``), process groups by identity."""
+    ident = (strategy_value(config.strategy), id(config.group), config.mode, config.layout, config.is_causal,
+             config.scale, config.head_range)
     with _LOCK:
         key = _CONFIG_KEYS.get(ident)
         if key is None:
