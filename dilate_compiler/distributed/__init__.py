@@ -6,6 +6,9 @@
 - ``SequenceParallel``: the strategy that rewrites a model's attention sites into these.
 - ``shard_sequence`` / ``gather_sequence``: cut a whole sequence into this rank's shard and put it back.
 - ``count_bytes``: what the ops sent and received on this rank.
+
+Every rank of the group must make the same call (shard shapes, dtypes, strategy, mode, layout, causality, scale);
+each call checks that it does, and where the ranks differ every rank raises the same ``ValueError``.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ TAGS = {"kv": 1, "grad": 2, "heads": 3, "meta": 4}   # message tags by kind (glo
 @dataclass
 class CommCounter:
     """Bytes this rank sent and received, and messages sent, while the counter was active, by kind
-    (``"kv"``: keys/values forward, ``"grad"``: their gradients backward, ``"meta"``: shape checks)."""
+    (``"kv"``: keys/values forward, ``"grad"``: their gradients backward, ``"meta"``: agreement checks)."""
 
     sent: dict = field(default_factory=dict)
     received: dict = field(default_factory=dict)
@@ -53,12 +53,17 @@ def _record(kind: str, sent: int, received: int, messages: int) -> None:
 
 
 def resolve_group(group):
-    """``group`` (None: the default group) as ``(group, rank, world_size)``; a clear error without one."""
+    """``group`` (None: the default group) as ``(group, rank, world_size)``; a clear error without one, or where
+    this process is not a member of it."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("distributed attention needs an initialised process group "
                            "(torch.distributed.init_process_group); none is initialised")
     group = group if group is not None else dist.group.WORLD
-    return group, dist.get_rank(group), dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(f"group: this process (global rank {dist.get_rank()}) is not a member of the process group "
+                         f"it passed (global ranks {dist.get_process_group_ranks(group)}); pass a group it is in")
+    return group, rank, dist.get_world_size(group)
 
 
 def _peer(group, rank: int) -> int:
@@ -137,13 +142,63 @@ def all_to_all(t: Tensor, out_splits: list, in_splits: list, group, kind: str) -
     return out
 
 
-def check_shapes_agree(group, world_size: int, what: str, values: tuple, device) -> None:
-    """Every rank passes the same ``values`` (e.g. shard shape), or all of them get a clear error."""
-    mine = torch.tensor(values, dtype=torch.int64, device=device)
-    everyone = [torch.empty_like(mine) for _ in range(world_size)]
-    dist.all_gather(everyone, mine, group=group)
-    n = mine.numel() * mine.element_size()
+@dataclass(frozen=True)
+class Field:
+    """One thing every rank of a collective call must pass equal: ``values`` (ints; as many on every rank) and
+    ``text``, how this rank's value reads in an error."""
+
+    name: str
+    values: tuple
+    text: str
+
+
+def _all_gather(t: Tensor, group, world_size: int) -> list:
+    everyone = [torch.empty_like(t) for _ in range(world_size)]
+    dist.all_gather(everyone, t, group=group)
+    n = t.numel() * t.element_size()
     _record("meta", n * (world_size - 1), n * (world_size - 1), world_size - 1)
-    rows = [tuple(x.tolist()) for x in everyone]
-    if len(set(rows)) > 1:
-        raise ValueError(f"{what} differ across ranks: " + ", ".join(f"rank {r}: {v}" for r, v in enumerate(rows)))
+    return everyone
+
+
+def check_agreement(group, world_size: int, what: str, fields: list, device, cause=None) -> None:
+    """Every rank passes equal ``fields`` (``Field``, the same names in the same order) to ``what`` (a call, for
+    the message), or every rank raises the same ``ValueError`` naming each field that differs and every rank's
+    value (chained to ``cause``: this rank's own error, if any).
+
+    One all_gather of an int64 tensor: the fields' values, then the byte length of each field's text. Only when
+    the values differ (every rank sees the same gathered rows, so all take this path together) a second
+    all_gather brings every rank's texts of the differing fields, for the error.
+    """
+    if world_size == 1:
+        return
+    texts = [f.text.encode() for f in fields]
+    mine = torch.tensor([v for f in fields for v in f.values] + [len(t) for t in texts], dtype=torch.int64,
+                        device=device)
+    rows = [row.tolist() for row in _all_gather(mine, group, world_size)]
+    spans, start = [], 0
+    for f in fields:
+        spans.append((start, start + len(f.values)))
+        start += len(f.values)
+    differ = [i for i, (a, b) in enumerate(spans) if any(row[a:b] != rows[0][a:b] for row in rows)]
+    if not differ:
+        return
+    lengths = [[row[start + i] for i in differ] for row in rows]
+    width = max(sum(n) for n in lengths)
+    buf = torch.tensor(list(b"".join(texts[i] for i in differ).ljust(width, b"\0")), dtype=torch.uint8,
+                       device=device)
+    shown = []
+    for r, got in enumerate(_all_gather(buf, group, world_size)):
+        data, at, parts = bytes(got.cpu().tolist()), 0, []
+        for n in lengths[r]:
+            parts.append(data[at:at + n].decode())
+            at += n
+        shown.append(parts)
+    lines = []
+    for j, i in enumerate(differ):
+        a, b = spans[i]
+        same_text = len({s[j] for s in shown}) == 1   # equal texts of unequal values: show the values too
+        lines.append(f"{fields[i].name} (" + ", ".join(
+            f"rank {r}: {shown[r][j]}" + (f" {tuple(rows[r][a:b])}" if same_text else "") for r in range(world_size))
+            + ")")
+    raise ValueError(f"{what}: the {world_size} ranks of the process group differ in " + "; ".join(lines)
+                     + f". Every rank must pass the same {', '.join(f.name for f in fields)}.") from cause

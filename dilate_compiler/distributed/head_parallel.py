@@ -20,8 +20,9 @@ from ..patterns import BlockLayout
 from ..strategies.block_sparse import BlockSparse
 from ..strategies.dilated import Dilated
 from . import comm
+from .agreement import check_call, raise_on_every_rank
 from .links import LAYOUTS, check_strategy, lcm_of_rates, shard_ranges
-from .sequence_parallel import _CONFIGS, check_inputs, local_attention
+from .sequence_parallel import _CONFIGS, Config, check_inputs, local_attention, register
 
 
 def head_split(num_kv_heads: int, world_size: int) -> list[int]:
@@ -103,26 +104,56 @@ def _attend_heads(q, k, v, strategy, first_head: int, num_heads: int, is_causal:
     raise AssertionError(f"unchecked strategy {strategy!r}")   # head_parallel_attention checked it
 
 
+@torch.library.custom_op("dilate_compiler::head_parallel_pack", mutates_args=())
+def head_parallel_pack(q: Tensor, k: Tensor, v: Tensor, config: str) -> tuple[Tensor, Tensor]:
+    """What the all-to-alls send, heads first: q ``[B, H, S, D]`` as ``[H, B, S, D]`` and k, v as
+    ``[Hkv, 2, B, S, D]`` (new contiguous tensors), once every rank's call agrees (``agreement.check_call``; an op,
+    so the check runs eagerly in compiled graphs too, before the first all-to-all)."""
+    check_call(q, k, v, _CONFIGS[config])
+    return (q.transpose(0, 1).clone(memory_format=torch.contiguous_format),
+            torch.stack((k.transpose(0, 1), v.transpose(0, 1)), dim=1))
+
+
+@head_parallel_pack.register_fake
+def _(q, k, v, config):
+    B, H, S, D = q.shape
+    return q.new_empty(H, B, S, D), k.new_empty(k.shape[1], 2, B, S, D)
+
+
+def _pack_backward(ctx, dq, dkv):
+    return (None if dq is None else dq.transpose(0, 1), None if dkv is None else dkv[:, 0].transpose(0, 1),
+            None if dkv is None else dkv[:, 1].transpose(0, 1), None)
+
+
+head_parallel_pack.register_autograd(_pack_backward)
+
+
 def head_parallel_attention(q: Tensor, k: Tensor, v: Tensor, strategy=None, *, is_causal: bool = False,
                             group=None, scale: Optional[float] = None, layout: str = "contiguous") -> Tensor:
     """Head-parallel attention over a sequence sharded across ``group``: same arguments and result as
-    ``ring_attention`` (this rank's output shard), computed by all-to-all to head shards and back."""
-    check_inputs(q, k, v)
-    check_strategy(strategy)
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    ``ring_attention`` (this rank's output shard), computed by all-to-all to head shards and back. Every rank of
+    ``group`` must make the same call, as for ``ring_attention``."""
     group, rank, world = comm.resolve_group(group)
+    try:
+        check_inputs(q, k, v)
+        check_strategy(strategy)
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    except (TypeError, ValueError) as e:
+        raise_on_every_rank(e, group, q, k, v, strategy, "head_parallel", layout, is_causal, scale)
+    key = register(Config(strategy, group, "head_parallel", layout, bool(is_causal), scale))
+    q_sent, kv_sent = torch.ops.dilate_compiler.head_parallel_pack(q, k, v, key)   # [H, B, S, D], [Hkv, 2, B, S, D]
     B, H, S, D = q.shape
     Hkv = k.shape[1]
     g = H // Hkv
-    kv_counts = head_split(Hkv, world)
+    kv_counts = head_split(Hkv, world)   # after the check: the same on every rank
     q_counts = [c * g for c in kv_counts]
     first_head = sum(q_counts[:rank])
     q_shuffle = _Shuffle(group, rank, world, q_counts, S, layout, q.device)
     kv_shuffle = _Shuffle(group, rank, world, kv_counts, S, layout, q.device)
-    qh = q_shuffle.to_heads(q.transpose(0, 1)).transpose(0, 1)                           # [B, h, N, D]
-    kv = torch.stack((k, v)).permute(2, 0, 1, 3, 4).reshape(Hkv, 2 * B, S, D)
-    kvh = kv_shuffle.to_heads(kv).view(kv_counts[rank], 2, B, world * S, D).permute(1, 2, 0, 3, 4)
+    qh = q_shuffle.to_heads(q_sent).transpose(0, 1)                                     # [B, h, N, D]
+    kvh = kv_shuffle.to_heads(kv_sent.view(Hkv, 2 * B, S, D))
+    kvh = kvh.view(kv_counts[rank], 2, B, world * S, D).permute(1, 2, 0, 3, 4)
     out = _attend_heads(qh, kvh[0], kvh[1], strategy, first_head, H, is_causal, scale)
     return q_shuffle.to_shards(out.transpose(0, 1)).transpose(0, 1)
 

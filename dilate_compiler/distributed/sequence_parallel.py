@@ -16,7 +16,8 @@ Modes (``ring_attention(..., mode=)``):
   ``Dilated`` and ``BlockSparse``.
 
 Both run as the custom ops ``dilate_compiler::sequence_parallel_forward/backward`` (opaque to torch.compile;
-fake implementations for tracing).
+fake implementations for tracing). The forward first checks that every rank makes the same call
+(``agreement.py``: one all_gather; where they differ, every rank raises the same error).
 
 Per-rank compute: for ``Dilated`` where the Triton kernels apply (CUDA, float16/bfloat16, head dim 32/64/128),
 the single-process kernels on the window of key positions around the rank's queries (``window.py``): the sparse
@@ -39,6 +40,7 @@ from torch import Tensor
 from ..lowering.dilated_op import lse_dtype
 from ..strategies.dilated import Dilated
 from . import comm, dense_steps, window
+from .agreement import check_call, raise_on_every_rank, strategy_value
 from .attend import attend_backward, attend_forward, merge
 from .links import LAYOUTS, Links, check_strategy, links_for, positions, shard_ranges
 
@@ -64,9 +66,10 @@ _LOCK = threading.Lock()
 
 
 def register(config: Config) -> str:
-    """A string key for ``config`` (custom ops take strings); equal configs share a key."""
-    ident = (id(config.strategy), id(config.group), config.mode, config.layout, config.is_causal, config.scale,
-             config.head_range)
+    """A string key for ``config`` (custom ops take strings); equal configs share a key, and with it the plan
+    cache: strategies are compared by value (``agreement.strategy_value``), process groups by identity."""
+    ident = (strategy_value(config.strategy), id(config.group), config.mode, config.layout, config.is_causal,
+             config.scale, config.head_range)
     with _LOCK:
         key = _CONFIG_KEYS.get(ident)
         if key is None:
@@ -333,6 +336,8 @@ def _window_backward(dout, q, k, v, out, lse, cfg, group, rank, world, plan: Pla
 
 
 def _forward_impl(q, k, v, key):
+    if _CONFIGS[key].mode != "local":
+        check_call(q, k, v, _CONFIGS[key])
     cfg, group, rank, world, plan = _setup(key, q, k)
     if cfg.mode != "local" and window.use_window_kernels(cfg.strategy, q):
         out, lse = _window_forward(q, k, v, cfg, group, rank, world, plan)
@@ -424,21 +429,6 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
 
 
-_CHECKED: set = set()
-
-
-def check_agreement(group, rank: int, world: int, key: str, q: Tensor, k: Tensor) -> None:
-    """Once per (config, shape): every rank passes the same shard shape and config (else all raise)."""
-    ident = (key, tuple(q.shape), tuple(k.shape), id(group))
-    if ident in _CHECKED or world == 1:
-        return
-    cfg = _CONFIGS[key]
-    comm.check_shapes_agree(group, world, "q/k shard shapes, mode, layout and causality",
-                            tuple(q.shape) + tuple(k.shape) + (MODES.index(cfg.mode), LAYOUTS.index(cfg.layout),
-                                                               int(cfg.is_causal)), q.device)
-    _CHECKED.add(ident)
-
-
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, strategy=None, *, is_causal: bool = False, group=None,
                    scale: Optional[float] = None, mode: str = "auto", layout: str = "contiguous") -> Tensor:
     """Attention over a sequence sharded across the ranks of ``group``; exact, forward and backward.
@@ -454,16 +444,20 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, strategy=None, *, is_causal:
         layout: ``"contiguous"`` (rank r holds ``[r*S, (r+1)*S)``) or ``"zigzag"`` (chunks ``r`` and ``2P-1-r``
             of ``2P``: balances causal work; shard with ``shard_sequence``).
 
-    Returns this rank's output shard ``[B, Hq, S, D]``.
+    Returns this rank's output shard ``[B, Hq, S, D]``. Every rank of ``group`` must make the same call (shard
+    shapes, dtypes, strategy by value, mode, layout, causality, scale); where they differ, every rank raises the
+    same ``ValueError`` naming what differs (``agreement.py``).
     """
-    check_inputs(q, k, v)
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    group_, rank, world = comm.resolve_group(group)
-    check_strategy(strategy)
-    cfg = Config(strategy, group_, resolve_mode(strategy, mode), layout, bool(is_causal), scale)
-    key = register(cfg)
-    check_agreement(group_, rank, world, key, q, k)
+    group, _, _ = comm.resolve_group(group)
+    try:
+        check_inputs(q, k, v)
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        check_strategy(strategy)
+        mode = resolve_mode(strategy, mode)
+    except (TypeError, ValueError) as e:
+        raise_on_every_rank(e, group, q, k, v, strategy, mode, layout, is_causal, scale)
+    key = register(Config(strategy, group, mode, layout, bool(is_causal), scale))
     return torch.ops.dilate_compiler.sequence_parallel_forward(q, k, v, key)[0]
 
 

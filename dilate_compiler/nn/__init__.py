@@ -35,6 +35,11 @@ def create_multihead_dilated_attention(kind: str = "improved", **kwargs):
     if kind in _DISTRIBUTED_KINDS:
         from ..strategies.dilated import Dilated
 
+        for name in ("segment_lengths", "dilation_rates"):
+            if name not in kwargs:
+                raise TypeError(f"create_multihead_dilated_attention(kind={kind!r}) needs {name}= (a sequence of "
+                                f"positive ints, one per branch, each segment length a multiple of its dilation "
+                                f"rate); {name} was not given")
         strategy = Dilated(kwargs.pop("segment_lengths"), kwargs.pop("dilation_rates"), kwargs.pop("mixing", "lse"))
         return _distributed(strategy, _DISTRIBUTED_KINDS[kind], kwargs)
     if kind not in _MULTIHEAD_DILATED_KINDS:

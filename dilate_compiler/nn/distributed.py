@@ -11,6 +11,9 @@ from typing import Optional
 from torch import Tensor, nn
 
 from ..distributed import head_parallel_attention, ring_attention
+from ..distributed.agreement import raise_on_every_rank
+from ..distributed.comm import resolve_group
+from ..distributed.sequence_parallel import resolve_mode
 from ..distributed.strategy import SequenceParallel
 from .dilated import ProjectedAttention, check_projected_heads
 
@@ -30,12 +33,19 @@ class SequenceParallelAttention(nn.Module):
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, is_causal: bool = False,
                 attn_mask: Optional[Tensor] = None) -> Tensor:
-        if attn_mask is not None:
-            raise ValueError("sequence-parallel attention takes no attn_mask (a mask over one shard says nothing "
-                             "about the other ranks' keys): use is_causal or a block-sparse pattern")
-        check_projected_heads(query, key, value)
-        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
         c = self.config
+        try:
+            if attn_mask is not None:
+                raise ValueError("sequence-parallel attention takes no attn_mask (a mask over one shard says nothing "
+                                 "about the other ranks' keys): use is_causal or a block-sparse pattern")
+            check_projected_heads(query, key, value)
+        except ValueError as e:   # the other ranks are about to run the call: they raise too
+            mode = c.mode if c.mode == "head_parallel" else resolve_mode(c.inner, c.mode)
+            heads_first = (t.transpose(1, 2) if isinstance(t, Tensor) and t.dim() == 4 else t
+                           for t in (query, key, value))
+            raise_on_every_rank(e, resolve_group(c.group)[0], *heads_first, c.inner, mode, c.layout, is_causal,
+                                self.softmax_scale)
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
         kw = {"is_causal": is_causal, "group": c.group, "scale": self.softmax_scale, "layout": c.layout}
         if c.mode == "head_parallel":
             out = head_parallel_attention(q, k, v, c.inner, **kw)

@@ -208,9 +208,9 @@ def test_bytes_moved_follow_the_pattern():
         assert g["local-2"][:2] == (8 * row_bytes, 8 * row_bytes)
         # head-parallel, 4 heads on 2 ranks: q and k/v stacked (2 heads x 48 rows each) out and the output back,
         # forward; the output's gradient out and dq, dk/dv back, backward: the same bytes, one message per
-        # all-to-all (three each way)
+        # all-to-all (three each way), and forward one more: the agreement check's all_gather
         moved = 4 * 2 * 48 * 8 * 2 * 8          # 4 tensors, 2 heads, 48 rows, D=8, B=2, float64
-        assert g["head_parallel"] == (moved, moved, moved, moved, 3, 3)
+        assert g["head_parallel"] == (moved, moved, moved, moved, 3 + 1, 3)
 
 
 def _failing_worker(rank, world):
@@ -248,7 +248,8 @@ def _mismatch_worker(rank, world):
 
 def test_ranks_with_different_shard_shapes_all_get_a_clear_error():
     for message in values(run_ranks(_mismatch_worker, 2)):
-        assert "differ across ranks" in message and "rank 0" in message and "rank 1" in message
+        assert "ranks of the process group differ in q shape" in message, message
+        assert "rank 0: (1, 2, 8, 4), rank 1: (1, 2, 10, 4)" in message, message
 
 
 def test_errors_without_a_process_group_and_for_bad_arguments():
