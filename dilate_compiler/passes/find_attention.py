@@ -40,6 +40,13 @@ QK_PRODUCTS = PRODUCTS | {A.baddbmm.default, A.einsum.default}  # what a q.kᵀ 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # masked_fill / where fills at or below this are "excluded"; their additive form is exact in float32.
 VERY_NEGATIVE = -1e30
+# The lowest finite value of each low-precision dtype: the fill models use for a dropped key in that dtype.
+DTYPE_MINS = {float(torch.finfo(torch.float16).min), float(torch.finfo(torch.bfloat16).min)}
+
+
+def drops(x) -> bool:
+    """``x`` is a value a model fills or adds to drop a key: -inf, or a very negative finite value."""
+    return x is not None and (x == -math.inf or x <= VERY_NEGATIVE or x in DTYPE_MINS)
 
 
 def val(n):
@@ -73,6 +80,8 @@ def constant(x) -> Optional[float]:
         if x.target == A.full.default and list(kw["size"]) != []:
             return None
         return constant(kw.get("fill_value", kw.get("s")))
+    if isinstance(x, fx.Node) and x.target in (A.zeros.default, A.ones.default) and list(kwargs_of(x)["size"]) == []:
+        return 0.0 if x.target == A.zeros.default else 1.0
     return None
 
 
@@ -101,6 +110,7 @@ class Scores:
         self.qk: Optional[fx.Node] = None
         self.views: list = []  # shapes the scores are viewed as on the way (leading dims split or merged)
         self.tensor_scales: list = []   # (node, divides): run-time scalars the scores are multiplied / divided by
+        self.add_dtypes: list = []      # the dtype each additive term is added in, in the order of the terms
         self.reason = ""
 
 
@@ -154,15 +164,15 @@ def walk_scores(n: fx.Node, sc: Scores) -> bool:
                 sc.reason = f"could not tell scores from mask in {n.name}"
                 return False
             scores, mask = branch
-            ops.append(("add", mask))
+            ops.append(("add", mask, val(n).dtype))
             n = scores
             continue
         if n.target in (A.masked_fill.Scalar, A.masked_fill.Tensor):
             kw = kwargs_of(n)
             fill = constant(kw["value"])
-            if fill is None or not (fill == -math.inf or fill <= VERY_NEGATIVE):
-                sc.reason = (f"masked_fill with value {kw['value']!r} ({n.name}): only -inf or fills <= "
-                             f"{VERY_NEGATIVE:g} keep their meaning as a mask")
+            if not drops(fill):
+                sc.reason = (f"masked_fill with value {kw['value']!r} ({n.name}): only -inf, fills <= "
+                             f"{VERY_NEGATIVE:g} or a low-precision dtype's lowest value keep their meaning as a mask")
                 return False
             ops.append(("fill", kw["mask"], fill, False))
             n = kw["self"]
@@ -170,8 +180,9 @@ def walk_scores(n: fx.Node, sc: Scores) -> bool:
         if n.target in (A.where.self, A.where.ScalarOther):
             kw = kwargs_of(n)
             fill = constant(kw["other"])
-            if fill is None or not (fill == -math.inf or fill <= VERY_NEGATIVE) or not isinstance(kw["self"], fx.Node):
-                sc.reason = f"where with a fill that is not a constant <= {VERY_NEGATIVE:g} ({n.name})"
+            if not drops(fill) or not isinstance(kw["self"], fx.Node):
+                sc.reason = (f"where with a fill that is not -inf, a constant <= {VERY_NEGATIVE:g} or a low-precision "
+                             f"dtype's lowest value ({n.name})")
                 return False
             ops.append(("fill", kw["condition"], fill, True))
             n = kw["self"]
@@ -195,6 +206,7 @@ def walk_scores(n: fx.Node, sc: Scores) -> bool:
                         for t in sc.terms]
         elif op[0] == "add":
             sc.terms.append(("add", op[1], 1.0))
+            sc.add_dtypes.append(op[2])
         else:
             sc.terms.append(op)
     for t in sc.terms:
@@ -415,6 +427,7 @@ def _softmax_site(sm: fx.Node, index: int) -> Optional[AttentionSite]:
     site = AttentionSite(f"attention_{index}", "matmul-softmax", location(sm))
     if extra is not None:
         sc.terms.append(("add", extra, sc.factor))
+        sc.add_dtypes.append(val(sc.qk).dtype)
     # below the softmax: casts, dropout, then the product with v
     chain, x, dropout_p = [sm], sm, 0.0
     while True:
@@ -462,10 +475,11 @@ def _softmax_site(sm: fx.Node, index: int) -> Optional[AttentionSite]:
         terms.append(("keep", m, keep_when) if site.mask_kind == "bool" else ("fill", m, fill, keep_when))
     remove = [u] + chain[::-1] + sc.nodes + [sc.qk] + transposes
     site.nodes = {"out": u, "q": q, "k": k, "kT": kT, "v": v, "terms": terms, "remove": remove,
-                  "tensor_scales": sc.tensor_scales,
+                  "tensor_scales": sc.tensor_scales, "add_dtypes": sc.add_dtypes,
                   "shape_users": shape_users, "score_views": sc.views,
                   # torch.softmax of a row whose every score is -inf is NaN (_safe_softmax gives 0, as the op does)
-                  "empty_rows_nan": sm.target != A._safe_softmax.default}
+                  "empty_rows_nan": sm.target != A._safe_softmax.default,
+                  "softmax": "safe" if sm.target == A._safe_softmax.default else "softmax"}
     return _check_shapes(site)
 
 

@@ -10,7 +10,6 @@ as a padding mask, a constant tensor, an op we don't read) stops the analysis wi
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Union
 
@@ -18,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from ..patterns import INF, MAX_TERMS, Pattern, Term
-from .find_attention import VERY_NEGATIVE, constant, kwargs_of, val
+from .find_attention import constant, drops, kwargs_of, val
 
 A = torch.ops.aten
 
@@ -56,6 +55,16 @@ class Op:
     args: tuple
 
 
+@dataclass(frozen=True, eq=False)
+class KeyKeep:
+    """A term of the mask that depends on the data but only through (batch, key): ``node`` is a bool tensor of
+    shape ``[B or 1, 1, 1, N]`` (or fewer leading dims) saying which keys attend, e.g. a model's padding mask
+    ``attention_mask[:, None, None, :]`` or transformers' ``padding_mask[batch_idx, kv_idx]``. ``negated``: the
+    tensor says which keys are dropped."""
+    node: fx.Node
+    negated: bool = False
+
+
 TRUE = Leaf(0, 0, -INF, INF)
 FALSE = Leaf(0, 0, 1, 0)
 Expr = Union[Index, Leaf, Op]
@@ -73,6 +82,7 @@ _NOT = {A.logical_not.default, A.bitwise_not.default}
 class _Reader:
     def __init__(self, seq_len: int):
         self.N = seq_len
+        self.drops: list = []   # the drop values read_additive met
 
     def axis_of(self, n: fx.Node) -> str:
         """For a 1-axis index tensor: which axis it varies along, from its broadcast shape."""
@@ -93,6 +103,23 @@ class _Reader:
         return Index(k, 0, x.c) if self.axis_of(n) == "p" else Index(0, k, x.c)
 
     def read(self, n) -> Expr:
+        """The expression ``n`` computes; a bool tensor the analysis can't read that varies over batch and key only
+        is a :class:`KeyKeep` leaf."""
+        try:
+            return self._read(n)
+        except NotStructured:
+            if self.key_only(n):
+                return KeyKeep(n)
+            raise
+
+    def key_only(self, n) -> bool:
+        v = val(n) if isinstance(n, fx.Node) else None
+        if not isinstance(v, torch.Tensor) or v.dtype != torch.bool or v.dim() < 1 or v.dim() > 4:
+            return False
+        shape = (1,) * (4 - v.dim()) + tuple(v.shape)
+        return shape[-1] == self.N and shape[1] == 1 and shape[2] == 1
+
+    def _read(self, n) -> Expr:
         if not isinstance(n, fx.Node):
             c = constant(n)
             if c is None or c != int(c):
@@ -149,8 +176,10 @@ class _Reader:
             return Op("or", (self.read(n.args[0]), self.read(n.args[1])))
         if t in _NOT:
             return Op("not", (self.read(n.args[0]),))
-        if t in (A.ones.default, A.ones_like.default):
+        if t in (A.ones.default, A.ones_like.default, A.new_ones.default):
             return TRUE
+        if t in (A.zeros.default, A.zeros_like.default, A.new_zeros.default) and val(n).dtype == torch.bool:
+            return FALSE
         if t in (A.full.default, A.full_like.default) and val(n).dtype == torch.bool:
             return TRUE if kw["fill_value"] else FALSE
         if t in (A.tril.default, A.triu.default):
@@ -169,6 +198,9 @@ class _Reader:
 
     def read_additive(self, n: fx.Node) -> Expr:
         """An additive float mask of 0 (keep) and a very negative value (drop): the keep predicate."""
+        if not isinstance(n, fx.Node) or n.op != "call_function":
+            raise NotStructured(f"{n}: an additive mask given as an input or constant holds data, not an index "
+                                f"predicate")
         kw = kwargs_of(n)
         t = n.target
         if t in _PASS:
@@ -177,14 +209,18 @@ class _Reader:
             a, b = constant(kw["self"]), constant(kw["other"])
             cond = self.read_bool(kw["condition"])
             if a == 0 and b is not None and _drops(b):
+                self.drops.append(b)
                 return cond
             if b == 0 and a is not None and _drops(a):
+                self.drops.append(a)
                 return Op("not", (cond,))
         if t in (A.masked_fill.Scalar, A.masked_fill.Tensor):
             base, fill = kw["self"], constant(kw["value"])
             if fill is not None and _drops(fill) and _zeros(base):
+                self.drops.append(fill)
                 return Op("not", (self.read_bool(kw["mask"]),))
         if t in (A.triu.default, A.tril.default) and _drops_everywhere(kw["self"]):
+            self.drops.append(kwargs_of(kw["self"])["fill_value"])
             k = int(kw.get("diagonal", 0))
             # the kept region is where tril/triu zeroed the fill
             return Leaf(1, -1, -INF, -k - 1) if t == A.tril.default else Leaf(1, -1, -k + 1, INF)
@@ -192,12 +228,14 @@ class _Reader:
 
 
 def _drops(x) -> bool:
-    return x == -math.inf or x <= VERY_NEGATIVE
+    return drops(x)
 
 
 def _zeros(n) -> bool:
     if not isinstance(n, fx.Node):
         return constant(n) == 0
+    if n.op != "call_function":
+        return False
     kw = kwargs_of(n)
     if n.target in (A.zeros.default, A.zeros_like.default):
         return True
@@ -278,28 +316,90 @@ def to_pattern(expr: Expr, name: str) -> Pattern:
     return Pattern(tuple(terms), name)
 
 
-def site_pattern(site, seq_len: int) -> Pattern:
-    """The pattern equal to the site's own mask terms (AND of all), or ``NotStructured`` with the reason."""
+@dataclass(frozen=True)
+class MaskSplit:
+    """A site's mask read as a static predicate on (query position, key position) AND per-key data terms.
+
+    ``pattern``: the predicate (the pairs the mask can link). ``key_keep``: :class:`KeyKeep` leaves, all to hold
+    (key padding). ``drops``: ``(value, how)`` for each term, how the model drops a key: ``how`` is ``"fill"``
+    (the score is replaced by ``value``) or ``"add"`` (``value`` is added to the score).
+    """
+
+    pattern: Pattern
+    key_keep: tuple
+    drops: tuple
+
+
+def split_mask(site, seq_len: int) -> MaskSplit:
+    """The site's mask terms (AND of all) as a :class:`MaskSplit`, or ``NotStructured`` with the reason."""
     reader = _Reader(seq_len)
-    parts = []
+    parts, drop_list = [], []
     for term in site.nodes.get("terms", []):
         if term[0] == "keep":
             x = reader.read_bool(term[1])
             parts.append(x if term[2] else Op("not", (x,)))
+            drop_list.append((float("-inf"), "fill"))
         elif term[0] == "fill":
             _, m, fill, keep_when = term
             x = reader.read_bool(m)
             parts.append(x if keep_when else Op("not", (x,)))
+            drop_list.append((fill, "fill"))
         else:
             _, m, coef = term
             if coef <= 0:
                 raise NotStructured(f"an additive mask is scaled by {coef}")
+            reader.drops = []
             parts.append(reader.read_additive(m))
-    expr = TRUE
+            drop_list += [(d * coef, "add") for d in reader.drops]
+    static, keys = [], []
     for x in parts:
+        _conjuncts(x, False, static, keys)
+    expr = TRUE
+    for x in static:
         expr = Op("and", (expr, x))
     pattern = to_pattern(expr, "auto")
-    return Pattern(pattern.terms, "auto: " + describe(pattern))
+    return MaskSplit(Pattern(pattern.terms, "auto: " + describe(pattern)), tuple(keys), tuple(drop_list))
+
+
+def _conjuncts(x, negated: bool, static: list, keys: list) -> None:
+    """Split ``x`` (or NOT x) into conjuncts: key terms into ``keys``, the rest into ``static``."""
+    if isinstance(x, KeyKeep):
+        keys.append(KeyKeep(x.node, x.negated != negated))
+        return
+    if isinstance(x, Op) and x.kind == "not":
+        _conjuncts(x.args[0], not negated, static, keys)
+        return
+    if isinstance(x, Op) and x.kind == ("or" if negated else "and"):   # NOT(a OR b) == NOT a AND NOT b
+        for a in x.args:
+            _conjuncts(a, negated, static, keys)
+        return
+    if _holds_key_term(x):
+        raise NotStructured(f"the per-key term {_key_term(x).node.name} is combined with other terms by OR: the "
+                            f"mask is not a predicate AND key padding")
+    static.append(Op("not", (x,)) if negated else x)
+
+
+def _holds_key_term(x) -> bool:
+    return _key_term(x) is not None
+
+
+def _key_term(x):
+    if isinstance(x, KeyKeep):
+        return x
+    if isinstance(x, Op):
+        for a in x.args:
+            found = _key_term(a)
+            if found is not None:
+                return found
+    return None
+
+
+def site_pattern(site, seq_len: int) -> Pattern:
+    """The pattern equal to the site's own mask terms (AND of all), or ``NotStructured`` with the reason."""
+    split = split_mask(site, seq_len)
+    if split.key_keep:
+        raise NotStructured(f"{split.key_keep[0].node.name} depends on the data (a per-key term such as padding)")
+    return split.pattern
 
 
 def describe(pattern: Pattern) -> str:

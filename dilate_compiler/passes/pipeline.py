@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 
 from .find_attention import find_attention
+from .read_masks import read_masks
 from .reorder import hoist_reorders
 from .rewrite_attention import Where, rewrite_attention
 from .site import Report
@@ -26,14 +27,15 @@ def clean_up(gm: fx.GraphModule) -> None:
 
 def run_pipeline(gm: fx.GraphModule, strategy, *, where: Where = None, strict: bool = False,
                  rewrite: bool = True) -> Report:
-    """clean_up -> find_attention -> rewrite_attention -> hoist_reorders -> clean_up, on a pre-dispatch ATen
-    graph, in place.
+    """clean_up -> find_attention -> read_masks -> rewrite_attention -> hoist_reorders -> clean_up, on a
+    pre-dispatch ATen graph, in place.
 
     The first clean-up drops dead uses (e.g. attention weights a caller discards) before matching.
     ``hoist_reorders`` only acts on the token permutations of ``dc.Hilbert(reorder="once")`` sites.
     """
     clean_up(gm)
     sites = find_attention(gm)
+    read_masks(sites)
     if rewrite:
         rewrite_attention(gm, sites, strategy, where=where, strict=strict)
         hoist_reorders(gm)

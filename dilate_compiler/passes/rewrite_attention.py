@@ -87,7 +87,10 @@ def _emitter(gm: fx.GraphModule, fake_mode):
     return emit
 
 
-def _build_mask(emit, terms: list, heads_3d: Optional[tuple] = None) -> Optional[fx.Node]:
+def _build_mask(emit, terms: list, heads_3d: Optional[tuple] = None,
+                work_dtype: torch.dtype = torch.float32) -> Optional[fx.Node]:
+    """The site's mask terms as one mask for the op: bool (True attends) when every term is a keep-mask, else
+    additive in ``work_dtype`` (the op's: float32, float64 for float64 sites)."""
     if not terms:
         return None
     if heads_3d is not None:  # [B*H, N, N] masks of a merged-head site -> [B, H, N, N]
@@ -106,8 +109,13 @@ def _build_mask(emit, terms: list, heads_3d: Optional[tuple] = None) -> Optional
         if t[0] == "add":
             term = t[1] if t[2] == 1.0 else emit(A.mul.Tensor, (t[1], t[2]))
         elif t[0] == "fill":
+            # The model sets a dropped score to ``fill`` exactly: a row it drops everywhere is uniform. The op adds
+            # the mask, so a finite fill becomes its working dtype's lowest value, which swallows any score.
             _, m, fill, keep_when = t
-            term = emit(A.where.Scalar, (m, 0.0, fill) if keep_when else (m, fill, 0.0))
+            if fill != float("-inf"):
+                fill = torch.finfo(work_dtype).min
+            zero, drop = (emit(A.scalar_tensor.default, (x,), {"dtype": work_dtype}) for x in (0.0, fill))
+            term = emit(A.where.self, (m, zero, drop) if keep_when else (m, drop, zero))
         else:  # a bool keep-mask beside additive terms
             _, m, keep_when = t
             term = emit(A.where.Scalar, (m, 0.0, float("-inf")) if keep_when else (m, float("-inf"), 0.0))
@@ -164,7 +172,8 @@ def _replace(gm: fx.GraphModule, site: AttentionSite, strategy) -> None:
             q, k, v = (emit(A.reshape.default, (t, [B, H] + list(val(t).shape[1:]))) for t in (q, k, v))
         if nodes.get("merged_terms"):
             heads_3d = (B, H)
-        mask = _build_mask(emit, nodes["terms"], heads_3d)
+        mask = _build_mask(emit, nodes["terms"], heads_3d,
+                           torch.float64 if site.dtype == torch.float64 else torch.float32)
         for t, divides in nodes.get("tensor_scales", []):   # s * t == (q * t) . k: the op scales q, autograd sees it
             t = emit(A.reshape.default, (t, []))
             if val(t).dtype != val(q).dtype:

@@ -44,6 +44,13 @@ class AttentionSite:
     reason: str = ""
     # What the strategy made of a rewritten site (e.g. the block-sparse layout it chose).
     detail: str = ""
+    # The mask as read by ``read_masks``: a static predicate (a ``dc.patterns`` pattern, causal folded in) AND
+    # per-key data terms (key padding), and the model's value for a row that sees no key ("zero", "nan",
+    # "mean"); ``mask_reason`` says why a mask is not read so (the site then carries its mask).
+    pattern: Any = None
+    key_keep: tuple = ()
+    empty_rows: str = "zero"
+    mask_reason: str = ""
     # Graph handles, filled by find_attention for rewrite_attention (not part of the printed report).
     nodes: dict = field(default_factory=dict, repr=False, compare=False)
 

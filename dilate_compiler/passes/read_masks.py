@@ -1,0 +1,90 @@
+"""Read each site's mask as a static predicate AND per-key data terms, and what the model gives a query row that
+sees no key.
+
+A site's mask terms (``find_attention``) are read by :func:`mask_pattern.split_mask`::
+
+    keep = (kv_idx <= q_idx) & padding[batch_idx, kv_idx]      # transformers' causal mask with padding
+      ->  pattern "auto: (p-j>=0)", key_keep (padding[batch_idx, kv_idx],)
+
+and the site record gets ``pattern`` (the predicate, with ``is_causal`` folded in), ``key_keep`` (the per-key
+terms, ANDed) and ``empty_rows``, the model's value for a row whose every key is dropped:
+
+- ``"zero"``: SDPA and ``_safe_softmax`` give 0 (as the ops do);
+- ``"nan"``: ``torch.softmax`` of a row of -inf is NaN;
+- ``"mean"``: every dropped score equals one finite value (a fill, or an add that swallows the score, as
+  ``finfo(float32).min`` does): the softmax is uniform, the row is the mean of v over all keys.
+
+Where the mask is not such a split, or the model's empty rows follow another rule (an add in float16 that does
+not swallow the score), ``mask_reason`` says so and the site keeps its mask (the exact path).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..patterns import Pattern, Term
+from .mask_pattern import NotStructured, split_mask
+
+# An added drop value swallows any score (s + drop == drop) when it is this large for the dtype of the add.
+SWALLOWS = {torch.float32: -1e30, torch.bfloat16: -1e30, torch.float64: -1e300}
+
+
+def read_masks(sites: list) -> None:
+    """Fill ``pattern``, ``key_keep``, ``empty_rows`` and ``mask_reason`` of every found site, in place."""
+    for site in sites:
+        if site.status == "skipped" or len(site.q_shape) != 4:
+            continue
+        _read(site)
+
+
+def _read(site) -> None:
+    n = site.k_shape[2]
+    if not isinstance(n, int):
+        site.mask_reason = f"the key length is symbolic ({n}): a mask is read for a static length"
+        return
+    try:
+        split = split_mask(site, n)
+    except NotStructured as e:
+        site.mask_reason = f"the mask is not a static predicate and key padding: {e}"
+        return
+    terms = split.pattern.terms
+    if site.is_causal:   # SDPA's is_causal: the last query is the last key
+        terms = tuple(t & Term(d=(0, 2**30)) for t in terms)
+    site.pattern = Pattern(terms, split.pattern.name + (" & causal" if site.is_causal else ""))
+    site.key_keep = split.key_keep
+    if not split.key_keep and _links_the_diagonal(site.pattern, n):
+        return   # no row can be empty: how the model treats one doesn't matter
+    site.empty_rows, site.mask_reason = _empty_rows(site, split.drops)
+
+
+def _links_the_diagonal(pattern: Pattern, n: int) -> bool:
+    """Every query position links its own key (the predicate part of the mask can't leave a row empty)."""
+    coords = pattern.grid.table(n) if pattern.grid is not None else None
+    p = torch.arange(n)
+    diag = torch.zeros(n, dtype=torch.bool)
+    for t in pattern.terms:
+        if not t.blocks:
+            diag |= t.token_mask(p, p, coords)
+    return bool(diag.all())
+
+
+def _empty_rows(site, drops: tuple) -> tuple:
+    """``(rule, reason)``: what the model gives a row that sees no key (see the module docstring)."""
+    if not drops:
+        return "zero", ""
+    values = {v for v, _ in drops}
+    softmax = "sdpa" if site.kind == "sdpa" else site.nodes.get("softmax", "softmax")
+    if values == {float("-inf")}:
+        return ("nan" if softmax == "softmax" else "zero"), ""
+    if float("-inf") in values or len(values) > 1:
+        return "", f"the mask drops keys with several values ({sorted(values)}): rows with no key mix them"
+    value = values.pop()
+    add_dtypes = iter(site.nodes.get("add_dtypes", []))
+    for _, how in drops:
+        if how != "add":
+            continue
+        dtype = site.dtype if site.kind == "sdpa" else next(add_dtypes, site.dtype)
+        if not value <= SWALLOWS.get(dtype, float("-inf")):
+            return "", (f"the mask adds {value:g} in {str(dtype).replace('torch.', '')}, which does not swallow the "
+                        f"score: rows with no key follow the model's rounding of score + mask")
+    return "mean", ""
