@@ -26,8 +26,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from dilate_compiler.lowering import block_sparse_triton as bt
-from dilate_compiler.lowering import dilated_triton as dt
+from dilate_compiler.lowering.block_sparse import triton as bt
+from dilate_compiler.lowering.dilated import triton as dt
 
 
 

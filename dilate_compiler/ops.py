@@ -9,8 +9,10 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .lowering import block_sparse_op, dilated_op  # noqa: F401  (registers the ops)
-from .strategies.dilated import MIXINGS, Dilated
+from .lowering.block_sparse import op as block_sparse_op  # noqa: F401  (registers the ops)
+from .lowering.dilated import op as dilated_op  # noqa: F401
+from .lowering.dilated.plan import MIXINGS
+from .strategies.dilated import Dilated
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from dilate_compiler import patterns as P
+from dilate_compiler.patterns import layouts
 
 N, BS, H = 77, 16, 4  # ragged: 77 = 4 * 16 + 13
 
@@ -245,16 +246,16 @@ GPU_LIST_PATTERNS = {
                                             for causal in (False, True)]
                          + [("window20", True, 160), ("local3|global5", False, 160)])
 def test_list_kernels_equal_the_pytorch_build(name, causal, n):
-    """``build_layout``'s GPU path (``layout_triton``, run here under the interpreter on CPU tensors) gives the
+    """``build_layout``'s GPU path (``lowering.block_sparse.layout_triton``, run here under the interpreter on CPU tensors) gives the
     PyTorch build's state, counts, lists and bits, slot for slot; chunks of 4 columns make each row's running
     counts cross chunks. Ragged (77) and whole (160) blocks."""
-    from dilate_compiler.lowering.layout_triton import build_lists
+    from dilate_compiler.lowering.block_sparse.layout_triton import build_lists
 
     pattern = GPU_LIST_PATTERNS[name]
     want = pattern.layout(n, 8, is_causal=causal)
-    assert P._lists_on_gpu(pattern, "cuda", "row")
+    assert layouts._lists_on_gpu(pattern.terms, "cuda", "row")
     nb = -(-n // 8)
-    diag = P._diagonals(pattern.terms, nb)
+    diag = layouts._diagonals(pattern.terms, nb)
     got = build_lists(P.term_table(pattern.terms), diag, n, 8, causal, chunk=4)
     names = ("state", "kv_count", "kv_idx", "kv_bits", "q_count", "q_idx", "q_bits")
     for field_name, tensor in zip(names, got):
@@ -263,9 +264,9 @@ def test_list_kernels_equal_the_pytorch_build(name, causal, n):
 
 def test_list_kernels_serve_diagonal_block_sets_only():
     """Random and per-head block sets, grid terms and the Hilbert schedule keep the PyTorch build."""
-    assert not P._lists_on_gpu(P.local(2) | P.random(2, seed=0), "cuda", "row")
-    assert not P._lists_on_gpu(P.neighborhood((4, 4), 1), "cuda", "row")
-    assert not P._lists_on_gpu(P.local(2), "cuda", "hilbert")
-    assert not P._lists_on_gpu(P.local(2), "cpu", "row")
-    assert P._diagonals(P.sliding_window(8).terms, 4) is None
-    assert P._diagonals(P.local(2).terms, 4)[1].tolist() == [0, 0, 1, 1, 1, 0, 0]
+    assert not layouts._lists_on_gpu((P.local(2) | P.random(2, seed=0)).terms, "cuda", "row")
+    assert not layouts._lists_on_gpu(P.neighborhood((4, 4), 1).terms, "cuda", "row")
+    assert not layouts._lists_on_gpu(P.local(2).terms, "cuda", "hilbert")
+    assert not layouts._lists_on_gpu(P.local(2).terms, "cpu", "row")
+    assert layouts._diagonals(P.sliding_window(8).terms, 4) is None
+    assert layouts._diagonals(P.local(2).terms, 4)[1].tolist() == [0, 0, 1, 1, 1, 0, 0]

@@ -36,7 +36,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ..lowering.dilated_op import lse_dtype
+from ..lowering.common.dispatch import lse_dtype
 from ..strategies.dilated import Dilated
 from . import comm, dense_steps, window
 from .attend import attend_backward, attend_forward, merge

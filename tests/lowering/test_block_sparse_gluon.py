@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 import dilate_compiler as dc
 from dilate_compiler import patterns as P
-from dilate_compiler.lowering import block_sparse_gluon as bg
-from dilate_compiler.lowering import hopper_gluon as hg
-from dilate_compiler.lowering import block_sparse_op
+from dilate_compiler.lowering.block_sparse import gluon as bg
+from dilate_compiler.lowering.common import hopper_gluon as hg
+from dilate_compiler.lowering.block_sparse import op as block_sparse_op
 from tests.lowering.test_block_sparse_op import dense_reference
 from tests.tolerances import assert_close, rel_err
 
@@ -42,7 +42,7 @@ def test_the_op_says_why_it_runs_the_triton_forward_off_hopper():
 
 def test_an_unknown_setting_is_refused_by_name():
     env = dict(os.environ, DILATE_COMPILER_WARP_SPECIALISED="yes")
-    r = subprocess.run([sys.executable, "-c", "import dilate_compiler.lowering.block_sparse_gluon"], env=env,
+    r = subprocess.run([sys.executable, "-c", "import dilate_compiler.lowering.block_sparse.gluon"], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     assert "DILATE_COMPILER_WARP_SPECIALISED must be '0' (off) or '1' (on, the default), got 'yes'" in r.stderr

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import dilate_compiler as dc
-from dilate_compiler.lowering import dilated_gluon as dg
-from dilate_compiler.lowering import hopper_gluon as hg
-from dilate_compiler.lowering import dilated_op
+from dilate_compiler.lowering.dilated import gluon as dg
+from dilate_compiler.lowering.common import hopper_gluon as hg
+from dilate_compiler.lowering.dilated import op as dilated_op
 from tests.lowering.test_block_sparse_gluon import (assert_compiled_runs_triton_and_cuda_graph_replays_ws,
                                                    assert_like_triton_forward_with_exact_gradients, counted)
 from tests.tolerances import assert_close, eager_dilated, rel_err

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dilate_compiler as dc
-from dilate_compiler.strategies.dilated import clip_segment
+from dilate_compiler.lowering.dilated.plan import clip_segment
 
 
 @pytest.mark.parametrize(

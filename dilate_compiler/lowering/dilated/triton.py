@@ -23,33 +23,19 @@ leave the normaliser unchanged and ``1 / (1 - p)`` rides on ``out_scale``.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ..strategies.dilated import Dilated
-from . import inductor_caps
+from ..common.dispatch import tensor_unsupported_reason
+from ..common.launch import autotune_configs, launch_device, rows_addressable, rows_fit, runner, tile_configs
+from ..common.primitives import LN2, LOG2E, softmax_step, softmax_weights
+from .plan import head_group_bounds, nested_order
 
 MAX_BRANCHES = 8
-SUPPORTED_HEAD_DIMS = (32, 64, 128)
-RCP_LN2 = 1.4426950408889634  # log2(e)
-LN2 = 0.6931471805599453
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# DILATE_COMPILER_AUTOTUNE=0 pins the first config of each list (bounded compile time, e.g. in tests).
-AUTOTUNE = os.environ.get("DILATE_COMPILER_AUTOTUNE", "1") != "0"
-
-
-def _configs(kind: str):
-    """Autotuning space over block sizes, warps and stages; the chosen config is cached per key."""
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    space = tile_space(kind)
-    return space if AUTOTUNE else space[:1]
 
 
 def tile_space(kind: str) -> list:
@@ -66,17 +52,6 @@ def tile_space(kind: str) -> list:
         space = ((64, 64, 4, 2), (64, 64, 8, 3), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3),
                  (128, 32, 4, 5), (32, 128, 4, 5))
     return tile_configs(space)
-
-
-def tile_configs(space) -> list:
-    """``triton.Config`` of each ``(BLOCK_M, BLOCK_N, warps, stages[, registers])`` tile. A fifth entry caps the
-    registers per thread (ptxas ``maxnreg``): an 8-warp tile held to 128 runs two CTAs, 16 warps, per SM instead
-    of one. The in-order loop is latency-bound (ncu, block-sparse window: 41% of issue slots busy, 8 warps per
-    SM), and the second CTA hides its waits (H200: window forward 2.75 -> 2.49 ms at 64K, config A non-causal
-    9.11 -> 8.40 ms at 256K). Inductor (torch 2.11 to 2.13) doesn't pass ``Config.maxnreg`` on to user-defined
-    kernels by itself: ``inductor_caps`` forwards it (on unless ``DILATE_COMPILER_INDUCTOR_CAPS=0``)."""
-    return [triton.Config({"BLOCK_M": t[0], "BLOCK_N": t[1]}, num_warps=t[2], num_stages=t[3],
-                          maxnreg=t[4] if len(t) > 4 else None) for t in space]
 
 
 _KEY = ["N", "HEAD_DIM", "NUM_BRANCHES", "L", "IS_CAUSAL", "MIXING_LSE", "GQA", "DROPOUT", "WALKS",
@@ -306,31 +281,6 @@ def _walk_keys(p_first, p_last, o, N, B: tl.constexpr, W_PREV: tl.constexpr, W: 
 
 
 @triton.jit
-def softmax_weights(m_i, s, qk_scale, ROWS_MAY_BE_EMPTY: tl.constexpr):
-    """The online softmax's new row max, the rescale of what came before and the tile's weights (base 2), from
-    products ``s`` (``-inf`` where masked) and their scale ``qk_scale > 0`` (1.0: ``s`` is scaled already). The
-    row max is taken before scaling, which commutes with it, so a score costs one fused multiply-add for exp2's
-    argument; scaled first, it cost a multiply for the max beside that (ptxas kept both), or a multiply and a
-    subtraction. ``ROWS_MAY_BE_EMPTY``: a row may have every score of the tile masked (its max is kept
-    finite)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    if ROWS_MAY_BE_EMPTY:
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_safe = m_new
-    return m_new, tl.exp2(m_i - m_safe), tl.exp2(s * qk_scale - m_safe[:, None])
-
-
-@triton.jit
-def softmax_step(acc, m_i, l_i, s, qk_scale, v, ROWS_MAY_BE_EMPTY: tl.constexpr):
-    """One online-softmax step (``softmax_weights``) against values ``v``."""
-    m_new, alpha, pr = softmax_weights(m_i, s, qk_scale, ROWS_MAY_BE_EMPTY)
-    l_i = l_i * alpha + tl.sum(pr, 1)
-    acc = tl.dot(pr.to(v.dtype), v, acc * alpha[:, None])
-    return acc, m_new, l_i
-
-
-@triton.jit
 def _walk_key_tile(q, k_base, v_base, stride_kn, j0, start, valid_hi, lm, qk_scale, R: tl.constexpr,
                    TAIL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     """The key tile at ``start`` of a walk (keys ``j0 + R * m``): positions, K, V and the scores in base 2 with
@@ -541,7 +491,7 @@ def _head_rows(Q, K, V, b, h, pq, row_ok, stride_qb, stride_qh, stride_qn, strid
     return q, k_base, v_base
 
 
-@triton.autotune(configs=_configs("fwd"), key=_KEY + ["SEEDED"])
+@triton.autotune(configs=autotune_configs(tile_space("fwd")), key=_KEY + ["SEEDED"])
 @triton.jit
 def _dilated_attn_fwd_kernel(
     Q, K, V, Out, Lse, Out0, Lse0, sm_scale,
@@ -668,7 +618,7 @@ def _walk0_tiles(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, lo
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=_configs("walk0"), key=_KEY_WALK0)
+@triton.autotune(configs=autotune_configs(tile_space("walk0")), key=_KEY_WALK0)
 @triton.jit
 def _dilated_attn_fwd_walk0_kernel(
     Q, K, V, Out, Lse, Out0, Lse0, sm_scale,
@@ -767,7 +717,7 @@ def _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, s
     return dq
 
 
-@triton.autotune(configs=_configs("bwd"), key=_KEY)
+@triton.autotune(configs=autotune_configs(tile_space("bwd")), key=_KEY)
 @triton.jit
 def _dilated_attn_bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ, sm_scale,
@@ -907,7 +857,7 @@ def _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base
     return dk, dv
 
 
-@triton.autotune(configs=_configs("bwd"), key=_KEY)
+@triton.autotune(configs=autotune_configs(tile_space("bwd")), key=_KEY)
 @triton.jit
 def _dilated_attn_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, sm_scale,
@@ -988,24 +938,6 @@ def _dilated_attn_bwd_dkdv_kernel(
 # --- launchers -------------------------------------------------------------------------------------------
 
 
-def tensor_unsupported_reason(q) -> str:
-    """Why no Triton attention kernel of this project can take q (device, head dim, dtype), or ''."""
-    if q.device.type != "cuda":
-        return f"device {q.device.type} (the kernels run on CUDA; launchers run on CPU only under TRITON_INTERPRET=1)"
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        return f"head dim {q.shape[-1]} (kernels: {SUPPORTED_HEAD_DIMS})"
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {q.dtype} (kernels: float16, bfloat16; float32 and float64 run the exact path)"
-    return ""
-
-
-def interpreter_runs(q) -> bool:
-    """Whether the kernels run ``q`` under ``TRITON_INTERPRET=1`` on the CPU (float16 / float32, a supported head
-    dim): how the tests run them, also inside the distributed ops on gloo ranks."""
-    return (INTERPRET and q.device.type == "cpu" and q.dtype in (torch.float16, torch.float32)
-            and q.shape[-1] in SUPPORTED_HEAD_DIMS)
-
-
 def kernel_unsupported_reason(q, attn_mask, dropout_p, num_branches) -> str:
     """Why the Triton kernels can't run this call (the exact PyTorch path runs instead), or ''."""
     reason = tensor_unsupported_reason(q)
@@ -1018,25 +950,12 @@ def kernel_unsupported_reason(q, attn_mask, dropout_p, num_branches) -> str:
     return ""
 
 
-def nested_order(segment_lengths, dilation_rates, mixing: str, dropout_p: float = 0.0):
-    """The branches ``(segments, rates)`` sorted by segment length (then rate) when they form a chain, each
-    segment length and each rate dividing the next, under ``mixing="lse"`` without dropout: the kernels then
-    visit every linked pair once, weighted by its multiplicity (see ``walks``). None otherwise (the kernels walk
-    per branch). Sorting is free under LSE mixing: a branch's offset depends on its rate alone."""
-    if mixing != "lse" or dropout_p != 0.0:
-        return None
-    pairs = sorted(zip(segment_lengths, dilation_rates))
-    if any(w2 % w1 or r2 % r1 for (w1, r1), (w2, r2) in zip(pairs, pairs[1:])):
-        return None
-    return tuple(w for w, _ in pairs), tuple(r for _, r in pairs)
-
-
 def pattern_constexprs(segment_lengths, dilation_rates, mixing: str, num_heads: int) -> dict:
     """The constexprs that specialise the kernels to one pattern."""
     n = len(segment_lengths)
     ws = list(segment_lengths) + [1] * (MAX_BRANCHES - n)
     rs = list(dilation_rates) + [1] * (MAX_BRANCHES - n)
-    bounds = Dilated(tuple(segment_lengths), tuple(dilation_rates), mixing).head_group_bounds(num_heads)
+    bounds = head_group_bounds(n, num_heads)
     starts = [s for s, _ in bounds] + [bounds[-1][1]]
     starts += [starts[-1]] * (MAX_BRANCHES + 1 - len(starts))
     meta = {"NUM_BRANCHES": n, "L": math.lcm(*dilation_rates), "MIXING_LSE": mixing == "lse"}
@@ -1099,22 +1018,6 @@ def walk0_applies(meta: dict, nested: bool, is_causal: bool, walks_fwd: int) -> 
                for cfg in _dilated_attn_fwd_walk0_kernel.configs)
 
 
-def launch_device(t: torch.Tensor):
-    """The context of a kernel launch on ``t``'s tensors: Triton launches on the current CUDA device, so make it
-    ``t``'s (a no-op off CUDA)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
-def _runner(kernel):
-    if INTERPRET:
-        return kernel
-    from torch.library import wrap_triton
-
-    if inductor_caps.ENABLED:
-        inductor_caps.install()   # once: Inductor compiles the capped tiles with their cap (inductor_caps.py)
-    return wrap_triton(kernel)
-
-
 def _rows_grid(n: int, L: int, block: str, programs_b: int):
     return lambda META: (L * triton.cdiv(triton.cdiv(n, L), META[block]), programs_b)
 
@@ -1130,18 +1033,6 @@ def _dropout_args(dropout_p: float, seed, dummy, segment_lengths, dilation_rates
         raise ValueError(f"dropout_p > 0 needs seed, an int64 tensor of one element, got {seed!r}")
     grouped = all((w // r) % 4 == 0 for w, r in zip(segment_lengths, dilation_rates))
     return seed.reshape(1).to(dummy.device), round(dropout_p * 2**31), 1.0 / (1.0 - dropout_p), 2 if grouped else 1
-
-
-def rows_fit(t: torch.Tensor) -> bool:
-    """Whether the kernels can read ``t`` ``[B, H, N, D]`` in place: unit stride along D, and ``position * row
-    stride`` (int32 arithmetic in the kernels' loops) below 2**31. A batch-first view (row stride H * D) at
-    H=16, D=64 passes 2**31 from N = 2M on; a contiguous copy's row stride is D."""
-    return t.stride(-1) == 1 and t.shape[-2] * t.stride(-2) < 2**31
-
-
-def rows_addressable(t: torch.Tensor) -> torch.Tensor:
-    """``t``, or a contiguous copy when the kernels can't read it in place (``rows_fit``)."""
-    return t if rows_fit(t) else t.contiguous()
 
 
 def _query_offset(q_offset, n_q: int, n: int) -> int:
@@ -1182,10 +1073,10 @@ def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: boo
         if seeded:
             out0, lse0 = torch.empty_like(out), torch.empty_like(lse)
             grid = lambda META: (triton.cdiv(q_offset + Nq, META["BLOCK_M"]) - q_offset // META["BLOCK_M"], B * H)
-            _runner(_dilated_attn_fwd_walk0_kernel)[grid](
+            runner(_dilated_attn_fwd_walk0_kernel)[grid](
                 q, k, v, out, lse, out0, lse0, scale, *strides, HEAD_DIM=D, GQA=H // k.shape[1],
                 **{key: meta[key] for key in _KEY_WALK0 if key in meta})
-        _runner(_dilated_attn_fwd_kernel)[_rows_grid(Nq, meta["L"], "BLOCK_M", B * H)](
+        runner(_dilated_attn_fwd_kernel)[_rows_grid(Nq, meta["L"], "BLOCK_M", B * H)](
             q, k, v, out, lse, out0, lse0, scale, *strides, out_scale * rdrop, seed_t, drop_thr,
             HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // k.shape[1], DROPOUT=dropout, WALKS=walks_fwd,
             SEEDED=int(seeded), **meta)
@@ -1214,8 +1105,8 @@ def dilated_attn_bwd(dout, q, k, v, out, lse, segment_lengths, dilation_rates, *
     walks_dq = _walks_constexpr(_dilated_attn_bwd_dq_kernel, "rows", meta, nested, q_offset)
     walks_dkdv = _walks_constexpr(_dilated_attn_bwd_dkdv_kernel, "keys", meta, nested, 0)
     with launch_device(q):
-        _runner(_dilated_attn_bwd_dq_kernel)[_rows_grid(Nq, meta["L"], "BLOCK_M", B * H)](
+        runner(_dilated_attn_bwd_dq_kernel)[_rows_grid(Nq, meta["L"], "BLOCK_M", B * H)](
             q, k, v, dout, lse, delta, dq, scale, *common, WALKS=walks_dq, **flags)
-        _runner(_dilated_attn_bwd_dkdv_kernel)[_rows_grid(N, meta["L"], "BLOCK_N", B * Hkv)](
+        runner(_dilated_attn_bwd_dkdv_kernel)[_rows_grid(N, meta["L"], "BLOCK_N", B * Hkv)](
             q, k, v, dout, lse, delta, dk, dv, scale, *common, WALKS=walks_dkdv, **flags)
     return dq, dk, dv

@@ -1,7 +1,7 @@
 """A warp-specialised dilated forward for Hopper (sm_90), written in Gluon: the op's forward for nested patterns
-(``nested_order``), non-causal, in eager mode.
+(``plan.nested_order``), non-causal, in eager mode.
 
-The Triton forward (``dilated_triton``) visits every linked (query, key) pair once and adds the pair's log2
+The Triton forward (``dilated.triton``) visits every linked (query, key) pair once and adds the pair's log2
 multiplicity to its score (README, "Each linked pair once"). Its key tiles are runs of one walk's keys, whose
 multiplicities differ from key to key (they repeat with period ``L / R``), so each score pays for a bias add
 and the tiles are gathered with strided pointer loads. Here the key tiles are *one residue class mod L*: the
@@ -16,16 +16,16 @@ A query tile is ``(b, h, t, c)``: the rows ``t * L * 128 + c + L * i``, ``i < 12
 the shortest branch. Its keys, walk by walk (walk B: branch B's segment minus branch B-1's; applies when branch
 B selects class c), class by class (``o = h mod R_B + k R_B``), run by run (``L * 128`` positions each).
 
-One persistent CTA per SM, as ``block_sparse_gluon`` (partitions, buffers and barriers: ``hopper_gluon``): the
+One persistent CTA per SM, as ``block_sparse.gluon`` (partitions, buffers and barriers: ``common.hopper_gluon``): the
 producer draws query tiles in (b, h, t, c) order, ``c`` fastest (concurrent CTAs then share their K/V runs in
 L2), from a counter in global memory, TMA-loads Q and the key tiles' K and V, and writes each key tile's log2
-multiplicity into a slot beside its stage; the consumers are ``hopper_gluon.consume`` with that bias.
+multiplicity into a slot beside its stage; the consumers are ``common.hopper_gluon.consume`` with that bias.
 
 What it takes (``unsupported_reason``): compute capability 9.0, fp16/bf16, head dim 64, a nested pattern under
 LSE mixing, no dropout, no mask, not causal, all queries (``q_offset == 0``, as many rows as k), contiguous q, k,
 v, and ``L * 128`` dividing both the shortest segment and N (config A: 1,024). Eager mode only: under
 ``torch.compile`` or export the Triton forward runs, which Inductor sees. The backward is the Triton kernels'.
-Gluon has no CPU interpreter: ``tests/lowering/test_dilated_gluon.py`` checks this kernel against float64 on the
+Gluon has no CPU interpreter: ``tests/lowering/dilated/test_gluon.py`` checks this kernel against float64 on the
 GPU. ``DILATE_COMPILER_WARP_SPECIALISED=0`` turns it off (with the block-sparse one).
 """
 
@@ -39,8 +39,10 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from . import hopper_gluon as hg
-from .dilated_triton import MAX_BRANCHES, nested_order
+from ..common import hopper_gluon as hg
+from ..common.primitives import LOG2E
+from .plan import nested_order
+from .triton import MAX_BRANCHES
 
 BLOCK = hg.BLOCK     # query rows of a tile and keys of a K/V stage
 _BLOCK = gl.constexpr(BLOCK)
@@ -218,7 +220,7 @@ def _descriptor(t: torch.Tensor, L: int, rows: int) -> TensorDescriptor:
 
 
 def dilated_attn_fwd_ws(q, k, v, segment_lengths, dilation_rates, *, scale: float):
-    """``(out, lse)`` as ``dilated_triton.dilated_attn_fwd`` returns them (non-causal, mixing "lse"), for a call
+    """``(out, lse)`` as ``triton.dilated_attn_fwd`` returns them (non-causal, mixing "lse"), for a call
     that ``unsupported_reason`` accepts."""
     B, H, N, D = q.shape
     ws, rs = nested_order(segment_lengths, dilation_rates, "lse")
@@ -234,7 +236,7 @@ def dilated_attn_fwd_ws(q, k, v, segment_lengths, dilation_rates, *, scale: floa
     with torch.cuda.device(q.device):
         _dilated_fwd_ws_kernel[(programs,)](
             _descriptor(q, L, BLOCK), _descriptor(k, L, BLOCK), _descriptor(v, L, BLOCK), _descriptor(out, L, hg.HALF),
-            lse, counter, total, T, H, N, scale * 1.4426950408889634, HEAD_DIM=D, STAGES=hg.STAGES,
+            lse, counter, total, T, H, N, scale * LOG2E.value, HEAD_DIM=D, STAGES=hg.STAGES,
             GQA=H // k.shape[1], L=L, NUM_BRANCHES=len(segment_lengths),
             **{f"W{i}": ws[i] for i in range(MAX_BRANCHES)}, **{f"R{i}": rs[i] for i in range(MAX_BRANCHES)},
             num_warps=4)

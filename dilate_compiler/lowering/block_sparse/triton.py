@@ -36,11 +36,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..patterns import GRID_AXES, TERM_COLUMNS
-from .dilated_triton import (AUTOTUNE, INTERPRET, _runner, launch_device, rows_addressable, rows_fit,
-                             softmax_step, tensor_unsupported_reason, tile_configs)
+from ...patterns.algebra import GRID_AXES, TERM_COLUMNS
+from ..common.dispatch import tensor_unsupported_reason
+from ..common.launch import autotune_configs, launch_device, rows_addressable, rows_fit, runner, tile_configs
+from ..common.primitives import LN2, LOG2E, softmax_step
 
-LN2 = 0.6931471805599453
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)  # 256 unrolls past the H100's shared memory at D=128
 _KEY = ["N", "HEAD_DIM", "BS", "IS_CAUSAL", "GQA", "PER_HEAD", "NUM_TERMS", "CHECKS", "PERMUTED"]
 assert TERM_COLUMNS == 12 and GRID_AXES == 3   # _token_ok reads the term table and coordinates with these
@@ -416,24 +416,17 @@ def tile_space(kind: str, bs: int) -> list:
     return tile_configs(t for t in space if t[0] <= bs and t[1] <= bs)
 
 
-def _space(kind: str, bs: int):
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    configs = tile_space(kind, bs)
-    return configs if AUTOTUNE else configs[:1]
-
-
 @functools.lru_cache(maxsize=None)
 def _autotuned(kind: str, bs: int):
     fn = {"fwd": _block_sparse_fwd_kernel, "dq": _block_sparse_bwd_dq_kernel,
           "dkdv": _block_sparse_bwd_dkdv_kernel}[kind]
-    return triton.autotune(configs=_space("fwd" if kind == "fwd" else "bwd", bs), key=_KEY)(fn)
+    return triton.autotune(configs=autotune_configs(tile_space("fwd" if kind == "fwd" else "bwd", bs)), key=_KEY)(fn)
 
 
 def _kernel(kind: str, bs: int):
     """The autotuned kernel for one layout block size (tiles must divide it), wrapped per launch: a
     ``wrap_triton`` wrapper indexes a kernel table that each compilation resets, so it must not be cached."""
-    return _runner(_autotuned(kind, bs))
+    return runner(_autotuned(kind, bs))
 
 
 def kernel_unsupported_reason(q, block_size: int) -> str:
