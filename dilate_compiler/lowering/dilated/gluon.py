@@ -63,15 +63,17 @@ def _query_tile(tile, T, H, N, L: gl.constexpr, GQA: gl.constexpr):
 
 
 @gluon.jit
-def _walk_runs(p_first, N, B: gl.constexpr, W_PREV: gl.constexpr, W: gl.constexpr, L: gl.constexpr):
+def _walk_runs(p_first, N, B: gl.constexpr, WS: gl.constexpr, L: gl.constexpr):
     """Walk ``B``'s positions for a query tile starting at ``p_first``: branch B's segment minus branch B-1's,
     as two ranges ``[lo_a, lo_a + L * BLOCK * n_a)`` and ``[lo_b, ...)`` of ``n_a`` and ``n_b`` runs."""
+    W: gl.constexpr = WS[B]
     seg_lo = p_first // W * W
     seg_hi = gl.minimum(seg_lo + W, N)
     if B == 0:
         hole = seg_lo
         hole_end = seg_lo
     else:
+        W_PREV: gl.constexpr = WS[B - 1]
         hole = p_first // W_PREV * W_PREV
         hole_end = gl.minimum(hole + W_PREV, seg_hi)
     return seg_lo, (hole - seg_lo) // (L * _BLOCK), hole_end, (seg_hi - hole_end) // (L * _BLOCK)
@@ -88,25 +90,25 @@ def _log2_multiplicity(x, y, B: gl.constexpr, NUM_BRANCHES: gl.constexpr, RS: gl
 
 
 @gluon.jit
-def _key_tiles(p_first, h, c, N, L: gl.constexpr, NUM_BRANCHES: gl.constexpr, WS: gl.constexpr, WP: gl.constexpr,
-               RS: gl.constexpr):
+def _key_tiles(p_first, h, c, N, L: gl.constexpr, WS: gl.constexpr, RS: gl.constexpr):
     """How many key tiles a query tile has (walks whose branch selects class ``c``)."""
     y = (c - h % L + L) % L
     n = p_first * 0
-    for B in gl.static_range(NUM_BRANCHES):
+    for B in gl.static_range(len(WS)):
         if y % RS[B] == 0:
-            lo_a, n_a, lo_b, n_b = _walk_runs(p_first, N, B, WP[B], WS[B], L)
+            lo_a, n_a, lo_b, n_b = _walk_runs(p_first, N, B, WS, L)
             n += (L // RS[B]) * (n_a + n_b)
     return n
 
 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, tables, dims, bufs, STAGES: gl.constexpr, GQA: gl.constexpr,
-              L: gl.constexpr, NUM_BRANCHES: gl.constexpr, WS: gl.constexpr, WP: gl.constexpr, RS: gl.constexpr):
+              L: gl.constexpr, WS: gl.constexpr, RS: gl.constexpr):
     Counter, Slots, StageSlots = tables
     total, T, H, N = dims
     q_bufs, k_bufs, v_bufs, q_ready, q_empty, kv_ready, kv_empty = bufs
     D: gl.constexpr = k_desc.block_type.shape[1]
+    NUM_BRANCHES: gl.constexpr = len(WS)
     i = 0
     kv = 0
     tile = gl.atomic_add(Counter, 1)
@@ -118,7 +120,7 @@ def _producer(q_desc, k_desc, v_desc, tables, dims, bufs, STAGES: gl.constexpr, 
         y = (c - h % L + L) % L
         for B in gl.static_range(NUM_BRANCHES):
             if y % RS[B] == 0:
-                lo_a, n_a, lo_b, n_b = _walk_runs(p_first, N, B, WP[B], WS[B], L)
+                lo_a, n_a, lo_b, n_b = _walk_runs(p_first, N, B, WS, L)
                 for k in range(L // RS[B]):
                     o = h % RS[B] + k * RS[B]
                     lm = _log2_multiplicity((o - h % L + L) % L, y, B, NUM_BRANCHES, RS)
@@ -141,10 +143,9 @@ def _tile_rows(tile, dims, PATTERN: gl.constexpr):
     go (its rows are ``L`` positions apart)."""
     L: gl.constexpr = PATTERN[0]
     GQA: gl.constexpr = PATTERN[1]
-    NUM_BRANCHES: gl.constexpr = PATTERN[2]
     T, H, N, D = dims
     h, c, p_first, q_row, kv_row = _query_tile(tile, T, H, N, L, GQA)
-    n = _key_tiles(p_first, h, c, N, L, NUM_BRANCHES, PATTERN[3], PATTERN[4], PATTERN[5])
+    n = _key_tiles(p_first, h, c, N, L, PATTERN[2], PATTERN[3])
     return n, (q_row, c * D, (tile // (L * T)).to(gl.int64) * N + p_first, L)
 
 
@@ -157,21 +158,16 @@ def _consumer(o_desc, Lse, slots, stage_slots, bufs, rows, qk_scale, PATTERN: gl
 @gluon.jit
 def _dilated_fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, Lse, Counter, total, T, H, N, qk_scale,
                            HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, GQA: gl.constexpr, L: gl.constexpr,
-                           NUM_BRANCHES: gl.constexpr,
-                           W0: gl.constexpr, W1: gl.constexpr, W2: gl.constexpr, W3: gl.constexpr,
-                           W4: gl.constexpr, W5: gl.constexpr, W6: gl.constexpr, W7: gl.constexpr,
-                           R0: gl.constexpr, R1: gl.constexpr, R2: gl.constexpr, R3: gl.constexpr,
-                           R4: gl.constexpr, R5: gl.constexpr, R6: gl.constexpr, R7: gl.constexpr):
-    WS: gl.constexpr = (W0, W1, W2, W3, W4, W5, W6, W7)       # per-branch constexprs, indexed by branch
-    WP: gl.constexpr = (W0, W0, W1, W2, W3, W4, W5, W6)       # the segment before walk B's (unread by walk 0)
-    RS: gl.constexpr = (R0, R1, R2, R3, R4, R5, R6, R7)
+                           WS: gl.constexpr, RS: gl.constexpr):
+    """The pattern: ``L`` (the lcm of the rates) and the branches' segment lengths ``WS`` and rates ``RS``, in
+    ``nested_order``."""
     bufs, slots, stage_slots = hg.buffers(q_desc, k_desc, v_desc, STAGES)
     tables = (Counter, slots, stage_slots)
     dims = (total, T, H, N)
     rows = (T, H, N, HEAD_DIM)
-    PATTERN: gl.constexpr = (L, GQA, NUM_BRANCHES, WS, WP, RS)
+    PATTERN: gl.constexpr = (L, GQA, WS, RS)
     gl.warp_specialize([
-        (_producer, (q_desc, k_desc, v_desc, tables, dims, bufs, STAGES, GQA, L, NUM_BRANCHES, WS, WP, RS)),
+        (_producer, (q_desc, k_desc, v_desc, tables, dims, bufs, STAGES, GQA, L, WS, RS)),
         (_consumer, (o_desc, Lse, slots, stage_slots, bufs, rows, qk_scale, PATTERN, STAGES, 0)),
         (_consumer, (o_desc, Lse, slots, stage_slots, bufs, rows, qk_scale, PATTERN, STAGES, 1)),
     ], [4, 4], [240, 240])
@@ -225,8 +221,6 @@ def dilated_attn_fwd_ws(q, k, v, segment_lengths, dilation_rates, *, scale: floa
     B, H, N, D = q.shape
     ws, rs = nested_order(segment_lengths, dilation_rates, "lse")
     L = math.lcm(*rs)
-    ws = list(ws) + [ws[-1]] * (MAX_BRANCHES - len(ws))
-    rs = list(rs) + [1] * (MAX_BRANCHES - len(rs))
     out = torch.empty_like(q)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     T = N // (L * BLOCK)
@@ -237,7 +231,5 @@ def dilated_attn_fwd_ws(q, k, v, segment_lengths, dilation_rates, *, scale: floa
         _dilated_fwd_ws_kernel[(programs,)](
             _descriptor(q, L, BLOCK), _descriptor(k, L, BLOCK), _descriptor(v, L, BLOCK), _descriptor(out, L, hg.HALF),
             lse, counter, total, T, H, N, scale * LOG2E.value, HEAD_DIM=D, STAGES=hg.STAGES,
-            GQA=H // k.shape[1], L=L, NUM_BRANCHES=len(segment_lengths),
-            **{f"W{i}": ws[i] for i in range(MAX_BRANCHES)}, **{f"R{i}": rs[i] for i in range(MAX_BRANCHES)},
-            num_warps=4)
+            GQA=H // k.shape[1], L=L, WS=ws, RS=rs, num_warps=4)
     return out, lse
