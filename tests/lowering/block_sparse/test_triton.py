@@ -7,7 +7,7 @@ from dilate_compiler import patterns as P
 from dilate_compiler.hilbert import curve_order
 from dilate_compiler.patterns.pattern import _pattern
 from dilate_compiler.lowering.block_sparse.triton import block_sparse_attn_bwd, block_sparse_attn_fwd, tile_order
-from tests.lowering.test_block_sparse_op import dense_reference
+from tests.lowering.block_sparse.test_op import dense_reference
 from tests.tolerances import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,5 +1,5 @@
-"""Register caps forwarded through Inductor (``lowering/inductor_caps.py``): the pieces, on CPU. The GPU test
-``test_block_sparse_gpu.py::test_inductor_compiles_a_capped_tile_with_its_cap`` compiles one."""
+"""Register caps forwarded through Inductor (``lowering/common/inductor_caps.py``): the pieces, on CPU. The GPU test
+``tests/lowering/block_sparse/test_gpu.py::test_inductor_compiles_a_capped_tile_with_its_cap`` compiles one."""
 
 import types
 

@@ -92,19 +92,6 @@ def test_sliding_window_layout_is_banded_and_cheap():
     assert lay.kv_count[0, 100].tolist() == [2, 33]                        # window edge and diagonal partial
 
 
-def test_bad_arguments_name_the_argument():
-    with pytest.raises(ValueError, match="window_tokens"):
-        P.sliding_window(0)
-    with pytest.raises(ValueError, match="window_blocks"):
-        P.local(-1)
-    with pytest.raises(TypeError, match="bool tensor"):
-        P.from_layout(torch.ones(2, 2))
-    with pytest.raises(ValueError, match="3 x 3 blocks"):
-        P.from_layout(torch.ones(3, 3, dtype=torch.bool)).layout(N, BS)
-    with pytest.raises(TypeError, match="patterns"):
-        P.union(P.local(1), "local")
-
-
 def neighbourhood_brute(grid, radius, order=None, extra=0):
     """Token mask of a grid neighbourhood from coordinates (cells in ``order``, ``extra`` tokens first)."""
     from dilate_compiler.hilbert import coordinates
@@ -200,40 +187,6 @@ def test_lists_by_prefix_sums_equal_the_sorted_lists(seed):
             assert (st[h, i, idx[h, i, n_part:n_tot].long()] == P.FULL).all()
 
 
-def test_grid_patterns_reject_bad_arguments():
-    with pytest.raises(ValueError, match="grid"):
-        P.neighborhood((0, 4), 1)
-    with pytest.raises(ValueError, match="radius"):
-        P.neighborhood((4, 4), (1, 1, 1))
-    with pytest.raises(ValueError, match="seq_len"):
-        P.neighborhood((4, 4), 1).layout(10, 16)
-    with pytest.raises(ValueError, match="different grids"):
-        P.neighborhood((4, 4), 1) | P.neighborhood((2, 8), 1)
-
-
-def test_term_checks_name_the_bounded_columns():
-    # the kernels compile a comparison only for the columns some term bounds
-    assert P.neighborhood((8, 8), 2).layout(64, 16).checks == 0b1111 << 8   # 2-D grid: axes 1, 2 of 3
-    assert P.neighborhood((2, 4, 8), 1).layout(64, 16).checks == 0b111111 << 6
-    assert P.sliding_window(5).layout(64, 16).checks == 0b11
-    lay = (P.sliding_window(5) | P.global_tokens(2)).layout(64, 16)
-    assert lay.checks & 0b11 == 0b11 and lay.checks >> 6 == 0
-    assert P.local(1).layout(64, 16).checks == 0           # whole blocks: every visited block is full
-    assert lay.to("cpu").checks == lay.checks
-
-
-def test_a_term_table_without_the_always_true_row_0_is_refused():
-    """The kernels skip row 0's bounds in the backward: a table whose row 0 bounds something is an error."""
-    from dilate_compiler.patterns import term_checks
-
-    lay = P.sliding_window(5).layout(64, 16)
-    assert term_checks(lay.terms) == 0b11
-    with pytest.raises(ValueError, match="row 0 is the always-true row"):
-        term_checks(lay.terms[1:])
-    with pytest.raises(ValueError, match="row 0 is the always-true row"):
-        term_checks(lay.terms[:0])
-
-
 GPU_LIST_PATTERNS = {
     "window20": P.sliding_window(20),
     "local3|global5": P.local(3) | P.global_tokens(5),
@@ -246,9 +199,9 @@ GPU_LIST_PATTERNS = {
                                             for causal in (False, True)]
                          + [("window20", True, 160), ("local3|global5", False, 160)])
 def test_list_kernels_equal_the_pytorch_build(name, causal, n):
-    """``build_layout``'s GPU path (``lowering.block_sparse.layout_triton``, run here under the interpreter on CPU tensors) gives the
-    PyTorch build's state, counts, lists and bits, slot for slot; chunks of 4 columns make each row's running
-    counts cross chunks. Ragged (77) and whole (160) blocks."""
+    """``build_layout``'s GPU path (``lowering.block_sparse.layout_triton``, run here under the interpreter on CPU
+    tensors) gives the PyTorch build's state, counts, lists and bits, slot for slot; chunks of 4 columns make each
+    row's running counts cross chunks. Ragged (77) and whole (160) blocks."""
     from dilate_compiler.lowering.block_sparse.layout_triton import build_lists
 
     pattern = GPU_LIST_PATTERNS[name]

@@ -297,7 +297,7 @@ def test_export_traces_the_op_on_cuda():
 @pytest.mark.parametrize("mixing,is_causal", [("lse", True), ("head_groups", False)])
 def test_dropout_in_kernels_matches_reference_and_generator_state(mixing, is_causal):
     """The op's seed comes from the torch generator; the kernels' keep masks are the documented Philox ones."""
-    from tests.lowering.test_dilated_triton import dropout_reference, reference_keep
+    from tests.lowering.dilated.test_triton import dropout_reference, reference_keep
 
     B, Hq, Hkv, N, D, p = 1, 4, 2, 300, 64, 0.2
     g = torch.Generator(device="cuda").manual_seed(11)

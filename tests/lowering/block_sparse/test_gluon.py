@@ -1,6 +1,7 @@
-"""The warp-specialised Hopper forward (``block_sparse_gluon``): when the op takes it, and (GPU, marker ``gpu``)
-that it matches float64 and the Triton forward, feeds the Triton backward, leaves compiled graphs to the Triton
-kernels and replays in a CUDA graph. Gluon has no CPU interpreter, so its exactness is checked on the GPU only."""
+"""The warp-specialised Hopper forward (``lowering/block_sparse/gluon.py``): when the op takes it, and (GPU, marker
+``gpu``) that it matches float64 and the Triton forward, feeds the Triton backward, leaves compiled graphs to the
+Triton kernels and replays in a CUDA graph. Gluon has no CPU interpreter, so its exactness is checked on the GPU
+only."""
 
 import contextlib
 import os
@@ -17,7 +18,7 @@ from dilate_compiler import patterns as P
 from dilate_compiler.lowering.block_sparse import gluon as bg
 from dilate_compiler.lowering.common import hopper_gluon as hg
 from dilate_compiler.lowering.block_sparse import op as block_sparse_op
-from tests.lowering.test_block_sparse_op import dense_reference
+from tests.lowering.block_sparse.test_op import dense_reference
 from tests.tolerances import assert_close, rel_err
 
 

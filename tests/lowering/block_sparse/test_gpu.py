@@ -12,7 +12,7 @@ from dilate_compiler import patterns as P
 from dilate_compiler.backend import dilated_backend
 from dilate_compiler.lowering.block_sparse.op import use_kernels
 from dilate_compiler.patterns import layouts
-from tests.lowering.test_block_sparse_op import dense_reference
+from tests.lowering.block_sparse.test_op import dense_reference
 from tests.tolerances import assert_close, rel_err
 
 pytestmark = pytest.mark.gpu
@@ -115,7 +115,7 @@ def test_inductor_autotuning_over_tiles_of_two_shapes_matches_reference(reverse)
     """As the dilated test of that name: two tiles of different row (and key) counts per space, in both orders;
     the op compiled by Inductor, which autotunes and launches the kernels itself, matches float64."""
     from dilate_compiler.lowering.block_sparse import triton as bt
-    from tests.lowering.test_dilated_gpu import compiled_over_tiles, tiles
+    from tests.lowering.dilated.test_gpu import compiled_over_tiles, tiles
 
     order = (lambda c: c[::-1]) if reverse else (lambda c: c)
     pins = [([bt._autotuned("fwd", 128)], order(tiles(bt.tile_space("fwd", 128), (128, 128, 4), (64, 64, 4)))),
