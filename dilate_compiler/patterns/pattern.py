@@ -21,6 +21,7 @@ from .algebra import (FAR, GRID_AXES, MAX_TERMS, UNBOUNDED, DilatedBlocks, Grid,
                       RandomBlocks, Term, _positive_int)
 from .layouts import SCHEDULES, BlockLayout, layout_of_terms
 
+
 @dataclass(frozen=True, eq=False)
 class Pattern:
     """A block-sparse attention pattern: a union of :class:`Term`. Combine with ``|`` and ``&``.
