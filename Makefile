@@ -27,8 +27,8 @@ BENCH_OUT ?= benchmarks/out
 # Six pytest processes at once: each kernel file's every-tile test apart from the rest of that file (the dilated
 # file's nested-walk, query-offset and Inductor-autotuning tests apart again), then everything else; logs, with
 # the slowest tests, in $(BENCH_OUT).
-DILATED_GPU := tests/lowering/test_dilated_gpu.py
-BLOCK_SPARSE_GPU := tests/lowering/test_block_sparse_gpu.py
+DILATED_GPU := tests/lowering/dilated/test_gpu.py
+BLOCK_SPARSE_GPU := tests/lowering/block_sparse/test_gpu.py
 
 test-gpu:
 	mkdir -p $(BENCH_OUT)

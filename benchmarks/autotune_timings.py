@@ -18,7 +18,7 @@ os.environ["TRITON_CACHE_AUTOTUNING"] = "0"
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from dilate_compiler.lowering import dilated_triton as dt  # noqa: E402
+from dilate_compiler.lowering.dilated import triton as dt  # noqa: E402
 
 from profile_dilated import add_problem_args, problem  # noqa: E402  (benchmarks/, beside this script)
 

@@ -40,7 +40,7 @@ import triton
 import dilate_compiler as dc
 from bench_dilated import bench, flex_block_mask, triton_forward, tuned_configs
 from dilate_compiler import patterns as P
-from dilate_compiler.lowering.block_sparse_op import warp_specialised_reason
+from dilate_compiler.lowering.block_sparse.op import warp_specialised_reason
 
 H, D, BS, WINDOW = 16, 64, 128, 4096
 
@@ -207,7 +207,7 @@ def main():
             print(json.dumps(row), flush=True)
             del q, k, v, lay, bm
             torch.cuda.empty_cache()
-    from dilate_compiler.lowering.block_sparse_triton import _autotuned
+    from dilate_compiler.lowering.block_sparse.triton import _autotuned
 
     tuned = tuned_configs({kind: _autotuned(kind, BS) for kind in ("fwd", "dq", "dkdv")})
     print("autotuned configs:", json.dumps(tuned, indent=1), flush=True)

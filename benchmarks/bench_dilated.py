@@ -59,7 +59,7 @@ def distinct_pairs(N, H, segs, rates, causal) -> int:
     and rate dividing the next): a pair of branch b whose key lies in the query's segment of branch b-1 is also
     a pair of b-1, so distinct = sum_b pairs(w_b, r_b) - sum_{b>0} pairs(w_{b-1}, r_b). What the kernels compute
     on nested patterns (each pair once, weighted by its multiplicity)."""
-    from dilate_compiler.lowering.dilated_triton import nested_order
+    from dilate_compiler.lowering.dilated.plan import nested_order
 
     chain = nested_order(segs, rates, "lse")
     assert chain is not None, "distinct_pairs counts chains only"
@@ -171,14 +171,14 @@ def dilated_flex_block_mask(N, segs, rates, causal, mask_mod, bs=128, device="cu
 
 def forward_taken(q, k, v, causal) -> str:
     """Which forward the op runs for this call: "warp-specialised", or why the Triton forward runs."""
-    from dilate_compiler.lowering.dilated_op import warp_specialised_reason
+    from dilate_compiler.lowering.dilated.op import warp_specialised_reason
 
     return warp_specialised_reason(q, k, v, None, SEGS, RATES, causal, "lse", 0.0) or "warp-specialised"
 
 
 def triton_forward(fn):
     """``fn`` run with the op's warp-specialised forward turned off (the Triton forward, as before it)."""
-    from dilate_compiler.lowering import hopper_gluon
+    from dilate_compiler.lowering.common import hopper_gluon
 
     def run():
         with hopper_gluon.turned_off():
@@ -310,7 +310,7 @@ def main():
                "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
         rows.append(row)
         _log(a.out, row)
-    from dilate_compiler.lowering import dilated_triton as dt
+    from dilate_compiler.lowering.dilated import triton as dt
 
     tuned = tuned_configs({"fwd": dt._dilated_attn_fwd_kernel, "walk0": dt._dilated_attn_fwd_walk0_kernel,
                            "dq": dt._dilated_attn_bwd_dq_kernel,

@@ -8,7 +8,7 @@ import argparse
 import torch
 
 import dilate_compiler as dc
-from dilate_compiler.lowering import dilated_triton as kt
+from dilate_compiler.lowering.dilated import triton as kt
 
 SEGS, RATES = (2048, 4096, 8192, 16384), (1, 2, 4, 8)
 

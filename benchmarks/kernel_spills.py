@@ -26,8 +26,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from dilate_compiler.lowering import block_sparse_triton as bt
-from dilate_compiler.lowering import dilated_triton as dt
+from dilate_compiler.lowering.block_sparse import triton as bt
+from dilate_compiler.lowering.dilated import triton as dt
 
 
 
@@ -38,9 +38,14 @@ def _jit_fn(kernel):
     return kernel
 
 
+def _runtime_int(v) -> bool:
+    """Whether ``v`` is a runtime integer argument ``(type, value)``, not a constexpr (tuples of ints are)."""
+    return isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str)
+
+
 def compile_for(kernel, values: dict, num_warps: int, num_stages: int, arch: int, maxnreg=None):
-    """``values``: argument name -> type string ('*bf16', 'fp32'), ('i32', value) or a constexpr value. Returns
-    (compiled kernel, ptxas report)."""
+    """``values``: argument name -> type string ('*bf16', 'fp32'), ('i32', value) or a constexpr value (a tuple of
+    ints for the dilated kernels' pattern). Returns (compiled kernel, ptxas report)."""
     fn = _jit_fn(kernel)
     sig, consts, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -49,12 +54,12 @@ def compile_for(kernel, values: dict, num_warps: int, num_stages: int, arch: int
             sig[name] = v
             if v.startswith("*"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(v, tuple) and v[1] != 1:          # Triton specialises integers equal to 1 as constants
+        elif _runtime_int(v) and v[1] != 1:               # Triton specialises integers equal to 1 as constants
             sig[name] = v[0]
             if v[1] % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
         else:
-            sig[name], consts[name] = "constexpr", v[1] if isinstance(v, tuple) else v
+            sig[name], consts[name] = "constexpr", v[1] if _runtime_int(v) else v
     ck = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32),
                         options={"num_warps": num_warps, "num_stages": num_stages, "maxnreg": maxnreg})
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
@@ -98,7 +103,7 @@ def dilated_values(n: int, pattern: tuple, causal: bool, kind: str, bm: int, bn:
     segs, rates, mixing = pattern
     meta, _, nested = dt._launch_pattern(segs, rates, mixing, h, 0.1 if dropout else 0.0)
     owner, offset = ("keys", 0) if kind == "dkdv" else ("rows", q_lo)
-    walks = dt._walks_over_space(((bm, bn),), owner, nested, meta["W0"], meta["L"], offset)
+    walks = dt._walks_over_space(((bm, bn),), owner, nested, meta["WS"][0], meta["L"], offset)
     seeded = kind == "fwd" and dt.walk0_applies(meta, nested, causal, walks)
     return dict(Q="*bf16", K="*bf16", V="*bf16", Out="*bf16", DO="*bf16", DQ="*bf16", DK="*bf16", DV="*bf16",
                 Out0="*bf16", Lse0="*fp32", SEEDED=int(seeded), Lse="*fp32", Delta="*fp32", sm_scale="fp32",

@@ -18,7 +18,7 @@ import torch
 import triton
 from torch.profiler import ProfilerActivity, profile
 
-from dilate_compiler.lowering import dilated_triton as dt
+from dilate_compiler.lowering.dilated import triton as dt
 
 from autotune_timings import KERNELS, tile_name   # noqa: E402  (benchmarks/, beside this script)
 from profile_dilated import add_problem_args, problem   # noqa: E402

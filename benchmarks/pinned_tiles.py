@@ -28,8 +28,8 @@ import triton  # noqa: E402
 
 import dilate_compiler as dc  # noqa: E402
 from dilate_compiler import patterns as P  # noqa: E402
-from dilate_compiler.lowering import block_sparse_triton as bt  # noqa: E402
-from dilate_compiler.lowering import dilated_triton as dt  # noqa: E402
+from dilate_compiler.lowering.block_sparse import triton as bt  # noqa: E402
+from dilate_compiler.lowering.dilated import triton as dt  # noqa: E402
 
 from autotune_timings import tile_name  # noqa: E402  (benchmarks/, beside this script)
 from profile_dilated import problem as dilated_problem  # noqa: E402

@@ -14,7 +14,7 @@ import re
 
 from kernel_spills import CONFIG_A, KERNELS, _jit_fn, compile_for, dilated_values, window_values
 
-from dilate_compiler.lowering import block_sparse_triton as bt
+from dilate_compiler.lowering.block_sparse import triton as bt
 
 N, H, D = 262144, 16, 64
 PATTERNS = {"A": CONFIG_A, "flat": ((2048, 3000), (2, 3), "lse"),

@@ -27,7 +27,7 @@ import triton  # noqa: E402
 
 import dilate_compiler as dc  # noqa: E402
 from dilate_compiler import patterns as P  # noqa: E402
-from dilate_compiler.lowering import block_sparse_triton as bt  # noqa: E402
+from dilate_compiler.lowering.block_sparse import triton as bt  # noqa: E402
 
 from autotune_timings import tile_name  # noqa: E402  (benchmarks/, beside this script)
 from pinned_tiles import parse_tile  # noqa: E402

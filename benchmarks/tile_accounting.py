@@ -1,6 +1,6 @@
 """How many (query, key) pairs the dilated forward computes with the walks, part by part, against the distinct
 pairs it must compute (no GPU: a model of the forward's loops, mirroring ``_walk_keys`` and ``_fwd_run`` in
-``lowering/dilated_triton.py``; every tile counts BLOCK_M x BLOCK_N pairs).
+``lowering/dilated/triton.py``; every tile counts BLOCK_M x BLOCK_N pairs).
 
     python benchmarks/tile_accounting.py [--n 262144] [--heads 16] [--block-m 128] [--block-n 64]
 

@@ -11,7 +11,8 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench
 
-from dilate_compiler.lowering.dilated_triton import _walk_log2_mult, softmax_step
+from dilate_compiler.lowering.common.primitives import softmax_step
+from dilate_compiler.lowering.dilated.triton import _walk_log2_mult
 
 
 @triton.jit

@@ -9,8 +9,12 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .lowering import block_sparse_op, dilated_op  # noqa: F401  (registers the ops)
-from .strategies.dilated import MIXINGS, Dilated
+from .lowering.block_sparse import op as block_sparse_op  # noqa: F401  (registers the ops)
+from .lowering.dilated import op as dilated_op  # noqa: F401
+from .lowering.dilated.plan import MIXINGS
+from .patterns import BlockLayout, DilatedBlocks, LocalBlocks, Pattern, RandomBlocks, Term, from_layout
+from .strategies.block_sparse import Adaptive
+from .strategies.dilated import Dilated
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -145,7 +149,6 @@ def _check_block_size(block_size) -> int:
 
 def resolve_layout(layout, q: Tensor, block_size: int, is_causal: bool):
     """``layout`` (bool tensor, pattern or BlockLayout) as a BlockLayout for q's shape, on q's device."""
-    from .patterns import BlockLayout, Pattern, from_layout
 
     B, H, N, _ = q.shape
     if q.device.type == "meta":
@@ -223,7 +226,6 @@ def block_sparse_attention(
 
 
 def _is_pattern(layout) -> bool:
-    from .patterns import Pattern
 
     return isinstance(layout, Pattern)
 
@@ -231,7 +233,6 @@ def _is_pattern(layout) -> bool:
 def _pattern_spec(pattern) -> tuple:
     """A pattern as nested tuples of ints and strings (its value, which Dynamo can hold as a constant whether the
     pattern was made inside or outside the compiled region)."""
-    from .patterns import DilatedBlocks, LocalBlocks, RandomBlocks
 
     if pattern.grid is not None:
         raise ValueError(f"pattern {pattern.name} is on a grid: under torch.compile pass its layout, built outside "
@@ -254,7 +255,6 @@ def _pattern_spec(pattern) -> tuple:
 
 
 def _pattern_of_spec(spec: tuple):
-    from .patterns import DilatedBlocks, LocalBlocks, Pattern, RandomBlocks, Term
 
     kinds = {"local": LocalBlocks, "dilated": DilatedBlocks, "random": RandomBlocks}
     name, terms = spec
@@ -299,8 +299,6 @@ def adaptive_block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, strategy, *
 
     Shapes as :func:`block_sparse_attention`. Gradients flow through the attention on the selected blocks.
     """
-    from .patterns import from_layout
-    from .strategies.block_sparse import Adaptive
 
     if not isinstance(strategy, Adaptive):
         raise TypeError(f"strategy must be a dc.Adaptive, got {strategy!r}")

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import dilate_compiler as dc
 from dilate_compiler import hilbert as hb
 from dilate_compiler import patterns as P
-from tests.lowering.test_block_sparse_op import dense_reference
+from tests.lowering.block_sparse.test_op import dense_reference
 
 AWKWARD = [(7, 13), (14, 14), (16, 9), (1, 5), (2, 3), (256, 256), (4, 6, 5), (3, 3, 3), (2, 8, 8), (5, 1, 7)]
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..lowering.dilated_op import lse_dtype as acc_dtype
+from ..lowering.common.dispatch import lse_dtype as acc_dtype
 from .links import Links, runs
 
 # Elements of a chunk's score tensor (B * H * rows * keys read) the chunking aims under.

@@ -24,10 +24,9 @@ import torch
 from torch import Tensor
 
 from .. import patterns as P
-from ..lowering.block_sparse_triton import (SUPPORTED_BLOCK_SIZES, block_sparse_attn_bwd, block_sparse_attn_fwd,
+from ..lowering.block_sparse.triton import (SUPPORTED_BLOCK_SIZES, block_sparse_attn_bwd, block_sparse_attn_fwd,
                                             kernel_unsupported_reason)
-from ..lowering.dilated_op import kernels_apply, lse_dtype
-from ..lowering.dilated_triton import interpreter_runs
+from ..lowering.common.dispatch import interpreter_runs, kernels_apply, lse_dtype
 from .attend import merge
 from .links import runs
 

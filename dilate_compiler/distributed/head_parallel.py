@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..lowering.dilated_op import kernels_apply
+from ..lowering.common.dispatch import kernels_apply
 from ..patterns import BlockLayout
 from ..strategies.block_sparse import BlockSparse
 from ..strategies.dilated import Dilated

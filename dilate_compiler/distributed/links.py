@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 
 from ..patterns import EMPTY, FULL, PARTIAL, BlockLayout, Pattern, partial_mask
+from ..lowering.dilated.plan import clip_segment
 from ..strategies.block_sparse import BlockSparse
-from ..strategies.dilated import Dilated, clip_segment
+from ..strategies.dilated import Dilated
 
 LAYOUTS = ("contiguous", "zigzag")
 

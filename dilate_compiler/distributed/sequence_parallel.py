@@ -37,7 +37,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ..lowering.dilated_op import lse_dtype
+from ..lowering.common.dispatch import lse_dtype
 from ..strategies.dilated import Dilated
 from . import comm, dense_steps, window
 from .agreement import check_call, raise_on_every_rank, strategy_value

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..lowering.dilated_op import kernels_apply
-from ..lowering.dilated_triton import (MAX_BRANCHES, dilated_attn_bwd, dilated_attn_fwd, interpreter_runs,
-                                       kernel_unsupported_reason)
-from ..strategies.dilated import Dilated, clip_segment
+from ..lowering.common.dispatch import interpreter_runs, kernels_apply
+from ..lowering.dilated.plan import clip_segment
+from ..lowering.dilated.triton import MAX_BRANCHES, dilated_attn_bwd, dilated_attn_fwd, kernel_unsupported_reason
+from ..strategies.dilated import Dilated
 
 
 # Calls of ``forward`` / ``backward`` (tests read them to see that the kernels ran).

@@ -1,4 +1,4 @@
-"""LongNet dilated attention: the strategy, its compile-time plan, and its float64 reference.
+"""LongNet dilated attention: the strategy and its float64 reference (the compile-time plan: ``lowering.dilated.plan``).
 
 Semantics (the one definition every path agrees on): branch ``i`` has segment length ``w_i`` and dilation
 rate ``r_i`` (``w_i % r_i == 0``). With ``mixing="lse"``, query position ``p`` of query head ``h`` and key
@@ -20,65 +20,7 @@ from typing import Optional
 
 import torch
 
-MIXINGS = ("lse", "head_groups")
-MAX_INT64 = 2**63 - 1
-
-
-def _as_int_tuple(name: str, value) -> tuple[int, ...]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value,)
-    try:
-        items = tuple(value)
-    except TypeError:
-        raise TypeError(f"{name} must be a sequence of positive ints, got {value!r}") from None
-    if not items:
-        raise ValueError(f"{name} must be non-empty, got {value!r}")
-    for x in items:
-        if isinstance(x, bool) or not isinstance(x, int) or x <= 0:
-            raise ValueError(f"{name} must hold positive ints, got {value!r} (bad entry {x!r})")
-        if x > MAX_INT64:
-            raise ValueError(f"{name} must hold ints of at most 2**63 - 1 (int64), got {value!r} (bad entry {x!r}); "
-                             f"a segment longer than the sequence holds the whole sequence")
-    return items
-
-
-@dataclass(frozen=True)
-class HeadGroup:
-    """Query heads ``range(start, stop, step)`` read the rows ``p`` with ``p % rate == offset`` of a branch."""
-
-    start: int
-    stop: int
-    step: int
-    offset: int
-
-    def heads(self) -> range:
-        return range(self.start, self.stop, self.step)
-
-
-@dataclass(frozen=True)
-class Branch:
-    """One dilated branch as run on a sequence of a known length: ``segment_length`` is already clipped."""
-
-    segment_length: int
-    dilation_rate: int
-    head_groups: tuple[HeadGroup, ...]
-
-
-@dataclass(frozen=True)
-class DilatedPlan:
-    """Everything a kernel needs, fixed at compile time: branches, their head groups, the output scale."""
-
-    branches: tuple[Branch, ...]
-    output_scale: float
-
-
-def clip_segment(segment_length: int, dilation_rate: int, seq_len: int) -> int:
-    """Smallest multiple of ``dilation_rate`` that is >= ``seq_len``, if that is shorter than the segment.
-
-    A segment longer than the sequence holds the whole sequence; keeping the clipped length a multiple of
-    the rate keeps "position mod rate" the same inside the segment and globally.
-    """
-    return min(segment_length, -(-max(seq_len, 1) // dilation_rate) * dilation_rate)
+from ..lowering.dilated.plan import DilatedPlan, check_pattern, dilated_plan, head_group_bounds
 
 
 @dataclass(frozen=True)
@@ -96,21 +38,7 @@ class Dilated:
     mixing: str = "lse"
 
     def __post_init__(self):
-        segs = _as_int_tuple("segment_lengths", self.segment_lengths)
-        rates = _as_int_tuple("dilation_rates", self.dilation_rates)
-        if len(segs) != len(rates):
-            raise ValueError(
-                f"segment_lengths and dilation_rates must have equal lengths, got {len(segs)} "
-                f"({segs!r}) and {len(rates)} ({rates!r})"
-            )
-        for w, r in zip(segs, rates):
-            if w % r:
-                raise ValueError(
-                    f"each segment length must be a multiple of its dilation rate, got segment {w} with rate {r} "
-                    f"(segment_lengths={segs!r}, dilation_rates={rates!r})"
-                )
-        if self.mixing not in MIXINGS:
-            raise ValueError(f"mixing must be one of {MIXINGS}, got {self.mixing!r}")
+        segs, rates = check_pattern(self.segment_lengths, self.dilation_rates, self.mixing)
         object.__setattr__(self, "segment_lengths", segs)
         object.__setattr__(self, "dilation_rates", rates)
 
@@ -120,29 +48,11 @@ class Dilated:
 
     def head_group_bounds(self, num_heads: int) -> list[tuple[int, int]]:
         """``[start, stop)`` of each branch's heads under ``mixing="head_groups"``."""
-        n = self.num_branches
-        base, extra = divmod(num_heads, n)
-        bounds, start = [], 0
-        for i in range(n):
-            stop = start + base + (1 if i < extra else 0)
-            bounds.append((start, stop))
-            start = stop
-        return bounds
+        return head_group_bounds(self.num_branches, num_heads)
 
     def plan(self, seq_len: int, num_heads: int) -> DilatedPlan:
         """The compile-time plan for ``num_heads`` query heads over ``seq_len`` tokens."""
-        branches = []
-        if self.mixing == "lse":
-            for w, r in zip(self.segment_lengths, self.dilation_rates):
-                groups = tuple(HeadGroup(o, num_heads, r, o) for o in range(min(r, num_heads)))
-                branches.append(Branch(clip_segment(w, r, seq_len), r, groups))
-            return DilatedPlan(tuple(branches), 1.0)
-        for i, ((w, r), (start, stop)) in enumerate(
-            zip(zip(self.segment_lengths, self.dilation_rates), self.head_group_bounds(num_heads))
-        ):
-            groups = (HeadGroup(start, stop, 1, i % r),) if stop > start else ()
-            branches.append(Branch(clip_segment(w, r, seq_len), r, groups))
-        return DilatedPlan(tuple(branches), 1.0 / self.num_branches)
+        return dilated_plan(self.segment_lengths, self.dilation_rates, self.mixing, seq_len, num_heads)
 
     def link_count(self, h: torch.Tensor, p: torch.Tensor, j: torch.Tensor, num_heads: int) -> torch.Tensor:
         """How many branches link query position ``p`` of query head ``h`` to key position ``j`` (int64,

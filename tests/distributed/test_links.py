@@ -8,7 +8,7 @@ import dilate_compiler as dc
 from dilate_compiler import patterns as P
 from dilate_compiler.distributed.attend import attend_backward, attend_forward, merge
 from dilate_compiler.distributed.links import links_for, positions, runs, shard_ranges
-from tests.lowering.test_block_sparse_op import dense_reference
+from tests.lowering.block_sparse.test_op import dense_reference
 from tests.tolerances import REL_ERR, rel_err
 
 N = 48

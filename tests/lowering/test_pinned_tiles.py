@@ -10,8 +10,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmar
 from autotune_timings import tile_name  # noqa: E402
 from pinned_tiles import parse_tile  # noqa: E402
 
-from dilate_compiler.lowering import block_sparse_triton as bt  # noqa: E402
-from dilate_compiler.lowering import dilated_triton as dt  # noqa: E402
+from dilate_compiler.lowering.block_sparse import triton as bt  # noqa: E402
+from dilate_compiler.lowering.dilated import triton as dt  # noqa: E402
 
 
 def _key(c):

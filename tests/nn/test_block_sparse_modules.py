@@ -8,7 +8,7 @@ import torch
 
 import dilate_compiler as dc
 from dilate_compiler import patterns as P
-from tests.lowering.test_block_sparse_op import dense_reference
+from tests.lowering.block_sparse.test_op import dense_reference
 from tests.tolerances import rel_err
 
 

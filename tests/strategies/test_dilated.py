@@ -4,7 +4,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dilate_compiler as dc
-from dilate_compiler.strategies.dilated import clip_segment
 
 
 @pytest.mark.parametrize(
@@ -35,12 +34,6 @@ def test_frozen_and_normalised_to_tuples():
     with pytest.raises(Exception):
         s.mixing = "head_groups"
     assert s == dc.Dilated((8, 16), (1, 2)) and hash(s) == hash(dc.Dilated((8, 16), (1, 2)))
-
-
-def test_clip_segment_keeps_a_multiple_of_the_rate():
-    assert clip_segment(64, 4, 10) == 12
-    assert clip_segment(64, 4, 100) == 64
-    assert clip_segment(8, 1, 3) == 3
 
 
 @settings(max_examples=40, deadline=None)

@@ -5,8 +5,9 @@ import torch
 
 from dilate_compiler import patterns as P
 from dilate_compiler.hilbert import curve_order
-from dilate_compiler.lowering.block_sparse_triton import block_sparse_attn_bwd, block_sparse_attn_fwd, tile_order
-from tests.lowering.test_block_sparse_op import dense_reference
+from dilate_compiler.patterns.pattern import _pattern
+from dilate_compiler.lowering.block_sparse.triton import block_sparse_attn_bwd, block_sparse_attn_fwd, tile_order
+from tests.lowering.block_sparse.test_op import dense_reference
 from tests.tolerances import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -26,12 +27,12 @@ CASES = {  # pattern, N, Hq, Hkv, block size, causal
                              2, 2, 16, False),
     # one-ended token intervals (no public pattern makes them; the kernels compile them): queries up to 10 or keys
     # from 30 (an upper end first), and keys from 30 or the block diagonal (a lower end first)
-    "p<=10|j>=30-causal": (P._pattern("p<=10|j>=30", P.Term(p=(-P.INF, 10)), P.Term(j=(30, P.INF))), 61, 2, 1, 16,
+    "p<=10|j>=30-causal": (_pattern("p<=10|j>=30", P.Term(p=(-P.INF, 10)), P.Term(j=(30, P.INF))), 61, 2, 1, 16,
                            True),
-    "j>=30|local-full": (P._pattern("j>=30", P.Term(j=(30, P.INF))) | P.local(1), 61, 2, 2, 16, False),
+    "j>=30|local-full": (_pattern("j>=30", P.Term(j=(30, P.INF))) | P.local(1), 61, 2, 2, 16, False),
     # causal with p - j bounded below only (causality rides on that end) or on both ends
-    "d>=-5|global-causal": (P._pattern("d>=-5", P.Term(d=(-5, P.INF))) | P.global_tokens(3), 61, 2, 1, 16, True),
-    "d<=-20|window-causal-bs32": (P._pattern("d<=-20", P.Term(d=(-40, -20))) | P.sliding_window(10), 61, 2, 1, 32,
+    "d>=-5|global-causal": (_pattern("d>=-5", P.Term(d=(-5, P.INF))) | P.global_tokens(3), 61, 2, 1, 16, True),
+    "d<=-20|window-causal-bs32": (_pattern("d<=-20", P.Term(d=(-40, -20))) | P.sliding_window(10), 61, 2, 1, 32,
                              True),
     # the window alone: one term besides row 0, bounding only p - j (causal: row 0's bit on the diagonal blocks,
     # the window's on its edge blocks)

@@ -1,5 +1,5 @@
-"""Register caps forwarded through Inductor (``lowering/inductor_caps.py``): the pieces, on CPU. The GPU test
-``test_block_sparse_gpu.py::test_inductor_compiles_a_capped_tile_with_its_cap`` compiles one."""
+"""Register caps forwarded through Inductor (``lowering/common/inductor_caps.py``): the pieces, on CPU. The GPU test
+``tests/lowering/block_sparse/test_gpu.py::test_inductor_compiles_a_capped_tile_with_its_cap`` compiles one."""
 
 import types
 
@@ -7,7 +7,7 @@ import triton
 from torch._inductor.async_compile import AsyncCompile
 from torch._inductor.runtime import triton_heuristics as th
 
-from dilate_compiler.lowering import inductor_caps
+from dilate_compiler.lowering.common import inductor_caps
 
 CAPPED = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3, maxnreg=128)
 PLAIN = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3)

@@ -23,18 +23,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ..patterns import TERM_COLUMNS
-from .dilated_triton import launch_device
+from ..common.launch import launch_device
 
 CHUNK = 1024
-assert TERM_COLUMNS == 12   # _pair_class reads term rows of 12 ints
 
 
 @triton.jit
-def _pair_class(Terms, Diag, I, J, N, NB, BS, NUM_TERMS: tl.constexpr, DIAG_TERMS: tl.constexpr,
-                IS_CAUSAL: tl.constexpr, RAGGED: tl.constexpr):
+def _pair_class(Terms, Diag, I, J, N, NB, BS, NUM_TERMS: tl.constexpr, COLUMNS: tl.constexpr,
+                DIAG_TERMS: tl.constexpr, IS_CAUSAL: tl.constexpr, RAGGED: tl.constexpr):
     """(full, bits) of block pairs ``(I, J)`` (vectors): as ``patterns.build_layout``. Term row ``t`` holds the
-    inclusive intervals on ``(p - j, p, j)``; unbounded ends are +-2**30, beyond any position."""
+    inclusive intervals on ``(p - j, p, j)`` in its first 6 of ``COLUMNS`` ints; unbounded ends are +-2**30, beyond
+    any position."""
     p_lo = I * BS
     p_hi = tl.minimum(p_lo + BS - 1, N - 1)
     j_lo = J * BS
@@ -44,7 +43,7 @@ def _pair_class(Terms, Diag, I, J, N, NB, BS, NUM_TERMS: tl.constexpr, DIAG_TERM
     full = I < 0
     bits = I * 0
     for t in tl.static_range(1, NUM_TERMS):
-        row = Terms + t * 12
+        row = Terms + t * COLUMNS
         dl = tl.load(row)
         dh = tl.load(row + 1)
         pl = tl.load(row + 2)
@@ -73,8 +72,8 @@ def _pair_class(Terms, Diag, I, J, N, NB, BS, NUM_TERMS: tl.constexpr, DIAG_TERM
 
 
 @triton.jit
-def _chunk(Terms, Diag, row, tr, c0, N, NB, BS, NUM_TERMS: tl.constexpr, DIAG_TERMS: tl.constexpr,
-           IS_CAUSAL: tl.constexpr, RAGGED: tl.constexpr, CHUNK: tl.constexpr):
+def _chunk(Terms, Diag, row, tr, c0, N, NB, BS, NUM_TERMS: tl.constexpr, COLUMNS: tl.constexpr,
+           DIAG_TERMS: tl.constexpr, IS_CAUSAL: tl.constexpr, RAGGED: tl.constexpr, CHUNK: tl.constexpr):
     """Columns ``c0 ..`` of list row ``row`` (direction ``tr``: 0 the key blocks of query block ``row``, 1 the
     query blocks of key block ``row``): ``col``, ``inside`` (< NB), and the pairs' ``full``, ``part``, ``bits``
     (full and partial false past NB)."""
@@ -83,19 +82,20 @@ def _chunk(Terms, Diag, row, tr, c0, N, NB, BS, NUM_TERMS: tl.constexpr, DIAG_TE
     rows = row + col * 0
     I = tl.where(tr == 0, rows, col)
     J = tl.where(tr == 0, col, rows)
-    full, bits = _pair_class(Terms, Diag, I, J, N, NB, BS, NUM_TERMS, DIAG_TERMS, IS_CAUSAL, RAGGED)
+    full, bits = _pair_class(Terms, Diag, I, J, N, NB, BS, NUM_TERMS, COLUMNS, DIAG_TERMS, IS_CAUSAL, RAGGED)
     return col, inside, full & inside, (bits != 0) & inside, bits
 
 
 @triton.jit
-def _layout_count_kernel(Terms, Diag, State, Count, N, NB, BS, NUM_TERMS: tl.constexpr, DIAG_TERMS: tl.constexpr,
-                         IS_CAUSAL: tl.constexpr, RAGGED: tl.constexpr, CHUNK: tl.constexpr):
+def _layout_count_kernel(Terms, Diag, State, Count, N, NB, BS, NUM_TERMS: tl.constexpr, COLUMNS: tl.constexpr,
+                         DIAG_TERMS: tl.constexpr, IS_CAUSAL: tl.constexpr, RAGGED: tl.constexpr,
+                         CHUNK: tl.constexpr):
     row = tl.program_id(0)
     tr = tl.program_id(1)
     n_part = 0
     n_full = 0
     for c0 in range(0, NB, CHUNK):
-        col, inside, full, part, bits = _chunk(Terms, Diag, row, tr, c0, N, NB, BS, NUM_TERMS, DIAG_TERMS,
+        col, inside, full, part, bits = _chunk(Terms, Diag, row, tr, c0, N, NB, BS, NUM_TERMS, COLUMNS, DIAG_TERMS,
                                                IS_CAUSAL, RAGGED, CHUNK)
         n_part += tl.sum(part.to(tl.int32), 0)
         n_full += tl.sum(full.to(tl.int32), 0)
@@ -107,8 +107,8 @@ def _layout_count_kernel(Terms, Diag, State, Count, N, NB, BS, NUM_TERMS: tl.con
 
 @triton.jit
 def _layout_list_kernel(Terms, Diag, Count, Idx, Bits, N, NB, BS, KW, QW, NUM_TERMS: tl.constexpr,
-                        DIAG_TERMS: tl.constexpr, IS_CAUSAL: tl.constexpr, RAGGED: tl.constexpr,
-                        CHUNK: tl.constexpr):
+                        COLUMNS: tl.constexpr, DIAG_TERMS: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                        RAGGED: tl.constexpr, CHUNK: tl.constexpr):
     row = tl.program_id(0)
     tr = tl.program_id(1)
     W = tl.where(tr == 0, KW, QW)
@@ -119,7 +119,7 @@ def _layout_list_kernel(Terms, Diag, Count, Idx, Bits, N, NB, BS, KW, QW, NUM_TE
     seen_full = 0
     seen_empty = 0
     for c0 in range(0, NB, CHUNK):
-        col, inside, full, part, bits = _chunk(Terms, Diag, row, tr, c0, N, NB, BS, NUM_TERMS, DIAG_TERMS,
+        col, inside, full, part, bits = _chunk(Terms, Diag, row, tr, c0, N, NB, BS, NUM_TERMS, COLUMNS, DIAG_TERMS,
                                                IS_CAUSAL, RAGGED, CHUNK)
         empty = inside & ~full & ~part
         c_part = tl.cumsum(part.to(tl.int32), 0) + seen_part
@@ -136,10 +136,10 @@ def _layout_list_kernel(Terms, Diag, Count, Idx, Bits, N, NB, BS, KW, QW, NUM_TE
 
 def build_lists(terms: torch.Tensor, diag, seq_len: int, block_size: int, is_causal: bool, chunk: int = CHUNK):
     """``(state, kv_count, kv_idx, kv_bits, q_count, q_idx, q_bits)`` of one layout head, as
-    ``patterns.block_lists`` gives them, on ``terms``' device. ``terms``: the int32 term table (row 0 the
-    always-true term); ``diag``: int8 ``[T, 2 nb - 1]``, row ``t`` the diagonals ``I - J + nb - 1`` that term
-    ``t``'s block sets allow, or None when no term has block sets. ``chunk``: columns per step of a program (a
-    power of two)."""
+    ``patterns.block_lists`` gives them, on ``terms``' device. ``terms``: the contiguous int32 term table
+    (``patterns.term_table``: row 0 the always-true term, each row's intervals on ``(p - j, p, j)`` first);
+    ``diag``: int8 ``[T, 2 nb - 1]``, row ``t`` the diagonals ``I - J + nb - 1`` that term ``t``'s block sets
+    allow, or None when no term has block sets. ``chunk``: columns per step of a program (a power of two)."""
     device = terms.device
     nb = -(-seq_len // block_size)
     num_terms = terms.shape[0]
@@ -148,7 +148,7 @@ def build_lists(terms: torch.Tensor, diag, seq_len: int, block_size: int, is_cau
         diag = torch.zeros(1, dtype=torch.int8, device=device)
     else:
         diag_terms = sum(1 << t for t in range(1, num_terms))
-    flags = dict(NUM_TERMS=num_terms, DIAG_TERMS=diag_terms, IS_CAUSAL=bool(is_causal),
+    flags = dict(NUM_TERMS=num_terms, COLUMNS=terms.shape[1], DIAG_TERMS=diag_terms, IS_CAUSAL=bool(is_causal),
                  RAGGED=seq_len % block_size != 0, CHUNK=min(chunk, triton.next_power_of_2(nb)))
     state = torch.empty(1, nb, nb, dtype=torch.int8, device=device)
     count = torch.empty(2, nb, 2, dtype=torch.int32, device=device)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import dilate_compiler as dc
 from dilate_compiler.backend import dilated_backend
-from dilate_compiler.lowering.dilated_op import use_kernels
+from dilate_compiler.lowering.dilated.op import use_kernels
 from tests.lowering.pinning import pinned as _pinned
 from tests.tolerances import assert_close, eager_dilated, rel_err
 
@@ -62,7 +62,7 @@ def test_op_on_cuda_runs_kernels_and_matches_reference(case):
 def test_kernels_with_query_offset_on_cuda(lo, hi):
     """q holds rows [lo, hi) (the per-rank compute of sequence-parallel attention): those rows of the op, and dk,
     dv from those queries alone."""
-    from dilate_compiler.lowering.dilated_triton import dilated_attn_bwd, dilated_attn_fwd
+    from dilate_compiler.lowering.dilated.triton import dilated_attn_bwd, dilated_attn_fwd
 
     g = torch.Generator(device="cuda").manual_seed(lo)
     q, k, v = (torch.randn(1, 8, 1000, 64, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
@@ -88,7 +88,8 @@ NESTED_SEGS, NESTED_RATES = (1024, 2048, 4096), (1, 2, 4)   # tiles of up to 128
 def test_nested_walks_on_cuda(D, is_causal, lo):
     """A chain of segments and rates with segments longer than a tile: the kernels visit each linked pair once,
     weighted by its multiplicity (the walks of ``nested_order``), forward and backward, also at a query offset."""
-    from dilate_compiler.lowering.dilated_triton import dilated_attn_bwd, dilated_attn_fwd, nested_order
+    from dilate_compiler.lowering.dilated.plan import nested_order
+    from dilate_compiler.lowering.dilated.triton import dilated_attn_bwd, dilated_attn_fwd
 
     assert nested_order(NESTED_SEGS, NESTED_RATES, "lse") is not None
     N, hi = 4500, 4500 if lo == 0 else 3500
@@ -112,7 +113,7 @@ def test_nested_walks_on_cuda(D, is_causal, lo):
 
 
 def _tile_cases():
-    from dilate_compiler.lowering.dilated_triton import tile_space
+    from dilate_compiler.lowering.dilated.triton import tile_space
 
     return [(kind, i) for kind in ("fwd", "walk0", "bwd") for i in range(len(tile_space(kind)))]
 
@@ -122,7 +123,7 @@ def test_every_tile_of_the_autotuning_space_matches_reference(kind, index):
     """Whichever tile configuration the autotuner picks is exact: each one of the space, pinned in turn (the
     forward kernel, the causal walk-0 kernel, or both backward kernels), on the nested pattern (walks; the causal
     diagonal), against float64 and eager's error."""
-    from dilate_compiler.lowering import dilated_triton as dt
+    from dilate_compiler.lowering.dilated import triton as dt
 
     config = dt.tile_space(kind)[index]
     kernels = {"fwd": [dt._dilated_attn_fwd_kernel], "walk0": [dt._dilated_attn_fwd_walk0_kernel],
@@ -181,10 +182,10 @@ def test_strided_inputs_from_batch_first_layout():
 
 
 def test_fallbacks_are_exact_and_logged(caplog):
-    from dilate_compiler.lowering import dilated_op
+    from dilate_compiler.lowering.common import dispatch
 
     q, k, v = (torch.randn(1, 4, 200, 80, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    dilated_op._LOGGED.clear()
+    dispatch._LOGGED.clear()
     with caplog.at_level("WARNING", logger="dilate_compiler"):
         assert not use_kernels(q, None, 0.0, 3)
     assert "runs the exact PyTorch path: head dim 80" in caplog.text
@@ -263,7 +264,7 @@ def test_inductor_autotuning_over_tiles_of_two_shapes_matches_reference(reverse)
     different row (and key) counts per space, in both orders, so the one Inductor picks is the first in one run and
     the second in the other: the compiled op's output and gradients match float64 (compared with the reference,
     not with an eager output whose freed buffer the compiled one could reuse)."""
-    from dilate_compiler.lowering import dilated_triton as dt
+    from dilate_compiler.lowering.dilated import triton as dt
 
     order = (lambda c: c[::-1]) if reverse else (lambda c: c)
     fwd, bwd = ((128, 64, 4), (64, 64, 4)), ((128, 32, 4), (32, 128, 4))
@@ -296,7 +297,7 @@ def test_export_traces_the_op_on_cuda():
 @pytest.mark.parametrize("mixing,is_causal", [("lse", True), ("head_groups", False)])
 def test_dropout_in_kernels_matches_reference_and_generator_state(mixing, is_causal):
     """The op's seed comes from the torch generator; the kernels' keep masks are the documented Philox ones."""
-    from tests.lowering.test_dilated_triton import dropout_reference, reference_keep
+    from tests.lowering.dilated.test_triton import dropout_reference, reference_keep
 
     B, Hq, Hkv, N, D, p = 1, 4, 2, 300, 64, 0.2
     g = torch.Generator(device="cuda").manual_seed(11)

@@ -1,15 +1,16 @@
-"""The warp-specialised Hopper dilated forward (``dilated_gluon``): when the op takes it, and (GPU, marker ``gpu``)
-that it matches float64 and the Triton forward, feeds the Triton backward, leaves compiled graphs to the Triton
-kernels and replays in a CUDA graph. Gluon has no CPU interpreter, so its exactness is checked on the GPU only."""
+"""The warp-specialised Hopper dilated forward (``lowering/dilated/gluon.py``): when the op takes it, and (GPU,
+marker ``gpu``) that it matches float64 and the Triton forward, feeds the Triton backward, leaves compiled graphs to
+the Triton kernels and replays in a CUDA graph. Gluon has no CPU interpreter, so its exactness is checked on the GPU
+only."""
 
 import pytest
 import torch
 
 import dilate_compiler as dc
-from dilate_compiler.lowering import dilated_gluon as dg
-from dilate_compiler.lowering import hopper_gluon as hg
-from dilate_compiler.lowering import dilated_op
-from tests.lowering.test_block_sparse_gluon import (assert_compiled_runs_triton_and_cuda_graph_replays_ws,
+from dilate_compiler.lowering.dilated import gluon as dg
+from dilate_compiler.lowering.common import hopper_gluon as hg
+from dilate_compiler.lowering.dilated import op as dilated_op
+from tests.lowering.block_sparse.test_gluon import (assert_compiled_runs_triton_and_cuda_graph_replays_ws,
                                                    assert_like_triton_forward_with_exact_gradients, counted)
 from tests.tolerances import assert_close, eager_dilated, rel_err
 

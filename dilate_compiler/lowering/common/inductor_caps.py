@@ -1,7 +1,7 @@
 """Register caps (``triton.Config.maxnreg``) for the kernels Inductor compiles from the ops' ``wrap_triton`` calls.
 
 Some tiles of the autotuning spaces hold an 8-warp CTA to 128 registers per thread so that two fit an SM
-(``dilated_triton.tile_configs``). Triton's own autotuner passes the cap to ptxas. Inductor (torch 2.11 to 2.13)
+(``launch.tile_configs``). Triton's own autotuner passes the cap to ptxas. Inductor (torch 2.11 to 2.13)
 compiles user-defined Triton kernels through its own autotuner and drops it in two places:
 
 - ``triton_heuristics.config_to_dict`` writes a config into the generated code without ``maxnreg`` (its

@@ -1,7 +1,7 @@
 """A warp-specialised dilated forward for Hopper (sm_90), written in Gluon: the op's forward for nested patterns
-(``nested_order``), non-causal, in eager mode.
+(``plan.nested_order``), non-causal, in eager mode.
 
-The Triton forward (``dilated_triton``) visits every linked (query, key) pair once and adds the pair's log2
+The Triton forward (``dilated.triton``) visits every linked (query, key) pair once and adds the pair's log2
 multiplicity to its score (README, "Each linked pair once"). Its key tiles are runs of one walk's keys, whose
 multiplicities differ from key to key (they repeat with period ``L / R``), so each score pays for a bias add
 and the tiles are gathered with strided pointer loads. Here the key tiles are *one residue class mod L*: the
@@ -16,16 +16,16 @@ A query tile is ``(b, h, t, c)``: the rows ``t * L * 128 + c + L * i``, ``i < 12
 the shortest branch. Its keys, walk by walk (walk B: branch B's segment minus branch B-1's; applies when branch
 B selects class c), class by class (``o = h mod R_B + k R_B``), run by run (``L * 128`` positions each).
 
-One persistent CTA per SM, as ``block_sparse_gluon`` (partitions, buffers and barriers: ``hopper_gluon``): the
+One persistent CTA per SM, as ``block_sparse.gluon`` (partitions, buffers and barriers: ``common.hopper_gluon``): the
 producer draws query tiles in (b, h, t, c) order, ``c`` fastest (concurrent CTAs then share their K/V runs in
 L2), from a counter in global memory, TMA-loads Q and the key tiles' K and V, and writes each key tile's log2
-multiplicity into a slot beside its stage; the consumers are ``hopper_gluon.consume`` with that bias.
+multiplicity into a slot beside its stage; the consumers are ``common.hopper_gluon.consume`` with that bias.
 
 What it takes (``unsupported_reason``): compute capability 9.0, fp16/bf16, head dim 64, a nested pattern under
 LSE mixing, no dropout, no mask, not causal, all queries (``q_offset == 0``, as many rows as k), contiguous q, k,
 v, and ``L * 128`` dividing both the shortest segment and N (config A: 1,024). Eager mode only: under
 ``torch.compile`` or export the Triton forward runs, which Inductor sees. The backward is the Triton kernels'.
-Gluon has no CPU interpreter: ``tests/lowering/test_dilated_gluon.py`` checks this kernel against float64 on the
+Gluon has no CPU interpreter: ``tests/lowering/dilated/test_gluon.py`` checks this kernel against float64 on the
 GPU. ``DILATE_COMPILER_WARP_SPECIALISED=0`` turns it off (with the block-sparse one).
 """
 
@@ -39,8 +39,10 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from . import hopper_gluon as hg
-from .dilated_triton import MAX_BRANCHES, nested_order
+from ..common import hopper_gluon as hg
+from ..common.primitives import LOG2E
+from .plan import nested_order
+from .triton import MAX_BRANCHES
 
 BLOCK = hg.BLOCK     # query rows of a tile and keys of a K/V stage
 _BLOCK = gl.constexpr(BLOCK)
@@ -61,15 +63,17 @@ def _query_tile(tile, T, H, N, L: gl.constexpr, GQA: gl.constexpr):
 
 
 @gluon.jit
-def _walk_runs(p_first, N, B: gl.constexpr, W_PREV: gl.constexpr, W: gl.constexpr, L: gl.constexpr):
+def _walk_runs(p_first, N, B: gl.constexpr, WS: gl.constexpr, L: gl.constexpr):
     """Walk ``B``'s positions for a query tile starting at ``p_first``: branch B's segment minus branch B-1's,
     as two ranges ``[lo_a, lo_a + L * BLOCK * n_a)`` and ``[lo_b, ...)`` of ``n_a`` and ``n_b`` runs."""
+    W: gl.constexpr = WS[B]
     seg_lo = p_first // W * W
     seg_hi = gl.minimum(seg_lo + W, N)
     if B == 0:
         hole = seg_lo
         hole_end = seg_lo
     else:
+        W_PREV: gl.constexpr = WS[B - 1]
         hole = p_first // W_PREV * W_PREV
         hole_end = gl.minimum(hole + W_PREV, seg_hi)
     return seg_lo, (hole - seg_lo) // (L * _BLOCK), hole_end, (seg_hi - hole_end) // (L * _BLOCK)
@@ -86,25 +90,25 @@ def _log2_multiplicity(x, y, B: gl.constexpr, NUM_BRANCHES: gl.constexpr, RS: gl
 
 
 @gluon.jit
-def _key_tiles(p_first, h, c, N, L: gl.constexpr, NUM_BRANCHES: gl.constexpr, WS: gl.constexpr, WP: gl.constexpr,
-               RS: gl.constexpr):
+def _key_tiles(p_first, h, c, N, L: gl.constexpr, WS: gl.constexpr, RS: gl.constexpr):
     """How many key tiles a query tile has (walks whose branch selects class ``c``)."""
     y = (c - h % L + L) % L
     n = p_first * 0
-    for B in gl.static_range(NUM_BRANCHES):
+    for B in gl.static_range(len(WS)):
         if y % RS[B] == 0:
-            lo_a, n_a, lo_b, n_b = _walk_runs(p_first, N, B, WP[B], WS[B], L)
+            lo_a, n_a, lo_b, n_b = _walk_runs(p_first, N, B, WS, L)
             n += (L // RS[B]) * (n_a + n_b)
     return n
 
 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, tables, dims, bufs, STAGES: gl.constexpr, GQA: gl.constexpr,
-              L: gl.constexpr, NUM_BRANCHES: gl.constexpr, WS: gl.constexpr, WP: gl.constexpr, RS: gl.constexpr):
+              L: gl.constexpr, WS: gl.constexpr, RS: gl.constexpr):
     Counter, Slots, StageSlots = tables
     total, T, H, N = dims
     q_bufs, k_bufs, v_bufs, q_ready, q_empty, kv_ready, kv_empty = bufs
     D: gl.constexpr = k_desc.block_type.shape[1]
+    NUM_BRANCHES: gl.constexpr = len(WS)
     i = 0
     kv = 0
     tile = gl.atomic_add(Counter, 1)
@@ -116,7 +120,7 @@ def _producer(q_desc, k_desc, v_desc, tables, dims, bufs, STAGES: gl.constexpr, 
         y = (c - h % L + L) % L
         for B in gl.static_range(NUM_BRANCHES):
             if y % RS[B] == 0:
-                lo_a, n_a, lo_b, n_b = _walk_runs(p_first, N, B, WP[B], WS[B], L)
+                lo_a, n_a, lo_b, n_b = _walk_runs(p_first, N, B, WS, L)
                 for k in range(L // RS[B]):
                     o = h % RS[B] + k * RS[B]
                     lm = _log2_multiplicity((o - h % L + L) % L, y, B, NUM_BRANCHES, RS)
@@ -139,10 +143,9 @@ def _tile_rows(tile, dims, PATTERN: gl.constexpr):
     go (its rows are ``L`` positions apart)."""
     L: gl.constexpr = PATTERN[0]
     GQA: gl.constexpr = PATTERN[1]
-    NUM_BRANCHES: gl.constexpr = PATTERN[2]
     T, H, N, D = dims
     h, c, p_first, q_row, kv_row = _query_tile(tile, T, H, N, L, GQA)
-    n = _key_tiles(p_first, h, c, N, L, NUM_BRANCHES, PATTERN[3], PATTERN[4], PATTERN[5])
+    n = _key_tiles(p_first, h, c, N, L, PATTERN[2], PATTERN[3])
     return n, (q_row, c * D, (tile // (L * T)).to(gl.int64) * N + p_first, L)
 
 
@@ -155,21 +158,16 @@ def _consumer(o_desc, Lse, slots, stage_slots, bufs, rows, qk_scale, PATTERN: gl
 @gluon.jit
 def _dilated_fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, Lse, Counter, total, T, H, N, qk_scale,
                            HEAD_DIM: gl.constexpr, STAGES: gl.constexpr, GQA: gl.constexpr, L: gl.constexpr,
-                           NUM_BRANCHES: gl.constexpr,
-                           W0: gl.constexpr, W1: gl.constexpr, W2: gl.constexpr, W3: gl.constexpr,
-                           W4: gl.constexpr, W5: gl.constexpr, W6: gl.constexpr, W7: gl.constexpr,
-                           R0: gl.constexpr, R1: gl.constexpr, R2: gl.constexpr, R3: gl.constexpr,
-                           R4: gl.constexpr, R5: gl.constexpr, R6: gl.constexpr, R7: gl.constexpr):
-    WS: gl.constexpr = (W0, W1, W2, W3, W4, W5, W6, W7)       # per-branch constexprs, indexed by branch
-    WP: gl.constexpr = (W0, W0, W1, W2, W3, W4, W5, W6)       # the segment before walk B's (unread by walk 0)
-    RS: gl.constexpr = (R0, R1, R2, R3, R4, R5, R6, R7)
+                           WS: gl.constexpr, RS: gl.constexpr):
+    """The pattern: ``L`` (the lcm of the rates) and the branches' segment lengths ``WS`` and rates ``RS``, in
+    ``nested_order``."""
     bufs, slots, stage_slots = hg.buffers(q_desc, k_desc, v_desc, STAGES)
     tables = (Counter, slots, stage_slots)
     dims = (total, T, H, N)
     rows = (T, H, N, HEAD_DIM)
-    PATTERN: gl.constexpr = (L, GQA, NUM_BRANCHES, WS, WP, RS)
+    PATTERN: gl.constexpr = (L, GQA, WS, RS)
     gl.warp_specialize([
-        (_producer, (q_desc, k_desc, v_desc, tables, dims, bufs, STAGES, GQA, L, NUM_BRANCHES, WS, WP, RS)),
+        (_producer, (q_desc, k_desc, v_desc, tables, dims, bufs, STAGES, GQA, L, WS, RS)),
         (_consumer, (o_desc, Lse, slots, stage_slots, bufs, rows, qk_scale, PATTERN, STAGES, 0)),
         (_consumer, (o_desc, Lse, slots, stage_slots, bufs, rows, qk_scale, PATTERN, STAGES, 1)),
     ], [4, 4], [240, 240])
@@ -218,13 +216,11 @@ def _descriptor(t: torch.Tensor, L: int, rows: int) -> TensorDescriptor:
 
 
 def dilated_attn_fwd_ws(q, k, v, segment_lengths, dilation_rates, *, scale: float):
-    """``(out, lse)`` as ``dilated_triton.dilated_attn_fwd`` returns them (non-causal, mixing "lse"), for a call
+    """``(out, lse)`` as ``triton.dilated_attn_fwd`` returns them (non-causal, mixing "lse"), for a call
     that ``unsupported_reason`` accepts."""
     B, H, N, D = q.shape
     ws, rs = nested_order(segment_lengths, dilation_rates, "lse")
     L = math.lcm(*rs)
-    ws = list(ws) + [ws[-1]] * (MAX_BRANCHES - len(ws))
-    rs = list(rs) + [1] * (MAX_BRANCHES - len(rs))
     out = torch.empty_like(q)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     T = N // (L * BLOCK)
@@ -234,8 +230,6 @@ def dilated_attn_fwd_ws(q, k, v, segment_lengths, dilation_rates, *, scale: floa
     with torch.cuda.device(q.device):
         _dilated_fwd_ws_kernel[(programs,)](
             _descriptor(q, L, BLOCK), _descriptor(k, L, BLOCK), _descriptor(v, L, BLOCK), _descriptor(out, L, hg.HALF),
-            lse, counter, total, T, H, N, scale * 1.4426950408889634, HEAD_DIM=D, STAGES=hg.STAGES,
-            GQA=H // k.shape[1], L=L, NUM_BRANCHES=len(segment_lengths),
-            **{f"W{i}": ws[i] for i in range(MAX_BRANCHES)}, **{f"R{i}": rs[i] for i in range(MAX_BRANCHES)},
-            num_warps=4)
+            lse, counter, total, T, H, N, scale * LOG2E.value, HEAD_DIM=D, STAGES=hg.STAGES,
+            GQA=H // k.shape[1], L=L, WS=ws, RS=rs, num_warps=4)
     return out, lse

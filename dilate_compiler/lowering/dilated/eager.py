@@ -21,14 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..strategies.dilated import Branch, DilatedPlan, HeadGroup
+from ..common.dispatch import lse_dtype
+from .plan import Branch, DilatedPlan, HeadGroup
 
 # Elements of one chunk's score tensor; a few such tensors live at once.
 _CHUNK_ELEMENTS = 1 << 24
-
-
-def work_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _padded_len(n: int, w: int) -> int:
@@ -213,7 +210,7 @@ def dilated_attention_forward_eager(
     """Returns ``out [B, Hq, N, D]`` (q's dtype) and the merged ``lse [B, Hq, N]`` (float32, or float64)."""
     B, Hq, N, D = q.shape
     attn_mask = as_4d(attn_mask)
-    wdt = work_dtype(q.dtype)
+    wdt = lse_dtype(q.dtype)
     n_acc = max([_padded_len(N, b.segment_length) for b in plan.branches] + [N])
     out_acc = torch.zeros(B, Hq, n_acc, D, dtype=wdt, device=q.device)
     lse_acc = torch.full((B, Hq, n_acc), float("-inf"), dtype=wdt, device=q.device)
@@ -273,7 +270,7 @@ def dilated_attention_backward_eager(
     B, Hq, N, D = q.shape
     attn_mask = as_4d(attn_mask)
     Hkv = k.shape[1]
-    wdt = work_dtype(q.dtype)
+    wdt = lse_dtype(q.dtype)
     dout_w = dout.to(wdt)
     d_att = dout_w * plan.output_scale if plan.output_scale != 1.0 else dout_w
     n_acc = max([_padded_len(N, b.segment_length) for b in plan.branches] + [N])

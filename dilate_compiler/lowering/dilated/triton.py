@@ -1,8 +1,10 @@
 """Triton kernels for dilated attention: zero-copy strided tiles, all branches in one online softmax.
 
-Specialisation: the pattern is passed as constexprs (``W0..W7``, ``R0..R7``, ``NUM_BRANCHES``, head-group
-bounds, ``L`` = lcm of the rates, causal, head dim), so Triton compiles one kernel per pattern; no source is
-generated. Up to ``MAX_BRANCHES`` branches.
+Specialisation: each kernel takes one description of the pattern, as constexprs: the tuples ``WS`` (segment
+lengths) and ``RS`` (rates), indexed by branch, ``SS`` (where each branch's head group starts under
+``mixing="head_groups"``, and where the last ends), ``L`` (the lcm of the rates) and ``MIXING_LSE``; with
+causality and the head dim, so Triton compiles one kernel per pattern; no source is generated. Up to
+``MAX_BRANCHES`` branches.
 
 Tiling (forward and dQ): a program owns ``BLOCK_M`` query rows of one residue class ``c`` (mod ``L``) of one
 ``(b, h)``: rows ``p = c + L * (t * BLOCK_M + i)``, a strided view loaded in place. A branch ``(W, R)``
@@ -12,44 +14,31 @@ softmax, so a key linked by two branches counts twice (LongNet's mixing) and the
 are written once. The dK/dV kernel mirrors it: a program owns ``BLOCK_N`` keys of one class of one kv head
 and loops over the query heads of its GQA group and their selecting branches.
 
-Log-sum-exps are kept in base 2 inside the kernels (``exp2``); the op stores natural-log LSE.
+Log-sum-exps are kept in base 2 inside the kernels (``exp2``, ``common.primitives``); the op stores natural-log
+LSE.
 
 Dropout (constexpr ``DROPOUT``: 0 off, 1 on, 2 on with every branch's ``W / R`` a multiple of 4, so the
 forward's and dQ's key tiles start on a group of 4): the keep flag of a (query, key) pair in one branch is
 regenerated from the positions by ``_dropout_keep`` (counter-based Philox, one call per 4 keys of a query) in
-the forward, dQ and dK/dV kernels alike; dropped pairs
-leave the normaliser unchanged and ``1 / (1 - p)`` rides on ``out_scale``.
+the forward, dQ and dK/dV kernels alike; dropped pairs leave the normaliser unchanged and ``1 / (1 - p)`` rides
+on ``out_scale``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ..strategies.dilated import Dilated
-from . import inductor_caps
+from ..common.dispatch import tensor_unsupported_reason
+from ..common.launch import autotune_configs, launch_device, rows_addressable, rows_fit, runner, tile_configs
+from ..common.primitives import LN2, LOG2E, score_scale, softmax_step, softmax_weights
+from .plan import head_group_bounds, nested_order
 
-MAX_BRANCHES = 8
-SUPPORTED_HEAD_DIMS = (32, 64, 128)
-RCP_LN2 = 1.4426950408889634  # log2(e)
-LN2 = 0.6931471805599453
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# DILATE_COMPILER_AUTOTUNE=0 pins the first config of each list (bounded compile time, e.g. in tests).
-AUTOTUNE = os.environ.get("DILATE_COMPILER_AUTOTUNE", "1") != "0"
-
-
-def _configs(kind: str):
-    """Autotuning space over block sizes, warps and stages; the chosen config is cached per key."""
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    space = tile_space(kind)
-    return space if AUTOTUNE else space[:1]
+MAX_BRANCHES = 8   # the kernels unroll one block (or walk) per branch; longer patterns run the exact path
 
 
 def tile_space(kind: str) -> list:
@@ -68,21 +57,8 @@ def tile_space(kind: str) -> list:
     return tile_configs(space)
 
 
-def tile_configs(space) -> list:
-    """``triton.Config`` of each ``(BLOCK_M, BLOCK_N, warps, stages[, registers])`` tile. A fifth entry caps the
-    registers per thread (ptxas ``maxnreg``): an 8-warp tile held to 128 runs two CTAs, 16 warps, per SM instead
-    of one. The in-order loop is latency-bound (ncu, block-sparse window: 41% of issue slots busy, 8 warps per
-    SM), and the second CTA hides its waits (H200: window forward 2.75 -> 2.49 ms at 64K, config A non-causal
-    9.11 -> 8.40 ms at 256K). Inductor (torch 2.11 to 2.13) doesn't pass ``Config.maxnreg`` on to user-defined
-    kernels by itself: ``inductor_caps`` forwards it (on unless ``DILATE_COMPILER_INDUCTOR_CAPS=0``)."""
-    return [triton.Config({"BLOCK_M": t[0], "BLOCK_N": t[1]}, num_warps=t[2], num_stages=t[3],
-                          maxnreg=t[4] if len(t) > 4 else None) for t in space]
-
-
-_KEY = ["N", "HEAD_DIM", "NUM_BRANCHES", "L", "IS_CAUSAL", "MIXING_LSE", "GQA", "DROPOUT", "WALKS",
-        "W0", "W1", "W2", "W3", "W4", "W5", "W6", "W7", "R0", "R1", "R2", "R3", "R4", "R5", "R6", "R7"]
-_KEY_WALK0 = ["N", "HEAD_DIM", "NUM_BRANCHES", "L", "GQA", "W0", "W1", "W2", "W3", "W4", "W5", "W6", "W7",
-              "R0", "R1", "R2", "R3", "R4", "R5", "R6", "R7"]
+_KEY = ["N", "HEAD_DIM", "L", "IS_CAUSAL", "MIXING_LSE", "GQA", "DROPOUT", "WALKS", "WS", "RS"]
+_KEY_WALK0 = ["N", "HEAD_DIM", "L", "GQA", "WS", "RS"]
 
 
 @triton.jit
@@ -226,7 +202,7 @@ def _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn,
 # Under mixing="lse" a pair linked by m branches counts m times in one softmax (DESIGN.md §2), so a kernel may
 # visit it once and add log2(m) to its score instead of visiting it m times. When the branches, sorted by
 # segment length, form a chain (each segment length and each rate divides the next; the launcher sorts them,
-# ``nested_order``), the branches that select a residue class are a prefix 0..B_c-1, and a program
+# ``plan.nested_order``), the branches that select a residue class are a prefix 0..B_c-1, and a program
 # whose rows lie inside one segment of the shortest branch (hence one of every branch) splits its keys into
 # walks: walk B visits the keys of branch B (offset h % R_B, stride R_B) inside B's segment but outside branch
 # B-1's, so each linked key is visited exactly once, by the walk of the shortest branch that links it. Its
@@ -275,11 +251,12 @@ def _one_segment(first, last, W0: tl.constexpr, WALKS: tl.constexpr, WALKED: tl.
 
 
 @triton.jit
-def _walk_keys(p_first, p_last, o, N, B: tl.constexpr, W_PREV: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
-               IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+def _walk_keys(p_first, p_last, o, N, B: tl.constexpr, WS: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr,
+               BLOCK_N: tl.constexpr):
     """Walk ``B``'s keys ``j0 + R * m`` for query rows ``[p_first, p_last]`` inside one segment of every branch:
     ``[0, a_hi)`` lie before branch B-1's segment, ``[b_lo, b_hi)`` after it (or, for B == 0, the whole
     segment) and need no row mask; ``[b_hi, n_keys)`` is the causal diagonal (masked per pair)."""
+    W: tl.constexpr = WS[B]
     seg = p_first // W
     j0 = seg * W + o
     j_end = tl.minimum(seg * W + W, N)
@@ -294,6 +271,7 @@ def _walk_keys(p_first, p_last, o, N, B: tl.constexpr, W_PREV: tl.constexpr, W: 
         else:
             b_hi = n_keys
     else:
+        W_PREV: tl.constexpr = WS[B - 1]
         hole = p_first // W_PREV * W_PREV
         a_hi = tl.cdiv(hole - j0, R)
         if IS_CAUSAL:                                                   # keys after the hole are all > p_last
@@ -303,31 +281,6 @@ def _walk_keys(p_first, p_last, o, N, B: tl.constexpr, W_PREV: tl.constexpr, W: 
             b_lo = tl.cdiv(hole + W_PREV - j0, R)
             b_hi = n_keys
     return j0, a_hi, b_lo, b_hi, n_keys
-
-
-@triton.jit
-def softmax_weights(m_i, s, qk_scale, ROWS_MAY_BE_EMPTY: tl.constexpr):
-    """The online softmax's new row max, the rescale of what came before and the tile's weights (base 2), from
-    products ``s`` (``-inf`` where masked) and their scale ``qk_scale > 0`` (1.0: ``s`` is scaled already). The
-    row max is taken before scaling, which commutes with it, so a score costs one fused multiply-add for exp2's
-    argument; scaled first, it cost a multiply for the max beside that (ptxas kept both), or a multiply and a
-    subtraction. ``ROWS_MAY_BE_EMPTY``: a row may have every score of the tile masked (its max is kept
-    finite)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    if ROWS_MAY_BE_EMPTY:
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_safe = m_new
-    return m_new, tl.exp2(m_i - m_safe), tl.exp2(s * qk_scale - m_safe[:, None])
-
-
-@triton.jit
-def softmax_step(acc, m_i, l_i, s, qk_scale, v, ROWS_MAY_BE_EMPTY: tl.constexpr):
-    """One online-softmax step (``softmax_weights``) against values ``v``."""
-    m_new, alpha, pr = softmax_weights(m_i, s, qk_scale, ROWS_MAY_BE_EMPTY)
-    l_i = l_i * alpha + tl.sum(pr, 1)
-    acc = tl.dot(pr.to(v.dtype), v, acc * alpha[:, None])
-    return acc, m_new, l_i
 
 
 @triton.jit
@@ -378,11 +331,13 @@ def _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, lo, hi, v
 
 @triton.jit
 def _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N, qk_scale,
-              B: tl.constexpr, W_PREV: tl.constexpr, W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr,
-              BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, RS: tl.constexpr):
+              B: tl.constexpr, WS: tl.constexpr, RS: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+              HEAD_DIM: tl.constexpr):
     """Walk ``B`` of a forward program (see the section comment), if branch ``B`` selects class ``c``."""
+    R: tl.constexpr = RS[B]
+    NUM_BRANCHES: tl.constexpr = len(RS)
     if (c % R) == (h % R):
-        j0, a_hi, b_lo, b_hi, n_keys = _walk_keys(p_first, p_last, h % R, N, B, W_PREV, W, R, IS_CAUSAL, BLOCK_N)
+        j0, a_hi, b_lo, b_hi, n_keys = _walk_keys(p_first, p_last, h % R, N, B, WS, R, IS_CAUSAL, BLOCK_N)
         y = c - h
         if B > 0:
             acc, m_i, l_i = _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, 0, a_hi, a_hi,
@@ -427,11 +382,13 @@ def _dq_run(dq, q, do, lse2, delta, p, h, y, k_base, v_base, stride_kn, j0, lo, 
 
 @triton.jit
 def _dq_walk(dq, q, do, lse2, delta, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N, qk_scale, out_scale,
-             B: tl.constexpr, W_PREV: tl.constexpr, W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr,
-             BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, RS: tl.constexpr):
+             B: tl.constexpr, WS: tl.constexpr, RS: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+             HEAD_DIM: tl.constexpr):
     """Walk ``B`` of a dQ program, if branch ``B`` selects class ``c``."""
+    R: tl.constexpr = RS[B]
+    NUM_BRANCHES: tl.constexpr = len(RS)
     if (c % R) == (h % R):
-        j0, a_hi, b_lo, b_hi, n_keys = _walk_keys(p_first, p_last, h % R, N, B, W_PREV, W, R, IS_CAUSAL, BLOCK_N)
+        j0, a_hi, b_lo, b_hi, n_keys = _walk_keys(p_first, p_last, h % R, N, B, WS, R, IS_CAUSAL, BLOCK_N)
         y = c - h
         if B > 0:
             dq = _dq_run(dq, q, do, lse2, delta, p, h, y, k_base, v_base, stride_kn, j0, 0, a_hi, a_hi, qk_scale,
@@ -460,7 +417,7 @@ def _dkdv_tiles(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stride_q
             p = p0 + m * R
         q = tl.load(q_base + p[:, None] * stride_qn + offs_d[None, :])
         do = tl.load(do_base + p[:, None] * stride_on + offs_d[None, :])
-        shift = tl.load(lse_base + p) * 1.4426950408889634 - lm
+        shift = tl.load(lse_base + p) * LOG2E - lm
         if TAIL:
             shift = tl.where(m < valid_hi, shift, float("inf"))
         delta = tl.load(delta_base + p)
@@ -490,12 +447,14 @@ def _dkdv_run(dk, dv, k, v, j, h, y, q_base, do_base, lse_base, delta_base, stri
 
 @triton.jit
 def _dkdv_walk(dk, dv, k, v, j, j_first, j_last, h, c, q_base, do_base, lse_base, delta_base, stride_qn, stride_on,
-               Q_LO, Q_HI, qk_scale, out_scale, B: tl.constexpr, W_PREV: tl.constexpr, W: tl.constexpr,
-               R: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-               NUM_BRANCHES: tl.constexpr, RS: tl.constexpr):
+               Q_LO, Q_HI, qk_scale, out_scale, B: tl.constexpr, WS: tl.constexpr, RS: tl.constexpr,
+               IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Walk ``B`` of a dK/dV program whose keys ``[j_first, j_last]`` (class ``c``) lie inside one segment of
     every branch, if branch ``B`` selects the class: its queries inside B's segment but outside branch B-1's,
     among those q holds (``[Q_LO, Q_HI)``)."""
+    W: tl.constexpr = WS[B]
+    R: tl.constexpr = RS[B]
+    NUM_BRANCHES: tl.constexpr = len(RS)
     if (c % R) == (h % R):
         seg = j_first // W
         p0 = seg * W + h % R
@@ -514,6 +473,7 @@ def _dkdv_walk(dk, dv, k, v, j, j_first, j_last, h, c, q_base, do_base, lse_base
                                p0, full_lo, n_q, n_q, qk_scale, out_scale, B, R, False, BLOCK_M, HEAD_DIM,
                                NUM_BRANCHES, RS)
         else:
+            W_PREV: tl.constexpr = WS[B - 1]
             hole = j_first // W_PREV * W_PREV
             if not IS_CAUSAL:                                           # queries before the hole precede the keys
                 a_hi = tl.minimum(tl.cdiv(tl.maximum(hole - p0, 0), R), n_q)
@@ -541,32 +501,40 @@ def _head_rows(Q, K, V, b, h, pq, row_ok, stride_qb, stride_qh, stride_qn, strid
     return q, k_base, v_base
 
 
-@triton.autotune(configs=_configs("fwd"), key=_KEY + ["SEEDED"])
+@triton.jit
+def _program_head(H):
+    """The query head of a program on a ``(tiles, B * H)`` grid: ``(i_bh, b, h)``, ``b`` in int64 (base offsets
+    may pass 2**31)."""
+    i_bh = tl.program_id(1)
+    return i_bh, (i_bh // H).to(tl.int64), i_bh % H
+
+
+@triton.jit
+def _program_scales(sm_scale, out_scale, Seed, DROPOUT: tl.constexpr):
+    """``(sm_scale, out_scale, qk_scale, seed)`` of a forward, dQ or dK/dV program: the scales as float32
+    (``score_scale``) and the dropout seed (read on the device: no host sync; unread without dropout)."""
+    sm_scale, qk_scale = score_scale(sm_scale)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(Seed)
+    return sm_scale, tl.cast(out_scale, tl.float32), qk_scale, seed
+
+
+@triton.autotune(configs=autotune_configs(tile_space("fwd")), key=_KEY + ["SEEDED"])
 @triton.jit
 def _dilated_attn_fwd_kernel(
     Q, K, V, Out, Lse, Out0, Lse0, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_ob, stride_oh, stride_on, H, N, Q_LO, N_Q, out_scale, Seed, drop_thr,
-    HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, L: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    MIXING_LSE: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr,
-    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,
-    W4: tl.constexpr, W5: tl.constexpr, W6: tl.constexpr, W7: tl.constexpr,
-    R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
-    R4: tl.constexpr, R5: tl.constexpr, R6: tl.constexpr, R7: tl.constexpr,
-    S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
-    S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr, S8: tl.constexpr,
-    WALKS: tl.constexpr, SEEDED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, L: tl.constexpr, MIXING_LSE: tl.constexpr, WS: tl.constexpr, RS: tl.constexpr,
+    SS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr, WALKS: tl.constexpr,
+    SEEDED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    tl.static_assert(NUM_BRANCHES <= 8)
+    NUM_BRANCHES: tl.constexpr = len(WS)
+    tl.static_assert(NUM_BRANCHES <= 8)   # MAX_BRANCHES
     tl.static_assert(not SEEDED or WALKS == 2)
-    WS: tl.constexpr = (W0, W1, W2, W3, W4, W5, W6, W7)       # per-branch constexprs, indexed by branch
-    WP: tl.constexpr = (W0, W0, W1, W2, W3, W4, W5, W6)       # the segment before walk B's (unread by walk 0)
-    RS: tl.constexpr = (R0, R1, R2, R3, R4, R5, R6, R7)
-    SS: tl.constexpr = (S0, S1, S2, S3, S4, S5, S6, S7, S8)
     i_tile = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    b = (i_bh // H).to(tl.int64)
-    h = i_bh % H
+    i_bh, b, h = _program_head(H)
     c, p, row_ok, p_first, p_last, n_left = _query_tile(i_tile, Q_LO, N_Q, L, BLOCK_M)
     if n_left <= 0:
         return
@@ -577,12 +545,7 @@ def _dilated_attn_fwd_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     q, k_base, v_base = _head_rows(Q, K, V, b, h, pq, row_ok, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
                                    GQA, HEAD_DIM)
-    sm_scale = tl.cast(sm_scale, tl.float32)   # float arguments may arrive as fp64 (Inductor types them so)
-    out_scale = tl.cast(out_scale, tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(Seed)
+    sm_scale, out_scale, qk_scale, seed = _program_scales(sm_scale, out_scale, Seed, DROPOUT)
     stream = i_bh * NUM_BRANCHES
     if SEEDED:      # walk 0 ran in _dilated_attn_fwd_walk0_kernel: its normalised output and base-2 lse
         o0_base = Out0 + b * stride_ob + h.to(tl.int64) * stride_oh
@@ -596,12 +559,11 @@ def _dilated_attn_fwd_kernel(
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     # Nested pattern, rows inside one segment: each linked key once, weighted (see the section above);
     # otherwise one block per branch (constexpr-unrolled), each adding its keys to the same online softmax.
-    if _one_segment(p_first, p_last, W0, WALKS, BLOCK_N, L):
+    if _one_segment(p_first, p_last, WS[0], WALKS, BLOCK_N, L):
         if WALKS > 0:   # constexpr: kernels whose programs never walk compile no walk
             for B in tl.static_range(SEEDED, NUM_BRANCHES):   # walk B: branch B's segment outside branch B-1's
                 acc, m_i, l_i = _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N,
-                                          qk_scale, B, WP[B], WS[B], RS[B], IS_CAUSAL, BLOCK_N, HEAD_DIM,
-                                          NUM_BRANCHES, RS)
+                                          qk_scale, B, WS, RS, IS_CAUSAL, BLOCK_N, HEAD_DIM)
     else:
         if WALKS < 2:   # constexpr: kernels whose programs all walk compile no per-branch block
             for B in tl.static_range(NUM_BRANCHES):   # one block per branch, each adding its keys
@@ -613,7 +575,7 @@ def _dilated_attn_fwd_kernel(
     # Epilogue: rows no branch links have l_i == 0 -> output 0, lse -inf.
     linked = l_i > 0.0
     out = (acc / tl.where(linked, l_i, 1.0)[:, None] * out_scale).to(tl.float32)
-    lse = tl.where(linked, (m_i + tl.log2(tl.where(linked, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(linked, (m_i + tl.log2(tl.where(linked, l_i, 1.0))) * LN2, float("-inf"))
     o_base = Out + b * stride_ob + h.to(tl.int64) * stride_oh
     tl.store(o_base + pq[:, None] * stride_on + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
     tl.store(Lse + i_bh.to(tl.int64) * N_Q + pq, lse, mask=row_ok)
@@ -668,32 +630,25 @@ def _walk0_tiles(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, lo
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=_configs("walk0"), key=_KEY_WALK0)
+@triton.autotune(configs=autotune_configs(tile_space("walk0")), key=_KEY_WALK0)
 @triton.jit
 def _dilated_attn_fwd_walk0_kernel(
     Q, K, V, Out, Lse, Out0, Lse0, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_ob, stride_oh, stride_on, H, N, Q_LO, N_Q,
-    HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, L: tl.constexpr, GQA: tl.constexpr,
-    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,
-    W4: tl.constexpr, W5: tl.constexpr, W6: tl.constexpr, W7: tl.constexpr,
-    R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
-    R4: tl.constexpr, R5: tl.constexpr, R6: tl.constexpr, R7: tl.constexpr,
+    HEAD_DIM: tl.constexpr, L: tl.constexpr, WS: tl.constexpr, RS: tl.constexpr, GQA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Walk 0 of a causal nested pattern (section above): program ``(t, b * H + h)`` owns the BLOCK_M
-    contiguous positions from ``(Q_LO // BLOCK_M + t) * BLOCK_M`` (inside one segment: W0 % BLOCK_M == 0).
+    contiguous positions from ``(Q_LO // BLOCK_M + t) * BLOCK_M`` (inside one segment: WS[0] % BLOCK_M == 0).
     Rows that link nothing beyond walk 0 (``_later_walks``; config A: about 2 in 3) get their final output and
     lse here, in Out and Lse; the others their seed, in Out0 and Lse0."""
+    NUM_BRANCHES: tl.constexpr = len(WS)
     tl.static_assert(BLOCK_M % BLOCK_N == 0)
     tl.static_assert(BLOCK_N % L == 0)
-    tl.static_assert(W0 % BLOCK_M == 0)
-    tl.static_assert(R0 == 1)
-    WS: tl.constexpr = (W0, W1, W2, W3, W4, W5, W6, W7)
-    RS: tl.constexpr = (R0, R1, R2, R3, R4, R5, R6, R7)
-    i_bh = tl.program_id(1)
-    b = (i_bh // H).to(tl.int64)
-    h = i_bh % H
+    tl.static_assert(WS[0] % BLOCK_M == 0)
+    tl.static_assert(RS[0] == 1)
+    i_bh, b, h = _program_head(H)
     r0 = (Q_LO // BLOCK_M + tl.program_id(0)) * BLOCK_M
     p = r0 + tl.arange(0, BLOCK_M)
     row_ok = (p >= Q_LO) & (p < Q_LO + N_Q)
@@ -701,9 +656,8 @@ def _dilated_attn_fwd_walk0_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     q, k_base, v_base = _head_rows(Q, K, V, b, h, pq, row_ok, stride_qb, stride_qh, stride_qn, stride_kb, stride_kh,
                                    GQA, HEAD_DIM)
-    sm_scale = tl.cast(sm_scale, tl.float32)   # float arguments may arrive as fp64 (Inductor types them so)
-    qk_scale = sm_scale * 1.4426950408889634
-    s0 = r0 // W0 * W0                                               # the segment's first position
+    sm_scale, qk_scale = score_scale(sm_scale)
+    s0 = r0 // WS[0] * WS[0]                                         # the segment's first position
     # log2 k(x): with rate 1 first, walk 0's multiplicity of a pair (x, x) counts the branches dividing x
     lkp = _walk_log2_mult(p - h, p - h, 0, NUM_BRANCHES, RS)
     lkj = _walk_log2_mult(s0 + tl.arange(0, BLOCK_N) - h, s0 + tl.arange(0, BLOCK_N) - h, 0, NUM_BRANCHES, RS)
@@ -720,7 +674,7 @@ def _dilated_attn_fwd_walk0_kernel(
     o_off = b * stride_ob + h.to(tl.int64) * stride_oh + pq[:, None] * stride_on + offs_d[None, :]
     tl.store(Out + o_off, out, mask=(row_ok & ~more)[:, None])
     tl.store(Out0 + o_off, out, mask=(row_ok & more)[:, None])
-    tl.store(Lse + i_bh.to(tl.int64) * N_Q + pq, lse2 * 0.6931471805599453, mask=row_ok & ~more)
+    tl.store(Lse + i_bh.to(tl.int64) * N_Q + pq, lse2 * LN2, mask=row_ok & ~more)
     tl.store(Lse0 + i_bh.to(tl.int64) * N_Q + pq, lse2, mask=row_ok & more)
 
 
@@ -767,30 +721,19 @@ def _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, s
     return dq
 
 
-@triton.autotune(configs=_configs("bwd"), key=_KEY)
+@triton.autotune(configs=autotune_configs(tile_space("bwd")), key=_KEY)
 @triton.jit
 def _dilated_attn_bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_ob, stride_oh, stride_on, H, N, Q_LO, N_Q, out_scale, Seed, drop_thr,
-    HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, L: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    MIXING_LSE: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr,
-    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,
-    W4: tl.constexpr, W5: tl.constexpr, W6: tl.constexpr, W7: tl.constexpr,
-    R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
-    R4: tl.constexpr, R5: tl.constexpr, R6: tl.constexpr, R7: tl.constexpr,
-    S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
-    S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr, S8: tl.constexpr,
-    WALKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, L: tl.constexpr, MIXING_LSE: tl.constexpr, WS: tl.constexpr, RS: tl.constexpr,
+    SS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr, WALKS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    WS: tl.constexpr = (W0, W1, W2, W3, W4, W5, W6, W7)       # per-branch constexprs, indexed by branch
-    WP: tl.constexpr = (W0, W0, W1, W2, W3, W4, W5, W6)       # the segment before walk B's (unread by walk 0)
-    RS: tl.constexpr = (R0, R1, R2, R3, R4, R5, R6, R7)
-    SS: tl.constexpr = (S0, S1, S2, S3, S4, S5, S6, S7, S8)
+    NUM_BRANCHES: tl.constexpr = len(WS)
     i_tile = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    b = (i_bh // H).to(tl.int64)
-    h = i_bh % H
+    i_bh, b, h = _program_head(H)
     c, p, row_ok, p_first, p_last, n_left = _query_tile(i_tile, Q_LO, N_Q, L, BLOCK_M)
     if n_left <= 0:
         return
@@ -803,22 +746,17 @@ def _dilated_attn_bwd_dq_kernel(
     q = tl.load(Q + q_off + pq[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + b * stride_ob + h.to(tl.int64) * stride_oh + pq[:, None] * stride_on + offs_d[None, :],
                  mask=row_ok[:, None], other=0.0)
-    lse2 = tl.load(Lse + i_bh.to(tl.int64) * N_Q + pq, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(Lse + i_bh.to(tl.int64) * N_Q + pq, mask=row_ok, other=0.0) * LOG2E
     lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
     delta = tl.load(Delta + i_bh.to(tl.int64) * N_Q + pq, mask=row_ok, other=0.0)
-    sm_scale = tl.cast(sm_scale, tl.float32)   # float arguments may arrive as fp64 (Inductor types them so)
-    out_scale = tl.cast(out_scale, tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(Seed)
+    sm_scale, out_scale, qk_scale, seed = _program_scales(sm_scale, out_scale, Seed, DROPOUT)
     stream = i_bh * NUM_BRANCHES
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    if _one_segment(p_first, p_last, W0, WALKS, BLOCK_N, L):
+    if _one_segment(p_first, p_last, WS[0], WALKS, BLOCK_N, L):
         if WALKS > 0:   # constexpr: kernels whose programs never walk compile no walk
             for B in tl.static_range(NUM_BRANCHES):
                 dq = _dq_walk(dq, q, do, lse2, delta, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N, qk_scale,
-                              out_scale, B, WP[B], WS[B], RS[B], IS_CAUSAL, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS)
+                              out_scale, B, WS, RS, IS_CAUSAL, BLOCK_N, HEAD_DIM)
     else:
         if WALKS < 2:   # constexpr, as in the forward
             for B in tl.static_range(NUM_BRANCHES):
@@ -845,12 +783,12 @@ def _bwd_dkdv_inner(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stri
             q_ok = m < n_q
             q = tl.load(q_base + p[:, None] * stride_qn + offs_d[None, :], mask=q_ok[:, None], other=0.0)
             do = tl.load(do_base + p[:, None] * stride_on + offs_d[None, :], mask=q_ok[:, None], other=0.0)
-            lse2 = tl.load(lse_base + p, mask=q_ok, other=0.0) * 1.4426950408889634
+            lse2 = tl.load(lse_base + p, mask=q_ok, other=0.0) * LOG2E
             delta = tl.load(delta_base + p, mask=q_ok, other=0.0)
         else:
             q = tl.load(q_base + p[:, None] * stride_qn + offs_d[None, :])
             do = tl.load(do_base + p[:, None] * stride_on + offs_d[None, :])
-            lse2 = tl.load(lse_base + p) * 1.4426950408889634
+            lse2 = tl.load(lse_base + p) * LOG2E
             delta = tl.load(delta_base + p)
         st = (tl.dot(k, tl.trans(q)) * qk_scale).to(tl.float32)           # [BLOCK_N, BLOCK_M]
         pt = tl.exp2(st - lse2[None, :])
@@ -907,26 +845,17 @@ def _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base
     return dk, dv
 
 
-@triton.autotune(configs=_configs("bwd"), key=_KEY)
+@triton.autotune(configs=autotune_configs(tile_space("bwd")), key=_KEY)
 @triton.jit
 def _dilated_attn_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_ob, stride_oh, stride_on, H, N, Q_LO, N_Q, out_scale, Seed, drop_thr,
-    HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, L: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    MIXING_LSE: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr,
-    W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, W3: tl.constexpr,
-    W4: tl.constexpr, W5: tl.constexpr, W6: tl.constexpr, W7: tl.constexpr,
-    R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
-    R4: tl.constexpr, R5: tl.constexpr, R6: tl.constexpr, R7: tl.constexpr,
-    S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
-    S4: tl.constexpr, S5: tl.constexpr, S6: tl.constexpr, S7: tl.constexpr, S8: tl.constexpr,
-    WALKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, L: tl.constexpr, MIXING_LSE: tl.constexpr, WS: tl.constexpr, RS: tl.constexpr,
+    SS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr, WALKS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    WS: tl.constexpr = (W0, W1, W2, W3, W4, W5, W6, W7)       # per-branch constexprs, indexed by branch
-    WP: tl.constexpr = (W0, W0, W1, W2, W3, W4, W5, W6)       # the segment before walk B's (unread by walk 0)
-    RS: tl.constexpr = (R0, R1, R2, R3, R4, R5, R6, R7)
-    SS: tl.constexpr = (S0, S1, S2, S3, S4, S5, S6, S7, S8)
+    NUM_BRANCHES: tl.constexpr = len(WS)
     i_tile = tl.program_id(0)
     i_bkh = tl.program_id(1)
     HKV = H // GQA
@@ -946,16 +875,11 @@ def _dilated_attn_bwd_dkdv_kernel(
     kv_off = b.to(tl.int64) * stride_kb + kh.to(tl.int64) * stride_kh + j[:, None] * stride_kn + offs_d[None, :]
     k = tl.load(K + kv_off, mask=key_ok[:, None], other=0.0)
     v = tl.load(V + kv_off, mask=key_ok[:, None], other=0.0)
-    sm_scale = tl.cast(sm_scale, tl.float32)   # float arguments may arrive as fp64 (Inductor types them so)
-    out_scale = tl.cast(out_scale, tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
+    sm_scale, out_scale, qk_scale, seed = _program_scales(sm_scale, out_scale, Seed, DROPOUT)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(Seed)
     q_hi = Q_LO + N_Q
-    nested = _one_segment(j_first, j_last, W0, WALKS, BLOCK_M, L)
+    nested = _one_segment(j_first, j_last, WS[0], WALKS, BLOCK_M, L)
     for g in range(GQA):                                                 # query heads reading this kv head
         h = kh * GQA + g
         stream = (b * H + h) * NUM_BRANCHES
@@ -968,8 +892,8 @@ def _dilated_attn_bwd_dkdv_kernel(
             if WALKS > 0:   # constexpr, as in the forward
                 for B in tl.static_range(NUM_BRANCHES):
                     dk, dv = _dkdv_walk(dk, dv, k, v, j, j_first, j_last, h, c, q_base, do_base, lse_base, delta_base,
-                                        stride_qn, stride_on, Q_LO, q_hi, qk_scale, out_scale, B, WP[B],
-                                        WS[B], RS[B], IS_CAUSAL, BLOCK_M, HEAD_DIM, NUM_BRANCHES, RS)
+                                        stride_qn, stride_on, Q_LO, q_hi, qk_scale, out_scale, B, WS, RS, IS_CAUSAL,
+                                        BLOCK_M, HEAD_DIM)
         else:
             if WALKS < 2:   # constexpr, as in the forward
                 for B in tl.static_range(NUM_BRANCHES):
@@ -988,24 +912,6 @@ def _dilated_attn_bwd_dkdv_kernel(
 # --- launchers -------------------------------------------------------------------------------------------
 
 
-def tensor_unsupported_reason(q) -> str:
-    """Why no Triton attention kernel of this project can take q (device, head dim, dtype), or ''."""
-    if q.device.type != "cuda":
-        return f"device {q.device.type} (the kernels run on CUDA; launchers run on CPU only under TRITON_INTERPRET=1)"
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        return f"head dim {q.shape[-1]} (kernels: {SUPPORTED_HEAD_DIMS})"
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {q.dtype} (kernels: float16, bfloat16; float32 and float64 run the exact path)"
-    return ""
-
-
-def interpreter_runs(q) -> bool:
-    """Whether the kernels run ``q`` under ``TRITON_INTERPRET=1`` on the CPU (float16 / float32, a supported head
-    dim): how the tests run them, also inside the distributed ops on gloo ranks."""
-    return (INTERPRET and q.device.type == "cpu" and q.dtype in (torch.float16, torch.float32)
-            and q.shape[-1] in SUPPORTED_HEAD_DIMS)
-
-
 def kernel_unsupported_reason(q, attn_mask, dropout_p, num_branches) -> str:
     """Why the Triton kernels can't run this call (the exact PyTorch path runs instead), or ''."""
     reason = tensor_unsupported_reason(q)
@@ -1018,32 +924,13 @@ def kernel_unsupported_reason(q, attn_mask, dropout_p, num_branches) -> str:
     return ""
 
 
-def nested_order(segment_lengths, dilation_rates, mixing: str, dropout_p: float = 0.0):
-    """The branches ``(segments, rates)`` sorted by segment length (then rate) when they form a chain, each
-    segment length and each rate dividing the next, under ``mixing="lse"`` without dropout: the kernels then
-    visit every linked pair once, weighted by its multiplicity (see ``walks``). None otherwise (the kernels walk
-    per branch). Sorting is free under LSE mixing: a branch's offset depends on its rate alone."""
-    if mixing != "lse" or dropout_p != 0.0:
-        return None
-    pairs = sorted(zip(segment_lengths, dilation_rates))
-    if any(w2 % w1 or r2 % r1 for (w1, r1), (w2, r2) in zip(pairs, pairs[1:])):
-        return None
-    return tuple(w for w, _ in pairs), tuple(r for _, r in pairs)
-
-
 def pattern_constexprs(segment_lengths, dilation_rates, mixing: str, num_heads: int) -> dict:
-    """The constexprs that specialise the kernels to one pattern."""
-    n = len(segment_lengths)
-    ws = list(segment_lengths) + [1] * (MAX_BRANCHES - n)
-    rs = list(dilation_rates) + [1] * (MAX_BRANCHES - n)
-    bounds = Dilated(tuple(segment_lengths), tuple(dilation_rates), mixing).head_group_bounds(num_heads)
-    starts = [s for s, _ in bounds] + [bounds[-1][1]]
-    starts += [starts[-1]] * (MAX_BRANCHES + 1 - len(starts))
-    meta = {"NUM_BRANCHES": n, "L": math.lcm(*dilation_rates), "MIXING_LSE": mixing == "lse"}
-    meta.update({f"W{i}": ws[i] for i in range(MAX_BRANCHES)})
-    meta.update({f"R{i}": rs[i] for i in range(MAX_BRANCHES)})
-    meta.update({f"S{i}": starts[i] for i in range(MAX_BRANCHES + 1)})
-    return meta
+    """The constexprs that describe one pattern to the kernels: ``L``, ``MIXING_LSE`` and the tuples ``WS``,
+    ``RS`` (one entry per branch) and ``SS`` (the head-group starts, then the last group's end)."""
+    bounds = head_group_bounds(len(segment_lengths), num_heads)
+    return {"L": math.lcm(*dilation_rates), "MIXING_LSE": mixing == "lse",
+            "WS": tuple(int(w) for w in segment_lengths), "RS": tuple(int(r) for r in dilation_rates),
+            "SS": tuple(start for start, _ in bounds) + (bounds[-1][1],)}
 
 
 def _launch_pattern(segment_lengths, dilation_rates, mixing: str, num_heads: int,
@@ -1076,7 +963,7 @@ def _walks_constexpr(kernel, owner: str, meta: dict, nested: bool, offset: int) 
     (forward, dQ: query tiles own rows from ``offset`` on, key tiles are walked) or "keys" (dK/dV: key tiles of
     all N own the rows, query tiles are walked)."""
     tiles = tuple((cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]) for cfg in kernel.configs)
-    return _walks_over_space(tiles, owner, nested, meta["W0"], meta["L"], offset)
+    return _walks_over_space(tiles, owner, nested, meta["WS"][0], meta["L"], offset)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -1093,26 +980,10 @@ def walk0_applies(meta: dict, nested: bool, is_causal: bool, walks_fwd: int) -> 
     a causal nested pattern whose shortest branch has rate 1, every forward program walking (``walks_fwd ==
     2``), and each tile of the walk-0 space fitting (its row tile divides the shortest segment, its key tile is
     a multiple of L)."""
-    if not (is_causal and nested and walks_fwd == 2 and meta["R0"] == 1):
+    if not (is_causal and nested and walks_fwd == 2 and meta["RS"][0] == 1):
         return False
-    return all(meta["W0"] % cfg.kwargs["BLOCK_M"] == 0 and cfg.kwargs["BLOCK_N"] % meta["L"] == 0
+    return all(meta["WS"][0] % cfg.kwargs["BLOCK_M"] == 0 and cfg.kwargs["BLOCK_N"] % meta["L"] == 0
                for cfg in _dilated_attn_fwd_walk0_kernel.configs)
-
-
-def launch_device(t: torch.Tensor):
-    """The context of a kernel launch on ``t``'s tensors: Triton launches on the current CUDA device, so make it
-    ``t``'s (a no-op off CUDA)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
-def _runner(kernel):
-    if INTERPRET:
-        return kernel
-    from torch.library import wrap_triton
-
-    if inductor_caps.ENABLED:
-        inductor_caps.install()   # once: Inductor compiles the capped tiles with their cap (inductor_caps.py)
-    return wrap_triton(kernel)
 
 
 def _rows_grid(n: int, L: int, block: str, programs_b: int):
@@ -1130,18 +1001,6 @@ def _dropout_args(dropout_p: float, seed, dummy, segment_lengths, dilation_rates
         raise ValueError(f"dropout_p > 0 needs seed, an int64 tensor of one element, got {seed!r}")
     grouped = all((w // r) % 4 == 0 for w, r in zip(segment_lengths, dilation_rates))
     return seed.reshape(1).to(dummy.device), round(dropout_p * 2**31), 1.0 / (1.0 - dropout_p), 2 if grouped else 1
-
-
-def rows_fit(t: torch.Tensor) -> bool:
-    """Whether the kernels can read ``t`` ``[B, H, N, D]`` in place: unit stride along D, and ``position * row
-    stride`` (int32 arithmetic in the kernels' loops) below 2**31. A batch-first view (row stride H * D) at
-    H=16, D=64 passes 2**31 from N = 2M on; a contiguous copy's row stride is D."""
-    return t.stride(-1) == 1 and t.shape[-2] * t.stride(-2) < 2**31
-
-
-def rows_addressable(t: torch.Tensor) -> torch.Tensor:
-    """``t``, or a contiguous copy when the kernels can't read it in place (``rows_fit``)."""
-    return t if rows_fit(t) else t.contiguous()
 
 
 def _query_offset(q_offset, n_q: int, n: int) -> int:
@@ -1182,10 +1041,10 @@ def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: boo
         if seeded:
             out0, lse0 = torch.empty_like(out), torch.empty_like(lse)
             grid = lambda META: (triton.cdiv(q_offset + Nq, META["BLOCK_M"]) - q_offset // META["BLOCK_M"], B * H)
-            _runner(_dilated_attn_fwd_walk0_kernel)[grid](
+            runner(_dilated_attn_fwd_walk0_kernel)[grid](
                 q, k, v, out, lse, out0, lse0, scale, *strides, HEAD_DIM=D, GQA=H // k.shape[1],
                 **{key: meta[key] for key in _KEY_WALK0 if key in meta})
-        _runner(_dilated_attn_fwd_kernel)[_rows_grid(Nq, meta["L"], "BLOCK_M", B * H)](
+        runner(_dilated_attn_fwd_kernel)[_rows_grid(Nq, meta["L"], "BLOCK_M", B * H)](
             q, k, v, out, lse, out0, lse0, scale, *strides, out_scale * rdrop, seed_t, drop_thr,
             HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // k.shape[1], DROPOUT=dropout, WALKS=walks_fwd,
             SEEDED=int(seeded), **meta)
@@ -1214,8 +1073,8 @@ def dilated_attn_bwd(dout, q, k, v, out, lse, segment_lengths, dilation_rates, *
     walks_dq = _walks_constexpr(_dilated_attn_bwd_dq_kernel, "rows", meta, nested, q_offset)
     walks_dkdv = _walks_constexpr(_dilated_attn_bwd_dkdv_kernel, "keys", meta, nested, 0)
     with launch_device(q):
-        _runner(_dilated_attn_bwd_dq_kernel)[_rows_grid(Nq, meta["L"], "BLOCK_M", B * H)](
+        runner(_dilated_attn_bwd_dq_kernel)[_rows_grid(Nq, meta["L"], "BLOCK_M", B * H)](
             q, k, v, dout, lse, delta, dq, scale, *common, WALKS=walks_dq, **flags)
-        _runner(_dilated_attn_bwd_dkdv_kernel)[_rows_grid(N, meta["L"], "BLOCK_N", B * Hkv)](
+        runner(_dilated_attn_bwd_dkdv_kernel)[_rows_grid(N, meta["L"], "BLOCK_N", B * Hkv)](
             q, k, v, dout, lse, delta, dk, dv, scale, *common, WALKS=walks_dkdv, **flags)
     return dq, dk, dv

@@ -1,13 +1,13 @@
 """A warp-specialised block-sparse forward for Hopper (sm_90), written in Gluon: the op's forward on layouts whose
 blocks are all full.
 
-Why: the Triton forward (``block_sparse_triton``) walks a block row's list at dense flash attention's rate, but
+Why: the Triton forward (``block_sparse.triton``) walks a block row's list at dense flash attention's rate, but
 each (block row, head) program pays about 2.5 block iterations to start and finish, which short rows (local +
 global's 16 blocks) feel (``benchmarks/RESULTS.md``). Here one persistent CTA per SM hides that cost: its producer
 draws tiles, (block row, head) pairs in the launcher's heaviest-first order (``tile_order``), from a counter in
 global memory (at run time, not a static schedule, so the SMs that finish first take more tiles) and loads each
-tile's key blocks from the layout's lists; the consumers are ``hopper_gluon.consume``. The partitions, buffers and
-barriers are described in ``hopper_gluon``.
+tile's key blocks from the layout's lists; the consumers are ``common.hopper_gluon.consume``. The partitions, buffers
+and barriers are described in ``common.hopper_gluon``.
 
 What it takes (``unsupported_reason``): an H100/H200-class GPU (compute capability 9.0), fp16/bf16, head dim 64
 (at 128 the K/V ring doesn't fit), layout block size 128, N a multiple of it, no causal mask, no position order,
@@ -15,7 +15,7 @@ contiguous q, k, v, and every block of the layout full (``all_blocks_full``: no 
 layouts, any batch (a layout built under ``torch.inference_mode`` has no version counter to keep that check on,
 and runs the Triton forward). The op runs it in eager mode only: under ``torch.compile`` or export the Triton forward
 runs, which Inductor sees and schedules (a Gluon kernel can't be wrapped for Inductor). Gluon has no CPU
-interpreter: ``tests/lowering/test_block_sparse_gluon.py`` checks this kernel against float64 on the GPU.
+interpreter: ``tests/lowering/block_sparse/test_gluon.py`` checks this kernel against float64 on the GPU.
 ``DILATE_COMPILER_WARP_SPECIALISED=0`` turns it off.
 """
 
@@ -27,8 +27,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from . import hopper_gluon as hg
-from .block_sparse_triton import keepable, kept_on
+from ..common import hopper_gluon as hg
+from ..common.primitives import LOG2E
+from .triton import keepable, kept_on
 
 BLOCK = hg.BLOCK     # query rows of a tile (the layout block) and keys of a K/V stage
 _BLOCK = gl.constexpr(BLOCK)
@@ -145,7 +146,7 @@ def _descriptor(t: torch.Tensor, rows: int) -> TensorDescriptor:
 
 
 def block_sparse_attn_fwd_ws(q, k, v, kv_count, kv_idx, tile_order, scale: float):
-    """``(out, lse)`` as ``block_sparse_triton.block_sparse_attn_fwd`` returns them, for a call that
+    """``(out, lse)`` as ``triton.block_sparse_attn_fwd`` returns them, for a call that
     ``unsupported_reason`` accepts; ``tile_order``: its ``tile_order(kv_count, kv_count.shape[0], B * H)``."""
     B, H, N, D = q.shape
     out = torch.empty_like(q)
@@ -157,6 +158,6 @@ def block_sparse_attn_fwd_ws(q, k, v, kv_count, kv_idx, tile_order, scale: float
         _block_sparse_fwd_ws_kernel[(programs,)](
             _descriptor(q, BLOCK), _descriptor(k, BLOCK), _descriptor(v, BLOCK), _descriptor(out, hg.HALF), lse,
             tile_order, kv_count, kv_idx, counter, B * H * nb, nb, H, kv_count.shape[0], N, kv_idx.shape[2],
-            scale * 1.4426950408889634, HEAD_DIM=D, STAGES=hg.STAGES, GQA=H // k.shape[1], num_warps=4)
+            scale * LOG2E.value, HEAD_DIM=D, STAGES=hg.STAGES, GQA=H // k.shape[1], num_warps=4)
     return out, lse
 

@@ -8,7 +8,7 @@
   ``p`` of the layout is row ``order[p]`` of q, k, v, out and lse, i.e. the op equals gathering q, k, v with
   ``order``, attending, and scattering out and lse back; the kernels read through the table with no copy.
   In eager mode on compute capability 9.0, a layout of full blocks only (no token mask; block size 128, head dim
-  64, not causal) runs the warp-specialised Gluon forward of ``block_sparse_gluon`` instead (not under
+  64, not causal) runs the warp-specialised Gluon forward of ``gluon`` instead (not under
   ``torch.compile`` or export, where the Triton forward runs; ``DILATE_COMPILER_WARP_SPECIALISED=0`` turns it
   off). The backward is the Triton kernels' in both cases.
 - ``dilate_compiler::block_sparse_attention_backward(dout, q, k, v, out, lse, <layout>, ...) -> (dq, dk, dv)``.
@@ -23,14 +23,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .block_sparse_eager import block_sparse_backward_eager, block_sparse_forward_eager
-from .block_sparse_triton import block_sparse_attn_bwd, block_sparse_attn_fwd, kernel_unsupported_reason, tile_order
-from .dilated_op import kernels_apply, lse_dtype
+from ..common.dispatch import kernels_apply, lse_dtype
+from .eager import block_sparse_backward_eager, block_sparse_forward_eager
+from .triton import block_sparse_attn_bwd, block_sparse_attn_fwd, kernel_unsupported_reason, tile_order
 
 try:
-    from . import block_sparse_gluon
+    from . import gluon
 except ImportError as e:   # a Triton without Gluon's Hopper API: the Triton forward runs everywhere
-    block_sparse_gluon = None
+    gluon = None
     _GLUON_MISSING = f"Gluon unavailable ({e})"
 
 
@@ -40,10 +40,10 @@ def use_kernels(q: Tensor, block_size: int) -> bool:
 
 
 def warp_specialised_reason(q, k, v, kv_count, block_size: int, is_causal: bool, order) -> str:
-    """Why the warp-specialised Hopper forward (``block_sparse_gluon``) doesn't run this call, or ''."""
-    if block_sparse_gluon is None:
+    """Why the warp-specialised Hopper forward (``gluon``) doesn't run this call, or ''."""
+    if gluon is None:
         return _GLUON_MISSING
-    return block_sparse_gluon.unsupported_reason(q, k, v, kv_count, block_size, is_causal, order)
+    return gluon.unsupported_reason(q, k, v, kv_count, block_size, is_causal, order)
 
 
 @torch.library.custom_op("dilate_compiler::block_sparse_attention_forward_exact", mutates_args=())
@@ -103,7 +103,7 @@ def block_sparse_attention_forward(
 ) -> tuple[Tensor, Tensor]:
     if use_kernels(q, block_size):
         if not warp_specialised_reason(q, k, v, kv_count, block_size, is_causal, order):
-            return block_sparse_gluon.block_sparse_attn_fwd_ws(
+            return gluon.block_sparse_attn_fwd_ws(
                 q, k, v, kv_count, kv_idx, tile_order(kv_count, kv_count.shape[0], q.shape[0] * q.shape[1]), scale)
         return block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size, is_causal, scale,
                                      coords, checks, order)

@@ -1,4 +1,4 @@
-"""What the warp-specialised Hopper forwards (``block_sparse_gluon``, ``dilated_gluon``) share: their shared-memory
+"""What the warp-specialised Hopper forwards (``block_sparse.gluon``, ``dilated.gluon``) share: their shared-memory
 buffers and mbarriers, the consumers' loop over a query tile's key tiles and its epilogue, and the checks of the
 device and the call's context.
 
@@ -32,7 +32,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-from .dilated_triton import INTERPRET
+from .launch import INTERPRET
+from .primitives import LN2
 
 # TMA copies: async_load / async_store in newer Gluon (Triton 3.9 has only these), async_copy_* in Triton 3.6
 tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -236,7 +237,7 @@ def _store_rows(acc, m_i, l_i, o_smem, o_desc, Lse, where, PART: gl.constexpr):
     o_row, o_col, lse_base, lse_step = where
     o_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
     l_safe = gl.where(l_i > 0.0, l_i, 1.0)
-    lse = gl.where(l_i > 0.0, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    lse = gl.where(l_i > 0.0, (m_i + gl.log2(l_safe)) * LN2, float("-inf"))
     out = acc / gl.convert_layout(l_safe, o_rows)[:, None]
     tma.store_wait(pendings=0)                 # the previous store has read o_smem
     o_smem.store(out.to(o_desc.dtype))

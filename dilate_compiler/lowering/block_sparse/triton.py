@@ -36,11 +36,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..patterns import GRID_AXES, TERM_COLUMNS
-from .dilated_triton import (AUTOTUNE, INTERPRET, _runner, launch_device, rows_addressable, rows_fit,
-                             softmax_step, tensor_unsupported_reason, tile_configs)
+from ...patterns.algebra import GRID_AXES, TERM_COLUMNS
+from ..common.dispatch import tensor_unsupported_reason
+from ..common.launch import autotune_configs, launch_device, rows_addressable, rows_fit, runner, tile_configs
+from ..common.primitives import LN2, LOG2E, score_scale, softmax_step
 
-LN2 = 0.6931471805599453
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)  # 256 unrolls past the H100's shared memory at D=128
 _KEY = ["N", "HEAD_DIM", "BS", "IS_CAUSAL", "GQA", "PER_HEAD", "NUM_TERMS", "CHECKS", "PERMUTED"]
 assert TERM_COLUMNS == 12 and GRID_AXES == 3   # _token_ok reads the term table and coordinates with these
@@ -233,8 +233,7 @@ def _block_sparse_fwd_kernel(
                 other=0.0)
     k_base = K + b * stride_kb + (h // GQA) * stride_kh
     v_base = V + b * stride_kb + (h // GQA) * stride_kh
-    sm_scale = tl.cast(sm_scale, tl.float32)   # float arguments may arrive as fp64 (Inductor types them so)
-    qk_scale = sm_scale * 1.4426950408889634
+    sm_scale, qk_scale = score_scale(sm_scale)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -247,7 +246,7 @@ def _block_sparse_fwd_kernel(
                                 BLOCK_N, HEAD_DIM)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    lse = tl.where(l_i > 0.0, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(l_i > 0.0, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
     tl.store(Out + b * stride_ob + h * stride_oh + r[:, None] * stride_on + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=row_ok[:, None])
     tl.store(Lse + (b * H + h) * N + r, lse, mask=row_ok)
@@ -298,12 +297,11 @@ def _block_sparse_bwd_dq_kernel(
     q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + b * stride_ob + h * stride_oh + r[:, None] * stride_on + offs_d[None, :],
                  mask=row_ok[:, None], other=0.0)
-    lse2 = tl.load(Lse + (b * H + h) * N + r, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(Lse + (b * H + h) * N + r, mask=row_ok, other=0.0) * LOG2E
     delta = tl.load(Delta + (b * H + h) * N + r, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + (h // GQA) * stride_kh
     v_base = V + b * stride_kb + (h // GQA) * stride_kh
-    sm_scale = tl.cast(sm_scale, tl.float32)   # float arguments may arrive as fp64 (Inductor types them so)
-    qk_scale = sm_scale * 1.4426950408889634
+    sm_scale, qk_scale = score_scale(sm_scale)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     idx, bits = KvIdx + row * KW, KvBits + row * KW
     dq = _dq_blocks(dq, q, do, lse2, delta, p, idx, bits, 0, n_part, k_base, v_base, Rows, stride_kn, Terms, Coords,
@@ -331,12 +329,12 @@ def _dkdv_blocks(dk, dv, k, v, j, Idx, Bits, lo, hi, q_base, do_base, lse_base, 
             p_ok = p < N
             q = tl.load(q_base + r[:, None] * stride_qn + offs_d[None, :], mask=p_ok[:, None], other=0.0)
             do = tl.load(do_base + r[:, None] * stride_on + offs_d[None, :], mask=p_ok[:, None], other=0.0)
-            lse2 = tl.load(lse_base + r, mask=p_ok, other=0.0) * 1.4426950408889634
+            lse2 = tl.load(lse_base + r, mask=p_ok, other=0.0) * LOG2E
             delta = tl.load(delta_base + r, mask=p_ok, other=0.0)
         else:
             q = tl.load(q_base + r[:, None] * stride_qn + offs_d[None, :])
             do = tl.load(do_base + r[:, None] * stride_on + offs_d[None, :])
-            lse2 = tl.load(lse_base + r) * 1.4426950408889634
+            lse2 = tl.load(lse_base + r) * LOG2E
             delta = tl.load(delta_base + r)
         st = (tl.dot(k, tl.trans(q)) * qk_scale).to(tl.float32)           # [BLOCK_N, BLOCK_M]
         pt = tl.exp2(st - lse2[None, :])
@@ -375,8 +373,7 @@ def _block_sparse_bwd_dkdv_kernel(
     kv_off = b * stride_kb + kh * stride_kh + rows[:, None] * stride_kn + offs_d[None, :]
     k = tl.load(K + kv_off, mask=key_ok[:, None], other=0.0)
     v = tl.load(V + kv_off, mask=key_ok[:, None], other=0.0)
-    sm_scale = tl.cast(sm_scale, tl.float32)   # float arguments may arrive as fp64 (Inductor types them so)
-    qk_scale = sm_scale * 1.4426950408889634
+    sm_scale, qk_scale = score_scale(sm_scale)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     for g in range(GQA):
@@ -416,24 +413,17 @@ def tile_space(kind: str, bs: int) -> list:
     return tile_configs(t for t in space if t[0] <= bs and t[1] <= bs)
 
 
-def _space(kind: str, bs: int):
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    configs = tile_space(kind, bs)
-    return configs if AUTOTUNE else configs[:1]
-
-
 @functools.lru_cache(maxsize=None)
 def _autotuned(kind: str, bs: int):
     fn = {"fwd": _block_sparse_fwd_kernel, "dq": _block_sparse_bwd_dq_kernel,
           "dkdv": _block_sparse_bwd_dkdv_kernel}[kind]
-    return triton.autotune(configs=_space("fwd" if kind == "fwd" else "bwd", bs), key=_KEY)(fn)
+    return triton.autotune(configs=autotune_configs(tile_space("fwd" if kind == "fwd" else "bwd", bs)), key=_KEY)(fn)
 
 
 def _kernel(kind: str, bs: int):
     """The autotuned kernel for one layout block size (tiles must divide it), wrapped per launch: a
     ``wrap_triton`` wrapper indexes a kernel table that each compilation resets, so it must not be cached."""
-    return _runner(_autotuned(kind, bs))
+    return runner(_autotuned(kind, bs))
 
 
 def kernel_unsupported_reason(q, block_size: int) -> str:

@@ -216,7 +216,7 @@ def test_bad_arguments_raise_clear_errors(kwargs, match):
 
 def test_chunked_route_equals_fused_route():
     """An all-True mask sends the CPU op down the chunked route; without it, the fused one runs."""
-    from dilate_compiler.lowering.dilated_eager import fused_route_applies
+    from dilate_compiler.lowering.dilated.eager import fused_route_applies
 
     q, k, v = _inputs(2, 4, 2, 300, 16, torch.float64)
     everything = torch.ones(300, 300, dtype=torch.bool)

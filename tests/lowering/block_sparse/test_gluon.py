@@ -1,6 +1,7 @@
-"""The warp-specialised Hopper forward (``block_sparse_gluon``): when the op takes it, and (GPU, marker ``gpu``)
-that it matches float64 and the Triton forward, feeds the Triton backward, leaves compiled graphs to the Triton
-kernels and replays in a CUDA graph. Gluon has no CPU interpreter, so its exactness is checked on the GPU only."""
+"""The warp-specialised Hopper forward (``lowering/block_sparse/gluon.py``): when the op takes it, and (GPU, marker
+``gpu``) that it matches float64 and the Triton forward, feeds the Triton backward, leaves compiled graphs to the
+Triton kernels and replays in a CUDA graph. Gluon has no CPU interpreter, so its exactness is checked on the GPU
+only."""
 
 import contextlib
 import os
@@ -14,10 +15,10 @@ import torch.nn.functional as F
 
 import dilate_compiler as dc
 from dilate_compiler import patterns as P
-from dilate_compiler.lowering import block_sparse_gluon as bg
-from dilate_compiler.lowering import hopper_gluon as hg
-from dilate_compiler.lowering import block_sparse_op
-from tests.lowering.test_block_sparse_op import dense_reference
+from dilate_compiler.lowering.block_sparse import gluon as bg
+from dilate_compiler.lowering.common import hopper_gluon as hg
+from dilate_compiler.lowering.block_sparse import op as block_sparse_op
+from tests.lowering.block_sparse.test_op import dense_reference
 from tests.tolerances import assert_close, rel_err
 
 
@@ -42,7 +43,7 @@ def test_the_op_says_why_it_runs_the_triton_forward_off_hopper():
 
 def test_an_unknown_setting_is_refused_by_name():
     env = dict(os.environ, DILATE_COMPILER_WARP_SPECIALISED="yes")
-    r = subprocess.run([sys.executable, "-c", "import dilate_compiler.lowering.block_sparse_gluon"], env=env,
+    r = subprocess.run([sys.executable, "-c", "import dilate_compiler.lowering.block_sparse.gluon"], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     assert "DILATE_COMPILER_WARP_SPECIALISED must be '0' (off) or '1' (on, the default), got 'yes'" in r.stderr

@@ -8,6 +8,7 @@ import torch
 
 from dilate_compiler import patterns as P
 from dilate_compiler.hilbert import curve_order
+from dilate_compiler.patterns import layouts
 
 N, BS, H = 77, 16, 4  # ragged: 77 = 4 * 16 + 13
 
@@ -92,19 +93,6 @@ def test_sliding_window_layout_is_banded_and_cheap():
     lay = P.sliding_window(4096).layout(262144, 128, is_causal=True)
     assert lay.kv_idx.shape == (1, 2048, 33)                              # 32 full + 1 partial diagonal block
     assert lay.kv_count[0, 100].tolist() == [2, 33]                        # window edge and diagonal partial
-
-
-def test_bad_arguments_name_the_argument():
-    with pytest.raises(ValueError, match="window_tokens"):
-        P.sliding_window(0)
-    with pytest.raises(ValueError, match="window_blocks"):
-        P.local(-1)
-    with pytest.raises(TypeError, match="bool tensor"):
-        P.from_layout(torch.ones(2, 2))
-    with pytest.raises(ValueError, match="3 x 3 blocks"):
-        P.from_layout(torch.ones(3, 3, dtype=torch.bool)).layout(N, BS)
-    with pytest.raises(TypeError, match="patterns"):
-        P.union(P.local(1), "local")
 
 
 def neighbourhood_brute(grid, radius, order=None, extra=0):
@@ -213,40 +201,6 @@ def test_lists_by_prefix_sums_equal_the_sorted_lists(seed):
             assert (st[h, i, idx[h, i, n_part:n_tot].long()] == P.FULL).all()
 
 
-def test_grid_patterns_reject_bad_arguments():
-    with pytest.raises(ValueError, match="grid"):
-        P.neighborhood((0, 4), 1)
-    with pytest.raises(ValueError, match="radius"):
-        P.neighborhood((4, 4), (1, 1, 1))
-    with pytest.raises(ValueError, match="seq_len"):
-        P.neighborhood((4, 4), 1).layout(10, 16)
-    with pytest.raises(ValueError, match="different grids"):
-        P.neighborhood((4, 4), 1) | P.neighborhood((2, 8), 1)
-
-
-def test_term_checks_name_the_bounded_columns():
-    # the kernels compile a comparison only for the columns some term bounds
-    assert P.neighborhood((8, 8), 2).layout(64, 16).checks == 0b1111 << 8   # 2-D grid: axes 1, 2 of 3
-    assert P.neighborhood((2, 4, 8), 1).layout(64, 16).checks == 0b111111 << 6
-    assert P.sliding_window(5).layout(64, 16).checks == 0b11
-    lay = (P.sliding_window(5) | P.global_tokens(2)).layout(64, 16)
-    assert lay.checks & 0b11 == 0b11 and lay.checks >> 6 == 0
-    assert P.local(1).layout(64, 16).checks == 0           # whole blocks: every visited block is full
-    assert lay.to("cpu").checks == lay.checks
-
-
-def test_a_term_table_without_the_always_true_row_0_is_refused():
-    """The kernels skip row 0's bounds in the backward: a table whose row 0 bounds something is an error."""
-    from dilate_compiler.patterns import term_checks
-
-    lay = P.sliding_window(5).layout(64, 16)
-    assert term_checks(lay.terms) == 0b11
-    with pytest.raises(ValueError, match="row 0 is the always-true row"):
-        term_checks(lay.terms[1:])
-    with pytest.raises(ValueError, match="row 0 is the always-true row"):
-        term_checks(lay.terms[:0])
-
-
 GPU_LIST_PATTERNS = {
     "window20": P.sliding_window(20),
     "local3|global5": P.local(3) | P.global_tokens(5),
@@ -259,16 +213,16 @@ GPU_LIST_PATTERNS = {
                                             for causal in (False, True)]
                          + [("window20", True, 160), ("local3|global5", False, 160)])
 def test_list_kernels_equal_the_pytorch_build(name, causal, n):
-    """``build_layout``'s GPU path (``layout_triton``, run here under the interpreter on CPU tensors) gives the
-    PyTorch build's state, counts, lists and bits, slot for slot; chunks of 4 columns make each row's running
-    counts cross chunks. Ragged (77) and whole (160) blocks."""
-    from dilate_compiler.lowering.layout_triton import build_lists
+    """``build_layout``'s GPU path (``lowering.block_sparse.layout_triton``, run here under the interpreter on CPU
+    tensors) gives the PyTorch build's state, counts, lists and bits, slot for slot; chunks of 4 columns make each
+    row's running counts cross chunks. Ragged (77) and whole (160) blocks."""
+    from dilate_compiler.lowering.block_sparse.layout_triton import build_lists
 
     pattern = GPU_LIST_PATTERNS[name]
     want = pattern.layout(n, 8, is_causal=causal)
-    assert P._lists_on_gpu(pattern, "cuda", "row")
+    assert layouts._lists_on_gpu(pattern.terms, "cuda", "row")
     nb = -(-n // 8)
-    diag = P._diagonals(pattern.terms, nb)
+    diag = layouts._diagonals(pattern.terms, nb)
     got = build_lists(P.term_table(pattern.terms), diag, n, 8, causal, chunk=4)
     names = ("state", "kv_count", "kv_idx", "kv_bits", "q_count", "q_idx", "q_bits")
     for field_name, tensor in zip(names, got):
@@ -277,9 +231,9 @@ def test_list_kernels_equal_the_pytorch_build(name, causal, n):
 
 def test_list_kernels_serve_diagonal_block_sets_only():
     """Random and per-head block sets, grid terms and the Hilbert schedule keep the PyTorch build."""
-    assert not P._lists_on_gpu(P.local(2) | P.random(2, seed=0), "cuda", "row")
-    assert not P._lists_on_gpu(P.neighborhood((4, 4), 1), "cuda", "row")
-    assert not P._lists_on_gpu(P.local(2), "cuda", "hilbert")
-    assert not P._lists_on_gpu(P.local(2), "cpu", "row")
-    assert P._diagonals(P.sliding_window(8).terms, 4) is None
-    assert P._diagonals(P.local(2).terms, 4)[1].tolist() == [0, 0, 1, 1, 1, 0, 0]
+    assert not layouts._lists_on_gpu((P.local(2) | P.random(2, seed=0)).terms, "cuda", "row")
+    assert not layouts._lists_on_gpu(P.neighborhood((4, 4), 1).terms, "cuda", "row")
+    assert not layouts._lists_on_gpu(P.local(2).terms, "cuda", "hilbert")
+    assert not layouts._lists_on_gpu(P.local(2).terms, "cpu", "row")
+    assert layouts._diagonals(P.sliding_window(8).terms, 4) is None
+    assert layouts._diagonals(P.local(2).terms, 4)[1].tolist() == [0, 0, 1, 1, 1, 0, 0]

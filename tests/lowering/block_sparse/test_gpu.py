@@ -10,8 +10,9 @@ import torch.nn.functional as F
 import dilate_compiler as dc
 from dilate_compiler import patterns as P
 from dilate_compiler.backend import dilated_backend
-from dilate_compiler.lowering.block_sparse_op import use_kernels
-from tests.lowering.test_block_sparse_op import dense_reference
+from dilate_compiler.lowering.block_sparse.op import use_kernels
+from dilate_compiler.patterns import layouts
+from tests.lowering.block_sparse.test_op import dense_reference
 from tests.tolerances import assert_close, rel_err
 
 pytestmark = pytest.mark.gpu
@@ -75,7 +76,7 @@ def test_op_on_cuda_runs_kernels_and_matches_reference(case):
 
 
 def _tile_cases():
-    from dilate_compiler.lowering.block_sparse_triton import tile_space
+    from dilate_compiler.lowering.block_sparse.triton import tile_space
 
     return [(kind, i) for kind in ("fwd", "bwd") for i in range(len(tile_space(kind, 128)))]
 
@@ -85,7 +86,7 @@ def test_every_tile_of_the_autotuning_space_matches_reference(kind, index):
     """Whichever tile configuration the autotuner picks is exact: each one of the space, pinned in turn (the
     forward kernel, or both backward kernels), on a causal window with partial blocks, a ragged end and GQA,
     against float64."""
-    from dilate_compiler.lowering import block_sparse_triton as bt
+    from dilate_compiler.lowering.block_sparse import triton as bt
     from tests.lowering.pinning import pinned as _pinned
 
     config = bt.tile_space(kind, 128)[index]
@@ -113,8 +114,8 @@ def test_every_tile_of_the_autotuning_space_matches_reference(kind, index):
 def test_inductor_autotuning_over_tiles_of_two_shapes_matches_reference(reverse):
     """As the dilated test of that name: two tiles of different row (and key) counts per space, in both orders;
     the op compiled by Inductor, which autotunes and launches the kernels itself, matches float64."""
-    from dilate_compiler.lowering import block_sparse_triton as bt
-    from tests.lowering.test_dilated_gpu import compiled_over_tiles, tiles
+    from dilate_compiler.lowering.block_sparse import triton as bt
+    from tests.lowering.dilated.test_gpu import compiled_over_tiles, tiles
 
     order = (lambda c: c[::-1]) if reverse else (lambda c: c)
     pins = [([bt._autotuned("fwd", 128)], order(tiles(bt.tile_space("fwd", 128), (128, 128, 4), (64, 64, 4)))),
@@ -168,8 +169,8 @@ def test_inductor_compiles_a_capped_tile_with_its_cap():
     from torch._inductor.runtime.triton_heuristics import CachingAutotuner
     from torch._inductor.utils import run_and_get_code
 
-    from dilate_compiler.lowering import block_sparse_triton as bt
-    from dilate_compiler.lowering import inductor_caps
+    from dilate_compiler.lowering.block_sparse import triton as bt
+    from dilate_compiler.lowering.common import inductor_caps
     from tests.lowering.pinning import pinned
 
     assert inductor_caps.install() == ""       # what the ops do at their first launch (unless the env var says 0)
@@ -220,7 +221,7 @@ def test_adaptive_on_cuda_matches_the_exact_path():
 def test_layout_built_on_cuda_equals_the_cpu_build(name, pattern, n, causal):
     """A layout built on CUDA (the list kernels, two chunks of 1024 columns per row at 256K) equals the PyTorch
     build on the CPU, tensor for tensor."""
-    assert P._lists_on_gpu(pattern, "cuda", "row")
+    assert layouts._lists_on_gpu(pattern.terms, "cuda", "row")
     got = pattern.layout(n, 128, is_causal=causal, device="cuda")
     want = pattern.layout(n, 128, is_causal=causal)
     for field_name in P.LAYOUT_TENSORS:

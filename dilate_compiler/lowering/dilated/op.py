@@ -15,45 +15,25 @@ The pattern (segments, rates, mixing) is an op argument, so it is a compile-time
 
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ..strategies.dilated import Dilated
-from .dilated_eager import dilated_attention_backward_eager, dilated_attention_forward_eager
-from .dilated_triton import dilated_attn_bwd, dilated_attn_fwd, kernel_unsupported_reason
+from ..common.dispatch import kernels_apply, lse_dtype
+from .eager import dilated_attention_backward_eager, dilated_attention_forward_eager
+from .plan import dilated_plan
+from .triton import dilated_attn_bwd, dilated_attn_fwd, kernel_unsupported_reason
 
 try:
-    from . import dilated_gluon
+    from . import gluon
 except ImportError as e:   # a Triton without Gluon's Hopper API: the Triton forward runs everywhere
-    dilated_gluon = None
+    gluon = None
     _GLUON_MISSING = f"Gluon unavailable ({e})"
-
-log = logging.getLogger("dilate_compiler")
-_LOGGED: set = set()
-
-
-def _plan(segment_lengths, dilation_rates, mixing, seq_len, num_heads):
-    return Dilated(tuple(segment_lengths), tuple(dilation_rates), mixing).plan(seq_len, num_heads)
 
 
 def _seed(seed: Optional[Tensor]) -> int:
     return 0 if seed is None else int(seed.item())
-
-
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def kernels_apply(what: str, q: Tensor, reason: str) -> bool:
-    """True when ``reason`` is empty (the Triton kernels run); a CUDA call that can't use them is logged once
-    per (op, reason)."""
-    if reason and q.device.type == "cuda" and (what, reason) not in _LOGGED:
-        _LOGGED.add((what, reason))
-        log.warning("%s on CUDA runs the exact PyTorch path: %s", what, reason)
-    return not reason
 
 
 def use_kernels(q: Tensor, attn_mask, dropout_p: float, num_branches: int) -> bool:
@@ -63,11 +43,11 @@ def use_kernels(q: Tensor, attn_mask, dropout_p: float, num_branches: int) -> bo
 
 def warp_specialised_reason(q, k, v, attn_mask, segment_lengths, dilation_rates, is_causal: bool, mixing: str,
                             dropout_p: float) -> str:
-    """Why the warp-specialised Hopper forward (``dilated_gluon``) doesn't run this call, or ''."""
-    if dilated_gluon is None:
+    """Why the warp-specialised Hopper forward (``gluon``) doesn't run this call, or ''."""
+    if gluon is None:
         return _GLUON_MISSING
-    return dilated_gluon.unsupported_reason(q, k, v, attn_mask, segment_lengths, dilation_rates,
-                                            is_causal=is_causal, mixing=mixing, dropout_p=dropout_p)
+    return gluon.unsupported_reason(q, k, v, attn_mask, segment_lengths, dilation_rates, is_causal=is_causal,
+                                    mixing=mixing, dropout_p=dropout_p)
 
 
 # --- the exact path ----------------------------------------------------------------------------------------
@@ -79,7 +59,7 @@ def dilated_attention_forward_exact(
     dilation_rates: list[int], is_causal: bool, scale: float, mixing: str, dropout_p: float,
     seed: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:
-    plan = _plan(segment_lengths, dilation_rates, mixing, q.shape[2], q.shape[1])
+    plan = dilated_plan(segment_lengths, dilation_rates, mixing, q.shape[2], q.shape[1])
     return dilated_attention_forward_eager(
         q, k, v, plan, is_causal=is_causal, scale=scale, attn_mask=attn_mask, dropout_p=dropout_p,
         seed=_seed(seed),
@@ -99,7 +79,7 @@ def dilated_attention_backward_exact(
     segment_lengths: list[int], dilation_rates: list[int], is_causal: bool, scale: float, mixing: str,
     dropout_p: float, seed: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    plan = _plan(segment_lengths, dilation_rates, mixing, q.shape[2], q.shape[1])
+    plan = dilated_plan(segment_lengths, dilation_rates, mixing, q.shape[2], q.shape[1])
     return dilated_attention_backward_eager(
         dout, q, k, v, out, lse, plan, is_causal=is_causal, scale=scale, attn_mask=attn_mask,
         dropout_p=dropout_p, seed=_seed(seed),
@@ -126,7 +106,7 @@ def dilated_attention_forward(
     if use_kernels(q, attn_mask, dropout_p, len(segment_lengths)):
         if not warp_specialised_reason(q, k, v, attn_mask, segment_lengths, dilation_rates, is_causal, mixing,
                                        dropout_p):
-            return dilated_gluon.dilated_attn_fwd_ws(q, k, v, segment_lengths, dilation_rates, scale=scale)
+            return gluon.dilated_attn_fwd_ws(q, k, v, segment_lengths, dilation_rates, scale=scale)
         return dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, is_causal=is_causal, scale=scale,
                                 mixing=mixing, dropout_p=dropout_p, seed=seed)
     return torch.ops.dilate_compiler.dilated_attention_forward_exact(

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..patterns import partial_mask
-from .dilated_op import lse_dtype as acc_dtype  # accumulation and LSE dtype: float64 for float64, else float32
+from ...patterns.algebra import partial_mask
+from ..common.dispatch import lse_dtype as acc_dtype  # accumulation and LSE dtype: float64 for float64, else float32
 
 # Elements of the per-chunk score tensor (B * H * rows * keys); bounds the exact path's working memory.
 CHUNK_ELEMENTS = 1 << 24

@@ -1,0 +1,134 @@
+"""The compile-time plan of a dilated pattern: which rows of which heads each branch reads, fixed before any
+kernel runs. The strategy (``strategies.dilated.Dilated``), the exact path and the kernels read it from here.
+
+A pattern is ``(segment_lengths, dilation_rates, mixing)``: branch ``i`` has segment length ``w_i`` and rate
+``r_i`` (``w_i % r_i == 0``). Under ``mixing="lse"`` query head ``h`` reads the rows ``p % r_i == h % r_i`` of
+every branch; under ``"head_groups"`` heads split into one contiguous group per branch (the first ``H % n`` get
+one extra head) and group ``i`` reads the rows ``p % r_i == i % r_i`` of branch ``i`` only, the output divided
+by the number of branches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MIXINGS = ("lse", "head_groups")
+MAX_INT64 = 2**63 - 1
+
+
+def _as_int_tuple(name: str, value) -> tuple[int, ...]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of positive ints, got {value!r}") from None
+    if not items:
+        raise ValueError(f"{name} must be non-empty, got {value!r}")
+    for x in items:
+        if isinstance(x, bool) or not isinstance(x, int) or x <= 0:
+            raise ValueError(f"{name} must hold positive ints, got {value!r} (bad entry {x!r})")
+        if x > MAX_INT64:
+            raise ValueError(f"{name} must hold ints of at most 2**63 - 1 (int64), got {value!r} (bad entry {x!r}); "
+                             f"a segment longer than the sequence holds the whole sequence")
+    return items
+
+
+def check_pattern(segment_lengths, dilation_rates, mixing: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(segment_lengths, dilation_rates)`` as tuples of ints, once checked: positive ints, as many of each,
+    every segment length a multiple of its rate, ``mixing`` one of ``MIXINGS``."""
+    segs = _as_int_tuple("segment_lengths", segment_lengths)
+    rates = _as_int_tuple("dilation_rates", dilation_rates)
+    if len(segs) != len(rates):
+        raise ValueError(
+            f"segment_lengths and dilation_rates must have equal lengths, got {len(segs)} "
+            f"({segs!r}) and {len(rates)} ({rates!r})"
+        )
+    for w, r in zip(segs, rates):
+        if w % r:
+            raise ValueError(
+                f"each segment length must be a multiple of its dilation rate, got segment {w} with rate {r} "
+                f"(segment_lengths={segs!r}, dilation_rates={rates!r})"
+            )
+    if mixing not in MIXINGS:
+        raise ValueError(f"mixing must be one of {MIXINGS}, got {mixing!r}")
+    return segs, rates
+
+
+@dataclass(frozen=True)
+class HeadGroup:
+    """Query heads ``range(start, stop, step)`` read the rows ``p`` with ``p % rate == offset`` of a branch."""
+
+    start: int
+    stop: int
+    step: int
+    offset: int
+
+    def heads(self) -> range:
+        return range(self.start, self.stop, self.step)
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One dilated branch as run on a sequence of a known length: ``segment_length`` is already clipped."""
+
+    segment_length: int
+    dilation_rate: int
+    head_groups: tuple[HeadGroup, ...]
+
+
+@dataclass(frozen=True)
+class DilatedPlan:
+    """Everything a kernel needs, fixed at compile time: branches, their head groups, the output scale."""
+
+    branches: tuple[Branch, ...]
+    output_scale: float
+
+
+def clip_segment(segment_length: int, dilation_rate: int, seq_len: int) -> int:
+    """Smallest multiple of ``dilation_rate`` that is >= ``seq_len``, if that is shorter than the segment.
+
+    A segment longer than the sequence holds the whole sequence; keeping the clipped length a multiple of
+    the rate keeps "position mod rate" the same inside the segment and globally.
+    """
+    return min(segment_length, -(-max(seq_len, 1) // dilation_rate) * dilation_rate)
+
+
+def head_group_bounds(num_branches: int, num_heads: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each branch's heads under ``mixing="head_groups"``."""
+    base, extra = divmod(num_heads, num_branches)
+    bounds, start = [], 0
+    for i in range(num_branches):
+        stop = start + base + (1 if i < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def dilated_plan(segment_lengths, dilation_rates, mixing: str, seq_len: int, num_heads: int) -> DilatedPlan:
+    """The compile-time plan of a pattern for ``num_heads`` query heads over ``seq_len`` tokens (the pattern is
+    checked first: ``check_pattern``)."""
+    segs, rates = check_pattern(segment_lengths, dilation_rates, mixing)
+    branches = []
+    if mixing == "lse":
+        for w, r in zip(segs, rates):
+            groups = tuple(HeadGroup(o, num_heads, r, o) for o in range(min(r, num_heads)))
+            branches.append(Branch(clip_segment(w, r, seq_len), r, groups))
+        return DilatedPlan(tuple(branches), 1.0)
+    for i, ((w, r), (start, stop)) in enumerate(zip(zip(segs, rates), head_group_bounds(len(segs), num_heads))):
+        groups = (HeadGroup(start, stop, 1, i % r),) if stop > start else ()
+        branches.append(Branch(clip_segment(w, r, seq_len), r, groups))
+    return DilatedPlan(tuple(branches), 1.0 / len(segs))
+
+
+def nested_order(segment_lengths, dilation_rates, mixing: str, dropout_p: float = 0.0):
+    """The branches ``(segments, rates)`` sorted by segment length (then rate) when they form a chain, each
+    segment length and each rate dividing the next, under ``mixing="lse"`` without dropout: the kernels then
+    visit every linked pair once, weighted by its multiplicity (``triton.walks``). None otherwise (the kernels
+    walk per branch). Sorting is free under LSE mixing: a branch's offset depends on its rate alone."""
+    if mixing != "lse" or dropout_p != 0.0:
+        return None
+    pairs = sorted(zip(segment_lengths, dilation_rates))
+    if any(w2 % w1 or r2 % r1 for (w1, r1), (w2, r2) in zip(pairs, pairs[1:])):
+        return None
+    return tuple(w for w, _ in pairs), tuple(r for _, r in pairs)
