@@ -1,6 +1,6 @@
 """Registers, spills and shared memory of the dilated kernels' autotuned configs (what the compiler reports).
 
-    python benchmarks/kernel_resources.py [--n 262144] [--heads 16] [--dim 64] [--causal]
+    python experiments/kernel_resources.py [--n 262144] [--heads 16] [--dim 64] [--causal]
 """
 
 import argparse

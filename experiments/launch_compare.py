@@ -2,7 +2,7 @@
 both, side by side: time per kernel under the profiler, and each launch as the profiler records it (grid, block,
 registers per thread, shared memory); then the whole op under ``do_bench``, the two paths alternating.
 
-    python benchmarks/launch_compare.py [--config A|B] [--n 262144] [--causal] [--tile 64x64/4w/3s] [--reps 5]
+    python experiments/launch_compare.py [--config A|B] [--n 262144] [--causal] [--tile 64x64/4w/3s] [--reps 5]
 
 Why: under torch.compile the causal walk-0 kernel ran faster than the eager launch of what should be the same
 kernel (RESULTS.md, "Eager against torch.compile"). Pinning one config takes the autotuners out; what remains to
@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from dilate_compiler.lowering import dilated_triton as dt
 
-from autotune_timings import KERNELS, tile_name   # noqa: E402  (benchmarks/, beside this script)
+from autotune_timings import KERNELS, tile_name   # noqa: E402  (experiments/, beside this script)
 from profile_dilated import add_problem_args, problem   # noqa: E402
 
 LAUNCH_ARGS = ("grid", "block", "registers per thread", "shared memory", "est. achieved occupancy %")

@@ -1,7 +1,7 @@
 """CUDA time per kernel of one dilated attention call (forward, or forward + backward), after autotuning: which
 kernel the time goes to.
 
-    python benchmarks/profile_dilated.py [--config A|B] [--n 262144] [--causal] [--backward] [--reps 5]
+    python experiments/profile_dilated.py [--config A|B] [--n 262144] [--causal] [--backward] [--reps 5]
 
 Config A: H=16, D=64; B: H=8, D=128; segments (2048, 4096, 8192, 16384), rates (1, 2, 4, 8), bf16.
 """
@@ -17,7 +17,7 @@ SEGS, RATES = (2048, 4096, 8192, 16384), (1, 2, 4, 8)
 
 
 def add_problem_args(ap: argparse.ArgumentParser) -> None:
-    """``--config``, ``--n``, ``--causal``: the dilated attention call these benchmarks look at."""
+    """``--config``, ``--n``, ``--causal``: the dilated attention call these tools look at."""
     ap.add_argument("--config", default="A", choices=("A", "B"))
     ap.add_argument("--n", type=int, default=262144)
     ap.add_argument("--causal", action="store_true")

@@ -1,7 +1,7 @@
 """Block-sparse forward time against list length, beside dense flash SDPA, one run: what a block row costs
 beyond its key blocks.
 
-    python benchmarks/row_length_sweep.py [--n 65536] [--ks 1,2,4,8,16,32,64,128,256,512]
+    python experiments/row_length_sweep.py [--n 65536] [--ks 1,2,4,8,16,32,64,128,256,512]
         [--tiles 128x128/8w/3s@128] [--out DIR]
 
 Layouts: ``local(k)``, not causal (interior query blocks visit 2k - 1 key blocks; ``k`` = N / 128 is full
@@ -29,7 +29,7 @@ import dilate_compiler as dc  # noqa: E402
 from dilate_compiler import patterns as P  # noqa: E402
 from dilate_compiler.lowering import block_sparse_triton as bt  # noqa: E402
 
-from autotune_timings import tile_name  # noqa: E402  (benchmarks/, beside this script)
+from autotune_timings import tile_name  # noqa: E402  (experiments/, beside this script)
 from pinned_tiles import parse_tile  # noqa: E402
 from tests.lowering.pinning import pinned  # noqa: E402
 

@@ -1,10 +1,10 @@
 """One launch each of our block-sparse forward and FlexAttention's on the same sliding-window blocks, for a profiler.
 
-    DILATE_COMPILER_AUTOTUNE=0 python benchmarks/profile_block_sparse.py          # compiles (run once first)
+    DILATE_COMPILER_AUTOTUNE=0 python experiments/profile_block_sparse.py          # compiles (run once first)
     DILATE_COMPILER_AUTOTUNE=0 ncu -k regex:"block_sparse_fwd|triton_tem" -s 2 -c 2 \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis \
         --section MemoryWorkloadAnalysis --section WarpStateStats --section InstructionStats \
-        --section SchedulerStats python benchmarks/profile_block_sparse.py
+        --section SchedulerStats python experiments/profile_block_sparse.py
 
 B=1, H=16, D=64, bf16, N=65536 (``--n``), causal sliding window of 4096 tokens, block size 128; Flex gets our
 layout's block lists (as ``bench_block_sparse.py --flex-mask from-layout``). Three rounds of (ours, Flex): the
@@ -12,13 +12,17 @@ layout's block lists (as ``bench_block_sparse.py --flex-mask from-layout``). Thr
 """
 
 import argparse
+import os
+import sys
 
-import torch
-from torch.nn.attention.flex_attention import flex_attention
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 
-import dilate_compiler as dc
-from bench_block_sparse import WINDOW, flex_block_mask_from_layout
-from dilate_compiler import patterns as P
+import torch  # noqa: E402
+from torch.nn.attention.flex_attention import flex_attention  # noqa: E402
+
+import dilate_compiler as dc  # noqa: E402
+from bench_block_sparse import WINDOW, flex_block_mask_from_layout  # noqa: E402  (benchmarks/)
+from dilate_compiler import patterns as P  # noqa: E402
 
 H, D, BS = 16, 64, 128
 

@@ -1,7 +1,7 @@
 """An op's time with one of its kernels pinned to each of a list of tiles, registers per thread capped or not:
 what a tile (e.g. a register cap, ``tile_configs``) buys before it joins an autotuning space.
 
-    python benchmarks/pinned_tiles.py --problem window|A|A-causal|B --kernel fwd|walk0|dq|dkdv [--n 262144]
+    python experiments/pinned_tiles.py --problem window|A|A-causal|B --kernel fwd|walk0|dq|dkdv [--n 262144]
         --tiles 128x128/4w/3s,128x128/8w/3s@128
 
 Problems (bf16, B=1):
@@ -31,7 +31,7 @@ from dilate_compiler import patterns as P  # noqa: E402
 from dilate_compiler.lowering import block_sparse_triton as bt  # noqa: E402
 from dilate_compiler.lowering import dilated_triton as dt  # noqa: E402
 
-from autotune_timings import tile_name  # noqa: E402  (benchmarks/, beside this script)
+from autotune_timings import tile_name  # noqa: E402  (experiments/, beside this script)
 from profile_dilated import problem as dilated_problem  # noqa: E402
 from tests.lowering.pinning import pinned  # noqa: E402  (the pinning the GPU tests use)
 

@@ -1,11 +1,11 @@
-"""``benchmarks/pinned_tiles.py``'s tile names: the inverse of ``tile_name`` over every autotuning space."""
+"""``experiments/pinned_tiles.py``'s tile names: the inverse of ``tile_name`` over every autotuning space."""
 
 import os
 import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from autotune_timings import tile_name  # noqa: E402
 from pinned_tiles import parse_tile  # noqa: E402

@@ -1,6 +1,6 @@
 """Minimal reproduction: an AOTInductor package of ``torch.sin`` on CUDA, loaded in fresh processes.
 
-    python benchmarks/aoti_load_repro.py OUT_DIR [--shared-runtime]
+    python experiments/aoti_load_repro.py OUT_DIR [--shared-runtime]
 
 Cause found on the benchmark H100: its C++ compiler finds no shared ``libstdc++.so`` and links the static archive
 into the package's wrapper library (``ldd`` lists no libstdc++), so the loading process runs two C++ runtimes;

@@ -1,6 +1,6 @@
 """Compile time of a 12-layer GPT-2-small-sized model: backend="dilated" vs backend="inductor".
 
-    python benchmarks/compile_time.py [--seq-len 1024] [--device cpu|cuda]
+    python experiments/compile_time.py [--seq-len 1024] [--device cpu|cuda]
 
 Each backend is timed in a fresh process (cold caches: FX graph cache and Inductor caches disabled),
 first call = compile + one forward; a second call's time is subtracted to leave the compile time.

@@ -4,7 +4,7 @@ op's time with each config of one kernel pinned, under ``do_bench`` and back to 
 the fastest by a margin larger than the run-to-run noise, whether the two paths agree, and whether the way of
 timing changes the ranking.
 
-    python benchmarks/autotune_timings.py [--config A|B] [--n 262144] [--causal] [--repeats 2] [--compiled]
+    python experiments/autotune_timings.py [--config A|B] [--n 262144] [--causal] [--repeats 2] [--compiled]
 
 Each repeat clears the autotuner's choice and tunes again (Triton's disk cache of autotuning results is off).
 """
@@ -20,7 +20,7 @@ import triton  # noqa: E402
 
 from dilate_compiler.lowering import dilated_triton as dt  # noqa: E402
 
-from profile_dilated import add_problem_args, problem  # noqa: E402  (benchmarks/, beside this script)
+from profile_dilated import add_problem_args, problem  # noqa: E402  (experiments/, beside this script)
 
 KERNELS = {"walk0": dt._dilated_attn_fwd_walk0_kernel, "fwd": dt._dilated_attn_fwd_kernel}
 
