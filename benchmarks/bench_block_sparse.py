@@ -228,7 +228,8 @@ def plot(results, rows, timed):
                 pts = [(r["N"], r[f"{m}_fwd_ms"]) for r in sel if f"{m}_fwd_ms" in r]
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=m)
-            ax.set(xscale="log", yscale="log", xlabel="N (tokens)", ylabel="forward ms", title=name)
+            ax.set_xscale("log", base=2)
+            ax.set(yscale="log", xlabel="N (tokens)", ylabel="forward ms", title=name)
             ax.legend(fontsize=7)
         fig.tight_layout()
         return fig

@@ -363,7 +363,8 @@ def plot(results, rows, methods_timed):
                     if pts:
                         ax.plot(*zip(*pts), style, marker="o", label=f"{m}{' causal' if causal else ''}")
             H, D = CONFIGS[cfg]
-            ax.set(xscale="log", yscale="log", xlabel="N (tokens)", ylabel="forward ms",
+            ax.set_xscale("log", base=2)
+            ax.set(yscale="log", xlabel="N (tokens)", ylabel="forward ms",
                    title=f"config {cfg}: H={H}, D={D}")
             ax.legend(fontsize=7)
         fig.tight_layout()

@@ -4,9 +4,9 @@ registers per thread, shared memory); then the whole op under ``do_bench``, the 
 
     python experiments/launch_compare.py [--config A|B] [--n 262144] [--causal] [--tile 64x64/4w/3s] [--reps 5]
 
-Why: under torch.compile the causal walk-0 kernel ran faster than the eager launch of what should be the same
-kernel (RESULTS.md, "Eager against torch.compile"). Pinning one config takes the autotuners out; what remains to
-differ is the launch.
+Why: under torch.compile the causal walk-0 kernel once ran faster than the eager launch of what should be the
+same kernel (docs/design-notes.md, "Two autotuners disagree"). Pinning one config takes the autotuners out; what
+remains to differ is the launch.
 """
 
 import argparse
