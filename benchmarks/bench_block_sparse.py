@@ -171,7 +171,10 @@ def run_case(name, N, a, device, dtype, flex_compiled) -> dict:
                 continue
             row[f"{m}_fwd_ms"] = harness.measure_ms(fn, device)
         if a.backward:
-            row[f"{m}_fwdbwd_ms"] = harness.measure_ms(fn, device, backward_inputs=(q, k, v))
+            try:
+                row[f"{m}_fwdbwd_ms"] = harness.measure_ms(fn, device, backward_inputs=(q, k, v))
+            except RuntimeError as e:            # e.g. a dense backend without this backward
+                row[f"{m}_fwdbwd_error"] = str(e).splitlines()[0][:200]
     del q, k, v
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -191,6 +194,9 @@ def _dense(q, k, v, backend):
 
 def summarise(results, rows, timed, backward):
     nan = float("nan")
+    failed = sorted({f"{k[:-6]}: {r[k]}" for r in rows for k in r if k.endswith("_error")})
+    if failed:
+        print("\nfailed (not timed):\n  " + "\n  ".join(failed), flush=True)
     for phase, title in (("fwd", "Forward"), ("fwdbwd", "Forward + backward")):
         if phase == "fwdbwd" and not backward:
             continue
@@ -201,7 +207,10 @@ def summarise(results, rows, timed, backward):
         cells = []
         for r in rows:
             ours = r.get(f"ours_{phase}_ms")
-            rate = lambda key, m: factor * r[key] / r[f"{m}_{phase}_ms"] / 1e9 if f"{m}_{phase}_ms" in r else nan  # noqa
+
+            def rate(key, m, r=r):
+                return factor * r[key] / r[f"{m}_{phase}_ms"] / 1e9 if f"{m}_{phase}_ms" in r else nan
+
             dense = {m: rate("dense_flop", m) for m in ("dense-cudnn", "dense-flash", "dense-cpu")
                      if f"{m}_{phase}_ms" in r}
             best = max(dense, key=dense.get) if dense else None

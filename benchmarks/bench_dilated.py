@@ -301,7 +301,10 @@ def run_case(cfg, causal, N, a, device, dtype, flex_compiled, check_flex) -> dic
             row[f"{m}_fwd_ms"] = harness.measure_ms(fn, device)
             row[f"{m}_fwd_peak_extra_mib"] = harness.peak_extra_mib(fn, device)
         if a.backward and m != "flex":
-            row[f"{m}_fwdbwd_ms"] = harness.measure_ms(fn, device, backward_inputs=(q, k, v))
+            try:
+                row[f"{m}_fwdbwd_ms"] = harness.measure_ms(fn, device, backward_inputs=(q, k, v))
+            except RuntimeError as e:            # e.g. a dense backend without this backward
+                row[f"{m}_fwdbwd_error"] = str(e).splitlines()[0][:200]
     del q, k, v
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -329,6 +332,9 @@ def _ratio(a_ms, b_ms) -> float:
 
 
 def summarise(results, rows, methods_timed, backward):
+    failed = sorted({f"{k[:-6]}: {r[k]}" for r in rows for k in r if k.endswith("_error")})
+    if failed:
+        print("\nfailed (not timed):\n  " + "\n  ".join(failed), flush=True)
     for phase, title in (("fwd", "Forward"), ("fwdbwd", "Forward + backward")):
         if phase == "fwdbwd" and not backward:
             continue

@@ -356,9 +356,9 @@ def summarise(rows, device) -> None:
         results.add_table("Each mode against the single-GPU op (relative error; bytes sent per rank)",
                           ["mode", "layout", "causal", "N", "out", "dq", "dk", "dv", "within tolerance",
                            "bytes fwd", "bytes bwd"],
-                          [[r["mode"], r["layout"], r["causal"], r["n"], *(r["rel_err"][k] for k in ("out", "dq", "dk", "dv")),
-                            r["ok"], int(r["sent_bytes_per_rank_fwd"]), int(r["sent_bytes_per_rank_bwd"])]
-                           for r in checks])
+                          [[r["mode"], r["layout"], r["causal"], r["n"],
+                            *(r["rel_err"][k] for k in ("out", "dq", "dk", "dv")), r["ok"],
+                            int(r["sent_bytes_per_rank_fwd"]), int(r["sent_bytes_per_rank_bwd"])] for r in checks])
     scaling = [r for r in rows if r.get("phase") == "scaling" and "fwd_ms" in r]
     other = [r for r in rows if r.get("phase") in ("anchor", "overlap", "longest") and "error" not in r]
     if scaling or other:
