@@ -1,9 +1,10 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# The torch CI tests with; pyproject.toml accepts 2.11 to 2.13.
 TORCH_PIN := torch==2.13.0
 
-.PHONY: demo test test-gpu bench bench-probe clean
+.PHONY: demo test test-fast test-gpu bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,11 +17,16 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) examples/demo.py
 
+# The whole suite (what CI runs); GPU-marked tests skip without CUDA.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not gpu" -n 2 tests
+	$(PY) -m pytest -q -m "not gpu" -n 2 tests experiments
+
+# Everything not marked slow: a few minutes on 2 cores.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not gpu and not slow" -n 2 tests experiments
 
 # On a CUDA machine whose Python already has torch and triton (no venv): the GPU-marked tests with pinned
-# tiles, and the dilated benchmark of RESULTS.md (config A, 256K, both causal settings, with its anchors).
+# tiles, and the dilated benchmark of docs/results.md (config A, 256K, both causal settings, with its anchors).
 GPU_PY ?= python3
 BENCH_OUT ?= benchmarks/out
 
@@ -48,12 +54,6 @@ bench:
 	mkdir -p $(BENCH_OUT)
 	PYTHONPATH=$(CURDIR) $(GPU_PY) benchmarks/bench_dilated.py --out $(BENCH_OUT) --configs A --ns 262144 \
 		--causal both --methods ours,ours-triton,dense,gather --backward
-
-# The probe of flash attention's inner-loop forms (in order, pipelined, lazy rescale; RESULTS.md), beside flash
-# SDPA, one device call; log in $(BENCH_OUT).
-bench-probe:
-	mkdir -p $(BENCH_OUT)
-	PYTHONPATH=$(CURDIR) $(GPU_PY) benchmarks/softmax_loop_probe.py > $(BENCH_OUT)/probe.log 2>&1
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,48 +1,50 @@
-"""Block-sparse attention on the GPU, side by side with FlexAttention on the same mask and dense SDPA, one run.
+"""Block-sparse attention against FlexAttention on the same mask and dense attention, all in one run.
 
-    python benchmarks/bench_block_sparse.py --out DIR [--ns 16384,65536,262144] [--backward] [--compiled]
-        [--methods ours,ours-triton,flex,dense] [--cuda-graph]
+    python benchmarks/bench_block_sparse.py --out DIR [--ns 16384,65536,262144] [--patterns window,local+global]
+        [--methods ours,flex,dense] [--backward]
 
-Patterns (B=1, H=16, D=64, bf16, block size 128):
-- window:       causal sliding window of 4096 tokens (Mistral-style: p - 4096 < j <= p), token-exact.
-- local+global: local(8) (query block I sees key blocks |I - J| < 8) | global_tokens(128) (one global block),
-                not causal.
-Methods: ours (dc.ops.block_sparse_attention with a prebuilt layout; each row's "ours_forward" says whether its
-forward ran the warp-specialised Hopper kernel or why not); ours-triton (the same with the warp-specialised forward
-off: the Triton forward); flex (flex_attention compiled, with the same mask_mod); dense
-(F.scaled_dot_product_attention, flash, full attention); with --compiled also ours-compiled (the same call under
-torch.compile: the kernels as Inductor emits them, after one compiling call).
-Flex's block mask: --flex-mask create builds it with create_block_mask(_compile=True) once per N (its first
-call, which compiles, and its steady-state build are timed separately); --flex-mask from-layout hands Flex
-our layout's block lists (BlockMask.from_kv_blocks, the same partial/full split and mask_mod), which skips
-create_block_mask's minutes-long first compile and measures the kernels on identical block structure.
-Layout build: ours = pattern.layout(...) on the GPU (median of 5, after one warm call; that first call, which
-compiles the list kernels, is timed separately).
-Useful FLOPs: 4*D*H per allowed (query, key) pair; "computed" FLOPs count every token pair of a visited block.
-Times: medians of triton.testing.do_bench (which zeroes a 256 MB buffer before each call; a call whose host side
-takes longer than its kernels leaves the GPU idle in between, counted). With --cuda-graph each forward is also
-timed replaying a CUDA graph of it (triton.testing.do_bench_cudagraph, median; no host work and no L2 flush
-between calls): the kernels' own time. Written as {method}_fwd_graph_ms beside {method}_fwd_ms.
+Patterns (B=1, H=16, D=64, bf16 on CUDA, block size 128):
+- ``window``: causal sliding window of 4096 tokens (Mistral's: p - 4096 < j <= p), token-exact;
+- ``local+global``: ``local(8)`` (query block I sees key blocks |I - J| < 8) | ``global_tokens(128)``, not causal.
+
+Methods (``--methods``, comma-separated):
+- ``ours``: ``dc.ops.block_sparse_attention`` with a prebuilt layout; the row's ``ours_forward`` says whether the
+  warp-specialised Hopper forward ran, or why not;
+- ``ours-triton``: the same with the warp-specialised forward turned off (CUDA only);
+- ``ours-compiled``: the same call under ``torch.compile(fullgraph=True)``;
+- ``flex``: ``flex_attention`` (compiled) with the same ``mask_mod``, on our layout's block lists
+  (``--flex-mask from-layout``, the default: the same partial / full blocks) or on ``create_block_mask``'s
+  (``--flex-mask create``: its first call compiles, for minutes at large N; first call and steady build timed);
+- ``dense``: full (non-causal) attention, the rate ceiling: with the cuDNN and the flash backends on CUDA
+  (``dense-cudnn``, ``dense-flash``), the faster taken.
+
+Layout build: ``pattern.layout(...)`` on the device (median of 5 after a first call, which compiles the list
+kernels on CUDA and is timed apart).
+Throughput: 4·D·H FLOPs per allowed (query, key) pair ("useful"), or per pair of every block the kernels visit
+("computed blocks": the kernels' own rate, the one comparable to dense attention's). "ours / dense": ours'
+computed-block rate as a share of the faster dense backend's.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
-import triton
 
-import dilate_compiler as dc
-from bench_dilated import bench, flex_block_mask, triton_forward, tuned_configs
-from dilate_compiler import patterns as P
-from dilate_compiler.lowering.block_sparse.op import warp_specialised_reason
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import dilate_compiler as dc  # noqa: E402
+import harness  # noqa: E402
+from bench_dilated import dense_methods, flex_block_mask  # noqa: E402
+from dilate_compiler import patterns as P  # noqa: E402
 
 H, D, BS, WINDOW = 16, 64, 128, 4096
+METHODS = ("ours", "ours-triton", "ours-compiled", "flex", "dense")
 
 
 def cases():
@@ -56,16 +58,15 @@ def cases():
 
 def allowed_pairs(layout) -> tuple[int, int]:
     """(allowed token pairs, token pairs of visited blocks) of one head, from the layout (partial blocks
-    evaluated token by token in chunks; O(partial blocks * bs^2))."""
+    evaluated token by token in chunks; O(partial blocks · bs²))."""
     N, bs = layout.seq_len, layout.block_size
     st = layout.state[0]
     full = int((st == P.FULL).sum()) * bs * bs
     visited = int((st != P.EMPTY).sum()) * bs * bs
     I, J = torch.nonzero(st == P.PARTIAL, as_tuple=True)
     bits = torch.zeros_like(I, dtype=torch.int32)
-    # bits of each partial block, from the kv lists
     cnt = layout.kv_count[0].long()
-    for e in range(layout.kv_idx.shape[-1]):
+    for e in range(layout.kv_idx.shape[-1]):            # each partial block's term bits, from the kv lists
         sel = (layout.kv_idx[0, I, e].long() == J) & (e < cnt[I, 0])
         bits = torch.where(sel, layout.kv_bits[0, I, e], bits)
     r = torch.arange(bs, device=st.device)
@@ -86,152 +87,185 @@ def flex_block_mask_from_layout(layout, mask_mod):
     return flex_block_mask(layout.kv_count[0], layout.kv_idx[0], layout.block_size, layout.seq_len, mask_mod)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+def _args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
     ap.add_argument("--ns", default="16384,65536,262144")
-    ap.add_argument("--backward", action="store_true")
-    ap.add_argument("--flex-mask", default="create", choices=("create", "from-layout"))
     ap.add_argument("--patterns", default="window,local+global")
-    ap.add_argument("--compiled", action="store_true", help="also time ours under torch.compile (ours-compiled)")
-    ap.add_argument("--cuda-graph", action="store_true",
-                    help="also time each forward replaying a CUDA graph of it ({method}_fwd_graph_ms)")
-    ap.add_argument("--methods", default="ours,flex,dense",
-                    help="which of ours, ours-triton, flex, dense to time (ours always runs; without flex no Flex "
-                         "block mask)")
-    a = ap.parse_args()
-    methods = set(a.methods.split(",")) | {"ours"}
-    if not methods <= {"ours", "ours-triton", "flex", "dense"}:
-        raise SystemExit(f"--methods {a.methods!r}: accepted are ours, ours-triton, flex, dense (comma-separated)")
-    os.makedirs(a.out, exist_ok=True)
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    ap.add_argument("--methods", default="ours,flex,dense")
+    ap.add_argument("--backward", action="store_true", help="also time forward + backward")
+    ap.add_argument("--flex-mask", default="from-layout", choices=("from-layout", "create"))
+    ap.add_argument("--device", default=harness.default_device())
+    a = ap.parse_args(argv)
+    a.methods = a.methods.split(",")
+    unknown = [m for m in a.methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; accepted: {', '.join(METHODS)} (comma-separated)")
+    bad = [p for p in a.patterns.split(",") if p not in cases()]
+    if bad:
+        raise SystemExit(f"--patterns: unknown {bad}; accepted: {', '.join(cases())}")
+    return a
 
-    dev = torch.cuda.get_device_name()
-    print(f"device={dev} torch={torch.__version__} triton={triton.__version__}", flush=True)
-    flex = torch.compile(flex_attention, dynamic=False)
-    rows = []
-    for name, (pattern, causal, mask_mod) in cases().items():
-        if name not in a.patterns.split(","):
-            continue
-        for N in (int(n) for n in a.ns.split(",")):
-            torch.manual_seed(0)
-            q, k, v = (torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=a.backward)
-                       for _ in range(3))
-            row = {"pattern": name, "N": N, "H": H, "D": D, "block_size": BS, "causal": causal}
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            pattern.layout(N, BS, is_causal=causal, device="cuda")    # the first call compiles the list kernels
-            torch.cuda.synchronize()
-            row["ours_layout_first_call_s"] = time.perf_counter() - t0
-            times = []
-            for _ in range(5):
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                lay = pattern.layout(N, BS, is_causal=causal, device="cuda")
-                torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-            row["ours_layout_ms"] = 1e3 * statistics.median(times)
-            useful, visited = allowed_pairs(lay)
-            row["density"] = lay.density
-            row["useful_flop"] = 4 * D * H * useful
-            row["flex_mask"] = a.flex_mask
-            if "flex" not in methods:
-                bm = None
-            elif a.flex_mask == "create":
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                bm = create_block_mask(mask_mod, None, None, N, N, device="cuda", BLOCK_SIZE=BS, _compile=True)
-                torch.cuda.synchronize()
-                row["flex_mask_first_call_s"] = time.perf_counter() - t0
-                times = []
-                for _ in range(3):
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    bm = create_block_mask(mask_mod, None, None, N, N, device="cuda", BLOCK_SIZE=BS, _compile=True)
-                    torch.cuda.synchronize()
-                    times.append(time.perf_counter() - t0)
-                row["flex_mask_ms"] = 1e3 * statistics.median(times)
-            else:
-                bm = flex_block_mask_from_layout(lay, mask_mod)
-            if bm is not None:
-                row["flex_sparsity"] = bm.sparsity() / 100.0
-            ours = lambda: dc.ops.block_sparse_attention(q, k, v, lay, block_size=BS, is_causal=causal)  # noqa: E731
-            fns = {
-                "ours": ours,
-                "ours-triton": triton_forward(ours),
-                "flex": lambda: flex(q, k, v, block_mask=bm),
-                "dense": lambda: F.scaled_dot_product_attention(q, k, v),
-            }
-            fns = {m: fn for m, fn in fns.items() if m in methods}
-            row["ours_forward"] = warp_specialised_reason(q, k, v, lay.kv_count, BS, causal, None) or "warp-specialised"
-            if a.compiled:
-                ours_c = torch.compile(lambda q, k, v: dc.ops.block_sparse_attention(q, k, v, lay, block_size=BS,
-                                                                                     is_causal=causal),
-                                       fullgraph=True, dynamic=False)
-                fns["ours-compiled"] = lambda: ours_c(q, k, v)
-            with torch.no_grad():   # ours' output stays alive: another method's output can't reuse its memory
-                ours_out = fns["ours"]()
-                if "flex" in fns:
-                    row["flex_vs_ours_max_abs"] = (fns["flex"]() - ours_out).abs().max().item()
-                if "ours-triton" in fns:
-                    row["ours_triton_vs_ours_max_abs"] = (fns["ours-triton"]() - ours_out).abs().max().item()
-                if a.compiled:
-                    row["compiled_vs_ours_max_abs"] = (fns["ours-compiled"]() - ours_out).abs().max().item()
-                del ours_out
-            for m, fn in fns.items():
-                with torch.no_grad():
-                    ms = bench(fn)
-                row[f"{m}_fwd_ms"] = ms
-                flops = 4 * D * H * N * N if m == "dense" else row["useful_flop"]
-                row[f"{m}_fwd_tflops"] = flops / ms / 1e9
-                if a.cuda_graph:
-                    try:
-                        with torch.no_grad():
-                            ms_g = triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
-                    except RuntimeError as e:   # a method that can't be captured: say so, time the others
-                        row[f"{m}_fwd_graph_error"] = str(e)[:300]
-                        ms_g = float("nan")
-                    row[f"{m}_fwd_graph_ms"] = ms_g
-                    row[f"{m}_fwd_graph_tflops"] = flops / ms_g / 1e9
-                if a.backward:
-                    ms_b = bench(fn, backward=True, inputs=(q, k, v))
-                    row[f"{m}_fwdbwd_ms"] = ms_b
-                    row[f"{m}_fwdbwd_tflops"] = 3.5 * flops / ms_b / 1e9
-            for m in ("ours", "ours-triton"):
-                if m in fns:
-                    row[f"{m}_fwd_tflops_computed_blocks"] = 4 * D * H * visited / row[f"{m}_fwd_ms"] / 1e9
-                    if a.cuda_graph:
-                        row[f"{m}_fwd_graph_tflops_computed_blocks"] = (4 * D * H * visited
-                                                                        / row[f"{m}_fwd_graph_ms"] / 1e9)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            del q, k, v, lay, bm
-            torch.cuda.empty_cache()
-    from dilate_compiler.lowering.block_sparse.triton import _autotuned
 
-    tuned = tuned_configs({kind: _autotuned(kind, BS) for kind in ("fwd", "dq", "dkdv")})
-    print("autotuned configs:", json.dumps(tuned, indent=1), flush=True)
-    with open(os.path.join(a.out, "bench_block_sparse.json"), "w") as f:
-        json.dump({"device": dev, "torch": torch.__version__, "triton": triton.__version__, "rows": rows,
-                   "tuned": tuned}, f, indent=1)
-    print("\npattern        N        ours ms  flex ms  dense ms  x flex  ours TF/s(useful/computed) dense TF/s"
-          "  layout ms  flex mask ms (first call s)")
+def _timed_build(build, device, repeats):
+    times = []
+    for _ in range(repeats):
+        harness.sync(device)
+        t0 = time.perf_counter()
+        out = build()
+        harness.sync(device)
+        times.append(time.perf_counter() - t0)
+    return out, times
+
+
+def run_case(name, N, a, device, dtype, flex_compiled) -> dict:
+    pattern, causal, mask_mod = cases()[name]
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, H, N, D, device=device, dtype=dtype, requires_grad=a.backward) for _ in range(3))
+    row = {"pattern": name, "N": N, "H": H, "D": D, "block_size": BS, "causal": causal}
+    build = lambda: pattern.layout(N, BS, is_causal=causal, device=device)  # noqa: E731
+    _, first = _timed_build(build, device, 1)
+    lay, times = _timed_build(build, device, 5)
+    row["layout_first_call_s"], row["layout_ms"] = first[0], 1e3 * statistics.median(times)
+    useful, visited = allowed_pairs(lay)
+    row.update(density=lay.density, useful_flop=4 * D * H * useful, computed_flop=4 * D * H * visited,
+               dense_flop=4 * D * H * N * N)
+    ours = lambda: dc.ops.block_sparse_attention(q, k, v, lay, block_size=BS, is_causal=causal)  # noqa: E731
+    fns = {"ours": ours}
+    if device.type == "cuda":
+        row["ours_forward"] = harness.block_sparse_forward_taken(q, k, v, lay, BS, causal)
+    if "ours-triton" in a.methods and device.type == "cuda":
+        fns["ours-triton"] = harness.triton_forward(ours)
+    if "ours-compiled" in a.methods:
+        compiled = torch.compile(lambda q, k, v: dc.ops.block_sparse_attention(q, k, v, lay, block_size=BS,
+                                                                               is_causal=causal),
+                                 fullgraph=True, dynamic=False)
+        fns["ours-compiled"] = lambda: compiled(q, k, v)
+    if "flex" in a.methods:
+        if a.flex_mask == "create":
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            make = lambda: create_block_mask(mask_mod, None, None, N, N, device=device, BLOCK_SIZE=BS,  # noqa
+                                             _compile=True)
+            _, first = _timed_build(make, device, 1)
+            bm, times = _timed_build(make, device, 3)
+            row["flex_mask_first_call_s"], row["flex_mask_ms"] = first[0], 1e3 * statistics.median(times)
+        else:
+            bm = flex_block_mask_from_layout(lay, mask_mod)
+        fns["flex"] = lambda: flex_compiled(q, k, v, block_mask=bm)
+    if "dense" in a.methods:
+        for dense, backend in dense_methods(device).items():
+            fns[dense] = _dense(q, k, v, backend)
+    with torch.no_grad():          # ours' output stays alive: another method's output can't reuse its memory
+        ref = ours()
+        for m in ("ours-triton", "ours-compiled", "flex"):
+            if m in fns:
+                row[f"{m}_vs_ours_max_abs"] = (fns[m]() - ref).abs().max().item()
+        del ref
+    for m, fn in fns.items():
+        with torch.no_grad():
+            try:
+                fn()
+            except RuntimeError as e:            # e.g. a dense backend that doesn't take this shape
+                row[f"{m}_error"] = str(e).splitlines()[0][:200]
+                continue
+            row[f"{m}_fwd_ms"] = harness.measure_ms(fn, device)
+        if a.backward:
+            try:
+                row[f"{m}_fwdbwd_ms"] = harness.measure_ms(fn, device, backward_inputs=(q, k, v))
+            except RuntimeError as e:            # e.g. a dense backend without this backward
+                row[f"{m}_fwdbwd_error"] = str(e).splitlines()[0][:200]
+    del q, k, v
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def _dense(q, k, v, backend):
+    def run():
+        if backend is None:
+            return F.scaled_dot_product_attention(q, k, v)
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v)
+    return run
+
+
+def summarise(results, rows, timed, backward):
     nan = float("nan")
-    for r in rows:
-        print(f"{r['pattern']:<14} {r['N']:<8} {r['ours_fwd_ms']:7.3f}  {r.get('flex_fwd_ms', nan):7.3f}  "
-              f"{r.get('dense_fwd_ms', nan):8.2f}  {r.get('flex_fwd_ms', nan) / r['ours_fwd_ms']:6.2f}  "
-              f"{r['ours_fwd_tflops']:6.0f} / {r['ours_fwd_tflops_computed_blocks']:6.0f}            "
-              f"{r.get('dense_fwd_tflops', nan):6.0f}"
-              f"  {r['ours_layout_ms']:9.2f}  {r.get('flex_mask_ms', nan):8.2f} "
-              f"({r.get('flex_mask_first_call_s', nan):.1f})")
-    if a.cuda_graph:
-        print("\nin a CUDA graph: pattern  N  ours ms  flex ms  dense ms  ours computed-block TF/s / dense TF/s")
+    failed = sorted({f"{k[:-6]}: {r[k]}" for r in rows for k in r if k.endswith("_error")})
+    if failed:
+        print("\nfailed (not timed):\n  " + "\n  ".join(failed), flush=True)
+    for phase, title in (("fwd", "Forward"), ("fwdbwd", "Forward + backward")):
+        if phase == "fwdbwd" and not backward:
+            continue
+        factor = 3.5 if phase == "fwdbwd" else 1.0
+        shown = [m for m in timed if any(f"{m}_{phase}_ms" in r for r in rows)]
+        columns = (["pattern", "N"] + [f"{m} ms" for m in shown]
+                   + ["ours TF/s useful (computed)", "dense TF/s (faster)", "ours / dense", "× flex", "layout ms"])
+        cells = []
         for r in rows:
-            ratio = r["ours_fwd_graph_tflops_computed_blocks"] / r.get("dense_fwd_graph_tflops", nan)
-            print(f"{r['pattern']:<14} {r['N']:<8} {r['ours_fwd_graph_ms']:7.3f}  "
-                  f"{r.get('flex_fwd_graph_ms', nan):7.3f}  {r.get('dense_fwd_graph_ms', nan):8.2f}  "
-                  f"{r['ours_fwd_graph_tflops_computed_blocks']:6.0f} / {r.get('dense_fwd_graph_tflops', nan):6.0f}"
-                  f" = {ratio:.2f}")
+            ours = r.get(f"ours_{phase}_ms")
+
+            def rate(key, m, r=r):
+                return factor * r[key] / r[f"{m}_{phase}_ms"] / 1e9 if f"{m}_{phase}_ms" in r else nan
+
+            dense = {m: rate("dense_flop", m) for m in ("dense-cudnn", "dense-flash", "dense-cpu")
+                     if f"{m}_{phase}_ms" in r}
+            best = max(dense, key=dense.get) if dense else None
+            best_rate = dense[best] if best else nan
+            computed = rate("computed_flop", "ours")
+            flex = r.get(f"flex_{phase}_ms")
+            cells.append([r["pattern"], r["N"]] + [r.get(f"{m}_{phase}_ms", nan) for m in shown]
+                         + [f"{harness.fmt(rate('useful_flop', 'ours'))} ({harness.fmt(computed)})",
+                            f"{harness.fmt(best_rate)} ({best})" if best else "-", computed / best_rate,
+                            nan if flex is None or ours is None else flex / ours, r["layout_ms"]])
+        results.add_table(f"{title}, ms (median)", columns, cells,
+                          notes="useful: 4·D·H FLOPs per allowed pair; computed: per pair of every visited block"
+                                + (", × 3.5 forward + backward" if phase == "fwdbwd" else "")
+                                + "; ours / dense on computed blocks; × flex: Flex's time / ours.")
+
+
+def plot(results, rows, timed):
+    def draw(plt):
+        names = sorted({r["pattern"] for r in rows})
+        fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4.2), squeeze=False)
+        for ax, name in zip(axes[0], names):
+            sel = [r for r in rows if r["pattern"] == name]
+            for m in timed:
+                pts = [(r["N"], r[f"{m}_fwd_ms"]) for r in sel if f"{m}_fwd_ms" in r]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=m)
+            ax.set_xscale("log", base=2)
+            ax.set(yscale="log", xlabel="N (tokens)", ylabel="forward ms", title=name)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        return fig
+
+    results.plot(draw)
+
+
+def main(argv=None):
+    a = _args(argv)
+    device = harness.check_device(a.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    results = harness.Results("bench_block_sparse", a.out, harness.environment(device))
+    flex_compiled = None
+    if "flex" in a.methods:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex_compiled = torch.compile(flex_attention, dynamic=False)
+    for name in a.patterns.split(","):
+        for N in (int(n) for n in a.ns.split(",")):
+            results.row(run_case(name, N, a, device, dtype, flex_compiled))
+    rows = results.rows
+    timed = [m for m in ("ours", "ours-triton", "ours-compiled", "dense-cudnn", "dense-flash", "dense-cpu", "flex")
+             if any(f"{m}_fwd_ms" in r for r in rows)]
+    summarise(results, rows, timed, a.backward)
+    results.write()
+    plot(results, rows, timed)
+    return rows
 
 
 if __name__ == "__main__":

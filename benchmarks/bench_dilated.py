@@ -1,48 +1,57 @@
-"""Dilated attention on the GPU, side by side with its anchors, in one run.
+"""Dilated attention (LongNet) against its anchors, all in one run.
 
     python benchmarks/bench_dilated.py --out DIR [--configs A,B] [--ns 16384,65536,262144] [--causal both]
-        [--methods ours,dense,gather,flex] [--backward] [--scale-n 2097152] [--dropout 0.1]
+        [--methods ours,dense,gather,flex] [--backward]
 
-Methods (all bf16, B=1):
-- ours:   dc.ops.dilated_attention (the kernels; all branches fused, no gather). On Hopper a nested non-causal
-          pattern at D=64 runs the warp-specialised Gluon forward; each row's "ours_forward" says which forward ran.
-- ours-triton: the same with the warp-specialised forward turned off (the Triton forward; method named in
-          --methods).
-- ours-dropout: the same with dropout_p = --dropout (in-kernel Philox masks; method named in --methods).
-- ours-compiled: ours under torch.compile (the kernels as Inductor emits them; method named in --methods).
-- dense:  F.scaled_dot_product_attention with the flash backend (full attention: a different, larger problem).
-- gather: LongNet done the usual way: per branch and head offset, strided gather, flash SDPA
-          (aten._scaled_dot_product_flash_attention returns the LSE), scatter, LSE merge. Its backward treats
-          the mixing weights as constants (as torchscale does), so it does less than ours.
-- flex:   FlexAttention, mask_mod = union of branches, score_mod = score + log(multiplicity) (the same
-          function: checked against ours first); its block mask build time is reported separately: by
-          create_block_mask (default), or with --flex-mask from-pattern from the pattern's block structure
-          (dilated_block_state: no create_block_mask, which runs out of memory or compiles for minutes at 256K).
-Useful FLOPs: 4*D per linked (query, key) pair forward (counting a pair once per linking branch), 2.5x that
-for backward. The kernels compute a pair linked by several branches once, weighted by its multiplicity, on
-nested patterns (config A/B's is one): ``*_tflops_distinct`` counts 4*D per distinct pair, what they execute.
-Times are medians of triton.testing.do_bench.
+Pattern: segments (2048, 4096, 8192, 16384), rates (1, 2, 4, 8), ``mixing="lse"``. Config A: H=16, D=64;
+config B: H=8, D=128; B=1, bf16 on CUDA (float32 with ``--device cpu``, a dry run at small sizes).
+
+Methods (``--methods``, comma-separated):
+- ``ours``: ``dc.ops.dilated_attention``. On Hopper a non-causal chain at D=64 runs the warp-specialised
+  forward; the row's ``ours_forward`` says which forward ran.
+- ``ours-triton``: the same with the warp-specialised forward turned off (CUDA only).
+- ``ours-compiled``: the same under ``torch.compile(fullgraph=True)``, the kernels as Inductor emits them.
+- ``dense``: full attention with ``F.scaled_dot_product_attention``, a different and larger problem: the rate
+  ceiling. On CUDA twice, with the cuDNN backend (``dense-cudnn``) and the flash backend (``dense-flash``); the
+  faster is the ceiling the share is taken against.
+- ``gather``: LongNet done the usual way: per branch and head offset a strided gather, flash attention (which
+  returns the log-sum-exp), a scatter and a log-sum-exp merge. Its backward treats the mixing weights as
+  constants, as torchscale does, so it does less work than ours.
+- ``flex``: FlexAttention with ``mask_mod`` = the union of branches and ``score_mod`` = score + log(multiplicity),
+  the same function (checked against ours at the smallest N). Its block mask comes from the pattern's block
+  structure (``--flex-mask from-pattern``, the default) or from ``create_block_mask`` (``--flex-mask create``,
+  which needs N² memory or minutes of compilation at 256K); its build time is recorded.
+
+Throughput: 4·D FLOPs per distinct linked (query, key) pair and head (a pair linked by several branches counts
+once: what the kernels compute), 3.5× that forward + backward; dense attention is credited with its own N² work.
+"ours / dense" is ours' rate as a share of the faster dense backend's.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
-import triton
 
-import dilate_compiler as dc
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import dilate_compiler as dc  # noqa: E402
+import harness  # noqa: E402
 
 SEGS, RATES = (2048, 4096, 8192, 16384), (1, 2, 4, 8)
 CONFIGS = {"A": (16, 64), "B": (8, 128)}
+METHODS = ("ours", "ours-triton", "ours-compiled", "dense", "gather", "flex")
+
+
+# --- work counts ----------------------------------------------------------------------------------------------
 
 
 def linked_pairs(N, H, segs, rates, causal) -> int:
-    """Number of (head, query, key, branch) links, counted from the definition's structure (O(segments))."""
+    """(head, query, key, branch) links: a pair counts once per branch linking it (O(segments))."""
     total = 0
     for w, r in zip(segs, rates):
         w = min(w, N)
@@ -54,16 +63,24 @@ def linked_pairs(N, H, segs, rates, causal) -> int:
     return total
 
 
-def distinct_pairs(N, H, segs, rates, causal) -> int:
-    """Number of (head, query, key) pairs linked by at least one branch, for a chain of branches (each segment
-    and rate dividing the next): a pair of branch b whose key lies in the query's segment of branch b-1 is also
-    a pair of b-1, so distinct = sum_b pairs(w_b, r_b) - sum_{b>0} pairs(w_{b-1}, r_b). What the kernels compute
-    on nested patterns (each pair once, weighted by its multiplicity)."""
-    from dilate_compiler.lowering.dilated.plan import nested_order
+def chain(segs, rates):
+    """The branches sorted by segment length when each segment length and each rate divides the next's (a
+    chain, as LongNet's schedules are), else None."""
+    order = sorted(range(len(segs)), key=lambda i: segs[i])
+    ws, rs = [segs[i] for i in order], [rates[i] for i in order]
+    if all(ws[b + 1] % ws[b] == 0 and rs[b + 1] % rs[b] == 0 for b in range(len(ws) - 1)):
+        return ws, rs
+    return None
 
-    chain = nested_order(segs, rates, "lse")
-    assert chain is not None, "distinct_pairs counts chains only"
-    ws, rs = chain
+
+def distinct_pairs(N, H, segs, rates, causal) -> int:
+    """(head, query, key) pairs linked by at least one branch, for a chain: a pair of branch b whose key lies in
+    the query's segment of branch b-1 is also a pair of b-1, so distinct = sum_b pairs(w_b, r_b)
+    - sum_{b>0} pairs(w_{b-1}, r_b)."""
+    ch = chain(segs, rates)
+    if ch is None:
+        raise ValueError(f"distinct_pairs counts chains of branches only, got segments {segs}, rates {rates}")
+    ws, rs = ch
     total = sum(linked_pairs(N, H, (w,), (r,), causal) for w, r in zip(ws, rs))
     return total - sum(linked_pairs(N, H, (ws[b - 1],), (rs[b],), causal) for b in range(1, len(ws)))
 
@@ -72,12 +89,26 @@ def dense_pairs(N, H, causal) -> int:
     return H * (N * (N + 1) // 2 if causal else N * N)
 
 
+# --- anchors --------------------------------------------------------------------------------------------------
+
+
+def _flash_with_lse(q, k, v, causal, scale):
+    if q.device.type == "cuda":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, scale=scale)[:2]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    return out, lse
+
+
 def gather_sdpa(q, k, v, segs, rates, causal):
+    """Per branch and head offset: strided gather, flash attention, scatter; branches merged by log-sum-exp."""
     B, H, N, D = q.shape
     scale = D ** -0.5
     outs, lses = [], []
     for w, r in zip(segs, rates):
         w = min(w, N)
+        if N % w:
+            raise ValueError(f"the gather anchor needs N divisible by each segment length, got N={N}, segment {w}")
         nseg = N // w
         out_b = torch.zeros(B, H, N, D, device=q.device, dtype=torch.float32)
         lse_b = torch.full((B, H, N), float("-inf"), device=q.device)
@@ -85,8 +116,7 @@ def gather_sdpa(q, k, v, segs, rates, causal):
             hs = slice(o, H, r)
             nh = len(range(o, H, r))
             sel = lambda x: x[:, hs].reshape(B, nh, nseg, w // r, r, D)[..., o, :].reshape(B, nh * nseg, w // r, D)  # noqa
-            ob, lb = torch.ops.aten._scaled_dot_product_flash_attention(sel(q), sel(k), sel(v), 0.0, causal,
-                                                                        scale=scale)[:2]
+            ob, lb = _flash_with_lse(sel(q), sel(k), sel(v), causal, scale)
             out_b[:, hs].view(B, nh, nseg, w // r, r, D)[..., o, :] = ob.view(B, nh, nseg, w // r, D).float()
             lse_b[:, hs].view(B, nh, nseg, w // r, r)[..., o] = lb.view(B, nh, nseg, w // r)
         outs.append(out_b)
@@ -96,7 +126,27 @@ def gather_sdpa(q, k, v, segs, rates, causal):
     return out.to(q.dtype)
 
 
-def flex_fns(H, segs, rates, causal):
+def dense_methods(device) -> dict:
+    """The dense attention runs timed: cuDNN and flash on CUDA, PyTorch's default on the CPU."""
+    if device.type != "cuda":
+        return {"dense-cpu": None}
+    from torch.nn.attention import SDPBackend
+
+    return {"dense-cudnn": SDPBackend.CUDNN_ATTENTION, "dense-flash": SDPBackend.FLASH_ATTENTION}
+
+
+def dense_call(q, k, v, causal, backend):
+    def run():
+        if backend is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return run
+
+
+def flex_fns(segs, rates, causal):
     def mask_mod(b, h, q_idx, kv_idx):
         m = None
         for w, r in zip(segs, rates):
@@ -131,13 +181,14 @@ def flex_block_mask(count, idx, block_size, seq_len, mask_mod):
 
 def dilated_block_state(N, segs, rates, causal, bs=128, device="cuda"):
     """``[nb, nb]`` int8 block states (``dilate_compiler.patterns`` EMPTY / PARTIAL / FULL) of the dilated
-    pattern, from the segment ranges of each block pair in O(nb^2 * branches), with no token-level mask. Every
+    pattern, from the segment ranges of each block pair in O(nb² · branches), with no token-level mask. Every
     block of ``bs >= max(rates)`` positions holds every residue class, so a block pair is linked by a branch iff
     their segments meet (the same for every head); it is full iff a rate-1 branch links every pair (both blocks
     inside one segment) and no causal or sequence-end mask cuts it."""
     from dilate_compiler import patterns as P
 
-    assert bs >= max(rates), "every block must hold every residue class"
+    if bs < max(rates):
+        raise ValueError(f"block size {bs} must be at least the largest rate {max(rates)}")
     nb = -(-N // bs)
     blk = torch.arange(nb, device=device)
     first, last = blk * bs, torch.clamp(blk * bs + bs, max=N) - 1
@@ -160,8 +211,7 @@ def dilated_block_state(N, segs, rates, causal, bs=128, device="cuda"):
 
 
 def dilated_flex_block_mask(N, segs, rates, causal, mask_mod, bs=128, device="cuda"):
-    """FlexAttention's BlockMask for the dilated pattern without create_block_mask (whose uncompiled form runs
-    out of memory at 256K and whose compiled form takes minutes on its first call)."""
+    """FlexAttention's BlockMask for the dilated pattern without ``create_block_mask``."""
     from dilate_compiler import patterns as P
 
     state = dilated_block_state(N, segs, rates, causal, bs, device)[None]
@@ -169,215 +219,190 @@ def dilated_flex_block_mask(N, segs, rates, causal, mask_mod, bs=128, device="cu
     return flex_block_mask(count[0], idx[0], bs, N, mask_mod)
 
 
-def forward_taken(q, k, v, causal) -> str:
-    """Which forward the op runs for this call: "warp-specialised", or why the Triton forward runs."""
-    from dilate_compiler.lowering.dilated.op import warp_specialised_reason
-
-    return warp_specialised_reason(q, k, v, None, SEGS, RATES, causal, "lse", 0.0) or "warp-specialised"
+# --- the run --------------------------------------------------------------------------------------------------
 
 
-def triton_forward(fn):
-    """``fn`` run with the op's warp-specialised forward turned off (the Triton forward, as before it)."""
-    from dilate_compiler.lowering.common import hopper_gluon
-
-    def run():
-        with hopper_gluon.turned_off():
-            return fn()
-    return run
-
-
-def bench(fn, backward=False, inputs=()):
-    if backward:
-        def step():
-            out = fn()
-            out.backward(torch.ones_like(out))
-        return triton.testing.do_bench(step, warmup=50, rep=200, grad_to_none=list(inputs), return_mode="median")
-    return triton.testing.do_bench(fn, warmup=50, rep=200, return_mode="median")
-
-
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+def _args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
     ap.add_argument("--configs", default="A,B")
     ap.add_argument("--ns", default="16384,65536,262144")
-    ap.add_argument("--causal", default="both")
+    ap.add_argument("--causal", default="both", choices=("both", "true", "false"))
     ap.add_argument("--methods", default="ours,dense,gather,flex")
-    ap.add_argument("--backward", action="store_true")
-    ap.add_argument("--flex-max-n", type=int, default=262144)
-    ap.add_argument("--flex-compile-mask", action="store_true",
-                    help="build the block mask with create_block_mask(_compile=True) (first call compiles)")
-    ap.add_argument("--flex-mask", default="create", choices=("create", "from-pattern"),
-                    help="from-pattern: Flex's BlockMask from the pattern's block structure (dilated_block_state), "
-                         "no create_block_mask; lets Flex run at 256K")
-    ap.add_argument("--scale-n", type=int, default=0)
-    ap.add_argument("--dropout", type=float, default=0.1, help="dropout_p of the ours-dropout method")
-    a = ap.parse_args()
-    os.makedirs(a.out, exist_ok=True)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    dev = torch.cuda.get_device_name()
-    print(f"device={dev} torch={torch.__version__} triton={triton.__version__}", flush=True)
-    methods = a.methods.split(",")
-    causals = {"both": (False, True), "true": (True,), "false": (False,)}[a.causal]
-    rows = []
-    flex_compiled = None
-    for cfg in a.configs.split(","):
-        H, D = CONFIGS[cfg]
-        for causal in causals:
-            for N in (int(n) for n in a.ns.split(",")):
-                torch.manual_seed(0)
-                q, k, v = (torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=a.backward)
-                           for _ in range(3))
-                useful = 4 * D * linked_pairs(N, H, SEGS, RATES, causal)
-                dense_flops = 4 * D * dense_pairs(N, H, causal)
-                distinct = 4 * D * distinct_pairs(N, H, SEGS, RATES, causal)
-                row = {"config": cfg, "H": H, "D": D, "N": N, "causal": causal, "useful_flop": useful,
-                       "distinct_flop": distinct}
-                ours = lambda: dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=causal)  # noqa: E731
-                fns = {
-                    "ours": ours,
-                    "ours-dropout": lambda: dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=causal,
-                                                                     dropout_p=a.dropout),
-                    "ours-triton": triton_forward(ours),
-                    "dense": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
-                    "gather": lambda: gather_sdpa(q, k, v, SEGS, RATES, causal),
-                }
-                row["ours_forward"] = forward_taken(q, k, v, causal)
-                if "ours-triton" in methods:
-                    with torch.no_grad():
-                        a_out, b_out = fns["ours"](), fns["ours-triton"]()
-                        row["triton_vs_ours_max_abs"] = (a_out - b_out).abs().max().item()
-                        del a_out, b_out
-                if "ours-compiled" in methods:
-                    ours_c = torch.compile(lambda q, k, v: dc.ops.dilated_attention(q, k, v, SEGS, RATES,
-                                                                                     is_causal=causal),
-                                           fullgraph=True, dynamic=False)
-                    fns["ours-compiled"] = lambda: ours_c(q, k, v)
-                    with torch.no_grad():          # the eager output stays alive: the compiled one can't reuse it
-                        eager_out = fns["ours"]()
-                        row["compiled_vs_ours_max_abs"] = (ours_c(q, k, v) - eager_out).abs().max().item()
-                        del eager_out
-                if "flex" in methods and N <= a.flex_max_n:
-                    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-                    if flex_compiled is None:
-                        flex_compiled = torch.compile(flex_attention, dynamic=False)
-                    mask_mod, score_mod = flex_fns(H, SEGS, RATES, causal)
-                    torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    if a.flex_mask == "from-pattern":
-                        bm = dilated_flex_block_mask(N, SEGS, RATES, causal, mask_mod)
-                    else:
-                        bm = create_block_mask(mask_mod, 1, H, N, N, device="cuda", _compile=a.flex_compile_mask)
-                    torch.cuda.synchronize()
-                    row["flex_mask_build_s"] = time.perf_counter() - t0
-                    row["flex_mask"] = a.flex_mask
-                    fns["flex"] = lambda: flex_compiled(q, k, v, score_mod=score_mod, block_mask=bm)
-                    if N == min(int(n) for n in a.ns.split(",")):
-                        with torch.no_grad():
-                            ref = fns["ours"]().float()
-                            row["flex_vs_ours_rel_err"] = ((fns["flex"]().float() - ref).norm() / ref.norm()).item()
-                for m in methods:
-                    if m not in fns:
-                        continue
-                    with torch.no_grad():
-                        fns[m]()
-                        torch.cuda.synchronize()
-                        torch.cuda.reset_peak_memory_stats()
-                        base = torch.cuda.memory_allocated()
-                        ms = bench(fns[m])
-                        row[f"{m}_fwd_ms"] = ms
-                        row[f"{m}_fwd_peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
-                    flops = dense_flops if m == "dense" else useful
-                    row[f"{m}_fwd_tflops"] = flops / ms / 1e9
-                    if m.startswith("ours"):                    # what the kernels execute: each pair once
-                        row[f"{m}_fwd_tflops_distinct"] = distinct / ms / 1e9
-                    if a.backward and m != "flex":
-                        ms_b = bench(fns[m], backward=True, inputs=(q, k, v))
-                        row[f"{m}_fwdbwd_ms"] = ms_b
-                        row[f"{m}_fwdbwd_tflops"] = 3.5 * flops / ms_b / 1e9
-                rows.append(row)
-                _log(a.out, row)
-                del q, k, v
-                torch.cuda.empty_cache()
-    if a.scale_n:
-        N, H, D = a.scale_n, 16, 64
-        q, k, v = (torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        fwd = bench(lambda: dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=True))
-        fb = bench(lambda: dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=True), backward=True,
-                   inputs=(q, k, v))
-        row = {"scale_N": N, "H": H, "D": D, "causal": True, "fwd_ms": fwd, "fwdbwd_ms": fb,
-               "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
-        rows.append(row)
-        _log(a.out, row)
-    from dilate_compiler.lowering.dilated import triton as dt
-
-    tuned = tuned_configs({"fwd": dt._dilated_attn_fwd_kernel, "walk0": dt._dilated_attn_fwd_walk0_kernel,
-                           "dq": dt._dilated_attn_bwd_dq_kernel,
-                           "dkdv": dt._dilated_attn_bwd_dkdv_kernel})
-    print("autotuned configs:", json.dumps(tuned, indent=1), flush=True)
-    with open(os.path.join(a.out, "bench_dilated.json"), "w") as f:
-        json.dump({"device": dev, "torch": torch.__version__, "triton": triton.__version__, "rows": rows,
-                   "tuned": tuned}, f, indent=1)
-    _summary(rows, methods)
-    _plot(rows, methods, os.path.join(a.out, "bench_dilated.png"))
+    ap.add_argument("--backward", action="store_true", help="also time forward + backward")
+    ap.add_argument("--flex-mask", default="from-pattern", choices=("from-pattern", "create"))
+    ap.add_argument("--device", default=harness.default_device())
+    a = ap.parse_args(argv)
+    a.methods = a.methods.split(",")
+    unknown = [m for m in a.methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; accepted: {', '.join(METHODS)} (comma-separated)")
+    bad = [c for c in a.configs.split(",") if c not in CONFIGS]
+    if bad:
+        raise SystemExit(f"--configs: unknown {bad}; accepted: {', '.join(CONFIGS)}")
+    return a
 
 
-def tuned_configs(kernels: dict) -> dict:
-    """The configs each autotuned kernel chose, per autotune key (the kernel's own cache)."""
-    return {name: {str(key): str(cfg) for key, cfg in getattr(kernel, "cache", {}).items()}
-            for name, kernel in kernels.items()}
+def _flex(q, k, v, N, causal, a, row, compiled):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    mask_mod, score_mod = flex_fns(SEGS, RATES, causal)
+    harness.sync(q.device)
+    t0 = time.perf_counter()
+    if a.flex_mask == "from-pattern":
+        bm = dilated_flex_block_mask(N, SEGS, RATES, causal, mask_mod, device=q.device)
+    else:
+        bm = create_block_mask(mask_mod, 1, q.shape[1], N, N, device=q.device)
+    harness.sync(q.device)
+    row["flex_mask_build_s"] = time.perf_counter() - t0
+    return lambda: compiled(q, k, v, score_mod=score_mod, block_mask=bm)
 
 
-def _log(out_dir, row):
-    print(json.dumps(row), flush=True)
-    with open(os.path.join(out_dir, "bench_dilated.jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
+def run_case(cfg, causal, N, a, device, dtype, flex_compiled, check_flex) -> dict:
+    H, D = CONFIGS[cfg]
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, H, N, D, device=device, dtype=dtype, requires_grad=a.backward) for _ in range(3))
+    row = {"config": cfg, "H": H, "D": D, "N": N, "causal": causal,
+           "distinct_flop": 4 * D * distinct_pairs(N, H, SEGS, RATES, causal),
+           "dense_flop": 4 * D * dense_pairs(N, H, causal)}
+    ours = lambda: dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=causal)  # noqa: E731
+    fns = {"ours": ours}
+    if device.type == "cuda":
+        row["ours_forward"] = harness.dilated_forward_taken(q, k, v, SEGS, RATES, causal)
+    if "ours-triton" in a.methods and device.type == "cuda":
+        fns["ours-triton"] = harness.triton_forward(ours)
+    if "ours-compiled" in a.methods:
+        compiled = torch.compile(lambda q, k, v: dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=causal),
+                                 fullgraph=True, dynamic=False)
+        fns["ours-compiled"] = lambda: compiled(q, k, v)
+    if "dense" in a.methods:
+        for name, backend in dense_methods(device).items():
+            fns[name] = dense_call(q, k, v, causal, backend)
+    if "gather" in a.methods:
+        fns["gather"] = lambda: gather_sdpa(q, k, v, SEGS, RATES, causal)
+    if "flex" in a.methods:
+        fns["flex"] = _flex(q, k, v, N, causal, a, row, flex_compiled)
+    with torch.no_grad():          # ours' output stays alive: another method's output can't reuse its memory
+        ref = ours()
+        for m in ("ours-triton", "ours-compiled"):
+            if m in fns:
+                row[f"{m}_vs_ours_max_abs"] = (fns[m]() - ref).abs().max().item()
+        if "flex" in fns and check_flex:
+            ref32 = ref.float()
+            row["flex_vs_ours_rel_l2"] = ((fns["flex"]().float() - ref32).norm() / ref32.norm()).item()
+        del ref
+    for m, fn in fns.items():
+        with torch.no_grad():
+            try:
+                fn()
+            except RuntimeError as e:            # e.g. a dense backend that doesn't take this shape
+                row[f"{m}_error"] = str(e).splitlines()[0][:200]
+                continue
+            row[f"{m}_fwd_ms"] = harness.measure_ms(fn, device)
+            row[f"{m}_fwd_peak_extra_mib"] = harness.peak_extra_mib(fn, device)
+        if a.backward and m != "flex":
+            try:
+                row[f"{m}_fwdbwd_ms"] = harness.measure_ms(fn, device, backward_inputs=(q, k, v))
+            except RuntimeError as e:            # e.g. a dense backend without this backward
+                row[f"{m}_fwdbwd_error"] = str(e).splitlines()[0][:200]
+    del q, k, v
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
 
 
-def _summary(rows, methods):
-    print("\nconfig causal N        " + "".join(f"{m + ' ms':>12}" for m in methods) + "   ours TF/s  dense TF/s"
-          "  x gather   x flex")
-    for r in rows:
-        if "config" not in r:
-            print(f"scale: N={r['scale_N']} fwd {r['fwd_ms']:.1f} ms, fwd+bwd {r['fwdbwd_ms']:.1f} ms, "
-                  f"peak {r['peak_gib']:.1f} GiB")
+def _rate(row, m, flop_key, phase, factor=1.0) -> float:
+    ms = row.get(f"{m}_{phase}_ms")
+    return float("nan") if ms is None else factor * row[flop_key] / ms / 1e9
+
+
+def _best_dense(row, phase):
+    """(name, TFLOP/s) of the faster dense backend in this row, or ('-', nan)."""
+    factor = 3.5 if phase == "fwdbwd" else 1.0
+    rates = {m: _rate(row, m, "dense_flop", phase, factor) for m in ("dense-cudnn", "dense-flash", "dense-cpu")
+             if f"{m}_{phase}_ms" in row}
+    if not rates:
+        return "-", float("nan")
+    name = max(rates, key=rates.get)
+    return name, rates[name]
+
+
+def _ratio(a_ms, b_ms) -> float:
+    return float("nan") if a_ms is None or b_ms is None else a_ms / b_ms
+
+
+def summarise(results, rows, methods_timed, backward):
+    failed = sorted({f"{k[:-6]}: {r[k]}" for r in rows for k in r if k.endswith("_error")})
+    if failed:
+        print("\nfailed (not timed):\n  " + "\n  ".join(failed), flush=True)
+    for phase, title in (("fwd", "Forward"), ("fwdbwd", "Forward + backward")):
+        if phase == "fwdbwd" and not backward:
             continue
-        cells = "".join(f"{r.get(m + '_fwd_ms', float('nan')):>12.2f}" for m in methods)
-        sp_g = r.get("gather_fwd_ms", float("nan")) / r.get("ours_fwd_ms", float("nan"))
-        sp_f = r.get("flex_fwd_ms", float("nan")) / r.get("ours_fwd_ms", float("nan"))
-        print(f"{r['config']:<7}{str(r['causal']):<7}{r['N']:<9}{cells}   {r.get('ours_fwd_tflops', 0):9.0f}"
-              f"  {r.get('dense_fwd_tflops', 0):10.0f}  {sp_g:8.2f}  {sp_f:7.1f}")
-        if "ours_fwdbwd_ms" in r:
-            print(f"{'':<23}fwd+bwd: ours {r['ours_fwdbwd_ms']:.2f} ms, gather {r.get('gather_fwdbwd_ms', 0):.2f} ms,"
-                  f" dense {r.get('dense_fwdbwd_ms', 0):.2f} ms")
+        factor = 3.5 if phase == "fwdbwd" else 1.0
+        shown = [m for m in methods_timed if any(f"{m}_{phase}_ms" in r for r in rows)]
+        columns = (["config", "causal", "N"] + [f"{m} ms" for m in shown]
+                   + ["ours TF/s", "dense TF/s (faster)", "ours / dense", "× gather", "× flex"])
+        cells = []
+        for r in rows:
+            ours = r.get(f"ours_{phase}_ms")
+            name, dense_rate = _best_dense(r, phase)
+            ours_rate = _rate(r, "ours", "distinct_flop", phase, factor)
+            cells.append([r["config"], r["causal"], r["N"]] + [r.get(f"{m}_{phase}_ms", float("nan")) for m in shown]
+                         + [ours_rate, f"{harness.fmt(dense_rate)} ({name})" if dense_rate == dense_rate else "-",
+                            ours_rate / dense_rate, _ratio(r.get(f"gather_{phase}_ms"), ours),
+                            _ratio(r.get(f"flex_{phase}_ms"), ours)])
+        results.add_table(f"{title}, ms (median)", columns, cells,
+                          notes="TF/s: 4·D FLOPs per distinct linked (query, key) pair and head"
+                                + (", × 3.5 forward + backward" if phase == "fwdbwd" else "")
+                                + "; dense is credited with its own N² work. × gather, × flex: their time / ours.")
 
 
-def _plot(rows, methods, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, cfg in zip(axes, ("A", "B")):
-        for causal, style in ((False, "-"), (True, "--")):
-            sel = [r for r in rows if r.get("config") == cfg and r["causal"] == causal]
-            for m in methods:
-                pts = [(r["N"], r[f"{m}_fwd_ms"]) for r in sel if f"{m}_fwd_ms" in r]
-                if pts:
-                    ax.plot(*zip(*pts), style, marker="o", label=f"{m}{' causal' if causal else ''}")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("N (tokens)")
-        ax.set_ylabel("forward time (ms)")
-        H, D = CONFIGS[cfg]
-        ax.set_title(f"config {cfg}: H={H}, D={D}, bf16")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+def plot(results, rows, methods_timed):
+    def draw(plt):
+        cfgs = sorted({r["config"] for r in rows})
+        fig, axes = plt.subplots(1, len(cfgs), figsize=(5.5 * len(cfgs), 4.2), squeeze=False)
+        for ax, cfg in zip(axes[0], cfgs):
+            for causal, style in ((False, "-"), (True, "--")):
+                sel = [r for r in rows if r["config"] == cfg and r["causal"] == causal]
+                for m in methods_timed:
+                    pts = [(r["N"], r[f"{m}_fwd_ms"]) for r in sel if f"{m}_fwd_ms" in r]
+                    if pts:
+                        ax.plot(*zip(*pts), style, marker="o", label=f"{m}{' causal' if causal else ''}")
+            H, D = CONFIGS[cfg]
+            ax.set_xscale("log", base=2)
+            ax.set(yscale="log", xlabel="N (tokens)", ylabel="forward ms",
+                   title=f"config {cfg}: H={H}, D={D}")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        return fig
+
+    results.plot(draw)
+
+
+def main(argv=None):
+    a = _args(argv)
+    device = harness.check_device(a.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    results = harness.Results("bench_dilated", a.out, harness.environment(device))
+    flex_compiled = None
+    if "flex" in a.methods:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex_compiled = torch.compile(flex_attention, dynamic=False)
+    causals = {"both": (False, True), "true": (True,), "false": (False,)}[a.causal]
+    ns = [int(n) for n in a.ns.split(",")]
+    for cfg in a.configs.split(","):
+        for causal in causals:
+            for N in ns:
+                results.row(run_case(cfg, causal, N, a, device, dtype, flex_compiled, check_flex=N == min(ns)))
+    rows = results.rows
+    timed = [m for m in ("ours", "ours-triton", "ours-compiled", "dense-cudnn", "dense-flash", "dense-cpu",
+                         "gather", "flex") if any(f"{m}_fwd_ms" in r for r in rows)]
+    summarise(results, rows, timed, a.backward)
+    results.write()
+    plot(results, rows, timed)
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Neighbourhood attention on a 2-D token grid, row-major vs Hilbert order, ours vs FlexAttention vs dense, one run.
 
-    python benchmarks/bench_hilbert.py --out DIR
+    python benchmarks/bench_hilbert.py --out DIR [--side 256] [--skip-flex] [--flex-build]
 
 Problem (issue figures): grid 256 x 256 (N = 65,536 tokens), B=1, H=16, D=64, bf16, forward; a cell attends
 the cells with |dy| <= 16 and |dx| <= 16 (dc.patterns.neighborhood(grid, 16)); block size 128.
@@ -17,30 +17,28 @@ Methods:
 - model: 4 transformer blocks (E=1024) rewritten with dc.Hilbert, reorder="once" vs "per_site" vs "fused"
   (forward).
 Empty-block ratio over 128 x 128 blocks; useful TFLOP/s = 4 * D * H * allowed pairs / time.
-Times: medians of triton.testing.do_bench.
+Times: medians of triton.testing.do_bench on CUDA (``--device cpu``: a dry run at a small ``--side``, float32).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import triton
 
-import dilate_compiler as dc
-from dilate_compiler import patterns as P
-from dilate_compiler.hilbert import coordinates, curve_order, inverse
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import dilate_compiler as dc  # noqa: E402
+import harness  # noqa: E402
+from dilate_compiler import patterns as P  # noqa: E402
+from dilate_compiler.hilbert import coordinates, curve_order, inverse  # noqa: E402
 
 H, D, BS, R = 16, 64, 128, 16
-
-
-def bench(fn):
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def useful_pairs(grid, r):
@@ -64,35 +62,35 @@ class Block(nn.Module):
         return x + self.m2(F.gelu(self.m1(self.n2(x))))
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
     ap.add_argument("--side", type=int, default=256)
     ap.add_argument("--skip-flex", action="store_true")
     ap.add_argument("--flex-build", action="store_true", help="also time Flex's compiled create_block_mask")
-    a = ap.parse_args()
-    os.makedirs(a.out, exist_ok=True)
+    ap.add_argument("--device", default=harness.default_device())
+    a = ap.parse_args(argv)
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    dev = harness.check_device(a.device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     grid = (a.side, a.side)
     N = a.side * a.side
-    dev = "cuda"
-    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "grid": grid, "N": N, "H": H, "D": D, "radius": R, "block_size": BS}
-    print(info, flush=True)
+    results = harness.Results("bench_hilbert", a.out, harness.environment(dev))
+    results.env.update(grid=grid, N=N, H=H, D=D, radius=R)
     pairs = useful_pairs(grid, R)
     useful = 4 * D * H * pairs
-    rows = []
+    rows = results.rows
+    bench = lambda fn: harness.measure_ms(fn, dev, rep_ms=100.0)  # noqa: E731
 
     def record(method, ms, attention=True, **extra):
-        row = {"method": method, "ms": round(ms, 4), **extra}
+        row = {"method": method, "ms": ms, **extra}
         if attention:
-            row["useful_tflops"] = round(useful / ms / 1e9, 1)
-        rows.append(row)
-        print(row, flush=True)
+            row["useful_tflops"] = useful / ms / 1e9
+        results.row(row)
 
     torch.manual_seed(0)
-    q, k, v = (torch.randn(1, H, N, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = (torch.randn(1, H, N, D, device=dev, dtype=dtype) for _ in range(3))
     pattern = P.neighborhood(grid, R)
     order = curve_order(grid)
     perm = order.to(dev)
@@ -103,7 +101,7 @@ def main():
     for name, pat, bs in (("row-major", pattern, BS), ("hilbert", hil_pattern, BS), ("hilbert", hil_pattern, 64)):
         t0 = time.perf_counter()
         lay = pat.layout(N, bs, device=dev)
-        torch.cuda.synchronize()
+        harness.sync(dev)
         build = (time.perf_counter() - t0) * 1e3
         stats = dict(block_size=bs, empty_blocks=round(1 - lay.density, 4),
                      partial_blocks=int((lay.state == P.PARTIAL).sum()), full_blocks=int((lay.state == P.FULL).sum()))
@@ -134,11 +132,11 @@ def main():
     o_r = dc.ops.block_sparse_attention(qs, ks, vs, lay_r, block_size=BS)
     o_h = dc.ops.block_sparse_attention(*(t.index_select(2, perm) for t in (qs, ks, vs)), lay_h,
                                         block_size=BS).index_select(2, inv)
-    info["max_abs_diff_hilbert_vs_rowmajor"] = float((o_r.float() - o_h.float()).abs().max())
+    results.env["max_abs_diff_hilbert_vs_rowmajor"] = float((o_r.float() - o_h.float()).abs().max())
     o_f = dc.ops.block_sparse_attention(qs, ks, vs, lay_h, block_size=BS, order=perm32)
-    info["max_abs_diff_fused_order_vs_rowmajor"] = float((o_r.float() - o_f.float()).abs().max())
-    print("hilbert vs row-major max abs diff", info["max_abs_diff_hilbert_vs_rowmajor"], "fused order",
-          info["max_abs_diff_fused_order_vs_rowmajor"], flush=True)
+    results.env["max_abs_diff_fused_order_vs_rowmajor"] = float((o_r.float() - o_f.float()).abs().max())
+    print("hilbert vs row-major max abs diff", results.env["max_abs_diff_hilbert_vs_rowmajor"], "fused order",
+          results.env["max_abs_diff_fused_order_vs_rowmajor"], flush=True)
 
     record("dense flash SDPA (full attention)", bench(lambda: F.scaled_dot_product_attention(q, k, v)))
 
@@ -165,8 +163,8 @@ def main():
 
     # reorder once vs per site, in a 4-block model (forward)
     E, depth = H * D, 4
-    model = nn.Sequential(*[Block(E, H) for _ in range(depth)]).to(dev, torch.bfloat16).eval()
-    x = torch.randn(1, N, E, device=dev, dtype=torch.bfloat16)
+    model = nn.Sequential(*[Block(E, H) for _ in range(depth)]).to(dev, dtype).eval()
+    x = torch.randn(1, N, E, device=dev, dtype=dtype)
     inner = dc.BlockSparse(pattern, block_size=BS)
     with torch.no_grad():
         for mode in ("once", "per_site", "fused"):
@@ -174,22 +172,45 @@ def main():
             n_gather = sum(1 for n in res.module.graph.nodes if n.target is torch.ops.aten.index_select.default)
             record(f"model {depth} blocks, reorder={mode}", bench(lambda m=res.module: m(x)), attention=False,
                    gathers=n_gather)
-    def save():
-        with open(os.path.join(a.out, "bench_hilbert.json"), "w") as f:
-            json.dump({"info": info, "useful_tflop": useful / 1e12, "rows": rows}, f, indent=1)
-
-    save()
     # Flex's own block-mask build (compiled create_block_mask), last: its first call compiles
     for name in ("hilbert", "row-major") if flex_masks and a.flex_build else ():
         for attempt in ("first call", "steady"):
-            torch.cuda.synchronize()
+            harness.sync(dev)
             t0 = time.perf_counter()
             create_block_mask(flex_masks[name], None, None, N, N, device=dev, BLOCK_SIZE=BS, _compile=True)
-            torch.cuda.synchronize()
-            ms = (time.perf_counter() - t0) * 1e3
-            rows.append({"method": f"flex create_block_mask {name} ({attempt})", "ms": round(ms, 1)})
-            print(rows[-1], flush=True)
-            save()
+            harness.sync(dev)
+            record(f"flex create_block_mask {name} ({attempt})", (time.perf_counter() - t0) * 1e3, attention=False)
+    summarise(results, rows, useful)
+    results.write()
+    plot(results, rows)
+    return rows
+
+
+def summarise(results, rows, useful):
+    columns = ["method", "block", "empty blocks", "partial / full blocks", "ms", "useful TF/s", "gathers"]
+    cells = []
+    for r in rows:
+        blocks = (f"{r['partial_blocks']} / {r['full_blocks']}" if "partial_blocks" in r else "-")
+        cells.append([r["method"], r.get("block_size", "-"), r.get("empty_blocks", float("nan")), blocks, r["ms"],
+                      r.get("useful_tflops", float("nan")), r.get("gathers", "-")])
+    results.add_table(f"Neighbourhood attention on a {results.env['grid'][0]} × {results.env['grid'][1]} grid "
+                      f"(radius {R}), forward", columns, cells,
+                      notes=f"useful TF/s: 4·D·H FLOPs per allowed pair ({useful / 1e12:.3g} TFLOP in all); "
+                            "model rows: 4 transformer blocks rewritten with dc.Hilbert.")
+
+
+def plot(results, rows):
+    def draw(plt):
+        sel = [r for r in rows if "useful_tflops" in r]
+        fig, ax = plt.subplots(figsize=(7, 0.35 * len(sel) + 1.2))
+        ax.barh([r["method"] for r in sel], [r["ms"] for r in sel])
+        ax.set(xscale="log", xlabel="forward ms", title="neighbourhood attention")
+        ax.invert_yaxis()
+        ax.tick_params(axis="y", labelsize=7)
+        fig.tight_layout()
+        return fig
+
+    results.plot(draw)
 
 
 if __name__ == "__main__":

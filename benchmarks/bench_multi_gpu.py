@@ -5,9 +5,10 @@ equality with the single-GPU op, strong and weak scaling, bytes moved, ring over
     python benchmarks/bench_multi_gpu.py --out DIR [--world 2] [--n 262144] [--longest 8388608,12582912]
 
 One process per GPU; every rank runs every phase in lockstep and rank 0 writes one JSON row per measurement to
-``DIR/multi_gpu.jsonl`` as it goes (a phase that fails is recorded with its error and the run goes on). Without
-CUDA it runs on gloo CPU ranks (small shapes; with TRITON_INTERPRET=1 the window kernels run in the interpreter):
-a dry run of the script, not a measurement.
+``DIR/multi_gpu.jsonl`` as it goes (a phase that fails is recorded with its error and the run goes on), then
+prints the tables (``DIR/bench_multi_gpu.md``) and plots the scaling (``DIR/bench_multi_gpu.png``, with
+matplotlib). Without CUDA it runs on gloo CPU ranks (give it small shapes; with TRITON_INTERPRET=1 the window
+kernels run in the interpreter): a dry run of the script, not a measurement.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
 from tests.tolerances import REL_ERR, rel_err  # noqa: E402
 
 
@@ -64,9 +67,11 @@ class Run:
         self.a, self.rank, self.world, self.device = a, rank, world, device
         self.t0 = time.monotonic()
         self.path = os.path.join(a.out, "multi_gpu.jsonl")
+        self.rows: list = []
 
     def log(self, **row):
         row = {"t": round(time.monotonic() - self.t0, 1), **row}
+        self.rows.append(row)
         if self.rank == 0:
             print(json.dumps(row), flush=True)
             with open(self.path, "a") as f:
@@ -326,14 +331,71 @@ def worker(rank, world, argv, port):
     run = Run(a, rank, world, device)
     run.log(phase="start", world=world, device=torch.cuda.get_device_name(device) if cuda else "cpu",
             torch=torch.__version__, strategy=repr(strategy), heads=a.heads, head_dim=a.head_dim, dtype=a.dtype,
-            autotune=os.environ.get("DILATE_COMPILER_AUTOTUNE", "1"))
+            autotune=os.environ.get("DILATE_COMPILER_AUTOTUNE", "1"), out=a.out)
     phases = {"check": lambda: phase_check(run, strategy), "scaling": lambda: phase_scaling(run, strategy),
               "anchor": lambda: phase_anchor(run), "longest": lambda: phase_longest(run, strategy),
               "overlap": lambda: phase_overlap(run)}
     for name in a.phases.split(","):
         phases[name]()
     run.log(phase="done")
+    if rank == 0:
+        summarise(run.rows, device)
     dist.destroy_process_group()
+
+
+def summarise(rows, device) -> None:
+    """The run's rows as tables (printed, and written with the header to ``bench_multi_gpu.md``) and a plot of
+    the scaling runs."""
+    start = next(r for r in rows if r.get("phase") == "start")
+    results = harness.Results("bench_multi_gpu", start_out(rows), harness.environment(device))
+    results.env.update(world=start["world"], strategy=start["strategy"], autotune=start["autotune"])
+    nan = float("nan")
+    errors = [r for r in rows if "error" in r]
+    checks = [r for r in rows if r.get("phase") == "check" and "rel_err" in r]
+    if checks:
+        results.add_table("Each mode against the single-GPU op (relative error; bytes sent per rank)",
+                          ["mode", "layout", "causal", "N", "out", "dq", "dk", "dv", "within tolerance",
+                           "bytes fwd", "bytes bwd"],
+                          [[r["mode"], r["layout"], r["causal"], r["n"],
+                            *(r["rel_err"][k] for k in ("out", "dq", "dk", "dv")), r["ok"],
+                            int(r["sent_bytes_per_rank_fwd"]), int(r["sent_bytes_per_rank_bwd"])] for r in checks])
+    scaling = [r for r in rows if r.get("phase") == "scaling" and "fwd_ms" in r]
+    other = [r for r in rows if r.get("phase") in ("anchor", "overlap", "longest") and "error" not in r]
+    if scaling or other:
+        cells = [[r["kind"], r["mode"], r["causal"], r["n"], r["fwd_ms"], r["fwd_bwd_ms"], ""] for r in scaling]
+        cells += [[r["phase"], r.get("what", "sparse"), r.get("causal", "-"), r["n"], r.get("fwd_ms", r.get("ms", nan)),
+                   r.get("fwd_bwd_ms", nan), _note(r)] for r in other]
+        results.add_table("Times, ms (median over ranks' slowest)",
+                          ["run", "mode", "causal", "N", "forward", "forward + backward", "note"], cells)
+    if errors:
+        results.add_table("Phases that failed", ["phase", "what", "error (last line)"],
+                          [[r.get("phase"), r.get("mode", r.get("what", "-")),
+                            (r["error"].strip().splitlines() or ["-"])[-1][:160]] for r in errors])
+    results.write()
+
+    def draw(plt):
+        fig, ax = plt.subplots(figsize=(6.5, 3.8))
+        labels = [f"{r['kind']}\n{r['mode']}{' causal' if r['causal'] else ''}" for r in scaling]
+        ax.bar(range(len(scaling)), [r["fwd_bwd_ms"] for r in scaling])
+        ax.set_xticks(range(len(scaling)), labels, fontsize=6, rotation=60, ha="right")
+        ax.set(ylabel="forward + backward ms", title="sequence-parallel dilated attention")
+        fig.tight_layout()
+        return fig
+
+    if scaling:
+        results.plot(draw)
+
+
+def start_out(rows) -> str:
+    return next(r for r in rows if r.get("phase") == "start")["out"]
+
+
+def _note(r) -> str:
+    if r["phase"] == "overlap":
+        return f"{r['bytes_per_rank']} B per rank, {r['gb_per_s']:.0f} GB/s"
+    if r["phase"] == "longest":
+        return f"peak {r['peak_gib_per_gpu']:.1f} GiB per GPU; finite: {r['finite']}; {r['note']}"
+    return ""
 
 
 def main():

@@ -6,6 +6,9 @@ from .api import DEFAULT_STRATEGY, RewriteResult, explain, rewrite
 from .export import aot_compile, export
 from .passes.site import AttentionSite, AttentionSkipped, Report
 from .strategies import Adaptive, BlockSparse, Dilated, Hilbert
+from .backend import register as _register_backend
+
+_register_backend()      # backend="dilated" without the entry point (the package on PYTHONPATH, not installed)
 
 __all__ = [
     "DEFAULT_STRATEGY", "Adaptive", "AttentionSite", "AttentionSkipped", "BlockSparse", "Dilated", "Hilbert",

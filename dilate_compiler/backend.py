@@ -1,8 +1,10 @@
 """``torch.compile(model, backend="dilated", options={"strategy": ..., "where": ..., "strict": ...})``.
 
-Registered through the ``torch_dynamo_backends`` entry point (pyproject.toml). Each Dynamo graph (one per
-graph break) is re-traced to pre-dispatch ATen with ``make_fx`` under Dynamo's fake mode, run through the
-pass pipeline, and handed to Inductor's ``compile_fx`` (which adds autograd, so training works).
+An installed package registers the name through the ``torch_dynamo_backends`` entry point (pyproject.toml);
+where that entry point is absent (the package on ``PYTHONPATH``), ``import dilate_compiler`` registers it
+(``register``). Each Dynamo graph (one per graph break) is re-traced to pre-dispatch ATen with ``make_fx`` under
+Dynamo's fake mode, run through the pass pipeline, and handed to Inductor's ``compile_fx`` (which adds autograd,
+so training works).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from .passes.sources import INPUT_NAME, mark_state
 
 log = logging.getLogger(__name__)
 OPTIONS = ("strategy", "where", "strict", "inductor")
+NAME = "dilated"
+ENTRY_POINT_GROUP = "torch_dynamo_backends"
 
 # Reports of the graphs compiled in this process, newest last (read them after a compile).
 REPORTS: list = []
@@ -95,3 +99,23 @@ def last_report() -> Report:
     if not REPORTS:
         raise RuntimeError("no graph has been compiled with backend='dilated' in this process yet")
     return REPORTS[-1]
+
+
+def entry_point_present() -> bool:
+    """Whether an installed distribution declares ``backend="dilated"`` through the entry point group Dynamo
+    reads."""
+    from importlib.metadata import entry_points
+
+    return any(ep.name == NAME for ep in entry_points(group=ENTRY_POINT_GROUP))
+
+
+def register() -> bool:
+    """Register ``dilated_backend`` as ``backend="dilated"`` unless the entry point provides it (Dynamo loads
+    that on first use, and a second registration of the name is an error) or the name is registered already.
+    Returns whether this call registered it."""
+    from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
+
+    if NAME in _COMPILER_FNS or entry_point_present():
+        return False
+    register_backend(dilated_backend, name=NAME)
+    return True

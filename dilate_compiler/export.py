@@ -118,7 +118,7 @@ def cxx_runtime_link_dir(cxx: Optional[str] = None) -> Optional[str]:
     loads the package already runs the shared C++ runtime (libtorch uses it), so the wrapper then mixes two
     runtimes: its own facet ids index the process's locale, and the first ``std::regex`` the loader builds
     (``parse_device_str``, in the model's constructor) calls a wrong virtual function and segfaults, for any
-    package (``benchmarks/aoti_load_repro.py`` shows it with ``torch.sin``)."""
+    package (``experiments/aoti_load_repro.py`` shows it with ``torch.sin``)."""
     if not sys.platform.startswith("linux"):
         return None
     cxx = cxx or _inductor_cxx()

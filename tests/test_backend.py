@@ -66,6 +66,7 @@ def test_pattern_strategy_matches_the_op():
     torch.testing.assert_close(compiled(x), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_graph_breaks_each_subgraph_rewritten():
     torch.manual_seed(0)
     model = torch.nn.Sequential(Block(graph_break=True), Block(graph_break=True))
@@ -76,6 +77,7 @@ def test_graph_breaks_each_subgraph_rewritten():
     assert len(backend.REPORTS) >= 2
 
 
+@pytest.mark.slow
 def test_dynamic_sequence_length_is_symbolic():
     torch.manual_seed(0)
     model = Block()

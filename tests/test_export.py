@@ -123,6 +123,7 @@ def _run_package_in_fresh_process(package, inputs, expected, tmp_path):
     assert res.returncode == 0 and res.stdout.strip() == f"ok {len(inputs)}", res.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_aot_compile_gqa_padding_loads_in_fresh_process(tmp_path):
     model, (x, pad) = GQAPadded(), _inputs()
     ep = dc.export(model, (x, pad), STRATEGY)
@@ -130,6 +131,7 @@ def test_aot_compile_gqa_padding_loads_in_fresh_process(tmp_path):
     _run_package_in_fresh_process(package, [(x, pad)], [ep.module()(x, pad)], tmp_path)
 
 
+@pytest.mark.slow
 def test_aot_compile_dynamic_sequence_length(tmp_path):
     model = Causal()
     ep = dc.export(model, (torch.randn(2, 40, 32),), STRATEGY, dynamic_shapes={"x": {1: Dim("N", min=2, max=4096)}})

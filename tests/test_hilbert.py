@@ -38,6 +38,7 @@ def test_curve_is_a_unit_step_bijection(grid):
     check_curve(grid)
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(st.integers(1, 90), st.integers(1, 90))
 def test_curve_2d_any_size(h, w):
@@ -245,6 +246,7 @@ def gathers(gm):
 LOCAL = dc.BlockSparse(P.local(2), block_size=16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", [True, False], ids=["cls", "no-cls"])
 @pytest.mark.parametrize("depth", [1, 3])
 def test_vit_reorders_once_and_equals_the_mask_in_row_major_order(cls, depth):
@@ -267,6 +269,7 @@ def test_vit_reorders_once_and_equals_the_mask_in_row_major_order(cls, depth):
     torch.testing.assert_close(fused(img), want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_vit_gradients_equal_the_row_major_mask():
     torch.manual_seed(0)
     model = ViT(depth=2).double()
@@ -335,6 +338,7 @@ def test_sites_the_strategy_cannot_take_are_skipped_with_reasons():
 transformers = pytest.importorskip("transformers")
 
 
+@pytest.mark.slow
 def test_hugging_face_vit_with_a_hilbert_local_strategy():
     torch.manual_seed(0)
     cfg = transformers.ViTConfig(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=2,
@@ -360,6 +364,7 @@ def test_hugging_face_vit_with_a_hilbert_local_strategy():
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.slow
 def test_backend_compiles_the_hilbert_strategy():
     torch.manual_seed(3)
     model = ViT(depth=2).eval()

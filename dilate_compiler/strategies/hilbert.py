@@ -19,7 +19,7 @@ permutation-equivariant ops so it runs once after the patch embedding and once a
 (``dilate_compiler.passes.reorder``); ``"per_site"`` keeps a gather before and after every attention;
 ``"fused"`` (BlockSparse inner only) moves no data: the kernels read q, k, v and write the output through the
 permutation as an index table (``dc.ops.block_sparse_attention(..., order=perm)``). Which is faster depends on
-the model: one attention layer alone is fastest fused; RESULTS.md has the measured numbers.
+the model: one attention layer alone is fastest fused; docs/results.md has the measured numbers.
 ``grid=None`` asks the compiler to infer the grid from a conv patch embedding in the graph.
 """
 

@@ -83,6 +83,7 @@ def _cases_worker(rank, world, cases):
     return errors
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_outputs_and_grads_equal_the_single_process_op(world):
     results = values(run_ranks(_cases_worker, world, RING_CASES + HEAD_CASES))
@@ -130,6 +131,7 @@ def _kernel_cases_worker(rank, world, cases, counted):
     return errors
 
 
+@pytest.mark.slow
 def test_window_kernels_equal_the_single_process_op():
     for errors in values(run_ranks(_kernel_cases_worker, 2, WINDOW_CASES, "window")):
         for case, (ran, err) in zip(WINDOW_CASES, errors):
@@ -145,6 +147,7 @@ DENSE_STEP_CASES = [   # dense ring steps on the block-sparse kernels (strategy 
 ]
 
 
+@pytest.mark.slow
 def test_dense_ring_steps_run_the_kernels_and_equal_dense_attention():
     for errors in values(run_ranks(_kernel_cases_worker, 2, DENSE_STEP_CASES, "dense_steps")):
         for case, (ran, err) in zip(DENSE_STEP_CASES, errors):
@@ -187,6 +190,7 @@ def _bytes_worker(rank, world):
     return got
 
 
+@pytest.mark.slow
 def test_bytes_moved_follow_the_pattern():
     got = values(run_ranks(_bytes_worker, 2))
     row_bytes = 2 * 2 * 2 * 8 * 8          # k and v, B=2, Hkv=2, D=8, float64: bytes per sequence row
@@ -227,6 +231,7 @@ def _failing_worker(rank, world):
     return ("returned", "", time.monotonic() - start)
 
 
+@pytest.mark.slow
 def test_a_failing_rank_makes_the_others_raise_not_hang():
     results = run_ranks(_failing_worker, 2, timeout=120, pg_timeout_s=15)
     assert results[1][0] == "error" and "on purpose" in results[1][1]
@@ -246,6 +251,7 @@ def _mismatch_worker(rank, world):
     return "no error"
 
 
+@pytest.mark.slow
 def test_ranks_with_different_shard_shapes_all_get_a_clear_error():
     for message in values(run_ranks(_mismatch_worker, 2)):
         assert "ranks of the process group differ in q shape" in message, message
@@ -303,6 +309,7 @@ def _model_worker(rank, world, inner_name, mode, layout, compile_it):
     return err, report
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("inner,mode,layout,compile_it", [
     ("dense", "auto", "zigzag", False),
     ("dilated-lse", "auto", "contiguous", False),
@@ -342,6 +349,7 @@ def _modules_worker(rank, world):
     return errors
 
 
+@pytest.mark.slow
 def test_factory_kinds_equal_their_single_process_modules():
     for errors in values(run_ranks(_modules_worker, 2)):
         assert max(errors) <= REL_ERR[torch.float64], errors

@@ -13,6 +13,8 @@ import sequence_parallel_training as example  # noqa: E402
 
 STEPS = 6
 
+pytestmark = pytest.mark.slow        # each engine trains on two processes
+
 
 @pytest.fixture(scope="module")
 def single_process_losses():

@@ -1,6 +1,9 @@
 """Every Triton attention kernel builds from the source Inductor re-emits for it (both op families)."""
 
+import pytest
 
+
+@pytest.mark.slow
 def test_kernels_build_from_inductor_source():
     """Every kernel builds as Inductor builds a user-defined kernel: from the source it re-emits (the kernel and
     its helpers) with float arguments typed fp64 (``inductor_source_compile.py``, compiled for sm_90 without a

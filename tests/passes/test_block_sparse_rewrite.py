@@ -112,6 +112,7 @@ def dense_masked(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+@pytest.mark.slow
 def test_export_round_trip_and_compile():
     model = Attn("mistral").eval()
     x = torch.randn(2, N, 64)

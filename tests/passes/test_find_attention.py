@@ -266,6 +266,7 @@ def test_strategy_pattern_is_used_not_only_dense():
 
 # --- property: random formulations of the same attention are found exactly once -----------------------------
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None)
 @given(
     product=st.sampled_from(["matmul", "einsum"]),
@@ -305,6 +306,7 @@ def test_random_formulations_found_exactly_once(product, scale, mask, cast, gqa)
     assert res.report.rewritten[0].gqa_ratio == (1 if gqa == "none" or scale == "split" else 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(HAND_WRITTEN) + ["sdpa_" + n for n in sorted(SDPA_SPELLINGS)])
 def test_every_pattern_compiles_fullgraph_with_backend(name):
     from dilate_compiler import backend

@@ -44,6 +44,7 @@ def _hf(name, impl):
                                   num_attention_heads=4, intermediate_size=64, **common))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bert", "vit"])
 def test_hugging_face_models(name, impl):

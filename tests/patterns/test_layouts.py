@@ -209,6 +209,7 @@ GPU_LIST_PATTERNS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,causal,n", [(name, causal, 77) for name in sorted(GPU_LIST_PATTERNS)
                                             for causal in (False, True)]
                          + [("window20", True, 160), ("local3|global5", False, 160)])

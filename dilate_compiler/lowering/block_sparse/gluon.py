@@ -3,7 +3,7 @@ blocks are all full.
 
 Why: the Triton forward (``block_sparse.triton``) walks a block row's list at dense flash attention's rate, but
 each (block row, head) program pays about 2.5 block iterations to start and finish, which short rows (local +
-global's 16 blocks) feel (``benchmarks/RESULTS.md``). Here one persistent CTA per SM hides that cost: its producer
+global's 16 blocks) feel (``docs/design-notes.md``). Here one persistent CTA per SM hides that cost: its producer
 draws tiles, (block row, head) pairs in the launcher's heaviest-first order (``tile_order``), from a counter in
 global memory (at run time, not a static schedule, so the SMs that finish first take more tiles) and loads each
 tile's key blocks from the layout's lists; the consumers are ``common.hopper_gluon.consume``. The partitions, buffers

@@ -12,12 +12,11 @@ compiles user-defined Triton kernels through its own autotuner and drops it in t
 Inductor's compile workers are separate processes that don't import this package: so a generated kernel whose
 configs carry a cap compiles in the process that generated it (other kernels still compile in the workers).
 Configs without a cap are untouched. Without the forwarding a capped tile compiles uncapped under torch.compile:
-correct, but slower (RESULTS.md, "Register caps under torch.compile").
+correct, but slower (``docs/design-notes.md``, register caps under torch.compile).
 
 On by default: the ops call ``install`` when they first launch a kernel on a GPU. ``DILATE_COMPILER_INDUCTOR_CAPS=0``
 turns it off (Inductor's three functions are then left as they are, and capped tiles compile uncapped under
-torch.compile). The GPU tests that compile the ops under Inductor pass with it on and off (RESULTS.md, "Register
-caps under torch.compile").
+torch.compile). The GPU tests that compile the ops under Inductor pass with it on and off.
 """
 
 from __future__ import annotations

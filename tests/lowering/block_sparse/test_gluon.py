@@ -41,6 +41,7 @@ def test_the_op_says_why_it_runs_the_triton_forward_off_hopper():
         assert "DILATE_COMPILER_WARP_SPECIALISED=0" in bg.unsupported_reason(q, q, q, lay.kv_count, 128, False, None)
 
 
+@pytest.mark.slow
 def test_an_unknown_setting_is_refused_by_name():
     env = dict(os.environ, DILATE_COMPILER_WARP_SPECIALISED="yes")
     r = subprocess.run([sys.executable, "-c", "import dilate_compiler.lowering.block_sparse.gluon"], env=env,

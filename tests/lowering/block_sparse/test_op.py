@@ -98,6 +98,7 @@ def test_prebuilt_layout_is_checked_against_the_call():
         dc.ops.block_sparse_attention(q, k, v, [[True]], block_size=BS)
 
 
+@pytest.mark.slow
 def test_op_under_torch_compile_fullgraph():
     q, k, v = qkv(torch.float32)
     lay = (P.sliding_window(20) | P.global_tokens(3)).layout(N, BS, is_causal=True)

@@ -135,6 +135,7 @@ def test_attn_mask_matches_reference(mask_kind):
         assert_close(a, b, torch.float64, "grad")
 
 
+@pytest.mark.slow
 def test_dropout_is_reproducible_and_has_exact_gradients():
     q, k, v = _inputs(1, 2, 2, 24, 8, torch.float64)
     args = ([8, 16], [1, 2], False, 0.5, "lse", 0.3, torch.tensor(1234))

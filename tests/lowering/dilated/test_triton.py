@@ -33,7 +33,13 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"N{c[3]}-H{c[1]}/{c[2]}-{c[7] and 'causal' or 'full'}-{c[8]}")
+def _slow_from(cases, n_index, n_min):
+    """The cases whose sequence length is at least ``n_min`` marked slow (the interpreter's time grows with N)."""
+    return [pytest.param(c, marks=pytest.mark.slow) if c[n_index] >= n_min else c for c in cases]
+
+
+@pytest.mark.parametrize("case", _slow_from(CASES, 3, 150),
+                         ids=lambda c: f"N{c[3]}-H{c[1]}/{c[2]}-{c[7] and 'causal' or 'full'}-{c[8]}")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_kernels_match_reference(case, dtype):
     B, Hq, Hkv, N, D, segs, rates, is_causal, mixing = case
@@ -90,7 +96,8 @@ OFFSET_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", OFFSET_CASES, ids=lambda c: f"N{c[2]}-q{c[7][0]}:{c[7][1]}-{c[6]}")
+@pytest.mark.parametrize("case", _slow_from(OFFSET_CASES, 2, 60),
+                         ids=lambda c: f"N{c[2]}-q{c[7][0]}:{c[7][1]}-{c[6]}")
 def test_kernels_with_query_offset_match_reference_rows(case):
     """q holds rows [lo, hi) of the sequence: out, lse and dq are those rows of the whole op, dk and dv the
     gradients of all keys from those queries alone (the reference's dout is zero elsewhere)."""
@@ -161,6 +168,7 @@ def test_causal_walk0_kernel_applies_to_causal_rate_one_chains_only():
     assert not applies((24, 48), (1, 2), True)                                 # a row tile (16) straddles 24
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("segs,lo,hi", [((64, 128, 256), 0, 300), ((64, 128, 256), 64, 260),
                                          ((128, 256, 512), 0, 300)])
 def test_causal_walk0_kernel_seeds_the_forward(monkeypatch, segs, lo, hi):

@@ -1,0 +1,136 @@
+"""The benchmarks: their work counts against the definitions, and each script run end to end on the CPU at tiny
+sizes (its tables written, its checks passed). Timings are not checked."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dilate_compiler as dc
+from dilate_compiler import patterns as P
+from tests.tolerances import assert_close
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_block_sparse  # noqa: E402
+import bench_dilated  # noqa: E402
+import harness  # noqa: E402
+
+
+@pytest.mark.parametrize("N", [1, 15, 64, 100, 300])
+@pytest.mark.parametrize("causal", [False, True])
+def test_dilated_pair_counts_equal_the_multiplicity(N, causal):
+    segs, rates, H = (8, 16, 32, 64), (1, 2, 4, 8), 8
+    m = dc.Dilated(segs, rates).multiplicity(N, H, is_causal=causal)
+    assert bench_dilated.linked_pairs(N, H, segs, rates, causal) == int(m.sum())
+    assert bench_dilated.distinct_pairs(N, H, segs, rates, causal) == int((m > 0).sum())
+    assert bench_dilated.dense_pairs(N, H, causal) == H * (N * (N + 1) // 2 if causal else N * N)
+
+
+def test_distinct_pairs_refuses_a_pattern_that_is_not_a_chain():
+    assert bench_dilated.chain((8, 16), (2, 3)) is None
+    with pytest.raises(ValueError, match="chains"):
+        bench_dilated.distinct_pairs(64, 2, (8, 16), (2, 3), False)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_sparse_pair_counts_equal_the_layout(causal):
+    layout = (P.sliding_window(20) | P.global_tokens(3)).layout(77, 16, is_causal=causal)
+    allowed, visited = bench_block_sparse.allowed_pairs(layout)
+    assert allowed == int(layout.token_mask()[0].sum())
+    assert visited == int((layout.state[0] != P.EMPTY).sum()) * 16 * 16
+
+
+def test_gather_anchor_is_the_dilated_function():
+    """The gather anchor computes the same outputs as the op, to float32 (it merges the branches in float32; its
+    backward differs: constant mixing weights)."""
+    q, k, v = (torch.randn(1, 4, 64, 16, dtype=torch.float64) for _ in range(3))
+    segs, rates = (16, 32, 64), (1, 2, 4)
+    for causal in (False, True):
+        ours = dc.ops.dilated_attention(q, k, v, segs, rates, is_causal=causal)
+        assert_close(bench_dilated.gather_sdpa(q, k, v, segs, rates, causal), ours, torch.float32)
+
+
+def test_table_cells_and_ratios_in_words():
+    assert harness.table(["a", "b"], [[1.23456, float("nan")], [1234.5, True]]) == (
+        "| a | b |\n|---|---|\n| 1.23 | - |\n| 1234 | yes |")
+    import bench_models
+
+    assert bench_models._against(2.0) == "2× faster" and bench_models._against(0.25) == "4× slower"
+
+
+def _script(name: str, args: list, tmp_path) -> Path:
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("TRITON_INTERPRET", None)
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), "--out", str(out)] + args,
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=1500)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return out
+
+
+def _rows(out: Path, name: str) -> list:
+    return json.loads((out / f"{name}.json").read_text())["rows"]
+
+
+@pytest.mark.slow
+def test_bench_dilated_runs_on_the_cpu(tmp_path):
+    out = _script("bench_dilated.py", ["--device", "cpu", "--configs", "A", "--ns", "128,256", "--causal", "both",
+                                       "--methods", "ours,dense,gather", "--backward"], tmp_path)
+    rows = _rows(out, "bench_dilated")
+    assert len(rows) == 4 and all("ours_fwdbwd_ms" in r and "gather_fwd_ms" in r and "dense-cpu_fwd_ms" in r
+                                  for r in rows)
+    table = (out / "bench_dilated.md").read_text()
+    assert "## Forward, ms (median)" in table and "## Forward + backward" in table and "| hardware |" in table
+
+
+@pytest.mark.slow
+def test_bench_block_sparse_runs_on_the_cpu(tmp_path):
+    out = _script("bench_block_sparse.py", ["--device", "cpu", "--ns", "256", "--methods", "ours,dense"], tmp_path)
+    rows = _rows(out, "bench_block_sparse")
+    assert {r["pattern"] for r in rows} == {"window", "local+global"}
+    assert all(0 < r["useful_flop"] <= r["computed_flop"] <= r["dense_flop"] for r in rows)
+    assert "## Forward, ms (median)" in (out / "bench_block_sparse.md").read_text()
+
+
+@pytest.mark.slow
+def test_bench_hilbert_runs_on_the_cpu(tmp_path):
+    out = _script("bench_hilbert.py", ["--device", "cpu", "--side", "16", "--skip-flex"], tmp_path)
+    doc = json.loads((out / "bench_hilbert.json").read_text())
+    assert doc["environment"]["max_abs_diff_hilbert_vs_rowmajor"] < 1e-4
+    assert {r["gathers"] for r in doc["rows"] if r["method"].startswith("model")} == {2, 16, 0}
+
+
+@pytest.mark.slow
+def test_bench_multi_gpu_dry_run_on_gloo_ranks(tmp_path):
+    out = _script("bench_multi_gpu.py", ["--world", "2", "--n", "256", "--weak-per-rank", "128", "--heads", "2",
+                                         "--head-dim", "16", "--segments", "32,64", "--rates", "1,2", "--dtype",
+                                         "float32", "--longest", "", "--reps", "2", "--unaligned-extra", "8",
+                                         "--phases", "check,scaling"], tmp_path)
+    rows = [json.loads(line) for line in (out / "multi_gpu.jsonl").read_text().splitlines()]
+    checks = [r for r in rows if r.get("phase") == "check"]
+    assert len(checks) == 6 and all(r.get("ok") for r in checks), checks
+    assert "## Times" in (out / "bench_multi_gpu.md").read_text()
+
+
+@pytest.mark.slow
+def test_bench_models_runs_on_the_cpu(tmp_path):
+    pytest.importorskip("transformers")
+    out = _script("bench_models.py", ["--device", "cpu", "--seq-len", "64", "--layers", "1", "--hidden", "64",
+                                      "--heads", "4", "--intermediate", "128", "--steps", "2", "--padding",
+                                      "--methods", "eager,dilated"], tmp_path)
+    rows = {(r["model"], r["method"]): r for r in _rows(out, "bench_models")}
+    assert set(rows) == {("llama", "eager"), ("llama", "dilated"), ("gpt", "eager"), ("gpt", "dilated")}
+    assert not [r["error"] for r in rows.values() if "error" in r]
+    for model in ("llama", "gpt"):
+        dilated = rows[(model, "dilated")]
+        assert dilated["sites_found"] == dilated["sites_rewritten"] == 1, dilated
+        assert dilated["batch"] == 2 and dilated["step_ms"] > 0 and dilated["first_call_s"] > 0
+    assert rows[("llama", "dilated")]["masked_sites"] == 1         # the padding mask is kept
+    assert rows[("gpt", "dilated")]["masked_sites"] == 0
+    assert "| llama | dilated |" in (out / "bench_models.md").read_text()
