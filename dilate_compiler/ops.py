@@ -32,8 +32,9 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k and v must have the same [B, Hkv, N] (v's head dim may differ), got {tuple(k.shape)} "
+                         f"and {tuple(v.shape)}")
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
     if q.shape[2] != k.shape[2]:
@@ -74,10 +75,6 @@ def check_attn_mask(attn_mask: Optional[Tensor], q: Tensor) -> Optional[Tensor]:
         raise TypeError(f"attn_mask must be bool (True attends) or floating (added to scores), got {attn_mask.dtype}")
     if attn_mask.device != q.device:
         raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}; accepted: a mask on q's device")
-    if attn_mask.requires_grad:
-        raise NotImplementedError(
-            "attn_mask.requires_grad=True: gradients with respect to an additive attention bias are not "
-            "implemented by dilated attention")
     B, H, N, _ = q.shape
     if attn_mask.dim() > 4:
         raise ValueError(f"attn_mask must have at most 4 dims, got shape {tuple(attn_mask.shape)}")

@@ -44,6 +44,9 @@ class SequenceParallel:
         q, k = site.q_shape, site.k_shape
         if len(q) != 4 or q[2] != k[2]:
             return f"sequence-parallel attention needs self-attention shapes (Nq == Nk), got q {q} and k {k}"
+        if site.v_shape and site.v_shape[-1] != q[-1]:
+            return (f"sequence-parallel attention needs one head dim for q, k and v, got {q[-1]} and v's "
+                    f"{site.v_shape[-1]}")
         if site.nodes.get("terms"):
             return (f"the site has a {site.mask_kind} mask over the local shard; sequence-parallel attention takes "
                     f"no mask tensor (use is_causal or a block-sparse pattern)")

@@ -643,6 +643,7 @@ def _check_shapes(site: AttentionSite) -> AttentionSite:
         split = lambda t: (t.shape[0] // h, h) + tuple(t.shape[1:])  # noqa: E731
         qv, kv, vv = (torch.empty(split(t), dtype=t.dtype, device="meta") for t in (qv, kv, vv))
         site.q_shape, site.k_shape = tuple(qv.shape), tuple(kv.shape)
+    site.v_shape = tuple(vv.shape)
     if qv.dim() != 4 or kv.dim() != 4 or vv.dim() != 4:
         return site.skip(f"q/k/v must be 4-D [B, H, N, D] (or [B*H, N, D] with a visible head split); got "
                          f"{qv.dim()}-D q {tuple(qv.shape)}")

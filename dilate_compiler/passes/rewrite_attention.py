@@ -174,6 +174,10 @@ def _replace(gm: fx.GraphModule, site: AttentionSite, strategy) -> None:
             heads_3d = (B, H)
         mask = _build_mask(emit, nodes["terms"], heads_3d,
                            torch.float64 if site.dtype == torch.float64 else torch.float32)
+        if site.kind == "sdpa" and mask is not None and val(mask).dtype in (torch.float16, torch.bfloat16):
+            # SDPA's fused kernels add a mask in float32; the op adds one in q's low-precision dtype as a
+            # hand-written ``scores + mask`` does (the mask of a hand-written site stays in the dtype it is added in)
+            mask = emit(A.to.dtype, (mask, torch.float32))
         for t, divides in nodes.get("tensor_scales", []):   # s * t == (q * t) . k: the op scales q, autograd sees it
             t = emit(A.reshape.default, (t, []))
             if val(t).dtype != val(q).dtype:

@@ -34,6 +34,7 @@ class AttentionSite:
     location: str = ""
     q_shape: tuple = ()
     k_shape: tuple = ()
+    v_shape: tuple = ()
     dtype: Any = None
     mask_kind: str = "none"
     is_causal: bool = False

@@ -211,3 +211,72 @@ def test_rows_with_no_key_stay_zero_under_safe_softmax():
     res = dc.rewrite(Fn(fn), (q, k, v), DENSE)
     assert res.report.rewritten
     torch.testing.assert_close(res.module(q, k, v), fn(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+# --- what used to be rewritten and then fail, or change the output ---------------------------------------------
+
+
+class _LastHidden(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, attention_mask=None):
+        kw = {} if attention_mask is None else {"attention_mask": attention_mask}
+        return self.model(ids, **kw).last_hidden_state
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_multi_head_latent_attention_with_a_smaller_value_head_runs(impl):
+    """DeepSeek-V3: q/k head dim 24 (16 + 8 rotary), v head dim 16."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=100, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=16, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=1,
+        attn_implementation=impl, use_cache=False)
+    model = _LastHidden(transformers.DeepseekV3Model(cfg).eval())
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    check_rewrite(model, (ids,), 1, grads=False)
+
+
+def test_a_learned_bias_trains_through_the_rewrite():
+    """A mask that requires grad (a learned relative-position bias): its gradient flows, it doesn't fail at
+    backward."""
+    class Biased(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.randn(4, 24, 24) * 0.1)
+
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+
+    model = Biased()
+    q, k, v = qkv()
+    res = dc.rewrite(model, (q, k, v), DENSE)
+    assert len(res.report.rewritten) == 1
+    out, ref = res.module(q, k, v), model(q, k, v)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    (g,) = torch.autograd.grad(out.square().sum(), [p for n, p in res.module.named_parameters() if "bias" in n])
+    (ref_g,) = torch.autograd.grad(ref.square().sum(), [model.bias])
+    torch.testing.assert_close(g, ref_g, atol=1e-5, rtol=1e-5)
+
+
+def test_float16_eager_model_with_left_padding_keeps_its_padded_rows():
+    """Qwen3, attn_implementation="eager", float16: rows that see no key follow the model's float16 rounding of
+    scores + finfo(float16).min; they used to attend every key."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, use_cache=False,
+                                   attn_implementation="eager")
+    model = _LastHidden(transformers.Qwen3Model(cfg).eval().half())
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    pad = torch.ones(2, 12, dtype=torch.long)
+    pad[0, :4] = 0
+    res = dc.rewrite(model, (ids,), DENSE, example_kwargs={"attention_mask": pad})
+    assert len(res.report.rewritten) == 2
+    with torch.no_grad():
+        out, ref = res.module(ids, attention_mask=pad), model(ids, attention_mask=pad)
+    torch.testing.assert_close(out, ref, atol=1e-2, rtol=1e-2)

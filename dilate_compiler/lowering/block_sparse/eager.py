@@ -76,7 +76,8 @@ def block_sparse_forward_eager(q, k, v, terms, kv_count, kv_idx, kv_bits, coords
     dt = acc_dtype(q.dtype)
     k_h, v_h = _per_head(k, H, dt), _per_head(v, H, dt)
     qb = _padded_blocks(q, nb, bs, dt)
-    out = torch.empty(B, H, nb, bs, D, dtype=dt, device=q.device)
+    Dv = v.shape[-1]
+    out = torch.empty(B, H, nb, bs, Dv, dtype=dt, device=q.device)
     lse = torch.empty(B, H, nb, bs, dtype=dt, device=q.device)
     for i0, i1 in _chunks(B, H, nb, kv_idx.shape[-1], bs):
         j, mask = _chunk_keys(terms, kv_count, kv_idx, kv_bits, coords, i0, i1, H, N, bs, is_causal)
@@ -86,7 +87,7 @@ def block_sparse_forward_eager(q, k, v, terms, kv_count, kv_idx, kv_bits, coords
         pr = torch.exp(s - torch.where(torch.isfinite(m), m, 0.0).unsqueeze(-1))
         out[:, :, i0:i1] = pr @ _gather(v_h, j)
         lse[:, :, i0:i1] = m
-    out = out.view(B, H, nb * bs, D)[:, :, :N].to(q.dtype).contiguous()
+    out = out.view(B, H, nb * bs, Dv)[:, :, :N].to(q.dtype).contiguous()
     return out, lse.view(B, H, nb * bs)[:, :, :N].contiguous()
 
 
@@ -104,7 +105,8 @@ def block_sparse_backward_eager(dout, q, k, v, out, lse, terms, kv_count, kv_idx
     lse_b = F.pad(lse.to(dt), (0, nb * bs - N), value=float("-inf")).view(B, H, nb, bs)
     dq = torch.zeros(B, H, nb, bs, D, dtype=dt, device=q.device)
     dk_h = torch.zeros(B, H, N, D, dtype=dt, device=q.device)
-    dv_h = torch.zeros(B, H, N, D, dtype=dt, device=q.device)
+    Dv = v.shape[-1]
+    dv_h = torch.zeros(B, H, N, Dv, dtype=dt, device=q.device)
     for i0, i1 in _chunks(B, H, nb, kv_idx.shape[-1], bs):
         j, mask = _chunk_keys(terms, kv_count, kv_idx, kv_bits, coords, i0, i1, H, N, bs, is_causal)
         kg, vg = _gather(k_h, j), _gather(v_h, j)
@@ -117,10 +119,10 @@ def block_sparse_backward_eager(dout, q, k, v, out, lse, terms, kv_count, kv_idx
         ds = pr * (dp - delta[:, :, i0:i1].unsqueeze(-1))
         dq[:, :, i0:i1] = (ds @ kg) * scale
         C, L = j.shape[1], j.shape[2]
-        idx = j.reshape(1, H, C * L, 1).expand(B, H, C * L, D)
-        dk_h.scatter_add_(2, idx, ((ds.transpose(-1, -2) @ qc) * scale).reshape(B, H, C * L, D))
-        dv_h.scatter_add_(2, idx, (pr.transpose(-1, -2) @ doc).reshape(B, H, C * L, D))
+        idx = j.reshape(1, H, C * L, 1)
+        dk_h.scatter_add_(2, idx.expand(B, H, C * L, D), ((ds.transpose(-1, -2) @ qc) * scale).reshape(B, H, C * L, D))
+        dv_h.scatter_add_(2, idx.expand(B, H, C * L, Dv), (pr.transpose(-1, -2) @ doc).reshape(B, H, C * L, Dv))
     dq = dq.view(B, H, nb * bs, D)[:, :, :N].to(q.dtype).contiguous()
     dk = dk_h.view(B, Hkv, H // Hkv, N, D).sum(2).to(k.dtype)
-    dv = dv_h.view(B, Hkv, H // Hkv, N, D).sum(2).to(v.dtype)
+    dv = dv_h.view(B, Hkv, H // Hkv, N, Dv).sum(2).to(v.dtype)
     return dq, dk, dv

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..common.dispatch import kernels_apply, lse_dtype
+from ..common.dispatch import kernels_apply, lse_dtype, value_unsupported_reason
 from .eager import block_sparse_backward_eager, block_sparse_forward_eager
 from .triton import block_sparse_attn_bwd, block_sparse_attn_fwd, kernel_unsupported_reason, tile_order
 
@@ -34,9 +34,10 @@ except ImportError as e:   # a Triton without Gluon's Hopper API: the Triton for
     _GLUON_MISSING = f"Gluon unavailable ({e})"
 
 
-def use_kernels(q: Tensor, block_size: int) -> bool:
+def use_kernels(q: Tensor, v: Tensor, block_size: int) -> bool:
     """True when the Triton kernels run this call."""
-    return kernels_apply("block-sparse attention", q, kernel_unsupported_reason(q, block_size))
+    reason = kernel_unsupported_reason(q, block_size) or value_unsupported_reason(q, v)
+    return kernels_apply("block-sparse attention", q, reason)
 
 
 def warp_specialised_reason(q, k, v, kv_count, block_size: int, is_causal: bool, order) -> str:
@@ -65,10 +66,9 @@ def _scatter(x: Tensor, order: Tensor) -> Tensor:
     return torch.empty_like(x).index_copy_(2, order.long(), x)
 
 
-def _fake_forward(q, *args):
+def _fake_forward(q, k, v, *args):
     B, H, N, _ = q.shape
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            q.new_empty((B, H, N), dtype=lse_dtype(q.dtype)))
+    return q.new_empty((B, H, N, v.shape[-1])), q.new_empty((B, H, N), dtype=lse_dtype(q.dtype))
 
 
 block_sparse_attention_forward_exact.register_fake(_fake_forward)
@@ -101,7 +101,7 @@ def block_sparse_attention_forward(
     q_count: Tensor, q_idx: Tensor, q_bits: Tensor, coords: Tensor, order: Tensor, checks: int, block_size: int,
     is_causal: bool, scale: float,
 ) -> tuple[Tensor, Tensor]:
-    if use_kernels(q, block_size):
+    if use_kernels(q, v, block_size):
         if not warp_specialised_reason(q, k, v, kv_count, block_size, is_causal, order):
             return gluon.block_sparse_attn_fwd_ws(
                 q, k, v, kv_count, kv_idx, tile_order(kv_count, kv_count.shape[0], q.shape[0] * q.shape[1]), scale)
@@ -118,7 +118,7 @@ def block_sparse_attention_backward(
     kv_idx: Tensor, kv_bits: Tensor, q_count: Tensor, q_idx: Tensor, q_bits: Tensor, coords: Tensor, order: Tensor,
     checks: int, block_size: int, is_causal: bool, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if use_kernels(q, block_size):
+    if use_kernels(q, v, block_size):
         return block_sparse_attn_bwd(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, q_count, q_idx,
                                      q_bits, coords, order, checks, block_size, is_causal, scale)
     return torch.ops.dilate_compiler.block_sparse_attention_backward_exact(

@@ -27,6 +27,13 @@ def tensor_unsupported_reason(q) -> str:
     return ""
 
 
+def value_unsupported_reason(q, v) -> str:
+    """Why the kernels can't take v beside q (they run one head dim for q, k and v), or ''."""
+    if v.shape[-1] != q.shape[-1]:
+        return f"value head dim {v.shape[-1]} != query/key head dim {q.shape[-1]} (kernels: one head dim)"
+    return ""
+
+
 def interpreter_runs(q) -> bool:
     """Whether the kernels run ``q`` under ``TRITON_INTERPRET=1`` on the CPU (float16 / float32, a supported head
     dim): how the tests run them, also inside the distributed ops on gloo ranks."""

@@ -26,6 +26,7 @@ from .plan import Branch, DilatedPlan, HeadGroup
 
 # Elements of one chunk's score tensor; a few such tensors live at once.
 _CHUNK_ELEMENTS = 1 << 24
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _padded_len(n: int, w: int) -> int:
@@ -78,8 +79,10 @@ class _BranchTiles:
             yield slice(s0, min(s0 + step, self.n_seg))
 
     def scores(self, q_rows: Tensor, k_rows: Tensor, segs: slice, scale: float, is_causal: bool,
-               attn_mask: Optional[Tensor], mask_shift: Optional[Tensor] = None) -> Tensor:
-        """Masked scores ``[B, h, n_chunk, a, a]``; pairs that are not linked hold ``-inf``."""
+               attn_mask: Optional[Tensor], mask_shift: Optional[Tensor] = None,
+               q_dtype: Optional[torch.dtype] = None) -> Tensor:
+        """Masked scores ``[B, h, n_chunk, a, a]``; pairs that are not linked hold ``-inf``. ``q_dtype``: the
+        inputs' dtype (a float mask in it is added in it)."""
         s = torch.matmul(q_rows, k_rows.transpose(-1, -2)) * scale
         pos = self.pos[segs]
         linked = (pos < self.seq_len).unsqueeze(-2).expand(-1, self.rows_per_seg, -1)
@@ -96,7 +99,12 @@ class _BranchTiles:
             if m.dtype == torch.bool:
                 linked = linked & m
             else:
-                s = s + m.to(s.dtype)
+                if m.dtype == q_dtype and m.dtype in LOW_PRECISION:
+                    # the model's scores + mask, added in its dtype: a row masked everywhere with finfo.min follows
+                    # that dtype's rounding, as in the model (float32 would not round s + (-65504) to -65504)
+                    s = (s.to(m.dtype) + m).to(s.dtype)
+                else:
+                    s = s + m.to(s.dtype)
                 if mask_shift is not None:
                     shift = mask_shift.expand(B, -1, self.seq_len, 1)
                     if shift.shape[1] != 1:
@@ -142,9 +150,11 @@ def _as_batch(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x.reshape(x.shape[0], -1, x.shape[-2], x.shape[-1]).to(dtype).contiguous()
 
 
-def fused_route_applies(q: Tensor, attn_mask: Optional[Tensor], dropout_p: float) -> bool:
-    """The CPU flash-attention kernel (returns the LSE, takes it back in backward) runs each branch."""
-    return q.device.type == "cpu" and attn_mask is None and dropout_p == 0.0
+def fused_route_applies(q: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float, scale: float) -> bool:
+    """The CPU flash-attention kernel (returns the LSE, takes it back in backward) runs each branch. It needs one
+    head dim for q, k and v, and a positive scale (its causal masking gives NaN rows for a negative one)."""
+    return (q.device.type == "cpu" and attn_mask is None and dropout_p == 0.0 and scale > 0
+            and v.shape[-1] == q.shape[-1])
 
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -195,7 +205,8 @@ def _forward_tile_chunked(t: _BranchTiles, tile: int, q, k, v, out_acc, lse_acc,
     o_view = _rows(out_acc[:, t.heads, : t.n_pad], t.branch, off)
     l_view = _rows(lse_acc[:, t.heads, : t.n_pad], t.branch, off)
     for chunk, segs in enumerate(t.chunks(q.shape[0])):
-        s = t.scores(q_b[:, :, segs].to(wdt), k_b[:, :, segs].to(wdt), segs, scale, is_causal, attn_mask, shift)
+        s = t.scores(q_b[:, :, segs].to(wdt), k_b[:, :, segs].to(wdt), segs, scale, is_causal, attn_mask, shift,
+                     q.dtype)
         lse = torch.logsumexp(s, dim=-1)
         p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1))
         if dropout_p > 0.0:
@@ -208,13 +219,13 @@ def dilated_attention_forward_eager(
     attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0, seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Returns ``out [B, Hq, N, D]`` (q's dtype) and the merged ``lse [B, Hq, N]`` (float32, or float64)."""
-    B, Hq, N, D = q.shape
+    B, Hq, N, _ = q.shape
     attn_mask = as_4d(attn_mask)
     wdt = lse_dtype(q.dtype)
     n_acc = max([_padded_len(N, b.segment_length) for b in plan.branches] + [N])
-    out_acc = torch.zeros(B, Hq, n_acc, D, dtype=wdt, device=q.device)
+    out_acc = torch.zeros(B, Hq, n_acc, v.shape[-1], dtype=wdt, device=q.device)
     lse_acc = torch.full((B, Hq, n_acc), float("-inf"), dtype=wdt, device=q.device)
-    fused = fused_route_applies(q, attn_mask, dropout_p)
+    fused = fused_route_applies(q, v, attn_mask, dropout_p, scale)
     shift = None if fused else row_shift(attn_mask, wdt)
     for tile, t in enumerate(_tiles(plan, N, Hq, k.shape[1], q.device)):
         if fused:
@@ -249,7 +260,7 @@ def _backward_tile_chunked(t: _BranchTiles, tile: int, q, k, v, d_att, lse, delt
     for chunk, segs in enumerate(t.chunks(q.shape[0])):
         qs, ks, vs = (x[:, :, segs].to(wdt) for x in (q_b, k_b, v_b))
         dos = do_b[:, :, segs]
-        s = t.scores(qs, ks, segs, scale, is_causal, attn_mask, shift)
+        s = t.scores(qs, ks, segs, scale, is_causal, attn_mask, shift, q.dtype)
         p = torch.exp(s - lse_b[:, :, segs].unsqueeze(-1))
         dp = torch.matmul(dos, vs.transpose(-1, -2))
         if dropout_p > 0.0:
@@ -275,10 +286,10 @@ def dilated_attention_backward_eager(
     d_att = dout_w * plan.output_scale if plan.output_scale != 1.0 else dout_w
     n_acc = max([_padded_len(N, b.segment_length) for b in plan.branches] + [N])
     # dq, and dk/dv per *query* head (summed over each GQA group at the end).
-    grads = tuple(torch.zeros(B, Hq, n_acc, D, dtype=wdt, device=q.device) for _ in range(3))
+    grads = tuple(torch.zeros(B, Hq, n_acc, d, dtype=wdt, device=q.device) for d in (D, D, v.shape[-1]))
     lse_w = lse.to(wdt)
     lse_w = torch.where(torch.isinf(lse_w), 0.0, lse_w)
-    if fused_route_applies(q, attn_mask, dropout_p):
+    if fused_route_applies(q, v, attn_mask, dropout_p, scale):
         out_att = out.to(wdt) / plan.output_scale if plan.output_scale != 1.0 else out.to(wdt)
         for t in _tiles(plan, N, Hq, Hkv, q.device):
             _backward_tile_fused(t, q, k, v, d_att, out_att, lse_w, grads, scale, is_causal, wdt)
@@ -290,5 +301,44 @@ def dilated_attention_backward_eager(
                                    shift, dropout_p, seed, wdt)
     dq, dk_h, dv_h = (g[:, :, :N] for g in grads)
     dk = dk_h.reshape(B, Hkv, Hq // Hkv, N, D).sum(2)
-    dv = dv_h.reshape(B, Hkv, Hq // Hkv, N, D).sum(2)
+    dv = dv_h.reshape(B, Hkv, Hq // Hkv, N, v.shape[-1]).sum(2)
     return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
+
+
+def dilated_attention_mask_grad_eager(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, plan: DilatedPlan, *,
+    is_causal: bool, scale: float, attn_mask: Tensor, dropout_p: float = 0.0, seed: int = 0,
+) -> Tensor:
+    """The gradient with respect to a floating ``attn_mask`` (a learned bias), in its shape: the mask is added to
+    every linking branch's scores, so its gradient at ``(p, j)`` is the sum of those branches' ``dS``."""
+    mask4 = as_4d(attn_mask)
+    wdt = lse_dtype(q.dtype)
+    B, Hq, N, _ = q.shape
+    dmask = torch.zeros(mask4.shape, dtype=wdt, device=q.device)
+    dout_w = dout.to(wdt)
+    d_att = dout_w * plan.output_scale if plan.output_scale != 1.0 else dout_w
+    delta = (dout_w * out.to(wdt)).sum(-1)
+    lse_w = lse.to(wdt)
+    lse_w = torch.where(torch.isinf(lse_w), 0.0, lse_w)
+    shift = row_shift(mask4, wdt)
+    for tile, t in enumerate(_tiles(plan, N, Hq, k.shape[1], q.device)):
+        rows = lambda x: _rows(_pad_seq(x, t.n_pad), t.branch, t.group.offset)  # noqa: E731
+        q_b, k_b, v_b = rows(q[:, t.heads]), rows(k.index_select(1, t.kv_heads)), rows(v.index_select(1, t.kv_heads))
+        do_b, lse_b, delta_b = rows(d_att[:, t.heads]), rows(lse_w[:, t.heads]), rows(delta[:, t.heads])
+        target = dmask if dmask.shape[1] == 1 else dmask[:, t.heads]
+        for chunk, segs in enumerate(t.chunks(B)):
+            qs, ks, vs = (x[:, :, segs].to(wdt) for x in (q_b, k_b, v_b))
+            s = t.scores(qs, ks, segs, scale, is_causal, mask4, shift, q.dtype)
+            p = torch.exp(s - lse_b[:, :, segs].unsqueeze(-1))
+            dp = torch.matmul(do_b[:, :, segs], vs.transpose(-1, -2))
+            if dropout_p > 0.0:
+                dp = dp * t.dropout_scale(seed, tile, chunk, p.shape, dropout_p, q.device).to(wdt)
+            ds = p * (dp - delta_b[:, :, segs].unsqueeze(-1))      # [B, h, n_chunk, a, a]
+            ds = ds.sum(0, keepdim=True) if target.shape[0] == 1 else ds
+            ds = ds.sum(1, keepdim=True) if target.shape[1] == 1 else ds
+            pos = t.pos[segs].clamp(max=N - 1)                      # padded rows: ds is 0 there
+            p_idx, j_idx = pos.unsqueeze(-1), pos.unsqueeze(-2)
+            b_idx = torch.arange(target.shape[0], device=q.device).view(-1, 1, 1, 1, 1)
+            h_idx = torch.arange(target.shape[1], device=q.device).view(1, -1, 1, 1, 1)
+            target.index_put_((b_idx, h_idx, p_idx, j_idx), ds, accumulate=True)
+    return dmask.reshape(attn_mask.shape).to(attn_mask.dtype)

@@ -20,8 +20,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..common.dispatch import kernels_apply, lse_dtype
-from .eager import dilated_attention_backward_eager, dilated_attention_forward_eager
+from ..common.dispatch import kernels_apply, lse_dtype, value_unsupported_reason
+from .eager import (dilated_attention_backward_eager, dilated_attention_forward_eager,
+                    dilated_attention_mask_grad_eager)
 from .plan import dilated_plan
 from .triton import dilated_attn_bwd, dilated_attn_fwd, kernel_unsupported_reason
 
@@ -36,9 +37,10 @@ def _seed(seed: Optional[Tensor]) -> int:
     return 0 if seed is None else int(seed.item())
 
 
-def use_kernels(q: Tensor, attn_mask, dropout_p: float, num_branches: int) -> bool:
+def use_kernels(q: Tensor, v: Tensor, attn_mask, dropout_p: float, num_branches: int) -> bool:
     """True when the Triton kernels run this call."""
-    return kernels_apply("dilated attention", q, kernel_unsupported_reason(q, attn_mask, dropout_p, num_branches))
+    reason = kernel_unsupported_reason(q, attn_mask, dropout_p, num_branches) or value_unsupported_reason(q, v)
+    return kernels_apply("dilated attention", q, reason)
 
 
 def warp_specialised_reason(q, k, v, attn_mask, segment_lengths, dilation_rates, is_causal: bool, mixing: str,
@@ -69,8 +71,7 @@ def dilated_attention_forward_exact(
 @dilated_attention_forward_exact.register_fake
 def _(q, k, v, attn_mask, segment_lengths, dilation_rates, is_causal, scale, mixing, dropout_p, seed):
     B, H, N, _ = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(
-        (B, H, N), dtype=lse_dtype(q.dtype))
+    return q.new_empty((B, H, N, v.shape[-1])), q.new_empty((B, H, N), dtype=lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("dilate_compiler::dilated_attention_backward_exact", mutates_args=())
@@ -97,13 +98,32 @@ def _(dout, q, k, v, attn_mask, out, lse, segment_lengths, dilation_rates, is_ca
 # --- the dispatching ops -----------------------------------------------------------------------------------
 
 
+@torch.library.custom_op("dilate_compiler::dilated_attention_mask_grad_exact", mutates_args=())
+def dilated_attention_mask_grad_exact(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor, out: Tensor, lse: Tensor,
+    segment_lengths: list[int], dilation_rates: list[int], is_causal: bool, scale: float, mixing: str,
+    dropout_p: float, seed: Optional[Tensor],
+) -> Tensor:
+    plan = dilated_plan(segment_lengths, dilation_rates, mixing, q.shape[2], q.shape[1])
+    return dilated_attention_mask_grad_eager(
+        dout, q, k, v, out, lse, plan, is_causal=is_causal, scale=scale, attn_mask=attn_mask,
+        dropout_p=dropout_p, seed=_seed(seed),
+    )
+
+
+@dilated_attention_mask_grad_exact.register_fake
+def _(dout, q, k, v, attn_mask, out, lse, segment_lengths, dilation_rates, is_causal, scale, mixing, dropout_p,
+      seed):
+    return torch.empty_like(attn_mask, memory_format=torch.contiguous_format)
+
+
 @torch.library.triton_op("dilate_compiler::dilated_attention_forward", mutates_args=())
 def dilated_attention_forward(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], segment_lengths: list[int],
     dilation_rates: list[int], is_causal: bool, scale: float, mixing: str, dropout_p: float,
     seed: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:
-    if use_kernels(q, attn_mask, dropout_p, len(segment_lengths)):
+    if use_kernels(q, v, attn_mask, dropout_p, len(segment_lengths)):
         if not warp_specialised_reason(q, k, v, attn_mask, segment_lengths, dilation_rates, is_causal, mixing,
                                        dropout_p):
             return gluon.dilated_attn_fwd_ws(q, k, v, segment_lengths, dilation_rates, scale=scale)
@@ -119,7 +139,7 @@ def dilated_attention_backward(
     segment_lengths: list[int], dilation_rates: list[int], is_causal: bool, scale: float, mixing: str,
     dropout_p: float, seed: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if use_kernels(q, attn_mask, dropout_p, len(segment_lengths)):
+    if use_kernels(q, v, attn_mask, dropout_p, len(segment_lengths)):
         return dilated_attn_bwd(dout, q, k, v, out, lse, segment_lengths, dilation_rates, is_causal=is_causal,
                                 scale=scale, mixing=mixing, dropout_p=dropout_p, seed=seed)
     return torch.ops.dilate_compiler.dilated_attention_backward_exact(
@@ -136,16 +156,15 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, _dlse):
-    if ctx.needs_input_grad[3]:
-        raise NotImplementedError(
-            "dilated attention: gradients with respect to attn_mask (a learned attention bias) are not implemented")
     q, k, v, attn_mask, out, lse, seed = ctx.saved_tensors
     segment_lengths, dilation_rates, is_causal, scale, mixing, dropout_p = ctx.params
-    dq, dk, dv = torch.ops.dilate_compiler.dilated_attention_backward(
-        dout, q, k, v, attn_mask, out, lse, segment_lengths, dilation_rates, is_causal, scale, mixing,
-        dropout_p, seed,
-    )
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    args = (dout, q, k, v, attn_mask, out, lse, segment_lengths, dilation_rates, is_causal, scale, mixing, dropout_p,
+            seed)
+    dq, dk, dv = torch.ops.dilate_compiler.dilated_attention_backward(*args)
+    dmask = None
+    if ctx.needs_input_grad[3]:   # a learned bias: masks run the exact path, which gives its gradient too
+        dmask = torch.ops.dilate_compiler.dilated_attention_mask_grad_exact(*args)
+    return dq, dk, dv, dmask, None, None, None, None, None, None, None
 
 
 dilated_attention_forward.register_autograd(_backward, setup_context=_setup_context)

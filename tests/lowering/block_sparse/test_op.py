@@ -107,3 +107,21 @@ def test_op_under_torch_compile_fullgraph():
     eager = f(q, k, v)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
     torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_value_head_dim_may_differ_from_query_head_dim(causal):
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 4, 50, 24, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, 50, 24, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, 50, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    pattern = P.sliding_window(12) | P.global_tokens(2)
+    out = dc.ops.block_sparse_attention(q, k, v, pattern, block_size=16, is_causal=causal)
+    keep = pattern.token_mask(50, 16, is_causal=causal)
+    s = (q @ k.repeat_interleave(2, 1).mT) / math.sqrt(24)
+    ref = torch.softmax(s.masked_fill(~keep, float("-inf")), -1) @ v.repeat_interleave(2, 1)
+    assert out.shape == (2, 4, 50, 16)
+    assert_close(out, ref, torch.float64)
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)):
+        assert_close(a, b, torch.float64)

@@ -192,7 +192,7 @@ def test_compiles_fullgraph_and_exports():
         (lambda q, k, v: (q, torch.cat([k, k[:, :1]], 1), torch.cat([v, v[:, :1]], 1)), ValueError, r"query heads \(4\) must be a multiple.*\(3\)"),
         (lambda q, k, v: (q, k.double(), v), TypeError, "share one dtype"),
         (lambda q, k, v: (q.long(), k, v), TypeError, "q has dtype torch.int64"),
-        (lambda q, k, v: (q, k, v[..., :4]), ValueError, "k and v must have the same shape"),
+        (lambda q, k, v: (q, k, v[:, :, :5]), ValueError, r"k and v must have the same \[B, Hkv, N\]"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(mutate, exc, match):
@@ -221,7 +221,7 @@ def test_chunked_route_equals_fused_route():
 
     q, k, v = _inputs(2, 4, 2, 300, 16, torch.float64)
     everything = torch.ones(300, 300, dtype=torch.bool)
-    assert fused_route_applies(q, None, 0.0) and not fused_route_applies(q, everything, 0.0)
+    assert fused_route_applies(q, v, None, 0.0, 0.3) and not fused_route_applies(q, v, everything, 0.0, 0.3)
     for is_causal in (False, True):
         a = dc.ops.dilated_attention(q, k, v, (32, 64, 512), (1, 2, 4), is_causal=is_causal)
         b = dc.ops.dilated_attention(q, k, v, (32, 64, 512), (1, 2, 4), is_causal=is_causal, attn_mask=everything)
@@ -229,3 +229,62 @@ def test_chunked_route_equals_fused_route():
         dout = torch.randn_like(a)
         for x, y in zip(_grads(a, (q, k, v), dout), _grads(b, (q, k, v), dout)):
             assert_close(x, y, torch.float64, "grad")
+
+
+# --- shapes and masks models bring (each failed before) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("mixing", ["lse", "head_groups"])
+def test_value_head_dim_may_differ_from_query_head_dim(is_causal, mixing):
+    """Multi-head latent attention (DeepSeek-V3): q/k head dim 24, v head dim 16."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 40, 24, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, 40, 24, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, 40, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    segs, rates = (8, 16), (1, 2)
+    out = dc.ops.dilated_attention(q, k, v, segs, rates, is_causal=is_causal, mixing=mixing)
+    ref = dc.Dilated(segs, rates, mixing).reference(q, k, v, is_causal=is_causal)
+    assert out.shape == (2, 4, 40, 16)
+    assert_close(out, ref, torch.float64)
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    for a, b, what in zip(_grads(out, (q, k, v), dout), _grads(ref, (q, k, v), dout), "qkv"):
+        assert_close(a, b, torch.float64, f"d{what}")
+
+
+@pytest.mark.parametrize("shape", [(4, 40, 40), (1, 1, 40, 40), (2, 1, 40, 40)], ids=str)
+def test_a_learned_bias_gets_its_gradient(shape):
+    g = torch.Generator().manual_seed(4)
+    q, k, v = _inputs(2, 4, 2, 40, 16, torch.float64)
+    bias = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    segs, rates = (8, 16), (1, 2)
+    out = dc.ops.dilated_attention(q, k, v, segs, rates, is_causal=True, attn_mask=bias)
+    ref = dc.Dilated(segs, rates).reference(q, k, v, is_causal=True, attn_mask=bias)
+    assert_close(out, ref, torch.float64)
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    for a, b, what in zip(_grads(out, (q, k, v, bias), dout), _grads(ref, (q, k, v, bias), dout),
+                          ("dq", "dk", "dv", "dbias")):
+        assert a.shape == b.shape
+        assert_close(a, b, torch.float64, what)
+
+
+def test_negative_scale_with_causal_on_the_cpu():
+    """The CPU's fused flash kernel gave NaN rows for a negative scale with is_causal."""
+    q, k, v = _inputs(2, 2, 2, 33, 16, torch.float32)
+    out = dc.ops.dilated_attention(q, k, v, (16,), (1,), is_causal=True, scale=-0.3)
+    ref = dc.Dilated((16,), (1,)).reference(q, k, v, is_causal=True, scale=-0.3)
+    assert not out.isnan().any()
+    assert_close(out, ref, torch.float32)
+
+
+def test_float16_mask_is_added_in_float16_as_the_model_adds_it():
+    """A row masked everywhere with finfo(float16).min: the model's ``scores + mask`` in float16 does not saturate
+    (s - 65504 rounds to a grid of 32 or to -inf), and its softmax follows that rounding."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 24, 16, generator=g).half() for _ in range(3))
+    mask = torch.zeros(1, 1, 24, 24, dtype=torch.float16)
+    mask[..., :3, :] = torch.finfo(torch.float16).min          # rows 0-2 see no key
+    mask[..., 3:, :] = torch.where(torch.ones(21, 24).tril(3).bool(), 0.0, torch.finfo(torch.float16).min)
+    out = dc.ops.dilated_attention(q, k, v, (4096,), (1,), attn_mask=mask, scale=4.0)
+    model = torch.softmax((q @ k.mT) * 4.0 + mask, -1, dtype=torch.float32).half() @ v
+    assert_close(out, model.double(), torch.float16)
