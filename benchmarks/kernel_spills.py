@@ -85,18 +85,24 @@ def _strides(n: int, h: int, d: int, tensors: str) -> dict:
     return {f"stride_{t}{a}": ("i32", s) for t in tensors for a, s in (("b", h * n * d), ("h", n * d), ("n", d))}
 
 
-def window_values(n: int) -> dict:
+def key_padding_values(key_mask: bool, n: int) -> dict:
+    """The key-padding arguments (``common.key_padding``): flags, per-row ranges, their batch stride."""
+    return dict(Keep="*i8", KeyRange="*i32", stride_keep=("i32", n if key_mask else 0), KEY_MASK=key_mask)
+
+
+def window_values(n: int, *, key_mask: bool = False) -> dict:
     h, d = 16, 64
     return dict(Q="*bf16", K="*bf16", V="*bf16", Out="*bf16", DO="*bf16", DQ="*bf16", DK="*bf16", DV="*bf16",
                 Lse="*fp32", Delta="*fp32", Terms="*i32", Coords="*i32", Rows="*i32", KvCount="*i32", KvIdx="*i32",
                 KvBits="*i32", QCount="*i32", QIdx="*i32", QBits="*i32", TileOrder="*i32", sm_scale="fp32",
                 H=("i32", h), N=("i32", n), NB=("i32", n // 128), KW=("i32", 34), QW=("i32", 34),
                 HEAD_DIM=d, BS=128, IS_CAUSAL=True, GQA=1, PER_HEAD=False, NUM_TERMS=2, CHECKS=3, RAGGED=False,
-                PERMUTED=False, **_strides(n, h, d, "qkob"))
+                PERMUTED=False, **key_padding_values(key_mask, n), **_strides(n, h, d, "qkob"))
 
 
 def dilated_values(n: int, pattern: tuple, causal: bool, kind: str, bm: int, bn: int, *, dropout: int = 0,
-                   gqa: int = 1, q_lo: int = 0, drop_thr: int = 0, h: int = 16, d: int = 64) -> dict:
+                   gqa: int = 1, q_lo: int = 0, drop_thr: int = 0, h: int = 16, d: int = 64,
+                   key_mask: bool = False) -> dict:
     """The dilated kernel ``kind``'s arguments for ``pattern`` = (segments, rates, mixing) at N = ``n``, with the
     ``WALKS`` and ``SEEDED`` its launcher would pass for the tile ``bm`` x ``bn`` (``dropout``: the ``DROPOUT``
     constexpr; "walk0": the causal walk-0 kernel)."""
@@ -110,7 +116,7 @@ def dilated_values(n: int, pattern: tuple, causal: bool, kind: str, bm: int, bn:
                 H=("i32", h), N=("i32", n), Q_LO=("i32", q_lo),
                 N_Q=("i32", n), out_scale="fp32", Seed="*i64", drop_thr=("i32", drop_thr), HEAD_DIM=d,
                 IS_CAUSAL=causal, GQA=gqa, DROPOUT=dropout, WALKS=walks, BLOCK_M=bm, BLOCK_N=bn, **meta,
-                **_strides(n, h, d, "qko"))
+                **key_padding_values(key_mask, n), **_strides(n, h, d, "qko"))
 
 
 def main():

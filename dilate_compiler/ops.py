@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .lowering.block_sparse import op as block_sparse_op  # noqa: F401  (registers the ops)
+from .lowering.common.key_padding import check_key_keep
 from .lowering.dilated import op as dilated_op  # noqa: F401
 from .lowering.dilated.plan import MIXINGS
 from .patterns import BlockLayout, DilatedBlocks, LocalBlocks, Pattern, RandomBlocks, Term, from_layout
@@ -101,6 +102,7 @@ def dilated_attention(
     mixing: str = "lse",
     dropout_p: float = 0.0,
     attn_mask: Optional[Tensor] = None,
+    key_keep: Optional[Tensor] = None,
 ) -> Tensor:
     """LongNet dilated attention (exact semantics: ``dilate_compiler.strategies.dilated``).
 
@@ -115,6 +117,8 @@ def dilated_attention(
         dropout_p: dropout on each branch's attention probabilities (apply only in training).
         attn_mask: optional mask broadcastable to ``[B, Hq, N, N]`` applied on top of the pattern: bool
             (True attends) or floating (added to the scores).
+        key_keep: optional bool ``[B or 1, N]``: the keys that attend (key padding; a model's
+            ``attention_mask``). The kernels take it; a row that keeps no key is 0.
 
     Returns:
         ``[B, Hq, N, D]`` in q's dtype. Rows no branch links are 0.
@@ -128,12 +132,13 @@ def dilated_attention(
     scale = check_scale(scale, q.shape[-1])
     dropout_p = check_dropout(dropout_p)
     mask = check_attn_mask(attn_mask, q)
+    key_keep = check_key_keep(key_keep, q.shape[0], k.shape[2], q.device)
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu")
     out, _ = torch.ops.dilate_compiler.dilated_attention_forward(
         q, k, v, mask, list(strategy.segment_lengths), list(strategy.dilation_rates), is_causal, scale,
-        strategy.mixing, dropout_p, seed,
+        strategy.mixing, dropout_p, seed, key_keep,
     )
     return out
 
@@ -182,6 +187,7 @@ def block_sparse_attention(
     is_causal: bool = False,
     scale: Optional[float] = None,
     order: Optional[Tensor] = None,
+    key_keep: Optional[Tensor] = None,
 ) -> Tensor:
     """Block-sparse attention: one softmax over the union of the keys the layout allows.
 
@@ -197,6 +203,8 @@ def block_sparse_attention(
             ``order[p]``. The result equals gathering q, k, v with ``order`` (``x.index_select(2, order)``),
             attending, and putting the rows back; the kernels read and write through the table, with no copy
             (how ``dc.Hilbert(..., reorder="fused")`` runs).
+        key_keep: optional bool ``[B or 1, N]``: the keys (memory rows) that attend (key padding). A row that
+            keeps no key is 0.
 
     Returns:
         ``[B, Hq, N, D]`` in q's dtype; rows with no allowed key are 0.
@@ -208,6 +216,7 @@ def block_sparse_attention(
     scale = check_scale(scale, q.shape[-1])
     if order is not None:
         check_order(order, q)
+    key_keep = check_key_keep(key_keep, q.shape[0], k.shape[2], q.device)
     if torch.compiler.is_compiling() and _is_pattern(layout):
         # Building a layout reads data, which a traced graph can't: Dynamo builds it when it traces this call
         # (from the pattern's value) and keeps the tensors as constants of the graph.
@@ -218,7 +227,8 @@ def block_sparse_attention(
         args = (*tensors, order, checks)
     else:
         args = resolve_layout(layout, q, block_size, is_causal).args(order)
-    out, _ = torch.ops.dilate_compiler.block_sparse_attention_forward(q, k, v, *args, block_size, is_causal, scale)
+    out, _ = torch.ops.dilate_compiler.block_sparse_attention_forward(q, k, v, *args, block_size, is_causal, scale,
+                                                                      key_keep)
     return out
 
 

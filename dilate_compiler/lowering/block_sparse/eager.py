@@ -68,8 +68,16 @@ def _padded_blocks(t: Tensor, nb: int, bs: int, dtype) -> Tensor:
     return F.pad(t.to(dtype), (0, 0, 0, nb * bs - N)).view(B, H, nb, bs, D)
 
 
+def _with_key_keep(mask: Tensor, j: Tensor, key_keep) -> Tensor:
+    """The chunk's token mask ``[H, C, bs, K*bs]`` and the keys ``key_keep`` ``[B or 1, N]`` drops, as
+    ``[B or 1, H, C, bs, K*bs]``."""
+    if key_keep is None:
+        return mask
+    return mask & key_keep[:, j].unsqueeze(-2)
+
+
 def block_sparse_forward_eager(q, k, v, terms, kv_count, kv_idx, kv_bits, coords, block_size: int, is_causal: bool,
-                               scale: float):
+                               scale: float, key_keep=None):
     B, H, N, D = q.shape
     bs = block_size
     nb = -(-N // bs)
@@ -81,6 +89,7 @@ def block_sparse_forward_eager(q, k, v, terms, kv_count, kv_idx, kv_bits, coords
     lse = torch.empty(B, H, nb, bs, dtype=dt, device=q.device)
     for i0, i1 in _chunks(B, H, nb, kv_idx.shape[-1], bs):
         j, mask = _chunk_keys(terms, kv_count, kv_idx, kv_bits, coords, i0, i1, H, N, bs, is_causal)
+        mask = _with_key_keep(mask, j, key_keep)
         s = (qb[:, :, i0:i1] @ _gather(k_h, j).transpose(-1, -2)) * scale
         s = s.masked_fill(~mask, float("-inf"))
         m = torch.logsumexp(s, dim=-1)
@@ -92,7 +101,7 @@ def block_sparse_forward_eager(q, k, v, terms, kv_count, kv_idx, kv_bits, coords
 
 
 def block_sparse_backward_eager(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, coords,
-                                block_size: int, is_causal: bool, scale: float):
+                                block_size: int, is_causal: bool, scale: float, key_keep=None):
     B, H, N, D = q.shape
     Hkv = k.shape[1]
     bs = block_size
@@ -109,6 +118,7 @@ def block_sparse_backward_eager(dout, q, k, v, out, lse, terms, kv_count, kv_idx
     dv_h = torch.zeros(B, H, N, Dv, dtype=dt, device=q.device)
     for i0, i1 in _chunks(B, H, nb, kv_idx.shape[-1], bs):
         j, mask = _chunk_keys(terms, kv_count, kv_idx, kv_bits, coords, i0, i1, H, N, bs, is_causal)
+        mask = _with_key_keep(mask, j, key_keep)
         kg, vg = _gather(k_h, j), _gather(v_h, j)
         qc, doc = qb[:, :, i0:i1], dob[:, :, i0:i1]
         s = (qc @ kg.transpose(-1, -2)) * scale

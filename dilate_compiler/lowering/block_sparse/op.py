@@ -20,6 +20,8 @@ them as constants and one compiled kernel serves any layout of the same ``checks
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -51,13 +53,14 @@ def warp_specialised_reason(q, k, v, kv_count, block_size: int, is_causal: bool,
 def block_sparse_attention_forward_exact(
     q: Tensor, k: Tensor, v: Tensor, terms: Tensor, kv_count: Tensor, kv_idx: Tensor, kv_bits: Tensor,
     q_count: Tensor, q_idx: Tensor, q_bits: Tensor, coords: Tensor, order: Tensor, checks: int, block_size: int,
-    is_causal: bool, scale: float,
+    is_causal: bool, scale: float, key_keep: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     if order.numel() == 0:
         return block_sparse_forward_eager(q, k, v, terms, kv_count, kv_idx, kv_bits, coords, block_size, is_causal,
-                                          scale)
+                                          scale, key_keep)
+    keep = None if key_keep is None else key_keep.index_select(1, order)
     out, lse = block_sparse_forward_eager(*(t.index_select(2, order) for t in (q, k, v)), terms, kv_count, kv_idx,
-                                          kv_bits, coords, block_size, is_causal, scale)
+                                          kv_bits, coords, block_size, is_causal, scale, keep)
     return _scatter(out, order), _scatter(lse, order)
 
 
@@ -78,13 +81,14 @@ block_sparse_attention_forward_exact.register_fake(_fake_forward)
 def block_sparse_attention_backward_exact(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, terms: Tensor, kv_count: Tensor,
     kv_idx: Tensor, kv_bits: Tensor, q_count: Tensor, q_idx: Tensor, q_bits: Tensor, coords: Tensor, order: Tensor,
-    checks: int, block_size: int, is_causal: bool, scale: float,
+    checks: int, block_size: int, is_causal: bool, scale: float, key_keep: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if order.numel() == 0:
         return block_sparse_backward_eager(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, coords,
-                                           block_size, is_causal, scale)
+                                           block_size, is_causal, scale, key_keep)
+    keep = None if key_keep is None else key_keep.index_select(1, order)
     grads = block_sparse_backward_eager(*(t.index_select(2, order) for t in (dout, q, k, v, out, lse)), terms,
-                                        kv_count, kv_idx, kv_bits, coords, block_size, is_causal, scale)
+                                        kv_count, kv_idx, kv_bits, coords, block_size, is_causal, scale, keep)
     return tuple(_scatter(g, order) for g in grads)
 
 
@@ -99,46 +103,46 @@ block_sparse_attention_backward_exact.register_fake(_fake_backward)
 def block_sparse_attention_forward(
     q: Tensor, k: Tensor, v: Tensor, terms: Tensor, kv_count: Tensor, kv_idx: Tensor, kv_bits: Tensor,
     q_count: Tensor, q_idx: Tensor, q_bits: Tensor, coords: Tensor, order: Tensor, checks: int, block_size: int,
-    is_causal: bool, scale: float,
+    is_causal: bool, scale: float, key_keep: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     if use_kernels(q, v, block_size):
-        if not warp_specialised_reason(q, k, v, kv_count, block_size, is_causal, order):
+        if key_keep is None and not warp_specialised_reason(q, k, v, kv_count, block_size, is_causal, order):
             return gluon.block_sparse_attn_fwd_ws(
                 q, k, v, kv_count, kv_idx, tile_order(kv_count, kv_count.shape[0], q.shape[0] * q.shape[1]), scale)
         return block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size, is_causal, scale,
-                                     coords, checks, order)
+                                     coords, checks, order, key_keep=key_keep)
     return torch.ops.dilate_compiler.block_sparse_attention_forward_exact(
         q, k, v, terms, kv_count, kv_idx, kv_bits, q_count, q_idx, q_bits, coords, order, checks, block_size,
-        is_causal, scale)
+        is_causal, scale, key_keep)
 
 
 @torch.library.triton_op("dilate_compiler::block_sparse_attention_backward", mutates_args=())
 def block_sparse_attention_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, terms: Tensor, kv_count: Tensor,
     kv_idx: Tensor, kv_bits: Tensor, q_count: Tensor, q_idx: Tensor, q_bits: Tensor, coords: Tensor, order: Tensor,
-    checks: int, block_size: int, is_causal: bool, scale: float,
+    checks: int, block_size: int, is_causal: bool, scale: float, key_keep: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if use_kernels(q, v, block_size):
         return block_sparse_attn_bwd(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, q_count, q_idx,
-                                     q_bits, coords, order, checks, block_size, is_causal, scale)
+                                     q_bits, coords, order, checks, block_size, is_causal, scale, key_keep=key_keep)
     return torch.ops.dilate_compiler.block_sparse_attention_backward_exact(
         dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, q_count, q_idx, q_bits, coords, order, checks,
-        block_size, is_causal, scale)
+        block_size, is_causal, scale, key_keep)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, *layout, checks, block_size, is_causal, scale = inputs
+    q, k, v, *layout, checks, block_size, is_causal, scale, key_keep = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, *layout)
+    ctx.save_for_backward(q, k, v, out, lse, key_keep, *layout)
     ctx.params = (checks, block_size, is_causal, scale)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, *layout = ctx.saved_tensors
+    q, k, v, out, lse, key_keep, *layout = ctx.saved_tensors
     dq, dk, dv = torch.ops.dilate_compiler.block_sparse_attention_backward(dout, q, k, v, out, lse, *layout,
-                                                                           *ctx.params)
-    return (dq, dk, dv) + (None,) * 13
+                                                                           *ctx.params, key_keep)
+    return (dq, dk, dv) + (None,) * 14
 
 
 block_sparse_attention_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -38,11 +38,12 @@ import triton.language as tl
 
 from ...patterns.algebra import GRID_AXES, TERM_COLUMNS
 from ..common.dispatch import tensor_unsupported_reason
+from ..common.key_padding import key_padding_args, key_range, keys_kept
 from ..common.launch import autotune_configs, launch_device, rows_addressable, rows_fit, runner, tile_configs
 from ..common.primitives import LN2, LOG2E, score_scale, softmax_step
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)  # 256 unrolls past the H100's shared memory at D=128
-_KEY = ["N", "HEAD_DIM", "BS", "IS_CAUSAL", "GQA", "PER_HEAD", "NUM_TERMS", "CHECKS", "PERMUTED"]
+_KEY = ["N", "HEAD_DIM", "BS", "IS_CAUSAL", "GQA", "PER_HEAD", "NUM_TERMS", "CHECKS", "PERMUTED", "KEY_MASK"]
 assert TERM_COLUMNS == 12 and GRID_AXES == 3   # _token_ok reads the term table and coordinates with these
 
 
@@ -171,7 +172,7 @@ def _list_entry(Idx, Bits, e, ok, MASK: tl.constexpr):
 def _fwd_blocks(acc, m_i, l_i, q, p, Idx, Bits, lo, hi, k_base, v_base, Rows, stride_kn, Terms, Coords, N, qk_scale,
                 MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr,
                 RAGGED: tl.constexpr, PERMUTED: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-                HEAD_DIM: tl.constexpr):
+                HEAD_DIM: tl.constexpr, keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr):
     """The key blocks of list entries ``[lo, hi)`` of row ``Idx`` / ``Bits``, one ``BLOCK_N`` tile per iteration.
     The next tile's block is read one iteration ahead, so the K and V loads pipeline as a contiguous walk's do
     (a load whose address comes from a load of the same iteration gets one buffer fewer)."""
@@ -185,7 +186,10 @@ def _fwd_blocks(acc, m_i, l_i, q, p, Idx, Bits, lo, hi, k_base, v_base, Rows, st
         if MASK:
             ok = _token_ok(Terms, Coords, bits, p[:, None], j[None, :], N, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED)
             s = tl.where(ok, s, float("-inf"))
-        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, qk_scale, v, MASK)
+        if KEY_MASK:   # key padding is per memory row
+            kept = keys_kept(keep_base, _rows(Rows, j, N, PERMUTED, RAGGED), kv_lo, kv_hi, holes) & (j < N)
+            s = tl.where(kept[None, :], s, float("-inf"))
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, qk_scale, v, MASK or KEY_MASK)
         blk, bits = _list_entry(Idx, Bits, tl.minimum((t + 1) // SUB, last), True, MASK)
     return acc, m_i, l_i
 
@@ -217,10 +221,10 @@ def _query_tile(KvCount, pid_m, bh, H, NB, PER_HEAD: tl.constexpr, BS: tl.conste
 def _block_sparse_fwd_kernel(
     Q, K, V, Out, Lse, Terms, Coords, Rows, KvCount, KvIdx, KvBits, TileOrder, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_ob, stride_oh, stride_on,
-    H, N, NB, KW,
+    H, N, NB, KW, Keep, KeyRange, stride_keep,
     HEAD_DIM: tl.constexpr, BS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr,
     PER_HEAD: tl.constexpr, NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr, RAGGED: tl.constexpr,
-    PERMUTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PERMUTED: tl.constexpr, KEY_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m, bh = _heavy_first(TileOrder, NB, BS, BLOCK_M)
     if pid_m * BLOCK_M >= N:   # a sub-tile past the end of the last (partial) block
@@ -238,12 +242,14 @@ def _block_sparse_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     idx, bits = KvIdx + row * KW, KvBits + row * KW
+    kv_lo, kv_hi, holes = key_range(KeyRange, b, N, KEY_MASK)
+    keep_base = Keep + b * stride_keep
     acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, p, idx, bits, 0, n_part, k_base, v_base, Rows, stride_kn, Terms,
                                 Coords, N, qk_scale, True, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED, PERMUTED, BS, BLOCK_N,
-                                HEAD_DIM)
+                                HEAD_DIM, keep_base, kv_lo, kv_hi, holes, KEY_MASK)
     acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, p, idx, bits, n_part, n_tot, k_base, v_base, Rows, stride_kn, Terms,
                                 Coords, N, qk_scale, False, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED, PERMUTED, BS,
-                                BLOCK_N, HEAD_DIM)
+                                BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes, KEY_MASK)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i > 0.0, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
@@ -256,7 +262,7 @@ def _block_sparse_fwd_kernel(
 def _dq_blocks(dq, q, do, lse2, delta, p, Idx, Bits, lo, hi, k_base, v_base, Rows, stride_kn, Terms, Coords, N,
                qk_scale, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr,
                RAGGED: tl.constexpr, PERMUTED: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-               HEAD_DIM: tl.constexpr):
+               HEAD_DIM: tl.constexpr, keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr):
     """dQ over the key blocks of list entries ``[lo, hi)`` (the loop of ``_fwd_blocks``)."""
     SUB: tl.constexpr = BS // BLOCK_N
     last = tl.maximum(hi - 1, lo)
@@ -270,6 +276,9 @@ def _dq_blocks(dq, q, do, lse2, delta, p, Idx, Bits, lo, hi, k_base, v_base, Row
             ok = _token_ok(Terms, Coords, bits, p[:, None], j[None, :], N, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED,
                            True)
             pr = tl.where(ok, pr, 0.0)
+        if KEY_MASK:
+            kept = keys_kept(keep_base, _rows(Rows, j, N, PERMUTED, RAGGED), kv_lo, kv_hi, holes) & (j < N)
+            pr = tl.where(kept[None, :], pr, 0.0)
         dp = tl.dot(do, tl.trans(v)).to(tl.float32)
         ds = pr * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
@@ -281,10 +290,10 @@ def _dq_blocks(dq, q, do, lse2, delta, p, Idx, Bits, lo, hi, k_base, v_base, Row
 def _block_sparse_bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ, Terms, Coords, Rows, KvCount, KvIdx, KvBits, TileOrder, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_ob, stride_oh, stride_on,
-    H, N, NB, KW,
+    H, N, NB, KW, Keep, KeyRange, stride_keep,
     HEAD_DIM: tl.constexpr, BS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr,
     PER_HEAD: tl.constexpr, NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr, RAGGED: tl.constexpr,
-    PERMUTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PERMUTED: tl.constexpr, KEY_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m, bh = _heavy_first(TileOrder, NB, BS, BLOCK_M)
     if pid_m * BLOCK_M >= N:   # a sub-tile past the end of the last (partial) block
@@ -298,16 +307,22 @@ def _block_sparse_bwd_dq_kernel(
     do = tl.load(DO + b * stride_ob + h * stride_oh + r[:, None] * stride_on + offs_d[None, :],
                  mask=row_ok[:, None], other=0.0)
     lse2 = tl.load(Lse + (b * H + h) * N + r, mask=row_ok, other=0.0) * LOG2E
+    if KEY_MASK:   # a row that keeps no key: every key is masked below
+        lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
     delta = tl.load(Delta + (b * H + h) * N + r, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + (h // GQA) * stride_kh
     v_base = V + b * stride_kb + (h // GQA) * stride_kh
     sm_scale, qk_scale = score_scale(sm_scale)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     idx, bits = KvIdx + row * KW, KvBits + row * KW
+    kv_lo, kv_hi, holes = key_range(KeyRange, b, N, KEY_MASK)
+    keep_base = Keep + b * stride_keep
     dq = _dq_blocks(dq, q, do, lse2, delta, p, idx, bits, 0, n_part, k_base, v_base, Rows, stride_kn, Terms, Coords,
-                    N, qk_scale, True, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED, PERMUTED, BS, BLOCK_N, HEAD_DIM)
+                    N, qk_scale, True, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED, PERMUTED, BS, BLOCK_N, HEAD_DIM,
+                    keep_base, kv_lo, kv_hi, holes, KEY_MASK)
     dq = _dq_blocks(dq, q, do, lse2, delta, p, idx, bits, n_part, n_tot, k_base, v_base, Rows, stride_kn, Terms,
-                    Coords, N, qk_scale, False, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED, PERMUTED, BS, BLOCK_N, HEAD_DIM)
+                    Coords, N, qk_scale, False, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED, PERMUTED, BS, BLOCK_N, HEAD_DIM,
+                    keep_base, kv_lo, kv_hi, holes, KEY_MASK)
     tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -315,7 +330,7 @@ def _block_sparse_bwd_dq_kernel(
 def _dkdv_blocks(dk, dv, k, v, j, Idx, Bits, lo, hi, q_base, do_base, lse_base, delta_base, Rows, stride_qn,
                  stride_on, Terms, Coords, N, qk_scale, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
                  NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr, RAGGED: tl.constexpr, PERMUTED: tl.constexpr,
-                 BS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+                 BS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, KEY_MASK: tl.constexpr):
     """dK, dV from the query blocks of list entries ``[lo, hi)`` of a transposed list row, one ``BLOCK_M`` tile
     per iteration (the next tile's block read one iteration ahead, as in ``_fwd_blocks``)."""
     SUB: tl.constexpr = BS // BLOCK_M
@@ -337,6 +352,8 @@ def _dkdv_blocks(dk, dv, k, v, j, Idx, Bits, lo, hi, q_base, do_base, lse_base, 
             lse2 = tl.load(lse_base + r) * LOG2E
             delta = tl.load(delta_base + r)
         st = (tl.dot(k, tl.trans(q)) * qk_scale).to(tl.float32)           # [BLOCK_N, BLOCK_M]
+        if KEY_MASK:   # a query row that keeps no key weighs 0
+            lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
         pt = tl.exp2(st - lse2[None, :])
         if MASK:
             ok = _token_ok(Terms, Coords, bits, p[None, :], j[:, None], N, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED,
@@ -354,10 +371,10 @@ def _dkdv_blocks(dk, dv, k, v, j, Idx, Bits, lo, hi, q_base, do_base, lse_base, 
 def _block_sparse_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, Terms, Coords, Rows, QCount, QIdx, QBits, TileOrder, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_ob, stride_oh, stride_on,
-    H, N, NB, QW,
+    H, N, NB, QW, Keep, KeyRange, stride_keep,
     HEAD_DIM: tl.constexpr, BS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr,
     PER_HEAD: tl.constexpr, NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr, RAGGED: tl.constexpr,
-    PERMUTED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PERMUTED: tl.constexpr, KEY_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     HKV = H // GQA
     pid_n, bkh = _heavy_first(TileOrder, NB, BS, BLOCK_N)
@@ -389,10 +406,15 @@ def _block_sparse_bwd_dkdv_kernel(
         idx, bits = QIdx + col * QW, QBits + col * QW
         dk, dv = _dkdv_blocks(dk, dv, k, v, j, idx, bits, 0, n_part, q_base, do_base, lse_base, delta_base, Rows,
                               stride_qn, stride_on, Terms, Coords, N, qk_scale, True, IS_CAUSAL, NUM_TERMS, CHECKS,
-                              RAGGED, PERMUTED, BS, BLOCK_M, HEAD_DIM)
+                              RAGGED, PERMUTED, BS, BLOCK_M, HEAD_DIM, KEY_MASK)
         dk, dv = _dkdv_blocks(dk, dv, k, v, j, idx, bits, n_part, n_tot, q_base, do_base, lse_base, delta_base, Rows,
                               stride_qn, stride_on, Terms, Coords, N, qk_scale, False, IS_CAUSAL, NUM_TERMS, CHECKS,
-                              RAGGED, PERMUTED, BS, BLOCK_M, HEAD_DIM)
+                              RAGGED, PERMUTED, BS, BLOCK_M, HEAD_DIM, KEY_MASK)
+    if KEY_MASK:   # dropped keys get no gradient
+        kv_lo, kv_hi, holes = key_range(KeyRange, b, N, KEY_MASK)
+        kept = keys_kept(Keep + b * stride_keep, rows, kv_lo, kv_hi, holes)
+        dk = tl.where(kept[:, None], dk, 0.0)
+        dv = tl.where(kept[:, None], dv, 0.0)
     tl.store(DK + kv_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=key_ok[:, None])
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
 
@@ -496,11 +518,12 @@ def _table_arg(t, q, dummy_len: int):
 
 
 def block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size: int, is_causal: bool,
-                          scale: float, coords, checks: int, order=None):
+                          scale: float, coords, checks: int, order=None, key_keep=None):
     """Forward kernel: ``out [B, Hq, N, D]`` and ``lse [B, Hq, N]`` (float32, natural log).
 
     ``order``: sequence position ``p`` of the layout is memory row ``order[p]`` of q, k, v, out and lse (the
-    attention runs in that order with no gather; None or empty: the identity)."""
+    attention runs in that order with no gather; None or empty: the identity). ``key_keep``: bool ``[B or 1, N]``,
+    the memory rows whose keys attend (key padding, ``common.key_padding``)."""
     B, H, N, D = q.shape
     q = rows_addressable(q)
     if k.stride() != v.stride() or not rows_fit(k):   # v is read with k's strides
@@ -508,18 +531,20 @@ def block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size:
     out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     nb = kv_idx.shape[1]
+    keep, key_range_t, stride_keep, key_mask = key_padding_args(key_keep, B, N, q.device)
     with launch_device(q):
         _kernel("fwd", block_size)[_grid(N, block_size, "BLOCK_M", B * H)](
             q, k, v, out, lse, terms, _table_arg(coords, q, GRID_AXES), _table_arg(order, q, 1), kv_count, kv_idx,
             kv_bits, tile_order(kv_count, kv_count.shape[0], B * H), scale,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            out.stride(0), out.stride(1), out.stride(2), H, N, nb, kv_idx.shape[2],
-            **_flags(q, k, kv_idx, terms, order, checks, block_size, is_causal))
+            out.stride(0), out.stride(1), out.stride(2), H, N, nb, kv_idx.shape[2], keep, key_range_t, stride_keep,
+            KEY_MASK=key_mask, **_flags(q, k, kv_idx, terms, order, checks, block_size, is_causal))
     return out, lse
 
 
 def block_sparse_attn_bwd(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, q_count, q_idx, q_bits,
-                          coords, order, checks: int, block_size: int, is_causal: bool, scale: float, *, delta=None):
+                          coords, order, checks: int, block_size: int, is_causal: bool, scale: float, *, delta=None,
+                          key_keep=None):
     """Backward kernels: ``(dq, dk, dv)`` (``order`` as in ``block_sparse_attn_fwd``; may be empty). ``delta``:
     ``rowsum(dout * out)`` ``[B, H, N]`` when the caller has it (a ring step, whose softmax spans more keys than
     these; ``out`` is then unused), else computed from ``out``."""
@@ -540,11 +565,14 @@ def block_sparse_attn_bwd(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_b
     coords = _table_arg(coords, q, GRID_AXES)
     rows = _table_arg(order, q, 1)
     kv_heads = Hkv if q_count.shape[0] > 1 else 1
+    keep, key_range_t, stride_keep, key_mask = key_padding_args(key_keep, B, N, q.device)
     with launch_device(q):
         _kernel("dq", block_size)[_grid(N, block_size, "BLOCK_M", B * H)](
             q, k, v, dout, lse, delta, dq, terms, coords, rows, kv_count, kv_idx, kv_bits,
-            tile_order(kv_count, kv_count.shape[0], B * H), scale, *strides, H, N, nb, kv_idx.shape[2], **flags)
+            tile_order(kv_count, kv_count.shape[0], B * H), scale, *strides, H, N, nb, kv_idx.shape[2], keep,
+            key_range_t, stride_keep, KEY_MASK=key_mask, **flags)
         _kernel("dkdv", block_size)[_grid(N, block_size, "BLOCK_N", B * Hkv)](
             q, k, v, dout, lse, delta, dk, dv, terms, coords, rows, q_count, q_idx, q_bits,
-            tile_order(q_count, kv_heads, B * Hkv), scale, *strides, H, N, nb, q_idx.shape[2], **flags)
+            tile_order(q_count, kv_heads, B * Hkv), scale, *strides, H, N, nb, q_idx.shape[2], keep, key_range_t,
+            stride_keep, KEY_MASK=key_mask, **flags)
     return dq, dk, dv

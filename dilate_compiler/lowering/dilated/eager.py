@@ -161,6 +161,20 @@ _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _flash_cpu_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
 
+def with_key_keep(attn_mask: Optional[Tensor], key_keep: Optional[Tensor]) -> Optional[Tensor]:
+    """``attn_mask`` with the keys ``key_keep`` ``[B or 1, N]`` drops (False) dropped too: a bool mask for the
+    exact path (additive masks get -inf there)."""
+    if key_keep is None:
+        return attn_mask
+    keep = key_keep.view(key_keep.shape[0], 1, 1, key_keep.shape[1])
+    if attn_mask is None:
+        return keep
+    attn_mask = as_4d(attn_mask)
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & keep
+    return torch.where(keep, attn_mask, float("-inf"))
+
+
 def as_4d(mask: Optional[Tensor]) -> Optional[Tensor]:
     """A mask broadcastable to ``[B, H, N, N]`` with fewer dims gets leading 1s."""
     if mask is None or mask.dim() == 4:
@@ -308,10 +322,13 @@ def dilated_attention_backward_eager(
 def dilated_attention_mask_grad_eager(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, plan: DilatedPlan, *,
     is_causal: bool, scale: float, attn_mask: Tensor, dropout_p: float = 0.0, seed: int = 0,
+    key_keep: Optional[Tensor] = None,
 ) -> Tensor:
     """The gradient with respect to a floating ``attn_mask`` (a learned bias), in its shape: the mask is added to
-    every linking branch's scores, so its gradient at ``(p, j)`` is the sum of those branches' ``dS``."""
+    every linking branch's scores, so its gradient at ``(p, j)`` is the sum of those branches' ``dS`` (0 at the
+    keys ``key_keep`` drops)."""
     mask4 = as_4d(attn_mask)
+    scores_mask = with_key_keep(mask4, key_keep)
     wdt = lse_dtype(q.dtype)
     B, Hq, N, _ = q.shape
     dmask = torch.zeros(mask4.shape, dtype=wdt, device=q.device)
@@ -320,7 +337,7 @@ def dilated_attention_mask_grad_eager(
     delta = (dout_w * out.to(wdt)).sum(-1)
     lse_w = lse.to(wdt)
     lse_w = torch.where(torch.isinf(lse_w), 0.0, lse_w)
-    shift = row_shift(mask4, wdt)
+    shift = row_shift(scores_mask, wdt)
     for tile, t in enumerate(_tiles(plan, N, Hq, k.shape[1], q.device)):
         rows = lambda x: _rows(_pad_seq(x, t.n_pad), t.branch, t.group.offset)  # noqa: E731
         q_b, k_b, v_b = rows(q[:, t.heads]), rows(k.index_select(1, t.kv_heads)), rows(v.index_select(1, t.kv_heads))
@@ -328,7 +345,7 @@ def dilated_attention_mask_grad_eager(
         target = dmask if dmask.shape[1] == 1 else dmask[:, t.heads]
         for chunk, segs in enumerate(t.chunks(B)):
             qs, ks, vs = (x[:, :, segs].to(wdt) for x in (q_b, k_b, v_b))
-            s = t.scores(qs, ks, segs, scale, is_causal, mask4, shift, q.dtype)
+            s = t.scores(qs, ks, segs, scale, is_causal, scores_mask, shift, q.dtype)
             p = torch.exp(s - lse_b[:, :, segs].unsqueeze(-1))
             dp = torch.matmul(do_b[:, :, segs], vs.transpose(-1, -2))
             if dropout_p > 0.0:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..common.dispatch import kernels_apply, lse_dtype, value_unsupported_reason
 from .eager import (dilated_attention_backward_eager, dilated_attention_forward_eager,
-                    dilated_attention_mask_grad_eager)
+                    dilated_attention_mask_grad_eager, with_key_keep)
 from .plan import dilated_plan
 from .triton import dilated_attn_bwd, dilated_attn_fwd, kernel_unsupported_reason
 
@@ -59,17 +59,17 @@ def warp_specialised_reason(q, k, v, attn_mask, segment_lengths, dilation_rates,
 def dilated_attention_forward_exact(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], segment_lengths: list[int],
     dilation_rates: list[int], is_causal: bool, scale: float, mixing: str, dropout_p: float,
-    seed: Optional[Tensor],
+    seed: Optional[Tensor], key_keep: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     plan = dilated_plan(segment_lengths, dilation_rates, mixing, q.shape[2], q.shape[1])
     return dilated_attention_forward_eager(
-        q, k, v, plan, is_causal=is_causal, scale=scale, attn_mask=attn_mask, dropout_p=dropout_p,
-        seed=_seed(seed),
+        q, k, v, plan, is_causal=is_causal, scale=scale, attn_mask=with_key_keep(attn_mask, key_keep),
+        dropout_p=dropout_p, seed=_seed(seed),
     )
 
 
 @dilated_attention_forward_exact.register_fake
-def _(q, k, v, attn_mask, segment_lengths, dilation_rates, is_causal, scale, mixing, dropout_p, seed):
+def _(q, k, v, attn_mask, segment_lengths, dilation_rates, is_causal, scale, mixing, dropout_p, seed, key_keep=None):
     B, H, N, _ = q.shape
     return q.new_empty((B, H, N, v.shape[-1])), q.new_empty((B, H, N), dtype=lse_dtype(q.dtype))
 
@@ -78,18 +78,18 @@ def _(q, k, v, attn_mask, segment_lengths, dilation_rates, is_causal, scale, mix
 def dilated_attention_backward_exact(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], out: Tensor, lse: Tensor,
     segment_lengths: list[int], dilation_rates: list[int], is_causal: bool, scale: float, mixing: str,
-    dropout_p: float, seed: Optional[Tensor],
+    dropout_p: float, seed: Optional[Tensor], key_keep: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     plan = dilated_plan(segment_lengths, dilation_rates, mixing, q.shape[2], q.shape[1])
     return dilated_attention_backward_eager(
-        dout, q, k, v, out, lse, plan, is_causal=is_causal, scale=scale, attn_mask=attn_mask,
+        dout, q, k, v, out, lse, plan, is_causal=is_causal, scale=scale, attn_mask=with_key_keep(attn_mask, key_keep),
         dropout_p=dropout_p, seed=_seed(seed),
     )
 
 
 @dilated_attention_backward_exact.register_fake
 def _(dout, q, k, v, attn_mask, out, lse, segment_lengths, dilation_rates, is_causal, scale, mixing,
-      dropout_p, seed):
+      dropout_p, seed, key_keep=None):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
@@ -102,18 +102,18 @@ def _(dout, q, k, v, attn_mask, out, lse, segment_lengths, dilation_rates, is_ca
 def dilated_attention_mask_grad_exact(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor, out: Tensor, lse: Tensor,
     segment_lengths: list[int], dilation_rates: list[int], is_causal: bool, scale: float, mixing: str,
-    dropout_p: float, seed: Optional[Tensor],
+    dropout_p: float, seed: Optional[Tensor], key_keep: Optional[Tensor] = None,
 ) -> Tensor:
     plan = dilated_plan(segment_lengths, dilation_rates, mixing, q.shape[2], q.shape[1])
     return dilated_attention_mask_grad_eager(
         dout, q, k, v, out, lse, plan, is_causal=is_causal, scale=scale, attn_mask=attn_mask,
-        dropout_p=dropout_p, seed=_seed(seed),
+        dropout_p=dropout_p, seed=_seed(seed), key_keep=key_keep,
     )
 
 
 @dilated_attention_mask_grad_exact.register_fake
 def _(dout, q, k, v, attn_mask, out, lse, segment_lengths, dilation_rates, is_causal, scale, mixing, dropout_p,
-      seed):
+      seed, key_keep=None):
     return torch.empty_like(attn_mask, memory_format=torch.contiguous_format)
 
 
@@ -121,50 +121,50 @@ def _(dout, q, k, v, attn_mask, out, lse, segment_lengths, dilation_rates, is_ca
 def dilated_attention_forward(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], segment_lengths: list[int],
     dilation_rates: list[int], is_causal: bool, scale: float, mixing: str, dropout_p: float,
-    seed: Optional[Tensor],
+    seed: Optional[Tensor], key_keep: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     if use_kernels(q, v, attn_mask, dropout_p, len(segment_lengths)):
-        if not warp_specialised_reason(q, k, v, attn_mask, segment_lengths, dilation_rates, is_causal, mixing,
-                                       dropout_p):
+        if key_keep is None and not warp_specialised_reason(q, k, v, attn_mask, segment_lengths, dilation_rates,
+                                                            is_causal, mixing, dropout_p):
             return gluon.dilated_attn_fwd_ws(q, k, v, segment_lengths, dilation_rates, scale=scale)
         return dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, is_causal=is_causal, scale=scale,
-                                mixing=mixing, dropout_p=dropout_p, seed=seed)
+                                mixing=mixing, dropout_p=dropout_p, seed=seed, key_keep=key_keep)
     return torch.ops.dilate_compiler.dilated_attention_forward_exact(
-        q, k, v, attn_mask, segment_lengths, dilation_rates, is_causal, scale, mixing, dropout_p, seed)
+        q, k, v, attn_mask, segment_lengths, dilation_rates, is_causal, scale, mixing, dropout_p, seed, key_keep)
 
 
 @torch.library.triton_op("dilate_compiler::dilated_attention_backward", mutates_args=())
 def dilated_attention_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], out: Tensor, lse: Tensor,
     segment_lengths: list[int], dilation_rates: list[int], is_causal: bool, scale: float, mixing: str,
-    dropout_p: float, seed: Optional[Tensor],
+    dropout_p: float, seed: Optional[Tensor], key_keep: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if use_kernels(q, v, attn_mask, dropout_p, len(segment_lengths)):
         return dilated_attn_bwd(dout, q, k, v, out, lse, segment_lengths, dilation_rates, is_causal=is_causal,
-                                scale=scale, mixing=mixing, dropout_p=dropout_p, seed=seed)
+                                scale=scale, mixing=mixing, dropout_p=dropout_p, seed=seed, key_keep=key_keep)
     return torch.ops.dilate_compiler.dilated_attention_backward_exact(
         dout, q, k, v, attn_mask, out, lse, segment_lengths, dilation_rates, is_causal, scale, mixing, dropout_p,
-        seed)
+        seed, key_keep)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, segment_lengths, dilation_rates, is_causal, scale, mixing, dropout_p, seed = inputs
+    q, k, v, attn_mask, segment_lengths, dilation_rates, is_causal, scale, mixing, dropout_p, seed, key_keep = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, attn_mask, out, lse, seed)
+    ctx.save_for_backward(q, k, v, attn_mask, out, lse, seed, key_keep)
     ctx.params = (list(segment_lengths), list(dilation_rates), is_causal, scale, mixing, dropout_p)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, attn_mask, out, lse, seed = ctx.saved_tensors
+    q, k, v, attn_mask, out, lse, seed, key_keep = ctx.saved_tensors
     segment_lengths, dilation_rates, is_causal, scale, mixing, dropout_p = ctx.params
     args = (dout, q, k, v, attn_mask, out, lse, segment_lengths, dilation_rates, is_causal, scale, mixing, dropout_p,
-            seed)
+            seed, key_keep)
     dq, dk, dv = torch.ops.dilate_compiler.dilated_attention_backward(*args)
     dmask = None
     if ctx.needs_input_grad[3]:   # a learned bias: masks run the exact path, which gives its gradient too
         dmask = torch.ops.dilate_compiler.dilated_attention_mask_grad_exact(*args)
-    return dq, dk, dv, dmask, None, None, None, None, None, None, None
+    return dq, dk, dv, dmask, None, None, None, None, None, None, None, None
 
 
 dilated_attention_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from ..common.dispatch import tensor_unsupported_reason
+from ..common.key_padding import clip_tiles, key_padding_args, key_range, keys_kept
 from ..common.launch import autotune_configs, launch_device, rows_addressable, rows_fit, runner, tile_configs
 from ..common.primitives import LN2, LOG2E, score_scale, softmax_step, softmax_weights
 from .plan import head_group_bounds, nested_order
@@ -57,8 +58,8 @@ def tile_space(kind: str) -> list:
     return tile_configs(space)
 
 
-_KEY = ["N", "HEAD_DIM", "L", "IS_CAUSAL", "MIXING_LSE", "GQA", "DROPOUT", "WALKS", "WS", "RS"]
-_KEY_WALK0 = ["N", "HEAD_DIM", "L", "GQA", "WS", "RS"]
+_KEY = ["N", "HEAD_DIM", "L", "IS_CAUSAL", "MIXING_LSE", "GQA", "DROPOUT", "WALKS", "WS", "RS", "KEY_MASK"]
+_KEY_WALK0 = ["N", "HEAD_DIM", "L", "GQA", "WS", "RS", "KEY_MASK"]
 
 
 @triton.jit
@@ -136,10 +137,14 @@ def _query_tile(i_tile, Q_LO, N_Q, L: tl.constexpr, BLOCK_M: tl.constexpr):
 @triton.jit
 def _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, hi, n_keys, qk_scale,
                W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK: tl.constexpr,
-               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, seed, drop_thr, stream, DROPOUT: tl.constexpr):
+               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, seed, drop_thr, stream, DROPOUT: tl.constexpr,
+               keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr):
     """Key blocks ``[lo, hi)`` of one branch; ``MASK`` only on boundary blocks (segment edges, causal diagonal).
-    Dropout zeroes dropped pairs in ``P @ V`` only (the normaliser keeps them; ``1 / (1 - p)`` is in out_scale)."""
+    Dropout zeroes dropped pairs in ``P @ V`` only (the normaliser keeps them; ``1 / (1 - p)`` is in out_scale).
+    ``KEY_MASK``: key padding (``common.key_padding``): tiles of dropped keys only are skipped, the others masked."""
     offs_d = tl.arange(0, HEAD_DIM)
+    if KEY_MASK:
+        lo, hi = clip_tiles(lo, hi, j0, R, kv_lo, kv_hi, BLOCK_N)
     for start in range(lo, hi, BLOCK_N):
         m = start + tl.arange(0, BLOCK_N)
         j = j0 + m * R                                                   # key positions: a strided view
@@ -156,7 +161,9 @@ def _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, hi, n_key
             if IS_CAUSAL:
                 ok = ok & (j[None, :] <= p[:, None])
             s = tl.where(ok, s, float("-inf"))
-        m_new, alpha, pr = softmax_weights(m_i, s, qk_scale, MASK)
+        if KEY_MASK:
+            s = tl.where(keys_kept(keep_base, j, kv_lo, kv_hi, holes)[None, :], s, float("-inf"))
+        m_new, alpha, pr = softmax_weights(m_i, s, qk_scale, MASK or KEY_MASK)
         l_i = l_i * alpha + tl.sum(pr, 1)
         if DROPOUT:
             pr = tl.where(_keep_tile(seed, p, j, j0, start, stream, drop_thr, R, BLOCK_N, DROPOUT), pr, 0.0)
@@ -187,13 +194,16 @@ def _key_range(p_first, p_last, o, N, W: tl.constexpr, R: tl.constexpr, IS_CAUSA
 @triton.jit
 def _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N, qk_scale,
                 W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, seed, drop_thr, stream, DROPOUT: tl.constexpr):
+                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, seed, drop_thr, stream, DROPOUT: tl.constexpr,
+                keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr):
     """Online softmax over one branch's keys for the query rows ``p`` (scores in base 2)."""
     j0, n_keys, n_full = _key_range(p_first, p_last, o, N, W, R, IS_CAUSAL, BLOCK_N)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, 0, n_full, n_keys, qk_scale,
-                               W, R, IS_CAUSAL, False, BLOCK_N, HEAD_DIM, seed, drop_thr, stream, DROPOUT)
+                               W, R, IS_CAUSAL, False, BLOCK_N, HEAD_DIM, seed, drop_thr, stream, DROPOUT,
+                               keep_base, kv_lo, kv_hi, holes, KEY_MASK)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, n_full, n_keys, n_keys,
-                               qk_scale, W, R, IS_CAUSAL, True, BLOCK_N, HEAD_DIM, seed, drop_thr, stream, DROPOUT)
+                               qk_scale, W, R, IS_CAUSAL, True, BLOCK_N, HEAD_DIM, seed, drop_thr, stream, DROPOUT,
+                               keep_base, kv_lo, kv_hi, holes, KEY_MASK)
     return acc, m_i, l_i
 
 
@@ -285,7 +295,8 @@ def _walk_keys(p_first, p_last, o, N, B: tl.constexpr, WS: tl.constexpr, R: tl.c
 
 @triton.jit
 def _walk_key_tile(q, k_base, v_base, stride_kn, j0, start, valid_hi, lm, qk_scale, R: tl.constexpr,
-                   TAIL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+                   TAIL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, keep_base, kv_lo, kv_hi,
+                   holes, KEY_MASK: tl.constexpr):
     """The key tile at ``start`` of a walk (keys ``j0 + R * m``): positions, K, V and the scores in base 2 with
     the keys' log2 multiplicities ``lm`` added. ``TAIL``: the last, partial tile, whose keys ``>= valid_hi`` are
     read at the last valid one and weigh 0."""
@@ -300,39 +311,44 @@ def _walk_key_tile(q, k_base, v_base, stride_kn, j0, start, valid_hi, lm, qk_sca
     k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :])
     v = tl.load(v_base + j[:, None] * stride_kn + offs_d[None, :])
     s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale + lmt[None, :]
+    if KEY_MASK:
+        s = tl.where(keys_kept(keep_base, j, kv_lo, kv_hi, holes)[None, :], s, float("-inf"))
     return j, k, v, s
 
 
 @triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, hi, valid_hi, lm, qk_scale, R: tl.constexpr,
-               MASK: tl.constexpr, TAIL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+               MASK: tl.constexpr, TAIL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, keep_base,
+               kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr):
     """Key tiles ``[lo, hi)`` of a walk (``_walk_key_tile``); ``MASK``: the causal diagonal."""
     for start in range(lo, hi, BLOCK_N):
         j, k, v, s = _walk_key_tile(q, k_base, v_base, stride_kn, j0, start, valid_hi, lm, qk_scale, R, TAIL,
-                                    BLOCK_N, HEAD_DIM)
+                                    BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes, KEY_MASK)
         if MASK:
             s = tl.where(j[None, :] <= p[:, None], s, float("-inf"))
-        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, 1.0, v, MASK)
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, 1.0, v, MASK or KEY_MASK)
     return acc, m_i, l_i
 
 
 @triton.jit
 def _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, lo, hi, valid_hi, qk_scale,
              B: tl.constexpr, R: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-             NUM_BRANCHES: tl.constexpr, RS: tl.constexpr):
+             NUM_BRANCHES: tl.constexpr, RS: tl.constexpr, keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr):
     """Key tiles ``[lo, hi)`` of a walk (``hi <= valid_hi``): whole tiles, then the partial one."""
+    if KEY_MASK:
+        lo, hi = clip_tiles(lo, hi, j0, R, kv_lo, kv_hi, BLOCK_N)
     lm, whole = _walk_split(j0, lo, hi, valid_hi, h, y, B, R, NUM_BRANCHES, RS, BLOCK_N)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, whole, valid_hi, lm,
-                               qk_scale, R, MASK, False, BLOCK_N, HEAD_DIM)
+                               qk_scale, R, MASK, False, BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes, KEY_MASK)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, whole, hi, valid_hi, lm,
-                               qk_scale, R, MASK, True, BLOCK_N, HEAD_DIM)
+                               qk_scale, R, MASK, True, BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes, KEY_MASK)
     return acc, m_i, l_i
 
 
 @triton.jit
 def _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N, qk_scale,
               B: tl.constexpr, WS: tl.constexpr, RS: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-              HEAD_DIM: tl.constexpr):
+              HEAD_DIM: tl.constexpr, keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr):
     """Walk ``B`` of a forward program (see the section comment), if branch ``B`` selects class ``c``."""
     R: tl.constexpr = RS[B]
     NUM_BRANCHES: tl.constexpr = len(RS)
@@ -341,23 +357,26 @@ def _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride
         y = c - h
         if B > 0:
             acc, m_i, l_i = _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, 0, a_hi, a_hi,
-                                     qk_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS)
+                                     qk_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS, keep_base, kv_lo,
+                                     kv_hi, holes, KEY_MASK)
         acc, m_i, l_i = _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, b_lo, b_hi, n_keys,
-                                 qk_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS)
+                                 qk_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS, keep_base, kv_lo, kv_hi,
+                                 holes, KEY_MASK)
         if IS_CAUSAL and B == 0:
             acc, m_i, l_i = _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, b_hi, n_keys, n_keys,
-                                     qk_scale, B, R, True, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS)
+                                     qk_scale, B, R, True, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS, keep_base, kv_lo,
+                                     kv_hi, holes, KEY_MASK)
     return acc, m_i, l_i
 
 
 @triton.jit
 def _dq_tiles(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, lo, hi, valid_hi, lm, qk_scale, out_scale,
               R: tl.constexpr, MASK: tl.constexpr, TAIL: tl.constexpr, BLOCK_N: tl.constexpr,
-              HEAD_DIM: tl.constexpr):
+              HEAD_DIM: tl.constexpr, keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr):
     """dQ over key tiles ``[lo, hi)`` of a walk (as ``_fwd_tiles``): P = m * exp2(S - LSE), dS = P * (dP - delta)."""
     for start in range(lo, hi, BLOCK_N):
         j, k, v, s = _walk_key_tile(q, k_base, v_base, stride_kn, j0, start, valid_hi, lm, qk_scale, R, TAIL,
-                                    BLOCK_N, HEAD_DIM)
+                                    BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes, KEY_MASK)
         pr = tl.exp2(s - lse2[:, None])
         if MASK:
             pr = tl.where(j[None, :] <= p[:, None], pr, 0.0)
@@ -370,20 +389,22 @@ def _dq_tiles(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, lo, hi, 
 @triton.jit
 def _dq_run(dq, q, do, lse2, delta, p, h, y, k_base, v_base, stride_kn, j0, lo, hi, valid_hi, qk_scale, out_scale,
             B: tl.constexpr, R: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-            NUM_BRANCHES: tl.constexpr, RS: tl.constexpr):
+            NUM_BRANCHES: tl.constexpr, RS: tl.constexpr, keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr):
     """dQ over key tiles ``[lo, hi)`` of a walk: whole tiles, then the partial one (as ``_fwd_run``)."""
+    if KEY_MASK:
+        lo, hi = clip_tiles(lo, hi, j0, R, kv_lo, kv_hi, BLOCK_N)
     lm, whole = _walk_split(j0, lo, hi, valid_hi, h, y, B, R, NUM_BRANCHES, RS, BLOCK_N)
     dq = _dq_tiles(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, lo, whole, valid_hi, lm, qk_scale,
-                   out_scale, R, MASK, False, BLOCK_N, HEAD_DIM)
+                   out_scale, R, MASK, False, BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes, KEY_MASK)
     dq = _dq_tiles(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, whole, hi, valid_hi, lm, qk_scale,
-                   out_scale, R, MASK, True, BLOCK_N, HEAD_DIM)
+                   out_scale, R, MASK, True, BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes, KEY_MASK)
     return dq
 
 
 @triton.jit
 def _dq_walk(dq, q, do, lse2, delta, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N, qk_scale, out_scale,
              B: tl.constexpr, WS: tl.constexpr, RS: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-             HEAD_DIM: tl.constexpr):
+             HEAD_DIM: tl.constexpr, keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr):
     """Walk ``B`` of a dQ program, if branch ``B`` selects class ``c``."""
     R: tl.constexpr = RS[B]
     NUM_BRANCHES: tl.constexpr = len(RS)
@@ -392,12 +413,15 @@ def _dq_walk(dq, q, do, lse2, delta, p, p_first, p_last, h, c, k_base, v_base, s
         y = c - h
         if B > 0:
             dq = _dq_run(dq, q, do, lse2, delta, p, h, y, k_base, v_base, stride_kn, j0, 0, a_hi, a_hi, qk_scale,
-                         out_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS)
+                         out_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS, keep_base, kv_lo, kv_hi, holes,
+                         KEY_MASK)
         dq = _dq_run(dq, q, do, lse2, delta, p, h, y, k_base, v_base, stride_kn, j0, b_lo, b_hi, n_keys, qk_scale,
-                     out_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS)
+                     out_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS, keep_base, kv_lo, kv_hi, holes,
+                     KEY_MASK)
         if IS_CAUSAL and B == 0:
             dq = _dq_run(dq, q, do, lse2, delta, p, h, y, k_base, v_base, stride_kn, j0, b_hi, n_keys, n_keys,
-                         qk_scale, out_scale, B, R, True, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS)
+                         qk_scale, out_scale, B, R, True, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS, keep_base, kv_lo,
+                         kv_hi, holes, KEY_MASK)
     return dq
 
 
@@ -525,10 +549,10 @@ def _program_scales(sm_scale, out_scale, Seed, DROPOUT: tl.constexpr):
 def _dilated_attn_fwd_kernel(
     Q, K, V, Out, Lse, Out0, Lse0, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    stride_ob, stride_oh, stride_on, H, N, Q_LO, N_Q, out_scale, Seed, drop_thr,
+    stride_ob, stride_oh, stride_on, H, N, Q_LO, N_Q, out_scale, Seed, drop_thr, Keep, KeyRange, stride_keep,
     HEAD_DIM: tl.constexpr, L: tl.constexpr, MIXING_LSE: tl.constexpr, WS: tl.constexpr, RS: tl.constexpr,
     SS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr, WALKS: tl.constexpr,
-    SEEDED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SEEDED: tl.constexpr, KEY_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     NUM_BRANCHES: tl.constexpr = len(WS)
     tl.static_assert(NUM_BRANCHES <= 8)   # MAX_BRANCHES
@@ -547,12 +571,16 @@ def _dilated_attn_fwd_kernel(
                                    GQA, HEAD_DIM)
     sm_scale, out_scale, qk_scale, seed = _program_scales(sm_scale, out_scale, Seed, DROPOUT)
     stream = i_bh * NUM_BRANCHES
+    kv_lo, kv_hi, holes = key_range(KeyRange, b, N, KEY_MASK)
+    keep_base = Keep + b * stride_keep
     if SEEDED:      # walk 0 ran in _dilated_attn_fwd_walk0_kernel: its normalised output and base-2 lse
         o0_base = Out0 + b * stride_ob + h.to(tl.int64) * stride_oh
         acc = tl.load(o0_base + pq[:, None] * stride_on + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         acc = acc.to(tl.float32)
         m_i = tl.load(Lse0 + i_bh.to(tl.int64) * N_Q + pq, mask=row_ok, other=0.0)
         l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+        if KEY_MASK:    # a row whose walk-0 keys are all dropped seeds an empty softmax
+            l_i = tl.where(m_i == float("-inf"), 0.0, l_i)
     else:
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -563,7 +591,8 @@ def _dilated_attn_fwd_kernel(
         if WALKS > 0:   # constexpr: kernels whose programs never walk compile no walk
             for B in tl.static_range(SEEDED, NUM_BRANCHES):   # walk B: branch B's segment outside branch B-1's
                 acc, m_i, l_i = _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N,
-                                          qk_scale, B, WS, RS, IS_CAUSAL, BLOCK_N, HEAD_DIM)
+                                          qk_scale, B, WS, RS, IS_CAUSAL, BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi,
+                                          holes, KEY_MASK)
     else:
         if WALKS < 2:   # constexpr: kernels whose programs all walk compile no per-branch block
             for B in tl.static_range(NUM_BRANCHES):   # one block per branch, each adding its keys
@@ -571,7 +600,8 @@ def _dilated_attn_fwd_kernel(
                 if sel:
                     acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
                                                 qk_scale, WS[B], RS[B], IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                                seed, drop_thr, stream + B, DROPOUT)
+                                                seed, drop_thr, stream + B, DROPOUT, keep_base, kv_lo, kv_hi, holes,
+                                                KEY_MASK)
     # Epilogue: rows no branch links have l_i == 0 -> output 0, lse -inf.
     linked = l_i > 0.0
     out = (acc / tl.where(linked, l_i, 1.0)[:, None] * out_scale).to(tl.float32)
@@ -610,10 +640,13 @@ def _later_walks(p, h, NUM_BRANCHES: tl.constexpr, WS: tl.constexpr, RS: tl.cons
 
 @triton.jit
 def _walk0_tiles(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, lo, hi, qk_scale,
-                 MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+                 MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, keep_base, kv_lo, kv_hi, holes,
+                 KEY_MASK: tl.constexpr):
     """Contiguous key tiles ``[lo, hi)`` (``hi - lo`` a multiple of BLOCK_N, every tile starting at the same
     position mod L, so the keys' log2 counts ``lkj`` serve each); ``MASK``: the causal diagonal."""
     offs_d = tl.arange(0, HEAD_DIM)
+    if KEY_MASK:
+        lo, hi = clip_tiles(lo, hi, 0, 1, kv_lo, kv_hi, BLOCK_N)
     for start in range(lo, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)
         jr = j
@@ -622,11 +655,16 @@ def _walk0_tiles(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, lo
         k = tl.load(k_base + jr[:, None] * stride_kn + offs_d[None, :])
         v = tl.load(v_base + jr[:, None] * stride_kn + offs_d[None, :])
         s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale + tl.minimum(lkp[:, None], lkj[None, :])
-        if MASK:   # causal as a bias (0 or below -1e30), not a compare and select per score: ptxas packed those
+        if KEY_MASK:   # a row may keep no past key: its future keys must be -inf, not only far below
+            ok = keys_kept(keep_base, j, kv_lo, kv_hi, holes)[None, :]
+            if MASK:
+                ok = ok & (j[None, :] <= p[:, None])
+            s = tl.where(ok, s, float("-inf"))
+        elif MASK:   # causal as a bias (0 or below -1e30), not a compare and select per score: ptxas packed those
             # predicates into registers. Positions relative to lo (the diagonal's first key) are small, so exact
             # in float32 at any N.
             s = s + tl.minimum((p - lo).to(tl.float32)[:, None] - (j - lo).to(tl.float32)[None, :], 0.0) * 1e30
-        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, 1.0, v, False)
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, 1.0, v, KEY_MASK)
     return acc, m_i, l_i
 
 
@@ -635,9 +673,9 @@ def _walk0_tiles(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, lo
 def _dilated_attn_fwd_walk0_kernel(
     Q, K, V, Out, Lse, Out0, Lse0, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    stride_ob, stride_oh, stride_on, H, N, Q_LO, N_Q,
+    stride_ob, stride_oh, stride_on, H, N, Q_LO, N_Q, Keep, KeyRange, stride_keep,
     HEAD_DIM: tl.constexpr, L: tl.constexpr, WS: tl.constexpr, RS: tl.constexpr, GQA: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    KEY_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Walk 0 of a causal nested pattern (section above): program ``(t, b * H + h)`` owns the BLOCK_M
     contiguous positions from ``(Q_LO // BLOCK_M + t) * BLOCK_M`` (inside one segment: WS[0] % BLOCK_M == 0).
@@ -664,13 +702,20 @@ def _dilated_attn_fwd_walk0_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    kv_lo, kv_hi, holes = key_range(KeyRange, b, N, KEY_MASK)
+    keep_base = Keep + b * stride_keep
     acc, m_i, l_i = _walk0_tiles(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, s0, r0, qk_scale,
-                                 False, BLOCK_N, HEAD_DIM)
+                                 False, BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes, KEY_MASK)
     acc, m_i, l_i = _walk0_tiles(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, r0, r0 + BLOCK_M,
-                                 qk_scale, True, BLOCK_N, HEAD_DIM)
+                                 qk_scale, True, BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes, KEY_MASK)
     more = _later_walks(p, h, NUM_BRANCHES, WS, RS)
-    out = (acc / l_i[:, None]).to(Out.dtype.element_ty)
-    lse2 = m_i + tl.log2(l_i)
+    if KEY_MASK:    # rows whose keys are all dropped: output 0, lse -inf
+        linked = l_i > 0.0
+        out = (acc / tl.where(linked, l_i, 1.0)[:, None]).to(Out.dtype.element_ty)
+        lse2 = tl.where(linked, m_i + tl.log2(tl.where(linked, l_i, 1.0)), float("-inf"))
+    else:
+        out = (acc / l_i[:, None]).to(Out.dtype.element_ty)
+        lse2 = m_i + tl.log2(l_i)
     o_off = b * stride_ob + h.to(tl.int64) * stride_oh + pq[:, None] * stride_on + offs_d[None, :]
     tl.store(Out + o_off, out, mask=(row_ok & ~more)[:, None])
     tl.store(Out0 + o_off, out, mask=(row_ok & more)[:, None])
@@ -681,8 +726,11 @@ def _dilated_attn_fwd_walk0_kernel(
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, lo, hi, n_keys, qk_scale, out_scale,
                   W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK: tl.constexpr,
-                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, seed, drop_thr, stream, DROPOUT: tl.constexpr):
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, seed, drop_thr, stream, DROPOUT: tl.constexpr,
+                  keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
+    if KEY_MASK:
+        lo, hi = clip_tiles(lo, hi, j0, R, kv_lo, kv_hi, BLOCK_N)
     for start in range(lo, hi, BLOCK_N):
         m = start + tl.arange(0, BLOCK_N)
         j = j0 + m * R
@@ -700,6 +748,8 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, lo, 
             if IS_CAUSAL:
                 ok = ok & (j[None, :] <= p[:, None])
             pr = tl.where(ok, pr, 0.0)
+        if KEY_MASK:
+            pr = tl.where(keys_kept(keep_base, j, kv_lo, kv_hi, holes)[None, :], pr, 0.0)
         dp = (tl.dot(do, tl.trans(v)) * out_scale).to(tl.float32)         # [BLOCK_M, BLOCK_N]
         if DROPOUT:
             dp = tl.where(_keep_tile(seed, p, j, j0, start, stream, drop_thr, R, BLOCK_N, DROPOUT), dp, 0.0)
@@ -711,13 +761,16 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, lo, 
 @triton.jit
 def _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N, qk_scale,
                    out_scale, W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, seed, drop_thr, stream, DROPOUT: tl.constexpr):
+                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, seed, drop_thr, stream, DROPOUT: tl.constexpr,
+                   keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr):
     """dQ over one branch's keys: P = exp2(S - LSE_merged), dS = P * (dP - delta)."""
     j0, n_keys, n_full = _key_range(p_first, p_last, o, N, W, R, IS_CAUSAL, BLOCK_N)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, 0, n_full, n_keys, qk_scale,
-                       out_scale, W, R, IS_CAUSAL, False, BLOCK_N, HEAD_DIM, seed, drop_thr, stream, DROPOUT)
+                       out_scale, W, R, IS_CAUSAL, False, BLOCK_N, HEAD_DIM, seed, drop_thr, stream, DROPOUT,
+                       keep_base, kv_lo, kv_hi, holes, KEY_MASK)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, n_full, n_keys, n_keys, qk_scale,
-                       out_scale, W, R, IS_CAUSAL, True, BLOCK_N, HEAD_DIM, seed, drop_thr, stream, DROPOUT)
+                       out_scale, W, R, IS_CAUSAL, True, BLOCK_N, HEAD_DIM, seed, drop_thr, stream, DROPOUT,
+                       keep_base, kv_lo, kv_hi, holes, KEY_MASK)
     return dq
 
 
@@ -726,10 +779,10 @@ def _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, s
 def _dilated_attn_bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    stride_ob, stride_oh, stride_on, H, N, Q_LO, N_Q, out_scale, Seed, drop_thr,
+    stride_ob, stride_oh, stride_on, H, N, Q_LO, N_Q, out_scale, Seed, drop_thr, Keep, KeyRange, stride_keep,
     HEAD_DIM: tl.constexpr, L: tl.constexpr, MIXING_LSE: tl.constexpr, WS: tl.constexpr, RS: tl.constexpr,
     SS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr, WALKS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    KEY_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     NUM_BRANCHES: tl.constexpr = len(WS)
     i_tile = tl.program_id(0)
@@ -751,12 +804,15 @@ def _dilated_attn_bwd_dq_kernel(
     delta = tl.load(Delta + i_bh.to(tl.int64) * N_Q + pq, mask=row_ok, other=0.0)
     sm_scale, out_scale, qk_scale, seed = _program_scales(sm_scale, out_scale, Seed, DROPOUT)
     stream = i_bh * NUM_BRANCHES
+    kv_lo, kv_hi, holes = key_range(KeyRange, b, N, KEY_MASK)
+    keep_base = Keep + b * stride_keep
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     if _one_segment(p_first, p_last, WS[0], WALKS, BLOCK_N, L):
         if WALKS > 0:   # constexpr: kernels whose programs never walk compile no walk
             for B in tl.static_range(NUM_BRANCHES):
                 dq = _dq_walk(dq, q, do, lse2, delta, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N, qk_scale,
-                              out_scale, B, WS, RS, IS_CAUSAL, BLOCK_N, HEAD_DIM)
+                              out_scale, B, WS, RS, IS_CAUSAL, BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes,
+                              KEY_MASK)
     else:
         if WALKS < 2:   # constexpr, as in the forward
             for B in tl.static_range(NUM_BRANCHES):
@@ -764,7 +820,8 @@ def _dilated_attn_bwd_dq_kernel(
                 if sel:
                     dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
                                         qk_scale, out_scale, WS[B], RS[B], IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                        seed, drop_thr, stream + B, DROPOUT)
+                                        seed, drop_thr, stream + B, DROPOUT, keep_base, kv_lo, kv_hi, holes,
+                                        KEY_MASK)
     dq = (dq * sm_scale).to(tl.float32)
     tl.store(DQ + q_off + pq[:, None] * stride_qn + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None])
@@ -850,10 +907,10 @@ def _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base
 def _dilated_attn_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-    stride_ob, stride_oh, stride_on, H, N, Q_LO, N_Q, out_scale, Seed, drop_thr,
+    stride_ob, stride_oh, stride_on, H, N, Q_LO, N_Q, out_scale, Seed, drop_thr, Keep, KeyRange, stride_keep,
     HEAD_DIM: tl.constexpr, L: tl.constexpr, MIXING_LSE: tl.constexpr, WS: tl.constexpr, RS: tl.constexpr,
     SS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr, WALKS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    KEY_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     NUM_BRANCHES: tl.constexpr = len(WS)
     i_tile = tl.program_id(0)
@@ -873,6 +930,14 @@ def _dilated_attn_bwd_dkdv_kernel(
     j_last = c + (tl.minimum(n_keys, (t + 1) * BLOCK_N) - 1) * L
     offs_d = tl.arange(0, HEAD_DIM)
     kv_off = b.to(tl.int64) * stride_kb + kh.to(tl.int64) * stride_kh + j[:, None] * stride_kn + offs_d[None, :]
+    if KEY_MASK:    # dropped keys get no gradient; a program whose keys are all dropped only writes zeros
+        kv_lo, kv_hi, holes = key_range(KeyRange, b, N, KEY_MASK)
+        kept = keys_kept(Keep + b * stride_keep, j, kv_lo, kv_hi, holes) & key_ok
+        if (j_last < kv_lo) | (j_first >= kv_hi):
+            zero = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+            tl.store(DK + kv_off, zero.to(DK.dtype.element_ty), mask=key_ok[:, None])
+            tl.store(DV + kv_off, zero.to(DV.dtype.element_ty), mask=key_ok[:, None])
+            return
     k = tl.load(K + kv_off, mask=key_ok[:, None], other=0.0)
     v = tl.load(V + kv_off, mask=key_ok[:, None], other=0.0)
     sm_scale, out_scale, qk_scale, seed = _program_scales(sm_scale, out_scale, Seed, DROPOUT)
@@ -905,6 +970,9 @@ def _dilated_attn_bwd_dkdv_kernel(
                             HEAD_DIM, seed, drop_thr, stream + B, DROPOUT)
     dk = (dk * sm_scale).to(tl.float32)
     dv = (dv * out_scale).to(tl.float32)                                                 # dV = P^T (out_scale * dO)
+    if KEY_MASK:    # a dropped key's column of P is 0 (also where an empty row's lse made it NaN)
+        dk = tl.where(kept[:, None], dk, 0.0)
+        dv = tl.where(kept[:, None], dv, 0.0)
     tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=key_ok[:, None])
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=key_ok[:, None])
 
@@ -1012,7 +1080,7 @@ def _query_offset(q_offset, n_q: int, n: int) -> int:
 
 
 def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: bool, scale: float, mixing: str,
-                     dropout_p: float = 0.0, seed=None, q_offset: int = 0):
+                     dropout_p: float = 0.0, seed=None, q_offset: int = 0, key_keep=None):
     """Launch the forward kernel: ``out [B, Hq, Nq, D]`` (q's dtype) and ``lse [B, Hq, Nq]`` (float32, natural log).
 
     k and v hold the ``N`` positions of the sequence; q holds ``Nq`` of them, the positions
@@ -1021,7 +1089,8 @@ def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: boo
 
     With ``dropout_p > 0`` each branch's probabilities are dropped pairwise (``_dropout_keep``: a function of
     the seed, (b, h), branch, query and key positions) and the kept ones scaled by ``1 / (1 - dropout_p)``; the
-    LSE is that of the undropped softmax."""
+    LSE is that of the undropped softmax. ``key_keep``: bool ``[B or 1, N]``, the keys that attend (key padding,
+    ``common.key_padding``)."""
     B, H, Nq, D = q.shape
     N = k.shape[2]
     q_offset = _query_offset(q_offset, Nq, N)
@@ -1036,25 +1105,26 @@ def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: boo
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                out.stride(0), out.stride(1), out.stride(2), H, N, q_offset, Nq)
     seeded = walk0_applies(meta, nested, is_causal, walks_fwd)
+    keep, key_range_t, stride_keep, key_mask = key_padding_args(key_keep, B, N, q.device)
     out0, lse0 = out, lse                               # unread unless seeded
     with launch_device(q):
         if seeded:
             out0, lse0 = torch.empty_like(out), torch.empty_like(lse)
             grid = lambda META: (triton.cdiv(q_offset + Nq, META["BLOCK_M"]) - q_offset // META["BLOCK_M"], B * H)
             runner(_dilated_attn_fwd_walk0_kernel)[grid](
-                q, k, v, out, lse, out0, lse0, scale, *strides, HEAD_DIM=D, GQA=H // k.shape[1],
-                **{key: meta[key] for key in _KEY_WALK0 if key in meta})
+                q, k, v, out, lse, out0, lse0, scale, *strides, keep, key_range_t, stride_keep, HEAD_DIM=D,
+                GQA=H // k.shape[1], KEY_MASK=key_mask, **{key: meta[key] for key in _KEY_WALK0 if key in meta})
         runner(_dilated_attn_fwd_kernel)[_rows_grid(Nq, meta["L"], "BLOCK_M", B * H)](
-            q, k, v, out, lse, out0, lse0, scale, *strides, out_scale * rdrop, seed_t, drop_thr,
-            HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // k.shape[1], DROPOUT=dropout, WALKS=walks_fwd,
-            SEEDED=int(seeded), **meta)
+            q, k, v, out, lse, out0, lse0, scale, *strides, out_scale * rdrop, seed_t, drop_thr, keep, key_range_t,
+            stride_keep, HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // k.shape[1], DROPOUT=dropout, WALKS=walks_fwd,
+            SEEDED=int(seeded), KEY_MASK=key_mask, **meta)
     return out, lse
 
 
 def dilated_attn_bwd(dout, q, k, v, out, lse, segment_lengths, dilation_rates, *, is_causal: bool, scale: float,
-                     mixing: str, dropout_p: float = 0.0, seed=None, q_offset: int = 0):
-    """Launch the backward kernels: ``(dq, dk, dv)``; ``dropout_p``, ``seed`` and ``q_offset`` as in the forward
-    call (dk and dv: the gradients of all ``N`` key rows from the ``Nq`` queries q holds)."""
+                     mixing: str, dropout_p: float = 0.0, seed=None, q_offset: int = 0, key_keep=None):
+    """Launch the backward kernels: ``(dq, dk, dv)``; ``dropout_p``, ``seed``, ``q_offset`` and ``key_keep`` as in
+    the forward call (dk and dv: the gradients of all ``N`` key rows from the ``Nq`` queries q holds)."""
     B, H, Nq, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     q_offset = _query_offset(q_offset, Nq, N)
@@ -1067,9 +1137,11 @@ def dilated_attn_bwd(dout, q, k, v, out, lse, segment_lengths, dilation_rates, *
     dv = torch.empty((B, Hkv, N, D), dtype=v.dtype, device=v.device)
     meta, out_scale, nested = _launch_pattern(segment_lengths, dilation_rates, mixing, H, dropout_p)
     seed_t, drop_thr, rdrop, dropout = _dropout_args(dropout_p, seed, lse, segment_lengths, dilation_rates)
+    keep, key_range_t, stride_keep, key_mask = key_padding_args(key_keep, B, N, q.device)
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-              dout.stride(0), dout.stride(1), dout.stride(2), H, N, q_offset, Nq, out_scale * rdrop, seed_t, drop_thr)
-    flags = dict(HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // Hkv, DROPOUT=dropout, **meta)
+              dout.stride(0), dout.stride(1), dout.stride(2), H, N, q_offset, Nq, out_scale * rdrop, seed_t, drop_thr,
+              keep, key_range_t, stride_keep)
+    flags = dict(HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // Hkv, DROPOUT=dropout, KEY_MASK=key_mask, **meta)
     walks_dq = _walks_constexpr(_dilated_attn_bwd_dq_kernel, "rows", meta, nested, q_offset)
     walks_dkdv = _walks_constexpr(_dilated_attn_bwd_dkdv_kernel, "keys", meta, nested, 0)
     with launch_device(q):

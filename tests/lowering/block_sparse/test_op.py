@@ -125,3 +125,19 @@ def test_value_head_dim_may_differ_from_query_head_dim(causal):
     dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)):
         assert_close(a, b, torch.float64)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_key_padding_on_the_exact_path(causal):
+    q, k, v = (t.detach().double().requires_grad_() for t in qkv(torch.float64))
+    keep = torch.ones(2, N, dtype=torch.bool)
+    keep[0, :10] = False
+    keep[1, 5::7] = False
+    pattern = P.sliding_window(12) | P.global_tokens(2)
+    out = dc.ops.block_sparse_attention(q, k, v, pattern, block_size=16, is_causal=causal, key_keep=keep)
+    mask = pattern.token_mask(N, 16, is_causal=causal) & keep.view(2, 1, 1, N)
+    ref = dense_reference(q, k, v, mask)
+    assert_close(out, ref, torch.float64)
+    dout = torch.randn(out.shape, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)):
+        assert_close(a, b, torch.float64)

@@ -121,3 +121,34 @@ def test_tile_order_is_sorted_once_per_layout_and_again_after_a_change():
         assert tile_order(count, 1, 1).tolist() == [1, 2, 0]
         count[0, 2, 1] = 7
         assert tile_order(count, 1, 1).tolist() == [2, 1, 0]
+
+
+# --- key padding (``key_keep``) ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["window|global-ragged-causal", "window-ragged-full", "dilated-bs32-causal"])
+def test_kernels_with_key_padding_match_reference(name):
+    """Four batch rows: left padding, right padding, holes, and no key kept (its output is 0, its lse -inf)."""
+    pattern, N, Hq, Hkv, bs, causal = CASES[name]
+    dtype = torch.float16
+    g = torch.Generator().manual_seed(N + 1)
+    q, k, v = (torch.randn(4, h, N, 32, generator=g).to(DEVICE, dtype) for h in (Hq, Hkv, Hkv))
+    keep = torch.ones(4, N, dtype=torch.bool)
+    keep[0, : N // 3] = False
+    keep[1, N - N // 4:] = False
+    keep[2, 3::5] = False
+    keep[3] = False
+    keep = keep.to(DEVICE)
+    lay = pattern.layout(N, bs, num_heads=Hq, is_causal=causal, device=DEVICE)
+    out, lse = block_sparse_attn_fwd(q, k, v, *lay.tensors()[:4], bs, causal, 0.2, lay.coords, lay.checks,
+                                     key_keep=keep)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    mask = pattern.token_mask(N, bs, num_heads=Hq, is_causal=causal, device=DEVICE) & keep.view(4, 1, 1, N)
+    ref = dense_reference(q64, k64, v64, mask, scale=0.2)
+    assert_close(out, ref, dtype)
+    assert (out[3] == 0).all() and (lse[3] == float("-inf")).all()
+    dout = torch.randn(out.shape, generator=g).to(DEVICE, dtype)
+    grads = block_sparse_attn_bwd(dout, q, k, v, out, lse, *lay.args(), bs, causal, 0.2, key_keep=keep)
+    for name_, a, b in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(ref, (q64, k64, v64), dout.double())):
+        assert torch.isfinite(a).all(), name_
+        assert_close(a, b, dtype, name_)

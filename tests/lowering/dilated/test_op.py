@@ -288,3 +288,28 @@ def test_float16_mask_is_added_in_float16_as_the_model_adds_it():
     out = dc.ops.dilated_attention(q, k, v, (4096,), (1,), attn_mask=mask, scale=4.0)
     model = torch.softmax((q @ k.mT) * 4.0 + mask, -1, dtype=torch.float32).half() @ v
     assert_close(out, model.double(), torch.float16)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_key_padding_on_the_exact_path(is_causal):
+    q, k, v = _inputs(3, 4, 2, 40, 16, torch.float64)
+    keep = torch.ones(3, 40, dtype=torch.bool)
+    keep[0, :13] = False
+    keep[1, 4::6] = False
+    keep[2] = False
+    segs, rates = (8, 16), (1, 2)
+    out = dc.ops.dilated_attention(q, k, v, segs, rates, is_causal=is_causal, key_keep=keep)
+    ref = dc.Dilated(segs, rates).reference(q, k, v, is_causal=is_causal, attn_mask=keep.view(3, 1, 1, 40))
+    assert_close(out, ref, torch.float64)
+    assert (out[2] == 0).all()
+    dout = torch.randn(out.shape, dtype=torch.float64)
+    for a, b in zip(_grads(out, (q, k, v), dout), _grads(ref, (q, k, v), dout)):
+        assert_close(a, b, torch.float64)
+
+
+def test_key_keep_is_checked_by_name():
+    q, k, v = (t.detach() for t in _inputs(2, 2, 2, 12, 8, torch.float32))
+    with pytest.raises(ValueError, match=r"key_keep must have shape \[B or 1, N\]"):
+        dc.ops.dilated_attention(q, k, v, (4,), (1,), key_keep=torch.ones(3, 12, dtype=torch.bool))
+    with pytest.raises(TypeError, match="key_keep must be bool"):
+        dc.ops.dilated_attention(q, k, v, (4,), (1,), key_keep=torch.ones(2, 12))

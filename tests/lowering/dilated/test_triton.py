@@ -329,3 +329,61 @@ def test_row_offsets_past_int32_read_a_contiguous_copy():
     copy = rows_addressable(view)
     assert copy.is_contiguous() and copy.stride(-2) == 64 and rows_fit(copy)
     assert rows_addressable(batch_first(2**20)).stride(-2) == 1024        # read in place
+
+
+# --- key padding (``key_keep``): left, right, holes, rows that keep no key ----------------------------------
+
+KEY_PADDING_CASES = [
+    # Hq, Hkv, N, segments, rates, causal, mixing; walks, per-branch blocks and walk 0 are each reached
+    (4, 2, 63, (8, 16, 32), (1, 2, 4), True, "lse"),
+    (4, 2, 63, (8, 16, 32), (1, 2, 4), False, "lse"),
+    (3, 3, 50, (4, 6), (2, 3), True, "lse"),                     # not a chain: per-branch blocks only
+    (4, 4, 50, (8, 16, 64), (1, 2, 4), False, "head_groups"),
+    (4, 2, 200, (64, 128), (1, 2), True, "lse"),                 # whole tiles inside segments, walk 0
+    (4, 2, 200, (64, 128), (1, 2), False, "lse"),
+]
+
+
+def _key_keep(N: int) -> torch.Tensor:
+    """Four batch rows: left padding, right padding, holes, and no key kept at all."""
+    keep = torch.ones(4, N, dtype=torch.bool)
+    keep[0, : N // 3] = False
+    keep[1, N - N // 4:] = False
+    keep[2, 3::5] = False
+    keep[2, :2] = False
+    keep[3] = False
+    return keep
+
+
+@pytest.mark.parametrize("case", _slow_from(KEY_PADDING_CASES, 2, 150),
+                         ids=lambda c: f"N{c[2]}-H{c[0]}/{c[1]}-{c[5] and 'causal' or 'full'}-{c[6]}")
+def test_kernels_with_key_padding_match_reference(case):
+    Hq, Hkv, N, segs, rates, is_causal, mixing = case
+    dtype = torch.float32
+    g = torch.Generator().manual_seed(N + 7)
+    q, k, v = (torch.randn(4, h, N, 32, generator=g).to(DEVICE, dtype) for h in (Hq, Hkv, Hkv))
+    keep = _key_keep(N).to(DEVICE)
+    strategy = dc.Dilated(segs, rates, mixing)
+    args = dict(is_causal=is_causal, scale=32 ** -0.5, mixing=mixing)
+    out, lse = dilated_attn_fwd(q, k, v, segs, rates, key_keep=keep, **args)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref = strategy.reference(q64, k64, v64, is_causal=is_causal, attn_mask=keep.view(4, 1, 1, N))
+    assert_close(out, ref, dtype)
+    assert (out[3] == 0).all() and torch.isinf(lse[3]).all() and (lse[3] < 0).all()
+    dout = torch.randn(out.shape, generator=g).to(DEVICE, dtype)
+    grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    dq, dk, dv = dilated_attn_bwd(dout, q, k, v, out, lse, segs, rates, key_keep=keep, **args)
+    for name, a, b in zip(("dq", "dk", "dv"), (dq, dk, dv), grads):
+        assert torch.isfinite(a).all(), name
+        assert_close(a, b, dtype, name)
+
+
+def test_key_padding_broadcasts_one_row_to_the_batch():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 40, 32, generator=g).to(DEVICE) for _ in range(3))
+    keep = torch.ones(1, 40, dtype=torch.bool, device=DEVICE)
+    keep[0, :9] = False
+    out, _ = dilated_attn_fwd(q, k, v, (8, 16), (1, 2), is_causal=True, scale=0.2, mixing="lse", key_keep=keep)
+    ref = dc.Dilated((8, 16), (1, 2)).reference(q.double(), k.double(), v.double(), is_causal=True, scale=0.2,
+                                                  attn_mask=keep.view(1, 1, 1, 40))
+    assert_close(out, ref, torch.float32)
