@@ -11,6 +11,7 @@ import torch.fx as fx
 from .passes.pipeline import attention_visible, run_pipeline
 from .passes.rewrite_attention import Where
 from .passes.site import Report
+from .strategies.contract import Strategy
 from .strategies.dilated import Dilated
 
 # Used when no strategy is given: LongNet's geometric schedule.
@@ -20,8 +21,9 @@ DEFAULT_STRATEGY = Dilated(segment_lengths=(2048, 4096, 8192, 16384), dilation_r
 def check_strategy(strategy) -> Any:
     if strategy is None:
         return DEFAULT_STRATEGY
-    if not (hasattr(strategy, "emit_call") and hasattr(strategy, "check_site")):
-        raise TypeError(f"strategy must be a dilate_compiler strategy (e.g. dc.Dilated(...)), got {strategy!r}")
+    if not isinstance(strategy, Strategy):
+        raise TypeError(f"strategy must be a dilate_compiler strategy (e.g. dc.Dilated(...), or an object with "
+                        f"check_site, emit_call and reference: dilate_compiler.strategies.contract), got {strategy!r}")
     return strategy
 
 

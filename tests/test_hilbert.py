@@ -12,6 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dilate_compiler as dc
+from dilate_compiler.strategies.contract import Emitted
+from dilate_compiler.strategies.reference import weighted_softmax_attention
 from dilate_compiler import hilbert as hb
 from dilate_compiler import patterns as P
 from tests.lowering.block_sparse.test_op import dense_reference
@@ -226,7 +228,8 @@ class ViT(nn.Module):
 
 
 class MaskedDense:
-    """Test strategy: dense SDPA with a fixed bool mask (the Hilbert strategy's mask in the model's order)."""
+    """Test strategy (``strategies.contract``): dense SDPA with a fixed bool mask (the Hilbert strategy's mask in
+    the model's order)."""
 
     def __init__(self, mask):
         self.mask = mask
@@ -234,9 +237,13 @@ class MaskedDense:
     def check_site(self, site):
         return None
 
-    def emit_call(self, emit, q, k, v, attn_mask, *, is_causal, scale, dropout_p, site=None):
+    def emit_call(self, emit, site, call):
         m = emit.constant(self.mask)
-        return emit(torch.ops.aten.scaled_dot_product_attention.default, (q, k, v, m), {"scale": scale})
+        return Emitted(emit(torch.ops.aten.scaled_dot_product_attention.default, (call.q, call.k, call.v, m),
+                            {"scale": call.scale}))
+
+    def reference(self, q, k, v, *, is_causal=False, scale=None, attn_mask=None):
+        return weighted_softmax_attention(q, k, v, self.mask, scale=scale, attn_mask=attn_mask)
 
 
 def gathers(gm):

@@ -3,11 +3,14 @@ distributed ops (ring / sparse exchange / head-parallel) around an inner strateg
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
+from ..strategies.contract import Emitted
+from ..strategies.reference import weighted_softmax_attention
 from . import comm
 from .links import LAYOUTS, check_strategy
 from .sequence_parallel import Config, MODES, register, resolve_mode
@@ -59,14 +62,20 @@ class SequenceParallel:
         site.detail = f"{self.mode if self.mode != 'auto' else resolve_mode(self.inner, 'auto')}, inner={self.inner!r}"
         return None
 
-    def emit_call(self, emit, q, k, v, attn_mask, *, is_causal: bool, scale: float, dropout_p: float, site=None):
-        import operator
-
+    def emit_call(self, emit, site, call) -> Emitted:
         group, _, _ = comm.resolve_group(self.group)
         mode = "head_parallel" if self.mode == "head_parallel" else resolve_mode(self.inner, self.mode)
-        key = register(Config(self.inner, group, mode, self.layout, bool(is_causal), float(scale)))
+        key = register(Config(self.inner, group, mode, self.layout, bool(call.is_causal), float(call.scale)))
         if mode == "head_parallel":
             from .head_parallel import head_parallel_by_key
-            return emit(head_parallel_by_key, (q, k, v, key))
-        fwd = emit(torch.ops.dilate_compiler.sequence_parallel_forward.default, (q, k, v, key))
-        return emit(operator.getitem, (fwd, 0))
+            return Emitted(emit(head_parallel_by_key, (call.q, call.k, call.v, key)))
+        fwd = emit(torch.ops.dilate_compiler.sequence_parallel_forward.default, (call.q, call.k, call.v, key))
+        return Emitted(emit(operator.getitem, (fwd, 0)), emit(operator.getitem, (fwd, 1)))
+
+    def reference(self, q, k, v, *, is_causal: bool = False, scale: Optional[float] = None, attn_mask=None):
+        """float64: the single-process attention of the inner strategy (dense when None), on whole sequences."""
+        if self.inner is None:
+            keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device)
+            keep = keep.tril() if is_causal else keep
+            return weighted_softmax_attention(q, k, v, keep, scale=scale, attn_mask=attn_mask)
+        return self.inner.reference(q, k, v, is_causal=is_causal, scale=scale, attn_mask=attn_mask)

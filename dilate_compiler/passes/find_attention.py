@@ -478,7 +478,6 @@ def _softmax_site(sm: fx.Node, index: int) -> Optional[AttentionSite]:
                   "tensor_scales": sc.tensor_scales, "add_dtypes": sc.add_dtypes,
                   "shape_users": shape_users, "score_views": sc.views,
                   # torch.softmax of a row whose every score is -inf is NaN (_safe_softmax gives 0, as the op does)
-                  "empty_rows_nan": sm.target != A._safe_softmax.default,
                   "softmax": "safe" if sm.target == A._safe_softmax.default else "softmax"}
     return _check_shapes(site)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..patterns import Pattern, Term
-from .mask_pattern import NotStructured, split_mask
+from .mask_pattern import NotStructured, describe, split_mask
 
 # An added drop value swallows any score (s + drop == drop) when it is this large for the dtype of the add.
 SWALLOWS = {torch.float32: -1e30, torch.bfloat16: -1e30, torch.float64: -1e300}
@@ -41,20 +41,44 @@ def _read(site) -> None:
     n = site.k_shape[2]
     if not isinstance(n, int):
         site.mask_reason = f"the key length is symbolic ({n}): a mask is read for a static length"
+        site.empty_rows = "nan" if site.kind != "sdpa" and site.nodes.get("softmax") == "softmax" else "zero"
         return
     try:
         split = split_mask(site, n)
     except NotStructured as e:
         site.mask_reason = f"the mask is not a static predicate and key padding: {e}"
+        # The mask is carried to the op, which adds it as the model does: a row the op leaves with no key had
+        # only -inf scores in the model, where torch.softmax gives NaN (SDPA and _safe_softmax: 0, as the op).
+        site.empty_rows = "nan" if site.kind != "sdpa" and site.nodes.get("softmax") == "softmax" else "zero"
         return
     terms = split.pattern.terms
     if site.is_causal:   # SDPA's is_causal: the last query is the last key
         terms = tuple(t & Term(d=(0, 2**30)) for t in terms)
     site.pattern = Pattern(terms, split.pattern.name + (" & causal" if site.is_causal else ""))
     site.key_keep = split.key_keep
+    site.predicate, site.predicate_name = _predicate(site.pattern, n)
     if not split.key_keep and _links_the_diagonal(site.pattern, n):
         return   # no row can be empty: how the model treats one doesn't matter
     site.empty_rows, site.mask_reason = _empty_rows(site, split.drops)
+
+
+def _predicate(pattern: Pattern, n: int) -> tuple:
+    """``(kind, name)``: kind ``"all"`` or ``"causal"`` when the pattern links every pair (every ``j <= p``) of an
+    ``n``-token sequence, else ``""``; the name says what it is (``sliding_window(4096)``, ``causal
+    sliding_window(4096)``, or the term intervals)."""
+    if len(pattern.terms) == 1 and not pattern.terms[0].blocks and not pattern.terms[0].uses_grid:
+        t = pattern.terms[0]
+        if t.p[0] <= 0 and t.p[1] >= n - 1 and t.j[0] <= 0 and t.j[1] >= n - 1:
+            lo, hi = t.d
+            if lo <= -(n - 1) and hi >= n - 1:
+                return "all", "all"
+            if lo == 0 and hi >= n - 1:
+                return "causal", "causal"
+            if lo == 0:
+                return "", f"causal sliding_window({hi + 1})"
+            if lo == -hi:
+                return "", f"sliding_window({hi + 1})"
+    return "", describe(pattern)
 
 
 def _links_the_diagonal(pattern: Pattern, n: int) -> bool:

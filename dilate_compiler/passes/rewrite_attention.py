@@ -19,6 +19,7 @@ from torch._guards import detect_fake_mode
 from torch.utils._pytree import tree_map
 
 from .find_attention import IGNORED_USERS, val
+from ..strategies.contract import SiteCall
 from .site import AttentionSkipped, AttentionSite, static_int
 
 A = torch.ops.aten
@@ -123,14 +124,63 @@ def _build_mask(emit, terms: list, heads_3d: Optional[tuple] = None,
     return mask
 
 
-def _empty_rows_nan(emit, out: fx.Node, mask: fx.Node) -> fx.Node:
-    """The model's ``softmax`` makes a row whose every score is -inf NaN; the op makes it 0. Rows the mask leaves
-    no key get NaN again (one pass over the mask, which the site materialises anyway)."""
-    if val(mask).dtype == torch.bool:
-        empty = emit(A.logical_not.default, (emit(A.any.dim, (mask, -1, True)),))
-    else:
-        empty = emit(A.all.dim, (emit(A.eq.Scalar, (mask, float("-inf"))), -1, True))
-    return emit(A.where.ScalarSelf, (empty, float("nan"), out))
+def _site_mask(emit, site: AttentionSite, heads_3d) -> Optional[fx.Node]:
+    """The site's mask terms as one mask for an op's ``attn_mask`` (``SiteCall.mask``)."""
+    mask = _build_mask(emit, site.nodes["terms"], heads_3d,
+                       torch.float64 if site.dtype == torch.float64 else torch.float32)
+    if site.kind == "sdpa" and mask is not None and val(mask).dtype in (torch.float16, torch.bfloat16):
+        # SDPA's fused kernels add a mask in float32; the op adds one in q's low-precision dtype as a hand-written
+        # ``scores + mask`` does (the mask of a hand-written site stays in the dtype it is added in)
+        mask = emit(A.to.dtype, (mask, torch.float32))
+    return mask
+
+
+def _key_keep(emit, site: AttentionSite) -> Optional[fx.Node]:
+    """The split mask's per-key terms ANDed, bool ``[B or 1, Nk]`` (``SiteCall.key_keep``)."""
+    keep = None
+    for term in site.key_keep:
+        shape = val(term.node).shape
+        rows = shape[0] if len(shape) == 4 else 1
+        node = emit(A.reshape.default, (term.node, [rows, shape[-1]]))
+        if term.negated:
+            node = emit(A.logical_not.default, (node,))
+        keep = node if keep is None else emit(A.logical_and.default, (keep, node))
+    return keep
+
+
+def _empty_rows(emit, site: AttentionSite, emitted, call) -> fx.Node:
+    """The output with the model's value on rows that keep no key (the op's log-sum-exp is -inf there and its
+    output 0): NaN where the model's ``torch.softmax`` met only -inf; where every score was one finite drop value
+    (``passes.read_masks``: "mean"), the softmax is uniform over every key, so the row is the mean of v, and its
+    gradient is the model's too: autograd differentiates ``s + drop`` as if it did not swallow ``s``, so the
+    model's row carries the uniform softmax's gradient to q and k (``_uniform_row_gradient``)."""
+    out = emitted.out
+    if emitted.lse is None or site.empty_rows not in ("nan", "mean"):
+        return out
+    empty = emit(A.unsqueeze.default, (emit(A.eq.Scalar, (emitted.lse, float("-inf"))), -1))
+    if site.empty_rows == "nan":
+        return emit(A.where.ScalarSelf, (empty, float("nan"), out))
+    fill = _uniform_row_gradient(emit, call.q, call.k, call.v, call.scale, site.gqa_ratio)
+    return emit(A.where.self, (empty, emit(A.to.dtype, (fill, val(out).dtype)), out))
+
+
+def _uniform_row_gradient(emit, q: fx.Node, k: fx.Node, v: fx.Node, scale: float, group: int) -> fx.Node:
+    """``[B, Hq, Nq, Dv]``: what a row whose softmax is uniform over all ``Nk`` keys computes, value and
+    gradient. Value: ``v̄ = mean_j v_j``. Gradient: d out / d s_j = (v_j - v̄) / Nk, with s_j = scale q . k_j, carried
+    by ``scale ((q - sg q) M + sg(q) M')``, M = Kᵀ (V - v̄) / Nk, M' = (K - sg K)ᵀ (V - v̄) / Nk (both 0 in value;
+    sg = stop-gradient), in O(N D Dv) per head."""
+    n = val(k).shape[-2]
+    v_bar = emit(A.mean.dim, (v, [-2], True))                                        # [B, Hkv, 1, Dv]
+    centred = emit(A.sub.Tensor, (v, v_bar))
+    k_moving = emit(A.sub.Tensor, (k, emit(A.detach.default, (k,))))
+    m = emit(A.div.Scalar, (emit(A.matmul.default, (emit(A.transpose.int, (k, -1, -2)), centred)), n))
+    m2 = emit(A.div.Scalar, (emit(A.matmul.default, (emit(A.transpose.int, (k_moving, -1, -2)), centred)), n))
+    if group > 1:
+        v_bar, m, m2 = (emit(A.repeat_interleave.self_int, (t, group, 1)) for t in (v_bar, m, m2))
+    q_still = emit(A.detach.default, (q,))
+    q_moving = emit(A.sub.Tensor, (q, q_still))
+    moves = emit(A.add.Tensor, (emit(A.matmul.default, (q_moving, m)), emit(A.matmul.default, (q_still, m2))))
+    return emit(A.add.Tensor, (v_bar, emit(A.mul.Scalar, (moves, scale))))
 
 
 def _give_shape(emit, user: fx.Node, node: fx.Node, nodes: dict) -> None:
@@ -172,22 +222,16 @@ def _replace(gm: fx.GraphModule, site: AttentionSite, strategy) -> None:
             q, k, v = (emit(A.reshape.default, (t, [B, H] + list(val(t).shape[1:]))) for t in (q, k, v))
         if nodes.get("merged_terms"):
             heads_3d = (B, H)
-        mask = _build_mask(emit, nodes["terms"], heads_3d,
-                           torch.float64 if site.dtype == torch.float64 else torch.float32)
-        if site.kind == "sdpa" and mask is not None and val(mask).dtype in (torch.float16, torch.bfloat16):
-            # SDPA's fused kernels add a mask in float32; the op adds one in q's low-precision dtype as a
-            # hand-written ``scores + mask`` does (the mask of a hand-written site stays in the dtype it is added in)
-            mask = emit(A.to.dtype, (mask, torch.float32))
         for t, divides in nodes.get("tensor_scales", []):   # s * t == (q * t) . k: the op scales q, autograd sees it
             t = emit(A.reshape.default, (t, []))
             if val(t).dtype != val(q).dtype:
                 t = emit(A.to.dtype, (t, val(q).dtype))
             q = emit(A.div.Tensor if divides else A.mul.Tensor, (q, t))
-        new = strategy.emit_call(emit, q, k, v, mask, is_causal=site.is_causal,
-                                 scale=float(site.scale), dropout_p=site.dropout_p, site=site)
-        if mask is not None and nodes.get("empty_rows_nan"):
-            new = _empty_rows_nan(emit, new, mask)
-        if heads_3d is not None:
+        call = SiteCall(q, k, v, site.is_causal, float(site.scale), site.dropout_p,
+                        mask=lambda: _site_mask(emit, site, heads_3d), key_keep=lambda: _key_keep(emit, site))
+        emitted = strategy.emit_call(emit, site, call)
+        new = _empty_rows(emit, site, emitted, call)
+        if "heads_3d" in nodes:
             new = emit(A.reshape.default, (new, list(val(out).shape)))
         if val(new).dtype != val(out).dtype:
             new = emit(A.to.dtype, (new, val(out).dtype))

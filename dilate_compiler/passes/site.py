@@ -52,8 +52,23 @@ class AttentionSite:
     key_keep: tuple = ()
     empty_rows: str = "zero"
     mask_reason: str = ""
+    # ``predicate``: "all" or "causal" when the pattern is one of those, else ""; ``predicate_name`` names it.
+    predicate: str = ""
+    predicate_name: str = ""
+    # How the strategy will run the site, for the report: "kernels", or "exact path: <why>".
+    runs: str = ""
     # Graph handles, filled by find_attention for rewrite_attention (not part of the printed report).
     nodes: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def mask_desc(self) -> str:
+        """The site's mask as the report names it: ``causal + key padding``, ``sliding_window(4096)``, or its kind
+        (``bool``, ``additive``) when it is not read as a predicate."""
+        if not self.nodes.get("terms"):
+            return "causal" if self.is_causal else "none"
+        if self.pattern is None:
+            return self.mask_kind
+        return self.predicate_name + (" + key padding" if self.key_keep else "")
 
     @property
     def seq_len(self) -> int:
@@ -88,14 +103,19 @@ class Report:
         self.sites.extend(other.sites)
 
     def __str__(self) -> str:
-        head = ("site", "kind", "location", "q shape", "dtype", "mask", "causal", "scale", "gqa", "status")
+        head = ("site", "kind", "location", "q shape", "dtype", "mask", "scale", "gqa", "status")
         rows = [head]
         for s in self.sites:
+            status = s.status
+            if s.reason:
+                status += f": {s.reason}"
+            elif s.status == "rewritten":
+                status += f" ({s.runs})" if s.runs else ""
+                status += f" [{s.detail}]" if s.detail else ""
             rows.append((
                 s.name, s.kind, s.location or "-", "x".join(str(d) for d in s.q_shape),
-                str(s.dtype).replace("torch.", ""), s.mask_kind, str(s.is_causal),
-                "-" if s.scale is None else f"{s.scale:.4g}", str(s.gqa_ratio),
-                s.status + (f": {s.reason}" if s.reason else f" [{s.detail}]" if s.detail else ""),
+                str(s.dtype).replace("torch.", ""), s.mask_desc, "-" if s.scale is None else f"{s.scale:.4g}",
+                str(s.gqa_ratio), status,
             ))
         widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows]

@@ -8,27 +8,22 @@ token by the pattern's terms; one softmax over the union of allowed keys; causal
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch
 
+from ..lowering.block_sparse.triton import kernel_unsupported_reason
+from ..lowering.common.dispatch import value_unsupported_reason
 from ..passes.site import static_int
-from ..patterns import BlockLayout, Pattern
+from ..patterns import BlockLayout, Pattern, Term
+from .contract import Emitted
+from .reference import weighted_softmax_attention
 
 
 def _static_len(site) -> Optional[int]:
     return static_int(site.q_shape[2]) if len(site.q_shape) == 4 else None
-
-
-def model_mask_pattern(site, n: int):
-    """``(pattern, "")`` for a site whose own mask is a static index predicate, else ``(None, reason)``."""
-    from ..passes.mask_pattern import NotStructured, site_pattern
-
-    try:
-        return site_pattern(site, n), ""
-    except NotStructured as e:
-        return None, f"not a static index predicate: {e}"
 
 
 def allows_all(pattern: Pattern, n: int) -> bool:
@@ -67,10 +62,11 @@ class BlockSparse:
                                                           is_causal=is_causal, device=device))
         return self._layouts[key][1]
 
-    # --- compiler hooks ------------------------------------------------------------------------------------
+    # --- compiler hooks (``strategies.contract``) ------------------------------------------------------------
 
     def site_pattern(self, site) -> tuple:
-        """``(pattern, reason)`` for a site: the strategy's pattern, or the one read from the site's mask."""
+        """``(pattern, reason)`` for a site: the strategy's pattern (AND the model's mask), or, for ``"auto"``, the
+        predicate ``read_masks`` read from the site's mask. Key padding rides beside it (``site.key_keep``)."""
         q, k = site.q_shape, site.k_shape
         if len(q) != 4 or q[2] != k[2]:
             return None, f"block-sparse attention needs self-attention shapes (Nq == Nk), got q {q} and k {k}"
@@ -80,24 +76,23 @@ class BlockSparse:
                           f"length here is symbolic ({q[2]})")
         if site.dropout_p > 0.0:
             return None, f"dropout_p={site.dropout_p}: the block-sparse op has no attention dropout"
+        has_mask = bool(site.nodes.get("terms"))
+        if has_mask and (site.pattern is None or site.mask_reason):
+            why = site.mask_reason or "not read"
+            if self.pattern != "auto":
+                return None, (f"the site has a {site.mask_kind} mask, which a fixed pattern would replace ({why}); "
+                              f"use BlockSparse('auto') to keep a structured mask")
+            return None, f"pattern='auto': {why}"
         if self.pattern != "auto":
-            if site.nodes.get("terms"):
-                model_mask, why = model_mask_pattern(site, n)
-                if model_mask is None:
-                    return None, (f"the site has a {site.mask_kind} mask, which a fixed pattern would replace "
-                                  f"({why}); use BlockSparse('auto') to keep a structured mask")
-                if not allows_all(model_mask, n):   # keep the model's mask: both must allow a key
-                    both = self.pattern & model_mask
-                    return Pattern(both.terms, f"{self.pattern.name} & (model mask)", both.grid), ""
+            if has_mask and not allows_all(site.pattern, n):   # keep the model's mask: both must allow a key
+                both = self.pattern & site.pattern
+                return Pattern(both.terms, f"{self.pattern.name} & (model mask)", both.grid), ""
             return self.pattern, ""
-        if not site.nodes.get("terms"):
+        if not has_mask:
             if site.is_causal:
-                from ..patterns import Term
                 return Pattern((Term(),), "auto: causal"), ""
             return None, "pattern='auto': the site has no mask (dense attention), nothing to make sparse"
-        pattern, why = model_mask_pattern(site, n)
-        if pattern is None:
-            return None, f"pattern='auto': the mask is {why}"
+        pattern = site.pattern
         p = torch.arange(n)
         diag = torch.zeros(n, dtype=torch.bool)
         coords = pattern.coordinates(n)
@@ -105,7 +100,7 @@ class BlockSparse:
             diag |= t.token_mask(p, p, coords)
         if not bool(diag.all()):
             return None, "pattern='auto': the mask leaves some query without its own key (rows could be empty)"
-        return pattern, ""
+        return Pattern(pattern.terms, f"auto: {site.predicate_name}", pattern.grid), ""
 
     def check_site(self, site) -> Optional[str]:
         pattern, reason = self.site_pattern(site)
@@ -113,22 +108,36 @@ class BlockSparse:
             return reason
         site.nodes["pattern"] = pattern   # read before the rewrite removes the mask's nodes
         site.detail = f"{pattern.name}, block_size={self.block_size}"
+        q = site.nodes["q"].meta["val"]
+        why = kernel_unsupported_reason(q, self.block_size) or value_unsupported_reason(q, site.nodes["v"].meta["val"])
+        site.runs = "kernels" if not why else f"exact path: {why}"
         return None
 
-    def emit_call(self, emit, q, k, v, attn_mask, *, is_causal: bool, scale: float, dropout_p: float, site=None,
-                  order=None):
-        """``order``: an index table (the op's ``order``) the kernels read q, k, v and write out through."""
-        import operator
-
+    def emit_call(self, emit, site, call) -> Emitted:
+        """The op with the layout of ``site.nodes["pattern"]`` (a buffer of the module) and the site's key padding;
+        ``site.nodes["order"]``, when set: an index table the kernels read q, k, v and write out through."""
         pattern = site.nodes["pattern"]   # set by check_site
-        qv = q.meta["val"]
-        lay = self.layout(pattern, int(qv.shape[2]), int(qv.shape[1]), bool(is_causal), qv.device)
+        qv = call.q.meta["val"]
+        is_causal = bool(call.is_causal)
+        lay = self.layout(pattern, int(qv.shape[2]), int(qv.shape[1]), is_causal, qv.device)
         site.detail += f", density={lay.density:.3g}"
-        *tensors, order, checks = lay.args(order)
+        *tensors, order, checks = lay.args(site.nodes.get("order"))
         tensors = [emit.constant(t) for t in (*tensors, order)]
         fwd = emit(torch.ops.dilate_compiler.block_sparse_attention_forward.default,
-                   (q, k, v, *tensors, checks, self.block_size, bool(is_causal), float(scale)))
-        return emit(operator.getitem, (fwd, 0))
+                   (call.q, call.k, call.v, *tensors, checks, self.block_size, is_causal, float(call.scale),
+                    call.key_keep()))
+        return Emitted(emit(operator.getitem, (fwd, 0)), emit(operator.getitem, (fwd, 1)))
+
+    def reference(self, q, k, v, *, is_causal: bool = False, scale: Optional[float] = None, attn_mask=None):
+        """float64: one softmax over the keys the pattern links (token by token), AND ``attn_mask``. With
+        ``"auto"`` the pattern is the model's own mask: pass it as ``attn_mask``."""
+        B, H, N, _ = q.shape
+        keep = None
+        if self.pattern != "auto":
+            keep = self.pattern.token_mask(N, self.block_size, num_heads=H, is_causal=is_causal, device=q.device)
+        elif is_causal:
+            keep = torch.ones(N, N, dtype=torch.bool, device=q.device).tril()
+        return weighted_softmax_attention(q, k, v, keep, scale=scale, attn_mask=attn_mask)
 
 
 @dataclass(frozen=True)
@@ -202,5 +211,15 @@ class Adaptive:
                 "dc.ops.adaptive_block_sparse_attention or dc.nn.create_block_sparse_attention('adaptive', ...), "
                 "the graph rewrite does not emit it")
 
-    def emit_call(self, emit, q, k, v, attn_mask, *, is_causal, scale, dropout_p, site=None):
+    def emit_call(self, emit, site, call) -> Emitted:
         raise NotImplementedError("dc.Adaptive is not emitted by the graph rewrite (see check_site)")
+
+    def reference(self, q, k, v, *, is_causal: bool = False, scale: Optional[float] = None, attn_mask=None):
+        """float64: the blocks ``select`` picks (from q and k themselves), token-level causality, one softmax."""
+        B, H, N, _ = q.shape
+        chosen = self.select(q.detach(), k.detach(), is_causal=is_causal, scale=scale)    # [B, H, nb, nb]
+        bs = self.block_size
+        keep = chosen.repeat_interleave(bs, -2)[..., :N, :].repeat_interleave(bs, -1)[..., :N]
+        if is_causal:
+            keep = keep & torch.ones(N, N, dtype=torch.bool, device=q.device).tril()
+        return weighted_softmax_attention(q, k, v, keep, scale=scale, attn_mask=attn_mask)

@@ -14,13 +14,17 @@ uses only branch ``i`` with residue ``i % r_i``, and the output is divided by ``
 
 from __future__ import annotations
 
-import math
+import operator
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from ..lowering.common.dispatch import value_unsupported_reason
 from ..lowering.dilated.plan import DilatedPlan, check_pattern, dilated_plan, head_group_bounds
+from ..lowering.dilated.triton import kernel_unsupported_reason
+from .contract import Emitted
+from .reference import weighted_softmax_attention
 
 
 @dataclass(frozen=True)
@@ -80,27 +84,44 @@ class Dilated:
             m = m * (j <= p).long()
         return m
 
-    # --- compiler hooks: how a rewritten site calls this strategy's op ---------------------------------
+    # --- compiler hooks (``strategies.contract``) ---------------------------------------------------------
 
     def check_site(self, site) -> Optional[str]:
-        """Why this strategy can't take ``site``, or None."""
+        """Why this strategy can't take ``site``, or None. A mask read as causal (or all-allowing) AND key padding
+        runs on the kernels; any other mask is carried to the op (its exact path)."""
         q, k = site.q_shape, site.k_shape
         if len(q) != 4 or q[2] != k[2]:
             return f"dilated attention needs self-attention shapes (Nq == Nk), got q {q} and k {k}"
+        if not site.nodes.get("terms"):
+            route, why = "plain", ""
+        elif site.pattern is not None and not site.mask_reason and site.predicate in ("all", "causal"):
+            route, why = "split", ""
+        else:
+            route = "mask"
+            why = site.mask_reason or (f"the dilated kernels run causal or unmasked attention, with key padding; the "
+                                       f"model's mask is {site.mask_desc}")
+        site.nodes["route"] = route
+        reason = kernel_unsupported_reason(site.nodes["q"].meta["val"], None if route != "mask" else True,
+                                           site.dropout_p, self.num_branches)
+        reason = reason or value_unsupported_reason(site.nodes["q"].meta["val"], site.nodes["v"].meta["val"])
+        site.runs = "kernels" if not reason else f"exact path: {reason}" + (f" ({why})" if why else "")
         return None
 
-    def emit_call(self, emit, q, k, v, attn_mask, *, is_causal: bool, scale: float, dropout_p: float, site=None):
-        """Emit the op call through ``emit(target, args, kwargs)``; returns the output node."""
-        import operator
-
+    def emit_call(self, emit, site, call) -> Emitted:
+        """The op on the site's inputs: its mask as causality and key padding where ``check_site`` read it so,
+        else the mask itself."""
+        route = site.nodes["route"]
+        mask = call.mask() if route == "mask" else None
+        key_keep = call.key_keep() if route == "split" else None
+        is_causal = call.is_causal or (route == "split" and site.predicate == "causal")
         seed = None
-        if dropout_p > 0.0:
+        if call.dropout_p > 0.0:
             seed = emit(torch.ops.aten.randint.low, (0, 2**62, []),
                         {"dtype": torch.int64, "device": torch.device("cpu")})
         fwd = emit(torch.ops.dilate_compiler.dilated_attention_forward.default,
-                   (q, k, v, attn_mask, list(self.segment_lengths), list(self.dilation_rates), bool(is_causal),
-                    float(scale), self.mixing, float(dropout_p), seed))
-        return emit(operator.getitem, (fwd, 0))
+                   (call.q, call.k, call.v, mask, list(self.segment_lengths), list(self.dilation_rates),
+                    bool(is_causal), float(call.scale), self.mixing, float(call.dropout_p), seed, key_keep))
+        return Emitted(emit(operator.getitem, (fwd, 0)), emit(operator.getitem, (fwd, 1)))
 
     def reference(
         self,
@@ -114,27 +135,11 @@ class Dilated:
     ) -> torch.Tensor:
         """Dense float64 reference straight from the definition: a multiplicity-weighted masked softmax.
 
-        q ``[B, Hq, N, D]``, k/v ``[B, Hkv, N, D]``; ``attn_mask`` (bool: True attends, or additive float)
+        q ``[B, Hq, N, D]``, k/v ``[B, Hkv, N, D or Dv]``; ``attn_mask`` (bool: True attends, or additive float)
         broadcastable to ``[B, Hq, N, N]``. Differentiable; O(N^2) memory.
         """
-        B, Hq, N, D = q.shape
-        group = Hq // k.shape[1]
-        q64, k64, v64 = (t.to(torch.float64) for t in (q, k, v))
-        k64 = k64.repeat_interleave(group, dim=1)
-        v64 = v64.repeat_interleave(group, dim=1)
-        scale = 1.0 / math.sqrt(D) if scale is None else scale
-        s = (q64 @ k64.transpose(-1, -2)) * scale
-        m = self.multiplicity(N, Hq, is_causal=is_causal, device=q.device).to(torch.float64)
-        if attn_mask is not None:
-            if attn_mask.dtype == torch.bool:
-                m = m * attn_mask.to(torch.float64)
-            else:
-                s = s + attn_mask.to(torch.float64)
-        weights = m * torch.exp(s - s.amax(-1, keepdim=True).detach())
-        denom = weights.sum(-1, keepdim=True)
-        probs = torch.where(denom > 0, weights / torch.where(denom > 0, denom, 1.0), 0.0)
-        out = probs @ v64
+        m = self.multiplicity(q.shape[2], q.shape[1], is_causal=is_causal, device=q.device)
+        out = weighted_softmax_attention(q, k, v, m, scale=scale, attn_mask=attn_mask)
         if self.mixing == "head_groups":
             out = out / self.num_branches
         return out
-

@@ -26,6 +26,7 @@ the model: one attention layer alone is fastest fused; docs/results.md has the m
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -35,7 +36,9 @@ from torch import Tensor
 from ..hilbert import CURVES, check_grid, curve_order, inverse
 from ..passes.reorder import REORDER_TAG, infer_grid
 from ..patterns import MAX_EXTRA_TOKENS, Grid, global_tokens
-from .block_sparse import BlockSparse, _static_len
+from .block_sparse import BlockSparse, _static_len, allows_all
+from .contract import Emitted
+from .reference import weighted_softmax_attention
 from .dilated import Dilated
 
 EXTRA_TOKENS = ("global", "inner")
@@ -175,13 +178,10 @@ class Hilbert:
         if site.is_causal:
             return ("the site is causal in the model's token order; reordering tokens along a curve would change "
                     "which tokens precede each other")
-        if site.nodes.get("terms"):
-            from .block_sparse import allows_all, model_mask_pattern
-
-            model_mask, why = model_mask_pattern(site, n)
-            if model_mask is None or not allows_all(model_mask, n):
-                return (f"the site's {site.mask_kind} mask is defined on the model's token order"
-                        + (f" ({why})" if why else "") + "; Hilbert reordering keeps only an all-allowing mask")
+        if site.nodes.get("terms") and (site.pattern is None or site.key_keep or not allows_all(site.pattern, n)):
+            why = site.mask_reason or ("key padding" if site.key_keep else "")
+            return (f"the site's mask ({site.mask_desc}) is defined on the model's token order"
+                    + (f" ({why})" if why else "") + "; Hilbert reordering keeps only an all-allowing mask")
         grid = self.grid
         if grid is None:
             grid, why = infer_grid(site.nodes["q"].graph, n)
@@ -201,13 +201,14 @@ class Hilbert:
                        + (f"; inner: {site.detail}" if site.detail else ""))
         return None
 
-    def emit_call(self, emit, q, k, v, attn_mask, *, is_causal: bool, scale: float, dropout_p: float, site=None):
+    def emit_call(self, emit, site, call) -> Emitted:
+        """The inner strategy's call in curve order: through the kernels' index table (``reorder="fused"``) or
+        between gathers of q, k, v and of the output (tagged for ``passes.reorder``)."""
         grid, perm, inner = site.nodes["hilbert"]
-        device = q.meta["val"].device
+        device = call.q.meta["val"].device
         if self.reorder == "fused":
-            order = self.device_order(perm.numel(), grid, device)
-            return inner.emit_call(emit, q, k, v, attn_mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
-                                   site=site, order=order)
+            site.nodes["order"] = self.device_order(perm.numel(), grid, device)
+            return inner.emit_call(emit, site, call)
         perm_node, inv_node = (emit.constant(t) for t in self.device_perms(perm.numel(), grid, device))
         key = f"{self.curve}:{'x'.join(map(str, grid))}:{perm.numel()}"
 
@@ -216,15 +217,31 @@ class Hilbert:
             node.meta[REORDER_TAG] = (direction, key, self.reorder)
             return node
 
-        qp, kp, vp = (gather(t, perm_node, 2, "to") for t in (q, k, v))
-        if attn_mask is not None:   # a mask [.., N, N] moves with the tokens on both axes
-            shape = attn_mask.meta["val"].shape
-            for dim in (-2, -1):
-                if shape[dim] != 1:
-                    attn_mask = emit(torch.ops.aten.index_select.default, (attn_mask, len(shape) + dim, perm_node))
-        out = inner.emit_call(emit, qp, kp, vp, attn_mask, is_causal=is_causal, scale=scale, dropout_p=dropout_p,
-                              site=site)
-        return gather(out, inv_node, 2, "from")
+        def mask():   # a mask [.., N, N] moves with the tokens on both axes
+            m = call.mask()
+            if m is not None:
+                shape = m.meta["val"].shape
+                for dim in (-2, -1):
+                    if shape[dim] != 1:
+                        m = emit(torch.ops.aten.index_select.default, (m, len(shape) + dim, perm_node))
+            return m
+
+        def key_keep():
+            keep = call.key_keep()
+            return None if keep is None else emit(torch.ops.aten.index_select.default, (keep, 1, perm_node))
+
+        qp, kp, vp = (gather(t, perm_node, 2, "to") for t in (call.q, call.k, call.v))
+        inner_call = dataclasses.replace(call, q=qp, k=kp, v=vp, mask=mask, key_keep=key_keep)
+        emitted = inner.emit_call(emit, site, inner_call)
+        lse = None if emitted.lse is None else emit(torch.ops.aten.index_select.default, (emitted.lse, 2, inv_node))
+        return Emitted(gather(emitted.out, inv_node, 2, "from"), lse)
+
+    def reference(self, q, k, v, *, is_causal: bool = False, scale: Optional[float] = None, attn_mask=None):
+        """float64: the inner strategy's mask in curve order (``token_mask``), in the model's token order."""
+        keep = self.token_mask(q.shape[2], q.shape[1])
+        out = weighted_softmax_attention(q, k, v, keep.to(q.device), scale=scale, attn_mask=attn_mask)
+        inner = self.inner
+        return out / inner.num_branches if isinstance(inner, Dilated) and inner.mixing == "head_groups" else out
 
 
 __all__ = ["Hilbert", "REORDER_TAG"]

@@ -49,7 +49,9 @@ class Attn(nn.Module):
             add = torch.where(i[None, :] <= i[:, None], 0.0, float("-inf"))
             return F.scaled_dot_product_attention(q, k, v, attn_mask=add)
         if self.kind == "padding":
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=(x[..., 0] > -5)[:, None, None, :])
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=(x[..., 0] > -1)[:, None, None, :])
+        if self.kind == "data":             # depends on the data over queries and keys: no predicate
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=(x[..., :1] @ x[..., :1].mT > 0)[:, None])
         raise ValueError(self.kind)
 
 
@@ -79,7 +81,17 @@ def test_auto_reads_the_models_mask_exactly(kind):
     assert torch.ops.dilate_compiler.block_sparse_attention_forward.default in ops
 
 
-@pytest.mark.parametrize("kind,reason", [("padding", "not a static index predicate"),
+def test_auto_reads_key_padding_beside_the_predicate():
+    """A padding mask [B, 1, 1, N] is key padding: the kernels take it; the output is the model's."""
+    model = Attn("padding").eval()
+    x = torch.randn(2, N, 64)
+    res = dc.rewrite(model, (x,), dc.BlockSparse("auto", block_size=BS), strict=True)
+    (site,) = res.report.rewritten
+    assert site.mask_desc == "all + key padding" and site.detail.startswith("auto: all")
+    torch.testing.assert_close(res.module(x), model(x), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind,reason", [("data", "not a static predicate and key padding"),
                                          ("none", "no mask")])
 def test_auto_skips_unstructured_masks_with_a_reason(kind, reason):
     model = Attn(kind).eval()
@@ -104,7 +116,13 @@ def test_fixed_pattern_on_an_unmasked_model_keeps_a_structured_mask_and_refuses_
     q, k, v = model.qkv(x).view(2, N, 3, 4, 16).permute(2, 0, 3, 1, 4)
     both = pattern.token_mask(N, BS) & brute("mistral")
     torch.testing.assert_close(res.module(x), dense_masked(q, k, v, both), atol=1e-6, rtol=1e-5)
-    report = dc.explain(Attn("padding").eval(), (x,), dc.BlockSparse(pattern, block_size=BS))
+    # key padding rides beside the pattern; a mask that depends on the data over queries and keys is refused
+    model = Attn("padding").eval()
+    res = dc.rewrite(model, (x,), dc.BlockSparse(pattern, block_size=BS), strict=True)
+    q, k, v = model.qkv(x).view(2, N, 3, 4, 16).permute(2, 0, 3, 1, 4)
+    padded = pattern.token_mask(N, BS) & (x[..., 0] > -1)[:, None, None, :]
+    torch.testing.assert_close(res.module(x), dense_masked(q, k, v, padded), atol=1e-6, rtol=1e-5)
+    report = dc.explain(Attn("data").eval(), (x,), dc.BlockSparse(pattern, block_size=BS))
     assert "use BlockSparse('auto')" in report.skipped[0].reason
 
 
@@ -127,7 +145,7 @@ def test_export_round_trip_and_compile():
     torch.testing.assert_close(loaded.module()(x), model(x), atol=1e-6, rtol=1e-5)
     compiled = torch.compile(model, backend=dilated_backend, options={"strategy": strategy})
     torch.testing.assert_close(compiled(x), model(x), atol=1e-6, rtol=1e-5)
-    assert last_report().rewritten[0].detail.startswith("auto: (0<=p-j<=23)")
+    assert last_report().rewritten[0].detail.startswith("auto: causal sliding_window(24)")
 
 
 def test_training_through_the_rewritten_model():

@@ -52,7 +52,7 @@ def test_op_on_cuda_runs_kernels_and_matches_reference(case):
     g = torch.Generator(device="cuda").manual_seed(N + D)
     q, k, v = (torch.randn(2, h, N, D, device="cuda", generator=g, dtype=dtype).requires_grad_()
                for h in (Hq, Hkv, Hkv))
-    assert use_kernels(q, bs)
+    assert use_kernels(q, v, bs)
     order = torch.randperm(N, device="cuda", generator=g) if ordered else None
     out = dc.ops.block_sparse_attention(q, k, v, pattern, block_size=bs, is_causal=causal, order=order)
     mask = pattern.token_mask(N, bs, num_heads=Hq, is_causal=causal, device="cuda")
@@ -138,7 +138,7 @@ def test_inductor_autotuning_over_tiles_of_two_shapes_matches_reference(reverse)
 
 def test_block_size_256_runs_the_exact_path_and_says_why():
     q = torch.randn(1, 2, 600, 64, device="cuda", dtype=torch.bfloat16)
-    assert not use_kernels(q, 256)
+    assert not use_kernels(q, q, 256)
     out = dc.ops.block_sparse_attention(q, q, q, P.sliding_window(300), block_size=256, is_causal=True)
     ref = dense_reference(q.double(), q.double(), q.double(),
                           P.sliding_window(300).token_mask(600, 256, is_causal=True, device="cuda"))
@@ -227,3 +227,28 @@ def test_layout_built_on_cuda_equals_the_cpu_build(name, pattern, n, causal):
     for field_name in P.LAYOUT_TENSORS:
         assert torch.equal(getattr(got, field_name).cpu(), getattr(want, field_name)), field_name
     assert got.checks == want.checks
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_key_padding_runs_the_kernels_and_matches_reference(causal):
+    N, D = 2048, 64
+    g = torch.Generator(device="cuda").manual_seed(12)
+    q, k, v = (torch.randn(4, h, N, D, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+               for h in (8, 4, 4))
+    keep = torch.ones(4, N, dtype=torch.bool, device="cuda")
+    keep[0, :500] = False
+    keep[1, N - 300:] = False
+    keep[2, 5::9] = False
+    keep[3] = False
+    pattern = P.sliding_window(256) | P.global_tokens(16)
+    assert use_kernels(q, v, 128)
+    out = dc.ops.block_sparse_attention(q, k, v, pattern, block_size=128, is_causal=causal, key_keep=keep)
+    mask = pattern.token_mask(N, 128, is_causal=causal, device="cuda") & keep.view(4, 1, 1, N)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = dense_reference(q64, k64, v64, mask)
+    assert_close(out, ref, torch.bfloat16)
+    dout = torch.randn(out.shape, device="cuda", generator=g, dtype=torch.bfloat16)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    for name, a, b in zip("qkv", grads, torch.autograd.grad(ref, (q64, k64, v64), dout.double())):
+        assert torch.isfinite(a).all(), name
+        assert_close(a, b, torch.bfloat16, f"d{name}")

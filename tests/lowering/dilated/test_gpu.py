@@ -41,7 +41,7 @@ def test_op_on_cuda_runs_kernels_and_matches_reference(case):
     g = torch.Generator(device="cuda").manual_seed(N + D)
     q, k, v = (torch.randn(2, h, N, D, device="cuda", generator=g, dtype=dtype).requires_grad_()
                for h in (Hq, Hkv, Hkv))
-    assert use_kernels(q, None, 0.0, len(SEGS))
+    assert use_kernels(q, v, None, 0.0, len(SEGS))
     strategy = dc.Dilated(SEGS, RATES, mixing)
     out = dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=is_causal, mixing=mixing)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -187,7 +187,7 @@ def test_fallbacks_are_exact_and_logged(caplog):
     q, k, v = (torch.randn(1, 4, 200, 80, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     dispatch._LOGGED.clear()
     with caplog.at_level("WARNING", logger="dilate_compiler"):
-        assert not use_kernels(q, None, 0.0, 3)
+        assert not use_kernels(q, q, None, 0.0, 3)
     assert "runs the exact PyTorch path: head dim 80" in caplog.text
     out = dc.ops.dilated_attention(q, k, v, SEGS, RATES)
     assert_close(out, dc.Dilated(SEGS, RATES).reference(q, k, v), torch.bfloat16)
@@ -303,7 +303,7 @@ def test_dropout_in_kernels_matches_reference_and_generator_state(mixing, is_cau
     g = torch.Generator(device="cuda").manual_seed(11)
     q, k, v = (torch.randn(B, h, N, D, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
                for h in (Hq, Hkv, Hkv))
-    assert use_kernels(q, None, p, len(SEGS))
+    assert use_kernels(q, v, None, p, len(SEGS))
     torch.manual_seed(123)
     seed_value = int(torch.randint(0, 2**62, (), dtype=torch.int64))
     torch.manual_seed(123)
@@ -343,3 +343,29 @@ def test_dropout_runs_the_kernels_inside_inductor():
     assert not any("dilated_attention_forward_exact" in c for c in code), "dropout took the exact path"
     out.sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("segs,rates", [((128, 256, 512), (1, 2, 4)), ((2048, 4096), (1, 2))], ids=["small", "walk0"])
+def test_key_padding_runs_the_kernels_and_matches_reference(segs, rates, is_causal):
+    """Left padding, right padding, holes and a row that keeps nothing, bf16, GQA: outputs and every gradient."""
+    N, D = 4096, 64
+    g = torch.Generator(device="cuda").manual_seed(11)
+    q, k, v = (torch.randn(4, h, N, D, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+               for h in (8, 4, 4))
+    keep = torch.ones(4, N, dtype=torch.bool, device="cuda")
+    keep[0, :1000] = False
+    keep[1, N - 700:] = False
+    keep[2, 5::9] = False
+    keep[3] = False
+    assert use_kernels(q, v, None, 0.0, len(segs))
+    out = dc.ops.dilated_attention(q, k, v, segs, rates, is_causal=is_causal, key_keep=keep)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = dc.Dilated(segs, rates).reference(q64, k64, v64, is_causal=is_causal, attn_mask=keep.view(4, 1, 1, N))
+    assert_close(out, ref, torch.bfloat16)
+    assert (out[3] == 0).all()
+    dout = torch.randn(out.shape, device="cuda", generator=g, dtype=torch.bfloat16)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    for name, a, b in zip("qkv", grads, torch.autograd.grad(ref, (q64, k64, v64), dout.double())):
+        assert torch.isfinite(a).all(), name
+        assert_close(a, b, torch.bfloat16, f"d{name}")

@@ -1,0 +1,70 @@
+"""The contract between the compiler and a strategy: what every strategy implements, and what the rewrite hands it.
+
+A strategy says what attention a rewritten site computes (``Dilated``, ``BlockSparse``, ``Hilbert``,
+``SequenceParallel``, ...). It is a frozen dataclass with the three methods of :class:`Strategy`:
+
+- ``check_site(site) -> Optional[str]``: None when it takes the site, else the reason it doesn't. It reads only the
+  site record the passes finished (``passes.site.AttentionSite``): shapes, dtype, scale, dropout, and the mask as
+  ``read_masks`` left it: ``pattern`` (the static predicate), ``key_keep`` (key padding), ``empty_rows`` (what the
+  model gives a row that sees no key), ``mask_reason`` (why the mask is not read so). It may record on the site
+  what it decided: ``site.detail`` (what it makes of the site), ``site.runs`` (``"kernels"`` or ``"exact path:
+  <why>"``, for the report) and, in ``site.nodes``, what its ``emit_call`` needs.
+- ``emit_call(emit, site, call) -> Emitted``: the op call, through ``emit(target, args, kwargs)`` (which adds the
+  node and its ``meta["val"]``; ``emit.constant(tensor)`` holds a compile-time tensor as a buffer), from the site's
+  inputs ``call`` (:class:`SiteCall`). It returns the output node ``[B, Hq, Nq, Dv]`` and, when its op gives one,
+  the log-sum-exp node ``[B, Hq, Nq]``, from which the rewrite gives rows that keep no key the model's value.
+- ``reference(q, k, v, *, is_causal=False, scale=None, attn_mask=None)``: what it computes, from the definition, in
+  float64 (tests compare every path with it).
+
+Adding a strategy is one file in ``strategies/`` with these three methods, plus its tests; the README's "Add a
+strategy" section walks through one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Protocol, runtime_checkable
+
+import torch.fx as fx
+
+
+@dataclass
+class SiteCall:
+    """A site's inputs as graph nodes, for ``Strategy.emit_call``.
+
+    ``q`` ``[B, Hq, Nq, D]``, ``k`` ``[B, Hkv, Nk, D]``, ``v`` ``[B, Hkv, Nk, Dv]`` (grouped-query heads already
+    peeled back to the key/value heads). ``is_causal``: the model's own flag (SDPA's ``is_causal``); a causal mask
+    the model built is in ``site.pattern``. ``mask()`` builds the model's mask terms as one mask for an op's
+    ``attn_mask`` (bool: True attends, or additive), None without terms; ``key_keep()`` builds the split mask's
+    per-key terms as bool ``[B or 1, Nk]`` (True: the key attends), None without them. Each builds its nodes only
+    when called: a strategy calls the one it runs with.
+    """
+
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    is_causal: bool
+    scale: float
+    dropout_p: float
+    mask: Callable[[], Optional[fx.Node]]
+    key_keep: Callable[[], Optional[fx.Node]]
+
+
+@dataclass
+class Emitted:
+    """What ``emit_call`` made: the attention's output node, and its log-sum-exp node where the op gives one."""
+
+    out: fx.Node
+    lse: Optional[fx.Node] = None
+
+
+@runtime_checkable
+class Strategy(Protocol):
+    def check_site(self, site) -> Optional[str]:
+        ...
+
+    def emit_call(self, emit, site, call: SiteCall) -> Emitted:
+        ...
+
+    def reference(self, q, k, v, *, is_causal: bool = False, scale: Optional[float] = None, attn_mask=None):
+        ...
