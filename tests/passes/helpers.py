@@ -4,6 +4,7 @@ import dilate_compiler as dc
 
 DENSE = dc.Dilated((4096,), (1,))  # dense-equivalent for N <= 4096
 OP = torch.ops.dilate_compiler.dilated_attention_forward.default
+OPS = {dc.Dilated: OP, dc.BlockSparse: torch.ops.dilate_compiler.block_sparse_attention_forward.default}
 A = torch.ops.aten
 ATTENTION_OPS = {A.softmax.int, A._softmax.default, A.scaled_dot_product_attention.default}
 
@@ -19,7 +20,7 @@ def check_rewrite(model, args, n_sites, *, strategy=DENSE, grads=True, kwargs=No
     res = dc.rewrite(model, args, strategy, example_kwargs=kwargs)
     assert len(res.report.rewritten) == n_sites, str(res.report)
     t = targets(res.module)
-    assert t.count(OP) == n_sites
+    assert t.count(OPS.get(type(strategy), OP)) == n_sites
     if not allow_skipped:
         assert not res.report.skipped and not (set(t) & ATTENTION_OPS), t
     if not grads:

@@ -130,3 +130,69 @@ def test_mha_weights_returned_are_skipped_with_reason():
 
     res = dc.rewrite(Weights().eval(), (torch.randn(2, 12, 32),), DENSE)
     assert not res.report.rewritten and "escape" in res.report.skipped[0].reason
+
+
+def _family(name):
+    t = transformers
+    kw = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2)
+    return {
+        "llama": lambda: t.LlamaModel(t.LlamaConfig(**kw)),
+        "mistral-sliding": lambda: t.MistralModel(t.MistralConfig(**kw, sliding_window=5)),
+        "qwen2": lambda: t.Qwen2Model(t.Qwen2Config(**kw)),
+        "qwen3": lambda: t.Qwen3Model(t.Qwen3Config(**kw, head_dim=8)),
+        "phi3": lambda: t.Phi3Model(t.Phi3Config(**kw, pad_token_id=0)),
+        "gemma3": lambda: t.Gemma3TextModel(t.Gemma3TextConfig(
+            **kw, head_dim=8, sliding_window=5, layer_types=["sliding_attention", "full_attention"])),
+        "starcoder2": lambda: t.Starcoder2Model(t.Starcoder2Config(**kw, sliding_window=5)),
+        "gpt-neox": lambda: t.GPTNeoXModel(t.GPTNeoXConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                                            num_hidden_layers=2, num_attention_heads=4)),
+        "opt": lambda: t.OPTModel(t.OPTConfig(vocab_size=100, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                              num_attention_heads=4, word_embed_proj_dim=32,
+                                              max_position_embeddings=64)),
+        "modernbert": lambda: t.ModernBertModel(t.ModernBertConfig(
+            vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            local_attention=4, global_attn_every_n_layers=2, pad_token_id=0)),
+    }[name]()
+
+
+FAMILY = ["llama", "mistral-sliding", "qwen2", "qwen3", "phi3", "gemma3", "starcoder2", "gpt-neox", "opt",
+          "modernbert"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", FAMILY)
+def test_block_sparse_auto_reads_every_mask_of_transformers_models(name, impl):
+    """BlockSparse('auto') rewrites every attention of these transformers 5.x models, in both attention
+    implementations, with left padding: their masks (causal, sliding windows, local attention) are read as a
+    pattern AND key padding, and the output is unchanged."""
+    import dilate_compiler as dc
+
+    torch.manual_seed(0)
+    hf = _family(name)
+    hf.set_attn_implementation(impl)
+    model = LastHidden(hf.eval())
+    res = check_rewrite(model, (IDS,), 2, strategy=dc.BlockSparse("auto", block_size=16), grads=False,
+                        kwargs={"attention_mask": PADDED})
+    descs = {s.mask_desc for s in res.report.rewritten}
+    assert all(d.endswith("+ key padding") for d in descs), descs
+    if name in ("mistral-sliding", "starcoder2"):
+        assert descs == {"causal sliding_window(5) + key padding"}, descs
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_dilated_runs_a_transformers_causal_padding_mask_on_the_kernels_route(impl):
+    """A Llama's materialised causal + padding mask is read as causality and key padding, which the kernels take
+    (on CPU the exact path runs it, for the device alone); a dense-equivalent pattern keeps the output."""
+    import dilate_compiler as dc
+
+    torch.manual_seed(0)
+    hf = _family("llama")
+    hf.set_attn_implementation(impl)
+    model = LastHidden(hf.eval())
+    res = check_rewrite(model, (IDS,), 2, strategy=dc.Dilated((16,), (1,)), grads=False,
+                        kwargs={"attention_mask": PADDED})
+    for site in res.report.rewritten:
+        assert site.mask_desc == "causal + key padding" and site.nodes["route"] == "split", str(res.report)
+        assert site.runs.startswith("exact path: device cpu"), site.runs
