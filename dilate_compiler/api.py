@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -13,6 +15,8 @@ from .passes.rewrite_attention import Where
 from .passes.site import Report
 from .strategies.contract import Strategy
 from .strategies.dilated import Dilated
+
+log = logging.getLogger("dilate_compiler")
 
 # Used when no strategy is given: LongNet's geometric schedule.
 DEFAULT_STRATEGY = Dilated(segment_lengths=(2048, 4096, 8192, 16384), dilation_rates=(1, 2, 4, 8))
@@ -45,8 +49,26 @@ def export_program(model: torch.nn.Module, example_inputs, example_kwargs: Optio
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module or fx.GraphModule, got {type(model).__name__}")
     args = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
-    with attention_visible():
+    with attention_visible(), without_cache_output(model, example_kwargs or {}):
         return torch.export.export(model, args, example_kwargs or {}, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+@contextlib.contextmanager
+def without_cache_output(model: torch.nn.Module, kwargs: dict):
+    """While tracing a transformers model called without ``use_cache``: its ``config.use_cache`` off. A traced graph
+    is fixed to one call and can't generate, and the KV cache object a model returns by default is no tensor output
+    (``torch.export`` refuses it): the traced module returns the model's outputs with no cache (for generation:
+    ``dc.hf.register``)."""
+    config = getattr(model, "config", None)
+    if "use_cache" in kwargs or not getattr(config, "use_cache", False):
+        yield
+        return
+    log.info("tracing %s with config.use_cache=False: a traced graph returns no KV cache", type(model).__name__)
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
 
 
 def trace(model: torch.nn.Module, example_inputs, example_kwargs: Optional[dict] = None) -> fx.GraphModule:

@@ -9,8 +9,9 @@ so training works).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.fx as fx
@@ -27,6 +28,8 @@ ENTRY_POINT_GROUP = "torch_dynamo_backends"
 
 # Reports of the graphs compiled in this process, newest last (read them after a compile).
 REPORTS: list = []
+# The open ``capture_reports`` blocks: each gets the sites of every graph compiled while it is open.
+_CAPTURES: list = []
 
 
 def _check_options(options: Optional[dict]) -> dict:
@@ -90,15 +93,35 @@ def dilated_backend(gm: fx.GraphModule, example_inputs, options: Optional[dict] 
     traced = to_pre_dispatch(gm, example_inputs)
     report = run_pipeline(traced, opts["strategy"], where=opts.get("where"), strict=bool(opts.get("strict", False)))
     REPORTS.append(report)
+    for captured in _CAPTURES:
+        captured.extend(report)
     log.info("backend 'dilated':\n%s", report)
     return compile_fx(traced, example_inputs, config_patches=opts.get("inductor"))
 
 
 def last_report() -> Report:
-    """The report of the most recently compiled graph."""
+    """The report of the most recently compiled graph: one graph of a call with graph breaks (``capture_reports``
+    gathers every graph of a call)."""
     if not REPORTS:
         raise RuntimeError("no graph has been compiled with backend='dilated' in this process yet")
     return REPORTS[-1]
+
+
+@contextlib.contextmanager
+def capture_reports() -> Iterator[Report]:
+    """One report of every graph ``backend="dilated"`` compiles inside the block (each graph break and each
+    recompilation adds its sites)::
+
+        with dilate_compiler.backend.capture_reports() as report:
+            compiled(x)
+        print(report)
+    """
+    report = Report()
+    _CAPTURES.append(report)
+    try:
+        yield report
+    finally:
+        _CAPTURES.remove(report)
 
 
 def entry_point_present() -> bool:

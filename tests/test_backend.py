@@ -105,3 +105,18 @@ def test_strict_option_raises_on_skip():
     compiled = torch.compile(Cross(), backend="dilated", options={"strategy": dc.Dilated((8,), (1,)), "strict": True})
     with pytest.raises(Exception, match="cross-attention"):
         compiled(torch.randn(1, 2, 8, 4), torch.randn(1, 2, 12, 4))
+
+
+def test_capture_reports_gathers_every_graph_of_a_call_with_graph_breaks():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Block(graph_break=True), Block(graph_break=True))
+    compiled = torch.compile(model, backend="dilated", options={"strategy": dc.Dilated((64,), (1,))})
+    x = torch.randn(2, 40, 32)
+    with backend.capture_reports() as report:
+        out = compiled(x)
+    torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-5)
+    assert len(report.rewritten) == 2, str(report)
+    assert len(backend.last_report().rewritten) == 1   # the last graph alone
+    with backend.capture_reports() as again:
+        compiled(x)                                   # nothing compiles: nothing captured
+    assert not again.sites

@@ -11,7 +11,7 @@ as a padding mask, a constant tensor, an op we don't read) stops the analysis wi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.fx as fx
@@ -80,8 +80,14 @@ _NOT = {A.logical_not.default, A.bitwise_not.default}
 
 
 class _Reader:
-    def __init__(self, seq_len: int):
+    """Reads a mask over ``q_len`` query rows and ``seq_len`` keys. With ``q_len < seq_len`` (a decode step) the
+    query rows are the last key positions: an ``arange`` as long as the queries indexes them as ``p - offset``, so
+    the predicate comes out on absolute positions (``p`` the query's key position)."""
+
+    def __init__(self, seq_len: int, q_len: Optional[int] = None):
         self.N = seq_len
+        self.Nq = seq_len if q_len is None else q_len
+        self.offset = self.N - self.Nq
         self.drops: list = []   # the drop values read_additive met
 
     def axis_of(self, n: fx.Node) -> str:
@@ -89,7 +95,7 @@ class _Reader:
         shape = tuple(val(n).shape)
         if len(shape) >= 1 and shape[-1] == self.N and all(s == 1 for s in shape[:-1]):
             return "j"
-        if len(shape) >= 2 and shape[-1] == 1 and shape[-2] == self.N and all(s == 1 for s in shape[:-2]):
+        if len(shape) >= 2 and shape[-1] == 1 and shape[-2] == self.Nq and all(s == 1 for s in shape[:-2]):
             return "p"
         raise NotStructured(f"{n.name} has shape {list(shape)}: not an index over the query or key axis")
 
@@ -100,6 +106,8 @@ class _Reader:
         k = x.a or x.b
         if k == 0:
             return x
+        if x.a and self.Nq != self.N and len(val(n).shape) == 1:
+            return x   # the query rows, still 1-D (a cast of the arange): placed when viewed
         return Index(k, 0, x.c) if self.axis_of(n) == "p" else Index(0, k, x.c)
 
     def read(self, n) -> Expr:
@@ -108,9 +116,41 @@ class _Reader:
         try:
             return self._read(n)
         except NotStructured:
+            x = self.read_constant(n)
+            if x is not None:
+                return x
             if self.key_only(n):
                 return KeyKeep(n)
             raise
+
+    def read_constant(self, n) -> Optional[Expr]:
+        """``n`` read from its value when it depends on no graph input (a table built from ``arange`` alone, such
+        as transformers' position ids and packed-sequence ids of an unpacked batch): an index that is constant or
+        steps by one along the query or the key axis, or a mask that is all True or all False. None otherwise."""
+        value = constant_value(n)
+        if value is None or value.dim() > 4 or value.numel() == 0:
+            return None
+        shape = (1,) * (4 - value.dim()) + tuple(value.shape)
+        rows = value.reshape(-1, shape[-2], shape[-1])
+        if not bool((rows == rows[:1]).all()):
+            return None   # differs across batch or heads
+        if value.dtype == torch.bool:
+            return TRUE if bool(value.all()) else FALSE if not bool(value.any()) else None
+        if value.is_floating_point() or value.is_complex():
+            return None
+        if shape[-2] == 1 and shape[-1] in (1, self.N):
+            line, axis = rows[0, 0], "j"
+        elif shape[-1] == 1 and shape[-2] == self.Nq:
+            line, axis = rows[0, :, 0], "p"
+        else:
+            return None
+        c0 = int(line[0])
+        steps = line - c0
+        if bool((steps == 0).all()):
+            return Index(0, 0, c0)
+        if not bool((steps == torch.arange(line.numel())).all()):
+            return None
+        return Index(0, 1, c0) if axis == "j" else Index(1, 0, c0 - self.offset)
 
     def key_only(self, n) -> bool:
         v = val(n) if isinstance(n, fx.Node) else None
@@ -133,6 +173,8 @@ class _Reader:
             start = kw.get("start", 0)
             end = kw["end"]
             step = kw.get("step", 1)
+            if step == 1 and self.Nq != self.N and end - start == self.Nq:
+                return Index(1, 0, int(start) - self.offset)   # the query rows, as p - offset
             if step != 1 or end - start != self.N:
                 raise NotStructured(f"{n.name}: arange({start}, {end}, {step}) does not index the {self.N} positions")
             return Index(0, 1, int(start))   # 1-D: broadcasts along the key axis until viewed
@@ -225,6 +267,54 @@ class _Reader:
             # the kept region is where tril/triu zeroed the fill
             return Leaf(1, -1, -INF, -k - 1) if t == A.tril.default else Leaf(1, -1, -k + 1, INF)
         raise NotStructured(f"{n.name}: additive mask {t} is not 0 / -inf of an index predicate")
+
+
+# Largest tensor evaluated to read a constant part of a mask (an index table, not an N x N mask).
+_CONSTANT_ELEMENTS = 1 << 22
+
+
+def constant_value(n) -> Optional[torch.Tensor]:
+    """The value of ``n`` when it and everything it is computed from are ops on constants (no graph input, no
+    parameter, no random op), each at most ``_CONSTANT_ELEMENTS`` elements, with static shapes: computed on the CPU.
+    None otherwise."""
+    if not isinstance(n, fx.Node) or n.op != "call_function":
+        return None
+    nodes, stack, seen = [], [n], set()
+    while stack:
+        x = stack.pop()
+        if x in seen:
+            continue
+        seen.add(x)
+        v = val(x)
+        if x.op != "call_function" or not isinstance(v, torch.Tensor) or v.numel() > _CONSTANT_ELEMENTS:
+            return None
+        if any(not isinstance(d, int) for d in v.shape):
+            return None
+        schema = getattr(x.target, "_schema", None)
+        if schema is None or schema.is_mutable or "rand" in x.target.__name__ or "bernoulli" in x.target.__name__:
+            return None
+        nodes.append(x)
+        stack.extend(x.all_input_nodes)
+    env = {}
+
+    def arg(a):
+        if isinstance(a, fx.Node):
+            return env[a]
+        if isinstance(a, (list, tuple)):
+            return type(a)(arg(b) for b in a)
+        if isinstance(a, torch.device):
+            return torch.device("cpu")
+        return a
+
+    order = {x: i for i, x in enumerate(n.graph.nodes)}
+    try:
+        for x in sorted(nodes, key=order.__getitem__):
+            kwargs = {k: arg(v) for k, v in x.kwargs.items()}
+            env[x] = x.target(*arg(tuple(x.args)), **kwargs)
+    except Exception:   # an op this reading can't run on the CPU: the mask stays unread
+        return None
+    out = env[n]
+    return out if isinstance(out, torch.Tensor) else None
 
 
 def _drops(x) -> bool:
@@ -330,9 +420,10 @@ class MaskSplit:
     drops: tuple
 
 
-def split_mask(site, seq_len: int) -> MaskSplit:
-    """The site's mask terms (AND of all) as a :class:`MaskSplit`, or ``NotStructured`` with the reason."""
-    reader = _Reader(seq_len)
+def split_mask(site, seq_len: int, q_len: Optional[int] = None) -> MaskSplit:
+    """The site's mask terms (AND of all) as a :class:`MaskSplit`, or ``NotStructured`` with the reason. ``q_len``
+    (default ``seq_len``): fewer query rows than keys are the last key positions (a decode step)."""
+    reader = _Reader(seq_len, q_len)
     parts, drop_list = [], []
     for term in site.nodes.get("terms", []):
         if term[0] == "keep":

@@ -43,8 +43,13 @@ def _read(site) -> None:
         site.mask_reason = f"the key length is symbolic ({n}): a mask is read for a static length"
         site.empty_rows = "nan" if site.kind != "sdpa" and site.nodes.get("softmax") == "softmax" else "zero"
         return
+    n_q = site.q_shape[2] if site.decode else n
+    if not isinstance(n_q, int):
+        site.mask_reason = f"the query length is symbolic ({n_q}): a mask is read for a static length"
+        site.empty_rows = "nan" if site.kind != "sdpa" and site.nodes.get("softmax") == "softmax" else "zero"
+        return
     try:
-        split = split_mask(site, n)
+        split = split_mask(site, n, n_q)
     except NotStructured as e:
         site.mask_reason = f"the mask is not a static predicate and key padding: {e}"
         # The mask is carried to the op, which adds it as the model does: a row the op leaves with no key had

@@ -196,3 +196,23 @@ def test_dilated_runs_a_transformers_causal_padding_mask_on_the_kernels_route(im
     for site in res.report.rewritten:
         assert site.mask_desc == "causal + key padding" and site.nodes["route"] == "split", str(res.report)
         assert site.runs.startswith("exact path: device cpu"), site.runs
+
+
+def test_rewrite_a_causal_lm_called_as_users_call_it():
+    """Default use_cache (the model would return a KV cache object): the traced module returns the logits, no
+    cache; and with use_cache=False, transformers' packed-sequence mask of an unpacked batch (position ids from
+    arange) is read as causal."""
+    import dilate_compiler as dc
+
+    t = transformers
+    torch.manual_seed(0)
+    model = t.LlamaForCausalLM(t.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=2)).eval()
+    for kwargs in ({}, {"use_cache": False}):
+        res = dc.rewrite(model, (IDS,), dc.Dilated((16,), (1,)), example_kwargs=kwargs)
+        assert [s.mask_desc for s in res.report.rewritten] == ["causal", "causal"], str(res.report)
+        with torch.no_grad():
+            out, ref = res.module(IDS, **kwargs), model(IDS, **kwargs)
+        torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
+    assert model.config.use_cache   # restored after tracing
