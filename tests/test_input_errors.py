@@ -68,3 +68,8 @@ def test_module_masks_are_checked_under_their_own_name(name):
     meta = torch.zeros(bad_dtype.shape, dtype=torch.bool, device="meta")
     with pytest.raises(ValueError, match=f"{name} is on meta but the query is on cpu"):
         m(x, x, x, **{name: meta})
+
+
+def test_distributed_block_sparse_factory_without_pattern_names_it():
+    with pytest.raises(ValueError, match="needs pattern="):
+        dc.nn.create_block_sparse_attention("distributed", embed_dim=32, num_heads=4)

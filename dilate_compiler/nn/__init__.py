@@ -66,6 +66,9 @@ def create_block_sparse_attention(kind: str = "base", **kwargs):
     from ..strategies.block_sparse import Adaptive, BlockSparse
 
     if kind == "distributed":
+        if "pattern" not in kwargs:
+            raise ValueError(f"create_block_sparse_attention('distributed') needs pattern= (a dc.patterns pattern), "
+                             f"got the arguments {sorted(kwargs)}")
         strategy = BlockSparse(kwargs.pop("pattern"), kwargs.pop("block_size", 128))
         kwargs.setdefault("layer_norm", False)
         return _distributed(strategy, "auto", kwargs)
