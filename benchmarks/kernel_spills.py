@@ -90,14 +90,17 @@ def key_padding_values(key_mask: bool, n: int) -> dict:
     return dict(Keep="*i8", KeyRange="*i32", stride_keep=("i32", n if key_mask else 0), KEY_MASK=key_mask)
 
 
-def window_values(n: int, *, key_mask: bool = False) -> dict:
+def window_values(n: int, *, key_mask: bool = False, q_lo=None) -> dict:
+    """The block-sparse kernels' arguments for the causal sliding window at N = ``n``; ``q_lo``: the first query
+    position of a decoding call (q holds the positions from it on), None for self-attention."""
     h, d = 16, 64
     return dict(Q="*bf16", K="*bf16", V="*bf16", Out="*bf16", DO="*bf16", DQ="*bf16", DK="*bf16", DV="*bf16",
                 Lse="*fp32", Delta="*fp32", Terms="*i32", Coords="*i32", Rows="*i32", KvCount="*i32", KvIdx="*i32",
                 KvBits="*i32", QCount="*i32", QIdx="*i32", QBits="*i32", TileOrder="*i32", sm_scale="fp32",
                 H=("i32", h), N=("i32", n), NB=("i32", n // 128), KW=("i32", 34), QW=("i32", 34),
                 HEAD_DIM=d, BS=128, IS_CAUSAL=True, GQA=1, PER_HEAD=False, NUM_TERMS=2, CHECKS=3, RAGGED=False,
-                PERMUTED=False, **key_padding_values(key_mask, n), **_strides(n, h, d, "qkob"))
+                PERMUTED=False, Q_LO=None if q_lo is None else ("i32", q_lo), **key_padding_values(key_mask, n),
+                **_strides(n, h, d, "qkob"))
 
 
 def dilated_values(n: int, pattern: tuple, causal: bool, kind: str, bm: int, bn: int, *, dropout: int = 0,

@@ -46,12 +46,17 @@ def dilated_cases():
             yield tag, kernel, values, w, s
 
 
+BLOCK_SPARSE_Q_LO = (None, N - 1)   # self-attention; a decoding step (the last query of N)
+
+
 def block_sparse_cases():
-    for kind, kernel in KERNELS["block-sparse"].items():
-        for cfg in bt.tile_space("fwd" if kind == "fwd" else "bwd", 128)[:3]:
-            bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-            yield (f"block_sparse_window_{kind}_{bm}x{bn}", kernel, dict(window_values(N), BLOCK_M=bm, BLOCK_N=bn),
-                   cfg.num_warps, cfg.num_stages)
+    for q_lo in BLOCK_SPARSE_Q_LO:
+        for kind, kernel in KERNELS["block-sparse"].items():
+            for cfg in bt.tile_space("fwd" if kind == "fwd" else "bwd", 128)[:3]:
+                bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+                tag = f"block_sparse_window_{kind}_{bm}x{bn}" + ("" if q_lo is None else f"_qlo{q_lo}")
+                yield (tag, kernel, dict(window_values(N, q_lo=q_lo), BLOCK_M=bm, BLOCK_N=bn), cfg.num_warps,
+                       cfg.num_stages)
 
 
 def main():

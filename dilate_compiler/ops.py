@@ -20,8 +20,9 @@ from .strategies.dilated import Dilated
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
-    """Validate SDPA-layout q ``[B, Hq, N, D]``, k/v ``[B, Hkv, N, D]`` for self-attention-shaped ops."""
+def check_qkv(q: Tensor, k: Tensor, v: Tensor, *, last_queries: bool = False) -> None:
+    """Validate SDPA-layout q ``[B, Hq, Nq, D]``, k/v ``[B, Hkv, Nk, D]``: ``Nq == Nk`` (self-attention), or with
+    ``last_queries`` also ``1 <= Nq < Nk`` (the queries are the last Nq key positions, as a KV cache holds them)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -38,9 +39,14 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
                          f"and {tuple(v.shape)}")
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"q and k must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
-    if q.shape[2] != k.shape[2]:
+    nq, nk = q.shape[2], k.shape[2]
+    if last_queries and (nq > nk or (nq < nk and nq == 0)):
         raise ValueError(
-            f"q and k must have the same sequence length (self-attention shaped), got {q.shape[2]} and {k.shape[2]}")
+            f"q has {nq} positions and k has {nk}; accepted: as many queries as keys (self-attention), or "
+            f"1 <= Nq < Nk queries that are the last Nq of the Nk key positions (decoding with a KV cache)")
+    if not last_queries and nq != nk:
+        raise ValueError(
+            f"q and k must have the same sequence length (self-attention shaped), got {nq} and {nk}")
     if q.shape[3] != k.shape[3]:
         raise ValueError(f"q and k must have the same head dim, got {q.shape[3]} and {k.shape[3]}")
     hq, hkv = q.shape[1], k.shape[1]
@@ -66,8 +72,9 @@ def check_dropout(dropout_p: float) -> float:
     return float(dropout_p)
 
 
-def check_attn_mask(attn_mask: Optional[Tensor], q: Tensor) -> Optional[Tensor]:
-    """Return the mask as a 4-D tensor broadcastable to ``[B, Hq, N, N]`` (bool: True attends; or additive)."""
+def check_attn_mask(attn_mask: Optional[Tensor], q: Tensor, num_keys: Optional[int] = None) -> Optional[Tensor]:
+    """Return the mask as a 4-D tensor broadcastable to ``[B, Hq, Nq, Nk]`` (bool: True attends; or additive).
+    ``num_keys``: Nk (default: q's length, self-attention)."""
     if attn_mask is None:
         return None
     if not isinstance(attn_mask, Tensor):
@@ -77,14 +84,15 @@ def check_attn_mask(attn_mask: Optional[Tensor], q: Tensor) -> Optional[Tensor]:
     if attn_mask.device != q.device:
         raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}; accepted: a mask on q's device")
     B, H, N, _ = q.shape
+    nk = N if num_keys is None else num_keys
     if attn_mask.dim() > 4:
         raise ValueError(f"attn_mask must have at most 4 dims, got shape {tuple(attn_mask.shape)}")
     mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
-    for dim, (got, want) in zip(("batch B", "heads Hq", "queries N", "keys N"), zip(mask.shape, (B, H, N, N))):
+    for dim, (got, want) in zip(("batch B", "heads Hq", "queries Nq", "keys Nk"), zip(mask.shape, (B, H, N, nk))):
         if got not in (1, want):
             raise ValueError(
-                f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to [B, Hq, N, N] = {[B, H, N, N]}: "
-                f"its {dim} dim is {got}; accepted: 1 or {want}")
+                f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to [B, Hq, Nq, Nk] = "
+                f"{[B, H, N, nk]}: its {dim} dim is {got}; accepted: 1 or {want}")
     if mask.shape[1] not in (1, H):
         raise ValueError(f"attn_mask's head dim must be 1 or {H}, got shape {tuple(attn_mask.shape)}")
     return mask
@@ -107,31 +115,34 @@ def dilated_attention(
     """LongNet dilated attention (exact semantics: ``dilate_compiler.strategies.dilated``).
 
     Args:
-        q: ``[B, Hq, N, D]``. k, v: ``[B, Hkv, N, D]`` with ``Hq % Hkv == 0`` (GQA: head h reads kv head
-            ``h // (Hq // Hkv)``). float16, bfloat16, float32 or float64.
-        segment_lengths, dilation_rates: one entry per branch, ``w % r == 0``; segments may exceed N, and N
+        q: ``[B, Hq, Nq, D]``. k, v: ``[B, Hkv, Nk, D]`` with ``Hq % Hkv == 0`` (GQA: head h reads kv head
+            ``h // (Hq // Hkv)``) and ``1 <= Nq <= Nk``. float16, bfloat16, float32 or float64. With ``Nq < Nk``
+            the queries are the key positions ``Nk - Nq .. Nk - 1`` (the newest entries of a KV cache: decoding),
+            and the pattern and causality are evaluated on those positions, so the result is the last Nq rows of
+            the op on all Nk queries (gradients: the terms of the given queries only).
+        segment_lengths, dilation_rates: one entry per branch, ``w % r == 0``; segments may exceed Nk, and Nk
             need not divide by them.
         is_causal: key j is linked to query p only if ``j <= p``.
         scale: score scale, default ``1 / sqrt(D)``.
         mixing: ``"lse"`` or ``"head_groups"``.
         dropout_p: dropout on each branch's attention probabilities (apply only in training).
-        attn_mask: optional mask broadcastable to ``[B, Hq, N, N]`` applied on top of the pattern: bool
+        attn_mask: optional mask broadcastable to ``[B, Hq, Nq, Nk]`` applied on top of the pattern: bool
             (True attends) or floating (added to the scores).
-        key_keep: optional bool ``[B or 1, N]``: the keys that attend (key padding; a model's
+        key_keep: optional bool ``[B or 1, Nk]``: the keys that attend (key padding; a model's
             ``attention_mask``). The kernels take it; a row that keeps no key is 0.
 
     Returns:
-        ``[B, Hq, N, D]`` in q's dtype. Rows no branch links are 0.
+        ``[B, Hq, Nq, D]`` in q's dtype. Rows no branch links are 0.
     """
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
     if mixing not in MIXINGS:
         raise ValueError(f"mixing must be one of {MIXINGS}, got {mixing!r}")
     strategy = Dilated(segment_lengths, dilation_rates, mixing)
-    check_qkv(q, k, v)
+    check_qkv(q, k, v, last_queries=True)
     scale = check_scale(scale, q.shape[-1])
     dropout_p = check_dropout(dropout_p)
-    mask = check_attn_mask(attn_mask, q)
+    mask = check_attn_mask(attn_mask, q, k.shape[2])
     key_keep = check_key_keep(key_keep, q.shape[0], k.shape[2], q.device)
     seed = None
     if dropout_p > 0.0:
@@ -149,10 +160,12 @@ def _check_block_size(block_size) -> int:
     return block_size
 
 
-def resolve_layout(layout, q: Tensor, block_size: int, is_causal: bool):
-    """``layout`` (bool tensor, pattern or BlockLayout) as a BlockLayout for q's shape, on q's device."""
+def resolve_layout(layout, q: Tensor, block_size: int, is_causal: bool, num_keys: Optional[int] = None):
+    """``layout`` (bool tensor, pattern or BlockLayout) as a BlockLayout for ``num_keys`` positions (default: q's
+    length) and q's heads, on q's device."""
 
     B, H, N, _ = q.shape
+    N = N if num_keys is None else num_keys
     if q.device.type == "meta":
         raise ValueError("q, k, v are meta tensors: block-sparse attention builds its block lists from the layout's "
                          "data at run time; pass tensors with data (under torch.compile / torch.export tracing, "
@@ -192,41 +205,50 @@ def block_sparse_attention(
     """Block-sparse attention: one softmax over the union of the keys the layout allows.
 
     Args:
-        q: ``[B, Hq, N, D]``. k, v: ``[B, Hkv, N, D]`` (GQA when ``Hq % Hkv == 0``).
-        layout: bool ``[Hq or 1, nb, nb]`` with ``nb = ceil(N / block_size)`` (query block I may attend key
+        q: ``[B, Hq, Nq, D]``. k, v: ``[B, Hkv, Nk, D]`` (GQA when ``Hq % Hkv == 0``), ``1 <= Nq <= Nk``. With
+            ``Nq < Nk`` the queries are the key positions ``Nk - Nq .. Nk - 1`` (decoding with a KV cache): they
+            read the layout rows of those positions, and the result is the last Nq rows of the op on all Nk
+            queries.
+        layout: bool ``[Hq or 1, nb, nb]`` with ``nb = ceil(Nk / block_size)`` (query block I may attend key
             block J iff ``layout[h, I, J]``), a ``dilate_compiler.patterns`` pattern (token-exact), or a
-            prebuilt ``BlockLayout``.
-        block_size: tokens per block; the last block may be partial (any N).
+            prebuilt ``BlockLayout`` (built for Nk positions).
+        block_size: tokens per block; the last block may be partial (any Nk).
         is_causal: additionally mask ``j > p`` token by token.
         scale: score scale, default ``1 / sqrt(D)``.
         order: a permutation of ``range(N)`` (int32/int64, on q's device): the layout's position ``p`` is token
             ``order[p]``. The result equals gathering q, k, v with ``order`` (``x.index_select(2, order)``),
             attending, and putting the rows back; the kernels read and write through the table, with no copy
-            (how ``dc.Hilbert(..., reorder="fused")`` runs).
-        key_keep: optional bool ``[B or 1, N]``: the keys (memory rows) that attend (key padding). A row that
+            (how ``dc.Hilbert(..., reorder="fused")`` runs). Only with ``Nq == Nk``.
+        key_keep: optional bool ``[B or 1, Nk]``: the keys (memory rows) that attend (key padding). A row that
             keeps no key is 0.
 
     Returns:
-        ``[B, Hq, N, D]`` in q's dtype; rows with no allowed key are 0.
+        ``[B, Hq, Nq, D]`` in q's dtype; rows with no allowed key are 0.
     """
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
-    check_qkv(q, k, v)
+    check_qkv(q, k, v, last_queries=True)
     block_size = _check_block_size(block_size)
     scale = check_scale(scale, q.shape[-1])
+    num_keys = k.shape[2]
     if order is not None:
+        if q.shape[2] != num_keys:
+            raise NotImplementedError(
+                f"order (a reordering of the sequence, e.g. dc.Hilbert's) with queries that are the last "
+                f"{q.shape[2]} of {num_keys} key positions: a permuted layout has no 'last positions'; accepted: "
+                f"order=None, or as many queries as keys")
         check_order(order, q)
-    key_keep = check_key_keep(key_keep, q.shape[0], k.shape[2], q.device)
+    key_keep = check_key_keep(key_keep, q.shape[0], num_keys, q.device)
     if torch.compiler.is_compiling() and _is_pattern(layout):
         # Building a layout reads data, which a traced graph can't: Dynamo builds it when it traces this call
         # (from the pattern's value) and keeps the tensors as constants of the graph.
-        *tensors, checks = _layout_constants(_pattern_spec(layout), q.shape[2], block_size, q.shape[1], is_causal,
+        *tensors, checks = _layout_constants(_pattern_spec(layout), num_keys, block_size, q.shape[1], is_causal,
                                              q.device)
         if order is None:
             order = torch.empty(0, dtype=torch.int32, device=q.device)
         args = (*tensors, order, checks)
     else:
-        args = resolve_layout(layout, q, block_size, is_causal).args(order)
+        args = resolve_layout(layout, q, block_size, is_causal, num_keys).args(order)
     out, _ = torch.ops.dilate_compiler.block_sparse_attention_forward(q, k, v, *args, block_size, is_causal, scale,
                                                                       key_keep)
     return out
@@ -311,7 +333,11 @@ def adaptive_block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, strategy, *
         raise TypeError(f"strategy must be a dc.Adaptive, got {strategy!r}")
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
-    check_qkv(q, k, v)
+    check_qkv(q, k, v, last_queries=True)
+    if q.shape[2] != k.shape[2]:
+        raise NotImplementedError(
+            f"adaptive block selection with queries that are the last {q.shape[2]} of {k.shape[2]} key positions "
+            f"(decoding): it pools query blocks of a self-attention call; accepted: as many queries as keys")
     scale = check_scale(scale, q.shape[-1])
     B, H, N, D = q.shape
     if N == 0:

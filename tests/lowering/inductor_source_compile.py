@@ -15,12 +15,14 @@ from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitiv
 
 from kernel_spills import CONFIG_A, KERNELS, _jit_fn, compile_for, dilated_values, window_values  # noqa: E402
 
-# (family, kernel kind, causal, tile, key padding): config A's walks (causal: seeded by the walk-0 kernel), the
-# backward's, and the block-sparse window's forward and backward, each without and with key padding
-CASES = [case + (key_mask,) for key_mask in (False, True) for case in (
+# (family, kernel kind, causal, tile, key padding, first query position): config A's walks (causal: seeded by the
+# walk-0 kernel), the backward's, and the block-sparse window's forward and backward, each without and with key
+# padding; the block-sparse kernels also for a decoding step (q holds the last position only)
+CASES = [case + (key_mask, None) for key_mask in (False, True) for case in (
     ("dilated", "fwd", True, (128, 64)), ("dilated", "fwd", False, (128, 64)), ("dilated", "walk0", True, (128, 64)),
     ("dilated", "dq", True, (64, 64)), ("dilated", "dkdv", True, (64, 64)), ("block-sparse", "fwd", True, (128, 64)),
     ("block-sparse", "dq", True, (64, 64)), ("block-sparse", "dkdv", True, (64, 64)))]
+CASES += [("block-sparse", kind, True, (64, 64), True, 262143) for kind in ("fwd", "dq", "dkdv")]
 
 
 def inductor_kernel(kernel, tmp: str):
@@ -39,20 +41,21 @@ def inductor_kernel(kernel, tmp: str):
 def main() -> int:
     failed = 0
     with tempfile.TemporaryDirectory() as tmp:
-        for family, kind, causal, (bm, bn), key_mask in CASES:
+        for family, kind, causal, (bm, bn), key_mask, q_lo in CASES:
             kernel = inductor_kernel(KERNELS[family][kind], tmp)
             if family == "dilated":
                 values = dilated_values(262144, CONFIG_A, causal, kind, bm, bn, key_mask=key_mask)
             else:
-                values = dict(window_values(262144, key_mask=key_mask), BLOCK_M=bm, BLOCK_N=bn)
+                values = dict(window_values(262144, key_mask=key_mask, q_lo=q_lo), BLOCK_M=bm, BLOCK_N=bn)
             values = {name: ("fp64" if name in ("sm_scale", "out_scale") else v) for name, v in values.items()
                       if name in kernel.arg_names}
             try:
                 compile_for(kernel, values, 4, 3, 90)
-                print(f"{family} {kind} causal={causal} key_mask={key_mask}: built")
+                print(f"{family} {kind} causal={causal} key_mask={key_mask} q_lo={q_lo}: built")
             except Exception as e:  # noqa: BLE001 -- report every kernel, then fail
                 failed += 1
-                print(f"{family} {kind} causal={causal} key_mask={key_mask}: FAILED {type(e).__name__}: {e}")
+                print(f"{family} {kind} causal={causal} key_mask={key_mask} q_lo={q_lo}: FAILED {type(e).__name__}: "
+                      f"{e}")
     return 1 if failed else 0
 
 

@@ -126,6 +126,9 @@ def unsupported_reason(q, k, v, kv_count, block_size: int, is_causal: bool, orde
     reason = hg.device_reason(q, (q, k, v, kv_count)) or hg.dtype_reason(q)
     if reason:
         return reason
+    if q.shape[2] != k.shape[2]:
+        return (f"queries that are the last {q.shape[2]} of {k.shape[2]} key positions (the warp-specialised forward "
+                f"runs as many queries as keys)")
     if block_size != BLOCK or q.shape[2] % BLOCK:
         return f"block size {block_size}, N {q.shape[2]} (block size {BLOCK}, N a multiple of it)"
     if is_causal or (order is not None and order.numel()):

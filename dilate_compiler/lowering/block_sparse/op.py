@@ -7,6 +7,8 @@
   columns of ``terms``) is a compile-time constant of the kernels. ``order`` (int, ``[N]`` or empty): position
   ``p`` of the layout is row ``order[p]`` of q, k, v, out and lse, i.e. the op equals gathering q, k, v with
   ``order``, attending, and scattering out and lse back; the kernels read through the table with no copy.
+  q may hold the last ``Nq`` of k's ``Nk`` positions (decoding; ``order`` empty): the layout is built for Nk,
+  the queries read the layout rows of their positions, and the offset ``Nk - Nq`` is read from the shapes.
   In eager mode on compute capability 9.0, a layout of full blocks only (no token mask; block size 128, head dim
   64, not causal) runs the warp-specialised Gluon forward of ``gluon`` instead (not under
   ``torch.compile`` or export, where the Triton forward runs; ``DILATE_COMPILER_WARP_SPECIALISED=0`` turns it
@@ -27,7 +29,7 @@ from torch import Tensor
 
 from ..common.dispatch import kernels_apply, lse_dtype, value_unsupported_reason
 from .eager import block_sparse_backward_eager, block_sparse_forward_eager
-from .triton import block_sparse_attn_bwd, block_sparse_attn_fwd, kernel_unsupported_reason, tile_order
+from .triton import block_sparse_attn_bwd, block_sparse_attn_fwd, kernel_unsupported_reason, query_offset, tile_order
 
 try:
     from . import gluon
@@ -58,6 +60,7 @@ def block_sparse_attention_forward_exact(
     if order.numel() == 0:
         return block_sparse_forward_eager(q, k, v, terms, kv_count, kv_idx, kv_bits, coords, block_size, is_causal,
                                           scale, key_keep)
+    query_offset(q, k, order)   # a permuted layout only with as many queries as keys
     keep = None if key_keep is None else key_keep.index_select(1, order)
     out, lse = block_sparse_forward_eager(*(t.index_select(2, order) for t in (q, k, v)), terms, kv_count, kv_idx,
                                           kv_bits, coords, block_size, is_causal, scale, keep)
@@ -86,6 +89,7 @@ def block_sparse_attention_backward_exact(
     if order.numel() == 0:
         return block_sparse_backward_eager(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, coords,
                                            block_size, is_causal, scale, key_keep)
+    query_offset(q, k, order)
     keep = None if key_keep is None else key_keep.index_select(1, order)
     grads = block_sparse_backward_eager(*(t.index_select(2, order) for t in (dout, q, k, v, out, lse)), terms,
                                         kv_count, kv_idx, kv_bits, coords, block_size, is_causal, scale, keep)

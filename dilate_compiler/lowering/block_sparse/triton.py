@@ -144,6 +144,29 @@ def _rows(Rows, p, N, PERMUTED: tl.constexpr, RAGGED: tl.constexpr):
 
 
 @triton.jit
+def _query_rows(Rows, p, N, Q_LO, PERMUTED: tl.constexpr, RAGGED: tl.constexpr):
+    """The rows of q, out, lse, dout and dq that hold query positions ``p``, which of them exist, and how many rows
+    those tensors have. ``Q_LO`` None: every position is a query (row ``rows[p]`` when ``PERMUTED``); an int: q
+    holds the last ``N - Q_LO`` positions (decoding), row ``p - Q_LO``, and rows before ``Q_LO`` don't exist."""
+    if Q_LO is None:
+        r = _rows(Rows, p, N, PERMUTED, RAGGED)
+        ok = p < N
+        n_rows = N
+    else:
+        tl.static_assert(not PERMUTED)
+        r = p - Q_LO
+        ok = (p < N) & (p >= Q_LO)
+        n_rows = N - Q_LO
+    return r, ok, n_rows
+
+
+@triton.jit
+def _before_queries(pid, Q_LO, BLOCK: tl.constexpr):
+    """Whether sub-tile ``pid`` (``BLOCK`` positions) lies wholly before the first query position ``Q_LO``."""
+    return (pid + 1) * BLOCK <= Q_LO
+
+
+@triton.jit
 def _load_kv(k_base, v_base, Rows, j, stride_kn, N, MASK: tl.constexpr, RAGGED: tl.constexpr,
              PERMUTED: tl.constexpr, HEAD_DIM: tl.constexpr):
     """K and V at positions ``j`` (``[BLOCK_N, HEAD_DIM]``); bounds-checked only on partial blocks of a ragged
@@ -221,7 +244,7 @@ def _query_tile(KvCount, pid_m, bh, H, NB, PER_HEAD: tl.constexpr, BS: tl.conste
 def _block_sparse_fwd_kernel(
     Q, K, V, Out, Lse, Terms, Coords, Rows, KvCount, KvIdx, KvBits, TileOrder, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_ob, stride_oh, stride_on,
-    H, N, NB, KW, Keep, KeyRange, stride_keep,
+    H, N, NB, KW, Keep, KeyRange, stride_keep, Q_LO,
     HEAD_DIM: tl.constexpr, BS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr,
     PER_HEAD: tl.constexpr, NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr, RAGGED: tl.constexpr,
     PERMUTED: tl.constexpr, KEY_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -229,9 +252,11 @@ def _block_sparse_fwd_kernel(
     pid_m, bh = _heavy_first(TileOrder, NB, BS, BLOCK_M)
     if pid_m * BLOCK_M >= N:   # a sub-tile past the end of the last (partial) block
         return
+    if Q_LO is not None:
+        if _before_queries(pid_m, Q_LO, BLOCK_M):   # the first query block's rows before the first query
+            return
     b, h, p, row, n_part, n_tot = _query_tile(KvCount, pid_m, bh, H, NB, PER_HEAD, BS, BLOCK_M)
-    row_ok = p < N
-    r = _rows(Rows, p, N, PERMUTED, RAGGED)
+    r, row_ok, n_rows = _query_rows(Rows, p, N, Q_LO, PERMUTED, RAGGED)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(Q + b * stride_qb + h * stride_qh + r[:, None] * stride_qn + offs_d[None, :], mask=row_ok[:, None],
                 other=0.0)
@@ -255,7 +280,7 @@ def _block_sparse_fwd_kernel(
     lse = tl.where(l_i > 0.0, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
     tl.store(Out + b * stride_ob + h * stride_oh + r[:, None] * stride_on + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(Lse + (b * H + h) * N + r, lse, mask=row_ok)
+    tl.store(Lse + (b * H + h) * n_rows + r, lse, mask=row_ok)
 
 
 @triton.jit
@@ -290,7 +315,7 @@ def _dq_blocks(dq, q, do, lse2, delta, p, Idx, Bits, lo, hi, k_base, v_base, Row
 def _block_sparse_bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ, Terms, Coords, Rows, KvCount, KvIdx, KvBits, TileOrder, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_ob, stride_oh, stride_on,
-    H, N, NB, KW, Keep, KeyRange, stride_keep,
+    H, N, NB, KW, Keep, KeyRange, stride_keep, Q_LO,
     HEAD_DIM: tl.constexpr, BS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr,
     PER_HEAD: tl.constexpr, NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr, RAGGED: tl.constexpr,
     PERMUTED: tl.constexpr, KEY_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -298,18 +323,20 @@ def _block_sparse_bwd_dq_kernel(
     pid_m, bh = _heavy_first(TileOrder, NB, BS, BLOCK_M)
     if pid_m * BLOCK_M >= N:   # a sub-tile past the end of the last (partial) block
         return
+    if Q_LO is not None:
+        if _before_queries(pid_m, Q_LO, BLOCK_M):   # the first query block's rows before the first query
+            return
     b, h, p, row, n_part, n_tot = _query_tile(KvCount, pid_m, bh, H, NB, PER_HEAD, BS, BLOCK_M)
-    row_ok = p < N
-    r = _rows(Rows, p, N, PERMUTED, RAGGED)
+    r, row_ok, n_rows = _query_rows(Rows, p, N, Q_LO, PERMUTED, RAGGED)
     offs_d = tl.arange(0, HEAD_DIM)
     q_off = b * stride_qb + h * stride_qh + r[:, None] * stride_qn + offs_d[None, :]
     q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + b * stride_ob + h * stride_oh + r[:, None] * stride_on + offs_d[None, :],
                  mask=row_ok[:, None], other=0.0)
-    lse2 = tl.load(Lse + (b * H + h) * N + r, mask=row_ok, other=0.0) * LOG2E
+    lse2 = tl.load(Lse + (b * H + h) * n_rows + r, mask=row_ok, other=0.0) * LOG2E
     if KEY_MASK:   # a row that keeps no key: every key is masked below
         lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)
-    delta = tl.load(Delta + (b * H + h) * N + r, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + (b * H + h) * n_rows + r, mask=row_ok, other=0.0)
     k_base = K + b * stride_kb + (h // GQA) * stride_kh
     v_base = V + b * stride_kb + (h // GQA) * stride_kh
     sm_scale, qk_scale = score_scale(sm_scale)
@@ -327,42 +354,60 @@ def _block_sparse_bwd_dq_kernel(
 
 
 @triton.jit
+def _dkdv_tile(dk, dv, k, v, j, p, bits, q_base, do_base, lse_base, delta_base, Rows, stride_qn, stride_on, Terms,
+               Coords, N, Q_LO, qk_scale, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr,
+               CHECKS: tl.constexpr, RAGGED: tl.constexpr, PERMUTED: tl.constexpr, HEAD_DIM: tl.constexpr,
+               KEY_MASK: tl.constexpr):
+    """dK, dV from the query positions ``p`` (one ``BLOCK_M`` tile); rows that don't exist (past a ragged end, or
+    before the first query ``Q_LO``) load as zeros and add nothing."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    r, p_ok, _ = _query_rows(Rows, p, N, Q_LO, PERMUTED, RAGGED)
+    if (MASK and RAGGED) or Q_LO is not None:
+        q = tl.load(q_base + r[:, None] * stride_qn + offs_d[None, :], mask=p_ok[:, None], other=0.0)
+        do = tl.load(do_base + r[:, None] * stride_on + offs_d[None, :], mask=p_ok[:, None], other=0.0)
+        lse2 = tl.load(lse_base + r, mask=p_ok, other=0.0) * LOG2E
+        delta = tl.load(delta_base + r, mask=p_ok, other=0.0)
+    else:
+        q = tl.load(q_base + r[:, None] * stride_qn + offs_d[None, :])
+        do = tl.load(do_base + r[:, None] * stride_on + offs_d[None, :])
+        lse2 = tl.load(lse_base + r) * LOG2E
+        delta = tl.load(delta_base + r)
+    st = (tl.dot(k, tl.trans(q)) * qk_scale).to(tl.float32)           # [BLOCK_N, BLOCK_M]
+    if KEY_MASK:   # a query row that keeps no key weighs 0
+        lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
+    pt = tl.exp2(st - lse2[None, :])
+    if MASK:
+        ok = _token_ok(Terms, Coords, bits, p[None, :], j[:, None], N, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED, True)
+        pt = tl.where(ok, pt, 0.0)
+    dv = tl.dot(pt.to(do.dtype), do, dv)
+    dpt = tl.dot(v, tl.trans(do)).to(tl.float32)
+    dst = pt * (dpt - delta[None, :])
+    dk = tl.dot(dst.to(q.dtype), q, dk)
+    return dk, dv
+
+
+@triton.jit
 def _dkdv_blocks(dk, dv, k, v, j, Idx, Bits, lo, hi, q_base, do_base, lse_base, delta_base, Rows, stride_qn,
-                 stride_on, Terms, Coords, N, qk_scale, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                 stride_on, Terms, Coords, N, Q_LO, qk_scale, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
                  NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr, RAGGED: tl.constexpr, PERMUTED: tl.constexpr,
                  BS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, KEY_MASK: tl.constexpr):
     """dK, dV from the query blocks of list entries ``[lo, hi)`` of a transposed list row, one ``BLOCK_M`` tile
-    per iteration (the next tile's block read one iteration ahead, as in ``_fwd_blocks``)."""
+    per iteration (the next tile's block read one iteration ahead, as in ``_fwd_blocks``). With ``Q_LO`` (q holds
+    the positions from ``Q_LO`` on) tiles wholly before it are skipped."""
     SUB: tl.constexpr = BS // BLOCK_M
-    offs_d = tl.arange(0, HEAD_DIM)
     last = tl.maximum(hi - 1, lo)
     blk, bits = _list_entry(Idx, Bits, lo, lo < hi, MASK)
     for t in range(lo * SUB, hi * SUB):
         p = blk * BS + (t % SUB) * BLOCK_M + tl.arange(0, BLOCK_M)
-        r = _rows(Rows, p, N, PERMUTED, RAGGED)
-        if MASK and RAGGED:
-            p_ok = p < N
-            q = tl.load(q_base + r[:, None] * stride_qn + offs_d[None, :], mask=p_ok[:, None], other=0.0)
-            do = tl.load(do_base + r[:, None] * stride_on + offs_d[None, :], mask=p_ok[:, None], other=0.0)
-            lse2 = tl.load(lse_base + r, mask=p_ok, other=0.0) * LOG2E
-            delta = tl.load(delta_base + r, mask=p_ok, other=0.0)
+        if Q_LO is None:
+            dk, dv = _dkdv_tile(dk, dv, k, v, j, p, bits, q_base, do_base, lse_base, delta_base, Rows, stride_qn,
+                                stride_on, Terms, Coords, N, Q_LO, qk_scale, MASK, IS_CAUSAL, NUM_TERMS, CHECKS,
+                                RAGGED, PERMUTED, HEAD_DIM, KEY_MASK)
         else:
-            q = tl.load(q_base + r[:, None] * stride_qn + offs_d[None, :])
-            do = tl.load(do_base + r[:, None] * stride_on + offs_d[None, :])
-            lse2 = tl.load(lse_base + r) * LOG2E
-            delta = tl.load(delta_base + r)
-        st = (tl.dot(k, tl.trans(q)) * qk_scale).to(tl.float32)           # [BLOCK_N, BLOCK_M]
-        if KEY_MASK:   # a query row that keeps no key weighs 0
-            lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
-        pt = tl.exp2(st - lse2[None, :])
-        if MASK:
-            ok = _token_ok(Terms, Coords, bits, p[None, :], j[:, None], N, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED,
-                           True)
-            pt = tl.where(ok, pt, 0.0)
-        dv = tl.dot(pt.to(do.dtype), do, dv)
-        dpt = tl.dot(v, tl.trans(do)).to(tl.float32)
-        dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(q.dtype), q, dk)
+            if not _before_queries(blk * SUB + t % SUB, Q_LO, BLOCK_M):
+                dk, dv = _dkdv_tile(dk, dv, k, v, j, p, bits, q_base, do_base, lse_base, delta_base, Rows,
+                                    stride_qn, stride_on, Terms, Coords, N, Q_LO, qk_scale, MASK, IS_CAUSAL,
+                                    NUM_TERMS, CHECKS, RAGGED, PERMUTED, HEAD_DIM, KEY_MASK)
         blk, bits = _list_entry(Idx, Bits, tl.minimum((t + 1) // SUB, last), True, MASK)
     return dk, dv
 
@@ -371,7 +416,7 @@ def _dkdv_blocks(dk, dv, k, v, j, Idx, Bits, lo, hi, q_base, do_base, lse_base, 
 def _block_sparse_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, Terms, Coords, Rows, QCount, QIdx, QBits, TileOrder, sm_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_ob, stride_oh, stride_on,
-    H, N, NB, QW, Keep, KeyRange, stride_keep,
+    H, N, NB, QW, Keep, KeyRange, stride_keep, Q_LO,
     HEAD_DIM: tl.constexpr, BS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr,
     PER_HEAD: tl.constexpr, NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr, RAGGED: tl.constexpr,
     PERMUTED: tl.constexpr, KEY_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -401,15 +446,16 @@ def _block_sparse_bwd_dkdv_kernel(
         n_tot = tl.load(QCount + col * 2 + 1)
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_ob + h * stride_oh
-        lse_base = Lse + (b * H + h) * N
-        delta_base = Delta + (b * H + h) * N
+        n_rows = N if Q_LO is None else N - Q_LO
+        lse_base = Lse + (b * H + h) * n_rows
+        delta_base = Delta + (b * H + h) * n_rows
         idx, bits = QIdx + col * QW, QBits + col * QW
         dk, dv = _dkdv_blocks(dk, dv, k, v, j, idx, bits, 0, n_part, q_base, do_base, lse_base, delta_base, Rows,
-                              stride_qn, stride_on, Terms, Coords, N, qk_scale, True, IS_CAUSAL, NUM_TERMS, CHECKS,
-                              RAGGED, PERMUTED, BS, BLOCK_M, HEAD_DIM, KEY_MASK)
+                              stride_qn, stride_on, Terms, Coords, N, Q_LO, qk_scale, True, IS_CAUSAL, NUM_TERMS,
+                              CHECKS, RAGGED, PERMUTED, BS, BLOCK_M, HEAD_DIM, KEY_MASK)
         dk, dv = _dkdv_blocks(dk, dv, k, v, j, idx, bits, n_part, n_tot, q_base, do_base, lse_base, delta_base, Rows,
-                              stride_qn, stride_on, Terms, Coords, N, qk_scale, False, IS_CAUSAL, NUM_TERMS, CHECKS,
-                              RAGGED, PERMUTED, BS, BLOCK_M, HEAD_DIM, KEY_MASK)
+                              stride_qn, stride_on, Terms, Coords, N, Q_LO, qk_scale, False, IS_CAUSAL, NUM_TERMS,
+                              CHECKS, RAGGED, PERMUTED, BS, BLOCK_M, HEAD_DIM, KEY_MASK)
     if KEY_MASK:   # dropped keys get no gradient
         kv_lo, kv_hi, holes = key_range(KeyRange, b, N, KEY_MASK)
         kept = keys_kept(Keep + b * stride_keep, rows, kv_lo, kv_hi, holes)
@@ -458,9 +504,10 @@ def kernel_unsupported_reason(q, block_size: int) -> str:
     return ""
 
 
-def _grid(n: int, bs: int, block: str, programs: int):
-    """Every sub-tile of every layout block (those past N return at once), times ``programs`` heads."""
-    return lambda META: (triton.cdiv(n, bs) * (bs // META[block]), programs)
+def _grid(n: int, bs: int, block: str, programs: int, first: int = 0):
+    """Every sub-tile of the layout blocks from ``first`` on (those past N return at once), times ``programs``
+    heads."""
+    return lambda META: ((triton.cdiv(n, bs) - first) * (bs // META[block]), programs)
 
 
 def keepable(t) -> bool:
@@ -484,29 +531,49 @@ def kept_on(t, key: str, compute):
     return value
 
 
-def tile_order(count, heads: int, programs: int) -> torch.Tensor:
-    """``[programs * NB]`` int32: the launch order of the (program head, block) pairs, packed ``head * NB +
-    block``: most work (list length, ``count[..., 1]``) first; equal work in (head, block) order (a stable sort).
-    Program head ``x`` reads layout head ``x % heads``. ``heads`` < the layout's heads (a per-head layout under
-    GQA, seen from a kv head) sums the counts of each group of consecutive heads.
+def tile_order(count, heads: int, programs: int, first: int = 0) -> torch.Tensor:
+    """``[programs * (NB - first)]`` int32: the launch order of the (program head, block) pairs of the blocks from
+    ``first`` on, packed ``head * NB + block``: most work (list length, ``count[..., 1]``) first; equal work in
+    (head, block) order (a stable sort). Program head ``x`` reads layout head ``x % heads``. ``heads`` < the
+    layout's heads (a per-head layout under GQA, seen from a kv head) sums the counts of each group of consecutive
+    heads. ``first`` > 0: the query blocks holding the last queries of a decoding call.
 
-    Kept on ``count`` per ``(heads, programs)`` and ``count``'s version (``kept_on``; an in-place change sorts
-    again): a layout reused across calls sorts once, not on every launch (a sort is a few small kernels, about
-    20 us)."""
+    Kept on ``count`` per ``(heads, programs, first)`` and ``count``'s version (``kept_on``; an in-place change
+    sorts again): a layout reused across calls sorts once, not on every launch (a sort is a few small kernels,
+    about 20 us)."""
     def sort():
         work = count[..., 1]
         if work.shape[0] > heads:
             work = work.view(heads, -1, work.shape[-1]).sum(1)
+        nb = work.shape[-1]
         idx = torch.arange(programs, device=work.device) % work.shape[0]
-        return torch.argsort(work[idx].flatten(), descending=True, stable=True).to(torch.int32)
+        order = torch.argsort(work[idx, first:].flatten(), descending=True, stable=True)
+        if first:
+            order = order // (nb - first) * nb + first + order % (nb - first)
+        return order.to(torch.int32)
 
-    return kept_on(count, f"_tile_order_{heads}_{programs}", sort)
+    key = f"_tile_order_{heads}_{programs}" + (f"_{first}" if isinstance(first, int) and first else "")
+    return kept_on(count, key, sort)
 
 
 def _flags(q, k, kv_idx, terms, order, checks, block_size, is_causal):
     return dict(HEAD_DIM=q.shape[-1], BS=block_size, IS_CAUSAL=bool(is_causal), GQA=q.shape[1] // k.shape[1],
                 PER_HEAD=kv_idx.shape[0] > 1, NUM_TERMS=terms.shape[0], CHECKS=int(checks),
-                RAGGED=q.shape[2] % block_size != 0, PERMUTED=order is not None and order.numel() > 0)
+                RAGGED=k.shape[2] % block_size != 0, PERMUTED=order is not None and order.numel() > 0)
+
+
+def query_offset(q, k, order) -> tuple:
+    """``(Q_LO, first)``: the kernels' first query position (None when q holds all of k's positions) and the first
+    query block's index, for q holding the last ``Nq`` of k's ``Nk`` positions (decoding). ``order`` (a permuted
+    layout) only with ``Nq == Nk``."""
+    q_lo = k.shape[2] - q.shape[2]
+    if q_lo == 0:
+        return None, 0
+    if order is not None and order.numel() > 0:
+        raise NotImplementedError(
+            f"a permuted layout (order) with queries that are the last {q.shape[2]} of {k.shape[2]} key positions; "
+            f"accepted: order=None or empty, or as many queries as keys")
+    return q_lo, q_lo
 
 
 def _table_arg(t, q, dummy_len: int):
@@ -519,37 +586,43 @@ def _table_arg(t, q, dummy_len: int):
 
 def block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size: int, is_causal: bool,
                           scale: float, coords, checks: int, order=None, key_keep=None):
-    """Forward kernel: ``out [B, Hq, N, D]`` and ``lse [B, Hq, N]`` (float32, natural log).
+    """Forward kernel: ``out [B, Hq, Nq, D]`` and ``lse [B, Hq, Nq]`` (float32, natural log).
 
-    ``order``: sequence position ``p`` of the layout is memory row ``order[p]`` of q, k, v, out and lse (the
-    attention runs in that order with no gather; None or empty: the identity). ``key_keep``: bool ``[B or 1, N]``,
-    the memory rows whose keys attend (key padding, ``common.key_padding``)."""
-    B, H, N, D = q.shape
+    k and v hold the ``N`` positions the layout was built for; q holds all of them, or the last ``Nq`` (decoding:
+    only the query blocks holding them are launched). ``order``: sequence position ``p`` of the layout is memory
+    row ``order[p]`` of q, k, v, out and lse (the attention runs in that order with no gather; None or empty: the
+    identity; only with ``Nq == N``). ``key_keep``: bool ``[B or 1, N]``, the memory rows whose keys attend (key
+    padding, ``common.key_padding``)."""
+    B, H, Nq, D = q.shape
+    N = k.shape[2]
+    q_lo, first = query_offset(q, k, order)
     q = rows_addressable(q)
     if k.stride() != v.stride() or not rows_fit(k):   # v is read with k's strides
         k, v = k.contiguous(), v.contiguous()
-    out = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    out = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
     nb = kv_idx.shape[1]
     keep, key_range_t, stride_keep, key_mask = key_padding_args(key_keep, B, N, q.device)
     with launch_device(q):
-        _kernel("fwd", block_size)[_grid(N, block_size, "BLOCK_M", B * H)](
+        _kernel("fwd", block_size)[_grid(N, block_size, "BLOCK_M", B * H, first // block_size)](
             q, k, v, out, lse, terms, _table_arg(coords, q, GRID_AXES), _table_arg(order, q, 1), kv_count, kv_idx,
-            kv_bits, tile_order(kv_count, kv_count.shape[0], B * H), scale,
+            kv_bits, tile_order(kv_count, kv_count.shape[0], B * H, first // block_size), scale,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             out.stride(0), out.stride(1), out.stride(2), H, N, nb, kv_idx.shape[2], keep, key_range_t, stride_keep,
-            KEY_MASK=key_mask, **_flags(q, k, kv_idx, terms, order, checks, block_size, is_causal))
+            q_lo, KEY_MASK=key_mask, **_flags(q, k, kv_idx, terms, order, checks, block_size, is_causal))
     return out, lse
 
 
 def block_sparse_attn_bwd(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, q_count, q_idx, q_bits,
                           coords, order, checks: int, block_size: int, is_causal: bool, scale: float, *, delta=None,
                           key_keep=None):
-    """Backward kernels: ``(dq, dk, dv)`` (``order`` as in ``block_sparse_attn_fwd``; may be empty). ``delta``:
-    ``rowsum(dout * out)`` ``[B, H, N]`` when the caller has it (a ring step, whose softmax spans more keys than
-    these; ``out`` is then unused), else computed from ``out``."""
-    B, H, N, D = q.shape
-    Hkv = k.shape[1]
+    """Backward kernels: ``(dq, dk, dv)`` (``order`` and q's rows as in ``block_sparse_attn_fwd``; ``order`` may be
+    empty; dk and dv: the gradients of all N keys from the queries q holds). ``delta``: ``rowsum(dout * out)``
+    ``[B, H, Nq]`` when the caller has it (a ring step, whose softmax spans more keys than these; ``out`` is then
+    unused), else computed from ``out``."""
+    B, H, Nq, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    q_lo, first = query_offset(q, k, order)
     q, k, v, dout = (t.contiguous() for t in (q, k, v, dout))
     if delta is None:
         delta = (dout.float() * out.float()).sum(-1)
@@ -567,12 +640,12 @@ def block_sparse_attn_bwd(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_b
     kv_heads = Hkv if q_count.shape[0] > 1 else 1
     keep, key_range_t, stride_keep, key_mask = key_padding_args(key_keep, B, N, q.device)
     with launch_device(q):
-        _kernel("dq", block_size)[_grid(N, block_size, "BLOCK_M", B * H)](
+        _kernel("dq", block_size)[_grid(N, block_size, "BLOCK_M", B * H, first // block_size)](
             q, k, v, dout, lse, delta, dq, terms, coords, rows, kv_count, kv_idx, kv_bits,
-            tile_order(kv_count, kv_count.shape[0], B * H), scale, *strides, H, N, nb, kv_idx.shape[2], keep,
-            key_range_t, stride_keep, KEY_MASK=key_mask, **flags)
-        _kernel("dkdv", block_size)[_grid(N, block_size, "BLOCK_N", B * Hkv)](
+            tile_order(kv_count, kv_count.shape[0], B * H, first // block_size), scale, *strides, H, N, nb,
+            kv_idx.shape[2], keep, key_range_t, stride_keep, q_lo, KEY_MASK=key_mask, **flags)
+        _kernel("dkdv", block_size)[_grid(N, block_size, "BLOCK_N", B * Hkv)](   # every key block
             q, k, v, dout, lse, delta, dk, dv, terms, coords, rows, q_count, q_idx, q_bits,
             tile_order(q_count, kv_heads, B * Hkv), scale, *strides, H, N, nb, q_idx.shape[2], keep, key_range_t,
-            stride_keep, KEY_MASK=key_mask, **flags)
+            stride_keep, q_lo, KEY_MASK=key_mask, **flags)
     return dq, dk, dv

@@ -1,4 +1,5 @@
-"""Exact PyTorch path for dilated attention: forward and backward, any device, any N.
+"""Exact PyTorch path for dilated attention: forward and backward, any device, any N, and queries that are the
+last Nq of the Nk key positions (decoding; the last section).
 
 A branch's rows for one head group are a strided view of the (padded) sequence::
 
@@ -232,9 +233,13 @@ def dilated_attention_forward_eager(
     q: Tensor, k: Tensor, v: Tensor, plan: DilatedPlan, *, is_causal: bool, scale: float,
     attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0, seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """Returns ``out [B, Hq, N, D]`` (q's dtype) and the merged ``lse [B, Hq, N]`` (float32, or float64)."""
+    """Returns ``out [B, Hq, Nq, D]`` (q's dtype) and the merged ``lse [B, Hq, Nq]`` (float32, or float64). With
+    ``Nq < Nk`` the queries are the last Nq key positions (see the section on them below)."""
     B, Hq, N, _ = q.shape
     attn_mask = as_4d(attn_mask)
+    if k.shape[2] != N:
+        _check_no_dropout(dropout_p, N, k.shape[2])
+        return _forward_last_queries(q, k, v, plan, is_causal, scale, attn_mask)
     wdt = lse_dtype(q.dtype)
     n_acc = max([_padded_len(N, b.segment_length) for b in plan.branches] + [N])
     out_acc = torch.zeros(B, Hq, n_acc, v.shape[-1], dtype=wdt, device=q.device)
@@ -294,6 +299,9 @@ def dilated_attention_backward_eager(
 ) -> tuple[Tensor, Tensor, Tensor]:
     B, Hq, N, D = q.shape
     attn_mask = as_4d(attn_mask)
+    if k.shape[2] != N:
+        _check_no_dropout(dropout_p, N, k.shape[2])
+        return _backward_last_queries(dout, q, k, v, out, lse, plan, is_causal, scale, attn_mask)
     Hkv = k.shape[1]
     wdt = lse_dtype(q.dtype)
     dout_w = dout.to(wdt)
@@ -332,6 +340,10 @@ def dilated_attention_mask_grad_eager(
     wdt = lse_dtype(q.dtype)
     B, Hq, N, _ = q.shape
     dmask = torch.zeros(mask4.shape, dtype=wdt, device=q.device)
+    if k.shape[2] != N:
+        _check_no_dropout(dropout_p, N, k.shape[2])
+        _backward_last_queries(dout, q, k, v, out, lse, plan, is_causal, scale, scores_mask, dmask)
+        return dmask.reshape(attn_mask.shape).to(attn_mask.dtype)
     dout_w = dout.to(wdt)
     d_att = dout_w * plan.output_scale if plan.output_scale != 1.0 else dout_w
     delta = (dout_w * out.to(wdt)).sum(-1)
@@ -359,3 +371,179 @@ def dilated_attention_mask_grad_eager(
             h_idx = torch.arange(target.shape[1], device=q.device).view(1, -1, 1, 1, 1)
             target.index_put_((b_idx, h_idx, p_idx, j_idx), ds, accumulate=True)
     return dmask.reshape(attn_mask.shape).to(attn_mask.dtype)
+
+
+# --- queries that are the last Nq of the Nk key positions (decoding with a KV cache) ---------------------------
+#
+# q holds the positions Q0 = Nk - Nq .. Nk - 1 (row p - Q0); the pattern is evaluated on those absolute positions.
+# A branch's segments before the one Q0 falls in hold no query and are skipped; the segment Q0 falls in attends
+# with its rows >= Q0 as queries (all its rows as keys), the later segments whole. Rows are gathered by position,
+# so the work is that of the given queries (one query: one segment's keys per branch), never Nk x Nk. The
+# accumulators have one spare row (index Nq, and Nk for keys) that positions past the end write to.
+
+
+def _last_query_chunks(branch: Branch, group: HeadGroup, n_q: int, n_k: int, width: int, device):
+    """``(q_pos [S, a], k_pos [S, c])`` of the group's rows, in chunks of ``S`` segments (``a`` query rows, ``c`` key
+    rows each) whose score tensors hold at most ``_CHUNK_ELEMENTS`` elements for ``width`` batch rows x heads.
+    Positions may pass ``n_k`` (the last segment's tail): those are masked."""
+    w, r, o = branch.segment_length, branch.dilation_rate, group.offset
+    q0 = n_k - n_q
+    rows = torch.arange(w // r, device=device)
+    first, n_seg = q0 // w, -(-n_k // w)
+    full_from = first
+    if q0 % w:   # the segment Q0 falls in: its rows >= Q0 are queries
+        full_from = first + 1
+        keys = first * w + o + r * rows
+        queries = keys[max(0, -(-(q0 - first * w - o) // r)):]
+        step = max(1, _CHUNK_ELEMENTS // max(width * keys.numel(), 1))
+        for a0 in range(0, queries.numel(), step):
+            yield queries[a0:a0 + step].view(1, -1), keys.view(1, -1)
+    step = max(1, _CHUNK_ELEMENTS // max(width * rows.numel() ** 2, 1))
+    for s0 in range(full_from, n_seg, step):
+        pos = torch.arange(s0, min(s0 + step, n_seg), device=device).view(-1, 1) * w + o + r * rows
+        yield pos, pos
+
+
+class _LastQueryChunk:
+    """One chunk of one (branch, head group) on trailing queries: the indices and the masked scores."""
+
+    def __init__(self, t_heads: slice, kv_heads: Tensor, q_pos: Tensor, k_pos: Tensor, n_q: int, n_k: int):
+        q0 = n_k - n_q
+        self.heads = t_heads
+        self.q_ok, self.k_ok = q_pos < n_k, k_pos < n_k
+        self.qi = torch.where(self.q_ok, q_pos - q0, n_q)           # rows of q-side accumulators (n_q: spare)
+        self.kj = torch.where(self.k_ok, k_pos, n_k)                # rows of k-side accumulators (n_k: spare)
+        self.qi_in = self.qi.clamp(max=n_q - 1)                     # rows read from q-side inputs
+        self.kj_in = self.kj.clamp(max=n_k - 1)
+        self.q_pos, self.k_pos = q_pos, k_pos
+        self.kv_heads = kv_heads.view(-1, 1, 1)
+
+    def q_rows(self, x: Tensor, dtype) -> Tensor:
+        """``x [B, Hq, Nq, (D)]`` at the chunk's heads and query rows: ``[B, h, S, a, (D)]``."""
+        return x[:, self.heads][:, :, self.qi_in].to(dtype)
+
+    def kv_rows(self, x: Tensor, dtype) -> Tensor:
+        """``x [B, Hkv, Nk, D]`` at the kv heads of the chunk's query heads and its key rows: ``[B, h, S, c, D]``."""
+        return x[:, self.kv_heads, self.kj_in].to(dtype)
+
+    def scores(self, qs: Tensor, ks: Tensor, scale: float, is_causal: bool, attn_mask: Optional[Tensor],
+               shift: Optional[Tensor], q_dtype) -> Tensor:
+        """Masked scores ``[B, h, S, a, c]`` (``-inf`` where not linked), as ``_BranchTiles.scores`` makes them."""
+        s = torch.matmul(qs, ks.transpose(-1, -2)) * scale
+        linked = self.q_ok.unsqueeze(-1) & self.k_ok.unsqueeze(-2)
+        if is_causal:
+            linked = linked & (self.k_pos.unsqueeze(-2) <= self.q_pos.unsqueeze(-1))
+        if attn_mask is not None:
+            m = self.mask_rows(attn_mask)
+            if m.dtype == torch.bool:
+                linked = linked & m
+            else:
+                if m.dtype == q_dtype and m.dtype in LOW_PRECISION:   # added in the model's dtype (see above)
+                    s = (s.to(m.dtype) + m).to(s.dtype)
+                else:
+                    s = s + m.to(s.dtype)
+                if shift is not None:
+                    s = s - self.mask_rows(shift, keys=False).to(s.dtype).unsqueeze(-1)
+        return s.masked_fill(~linked, float("-inf"))
+
+    def mask_rows(self, mask: Tensor, keys: bool = True) -> Tensor:
+        """``mask [B', 1 or Hq, 1 or Nq, 1 or Nk]`` at the chunk's heads, query rows (and key rows):
+        ``[B', h or 1, S, a(, c)]``."""
+        heads = mask if mask.shape[1] == 1 else mask[:, self.heads]
+        qi = self.qi_in if mask.shape[2] != 1 else torch.zeros_like(self.qi_in)
+        if not keys:
+            return heads[:, :, qi, 0]
+        kj = self.kj_in if mask.shape[3] != 1 else torch.zeros_like(self.kj_in)
+        return heads[:, :, qi.unsqueeze(-1), kj.unsqueeze(-2)]
+
+
+def _last_query_tiles(plan: DilatedPlan, n_q: int, n_k: int, batch: int, hq: int, hkv: int, device):
+    """``(tile index, chunk index, _LastQueryChunk)`` over every (branch, head group) and its chunks."""
+    gqa = hq // hkv
+    tile = 0
+    for branch in plan.branches:
+        for group in branch.head_groups:
+            heads = slice(group.start, group.stop, group.step)
+            kv_heads = torch.tensor([h // gqa for h in group.heads()], device=device)
+            width = batch * len(group.heads())
+            for chunk, (q_pos, k_pos) in enumerate(_last_query_chunks(branch, group, n_q, n_k, width, device)):
+                yield tile, chunk, _LastQueryChunk(heads, kv_heads, q_pos, k_pos, n_q, n_k)
+            tile += 1
+
+
+def _check_no_dropout(dropout_p: float, n_q: int, n_k: int) -> None:
+    if dropout_p > 0.0:
+        raise NotImplementedError(
+            f"dropout (dropout_p={dropout_p}) on the exact path with queries that are the last {n_q} of {n_k} key "
+            f"positions: its keep flags are drawn per chunk of a self-attention call; accepted: dropout_p=0.0 (the "
+            f"CUDA kernels take dropout with trailing queries)")
+
+
+def _forward_last_queries(q: Tensor, k: Tensor, v: Tensor, plan: DilatedPlan, is_causal: bool, scale: float,
+                          attn_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    B, Hq, n_q, _ = q.shape
+    n_k = k.shape[2]
+    wdt = lse_dtype(q.dtype)
+    out_acc = torch.zeros(B, Hq, n_q + 1, v.shape[-1], dtype=wdt, device=q.device)
+    lse_acc = torch.full((B, Hq, n_q + 1), float("-inf"), dtype=wdt, device=q.device)
+    shift = row_shift(attn_mask, wdt)
+    for _, _, c in _last_query_tiles(plan, n_q, n_k, B, Hq, k.shape[1], q.device):
+        s = c.scores(c.q_rows(q, wdt), c.kv_rows(k, wdt), scale, is_causal, attn_mask, shift, q.dtype)
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1))
+        o_view, l_view = out_acc[:, c.heads], lse_acc[:, c.heads]
+        o_old, l_old = o_view[:, :, c.qi], l_view[:, :, c.qi]
+        _merge_into(o_old, l_old, torch.matmul(p, c.kv_rows(v, wdt)), lse)
+        o_view[:, :, c.qi], l_view[:, :, c.qi] = o_old, l_old
+    out = out_acc[:, :, :n_q]
+    if plan.output_scale != 1.0:
+        out = out * plan.output_scale
+    return out.to(q.dtype).contiguous(), lse_acc[:, :, :n_q].contiguous()
+
+
+def _backward_last_queries(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                           plan: DilatedPlan, is_causal: bool, scale: float, attn_mask: Optional[Tensor],
+                           dmask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)``; with ``dmask`` (zeros of the 4-D mask's shape, in the working dtype) also the mask's
+    gradient, accumulated into it."""
+    B, Hq, n_q, D = q.shape
+    Hkv, n_k, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    wdt = lse_dtype(q.dtype)
+    dout_w = dout.to(wdt)
+    d_att = dout_w * plan.output_scale if plan.output_scale != 1.0 else dout_w
+    delta = (dout_w * out.to(wdt)).sum(-1)
+    lse_w = lse.to(wdt)
+    lse_w = torch.where(torch.isinf(lse_w), 0.0, lse_w)
+    shift = row_shift(attn_mask, wdt)
+    dq = torch.zeros(B, Hq, n_q + 1, D, dtype=wdt, device=q.device)
+    # dk/dv per *query* head (summed over each GQA group at the end)
+    dk_h = torch.zeros(B, Hq, n_k + 1, D, dtype=wdt, device=q.device)
+    dv_h = torch.zeros(B, Hq, n_k + 1, Dv, dtype=wdt, device=q.device)
+    for _, _, c in _last_query_tiles(plan, n_q, n_k, B, Hq, Hkv, q.device):
+        qs, ks, vs = c.q_rows(q, wdt), c.kv_rows(k, wdt), c.kv_rows(v, wdt)
+        dos = c.q_rows(d_att, wdt)
+        s = c.scores(qs, ks, scale, is_causal, attn_mask, shift, q.dtype)
+        p = torch.exp(s - c.q_rows(lse_w, wdt).unsqueeze(-1))
+        ds = p * (torch.matmul(dos, vs.transpose(-1, -2)) - c.q_rows(delta, wdt).unsqueeze(-1))
+        h = ds.shape[1]
+        qi, kj = c.qi.flatten(), c.kj.flatten()
+        dq[:, c.heads].index_add_(2, qi, (torch.matmul(ds, ks) * scale).reshape(B, h, -1, D))
+        dk_h[:, c.heads].index_add_(2, kj, (torch.matmul(ds.transpose(-1, -2), qs) * scale).reshape(B, h, -1, D))
+        dv_h[:, c.heads].index_add_(2, kj, torch.matmul(p.transpose(-1, -2), dos).reshape(B, h, -1, Dv))
+        if dmask is not None:
+            _add_mask_grad(dmask, ds, c)
+    dk = dk_h[:, :, :n_k].reshape(B, Hkv, Hq // Hkv, n_k, D).sum(2)
+    dv = dv_h[:, :, :n_k].reshape(B, Hkv, Hq // Hkv, n_k, Dv).sum(2)
+    return dq[:, :, :n_q].to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
+
+
+def _add_mask_grad(dmask: Tensor, ds: Tensor, c: _LastQueryChunk) -> None:
+    """Accumulate one chunk's ``dS [B, h, S, a, c]`` into ``dmask [B', 1 or Hq, 1 or Nq, 1 or Nk]``."""
+    ds = ds.sum(0, keepdim=True) if dmask.shape[0] == 1 else ds
+    target = dmask if dmask.shape[1] == 1 else dmask[:, c.heads]
+    ds = ds.sum(1, keepdim=True) if target.shape[1] == 1 else ds
+    qi = c.qi_in if dmask.shape[2] != 1 else torch.zeros_like(c.qi_in)   # rows past the end: ds is 0 there
+    kj = c.kj_in if dmask.shape[3] != 1 else torch.zeros_like(c.kj_in)
+    b_idx = torch.arange(target.shape[0], device=ds.device).view(-1, 1, 1, 1, 1)
+    h_idx = torch.arange(target.shape[1], device=ds.device).view(1, -1, 1, 1, 1)
+    target.index_put_((b_idx, h_idx, qi.unsqueeze(-1), kj.unsqueeze(-2)), ds, accumulate=True)

@@ -197,9 +197,12 @@ def call_reason(q, k, v, attn_mask, segment_lengths, dilation_rates, *, is_causa
                 "pattern under mixing='lse': each segment length and rate dividing the next)")
     L = math.lcm(*dilation_rates)
     N = k.shape[2]
-    if q.shape[2] != N or chain[0][0] % (L * BLOCK) or N % (L * BLOCK):
-        return (f"N {N} (queries {q.shape[2]}), shortest segment {chain[0][0]} (queries at every key position, "
-                f"and L * {BLOCK} = {L * BLOCK} dividing N and the shortest segment)")
+    if q.shape[2] != N:
+        return (f"queries that are the last {q.shape[2]} of {N} key positions (the warp-specialised forward runs "
+                f"queries at every key position)")
+    if chain[0][0] % (L * BLOCK) or N % (L * BLOCK):
+        return (f"N {N}, shortest segment {chain[0][0]} (L * {BLOCK} = {L * BLOCK} dividing N and the shortest "
+                f"segment)")
     if not all(t.is_contiguous() for t in (q, k, v)):
         return "q, k, v not contiguous"
     return ""

@@ -5,7 +5,9 @@ Ops (graphs from Dynamo, export and AOTInductor hold them as single nodes):
 - ``dilate_compiler::dilated_attention_forward(q, k, v, attn_mask, segment_lengths, dilation_rates,
   is_causal, scale, mixing, dropout_p, seed) -> (out, lse)`` — a ``triton_op``: on CUDA it launches the
   generated Triton kernels through ``wrap_triton`` (so Inductor inlines them into its output code); where
-  the kernels don't apply (CPU, other head dims or dtypes, masks) it calls the exact path.
+  the kernels don't apply (CPU, other head dims or dtypes, masks) it calls the exact path. q may hold fewer
+  rows than k (``Nq < Nk``): the last Nq key positions (decoding); the offset ``Nk - Nq`` is read from the
+  shapes, so the schema has no argument for it.
 - ``dilate_compiler::dilated_attention_backward(dout, q, k, v, attn_mask, out, lse, ...) -> (dq, dk, dv)``,
   dispatched the same way.
 - ``dilate_compiler::dilated_attention_{forward,backward}_exact``: the exact PyTorch path, opaque custom ops.
@@ -61,7 +63,7 @@ def dilated_attention_forward_exact(
     dilation_rates: list[int], is_causal: bool, scale: float, mixing: str, dropout_p: float,
     seed: Optional[Tensor], key_keep: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
-    plan = dilated_plan(segment_lengths, dilation_rates, mixing, q.shape[2], q.shape[1])
+    plan = dilated_plan(segment_lengths, dilation_rates, mixing, k.shape[2], q.shape[1])
     return dilated_attention_forward_eager(
         q, k, v, plan, is_causal=is_causal, scale=scale, attn_mask=with_key_keep(attn_mask, key_keep),
         dropout_p=dropout_p, seed=_seed(seed),
@@ -80,7 +82,7 @@ def dilated_attention_backward_exact(
     segment_lengths: list[int], dilation_rates: list[int], is_causal: bool, scale: float, mixing: str,
     dropout_p: float, seed: Optional[Tensor], key_keep: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    plan = dilated_plan(segment_lengths, dilation_rates, mixing, q.shape[2], q.shape[1])
+    plan = dilated_plan(segment_lengths, dilation_rates, mixing, k.shape[2], q.shape[1])
     return dilated_attention_backward_eager(
         dout, q, k, v, out, lse, plan, is_causal=is_causal, scale=scale, attn_mask=with_key_keep(attn_mask, key_keep),
         dropout_p=dropout_p, seed=_seed(seed),
@@ -104,7 +106,7 @@ def dilated_attention_mask_grad_exact(
     segment_lengths: list[int], dilation_rates: list[int], is_causal: bool, scale: float, mixing: str,
     dropout_p: float, seed: Optional[Tensor], key_keep: Optional[Tensor] = None,
 ) -> Tensor:
-    plan = dilated_plan(segment_lengths, dilation_rates, mixing, q.shape[2], q.shape[1])
+    plan = dilated_plan(segment_lengths, dilation_rates, mixing, k.shape[2], q.shape[1])
     return dilated_attention_mask_grad_eager(
         dout, q, k, v, out, lse, plan, is_causal=is_causal, scale=scale, attn_mask=attn_mask,
         dropout_p=dropout_p, seed=_seed(seed), key_keep=key_keep,
@@ -128,7 +130,8 @@ def dilated_attention_forward(
                                                             is_causal, mixing, dropout_p):
             return gluon.dilated_attn_fwd_ws(q, k, v, segment_lengths, dilation_rates, scale=scale)
         return dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, is_causal=is_causal, scale=scale,
-                                mixing=mixing, dropout_p=dropout_p, seed=seed, key_keep=key_keep)
+                                mixing=mixing, dropout_p=dropout_p, seed=seed, q_offset=k.shape[2] - q.shape[2],
+                                key_keep=key_keep)
     return torch.ops.dilate_compiler.dilated_attention_forward_exact(
         q, k, v, attn_mask, segment_lengths, dilation_rates, is_causal, scale, mixing, dropout_p, seed, key_keep)
 
@@ -141,7 +144,8 @@ def dilated_attention_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     if use_kernels(q, v, attn_mask, dropout_p, len(segment_lengths)):
         return dilated_attn_bwd(dout, q, k, v, out, lse, segment_lengths, dilation_rates, is_causal=is_causal,
-                                scale=scale, mixing=mixing, dropout_p=dropout_p, seed=seed, key_keep=key_keep)
+                                scale=scale, mixing=mixing, dropout_p=dropout_p, seed=seed,
+                                q_offset=k.shape[2] - q.shape[2], key_keep=key_keep)
     return torch.ops.dilate_compiler.dilated_attention_backward_exact(
         dout, q, k, v, attn_mask, out, lse, segment_lengths, dilation_rates, is_causal, scale, mixing, dropout_p,
         seed, key_keep)

@@ -1031,6 +1031,8 @@ def _walks_constexpr(kernel, owner: str, meta: dict, nested: bool, offset: int) 
     (forward, dQ: query tiles own rows from ``offset`` on, key tiles are walked) or "keys" (dK/dV: key tiles of
     all N own the rows, query tiles are walked)."""
     tiles = tuple((cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]) for cfg in kernel.configs)
+    if not isinstance(offset, int):   # a symbolic offset (torch.compile, dynamic shapes): the choice made per program
+        return min(_walks_over_space(tiles, owner, nested, meta["WS"][0], meta["L"], 0), 1)
     return _walks_over_space(tiles, owner, nested, meta["WS"][0], meta["L"], offset)
 
 
@@ -1072,7 +1074,10 @@ def _dropout_args(dropout_p: float, seed, dummy, segment_lengths, dilation_rates
 
 
 def _query_offset(q_offset, n_q: int, n: int) -> int:
-    """Check that queries ``[q_offset, q_offset + n_q)`` lie inside the ``n`` key positions."""
+    """Check that queries ``[q_offset, q_offset + n_q)`` lie inside the ``n`` key positions (a symbolic offset,
+    read from the shapes under ``torch.compile``, passes as it is)."""
+    if isinstance(q_offset, torch.SymInt):
+        return q_offset
     if not isinstance(q_offset, int) or q_offset < 0 or q_offset + n_q > n:
         raise ValueError(f"q_offset must be an int with 0 <= q_offset and q_offset + (query rows {n_q}) <= "
                          f"(key rows {n}), got {q_offset!r}")

@@ -252,3 +252,34 @@ def test_key_padding_runs_the_kernels_and_matches_reference(causal):
     for name, a, b in zip("qkv", grads, torch.autograd.grad(ref, (q64, k64, v64), dout.double())):
         assert torch.isfinite(a).all(), name
         assert_close(a, b, torch.bfloat16, f"d{name}")
+
+
+@pytest.mark.parametrize("nq", [1, 7, 300])
+@pytest.mark.parametrize("name,bs", [("window", 128), ("local|global|random", 64), ("dilated&window", 32)])
+def test_op_on_trailing_queries_runs_the_kernels(name, bs, nq):
+    """Decoding: q holds the last Nq of Nk = 1000 positions (GQA, causal, a left-padded batch row): the layout
+    built for Nk, only the query blocks holding queries launched; the last Nq rows of the float64 reference,
+    gradients too, within 2x eager's error."""
+    pattern, N, D = PATTERNS[name], 1000, 64
+    g = torch.Generator(device="cuda").manual_seed(nq + bs)
+    q = torch.randn(2, 8, nq, D, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+    k, v = (torch.randn(2, 4, N, D, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+            for _ in range(2))
+    keep = torch.ones(2, N, dtype=torch.bool, device="cuda")
+    keep[1, :37] = False
+    assert use_kernels(q, v, bs)
+    out = dc.ops.block_sparse_attention(q, k, v, pattern, block_size=bs, is_causal=True, key_keep=keep)
+    mask = pattern.token_mask(N, bs, num_heads=8, is_causal=True, device="cuda")[:, N - nq:] & keep.view(2, 1, 1, N)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = dense_reference(q64, k64, v64, mask)
+    qe, ke, ve = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    eager = F.scaled_dot_product_attention(qe, ke.repeat_interleave(2, 1), ve.repeat_interleave(2, 1),
+                                           attn_mask=mask).nan_to_num(0.0)
+    assert_close(out, ref, torch.bfloat16, eager_err=rel_err(eager, ref))
+    dout = torch.randn(out.shape, device="cuda", generator=g, dtype=torch.bfloat16)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    eager_grads = torch.autograd.grad(eager, (qe, ke, ve), dout)
+    for name_, a, b, e in zip(("dq", "dk", "dv"), grads, ref_grads, eager_grads):
+        assert torch.isfinite(a).all(), name_
+        assert_close(a, b, torch.bfloat16, name_, eager_err=rel_err(e, b))

@@ -369,3 +369,70 @@ def test_key_padding_runs_the_kernels_and_matches_reference(segs, rates, is_caus
     for name, a, b in zip("qkv", grads, torch.autograd.grad(ref, (q64, k64, v64), dout.double())):
         assert torch.isfinite(a).all(), name
         assert_close(a, b, torch.bfloat16, f"d{name}")
+
+
+def _eager_weighted(q, k, v, weights, out_scale=1.0):
+    """Eager PyTorch at q's dtype over link counts ``weights [.., Nq, Nk]`` (``eager_dilated`` for queries that are
+    the last Nq positions): dtype matmuls, a float32 softmax over log-multiplicity-weighted scores."""
+    g = q.shape[1] // k.shape[1]
+    s = (q @ k.repeat_interleave(g, 1).transpose(-1, -2)) * q.shape[-1] ** -0.5
+    s = s.float().masked_fill(weights == 0, float("-inf")) + torch.log(weights.clamp_min(1).float())
+    return (torch.softmax(s, -1).nan_to_num(0.0).to(q.dtype) @ v.repeat_interleave(g, 1)) * out_scale
+
+
+@pytest.mark.parametrize("nq", [1, 7, 300])
+@pytest.mark.parametrize("mixing", ["lse", "head_groups"])
+def test_op_on_trailing_queries_runs_the_kernels(nq, mixing):
+    """Decoding: q holds the last Nq of Nk = 1000 positions (GQA, a left-padded batch row); the op runs the
+    kernels at ``q_offset = Nk - Nq`` and gives the last Nq rows of the float64 reference, gradients too, within
+    2x eager's error."""
+    from dilate_compiler.strategies.reference import weighted_softmax_attention
+
+    N, D = 1000, 64
+    g = torch.Generator(device="cuda").manual_seed(nq)
+    q = torch.randn(2, 8, nq, D, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+    k, v = (torch.randn(2, 4, N, D, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+            for _ in range(2))
+    keep = torch.ones(2, N, dtype=torch.bool, device="cuda")
+    keep[1, :37] = False
+    assert use_kernels(q, v, None, 0.0, len(SEGS))
+    out = dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=True, mixing=mixing, key_keep=keep)
+    strategy = dc.Dilated(SEGS, RATES, mixing)
+    weights = strategy.multiplicity(N, 8, is_causal=True, device="cuda")[:, N - nq:] * keep.view(2, 1, 1, N)
+    out_scale = 1.0 / len(SEGS) if mixing == "head_groups" else 1.0
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = weighted_softmax_attention(q64, k64, v64, weights) * out_scale
+    qe, ke, ve = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    eager = _eager_weighted(qe, ke, ve, weights, out_scale)
+    assert_close(out, ref, torch.bfloat16, eager_err=rel_err(eager, ref))
+    dout = torch.randn(out.shape, device="cuda", generator=g, dtype=torch.bfloat16)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout.double())
+    eager_grads = torch.autograd.grad(eager, (qe, ke, ve), dout)
+    for name, a, b, e in zip(("dq", "dk", "dv"), grads, ref_grads, eager_grads):
+        assert torch.isfinite(a).all(), name
+        assert_close(a, b, torch.bfloat16, name, eager_err=rel_err(e, b))
+
+
+def test_compiled_decoding_steps_run_the_kernels_with_dynamic_shapes():
+    """torch.compile(dynamic=True) of a decoding step: two (Nq, Nk) without a recompile, each the last rows of the
+    float64 reference."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    def step(q, k, v):
+        return dc.ops.dilated_attention(q, k, v, SEGS, RATES, is_causal=True)
+
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(step, backend=counter, dynamic=True, fullgraph=True)
+    frames = []
+    for nq, nk in ((3, 700), (5, 1000)):
+        g = torch.Generator(device="cuda").manual_seed(nk)
+        q = torch.randn(2, 8, nq, 64, device="cuda", generator=g, dtype=torch.bfloat16)
+        k, v = (torch.randn(2, 8, nk, 64, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+        out = compiled(q, k, v)
+        # the reference over all Nk positions; the earlier query rows (zeros here) change no later row
+        full_q = torch.cat([torch.zeros(2, 8, nk - nq, 64, device="cuda", dtype=torch.bfloat16), q], 2)
+        ref = dc.Dilated(SEGS, RATES).reference(full_q.double(), k.double(), v.double(), is_causal=True)
+        assert_close(out, ref[:, :, nk - nq:], torch.bfloat16)
+        frames.append(counter.frame_count)
+    assert frames[0] == frames[1], "the second (Nq, Nk) recompiled"

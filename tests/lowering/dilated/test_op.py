@@ -188,7 +188,7 @@ def test_compiles_fullgraph_and_exports():
     "mutate, exc, match",
     [
         (lambda q, k, v: (q[0], k, v), ValueError, r"q must have 4 dims"),
-        (lambda q, k, v: (q, k[:, :, :5], v[:, :, :5]), ValueError, "same sequence length"),
+        (lambda q, k, v: (q, k[:, :, :5], v[:, :, :5]), ValueError, r"q has 12 positions and k has 5; accepted:"),
         (lambda q, k, v: (q, torch.cat([k, k[:, :1]], 1), torch.cat([v, v[:, :1]], 1)), ValueError, r"query heads \(4\) must be a multiple.*\(3\)"),
         (lambda q, k, v: (q, k.double(), v), TypeError, "share one dtype"),
         (lambda q, k, v: (q.long(), k, v), TypeError, "q has dtype torch.int64"),
