@@ -17,3 +17,11 @@ __all__ = [
     "ops", "patterns", "rewrite", "strategies",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # ``dc.hf`` imports transformers, so it loads on first use, not with the package.
+    if name == "hf":
+        import importlib
+        return importlib.import_module(".hf", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

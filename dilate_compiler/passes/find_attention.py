@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .site import AttentionSite
 from .sources import Sources, is_view, names, storage_root, written_args
@@ -343,6 +344,17 @@ def pv_operands(n: fx.Node):
     return None
 
 
+def _through_full_slices(n):
+    """``n`` past slices that keep the whole dim (``x[:, :, None]`` under symbolic shapes traces as one)."""
+    while isinstance(n, fx.Node) and n.op == "call_function" and n.target == A.slice.Tensor:
+        kw = kwargs_of(n)
+        if kw.get("step", 1) != 1 or (kw.get("start") or 0) != 0 or not (
+                kw.get("end") is None or (isinstance(kw["end"], int) and kw["end"] >= 2**62)):
+            break
+        n = kw["self"]
+    return n
+
+
 def peel_repeat_kv(k: fx.Node):
     """``(k_kv, g)`` when k is k_kv repeated g times per head (repeat_kv or repeat_interleave), else ``(k, 1)``."""
     if not isinstance(k, fx.Node):
@@ -354,7 +366,7 @@ def peel_repeat_kv(k: fx.Node):
     if k.target in (A.reshape.default, A.view.default, A._unsafe_view.default):
         e = k.args[0]
         if isinstance(e, fx.Node) and e.target == A.expand.default:
-            u = e.args[0]
+            u = _through_full_slices(e.args[0])
             if isinstance(u, fx.Node) and u.target == A.unsqueeze.default and kwargs_of(u)["dim"] in (2, -3):
                 src, shape = u.args[0], val(e).shape
                 out = val(k).shape
@@ -495,21 +507,53 @@ def _graph_input(n) -> Optional[fx.Node]:
     return n if isinstance(n, fx.Node) and n.op == "placeholder" else None
 
 
+def _cache_append(x, nq) -> Optional[tuple]:
+    """``(past, new)`` when ``x`` (a site's k or v, its head repeat peeled) is ``cat([past..., new], dim=-2)`` on
+    ``[B, H, N, D]`` tensors with ``new`` holding the last ``nq`` rows: a KV cache appending this step's keys.
+    Casts and contiguous copies between the cat and the site are followed."""
+    x, _ = peel_repeat_kv(x)
+    while isinstance(x, fx.Node) and x.op == "call_function" and x.target in CASTS:
+        x = x.args[0]
+    if not (isinstance(x, fx.Node) and x.op == "call_function" and x.target == A.cat.default):
+        return None
+    kw = kwargs_of(x)
+    parts, dim = list(kw["tensors"]), kw.get("dim", 0)
+    out = val(x)
+    if len(parts) < 2 or out is None or out.dim() != 4 or dim not in (2, -2):
+        return None
+    new = parts[-1]
+    if not isinstance(new, fx.Node) or val(new) is None or not statically_known_true(val(new).shape[2] == nq):
+        return None
+    return parts[:-1], new
+
+
 def _self_attention_reason(site: AttentionSite, sources: Sources) -> str:
-    """Why the site is not self-attention over one sequence, or ''.
+    """Why the site is not self-attention over one sequence, or ''; marks ``site.decode`` when the keys are a KV
+    cache that this step's keys extend (the queries are then the last positions of the key sequence).
 
     q, k and v must be computed from the same graph inputs (``sources``); when q and k are graph inputs
     themselves (a function ``f(q, k, v)``), the graph cannot tell, and equal lengths are taken as self-attention.
+    A KV cache reads: k and v are ``cat([past, new])`` along the sequence, ``new`` computed from q's inputs alone
+    and as long as q, ``past`` from none of them.
     """
     nodes = site.nodes
     q, k, v = nodes["q"], nodes["k"] if nodes.get("k") is not None else nodes["kT"], nodes["v"]
     nq, nk = site.q_shape[2], site.k_shape[2]
     sq, sk, sv = sources.of(q), sources.of(k), sources.of(v)
+    appended = [_cache_append(x, nq) for x in (nodes.get("k"), v)]
+    if all(appended) and all(sources.of(new) <= sq and all(not (sources.of(p) & sq) for p in past)
+                             for past, new in appended):
+        if site.is_causal and not statically_known_true(nq == nk):
+            return (f"SDPA's is_causal with {nq} queries over {nk} keys aligns the queries with the first keys "
+                    f"(top-left), not with the newest ones as a KV cache holds them: the model's own meaning here is "
+                    f"not a decode step")
+        site.decode = not statically_known_true(nq == nk)   # a prefill through an empty cache: plain attention
+        return ""
     direct = _graph_input(q) is not None and _graph_input(k) is not None
     if not direct and (sq != sk or not sv <= sk):
         if sq <= sk and sv <= sk and nq != nk:
-            return (f"keys extend the queries' sequence (query length {nq}, key length {nk}: a KV cache); queries "
-                    f"that are the last positions of a longer key sequence are not supported")
+            return (f"keys extend the queries' sequence (query length {nq}, key length {nk}) in a way not read as a "
+                    f"KV cache (k and v each cat([past, new]) along the sequence, new as long as q)")
         return (f"cross-attention: k/v are computed from other inputs than q (q from {names(sq)}, k from "
                 f"{names(sk)}, v from {names(sv)})")
     if nq != nk:

@@ -31,7 +31,7 @@ def selected(site: AttentionSite, where: Where) -> bool:
     if where is None:
         return True
     if isinstance(where, int) and not isinstance(where, bool):
-        n = static_int(site.q_shape[2]) if site.q_shape else None
+        n = static_int(site.k_shape[2]) if site.k_shape else None
         return n is None or n >= where   # a symbolic length is kept: the op handles any N
     if callable(where):
         return bool(where(site))

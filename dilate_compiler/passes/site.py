@@ -55,6 +55,9 @@ class AttentionSite:
     # ``predicate``: "all" or "causal" when the pattern is one of those, else ""; ``predicate_name`` names it.
     predicate: str = ""
     predicate_name: str = ""
+    # A decode step: k and v are a KV cache this step's keys extend, so the queries are the last Nq of the Nk key
+    # positions (the ops' convention for Nq < Nk).
+    decode: bool = False
     # How the strategy will run the site, for the report: "kernels", or "exact path: <why>".
     runs: str = ""
     # Graph handles, filled by find_attention for rewrite_attention (not part of the printed report).
@@ -113,7 +116,8 @@ class Report:
                 status += f" ({s.runs})" if s.runs else ""
                 status += f" [{s.detail}]" if s.detail else ""
             rows.append((
-                s.name, s.kind, s.location or "-", "x".join(str(d) for d in s.q_shape),
+                s.name, s.kind + (" decode" if s.decode else ""), s.location or "-",
+                "x".join(str(d) for d in s.q_shape) + (f" ({s.k_shape[2]} keys)" if s.decode else ""),
                 str(s.dtype).replace("torch.", ""), s.mask_desc, "-" if s.scale is None else f"{s.scale:.4g}",
                 str(s.gqa_ratio), status,
             ))

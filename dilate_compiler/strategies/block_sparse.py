@@ -23,7 +23,8 @@ from .reference import weighted_softmax_attention
 
 
 def _static_len(site) -> Optional[int]:
-    return static_int(site.q_shape[2]) if len(site.q_shape) == 4 else None
+    """The key length (the layout's; a decode step's queries are the last of those positions)."""
+    return static_int(site.k_shape[2]) if len(site.k_shape) == 4 else None
 
 
 def allows_all(pattern: Pattern, n: int) -> bool:
@@ -68,12 +69,12 @@ class BlockSparse:
         """``(pattern, reason)`` for a site: the strategy's pattern (AND the model's mask), or, for ``"auto"``, the
         predicate ``read_masks`` read from the site's mask. Key padding rides beside it (``site.key_keep``)."""
         q, k = site.q_shape, site.k_shape
-        if len(q) != 4 or q[2] != k[2]:
+        if len(q) != 4 or (q[2] != k[2] and not site.decode):
             return None, f"block-sparse attention needs self-attention shapes (Nq == Nk), got q {q} and k {k}"
         n = _static_len(site)
         if n is None:
             return None, (f"block-sparse layouts are built at compile time for a static sequence length; the "
-                          f"length here is symbolic ({q[2]})")
+                          f"length here is symbolic ({k[2]})")
         if site.dropout_p > 0.0:
             return None, f"dropout_p={site.dropout_p}: the block-sparse op has no attention dropout"
         has_mask = bool(site.nodes.get("terms"))
@@ -117,9 +118,9 @@ class BlockSparse:
         """The op with the layout of ``site.nodes["pattern"]`` (a buffer of the module) and the site's key padding;
         ``site.nodes["order"]``, when set: an index table the kernels read q, k, v and write out through."""
         pattern = site.nodes["pattern"]   # set by check_site
-        qv = call.q.meta["val"]
+        qv, n = call.q.meta["val"], int(call.k.meta["val"].shape[2])   # a decode step's layout: all n keys
         is_causal = bool(call.is_causal)
-        lay = self.layout(pattern, int(qv.shape[2]), int(qv.shape[1]), is_causal, qv.device)
+        lay = self.layout(pattern, n, int(qv.shape[1]), is_causal, qv.device)
         site.detail += f", density={lay.density:.3g}"
         *tensors, order, checks = lay.args(site.nodes.get("order"))
         tensors = [emit.constant(t) for t in (*tensors, order)]

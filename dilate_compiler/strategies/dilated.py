@@ -90,7 +90,7 @@ class Dilated:
         """Why this strategy can't take ``site``, or None. A mask read as causal (or all-allowing) AND key padding
         runs on the kernels; any other mask is carried to the op (its exact path)."""
         q, k = site.q_shape, site.k_shape
-        if len(q) != 4 or q[2] != k[2]:
+        if len(q) != 4 or (q[2] != k[2] and not site.decode):
             return f"dilated attention needs self-attention shapes (Nq == Nk), got q {q} and k {k}"
         if not site.nodes.get("terms"):
             route, why = "plain", ""
