@@ -134,3 +134,15 @@ def test_bench_models_runs_on_the_cpu(tmp_path):
     assert rows[("llama", "dilated")]["masked_sites"] == 1         # the padding mask is kept
     assert rows[("gpt", "dilated")]["masked_sites"] == 0
     assert "| llama | dilated |" in (out / "bench_models.md").read_text()
+
+
+def test_decode_benchmark_runs_on_the_cpu(tmp_path):
+    import bench_decode
+
+    strategy = dc.Dilated((8, 16), (1, 2))
+    m = strategy.multiplicity(21, 2, is_causal=True)
+    assert bench_decode.linked_keys(strategy, 21) == int((m[:, -1] > 0).sum(-1).max())
+    bench_decode.main(["--out", str(tmp_path), "--cached", "64", "--batch", "1", "--heads", "4", "--kv-heads", "2",
+                       "--head-dim", "16", "--generate-prompt", "24", "--generate-tokens", "2", "--device", "cpu"])
+    text = (tmp_path / "bench_decode.md").read_text()
+    assert "One decode step" in text and "Generation" in text

@@ -15,13 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..lowering.common.dispatch import kernels_apply
-from ..patterns import BlockLayout
-from ..strategies.block_sparse import BlockSparse
-from ..strategies.dilated import Dilated
+from ..patterns.layouts import head_slice as slice_layout_heads  # noqa: F401  (the distributed tests' name)
 from . import comm
 from .agreement import check_call, raise_on_every_rank
-from .links import LAYOUTS, check_strategy, lcm_of_rates, shard_ranges
+from .links import LAYOUTS, check_strategy, shard_ranges
 from .sequence_parallel import _CONFIGS, Config, check_inputs, local_attention, register
 
 
@@ -32,16 +29,6 @@ def head_split(num_kv_heads: int, world_size: int) -> list[int]:
                          f"on {world_size} ranks; use ring_attention (sequence-parallel) instead")
     base, extra = divmod(num_kv_heads, world_size)
     return [base + (1 if r < extra else 0) for r in range(world_size)]
-
-
-def slice_layout_heads(layout: BlockLayout, start: int, stop: int) -> BlockLayout:
-    """The layout of query heads ``start:stop`` (a layout shared by all heads is returned as is)."""
-    if layout.num_heads == 1:
-        return layout
-    cut = {name: getattr(layout, name)[start:stop] for name in
-           ("state", "kv_count", "kv_idx", "kv_bits", "q_count", "q_idx", "q_bits")}
-    return BlockLayout(layout.seq_len, layout.block_size, layout.is_causal, terms=layout.terms,
-                       coords=layout.coords, schedule=layout.schedule, checks=layout.checks, **cut)
 
 
 class _Shuffle:
@@ -74,34 +61,17 @@ class _Shuffle:
 
 
 def _attend_heads(q, k, v, strategy, first_head: int, num_heads: int, is_causal: bool, scale):
-    """The single-process op on query heads ``first_head ..`` of a ``num_heads``-head model, whole sequence."""
-    from .. import ops
-
+    """The single-process op on query heads ``first_head ..`` of a ``num_heads``-head model, whole sequence: the
+    strategy's kernels (``attend_heads``), else the exact path."""
     if strategy is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
-    if isinstance(strategy, Dilated):
-        L = lcm_of_rates(strategy)
-        reason = ""
-        if strategy.mixing == "head_groups":
-            reason = "mixing='head_groups' assigns branches by global head index"
-        elif first_head % L:
-            reason = (f"this rank's first head {first_head} is not a multiple of the rates' lcm {L}, so residues "
-                      f"by local head index would differ")
-        if kernels_apply("head-parallel dilated attention", q, reason):
-            return ops.dilated_attention(q, k, v, strategy.segment_lengths, strategy.dilation_rates,
-                                         is_causal=is_causal, scale=scale, mixing=strategy.mixing)
-        return local_attention(q, k, v, strategy, first_head=first_head, num_heads=num_heads, is_causal=is_causal,
-                               scale=scale)
-    if isinstance(strategy, BlockSparse):
-        from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-        with unset_fake_temporarily():   # built once from the pattern (real tensors, cached), also while tracing
-            layout = strategy.layout(strategy.pattern, q.shape[2], num_heads, is_causal, q.device)
-        layout = slice_layout_heads(layout, first_head, first_head + q.shape[1])
-        return ops.block_sparse_attention(q, k, v, layout, block_size=strategy.block_size, is_causal=is_causal,
-                                          scale=scale)
-    raise AssertionError(f"unchecked strategy {strategy!r}")   # head_parallel_attention checked it
+    out = strategy.attend_heads(q, k, v, first_head=first_head, num_heads=num_heads, is_causal=is_causal,
+                                scale=scale)
+    if out is None:
+        out = local_attention(q, k, v, strategy, first_head=first_head, num_heads=num_heads, is_causal=is_causal,
+                              scale=scale)
+    return out
 
 
 @torch.library.custom_op("dilate_compiler::head_parallel_pack", mutates_args=())

@@ -38,7 +38,6 @@ import torch
 from torch import Tensor
 
 from ..lowering.common.dispatch import lse_dtype
-from ..strategies.dilated import Dilated
 from . import comm, dense_steps, window
 from .agreement import check_call, raise_on_every_rank, strategy_value
 from .attend import attend_backward, attend_forward, merge
@@ -145,8 +144,9 @@ def _plan(key: str, rank: int, world: int, shard_len: int, num_heads: int, num_k
     if cfg.mode == "sparse":
         plan.held_pos = torch.cat([plan.q_pos.view(1, -1).expand(num_kv_heads, -1)] +
                                   [recv_pos[b] for b in sorted(recv_pos)], dim=1)
-    if isinstance(cfg.strategy, Dilated):
-        plan.windows = window.windows(cfg.strategy, N, ranges[rank])
+    span = None if cfg.strategy is None else cfg.strategy.key_window_span(N)
+    if span is not None:
+        plan.windows = window.windows(span, N, ranges[rank])
         if cfg.mode == "ring":
             plan.window_rows = [torch.nonzero(sum((pos >= w.a) & (pos < w.e) for w in plan.windows)).flatten()
                                 for pos in rank_pos]
@@ -339,7 +339,7 @@ def _forward_impl(q, k, v, key):
     if _CONFIGS[key].mode != "local":
         check_call(q, k, v, _CONFIGS[key])
     cfg, group, rank, world, plan = _setup(key, q, k)
-    if cfg.mode != "local" and window.use_window_kernels(cfg.strategy, q):
+    if cfg.mode != "local" and plan.windows is not None and window.use_window_kernels(cfg.strategy, q):
         out, lse = _window_forward(q, k, v, cfg, group, rank, world, plan)
         return out, lse.to(lse_dtype(q.dtype))
     if cfg.mode == "sparse":
@@ -361,7 +361,7 @@ def _unaliased(t: Tensor, dtype) -> Tensor:
 
 def _backward_impl(dout, q, k, v, out, lse, key):
     cfg, group, rank, world, plan = _setup(key, q, k)
-    if cfg.mode != "local" and window.use_window_kernels(cfg.strategy, q):
+    if cfg.mode != "local" and plan.windows is not None and window.use_window_kernels(cfg.strategy, q):
         dq, dk, dv = _window_backward(dout, q, k, v, out, lse, cfg, group, rank, world, plan)
         return dq.to(q.dtype), _unaliased(dk, k.dtype), _unaliased(dv, v.dtype)
     dt = lse_dtype(q.dtype)

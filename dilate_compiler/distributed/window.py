@@ -24,14 +24,12 @@ of such a branch does.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..lowering.common.dispatch import interpreter_runs, kernels_apply
-from ..lowering.dilated.plan import clip_segment
 from ..lowering.dilated.triton import MAX_BRANCHES, dilated_attn_bwd, dilated_attn_fwd, kernel_unsupported_reason
 from ..strategies.dilated import Dilated
 
@@ -56,10 +54,9 @@ class Window:
         return self.e - self.a
 
 
-def windows(strategy: Dilated, seq_len: int, ranges) -> list[Window]:
-    """The windows of a rank whose shard holds the global position ranges ``ranges`` (in storage order)."""
-    span = math.lcm(*(clip_segment(w, r, seq_len) for w, r in zip(strategy.segment_lengths,
-                                                                     strategy.dilation_rates)))
+def windows(span: int, seq_len: int, ranges) -> list[Window]:
+    """The windows of a rank whose shard holds the global position ranges ``ranges`` (in storage order); ``span``:
+    the strategy's ``key_window_span`` (for ``Dilated``, the lcm of the clipped segment lengths)."""
     out, row = [], 0
     for lo, hi in ranges:
         out.append(Window(row, lo, hi, lo // span * span, min(seq_len, -(-hi // span) * span)))
@@ -75,10 +72,9 @@ def kernel_reason(strategy: Dilated, q: Tensor) -> str:
     return kernel_unsupported_reason(q, None, 0.0, strategy.num_branches)
 
 
-def use_window_kernels(strategy, q: Tensor) -> bool:
-    """True when a rank's dilated attention runs the kernels on key windows (logged once on CUDA when not)."""
-    if not isinstance(strategy, Dilated):
-        return False
+def use_window_kernels(strategy: Dilated, q: Tensor) -> bool:
+    """True when a rank's dilated attention (a strategy with a ``key_window_span``) runs the kernels on key windows
+    (logged once on CUDA when not)."""
     return kernels_apply("sequence-parallel dilated attention", q, kernel_reason(strategy, q))
 
 

@@ -259,3 +259,13 @@ def expand_lists(terms, kv_count, kv_idx, kv_bits, seq_len: int, block_size: int
                     m = torch.ones(bs, bs, dtype=torch.bool, device=kv_idx.device)
                 out[h, i * bs:(i + 1) * bs, jb * bs:(jb + 1) * bs] = m
     return out[:, :seq_len, :seq_len]
+
+
+def head_slice(layout: BlockLayout, start: int, stop: int) -> BlockLayout:
+    """The layout of query heads ``start:stop`` (a layout shared by all heads is returned as is)."""
+    if layout.num_heads == 1:
+        return layout
+    cut = {name: getattr(layout, name)[start:stop] for name in
+           ("state", "kv_count", "kv_idx", "kv_bits", "q_count", "q_idx", "q_bits")}
+    return BlockLayout(layout.seq_len, layout.block_size, layout.is_causal, terms=layout.terms,
+                       coords=layout.coords, schedule=layout.schedule, checks=layout.checks, **cut)

@@ -141,6 +141,37 @@ class BlockSparse:
         return weighted_softmax_attention(q, k, v, keep, scale=scale, attn_mask=attn_mask)
 
 
+    # --- sharded over ranks (``strategies.contract.DistributedStrategy``) --------------------------------------
+
+    def distributed_reason(self) -> str:
+        if not isinstance(self.pattern, Pattern):
+            return ("BlockSparse('auto') reads a site's mask over one shard only; distributed attention needs a fixed "
+                    "pattern (dc.BlockSparse(pattern))")
+        return ""
+
+    def links(self, seq_len: int, num_heads: int, is_causal: bool, device=None):
+        from .links import BlockSparseLinks
+
+        return BlockSparseLinks(self.layout(self.pattern, seq_len, num_heads, is_causal, device), num_heads)
+
+    head_period = 1
+
+    def key_window_span(self, seq_len: int) -> Optional[int]:
+        return None
+
+    def attend_heads(self, q, k, v, *, first_head: int, num_heads: int, is_causal: bool, scale):
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        from .. import ops
+        from ..patterns.layouts import head_slice
+
+        with unset_fake_temporarily():   # built once from the pattern (real tensors, cached), also while tracing
+            layout = self.layout(self.pattern, q.shape[2], num_heads, is_causal, q.device)
+        layout = head_slice(layout, first_head, first_head + q.shape[1])
+        return ops.block_sparse_attention(q, k, v, layout, block_size=self.block_size, is_causal=is_causal,
+                                          scale=scale)
+
+
 @dataclass(frozen=True)
 class Adaptive:
     """Content-adaptive block selection, per (batch, head, query block), at run time.

@@ -16,7 +16,13 @@ A strategy says what attention a rewritten site computes (``Dilated``, ``BlockSp
 - ``reference(q, k, v, *, is_causal=False, scale=None, attn_mask=None)``: what it computes, from the definition, in
   float64 (tests compare every path with it).
 
-Adding a strategy is one file in ``strategies/`` with these three methods, plus its tests; the README's "Add a
+A strategy that also runs sharded over ranks (``dc.SequenceParallel``, ``dc.distributed``) implements
+:class:`DistributedStrategy`: its link model on global positions (``links``), whether it can run sharded
+(``distributed_reason``), the period of its head-dependent rules (``head_period``), the key window around a run of
+queries that holds every key they link (``key_window_span``, for the window kernels), and its computation on a
+subset of the model's heads (``attend_heads``). The distributed code dispatches on these methods only.
+
+Adding a strategy is one file in ``strategies/`` with these methods, plus its tests; the README's "Add a
 strategy" section walks through one.
 """
 
@@ -67,4 +73,31 @@ class Strategy(Protocol):
         ...
 
     def reference(self, q, k, v, *, is_causal: bool = False, scale: Optional[float] = None, attn_mask=None):
+        ...
+
+
+@runtime_checkable
+class DistributedStrategy(Protocol):
+    def distributed_reason(self) -> str:
+        """'' when the strategy can run sharded over ranks, else why not."""
+        ...
+
+    def links(self, seq_len: int, num_heads: int, is_causal: bool, device=None):
+        """Its ``strategies.links.Links`` over ``seq_len`` global positions and ``num_heads`` query heads."""
+        ...
+
+    @property
+    def head_period(self) -> int:
+        """Head-dependent rules repeat every ``head_period`` heads: a rank whose first head is a multiple of it
+        runs its heads as a model whose heads start at 0 (1: no head-dependent rule)."""
+        ...
+
+    def key_window_span(self, seq_len: int) -> Optional[int]:
+        """``W`` such that every key a query at position ``p`` links lies in ``[p // W * W, (p // W + 1) * W)`` and
+        the pattern is the same after a shift by ``W``; None when there is none to use."""
+        ...
+
+    def attend_heads(self, q, k, v, *, first_head: int, num_heads: int, is_causal: bool, scale):
+        """The whole-sequence attention of query heads ``first_head ..`` of a ``num_heads``-head model on the kernels,
+        or None when the kernels don't run it (the distributed code then runs its exact path)."""
         ...

@@ -14,14 +14,15 @@ uses only branch ``i`` with residue ``i % r_i``, and the output is divided by ``
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from ..lowering.common.dispatch import value_unsupported_reason
-from ..lowering.dilated.plan import DilatedPlan, check_pattern, dilated_plan, head_group_bounds
+from ..lowering.common.dispatch import kernels_apply, value_unsupported_reason
+from ..lowering.dilated.plan import DilatedPlan, check_pattern, clip_segment, dilated_plan, head_group_bounds
 from ..lowering.dilated.triton import kernel_unsupported_reason
 from .contract import Emitted
 from .reference import weighted_softmax_attention
@@ -143,3 +144,35 @@ class Dilated:
         if self.mixing == "head_groups":
             out = out / self.num_branches
         return out
+
+    # --- sharded over ranks (``strategies.contract.DistributedStrategy``) --------------------------------------
+
+    def distributed_reason(self) -> str:
+        return ""
+
+    def links(self, seq_len: int, num_heads: int, is_causal: bool, device=None):
+        from .links import DilatedLinks
+
+        return DilatedLinks(self, seq_len, num_heads, is_causal)
+
+    @property
+    def head_period(self) -> int:
+        return math.lcm(*self.dilation_rates)
+
+    def key_window_span(self, seq_len: int) -> Optional[int]:
+        """The lcm of the branches' segment lengths (clipped to ``seq_len``): a multiple of every segment and rate."""
+        return math.lcm(*(clip_segment(w, r, seq_len) for w, r in zip(self.segment_lengths, self.dilation_rates)))
+
+    def attend_heads(self, q, k, v, *, first_head: int, num_heads: int, is_causal: bool, scale):
+        from .. import ops
+
+        reason = ""
+        if self.mixing == "head_groups":
+            reason = "mixing='head_groups' assigns branches by global head index"
+        elif first_head % self.head_period:
+            reason = (f"this rank's first head {first_head} is not a multiple of the rates' lcm {self.head_period}, "
+                      f"so residues by local head index would differ")
+        if not kernels_apply("head-parallel dilated attention", q, reason):
+            return None
+        return ops.dilated_attention(q, k, v, self.segment_lengths, self.dilation_rates, is_causal=is_causal,
+                                     scale=scale, mixing=self.mixing)
