@@ -192,3 +192,24 @@ def test_ops_with_cap_under_torch_compile_fullgraph():
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     assert_close(compiled(q, k, v), fn(q, k, v), torch.float32)
+
+
+def test_registered_attention_function_takes_gemma2_softcap():
+    """``dc.hf``'s attention function gets Gemma2's ``softcap`` and runs it; with a dense-equivalent strategy it is
+    Gemma2's own eager attention (scaled, capped, causal mask added)."""
+    pytest.importorskip("transformers")
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    class Layer(torch.nn.Module):
+        is_causal, num_key_value_groups, head_dim = True, 2, 16
+
+    q, k, v = (t.detach() for t in _inputs(2, 4, 2, 20, 20, 16, torch.float64, seed=6))
+    layer = Layer().eval()
+    fn = dc.hf.attention_function(dc.Dilated((64,), (1,)))
+    got, _ = fn(layer, q, k, v, None, scaling=0.3, softcap=CAP)
+    causal = torch.zeros(20, 20, dtype=torch.float64).masked_fill(torch.ones(20, 20, dtype=torch.bool).triu(1),
+                                                                  float("-inf"))
+    want, _ = eager_attention_forward(layer, q, k, v, causal, scaling=0.3, softcap=CAP)
+    assert_close(got, want, torch.float32)   # Gemma2's eager softmax runs in float32
+    plain, _ = eager_attention_forward(layer, q, k, v, causal, scaling=0.3)
+    assert (got - plain).abs().max() > 0.05

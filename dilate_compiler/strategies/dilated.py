@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 
@@ -107,6 +107,9 @@ class Dilated:
         site.runs = "kernels" if not reason else f"exact path: {reason}" + (f" ({why})" if why else "")
         return None
 
+    # emit_call passes the site's soft-capping to the op (see contract.Strategy)
+    applies_softcap: ClassVar[bool] = True
+
     def emit_call(self, emit, site, call) -> Emitted:
         """The op on the site's inputs: its mask as causality and key padding where ``check_site`` read it so,
         else the mask itself."""
@@ -120,7 +123,8 @@ class Dilated:
                         {"dtype": torch.int64, "device": torch.device("cpu")})
         fwd = emit(torch.ops.dilate_compiler.dilated_attention_forward.default,
                    (call.q, call.k, call.v, mask, list(self.segment_lengths), list(self.dilation_rates),
-                    bool(is_causal), float(call.scale), self.mixing, float(call.dropout_p), seed, key_keep))
+                    bool(is_causal), float(call.scale), self.mixing, float(call.dropout_p), seed, key_keep,
+                    site.softcap))
         return Emitted(emit(operator.getitem, (fwd, 0)), emit(operator.getitem, (fwd, 1)))
 
     def reference(
