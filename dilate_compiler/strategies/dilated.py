@@ -102,7 +102,7 @@ class Dilated:
                                        f"model's mask is {site.mask_desc}")
         site.nodes["route"] = route
         reason = kernel_unsupported_reason(site.nodes["q"].meta["val"], None if route != "mask" else True,
-                                           site.dropout_p, self.num_branches)
+                                           site.dropout_p, self.num_branches, site.softcap)
         reason = reason or value_unsupported_reason(site.nodes["q"].meta["val"], site.nodes["v"].meta["val"])
         site.runs = "kernels" if not reason else f"exact path: {reason}" + (f" ({why})" if why else "")
         return None
