@@ -18,7 +18,9 @@ CAP = 2.0   # scores of the test data reach several units: a cap of 2 changes th
 
 def _inputs(B, Hq, Hkv, Nq, Nk, D, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    mk = lambda h, n: (2 * torch.randn(B, h, n, D, generator=g, dtype=torch.float64)).to(dtype).requires_grad_()  # noqa: E731
+    def mk(h, n):
+        return (2 * torch.randn(B, h, n, D, generator=g, dtype=torch.float64)).to(dtype).requires_grad_()
+
     return mk(Hq, Nq), mk(Hkv, Nk), mk(Hkv, Nk)
 
 

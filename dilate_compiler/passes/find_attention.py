@@ -12,8 +12,9 @@ the site or records why not (never a bare False):
 
   The product may be ``matmul``/``bmm``/``baddbmm``/``einsum``; score ops are ``mul``/``div`` by constants,
   additive masks, ``masked_fill``/``where`` with -inf or very negative fills, dtype casts, and soft-capping of the
-  scaled scores before any mask term (Gemma2's ``s = tanh(s / c) * c``, or ``mul(s, 1 / c)``; ``site.softcap = c``). GQA written as
-  ``repeat_kv`` (unsqueeze + expand + reshape) or ``repeat_interleave`` is peeled back to the kv heads.
+  scaled scores before any mask term (Gemma2's ``s = tanh(s / c) * c``, or ``mul(s, 1 / c)``; ``site.softcap =
+  c``). GQA written as ``repeat_kv`` (unsqueeze + expand + reshape) or ``repeat_interleave`` is peeled back to the
+  kv heads.
 """
 
 from __future__ import annotations

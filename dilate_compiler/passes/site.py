@@ -120,7 +120,8 @@ class Report:
             rows.append((
                 s.name, s.kind + (" decode" if s.decode else ""), s.location or "-",
                 "x".join(str(d) for d in s.q_shape) + (f" ({s.k_shape[2]} keys)" if s.decode else ""),
-                str(s.dtype).replace("torch.", ""), s.mask_desc + ("" if s.softcap is None else f", softcap {s.softcap:g}"),
+                str(s.dtype).replace("torch.", ""),
+                s.mask_desc + ("" if s.softcap is None else f", softcap {s.softcap:g}"),
                 "-" if s.scale is None else f"{s.scale:.4g}",
                 str(s.gqa_ratio), status,
             ))
