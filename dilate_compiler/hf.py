@@ -123,9 +123,7 @@ def attention_function(strategy) -> Callable:
                                   attention_mask: Optional[Tensor], dropout: float = 0.0,
                                   scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
         layer = type(module).__name__
-        if kwargs.get("softcap") is not None:
-            raise NotImplementedError(f"{layer}: soft-capped scores (softcap={kwargs['softcap']}) are not "
-                                      f"supported by dilate_compiler's ops")
+        softcap = kwargs.get("softcap")   # Gemma2's attn_logit_softcapping: the ops cap the scaled scores
         if kwargs.get("sliding_window") is not None:
             raise NotImplementedError(
                 f"{layer}: the layer has its own sliding window ({kwargs['sliding_window']}); a registered strategy "
@@ -145,13 +143,14 @@ def attention_function(strategy) -> Callable:
         if isinstance(strategy, Dilated):
             out = ops.dilated_attention(query, key, value, strategy.segment_lengths, strategy.dilation_rates,
                                         is_causal=causal, scale=scaling, mixing=strategy.mixing,
-                                        dropout_p=float(dropout) if module.training else 0.0, key_keep=keep)
+                                        dropout_p=float(dropout) if module.training else 0.0, key_keep=keep,
+                                        softcap=softcap)
         else:
             if module.training and dropout:
                 raise NotImplementedError(f"{layer}: attention dropout ({dropout}) in training: the block-sparse op "
                                           f"has no dropout")
             out = ops.block_sparse_attention(query, key, value, strategy.pattern, block_size=strategy.block_size,
-                                             is_causal=causal, scale=scaling, key_keep=keep)
+                                             is_causal=causal, scale=scaling, key_keep=keep, softcap=softcap)
         return out.transpose(1, 2).contiguous(), None
 
     dilate_compiler_attention.strategy = strategy

@@ -66,6 +66,18 @@ def check_scale(scale: Optional[float], head_dim: int) -> float:
     return float(scale)
 
 
+def check_softcap(softcap) -> Optional[float]:
+    """``softcap`` as a float ``c > 0`` (scores ``c * tanh(s / c)``), or None (no capping)."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float > 0 or None (no soft-capping), got {softcap!r} of type "
+                        f"{type(softcap).__name__}")
+    if not math.isfinite(softcap) or softcap <= 0:
+        raise ValueError(f"softcap must be a finite float > 0 or None (no soft-capping), got {softcap!r}")
+    return float(softcap)
+
+
 def check_dropout(dropout_p: float) -> float:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
@@ -111,6 +123,7 @@ def dilated_attention(
     dropout_p: float = 0.0,
     attn_mask: Optional[Tensor] = None,
     key_keep: Optional[Tensor] = None,
+    softcap: Optional[float] = None,
 ) -> Tensor:
     """LongNet dilated attention (exact semantics: ``dilate_compiler.strategies.dilated``).
 
@@ -130,6 +143,8 @@ def dilated_attention(
             (True attends) or floating (added to the scores).
         key_keep: optional bool ``[B or 1, Nk]``: the keys that attend (key padding; a model's
             ``attention_mask``). The kernels take it; a row that keeps no key is 0.
+        softcap: optional ``c > 0``: the scores are soft-capped, ``s = c * tanh(scale * q.k / c)`` (Gemma2's
+            ``attn_logit_softcapping``), before ``attn_mask`` is added.
 
     Returns:
         ``[B, Hq, Nq, D]`` in q's dtype. Rows no branch links are 0.
@@ -144,12 +159,13 @@ def dilated_attention(
     dropout_p = check_dropout(dropout_p)
     mask = check_attn_mask(attn_mask, q, k.shape[2])
     key_keep = check_key_keep(key_keep, q.shape[0], k.shape[2], q.device)
+    softcap = check_softcap(softcap)
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu")
     out, _ = torch.ops.dilate_compiler.dilated_attention_forward(
         q, k, v, mask, list(strategy.segment_lengths), list(strategy.dilation_rates), is_causal, scale,
-        strategy.mixing, dropout_p, seed, key_keep,
+        strategy.mixing, dropout_p, seed, key_keep, softcap,
     )
     return out
 
@@ -201,6 +217,7 @@ def block_sparse_attention(
     scale: Optional[float] = None,
     order: Optional[Tensor] = None,
     key_keep: Optional[Tensor] = None,
+    softcap: Optional[float] = None,
 ) -> Tensor:
     """Block-sparse attention: one softmax over the union of the keys the layout allows.
 
@@ -221,6 +238,8 @@ def block_sparse_attention(
             (how ``dc.Hilbert(..., reorder="fused")`` runs). Only with ``Nq == Nk``.
         key_keep: optional bool ``[B or 1, Nk]``: the keys (memory rows) that attend (key padding). A row that
             keeps no key is 0.
+        softcap: optional ``c > 0``: the scores are soft-capped, ``s = c * tanh(scale * q.k / c)`` (Gemma2's
+            ``attn_logit_softcapping``).
 
     Returns:
         ``[B, Hq, Nq, D]`` in q's dtype; rows with no allowed key are 0.
@@ -230,6 +249,7 @@ def block_sparse_attention(
     check_qkv(q, k, v, last_queries=True)
     block_size = _check_block_size(block_size)
     scale = check_scale(scale, q.shape[-1])
+    softcap = check_softcap(softcap)
     num_keys = k.shape[2]
     if order is not None:
         if q.shape[2] != num_keys:
@@ -250,7 +270,7 @@ def block_sparse_attention(
     else:
         args = resolve_layout(layout, q, block_size, is_causal, num_keys).args(order)
     out, _ = torch.ops.dilate_compiler.block_sparse_attention_forward(q, k, v, *args, block_size, is_causal, scale,
-                                                                      key_keep)
+                                                                      key_keep, softcap)
     return out
 
 

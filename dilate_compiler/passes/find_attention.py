@@ -11,8 +11,10 @@ the site or records why not (never a bare False):
       p = softmax(s, -1, float32); p = to(p, bf16); p = dropout(p, 0.1, True); out = matmul(p, v)
 
   The product may be ``matmul``/``bmm``/``baddbmm``/``einsum``; score ops are ``mul``/``div`` by constants,
-  additive masks, ``masked_fill``/``where`` with -inf or very negative fills, and dtype casts. GQA written as
-  ``repeat_kv`` (unsqueeze + expand + reshape) or ``repeat_interleave`` is peeled back to the kv heads.
+  additive masks, ``masked_fill``/``where`` with -inf or very negative fills, dtype casts, and soft-capping of the
+  scaled scores before any mask term (Gemma2's ``s = tanh(s / c) * c``, or ``mul(s, 1 / c)``; ``site.softcap =
+  c``). GQA written as ``repeat_kv`` (unsqueeze + expand + reshape) or ``repeat_interleave`` is peeled back to the
+  kv heads.
 """
 
 from __future__ import annotations
@@ -112,6 +114,7 @@ class Scores:
         self.views: list = []  # shapes the scores are viewed as on the way (leading dims split or merged)
         self.tensor_scales: list = []   # (node, divides): run-time scalars the scores are multiplied / divided by
         self.add_dtypes: list = []      # the dtype each additive term is added in, in the order of the terms
+        self.softcap: Optional[float] = None   # c of c * tanh(s / c) on the scaled scores, before the terms
         self.reason = ""
 
 
@@ -133,6 +136,13 @@ def walk_scores(n: fx.Node, sc: Scores) -> bool:
                 return False
             sc.views.append(tuple(val(n).shape))
             n = src
+            continue
+        cap = _soft_cap(n)
+        if cap is not None:
+            c, tanh, inner = cap
+            sc.nodes += [tanh, inner]
+            ops.append(("softcap", c))
+            n = kwargs_of(inner)["self"]
             continue
         if n.target in (A.mul.Tensor, A.mul.Scalar, A.div.Tensor, A.div.Scalar):
             kw = kwargs_of(n)
@@ -190,10 +200,22 @@ def walk_scores(n: fx.Node, sc: Scores) -> bool:
             continue
         sc.reason = f"unsupported op {n.target} between the q.kᵀ product and the softmax ({n.name})"
         if n.target == A.tanh.default:
-            sc.reason += ": tanh soft-capping of the scores (c * tanh(s / c), as in Gemma2) is not supported"
+            sc.reason += (": a tanh that is not the soft-capping c * tanh(s / c) of the scores (a constant c > 0 "
+                          "dividing its input and multiplying its output)")
         return False
     # Apply inner -> outer.
     for op in reversed(ops):
+        if sc.softcap is not None and op[0] in ("scale", "scale_tensor", "softcap"):
+            sc.reason = ("the soft-capped scores are scaled or capped again before the softmax; the ops read one "
+                         "scale before the cap and one cap")
+            return False
+        if op[0] == "softcap":
+            if sc.terms:
+                sc.reason = ("a mask term is added to the scores before the soft-capping; the ops cap the scaled "
+                             "scores, then add the mask")
+                return False
+            sc.softcap = op[1]
+            continue
         if op[0] == "scale_tensor":
             if sc.terms:   # (s + m) * t: the mask would be scaled by a run-time value of unknown sign
                 sc.reason = (f"a run-time scale ({op[1].name}) multiplies the scores after a mask term; only scales "
@@ -215,6 +237,31 @@ def walk_scores(n: fx.Node, sc: Scores) -> bool:
             sc.reason = "a mask fill was scaled by a negative factor"
             return False
     return True
+
+
+def _soft_cap(n: fx.Node):
+    """``(c, tanh_node, inner_node)`` when ``n`` is ``tanh(inner) * c`` (or ``c * tanh(...)``) and ``inner`` is
+    ``s / c`` or ``s * (1 / c)`` with the same constant ``c > 0``; else None."""
+    if n.target not in (A.mul.Tensor, A.mul.Scalar):
+        return None
+    kw = kwargs_of(n)
+    for t, c in ((kw["self"], constant(kw["other"])), (kw["other"], constant(kw["self"]))):
+        if c is None or not c > 0 or not math.isfinite(c) or not isinstance(t, fx.Node) or t.target != A.tanh.default:
+            continue
+        inner = kwargs_of(t)["self"]
+        if not isinstance(inner, fx.Node) or len(real_users(t)) != 1 or len(real_users(inner)) != 1:
+            continue
+        if inner.target in (A.div.Tensor, A.div.Scalar):
+            ikw = kwargs_of(inner)
+            d = constant(ikw["other"])
+            if d is not None and isinstance(ikw["self"], fx.Node) and math.isclose(d, c, rel_tol=1e-6):
+                return c, t, inner
+        if inner.target in (A.mul.Tensor, A.mul.Scalar):
+            ikw = kwargs_of(inner)
+            d = constant(ikw["other"])
+            if d is not None and isinstance(ikw["self"], fx.Node) and math.isclose(d * c, 1.0, rel_tol=1e-6):
+                return c, t, inner
+    return None
 
 
 def _tensor_scale(n: fx.Node):
@@ -239,7 +286,7 @@ def _leads_to_product(n, depth=12) -> bool:
             return _leads_to_product(n.args[0], depth - 1) or _leads_to_product(n.args[1], depth - 1)
         if n.target in CASTS or n.target in VIEWS or n.target in (A.mul.Tensor, A.div.Tensor, A.mul.Scalar,
                                                                    A.div.Scalar, A.masked_fill.Scalar,
-                                                                   A.masked_fill.Tensor):
+                                                                   A.masked_fill.Tensor, A.tanh.default):
             n = n.args[0]
         elif n.target in (A.where.self, A.where.ScalarOther):
             n = n.args[1]
@@ -477,7 +524,7 @@ def _softmax_site(sm: fx.Node, index: int) -> Optional[AttentionSite]:
             site.q_shape = tuple(val(q).shape)
             return site.skip(f"{readers[0].name} reads the shape of {node.name}, a view of the scores of another rank")
         shape_users += [(u, node) for u in readers]
-    site.scale, site.dropout_p = sc.factor, dropout_p
+    site.scale, site.dropout_p, site.softcap = sc.factor, dropout_p, sc.softcap
     fills = [t for t in sc.terms if t[0] == "fill"]
     adds = [t for t in sc.terms if t[0] == "add"]
     site.mask_kind = "none" if not sc.terms else ("bool" if not adds and all(t[2] == -math.inf for t in fills)

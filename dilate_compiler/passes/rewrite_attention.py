@@ -48,7 +48,7 @@ def rewrite_attention(gm: fx.GraphModule, sites: list, strategy, *, where: Where
         if not selected(site, where):
             site.skip("not selected by where=")
             continue
-        reason = strategy.check_site(site)
+        reason = softcap_reason(site, strategy) or strategy.check_site(site)
         if reason:
             site.skip(reason)
             if strict:
@@ -57,6 +57,14 @@ def rewrite_attention(gm: fx.GraphModule, sites: list, strategy, *, where: Where
         _replace(gm, site, strategy)
         site.status = "rewritten"
     return sites
+
+
+def softcap_reason(site, strategy) -> str:
+    """Why ``strategy`` can't take the site's soft-capped scores (it applies no score modifier), or ''."""
+    if site.softcap is None or getattr(strategy, "applies_softcap", False):
+        return ""
+    return (f"soft-capping of the scores (softcap {site.softcap:g}: c * tanh(s / c)): {type(strategy).__name__} "
+            f"applies no score modifier; dc.Dilated and dc.BlockSparse do")
 
 
 CONSTANT_PREFIX = "_dilate_compiler_constant"

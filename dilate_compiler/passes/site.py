@@ -39,6 +39,8 @@ class AttentionSite:
     mask_kind: str = "none"
     is_causal: bool = False
     scale: Optional[float] = None
+    # Soft-capping of the scaled scores before the mask (Gemma2): ``c`` of ``c * tanh(s / c)``, None without it.
+    softcap: Optional[float] = None
     dropout_p: float = 0.0
     gqa_ratio: int = 1
     status: str = "found"
@@ -118,7 +120,9 @@ class Report:
             rows.append((
                 s.name, s.kind + (" decode" if s.decode else ""), s.location or "-",
                 "x".join(str(d) for d in s.q_shape) + (f" ({s.k_shape[2]} keys)" if s.decode else ""),
-                str(s.dtype).replace("torch.", ""), s.mask_desc, "-" if s.scale is None else f"{s.scale:.4g}",
+                str(s.dtype).replace("torch.", ""),
+                s.mask_desc + ("" if s.softcap is None else f", softcap {s.softcap:g}"),
+                "-" if s.scale is None else f"{s.scale:.4g}",
                 str(s.gqa_ratio), status,
             ))
         widths = [max(len(r[i]) for r in rows) for i in range(len(head) - 1)]

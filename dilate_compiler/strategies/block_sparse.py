@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import ClassVar, Optional, Union
 
 import torch
 
@@ -110,9 +110,13 @@ class BlockSparse:
         site.nodes["pattern"] = pattern   # read before the rewrite removes the mask's nodes
         site.detail = f"{pattern.name}, block_size={self.block_size}"
         q = site.nodes["q"].meta["val"]
-        why = kernel_unsupported_reason(q, self.block_size) or value_unsupported_reason(q, site.nodes["v"].meta["val"])
+        why = (kernel_unsupported_reason(q, self.block_size, site.softcap)
+               or value_unsupported_reason(q, site.nodes["v"].meta["val"]))
         site.runs = "kernels" if not why else f"exact path: {why}"
         return None
+
+    # emit_call passes the site's soft-capping to the op (see contract.Strategy)
+    applies_softcap: ClassVar[bool] = True
 
     def emit_call(self, emit, site, call) -> Emitted:
         """The op with the layout of ``site.nodes["pattern"]`` (a buffer of the module) and the site's key padding;
@@ -126,7 +130,7 @@ class BlockSparse:
         tensors = [emit.constant(t) for t in (*tensors, order)]
         fwd = emit(torch.ops.dilate_compiler.block_sparse_attention_forward.default,
                    (call.q, call.k, call.v, *tensors, checks, self.block_size, is_causal, float(call.scale),
-                    call.key_keep()))
+                    call.key_keep(), site.softcap))
         return Emitted(emit(operator.getitem, (fwd, 0)), emit(operator.getitem, (fwd, 1)))
 
     def reference(self, q, k, v, *, is_causal: bool = False, scale: Optional[float] = None, attn_mask=None):

@@ -16,6 +16,10 @@ A strategy says what attention a rewritten site computes (``Dilated``, ``BlockSp
 - ``reference(q, k, v, *, is_causal=False, scale=None, attn_mask=None)``: what it computes, from the definition, in
   float64 (tests compare every path with it).
 
+A site whose scores are soft-capped (``site.softcap = c``: ``c * tanh(s / c)`` on the scaled scores, before the
+mask) is given only to a strategy whose ``applies_softcap`` is true (its ``emit_call`` passes ``site.softcap`` to the
+op); any other skips it with a reason naming the soft-capping.
+
 A strategy that also runs sharded over ranks (``dc.SequenceParallel``, ``dc.distributed``) implements
 :class:`DistributedStrategy`: its link model on global positions (``links``), whether it can run sharded
 (``distributed_reason``), the period of its head-dependent rules (``head_period``), the key window around a run of

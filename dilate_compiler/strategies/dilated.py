@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 
@@ -103,10 +103,13 @@ class Dilated:
                                        f"model's mask is {site.mask_desc}")
         site.nodes["route"] = route
         reason = kernel_unsupported_reason(site.nodes["q"].meta["val"], None if route != "mask" else True,
-                                           site.dropout_p, self.num_branches)
+                                           site.dropout_p, self.num_branches, site.softcap)
         reason = reason or value_unsupported_reason(site.nodes["q"].meta["val"], site.nodes["v"].meta["val"])
         site.runs = "kernels" if not reason else f"exact path: {reason}" + (f" ({why})" if why else "")
         return None
+
+    # emit_call passes the site's soft-capping to the op (see contract.Strategy)
+    applies_softcap: ClassVar[bool] = True
 
     def emit_call(self, emit, site, call) -> Emitted:
         """The op on the site's inputs: its mask as causality and key padding where ``check_site`` read it so,
@@ -121,7 +124,8 @@ class Dilated:
                         {"dtype": torch.int64, "device": torch.device("cpu")})
         fwd = emit(torch.ops.dilate_compiler.dilated_attention_forward.default,
                    (call.q, call.k, call.v, mask, list(self.segment_lengths), list(self.dilation_rates),
-                    bool(is_causal), float(call.scale), self.mixing, float(call.dropout_p), seed, key_keep))
+                    bool(is_causal), float(call.scale), self.mixing, float(call.dropout_p), seed, key_keep,
+                    site.softcap))
         return Emitted(emit(operator.getitem, (fwd, 0)), emit(operator.getitem, (fwd, 1)))
 
     def reference(

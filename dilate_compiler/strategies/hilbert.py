@@ -201,6 +201,12 @@ class Hilbert:
                        + (f"; inner: {site.detail}" if site.detail else ""))
         return None
 
+    @property
+    def applies_softcap(self) -> bool:
+        """The inner strategy's call gets the site, so its soft-capping (an elementwise score modifier, which
+        commutes with reordering the tokens), when the inner strategy applies it."""
+        return bool(getattr(self.inner, "applies_softcap", False))
+
     def emit_call(self, emit, site, call) -> Emitted:
         """The inner strategy's call in curve order: through the kernels' index table (``reorder="fused"``) or
         between gathers of q, k, v and of the output (tagged for ``passes.reorder``)."""

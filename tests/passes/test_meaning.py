@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import dilate_compiler as dc
 from tests.passes.helpers import DENSE, check_rewrite
-from tests.passes.test_find_attention import Fn, qkv
+from tests.passes.test_find_attention import Fn, N, qkv
 
 warnings.filterwarnings("ignore", category=UserWarning)
 STRATEGY = dc.Dilated((4, 8), (1, 2))   # not dense: a wrong rewrite changes the output
@@ -162,25 +162,15 @@ def test_in_place_change_before_the_scores_keeps_the_rewrite():
 # --- what stops a rewrite is named -----------------------------------------------------------------------------
 
 
-def test_gemma2_soft_capping_is_named_as_what_stops_the_rewrite():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.Gemma2Config(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, use_cache=False,
-                                    attn_implementation="eager", sliding_window=8)
-    model = transformers.Gemma2Model(cfg).eval()
-
-    class Hidden(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, ids):
-            return self.model(ids).last_hidden_state
-
-    report = dc.explain(Hidden(), (torch.randint(0, 100, (2, 12)),), DENSE)
-    assert len(report.skipped) == 2
-    assert all("tanh soft-capping of the scores" in s.reason for s in report.skipped), str(report)
+def test_soft_capping_the_ops_cannot_express_is_named():
+    """A mask added before the cap, or a scale after it: the ops cap the scaled scores, then add the mask."""
+    bias = torch.randn(N, N)
+    res = dc.rewrite(Fn(lambda q, k, v: torch.softmax(torch.tanh((q @ k.mT * 0.3 + bias) / 5.0) * 5.0, -1) @ v),
+                     qkv(), DENSE)
+    assert not res.report.rewritten
+    assert "a mask term is added to the scores before the soft-capping" in res.report.skipped[0].reason
+    res = dc.rewrite(Fn(lambda q, k, v: torch.softmax(torch.tanh(q @ k.mT / 5.0) * 5.0 * 0.3, -1) @ v), qkv(), DENSE)
+    assert "soft-capped scores are scaled or capped again" in res.report.skipped[0].reason
 
 
 # --- rows that see no key: what the model's own softmax gives ---------------------------------------------------

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ...patterns.algebra import partial_mask
 from ..common.dispatch import lse_dtype as acc_dtype  # accumulation and LSE dtype: float64 for float64, else float32
+from ..dilated.eager import soft_cap
 
 # Elements of the per-chunk score tensor (B * H * rows * keys); bounds the exact path's working memory.
 CHUNK_ELEMENTS = 1 << 24
@@ -88,8 +89,9 @@ def _with_key_keep(mask: Tensor, j: Tensor, key_keep) -> Tensor:
 
 
 def block_sparse_forward_eager(q, k, v, terms, kv_count, kv_idx, kv_bits, coords, block_size: int, is_causal: bool,
-                               scale: float, key_keep=None):
-    """``(out [B, H, Nq, Dv], lse [B, H, Nq])``; q holds the last Nq of k's Nk positions (all of them: Nq == Nk)."""
+                               scale: float, key_keep=None, softcap=None):
+    """``(out [B, H, Nq, Dv], lse [B, H, Nq])``; q holds the last Nq of k's Nk positions (all of them: Nq == Nk).
+    ``softcap``: scores ``c * tanh(scale * q.k / c)``."""
     B, H, Nq, D = q.shape
     N = k.shape[2]
     bs = block_size
@@ -102,7 +104,7 @@ def block_sparse_forward_eager(q, k, v, terms, kv_count, kv_idx, kv_bits, coords
     for i0, i1 in _chunks(B, H, nb, kv_idx.shape[-1], bs, first):
         j, mask = _chunk_keys(terms, kv_count, kv_idx, kv_bits, coords, i0, i1, H, N, bs, is_causal)
         mask = _with_key_keep(mask, j, key_keep)
-        s = (qb[:, :, i0 - first:i1 - first] @ _gather(k, j, dt).transpose(-1, -2)) * scale
+        s, _ = soft_cap((qb[:, :, i0 - first:i1 - first] @ _gather(k, j, dt).transpose(-1, -2)) * scale, softcap)
         s = s.masked_fill(~mask, float("-inf"))
         m = torch.logsumexp(s, dim=-1)
         pr = torch.exp(s - torch.where(torch.isfinite(m), m, 0.0).unsqueeze(-1))
@@ -114,7 +116,7 @@ def block_sparse_forward_eager(q, k, v, terms, kv_count, kv_idx, kv_bits, coords
 
 
 def block_sparse_backward_eager(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, coords,
-                                block_size: int, is_causal: bool, scale: float, key_keep=None):
+                                block_size: int, is_causal: bool, scale: float, key_keep=None, softcap=None):
     """``(dq, dk, dv)``; q holds the last Nq of k's Nk positions, dk/dv are the gradients of all Nk keys from them."""
     B, H, Nq, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
@@ -135,12 +137,14 @@ def block_sparse_backward_eager(dout, q, k, v, out, lse, terms, kv_count, kv_idx
         kg, vg = _gather(k, j, dt), _gather(v, j, dt)
         c = slice(i0 - first, i1 - first)
         qc, doc = qb[:, :, c], dob[:, :, c]
-        s = (qc @ kg.transpose(-1, -2)) * scale
+        s, dcap = soft_cap((qc @ kg.transpose(-1, -2)) * scale, softcap)
         m = lse_b[:, :, c]
         pr = torch.exp(s - torch.where(torch.isfinite(m), m, 0.0).unsqueeze(-1))
         pr = torch.where(mask & torch.isfinite(m).unsqueeze(-1), pr, 0.0)   # rows before the first query: lse -inf
         dp = doc @ vg.transpose(-1, -2)
         ds = pr * (dp - delta[:, :, c].unsqueeze(-1))
+        if dcap is not None:
+            ds = ds * dcap
         dq[:, :, c] = (ds @ kg) * scale
         C, L = j.shape[1], j.shape[2]
         idx = j.reshape(1, H, C * L, 1)

@@ -120,12 +120,14 @@ def all_blocks_full(kv_count: torch.Tensor) -> bool | None:
     return kept_on(kv_count, "_all_blocks_full", read)
 
 
-def unsupported_reason(q, k, v, kv_count, block_size: int, is_causal: bool, order) -> str:
+def unsupported_reason(q, k, v, kv_count, block_size: int, is_causal: bool, order, softcap=None) -> str:
     """Why the warp-specialised forward can't run this call (the Triton forward runs instead), or ''. Reads
     the layout's partial counts once per layout (``all_blocks_full``)."""
     reason = hg.device_reason(q, (q, k, v, kv_count)) or hg.dtype_reason(q)
     if reason:
         return reason
+    if softcap is not None:
+        return f"soft-capping of the scores (softcap={softcap}; the warp-specialised forward has no score modifier)"
     if q.shape[2] != k.shape[2]:
         return (f"queries that are the last {q.shape[2]} of {k.shape[2]} key positions (the warp-specialised forward "
                 f"runs as many queries as keys)")

@@ -1,7 +1,8 @@
 """``torch.library`` registration of block-sparse attention: schema, fake kernel, autograd, device dispatch.
 
 - ``dilate_compiler::block_sparse_attention_forward(q, k, v, terms, kv_count, kv_idx, kv_bits, q_count, q_idx,
-  q_bits, coords, order, checks, block_size, is_causal, scale) -> (out, lse)``: a ``triton_op`` that launches
+  q_bits, coords, order, checks, block_size, is_causal, scale, key_keep=None, softcap=None) -> (out, lse)``: a
+  ``triton_op`` that launches
   the generated Triton kernels on CUDA (fp16/bf16, head dim 32/64/128, layout block size 16..128) and the exact
   PyTorch path elsewhere (the first CUDA call that can't use the kernels logs why). ``checks`` (the bounded
   columns of ``terms``) is a compile-time constant of the kernels. ``order`` (int, ``[N]`` or empty): position
@@ -38,32 +39,33 @@ except ImportError as e:   # a Triton without Gluon's Hopper API: the Triton for
     _GLUON_MISSING = f"Gluon unavailable ({e})"
 
 
-def use_kernels(q: Tensor, v: Tensor, block_size: int) -> bool:
+def use_kernels(q: Tensor, v: Tensor, block_size: int, softcap: Optional[float] = None) -> bool:
     """True when the Triton kernels run this call."""
-    reason = kernel_unsupported_reason(q, block_size) or value_unsupported_reason(q, v)
+    reason = kernel_unsupported_reason(q, block_size, softcap) or value_unsupported_reason(q, v)
     return kernels_apply("block-sparse attention", q, reason)
 
 
-def warp_specialised_reason(q, k, v, kv_count, block_size: int, is_causal: bool, order) -> str:
+def warp_specialised_reason(q, k, v, kv_count, block_size: int, is_causal: bool, order,
+                            softcap: Optional[float] = None) -> str:
     """Why the warp-specialised Hopper forward (``gluon``) doesn't run this call, or ''."""
     if gluon is None:
         return _GLUON_MISSING
-    return gluon.unsupported_reason(q, k, v, kv_count, block_size, is_causal, order)
+    return gluon.unsupported_reason(q, k, v, kv_count, block_size, is_causal, order, softcap)
 
 
 @torch.library.custom_op("dilate_compiler::block_sparse_attention_forward_exact", mutates_args=())
 def block_sparse_attention_forward_exact(
     q: Tensor, k: Tensor, v: Tensor, terms: Tensor, kv_count: Tensor, kv_idx: Tensor, kv_bits: Tensor,
     q_count: Tensor, q_idx: Tensor, q_bits: Tensor, coords: Tensor, order: Tensor, checks: int, block_size: int,
-    is_causal: bool, scale: float, key_keep: Optional[Tensor] = None,
+    is_causal: bool, scale: float, key_keep: Optional[Tensor] = None, softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor]:
     if order.numel() == 0:
         return block_sparse_forward_eager(q, k, v, terms, kv_count, kv_idx, kv_bits, coords, block_size, is_causal,
-                                          scale, key_keep)
+                                          scale, key_keep, softcap)
     query_offset(q, k, order)   # a permuted layout only with as many queries as keys
     keep = None if key_keep is None else key_keep.index_select(1, order)
     out, lse = block_sparse_forward_eager(*(t.index_select(2, order) for t in (q, k, v)), terms, kv_count, kv_idx,
-                                          kv_bits, coords, block_size, is_causal, scale, keep)
+                                          kv_bits, coords, block_size, is_causal, scale, keep, softcap)
     return _scatter(out, order), _scatter(lse, order)
 
 
@@ -85,14 +87,16 @@ def block_sparse_attention_backward_exact(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, terms: Tensor, kv_count: Tensor,
     kv_idx: Tensor, kv_bits: Tensor, q_count: Tensor, q_idx: Tensor, q_bits: Tensor, coords: Tensor, order: Tensor,
     checks: int, block_size: int, is_causal: bool, scale: float, key_keep: Optional[Tensor] = None,
+    softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     if order.numel() == 0:
         return block_sparse_backward_eager(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, coords,
-                                           block_size, is_causal, scale, key_keep)
+                                           block_size, is_causal, scale, key_keep, softcap)
     query_offset(q, k, order)
     keep = None if key_keep is None else key_keep.index_select(1, order)
     grads = block_sparse_backward_eager(*(t.index_select(2, order) for t in (dout, q, k, v, out, lse)), terms,
-                                        kv_count, kv_idx, kv_bits, coords, block_size, is_causal, scale, keep)
+                                        kv_count, kv_idx, kv_bits, coords, block_size, is_causal, scale, keep,
+                                        softcap)
     return tuple(_scatter(g, order) for g in grads)
 
 
@@ -107,17 +111,18 @@ block_sparse_attention_backward_exact.register_fake(_fake_backward)
 def block_sparse_attention_forward(
     q: Tensor, k: Tensor, v: Tensor, terms: Tensor, kv_count: Tensor, kv_idx: Tensor, kv_bits: Tensor,
     q_count: Tensor, q_idx: Tensor, q_bits: Tensor, coords: Tensor, order: Tensor, checks: int, block_size: int,
-    is_causal: bool, scale: float, key_keep: Optional[Tensor] = None,
+    is_causal: bool, scale: float, key_keep: Optional[Tensor] = None, softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor]:
-    if use_kernels(q, v, block_size):
-        if key_keep is None and not warp_specialised_reason(q, k, v, kv_count, block_size, is_causal, order):
+    if use_kernels(q, v, block_size, softcap):
+        if key_keep is None and not warp_specialised_reason(q, k, v, kv_count, block_size, is_causal, order,
+                                                            softcap):
             return gluon.block_sparse_attn_fwd_ws(
                 q, k, v, kv_count, kv_idx, tile_order(kv_count, kv_count.shape[0], q.shape[0] * q.shape[1]), scale)
         return block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size, is_causal, scale,
-                                     coords, checks, order, key_keep=key_keep)
+                                     coords, checks, order, key_keep=key_keep, softcap=softcap)
     return torch.ops.dilate_compiler.block_sparse_attention_forward_exact(
         q, k, v, terms, kv_count, kv_idx, kv_bits, q_count, q_idx, q_bits, coords, order, checks, block_size,
-        is_causal, scale, key_keep)
+        is_causal, scale, key_keep, softcap)
 
 
 @torch.library.triton_op("dilate_compiler::block_sparse_attention_backward", mutates_args=())
@@ -125,28 +130,31 @@ def block_sparse_attention_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, terms: Tensor, kv_count: Tensor,
     kv_idx: Tensor, kv_bits: Tensor, q_count: Tensor, q_idx: Tensor, q_bits: Tensor, coords: Tensor, order: Tensor,
     checks: int, block_size: int, is_causal: bool, scale: float, key_keep: Optional[Tensor] = None,
+    softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if use_kernels(q, v, block_size):
+    if use_kernels(q, v, block_size, softcap):
         return block_sparse_attn_bwd(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, q_count, q_idx,
-                                     q_bits, coords, order, checks, block_size, is_causal, scale, key_keep=key_keep)
+                                     q_bits, coords, order, checks, block_size, is_causal, scale, key_keep=key_keep,
+                                     softcap=softcap)
     return torch.ops.dilate_compiler.block_sparse_attention_backward_exact(
         dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, q_count, q_idx, q_bits, coords, order, checks,
-        block_size, is_causal, scale, key_keep)
+        block_size, is_causal, scale, key_keep, softcap)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, *layout, checks, block_size, is_causal, scale, key_keep = inputs
+    q, k, v, *layout, checks, block_size, is_causal, scale, key_keep, softcap = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_keep, *layout)
     ctx.params = (checks, block_size, is_causal, scale)
+    ctx.softcap = softcap
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, key_keep, *layout = ctx.saved_tensors
     dq, dk, dv = torch.ops.dilate_compiler.block_sparse_attention_backward(dout, q, k, v, out, lse, *layout,
-                                                                           *ctx.params, key_keep)
-    return (dq, dk, dv) + (None,) * 14
+                                                                           *ctx.params, key_keep, ctx.softcap)
+    return (dq, dk, dv) + (None,) * 15
 
 
 block_sparse_attention_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -494,11 +494,13 @@ def _kernel(kind: str, bs: int):
     return runner(_autotuned(kind, bs))
 
 
-def kernel_unsupported_reason(q, block_size: int) -> str:
+def kernel_unsupported_reason(q, block_size: int, softcap=None) -> str:
     """Why the Triton kernels can't run this call (the exact PyTorch path runs instead), or ''."""
     reason = tensor_unsupported_reason(q)
     if reason:
         return reason
+    if softcap is not None:
+        return f"soft-capping of the scores (softcap={softcap}; the kernels have no score modifier yet)"
     if block_size not in SUPPORTED_BLOCK_SIZES:
         return f"block_size {block_size} (kernels: {SUPPORTED_BLOCK_SIZES})"
     return ""
@@ -585,7 +587,7 @@ def _table_arg(t, q, dummy_len: int):
 
 
 def block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size: int, is_causal: bool,
-                          scale: float, coords, checks: int, order=None, key_keep=None):
+                          scale: float, coords, checks: int, order=None, key_keep=None, softcap=None):
     """Forward kernel: ``out [B, Hq, Nq, D]`` and ``lse [B, Hq, Nq]`` (float32, natural log).
 
     k and v hold the ``N`` positions the layout was built for; q holds all of them, or the last ``Nq`` (decoding:
@@ -593,6 +595,8 @@ def block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size:
     row ``order[p]`` of q, k, v, out and lse (the attention runs in that order with no gather; None or empty: the
     identity; only with ``Nq == N``). ``key_keep``: bool ``[B or 1, N]``, the memory rows whose keys attend (key
     padding, ``common.key_padding``)."""
+    if softcap is not None:
+        raise NotImplementedError(f"soft-capping (softcap={softcap}) in the Triton kernels: the exact path runs it")
     B, H, Nq, D = q.shape
     N = k.shape[2]
     q_lo, first = query_offset(q, k, order)
@@ -615,11 +619,13 @@ def block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size:
 
 def block_sparse_attn_bwd(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, q_count, q_idx, q_bits,
                           coords, order, checks: int, block_size: int, is_causal: bool, scale: float, *, delta=None,
-                          key_keep=None):
+                          key_keep=None, softcap=None):
     """Backward kernels: ``(dq, dk, dv)`` (``order`` and q's rows as in ``block_sparse_attn_fwd``; ``order`` may be
     empty; dk and dv: the gradients of all N keys from the queries q holds). ``delta``: ``rowsum(dout * out)``
     ``[B, H, Nq]`` when the caller has it (a ring step, whose softmax spans more keys than these; ``out`` is then
     unused), else computed from ``out``."""
+    if softcap is not None:
+        raise NotImplementedError(f"soft-capping (softcap={softcap}) in the Triton kernels: the exact path runs it")
     B, H, Nq, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     q_lo, first = query_offset(q, k, order)

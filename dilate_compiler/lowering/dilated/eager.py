@@ -30,6 +30,15 @@ _CHUNK_ELEMENTS = 1 << 24
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+def soft_cap(s: Tensor, softcap: Optional[float]) -> tuple[Tensor, Optional[Tensor]]:
+    """``(c * tanh(s / c), 1 - tanh(s / c)^2)`` of scaled scores ``s`` with ``c = softcap`` (Gemma2's soft-capping,
+    applied before any mask term); the second is the derivative, for the backward. ``softcap=None``: ``(s, None)``."""
+    if softcap is None:
+        return s, None
+    t = torch.tanh(s / softcap)
+    return t * softcap, 1.0 - t * t
+
+
 def _padded_len(n: int, w: int) -> int:
     return -(-n // w) * w
 
@@ -81,10 +90,12 @@ class _BranchTiles:
 
     def scores(self, q_rows: Tensor, k_rows: Tensor, segs: slice, scale: float, is_causal: bool,
                attn_mask: Optional[Tensor], mask_shift: Optional[Tensor] = None,
-               q_dtype: Optional[torch.dtype] = None) -> Tensor:
+               q_dtype: Optional[torch.dtype] = None, softcap: Optional[float] = None,
+               cap_grad: bool = False):
         """Masked scores ``[B, h, n_chunk, a, a]``; pairs that are not linked hold ``-inf``. ``q_dtype``: the
-        inputs' dtype (a float mask in it is added in it)."""
-        s = torch.matmul(q_rows, k_rows.transpose(-1, -2)) * scale
+        inputs' dtype (a float mask in it is added in it). ``softcap``: the scaled scores are soft-capped before
+        the mask is added; with ``cap_grad`` the result is ``(scores, d cap / d s)`` (see ``soft_cap``)."""
+        s, dcap = soft_cap(torch.matmul(q_rows, k_rows.transpose(-1, -2)) * scale, softcap)
         pos = self.pos[segs]
         linked = (pos < self.seq_len).unsqueeze(-2).expand(-1, self.rows_per_seg, -1)
         if is_causal:
@@ -111,7 +122,8 @@ class _BranchTiles:
                     if shift.shape[1] != 1:
                         shift = shift[:, self.heads]
                     s = s - shift[:, :, idx].to(s.dtype)
-        return s.masked_fill(~linked, float("-inf"))
+        s = s.masked_fill(~linked, float("-inf"))
+        return (s, dcap) if cap_grad else s
 
     def dropout_scale(self, seed: int, tile: int, chunk: int, shape, p: float, device) -> Tensor:
         """``keep / (1 - p)`` for one chunk; a function of (seed, tile, chunk) only, so backward regenerates it."""
@@ -151,11 +163,13 @@ def _as_batch(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x.reshape(x.shape[0], -1, x.shape[-2], x.shape[-1]).to(dtype).contiguous()
 
 
-def fused_route_applies(q: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float, scale: float) -> bool:
+def fused_route_applies(q: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float, scale: float,
+                        softcap: Optional[float] = None) -> bool:
     """The CPU flash-attention kernel (returns the LSE, takes it back in backward) runs each branch. It needs one
-    head dim for q, k and v, and a positive scale (its causal masking gives NaN rows for a negative one)."""
+    head dim for q, k and v, a positive scale (its causal masking gives NaN rows for a negative one) and no
+    soft-capping (it has no score modifier)."""
     return (q.device.type == "cpu" and attn_mask is None and dropout_p == 0.0 and scale > 0
-            and v.shape[-1] == q.shape[-1])
+            and v.shape[-1] == q.shape[-1] and softcap is None)
 
 
 _flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -212,7 +226,7 @@ def _forward_tile_fused(t: _BranchTiles, q, k, v, out_acc, lse_acc, scale, is_ca
 
 
 def _forward_tile_chunked(t: _BranchTiles, tile: int, q, k, v, out_acc, lse_acc, scale, is_causal, attn_mask,
-                          shift, dropout_p, seed, wdt) -> None:
+                          shift, dropout_p, seed, wdt, softcap) -> None:
     off = t.group.offset
     q_b = _rows(_pad_seq(q[:, t.heads], t.n_pad), t.branch, off)
     k_b = _rows(_pad_seq(k.index_select(1, t.kv_heads), t.n_pad), t.branch, off)
@@ -221,7 +235,7 @@ def _forward_tile_chunked(t: _BranchTiles, tile: int, q, k, v, out_acc, lse_acc,
     l_view = _rows(lse_acc[:, t.heads, : t.n_pad], t.branch, off)
     for chunk, segs in enumerate(t.chunks(q.shape[0])):
         s = t.scores(q_b[:, :, segs].to(wdt), k_b[:, :, segs].to(wdt), segs, scale, is_causal, attn_mask, shift,
-                     q.dtype)
+                     q.dtype, softcap)
         lse = torch.logsumexp(s, dim=-1)
         p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1))
         if dropout_p > 0.0:
@@ -231,27 +245,28 @@ def _forward_tile_chunked(t: _BranchTiles, tile: int, q, k, v, out_acc, lse_acc,
 
 def dilated_attention_forward_eager(
     q: Tensor, k: Tensor, v: Tensor, plan: DilatedPlan, *, is_causal: bool, scale: float,
-    attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0, seed: int = 0,
+    attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0, seed: int = 0, softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor]:
     """Returns ``out [B, Hq, Nq, D]`` (q's dtype) and the merged ``lse [B, Hq, Nq]`` (float32, or float64). With
-    ``Nq < Nk`` the queries are the last Nq key positions (see the section on them below)."""
+    ``Nq < Nk`` the queries are the last Nq key positions (see the section on them below). ``softcap``: scores
+    ``c * tanh(scale * q.k / c)`` (then the mask and pattern apply)."""
     B, Hq, N, _ = q.shape
     attn_mask = as_4d(attn_mask)
     if k.shape[2] != N:
         _check_no_dropout(dropout_p, N, k.shape[2])
-        return _forward_last_queries(q, k, v, plan, is_causal, scale, attn_mask)
+        return _forward_last_queries(q, k, v, plan, is_causal, scale, attn_mask, softcap)
     wdt = lse_dtype(q.dtype)
     n_acc = max([_padded_len(N, b.segment_length) for b in plan.branches] + [N])
     out_acc = torch.zeros(B, Hq, n_acc, v.shape[-1], dtype=wdt, device=q.device)
     lse_acc = torch.full((B, Hq, n_acc), float("-inf"), dtype=wdt, device=q.device)
-    fused = fused_route_applies(q, v, attn_mask, dropout_p, scale)
+    fused = fused_route_applies(q, v, attn_mask, dropout_p, scale, softcap)
     shift = None if fused else row_shift(attn_mask, wdt)
     for tile, t in enumerate(_tiles(plan, N, Hq, k.shape[1], q.device)):
         if fused:
             _forward_tile_fused(t, q, k, v, out_acc, lse_acc, scale, is_causal, wdt)
         else:
             _forward_tile_chunked(t, tile, q, k, v, out_acc, lse_acc, scale, is_causal, attn_mask, shift, dropout_p,
-                                  seed, wdt)
+                                  seed, wdt, softcap)
     out = out_acc[:, :, :N]
     if plan.output_scale != 1.0:
         out = out * plan.output_scale
@@ -270,7 +285,7 @@ def _backward_tile_fused(t: _BranchTiles, q, k, v, d_att, out_att, lse, grads, s
 
 
 def _backward_tile_chunked(t: _BranchTiles, tile: int, q, k, v, d_att, lse, delta, grads, scale, is_causal,
-                           attn_mask, shift, dropout_p, seed, wdt) -> None:
+                           attn_mask, shift, dropout_p, seed, wdt, softcap) -> None:
     off = t.group.offset
     rows = lambda x: _rows(_pad_seq(x, t.n_pad), t.branch, off)  # noqa: E731
     q_b, k_b, v_b = rows(q[:, t.heads]), rows(k.index_select(1, t.kv_heads)), rows(v.index_select(1, t.kv_heads))
@@ -279,7 +294,7 @@ def _backward_tile_chunked(t: _BranchTiles, tile: int, q, k, v, d_att, lse, delt
     for chunk, segs in enumerate(t.chunks(q.shape[0])):
         qs, ks, vs = (x[:, :, segs].to(wdt) for x in (q_b, k_b, v_b))
         dos = do_b[:, :, segs]
-        s = t.scores(qs, ks, segs, scale, is_causal, attn_mask, shift, q.dtype)
+        s, dcap = t.scores(qs, ks, segs, scale, is_causal, attn_mask, shift, q.dtype, softcap, cap_grad=True)
         p = torch.exp(s - lse_b[:, :, segs].unsqueeze(-1))
         dp = torch.matmul(dos, vs.transpose(-1, -2))
         if dropout_p > 0.0:
@@ -289,6 +304,8 @@ def _backward_tile_chunked(t: _BranchTiles, tile: int, q, k, v, d_att, lse, delt
         else:
             dv_b[:, :, segs] += torch.matmul(p.transpose(-1, -2), dos)
         ds = p * (dp - delta_b[:, :, segs].unsqueeze(-1))
+        if dcap is not None:
+            ds = ds * dcap
         dq_b[:, :, segs] += torch.matmul(ds, ks) * scale
         dk_b[:, :, segs] += torch.matmul(ds.transpose(-1, -2), qs) * scale
 
@@ -296,12 +313,13 @@ def _backward_tile_chunked(t: _BranchTiles, tile: int, q, k, v, d_att, lse, delt
 def dilated_attention_backward_eager(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, plan: DilatedPlan, *,
     is_causal: bool, scale: float, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0, seed: int = 0,
+    softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     B, Hq, N, D = q.shape
     attn_mask = as_4d(attn_mask)
     if k.shape[2] != N:
         _check_no_dropout(dropout_p, N, k.shape[2])
-        return _backward_last_queries(dout, q, k, v, out, lse, plan, is_causal, scale, attn_mask)
+        return _backward_last_queries(dout, q, k, v, out, lse, plan, is_causal, scale, attn_mask, softcap=softcap)
     Hkv = k.shape[1]
     wdt = lse_dtype(q.dtype)
     dout_w = dout.to(wdt)
@@ -311,7 +329,7 @@ def dilated_attention_backward_eager(
     grads = tuple(torch.zeros(B, Hq, n_acc, d, dtype=wdt, device=q.device) for d in (D, D, v.shape[-1]))
     lse_w = lse.to(wdt)
     lse_w = torch.where(torch.isinf(lse_w), 0.0, lse_w)
-    if fused_route_applies(q, v, attn_mask, dropout_p, scale):
+    if fused_route_applies(q, v, attn_mask, dropout_p, scale, softcap):
         out_att = out.to(wdt) / plan.output_scale if plan.output_scale != 1.0 else out.to(wdt)
         for t in _tiles(plan, N, Hq, Hkv, q.device):
             _backward_tile_fused(t, q, k, v, d_att, out_att, lse_w, grads, scale, is_causal, wdt)
@@ -320,7 +338,7 @@ def dilated_attention_backward_eager(
         shift = row_shift(attn_mask, wdt)
         for tile, t in enumerate(_tiles(plan, N, Hq, Hkv, q.device)):
             _backward_tile_chunked(t, tile, q, k, v, d_att, lse_w, delta, grads, scale, is_causal, attn_mask,
-                                   shift, dropout_p, seed, wdt)
+                                   shift, dropout_p, seed, wdt, softcap)
     dq, dk_h, dv_h = (g[:, :, :N] for g in grads)
     dk = dk_h.reshape(B, Hkv, Hq // Hkv, N, D).sum(2)
     dv = dv_h.reshape(B, Hkv, Hq // Hkv, N, v.shape[-1]).sum(2)
@@ -330,11 +348,11 @@ def dilated_attention_backward_eager(
 def dilated_attention_mask_grad_eager(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, plan: DilatedPlan, *,
     is_causal: bool, scale: float, attn_mask: Tensor, dropout_p: float = 0.0, seed: int = 0,
-    key_keep: Optional[Tensor] = None,
+    key_keep: Optional[Tensor] = None, softcap: Optional[float] = None,
 ) -> Tensor:
     """The gradient with respect to a floating ``attn_mask`` (a learned bias), in its shape: the mask is added to
     every linking branch's scores, so its gradient at ``(p, j)`` is the sum of those branches' ``dS`` (0 at the
-    keys ``key_keep`` drops)."""
+    keys ``key_keep`` drops). The mask is added after any soft-capping, so the cap's derivative is not in it."""
     mask4 = as_4d(attn_mask)
     scores_mask = with_key_keep(mask4, key_keep)
     wdt = lse_dtype(q.dtype)
@@ -342,7 +360,7 @@ def dilated_attention_mask_grad_eager(
     dmask = torch.zeros(mask4.shape, dtype=wdt, device=q.device)
     if k.shape[2] != N:
         _check_no_dropout(dropout_p, N, k.shape[2])
-        _backward_last_queries(dout, q, k, v, out, lse, plan, is_causal, scale, scores_mask, dmask)
+        _backward_last_queries(dout, q, k, v, out, lse, plan, is_causal, scale, scores_mask, dmask, softcap)
         return dmask.reshape(attn_mask.shape).to(attn_mask.dtype)
     dout_w = dout.to(wdt)
     d_att = dout_w * plan.output_scale if plan.output_scale != 1.0 else dout_w
@@ -357,7 +375,7 @@ def dilated_attention_mask_grad_eager(
         target = dmask if dmask.shape[1] == 1 else dmask[:, t.heads]
         for chunk, segs in enumerate(t.chunks(B)):
             qs, ks, vs = (x[:, :, segs].to(wdt) for x in (q_b, k_b, v_b))
-            s = t.scores(qs, ks, segs, scale, is_causal, scores_mask, shift, q.dtype)
+            s = t.scores(qs, ks, segs, scale, is_causal, scores_mask, shift, q.dtype, softcap)
             p = torch.exp(s - lse_b[:, :, segs].unsqueeze(-1))
             dp = torch.matmul(do_b[:, :, segs], vs.transpose(-1, -2))
             if dropout_p > 0.0:
@@ -427,9 +445,9 @@ class _LastQueryChunk:
         return x[:, self.kv_heads, self.kj_in].to(dtype)
 
     def scores(self, qs: Tensor, ks: Tensor, scale: float, is_causal: bool, attn_mask: Optional[Tensor],
-               shift: Optional[Tensor], q_dtype) -> Tensor:
+               shift: Optional[Tensor], q_dtype, softcap: Optional[float] = None, cap_grad: bool = False):
         """Masked scores ``[B, h, S, a, c]`` (``-inf`` where not linked), as ``_BranchTiles.scores`` makes them."""
-        s = torch.matmul(qs, ks.transpose(-1, -2)) * scale
+        s, dcap = soft_cap(torch.matmul(qs, ks.transpose(-1, -2)) * scale, softcap)
         linked = self.q_ok.unsqueeze(-1) & self.k_ok.unsqueeze(-2)
         if is_causal:
             linked = linked & (self.k_pos.unsqueeze(-2) <= self.q_pos.unsqueeze(-1))
@@ -444,7 +462,8 @@ class _LastQueryChunk:
                     s = s + m.to(s.dtype)
                 if shift is not None:
                     s = s - self.mask_rows(shift, keys=False).to(s.dtype).unsqueeze(-1)
-        return s.masked_fill(~linked, float("-inf"))
+        s = s.masked_fill(~linked, float("-inf"))
+        return (s, dcap) if cap_grad else s
 
     def mask_rows(self, mask: Tensor, keys: bool = True) -> Tensor:
         """``mask [B', 1 or Hq, 1 or Nq, 1 or Nk]`` at the chunk's heads, query rows (and key rows):
@@ -480,7 +499,7 @@ def _check_no_dropout(dropout_p: float, n_q: int, n_k: int) -> None:
 
 
 def _forward_last_queries(q: Tensor, k: Tensor, v: Tensor, plan: DilatedPlan, is_causal: bool, scale: float,
-                          attn_mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+                          attn_mask: Optional[Tensor], softcap: Optional[float] = None) -> tuple[Tensor, Tensor]:
     B, Hq, n_q, _ = q.shape
     n_k = k.shape[2]
     wdt = lse_dtype(q.dtype)
@@ -488,7 +507,7 @@ def _forward_last_queries(q: Tensor, k: Tensor, v: Tensor, plan: DilatedPlan, is
     lse_acc = torch.full((B, Hq, n_q + 1), float("-inf"), dtype=wdt, device=q.device)
     shift = row_shift(attn_mask, wdt)
     for _, _, c in _last_query_tiles(plan, n_q, n_k, B, Hq, k.shape[1], q.device):
-        s = c.scores(c.q_rows(q, wdt), c.kv_rows(k, wdt), scale, is_causal, attn_mask, shift, q.dtype)
+        s = c.scores(c.q_rows(q, wdt), c.kv_rows(k, wdt), scale, is_causal, attn_mask, shift, q.dtype, softcap)
         lse = torch.logsumexp(s, dim=-1)
         p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1))
         o_view, l_view = out_acc[:, c.heads], lse_acc[:, c.heads]
@@ -503,7 +522,8 @@ def _forward_last_queries(q: Tensor, k: Tensor, v: Tensor, plan: DilatedPlan, is
 
 def _backward_last_queries(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                            plan: DilatedPlan, is_causal: bool, scale: float, attn_mask: Optional[Tensor],
-                           dmask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+                           dmask: Optional[Tensor] = None, softcap: Optional[float] = None,
+                           ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)``; with ``dmask`` (zeros of the 4-D mask's shape, in the working dtype) also the mask's
     gradient, accumulated into it."""
     B, Hq, n_q, D = q.shape
@@ -522,16 +542,18 @@ def _backward_last_queries(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     for _, _, c in _last_query_tiles(plan, n_q, n_k, B, Hq, Hkv, q.device):
         qs, ks, vs = c.q_rows(q, wdt), c.kv_rows(k, wdt), c.kv_rows(v, wdt)
         dos = c.q_rows(d_att, wdt)
-        s = c.scores(qs, ks, scale, is_causal, attn_mask, shift, q.dtype)
+        s, dcap = c.scores(qs, ks, scale, is_causal, attn_mask, shift, q.dtype, softcap, cap_grad=True)
         p = torch.exp(s - c.q_rows(lse_w, wdt).unsqueeze(-1))
         ds = p * (torch.matmul(dos, vs.transpose(-1, -2)) - c.q_rows(delta, wdt).unsqueeze(-1))
+        if dmask is not None:
+            _add_mask_grad(dmask, ds, c)
+        if dcap is not None:
+            ds = ds * dcap
         h = ds.shape[1]
         qi, kj = c.qi.flatten(), c.kj.flatten()
         dq[:, c.heads].index_add_(2, qi, (torch.matmul(ds, ks) * scale).reshape(B, h, -1, D))
         dk_h[:, c.heads].index_add_(2, kj, (torch.matmul(ds.transpose(-1, -2), qs) * scale).reshape(B, h, -1, D))
         dv_h[:, c.heads].index_add_(2, kj, torch.matmul(p.transpose(-1, -2), dos).reshape(B, h, -1, Dv))
-        if dmask is not None:
-            _add_mask_grad(dmask, ds, c)
     dk = dk_h[:, :, :n_k].reshape(B, Hkv, Hq // Hkv, n_k, D).sum(2)
     dv = dv_h[:, :, :n_k].reshape(B, Hkv, Hq // Hkv, n_k, Dv).sum(2)
     return dq[:, :, :n_q].to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()

@@ -177,18 +177,21 @@ def _dilated_fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, Lse, Counter, total, 
 
 
 def unsupported_reason(q, k, v, attn_mask, segment_lengths, dilation_rates, *, is_causal: bool, mixing: str,
-                       dropout_p: float) -> str:
+                       dropout_p: float, softcap=None) -> str:
     """Why the warp-specialised dilated forward can't run this call (the Triton forward runs instead), or ''."""
     return hg.device_reason(q, (q, k, v)) or call_reason(q, k, v, attn_mask, segment_lengths, dilation_rates,
-                                                         is_causal=is_causal, mixing=mixing, dropout_p=dropout_p)
+                                                         is_causal=is_causal, mixing=mixing, dropout_p=dropout_p,
+                                                         softcap=softcap)
 
 
 def call_reason(q, k, v, attn_mask, segment_lengths, dilation_rates, *, is_causal: bool, mixing: str,
-                dropout_p: float) -> str:
+                dropout_p: float, softcap=None) -> str:
     """What of the call itself (dtype, shapes, pattern, layout; not the device) the forward doesn't take, or ''."""
     reason = hg.dtype_reason(q)
     if reason:
         return reason
+    if softcap is not None:
+        return f"soft-capping of the scores (softcap={softcap}; the warp-specialised forward has no score modifier)"
     if is_causal or attn_mask is not None or dropout_p != 0.0:
         return "causal, a mask or dropout"
     chain = nested_order(segment_lengths, dilation_rates, mixing, dropout_p)

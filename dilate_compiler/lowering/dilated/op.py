@@ -3,9 +3,10 @@
 Ops (graphs from Dynamo, export and AOTInductor hold them as single nodes):
 
 - ``dilate_compiler::dilated_attention_forward(q, k, v, attn_mask, segment_lengths, dilation_rates,
-  is_causal, scale, mixing, dropout_p, seed) -> (out, lse)`` — a ``triton_op``: on CUDA it launches the
-  generated Triton kernels through ``wrap_triton`` (so Inductor inlines them into its output code); where
-  the kernels don't apply (CPU, other head dims or dtypes, masks) it calls the exact path. q may hold fewer
+  is_causal, scale, mixing, dropout_p, seed, key_keep=None, softcap=None) -> (out, lse)`` — a ``triton_op``: on
+  CUDA it launches the generated Triton kernels through ``wrap_triton`` (so Inductor inlines them into its output
+  code); where the kernels don't apply (CPU, other head dims or dtypes, masks, soft-capping) it calls the exact
+  path. q may hold fewer
   rows than k (``Nq < Nk``): the last Nq key positions (decoding); the offset ``Nk - Nq`` is read from the
   shapes, so the schema has no argument for it.
 - ``dilate_compiler::dilated_attention_backward(dout, q, k, v, attn_mask, out, lse, ...) -> (dq, dk, dv)``,
@@ -39,19 +40,21 @@ def _seed(seed: Optional[Tensor]) -> int:
     return 0 if seed is None else int(seed.item())
 
 
-def use_kernels(q: Tensor, v: Tensor, attn_mask, dropout_p: float, num_branches: int) -> bool:
+def use_kernels(q: Tensor, v: Tensor, attn_mask, dropout_p: float, num_branches: int,
+                softcap: Optional[float] = None) -> bool:
     """True when the Triton kernels run this call."""
-    reason = kernel_unsupported_reason(q, attn_mask, dropout_p, num_branches) or value_unsupported_reason(q, v)
+    reason = (kernel_unsupported_reason(q, attn_mask, dropout_p, num_branches, softcap)
+              or value_unsupported_reason(q, v))
     return kernels_apply("dilated attention", q, reason)
 
 
 def warp_specialised_reason(q, k, v, attn_mask, segment_lengths, dilation_rates, is_causal: bool, mixing: str,
-                            dropout_p: float) -> str:
+                            dropout_p: float, softcap: Optional[float] = None) -> str:
     """Why the warp-specialised Hopper forward (``gluon``) doesn't run this call, or ''."""
     if gluon is None:
         return _GLUON_MISSING
     return gluon.unsupported_reason(q, k, v, attn_mask, segment_lengths, dilation_rates, is_causal=is_causal,
-                                    mixing=mixing, dropout_p=dropout_p)
+                                    mixing=mixing, dropout_p=dropout_p, softcap=softcap)
 
 
 # --- the exact path ----------------------------------------------------------------------------------------
@@ -61,17 +64,18 @@ def warp_specialised_reason(q, k, v, attn_mask, segment_lengths, dilation_rates,
 def dilated_attention_forward_exact(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], segment_lengths: list[int],
     dilation_rates: list[int], is_causal: bool, scale: float, mixing: str, dropout_p: float,
-    seed: Optional[Tensor], key_keep: Optional[Tensor] = None,
+    seed: Optional[Tensor], key_keep: Optional[Tensor] = None, softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor]:
     plan = dilated_plan(segment_lengths, dilation_rates, mixing, k.shape[2], q.shape[1])
     return dilated_attention_forward_eager(
         q, k, v, plan, is_causal=is_causal, scale=scale, attn_mask=with_key_keep(attn_mask, key_keep),
-        dropout_p=dropout_p, seed=_seed(seed),
+        dropout_p=dropout_p, seed=_seed(seed), softcap=softcap,
     )
 
 
 @dilated_attention_forward_exact.register_fake
-def _(q, k, v, attn_mask, segment_lengths, dilation_rates, is_causal, scale, mixing, dropout_p, seed, key_keep=None):
+def _(q, k, v, attn_mask, segment_lengths, dilation_rates, is_causal, scale, mixing, dropout_p, seed, key_keep=None,
+      softcap=None):
     B, H, N, _ = q.shape
     return q.new_empty((B, H, N, v.shape[-1])), q.new_empty((B, H, N), dtype=lse_dtype(q.dtype))
 
@@ -80,18 +84,18 @@ def _(q, k, v, attn_mask, segment_lengths, dilation_rates, is_causal, scale, mix
 def dilated_attention_backward_exact(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], out: Tensor, lse: Tensor,
     segment_lengths: list[int], dilation_rates: list[int], is_causal: bool, scale: float, mixing: str,
-    dropout_p: float, seed: Optional[Tensor], key_keep: Optional[Tensor] = None,
+    dropout_p: float, seed: Optional[Tensor], key_keep: Optional[Tensor] = None, softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     plan = dilated_plan(segment_lengths, dilation_rates, mixing, k.shape[2], q.shape[1])
     return dilated_attention_backward_eager(
         dout, q, k, v, out, lse, plan, is_causal=is_causal, scale=scale, attn_mask=with_key_keep(attn_mask, key_keep),
-        dropout_p=dropout_p, seed=_seed(seed),
+        dropout_p=dropout_p, seed=_seed(seed), softcap=softcap,
     )
 
 
 @dilated_attention_backward_exact.register_fake
 def _(dout, q, k, v, attn_mask, out, lse, segment_lengths, dilation_rates, is_causal, scale, mixing,
-      dropout_p, seed, key_keep=None):
+      dropout_p, seed, key_keep=None, softcap=None):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
@@ -104,18 +108,18 @@ def _(dout, q, k, v, attn_mask, out, lse, segment_lengths, dilation_rates, is_ca
 def dilated_attention_mask_grad_exact(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor, out: Tensor, lse: Tensor,
     segment_lengths: list[int], dilation_rates: list[int], is_causal: bool, scale: float, mixing: str,
-    dropout_p: float, seed: Optional[Tensor], key_keep: Optional[Tensor] = None,
+    dropout_p: float, seed: Optional[Tensor], key_keep: Optional[Tensor] = None, softcap: Optional[float] = None,
 ) -> Tensor:
     plan = dilated_plan(segment_lengths, dilation_rates, mixing, k.shape[2], q.shape[1])
     return dilated_attention_mask_grad_eager(
         dout, q, k, v, out, lse, plan, is_causal=is_causal, scale=scale, attn_mask=attn_mask,
-        dropout_p=dropout_p, seed=_seed(seed), key_keep=key_keep,
+        dropout_p=dropout_p, seed=_seed(seed), key_keep=key_keep, softcap=softcap,
     )
 
 
 @dilated_attention_mask_grad_exact.register_fake
 def _(dout, q, k, v, attn_mask, out, lse, segment_lengths, dilation_rates, is_causal, scale, mixing, dropout_p,
-      seed, key_keep=None):
+      seed, key_keep=None, softcap=None):
     return torch.empty_like(attn_mask, memory_format=torch.contiguous_format)
 
 
@@ -123,39 +127,42 @@ def _(dout, q, k, v, attn_mask, out, lse, segment_lengths, dilation_rates, is_ca
 def dilated_attention_forward(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], segment_lengths: list[int],
     dilation_rates: list[int], is_causal: bool, scale: float, mixing: str, dropout_p: float,
-    seed: Optional[Tensor], key_keep: Optional[Tensor] = None,
+    seed: Optional[Tensor], key_keep: Optional[Tensor] = None, softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor]:
-    if use_kernels(q, v, attn_mask, dropout_p, len(segment_lengths)):
+    if use_kernels(q, v, attn_mask, dropout_p, len(segment_lengths), softcap):
         if key_keep is None and not warp_specialised_reason(q, k, v, attn_mask, segment_lengths, dilation_rates,
-                                                            is_causal, mixing, dropout_p):
+                                                            is_causal, mixing, dropout_p, softcap):
             return gluon.dilated_attn_fwd_ws(q, k, v, segment_lengths, dilation_rates, scale=scale)
         return dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, is_causal=is_causal, scale=scale,
                                 mixing=mixing, dropout_p=dropout_p, seed=seed, q_offset=k.shape[2] - q.shape[2],
-                                key_keep=key_keep)
+                                key_keep=key_keep, softcap=softcap)
     return torch.ops.dilate_compiler.dilated_attention_forward_exact(
-        q, k, v, attn_mask, segment_lengths, dilation_rates, is_causal, scale, mixing, dropout_p, seed, key_keep)
+        q, k, v, attn_mask, segment_lengths, dilation_rates, is_causal, scale, mixing, dropout_p, seed, key_keep,
+        softcap)
 
 
 @torch.library.triton_op("dilate_compiler::dilated_attention_backward", mutates_args=())
 def dilated_attention_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], out: Tensor, lse: Tensor,
     segment_lengths: list[int], dilation_rates: list[int], is_causal: bool, scale: float, mixing: str,
-    dropout_p: float, seed: Optional[Tensor], key_keep: Optional[Tensor] = None,
+    dropout_p: float, seed: Optional[Tensor], key_keep: Optional[Tensor] = None, softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    if use_kernels(q, v, attn_mask, dropout_p, len(segment_lengths)):
+    if use_kernels(q, v, attn_mask, dropout_p, len(segment_lengths), softcap):
         return dilated_attn_bwd(dout, q, k, v, out, lse, segment_lengths, dilation_rates, is_causal=is_causal,
                                 scale=scale, mixing=mixing, dropout_p=dropout_p, seed=seed,
-                                q_offset=k.shape[2] - q.shape[2], key_keep=key_keep)
+                                q_offset=k.shape[2] - q.shape[2], key_keep=key_keep, softcap=softcap)
     return torch.ops.dilate_compiler.dilated_attention_backward_exact(
         dout, q, k, v, attn_mask, out, lse, segment_lengths, dilation_rates, is_causal, scale, mixing, dropout_p,
-        seed, key_keep)
+        seed, key_keep, softcap)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, segment_lengths, dilation_rates, is_causal, scale, mixing, dropout_p, seed, key_keep = inputs
+    (q, k, v, attn_mask, segment_lengths, dilation_rates, is_causal, scale, mixing, dropout_p, seed, key_keep,
+     softcap) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, attn_mask, out, lse, seed, key_keep)
     ctx.params = (list(segment_lengths), list(dilation_rates), is_causal, scale, mixing, dropout_p)
+    ctx.softcap = softcap
     ctx.mark_non_differentiable(lse)
 
 
@@ -163,12 +170,12 @@ def _backward(ctx, dout, _dlse):
     q, k, v, attn_mask, out, lse, seed, key_keep = ctx.saved_tensors
     segment_lengths, dilation_rates, is_causal, scale, mixing, dropout_p = ctx.params
     args = (dout, q, k, v, attn_mask, out, lse, segment_lengths, dilation_rates, is_causal, scale, mixing, dropout_p,
-            seed, key_keep)
+            seed, key_keep, ctx.softcap)
     dq, dk, dv = torch.ops.dilate_compiler.dilated_attention_backward(*args)
     dmask = None
     if ctx.needs_input_grad[3]:   # a learned bias: masks run the exact path, which gives its gradient too
         dmask = torch.ops.dilate_compiler.dilated_attention_mask_grad_exact(*args)
-    return dq, dk, dv, dmask, None, None, None, None, None, None, None, None
+    return dq, dk, dv, dmask, None, None, None, None, None, None, None, None, None
 
 
 dilated_attention_forward.register_autograd(_backward, setup_context=_setup_context)

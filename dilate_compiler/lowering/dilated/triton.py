@@ -980,11 +980,13 @@ def _dilated_attn_bwd_dkdv_kernel(
 # --- launchers -------------------------------------------------------------------------------------------
 
 
-def kernel_unsupported_reason(q, attn_mask, dropout_p, num_branches) -> str:
+def kernel_unsupported_reason(q, attn_mask, dropout_p, num_branches, softcap=None) -> str:
     """Why the Triton kernels can't run this call (the exact PyTorch path runs instead), or ''."""
     reason = tensor_unsupported_reason(q)
     if reason:
         return reason
+    if softcap is not None:
+        return f"soft-capping of the scores (softcap={softcap}; the kernels have no score modifier yet)"
     if attn_mask is not None:
         return "attn_mask (the kernels take the pattern and causality only)"
     if num_branches > MAX_BRANCHES:
@@ -1085,7 +1087,7 @@ def _query_offset(q_offset, n_q: int, n: int) -> int:
 
 
 def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: bool, scale: float, mixing: str,
-                     dropout_p: float = 0.0, seed=None, q_offset: int = 0, key_keep=None):
+                     dropout_p: float = 0.0, seed=None, q_offset: int = 0, key_keep=None, softcap=None):
     """Launch the forward kernel: ``out [B, Hq, Nq, D]`` (q's dtype) and ``lse [B, Hq, Nq]`` (float32, natural log).
 
     k and v hold the ``N`` positions of the sequence; q holds ``Nq`` of them, the positions
@@ -1096,6 +1098,8 @@ def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: boo
     the seed, (b, h), branch, query and key positions) and the kept ones scaled by ``1 / (1 - dropout_p)``; the
     LSE is that of the undropped softmax. ``key_keep``: bool ``[B or 1, N]``, the keys that attend (key padding,
     ``common.key_padding``)."""
+    if softcap is not None:
+        raise NotImplementedError(f"soft-capping (softcap={softcap}) in the Triton kernels: the exact path runs it")
     B, H, Nq, D = q.shape
     N = k.shape[2]
     q_offset = _query_offset(q_offset, Nq, N)
@@ -1127,9 +1131,12 @@ def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: boo
 
 
 def dilated_attn_bwd(dout, q, k, v, out, lse, segment_lengths, dilation_rates, *, is_causal: bool, scale: float,
-                     mixing: str, dropout_p: float = 0.0, seed=None, q_offset: int = 0, key_keep=None):
+                     mixing: str, dropout_p: float = 0.0, seed=None, q_offset: int = 0, key_keep=None,
+                     softcap=None):
     """Launch the backward kernels: ``(dq, dk, dv)``; ``dropout_p``, ``seed``, ``q_offset`` and ``key_keep`` as in
     the forward call (dk and dv: the gradients of all ``N`` key rows from the ``Nq`` queries q holds)."""
+    if softcap is not None:
+        raise NotImplementedError(f"soft-capping (softcap={softcap}) in the Triton kernels: the exact path runs it")
     B, H, Nq, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     q_offset = _query_offset(q_offset, Nq, N)
