@@ -111,6 +111,7 @@ def dilated_attention(
     dropout_p: float = 0.0,
     attn_mask: Optional[Tensor] = None,
     key_keep: Optional[Tensor] = None,
+    head_offsets: str = "interleaved",
 ) -> Tensor:
     """LongNet dilated attention (exact semantics: ``dilate_compiler.strategies.dilated``).
 
@@ -130,6 +131,8 @@ def dilated_attention(
             (True attends) or floating (added to the scores).
         key_keep: optional bool ``[B or 1, Nk]``: the keys that attend (key padding; a model's
             ``attention_mask``). The kernels take it; a row that keeps no key is 0.
+        head_offsets: ``"interleaved"`` (head h reads the rows ``p % r == h % r`` of a branch of rate r) or
+            ``"grouped"`` (``p % r == h // ceil(Hq / r)``, torchscale's LongNet; ``mixing="lse"`` only).
 
     Returns:
         ``[B, Hq, Nq, D]`` in q's dtype. Rows no branch links are 0.
@@ -138,7 +141,7 @@ def dilated_attention(
         raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
     if mixing not in MIXINGS:
         raise ValueError(f"mixing must be one of {MIXINGS}, got {mixing!r}")
-    strategy = Dilated(segment_lengths, dilation_rates, mixing)
+    strategy = Dilated(segment_lengths, dilation_rates, mixing, head_offsets)
     check_qkv(q, k, v, last_queries=True)
     scale = check_scale(scale, q.shape[-1])
     dropout_p = check_dropout(dropout_p)
@@ -149,7 +152,7 @@ def dilated_attention(
         seed = torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu")
     out, _ = torch.ops.dilate_compiler.dilated_attention_forward(
         q, k, v, mask, list(strategy.segment_lengths), list(strategy.dilation_rates), is_causal, scale,
-        strategy.mixing, dropout_p, seed, key_keep,
+        strategy.mixing, dropout_p, seed, key_keep, strategy.head_offsets,
     )
     return out
 
