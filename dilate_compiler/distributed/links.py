@@ -159,6 +159,10 @@ def check_strategy(strategy, name: str = "strategy") -> None:
     """The strategies the distributed ops take: None (dense), ``Dilated``, ``BlockSparse`` with a fixed pattern."""
     if strategy is not None and not isinstance(strategy, (Dilated, BlockSparse)):
         raise TypeError(f"{name} must be None (dense), dc.Dilated or dc.BlockSparse, got {strategy!r}")
+    if isinstance(strategy, Dilated) and strategy.head_offsets != "interleaved":
+        raise NotImplementedError(f"distributed dilated attention with head_offsets={strategy.head_offsets!r}: the "
+                                  f"links, windows and head shards here read a head's rows as h % r; pass "
+                                  f"head_offsets='interleaved' or run the single-process op")
     if isinstance(strategy, BlockSparse) and not isinstance(strategy.pattern, Pattern):
         raise ValueError(f"{name}=BlockSparse('auto') reads a site's mask over one shard only; distributed attention "
                          f"needs a fixed pattern (dc.BlockSparse(pattern))")

@@ -244,3 +244,10 @@ def test_compiled_model_keeps_grouped_offsets():
     want = torchscale_dilated_attention(q.double(), k.double(), v.double(), strategy.segment_lengths,
                                         strategy.dilation_rates, is_causal=True, scale=1 / math.sqrt(16))
     assert_close(res.module(q, k, v), want, torch.float32)
+
+
+def test_distributed_refuses_grouped_offsets():
+    from dilate_compiler.distributed.links import links_for
+
+    with pytest.raises(NotImplementedError, match="head_offsets='grouped'"):
+        links_for(dc.Dilated((8,), (2,), head_offsets="grouped"), 16, 4, False)
