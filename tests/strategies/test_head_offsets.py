@@ -251,3 +251,17 @@ def test_distributed_refuses_grouped_offsets():
 
     with pytest.raises(NotImplementedError, match="head_offsets='grouped'"):
         links_for(dc.Dilated((8,), (2,), head_offsets="grouped"), 16, 4, False)
+
+
+def test_warp_specialised_forward_refuses_grouped_offsets():
+    """The Hopper forward walks nested branches (offsets h % r): grouped offsets that differ are refused with a
+    reason, ones that coincide are not refused for their offsets."""
+    from dilate_compiler.lowering.dilated import op as dilated_op
+
+    if dilated_op.gluon is None:
+        pytest.skip("this Triton has no Gluon")
+    q = torch.zeros(1, 4, 64, 64)
+    reason = dilated_op.warp_specialised_reason(q, q, q, None, (8, 16, 32), (1, 2, 4), False, "lse", 0.0, "grouped")
+    assert "head_offsets='grouped' with rates (1, 2, 4) over 4 heads" in reason
+    reason = dilated_op.warp_specialised_reason(q, q, q, None, (8, 32), (1, 4), False, "lse", 0.0, "grouped")
+    assert "head_offsets" not in reason

@@ -3,8 +3,8 @@
 Ops (graphs from Dynamo, export and AOTInductor hold them as single nodes):
 
 - ``dilate_compiler::dilated_attention_forward(q, k, v, attn_mask, segment_lengths, dilation_rates,
-  is_causal, scale, mixing, dropout_p, seed, key_keep, head_offsets) -> (out, lse)`` — a ``triton_op``: on CUDA it launches the
-  generated Triton kernels through ``wrap_triton`` (so Inductor inlines them into its output code); where
+  is_causal, scale, mixing, dropout_p, seed, key_keep, head_offsets) -> (out, lse)`` — a ``triton_op``: on CUDA it
+  launches the generated Triton kernels through ``wrap_triton`` (so Inductor inlines them into its output code); where
   the kernels don't apply (CPU, other head dims or dtypes, masks) it calls the exact path. q may hold fewer
   rows than k (``Nq < Nk``): the last Nq key positions (decoding); the offset ``Nk - Nq`` is read from the
   shapes, so the schema has no argument for it.

@@ -1146,7 +1146,8 @@ def dilated_attn_bwd(dout, q, k, v, out, lse, segment_lengths, dilation_rates, *
                      mixing: str, dropout_p: float = 0.0, seed=None, q_offset: int = 0, key_keep=None,
                      head_offsets: str = "interleaved"):
     """Launch the backward kernels: ``(dq, dk, dv)``; ``dropout_p``, ``seed``, ``q_offset``, ``key_keep`` and
-    ``head_offsets`` as in the forward call (dk and dv: the gradients of all ``N`` key rows from the ``Nq`` queries q holds)."""
+    ``head_offsets`` as in the forward call (dk and dv: the gradients of all ``N`` key rows from the ``Nq`` queries
+    q holds)."""
     B, H, Nq, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     q_offset = _query_offset(q_offset, Nq, N)
