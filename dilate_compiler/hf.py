@@ -143,6 +143,7 @@ def attention_function(strategy) -> Callable:
         if isinstance(strategy, Dilated):
             out = ops.dilated_attention(query, key, value, strategy.segment_lengths, strategy.dilation_rates,
                                         is_causal=causal, scale=scaling, mixing=strategy.mixing,
+                                        head_offsets=strategy.head_offsets,
                                         dropout_p=float(dropout) if module.training else 0.0, key_keep=keep,
                                         softcap=softcap)
         else:

@@ -124,6 +124,7 @@ def dilated_attention(
     attn_mask: Optional[Tensor] = None,
     key_keep: Optional[Tensor] = None,
     softcap: Optional[float] = None,
+    head_offsets: str = "interleaved",
 ) -> Tensor:
     """LongNet dilated attention (exact semantics: ``dilate_compiler.strategies.dilated``).
 
@@ -145,6 +146,8 @@ def dilated_attention(
             ``attention_mask``). The kernels take it; a row that keeps no key is 0.
         softcap: optional ``c > 0``: the scores are soft-capped, ``s = c * tanh(scale * q.k / c)`` (Gemma2's
             ``attn_logit_softcapping``), before ``attn_mask`` is added.
+        head_offsets: ``"interleaved"`` (head h reads the rows ``p % r == h % r`` of a branch of rate r) or
+            ``"grouped"`` (``p % r == h // ceil(Hq / r)``, torchscale's LongNet; ``mixing="lse"`` only).
 
     Returns:
         ``[B, Hq, Nq, D]`` in q's dtype. Rows no branch links are 0.
@@ -153,7 +156,7 @@ def dilated_attention(
         raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
     if mixing not in MIXINGS:
         raise ValueError(f"mixing must be one of {MIXINGS}, got {mixing!r}")
-    strategy = Dilated(segment_lengths, dilation_rates, mixing)
+    strategy = Dilated(segment_lengths, dilation_rates, mixing, head_offsets)
     check_qkv(q, k, v, last_queries=True)
     scale = check_scale(scale, q.shape[-1])
     dropout_p = check_dropout(dropout_p)
@@ -165,7 +168,7 @@ def dilated_attention(
         seed = torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu")
     out, _ = torch.ops.dilate_compiler.dilated_attention_forward(
         q, k, v, mask, list(strategy.segment_lengths), list(strategy.dilation_rates), is_causal, scale,
-        strategy.mixing, dropout_p, seed, key_keep, softcap,
+        strategy.mixing, dropout_p, seed, key_keep, softcap, strategy.head_offsets,
     )
     return out
 

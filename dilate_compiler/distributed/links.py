@@ -53,9 +53,7 @@ def check_strategy(strategy, name: str = "strategy") -> None:
         return
     if not isinstance(strategy, DistributedStrategy):
         raise TypeError(f"{name} must be None (dense), dc.Dilated or dc.BlockSparse, got {strategy!r}")
-    reason = strategy.distributed_reason()
-    if reason:
-        raise ValueError(f"{name}={strategy!r}: {reason}")
+    strategy.check_distributed(name)
 
 
 def links_for(strategy, seq_len: int, num_heads: int, is_causal: bool, device=None) -> Links:

@@ -26,7 +26,8 @@ def create_multihead_dilated_attention(kind: str = "improved", **kwargs):
     """Build a multi-head dilated attention module by kind.
 
     Kinds: ``"standard"`` (``mixing="head_groups"``, the numerics of dilated-attention-pytorch) and
-    ``"improved"`` (``mixing="lse"``, LongNet eq. 10): ``kwargs`` go to :class:`MultiheadDilatedAttention`.
+    ``"improved"`` (``mixing="lse"``, LongNet eq. 10): ``kwargs`` go to :class:`MultiheadDilatedAttention`
+    (``head_offsets="grouped"`` with ``"improved"``: torchscale's LongNet).
     ``"ring"`` (sequence-parallel, LongNet's sparse exchange; ``mode="ring"`` passes K/V around the ring) and
     ``"head_parallel"`` (all-to-all to head shards): a :class:`MultiheadSequenceParallelAttention` over this rank's
     sequence shard; ``segment_lengths``, ``dilation_rates`` and ``mixing`` (default ``"lse"``) make the strategy,
@@ -40,7 +41,8 @@ def create_multihead_dilated_attention(kind: str = "improved", **kwargs):
                 raise TypeError(f"create_multihead_dilated_attention(kind={kind!r}) needs {name}= (a sequence of "
                                 f"positive ints, one per branch, each segment length a multiple of its dilation "
                                 f"rate); {name} was not given")
-        strategy = Dilated(kwargs.pop("segment_lengths"), kwargs.pop("dilation_rates"), kwargs.pop("mixing", "lse"))
+        strategy = Dilated(kwargs.pop("segment_lengths"), kwargs.pop("dilation_rates"), kwargs.pop("mixing", "lse"),
+                           kwargs.pop("head_offsets", "interleaved"))
         return _distributed(strategy, _DISTRIBUTED_KINDS[kind], kwargs)
     if kind not in _MULTIHEAD_DILATED_KINDS:
         raise ValueError(f"unknown kind {kind!r}; valid kinds: {sorted(_MULTIHEAD_DILATED_KINDS) + sorted(_DISTRIBUTED_KINDS)}")

@@ -18,16 +18,26 @@ def check_projected_heads(query: Tensor, key: Tensor, value: Tensor) -> None:
             raise ValueError(f"{name} must have 4 dims [B, N, H, D], got shape {tuple(t.shape)}")
 
 
+def _check_op(op) -> None:
+    if op is not None:
+        raise ValueError(f"op selects an xformers attention operator in dilated-attention-pytorch; here the kernels "
+                         f"are chosen per call from the device, dtype and shapes; pass op=None, got {op!r}")
+
+
 class DilatedAttention(nn.Module):
     """Dilated attention over already projected heads: q ``[B, N, Hq, D]``, k/v ``[B, N, Hkv, D]``.
 
-    Dropout on the attention probabilities is applied only in training mode.
+    The positional order ``(segment_lengths, dilation_rates, softmax_scale, attention_dropout, op)`` is
+    dilated-attention-pytorch's; ``op`` (its xformers operator) takes None only. ``mixing`` and ``head_offsets`` as
+    in ``dc.Dilated``. Dropout on the attention probabilities is applied only in training mode.
     """
 
-    def __init__(self, segment_lengths: Sequence[int], dilation_rates: Sequence[int], *,
-                 softmax_scale: Optional[float] = None, attention_dropout: float = 0.0, mixing: str = "lse"):
+    def __init__(self, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
+                 softmax_scale: Optional[float] = None, attention_dropout: float = 0.0, op=None, *,
+                 mixing: str = "lse", head_offsets: str = "interleaved"):
         super().__init__()
-        self.strategy = Dilated(segment_lengths, dilation_rates, mixing)
+        _check_op(op)
+        self.strategy = Dilated(segment_lengths, dilation_rates, mixing, head_offsets)
         self.softmax_scale = softmax_scale
         if not 0.0 <= attention_dropout < 1.0:
             raise ValueError(f"attention_dropout must be in [0, 1), got {attention_dropout!r}")
@@ -41,13 +51,14 @@ class DilatedAttention(nn.Module):
             self.strategy.segment_lengths, self.strategy.dilation_rates, is_causal=is_causal,
             scale=self.softmax_scale, mixing=self.strategy.mixing,
             dropout_p=self.attention_dropout if self.training else 0.0, attn_mask=attn_mask,
+            head_offsets=self.strategy.head_offsets,
         )
         return out.transpose(1, 2)
 
     def extra_repr(self) -> str:
         s = self.strategy
         return (f"segment_lengths={s.segment_lengths}, dilation_rates={s.dilation_rates}, mixing={s.mixing!r}, "
-                f"attention_dropout={self.attention_dropout}")
+                f"head_offsets={s.head_offsets!r}, attention_dropout={self.attention_dropout}")
 
 
 def _check_module_mask(name: str, mask, device: torch.device) -> None:
@@ -166,18 +177,84 @@ class ProjectedAttention(nn.Module):
         return x, None
 
 
+# The positional parameters after (embed_dim, num_heads): here, and in dilated-attention-pytorch.
+POSITIONAL_ORDER = ("segment_lengths", "dilation_rates", "dropout", "bias", "batch_first")
+DAP_POSITIONAL_ORDER = ("dilation_rates", "segment_lengths", "dropout", "bias", "layer_norm", "layer_norm_eps",
+                        "gamma_init", "device", "dtype", "op")
+
+
+def _reading(order: tuple, args: tuple, kwargs: dict):
+    """``(keywords, '', None)`` of ``args`` read in ``order`` merged with ``kwargs``, or ``(None, why not, error
+    class)``: too many, given twice or a sequence missing (TypeError), or a pattern ``dc.Dilated`` refuses."""
+    if len(args) > len(order):
+        return None, f"{len(args)} positional arguments after num_heads, at most {len(order)}", TypeError
+    named = dict(zip(order, args))
+    twice = sorted(set(named) & set(kwargs))
+    if twice:
+        return None, f"{', '.join(twice)} given both by position and by keyword", TypeError
+    named.update(kwargs)
+    missing = [n for n in ("segment_lengths", "dilation_rates") if n not in named]
+    if missing:
+        return None, f"{' and '.join(missing)} missing", TypeError
+    try:
+        Dilated(named["segment_lengths"], named["dilation_rates"])
+    except (TypeError, ValueError) as e:
+        return None, str(e), type(e)
+    return named, "", None
+
+
+def read_multihead_arguments(args: tuple, kwargs: dict) -> dict:
+    """The keywords of a ``MultiheadDilatedAttention(embed_dim, num_heads, *args, **kwargs)`` call, its positional
+    ``args`` read in this package's order (``POSITIONAL_ORDER``) or in dilated-attention-pytorch's
+    (``DAP_POSITIONAL_ORDER``: rates before segments): the one reading that gives a valid pattern (each segment length
+    a multiple of its rate; both readings are valid only when the two sequences are equal, and then they agree on
+    every argument up to ``bias``). A call both orders would read differently raises a ``TypeError`` naming both
+    orders; one neither can read, a ``ValueError`` where both readings give a pattern ``dc.Dilated`` refuses, else a
+    ``TypeError``, naming both orders and what each reading found."""
+    ours, why_ours, error_ours = _reading(POSITIONAL_ORDER, args, kwargs)
+    theirs, why_theirs, error_theirs = _reading(DAP_POSITIONAL_ORDER, args, kwargs)
+    if ours is not None and (theirs is None or len(args) <= 4):
+        return ours
+    if theirs is not None and ours is None:
+        return theirs
+    orders = (f"here (embed_dim, num_heads, {', '.join(POSITIONAL_ORDER)}); in dilated-attention-pytorch "
+              f"(embed_dim, num_heads, {', '.join(DAP_POSITIONAL_ORDER)})")
+    if ours is not None:
+        raise TypeError(f"MultiheadDilatedAttention: the positional arguments {args!r} after num_heads read "
+                        f"differently in the two orders ({args[4]!r} is batch_first here, layer_norm there): "
+                        f"{orders}; pass them by keyword")
+    error = ValueError if error_ours is ValueError and error_theirs is ValueError else TypeError
+    raise error(f"MultiheadDilatedAttention: the arguments after num_heads (positional {args!r}, keywords "
+                f"{sorted(kwargs)}) read in neither order: {orders}. Read here: {why_ours}; read as "
+                f"dilated-attention-pytorch: {why_theirs}. Pass segment_lengths= and dilation_rates= by keyword")
+
+
 class MultiheadDilatedAttention(ProjectedAttention):
     """Multi-head dilated attention, a drop-in for ``nn.MultiheadAttention`` (returns ``(out, None)``).
 
     Projections q/k/v, dilated attention, an optional sub-layer norm (MAGNETO, as in LongNet and
     dilated-attention-pytorch), output projection. ``num_kv_heads`` < ``num_heads`` gives GQA.
+
+    Parameters: ``(embed_dim, num_heads, segment_lengths, dilation_rates, dropout=0.0, bias=True, batch_first=True,
+    *, num_kv_heads=None, layer_norm=True, layer_norm_eps=1e-5, gamma_init=1.0, mixing="lse",
+    head_offsets="interleaved", device=None, dtype=None, op=None)``. dilated-attention-pytorch's positional order
+    ``(embed_dim, num_heads, dilation_rates, segment_lengths, dropout, bias, layer_norm, layer_norm_eps, gamma_init,
+    device, dtype, op)`` is accepted where the pattern tells the two apart (``read_multihead_arguments``); its keyword
+    names are the same as here; ``op`` (its xformers operator) takes None only. ``mixing`` and ``head_offsets`` as in
+    ``dc.Dilated`` (``"head_groups"`` mixing: that library's numerics; ``head_offsets="grouped"``: torchscale's).
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, segment_lengths: Sequence[int],
-                 dilation_rates: Sequence[int], dropout: float = 0.0, bias: bool = True, batch_first: bool = True,
-                 *, num_kv_heads: Optional[int] = None, layer_norm: bool = True, layer_norm_eps: float = 1e-5,
-                 gamma_init: float = 1.0, mixing: str = "lse", device=None, dtype=None):
-        attention = DilatedAttention(segment_lengths, dilation_rates, attention_dropout=dropout, mixing=mixing)
+    def __init__(self, embed_dim: int, num_heads: int, *args, **kwargs):
+        self._build(embed_dim, num_heads, **read_multihead_arguments(args, kwargs))
+
+    def _build(self, embed_dim: int, num_heads: int, segment_lengths: Sequence[int], dilation_rates: Sequence[int],
+               dropout: float = 0.0, bias: bool = True, batch_first: bool = True, *,
+               num_kv_heads: Optional[int] = None, layer_norm: bool = True, layer_norm_eps: float = 1e-5,
+               gamma_init: float = 1.0, mixing: str = "lse", head_offsets: str = "interleaved", device=None,
+               dtype=None, op=None):
+        _check_op(op)
+        attention = DilatedAttention(segment_lengths, dilation_rates, attention_dropout=dropout, mixing=mixing,
+                                     head_offsets=head_offsets)
         super().__init__(embed_dim, num_heads, attention, bias=bias, batch_first=batch_first,
                          num_kv_heads=num_kv_heads, layer_norm=layer_norm, layer_norm_eps=layer_norm_eps,
                          gamma_init=gamma_init, device=device, dtype=dtype)

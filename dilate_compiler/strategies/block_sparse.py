@@ -147,11 +147,10 @@ class BlockSparse:
 
     # --- sharded over ranks (``strategies.contract.DistributedStrategy``) --------------------------------------
 
-    def distributed_reason(self) -> str:
+    def check_distributed(self, name: str = "strategy") -> None:
         if not isinstance(self.pattern, Pattern):
-            return ("BlockSparse('auto') reads a site's mask over one shard only; distributed attention needs a fixed "
-                    "pattern (dc.BlockSparse(pattern))")
-        return ""
+            raise ValueError(f"{name}=BlockSparse('auto') reads a site's mask over one shard only; distributed "
+                             f"attention needs a fixed pattern (dc.BlockSparse(pattern))")
 
     def links(self, seq_len: int, num_heads: int, is_causal: bool, device=None):
         from .links import BlockSparseLinks

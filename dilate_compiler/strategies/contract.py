@@ -22,7 +22,7 @@ op); any other skips it with a reason naming the soft-capping.
 
 A strategy that also runs sharded over ranks (``dc.SequenceParallel``, ``dc.distributed``) implements
 :class:`DistributedStrategy`: its link model on global positions (``links``), whether it can run sharded
-(``distributed_reason``), the period of its head-dependent rules (``head_period``), the key window around a run of
+(``check_distributed``), the period of its head-dependent rules (``head_period``), the key window around a run of
 queries that holds every key they link (``key_window_span``, for the window kernels), and its computation on a
 subset of the model's heads (``attend_heads``). The distributed code dispatches on these methods only.
 
@@ -82,8 +82,9 @@ class Strategy(Protocol):
 
 @runtime_checkable
 class DistributedStrategy(Protocol):
-    def distributed_reason(self) -> str:
-        """'' when the strategy can run sharded over ranks, else why not."""
+    def check_distributed(self, name: str = "strategy") -> None:
+        """Raises (``ValueError`` naming ``name`` for a value that can't run sharded, ``NotImplementedError`` for what
+        isn't done) unless the strategy can run sharded over ranks."""
         ...
 
     def links(self, seq_len: int, num_heads: int, is_causal: bool, device=None):

@@ -2,10 +2,13 @@
 
 Semantics (the one definition every path agrees on): branch ``i`` has segment length ``w_i`` and dilation
 rate ``r_i`` (``w_i % r_i == 0``). With ``mixing="lse"``, query position ``p`` of query head ``h`` and key
-position ``j`` are linked by branch ``i`` iff ``p // w_i == j // w_i`` and ``p % r_i == j % r_i == h % r_i``
+position ``j`` are linked by branch ``i`` iff ``p // w_i == j // w_i`` and ``p % r_i == j % r_i == o_i(h)``
 (and ``j <= p`` when causal). The output is one softmax in which each key counts once per linking branch::
 
     out_p = sum_j m_pj exp(s_pj) v_j / sum_j m_pj exp(s_pj),      s = scale * q . k
+
+The head offset ``o_i(h)`` of ``H`` query heads is ``h % r_i`` (``head_offsets="interleaved"``, the default) or
+``h // ceil(H / r_i)`` (``"grouped"``: contiguous head groups, torchscale's LongNet).
 
 A row no branch links is 0. With ``mixing="head_groups"`` (the numerics of dilated-attention-pytorch), heads
 split into ``len(segment_lengths)`` contiguous groups (the first ``H % n`` get one extra head), group ``i``
@@ -22,7 +25,8 @@ from typing import ClassVar, Optional
 import torch
 
 from ..lowering.common.dispatch import kernels_apply, value_unsupported_reason
-from ..lowering.dilated.plan import DilatedPlan, check_pattern, clip_segment, dilated_plan, head_group_bounds
+from ..lowering.dilated.plan import (DilatedPlan, check_head_offsets, check_pattern, clip_segment, dilated_plan,
+                                     head_group_bounds, head_offset)
 from ..lowering.dilated.triton import kernel_unsupported_reason
 from .contract import Emitted
 from .reference import weighted_softmax_attention
@@ -36,14 +40,20 @@ class Dilated:
         segment_lengths: segment length ``w_i`` of each branch.
         dilation_rates: dilation rate ``r_i`` of each branch; ``w_i % r_i == 0``.
         mixing: ``"lse"`` (LongNet eq. 10, exact softmax-denominator mixing; default) or ``"head_groups"``.
+        head_offsets: which rows each query head reads in a branch of rate ``r`` under ``mixing="lse"``:
+            ``"interleaved"`` (``p % r == h % r``; default) or ``"grouped"`` (``p % r == h // ceil(H / r)``, the
+            rule of torchscale's LongNet, so a model trained there keeps its meaning). ``mixing="head_groups"``
+            takes ``"interleaved"`` only.
     """
 
     segment_lengths: tuple[int, ...]
     dilation_rates: tuple[int, ...]
     mixing: str = "lse"
+    head_offsets: str = "interleaved"
 
     def __post_init__(self):
         segs, rates = check_pattern(self.segment_lengths, self.dilation_rates, self.mixing)
+        check_head_offsets(self.head_offsets, self.mixing)
         object.__setattr__(self, "segment_lengths", segs)
         object.__setattr__(self, "dilation_rates", rates)
 
@@ -57,16 +67,19 @@ class Dilated:
 
     def plan(self, seq_len: int, num_heads: int) -> DilatedPlan:
         """The compile-time plan for ``num_heads`` query heads over ``seq_len`` tokens."""
-        return dilated_plan(self.segment_lengths, self.dilation_rates, self.mixing, seq_len, num_heads)
+        return dilated_plan(self.segment_lengths, self.dilation_rates, self.mixing, seq_len, num_heads,
+                            self.head_offsets)
 
     def link_count(self, h: torch.Tensor, p: torch.Tensor, j: torch.Tensor, num_heads: int) -> torch.Tensor:
         """How many branches link query position ``p`` of query head ``h`` to key position ``j`` (int64,
         broadcast over the three; positions are global, so shards and subsets of heads use the same rule).
-        ``num_heads`` is the model's query head count (it places the head groups of ``mixing="head_groups"``)."""
+        ``num_heads`` is the model's query head count (it places the head groups of ``mixing="head_groups"`` and
+        the grouped head offsets)."""
         m = torch.zeros(torch.broadcast_shapes(h.shape, p.shape, j.shape), dtype=torch.int64, device=p.device)
         if self.mixing == "lse":
             for w, r in zip(self.segment_lengths, self.dilation_rates):
-                m += ((p // w == j // w) & (p % r == h % r) & (j % r == h % r)).long()
+                o = head_offset(h, r, num_heads, self.head_offsets)
+                m += ((p // w == j // w) & (p % r == o) & (j % r == o)).long()
         else:
             for i, ((w, r), (start, stop)) in enumerate(
                 zip(zip(self.segment_lengths, self.dilation_rates), self.head_group_bounds(num_heads))
@@ -125,7 +138,7 @@ class Dilated:
         fwd = emit(torch.ops.dilate_compiler.dilated_attention_forward.default,
                    (call.q, call.k, call.v, mask, list(self.segment_lengths), list(self.dilation_rates),
                     bool(is_causal), float(call.scale), self.mixing, float(call.dropout_p), seed, key_keep,
-                    site.softcap))
+                    site.softcap, self.head_offsets))
         return Emitted(emit(operator.getitem, (fwd, 0)), emit(operator.getitem, (fwd, 1)))
 
     def reference(
@@ -151,8 +164,11 @@ class Dilated:
 
     # --- sharded over ranks (``strategies.contract.DistributedStrategy``) --------------------------------------
 
-    def distributed_reason(self) -> str:
-        return ""
+    def check_distributed(self, name: str = "strategy") -> None:
+        if self.head_offsets != "interleaved":
+            raise NotImplementedError(f"distributed dilated attention with head_offsets={self.head_offsets!r}: the "
+                                      f"links, windows and head shards read a head's rows as h % r; pass "
+                                      f"head_offsets='interleaved' or run the single-process op")
 
     def links(self, seq_len: int, num_heads: int, is_causal: bool, device=None):
         from .links import DilatedLinks

@@ -161,7 +161,7 @@ class Hilbert:
         qp, kp, vp = (t.index_select(2, perm) for t in (q, k, v))
         if isinstance(inner, Dilated):
             out = ops.dilated_attention(qp, kp, vp, inner.segment_lengths, inner.dilation_rates, scale=scale,
-                                        mixing=inner.mixing)
+                                        mixing=inner.mixing, head_offsets=inner.head_offsets)
         else:
             out = ops.block_sparse_attention(qp, kp, vp, inner.pattern, block_size=inner.block_size, scale=scale)
         return out.index_select(2, inverse(perm))

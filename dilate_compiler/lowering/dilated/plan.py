@@ -1,11 +1,12 @@
 """The compile-time plan of a dilated pattern: which rows of which heads each branch reads, fixed before any
 kernel runs. The strategy (``strategies.dilated.Dilated``), the exact path and the kernels read it from here.
 
-A pattern is ``(segment_lengths, dilation_rates, mixing)``: branch ``i`` has segment length ``w_i`` and rate
-``r_i`` (``w_i % r_i == 0``). Under ``mixing="lse"`` query head ``h`` reads the rows ``p % r_i == h % r_i`` of
-every branch; under ``"head_groups"`` heads split into one contiguous group per branch (the first ``H % n`` get
-one extra head) and group ``i`` reads the rows ``p % r_i == i % r_i`` of branch ``i`` only, the output divided
-by the number of branches.
+A pattern is ``(segment_lengths, dilation_rates, mixing, head_offsets)``: branch ``i`` has segment length ``w_i``
+and rate ``r_i`` (``w_i % r_i == 0``). Under ``mixing="lse"`` query head ``h`` of ``H`` reads the rows
+``p % r_i == offset_i(h)`` of every branch, where ``offset_i(h)`` is ``h % r_i`` (``head_offsets="interleaved"``)
+or ``h // ceil(H / r_i)`` (``"grouped"``: contiguous head groups, torchscale's LongNet); under ``"head_groups"``
+heads split into one contiguous group per branch (the first ``H % n`` get one extra head) and group ``i`` reads the
+rows ``p % r_i == i % r_i`` of branch ``i`` only, the output divided by the number of branches.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MIXINGS = ("lse", "head_groups")
+HEAD_OFFSETS = ("interleaved", "grouped")
 MAX_INT64 = 2**63 - 1
 
 
@@ -53,6 +55,37 @@ def check_pattern(segment_lengths, dilation_rates, mixing: str) -> tuple[tuple[i
     if mixing not in MIXINGS:
         raise ValueError(f"mixing must be one of {MIXINGS}, got {mixing!r}")
     return segs, rates
+
+
+def check_head_offsets(head_offsets: str, mixing: str) -> str:
+    """``head_offsets`` once checked: one of ``HEAD_OFFSETS``, and ``"grouped"`` only under ``mixing="lse"``."""
+    if head_offsets not in HEAD_OFFSETS:
+        raise ValueError(f"head_offsets must be one of {HEAD_OFFSETS}, got {head_offsets!r}")
+    if head_offsets == "grouped" and mixing != "lse":
+        raise ValueError(
+            f"head_offsets='grouped' (torchscale's LongNet: head h reads the rows p % r == h // ceil(H / r) of every "
+            f"branch) needs mixing='lse', got mixing={mixing!r}; mixing='head_groups' gives each branch's head group "
+            f"the offset i % r_i of its branch index i, so it takes head_offsets='interleaved' only")
+    return head_offsets
+
+
+def grouped_offset_size(dilation_rate: int, num_heads: int) -> int:
+    """How many consecutive heads share one offset under ``head_offsets="grouped"``: ``ceil(H / r)``."""
+    return -(-num_heads // dilation_rate)
+
+
+def head_offset(h, dilation_rate: int, num_heads: int, head_offsets: str):
+    """The row offset of query head ``h`` (an int or an integer tensor) in a branch of rate ``dilation_rate`` under
+    ``mixing="lse"``: ``h % r`` (interleaved) or ``h // ceil(H / r)`` (grouped)."""
+    if head_offsets == "grouped":
+        return h // grouped_offset_size(dilation_rate, num_heads)
+    return h % dilation_rate
+
+
+def offsets_coincide(dilation_rates, num_heads: int) -> bool:
+    """True when grouped offsets equal interleaved ones for every head and branch (every rate 1 or at least H, or
+    one head), so a grouped pattern runs as the interleaved one."""
+    return all(r == 1 or r >= num_heads for r in dilation_rates)
 
 
 @dataclass(frozen=True)
@@ -105,11 +138,19 @@ def head_group_bounds(num_branches: int, num_heads: int) -> list[tuple[int, int]
     return bounds
 
 
-def dilated_plan(segment_lengths, dilation_rates, mixing: str, seq_len: int, num_heads: int) -> DilatedPlan:
+def dilated_plan(segment_lengths, dilation_rates, mixing: str, seq_len: int, num_heads: int,
+                 head_offsets: str = "interleaved") -> DilatedPlan:
     """The compile-time plan of a pattern for ``num_heads`` query heads over ``seq_len`` tokens (the pattern is
-    checked first: ``check_pattern``)."""
+    checked first: ``check_pattern``, ``check_head_offsets``)."""
     segs, rates = check_pattern(segment_lengths, dilation_rates, mixing)
+    check_head_offsets(head_offsets, mixing)
     branches = []
+    if head_offsets == "grouped":   # offset o: the contiguous heads [o * g, (o + 1) * g), g = ceil(H / r)
+        for w, r in zip(segs, rates):
+            g = grouped_offset_size(r, num_heads)
+            groups = tuple(HeadGroup(o * g, min((o + 1) * g, num_heads), 1, o) for o in range(-(-num_heads // g)))
+            branches.append(Branch(clip_segment(w, r, seq_len), r, groups))
+        return DilatedPlan(tuple(branches), 1.0)
     if mixing == "lse":
         for w, r in zip(segs, rates):
             groups = tuple(HeadGroup(o, num_heads, r, o) for o in range(min(r, num_heads)))
@@ -121,12 +162,17 @@ def dilated_plan(segment_lengths, dilation_rates, mixing: str, seq_len: int, num
     return DilatedPlan(tuple(branches), 1.0 / len(segs))
 
 
-def nested_order(segment_lengths, dilation_rates, mixing: str, dropout_p: float = 0.0):
+def nested_order(segment_lengths, dilation_rates, mixing: str, dropout_p: float = 0.0,
+                 head_offsets: str = "interleaved"):
     """The branches ``(segments, rates)`` sorted by segment length (then rate) when they form a chain, each
-    segment length and each rate dividing the next, under ``mixing="lse"`` without dropout: the kernels then
-    visit every linked pair once, weighted by its multiplicity (``triton.walks``). None otherwise (the kernels
-    walk per branch). Sorting is free under LSE mixing: a branch's offset depends on its rate alone."""
-    if mixing != "lse" or dropout_p != 0.0:
+    segment length and each rate dividing the next, under ``mixing="lse"`` with interleaved offsets and without
+    dropout: the kernels then visit every linked pair once, weighted by its multiplicity (``triton.walks``). None
+    otherwise (the kernels walk per branch). Sorting is free under LSE mixing: a branch's offset depends on its rate
+    alone. The walks need the rows a branch selects to lie inside those of every shorter branch of the chain, which
+    ``h % r`` gives (``r_1 | r_2`` makes ``h % r_2 == c % r_2`` imply ``h % r_1 == c % r_1``) and grouped offsets
+    don't (H = 4, rates 2 and 4: head 1 has offsets 0 and 1, and 1 % 2 != 0); a grouped pattern whose offsets
+    coincide with the interleaved ones (``offsets_coincide``) is passed here as interleaved."""
+    if mixing != "lse" or dropout_p != 0.0 or head_offsets != "interleaved":
         return None
     pairs = sorted(zip(segment_lengths, dilation_rates))
     if any(w2 % w1 or r2 % r1 for (w1, r1), (w2, r2) in zip(pairs, pairs[1:])):

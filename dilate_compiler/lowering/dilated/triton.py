@@ -2,7 +2,8 @@
 
 Specialisation: each kernel takes one description of the pattern, as constexprs: the tuples ``WS`` (segment
 lengths) and ``RS`` (rates), indexed by branch, ``SS`` (where each branch's head group starts under
-``mixing="head_groups"``, and where the last ends), ``L`` (the lcm of the rates) and ``MIXING_LSE``; with
+``mixing="head_groups"``, and where the last ends), ``L`` (the lcm of the rates), ``MIXING_LSE`` and ``GROUPED``
+(head offsets ``h // ceil(H / R)``, torchscale's LongNet, instead of ``h % R``; per-branch blocks only); with
 causality and the head dim, so Triton compiles one kernel per pattern; no source is generated. Up to
 ``MAX_BRANCHES`` branches.
 
@@ -37,7 +38,7 @@ from ..common.dispatch import tensor_unsupported_reason
 from ..common.key_padding import clip_tiles, key_padding_args, key_range, keys_kept
 from ..common.launch import autotune_configs, launch_device, rows_addressable, rows_fit, runner, tile_configs
 from ..common.primitives import LN2, LOG2E, score_scale, softmax_step, softmax_weights
-from .plan import head_group_bounds, nested_order
+from .plan import check_head_offsets, head_group_bounds, nested_order, offsets_coincide
 
 MAX_BRANCHES = 8   # the kernels unroll one block (or walk) per branch; longer patterns run the exact path
 
@@ -58,16 +59,20 @@ def tile_space(kind: str) -> list:
     return tile_configs(space)
 
 
-_KEY = ["N", "HEAD_DIM", "L", "IS_CAUSAL", "MIXING_LSE", "GQA", "DROPOUT", "WALKS", "WS", "RS", "KEY_MASK"]
+_KEY = ["N", "HEAD_DIM", "L", "IS_CAUSAL", "MIXING_LSE", "GQA", "DROPOUT", "WALKS", "WS", "RS", "KEY_MASK", "GROUPED"]
 _KEY_WALK0 = ["N", "HEAD_DIM", "L", "GQA", "WS", "RS", "KEY_MASK"]
 
 
 @triton.jit
 def _branch_offset(h, BRANCH: tl.constexpr, R: tl.constexpr, HG_START: tl.constexpr, HG_STOP: tl.constexpr,
-                   MIXING_LSE: tl.constexpr, c):
-    """(offset, selected) of a branch for head h and residue class c."""
+                   MIXING_LSE: tl.constexpr, c, H, GROUPED: tl.constexpr):
+    """(offset, selected) of a branch for head h of H and residue class c. Under LSE mixing the offset is h % R, or
+    with GROUPED h // ceil(H / R) (contiguous head groups)."""
     if MIXING_LSE:
-        o = h % R
+        if GROUPED:
+            o = h // ((H + R - 1) // R)
+        else:
+            o = h % R
         sel = (c % R) == o
     else:
         o = BRANCH % R
@@ -553,6 +558,7 @@ def _dilated_attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, L: tl.constexpr, MIXING_LSE: tl.constexpr, WS: tl.constexpr, RS: tl.constexpr,
     SS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr, WALKS: tl.constexpr,
     SEEDED: tl.constexpr, KEY_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUPED: tl.constexpr,
 ):
     NUM_BRANCHES: tl.constexpr = len(WS)
     tl.static_assert(NUM_BRANCHES <= 8)   # MAX_BRANCHES
@@ -596,7 +602,7 @@ def _dilated_attn_fwd_kernel(
     else:
         if WALKS < 2:   # constexpr: kernels whose programs all walk compile no per-branch block
             for B in tl.static_range(NUM_BRANCHES):   # one block per branch, each adding its keys
-                o, sel = _branch_offset(h, B, RS[B], SS[B], SS[B + 1], MIXING_LSE, c)
+                o, sel = _branch_offset(h, B, RS[B], SS[B], SS[B + 1], MIXING_LSE, c, H, GROUPED)
                 if sel:
                     acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
                                                 qk_scale, WS[B], RS[B], IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
@@ -782,7 +788,7 @@ def _dilated_attn_bwd_dq_kernel(
     stride_ob, stride_oh, stride_on, H, N, Q_LO, N_Q, out_scale, Seed, drop_thr, Keep, KeyRange, stride_keep,
     HEAD_DIM: tl.constexpr, L: tl.constexpr, MIXING_LSE: tl.constexpr, WS: tl.constexpr, RS: tl.constexpr,
     SS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr, WALKS: tl.constexpr,
-    KEY_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    KEY_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPED: tl.constexpr,
 ):
     NUM_BRANCHES: tl.constexpr = len(WS)
     i_tile = tl.program_id(0)
@@ -816,7 +822,7 @@ def _dilated_attn_bwd_dq_kernel(
     else:
         if WALKS < 2:   # constexpr, as in the forward
             for B in tl.static_range(NUM_BRANCHES):
-                o, sel = _branch_offset(h, B, RS[B], SS[B], SS[B + 1], MIXING_LSE, c)
+                o, sel = _branch_offset(h, B, RS[B], SS[B], SS[B + 1], MIXING_LSE, c, H, GROUPED)
                 if sel:
                     dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
                                         qk_scale, out_scale, WS[B], RS[B], IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
@@ -910,7 +916,7 @@ def _dilated_attn_bwd_dkdv_kernel(
     stride_ob, stride_oh, stride_on, H, N, Q_LO, N_Q, out_scale, Seed, drop_thr, Keep, KeyRange, stride_keep,
     HEAD_DIM: tl.constexpr, L: tl.constexpr, MIXING_LSE: tl.constexpr, WS: tl.constexpr, RS: tl.constexpr,
     SS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr, WALKS: tl.constexpr,
-    KEY_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    KEY_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPED: tl.constexpr,
 ):
     NUM_BRANCHES: tl.constexpr = len(WS)
     i_tile = tl.program_id(0)
@@ -962,7 +968,7 @@ def _dilated_attn_bwd_dkdv_kernel(
         else:
             if WALKS < 2:   # constexpr, as in the forward
                 for B in tl.static_range(NUM_BRANCHES):
-                    o, sel = _branch_offset(h, B, RS[B], SS[B], SS[B + 1], MIXING_LSE, c)
+                    o, sel = _branch_offset(h, B, RS[B], SS[B], SS[B + 1], MIXING_LSE, c, H, GROUPED)
                     if sel:
                         dk, dv = _bwd_dkdv_branch(
                             dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn,
@@ -994,24 +1000,32 @@ def kernel_unsupported_reason(q, attn_mask, dropout_p, num_branches, softcap=Non
     return ""
 
 
-def pattern_constexprs(segment_lengths, dilation_rates, mixing: str, num_heads: int) -> dict:
-    """The constexprs that describe one pattern to the kernels: ``L``, ``MIXING_LSE`` and the tuples ``WS``,
-    ``RS`` (one entry per branch) and ``SS`` (the head-group starts, then the last group's end)."""
+def pattern_constexprs(segment_lengths, dilation_rates, mixing: str, num_heads: int,
+                       head_offsets: str = "interleaved") -> dict:
+    """The constexprs that describe one pattern to the kernels: ``L``, ``MIXING_LSE``, the tuples ``WS``,
+    ``RS`` (one entry per branch) and ``SS`` (the head-group starts, then the last group's end), and ``GROUPED``
+    (head offsets ``h // ceil(H / r)`` instead of ``h % r``)."""
     bounds = head_group_bounds(len(segment_lengths), num_heads)
-    return {"L": math.lcm(*dilation_rates), "MIXING_LSE": mixing == "lse",
+    meta = {"L": math.lcm(*dilation_rates), "MIXING_LSE": mixing == "lse",
             "WS": tuple(int(w) for w in segment_lengths), "RS": tuple(int(r) for r in dilation_rates),
-            "SS": tuple(start for start, _ in bounds) + (bounds[-1][1],)}
+            "SS": tuple(start for start, _ in bounds) + (bounds[-1][1],), "GROUPED": head_offsets == "grouped"}
+    return meta
 
 
 def _launch_pattern(segment_lengths, dilation_rates, mixing: str, num_heads: int,
-                    dropout_p: float) -> tuple[dict, float, bool]:
+                    dropout_p: float, head_offsets: str = "interleaved") -> tuple[dict, float, bool]:
     """The pattern's constexprs (branches in ``nested_order`` when they form a chain), its output scale
-    (1 / number of branches under head_groups) and whether they form a chain."""
+    (1 / number of branches under head_groups) and whether they form a chain. Grouped offsets that equal the
+    interleaved ones for this head count (``offsets_coincide``) launch as interleaved."""
+    check_head_offsets(head_offsets, mixing)
+    if head_offsets == "grouped" and offsets_coincide(dilation_rates, num_heads):
+        head_offsets = "interleaved"
     out_scale = 1.0 if mixing == "lse" else 1.0 / len(segment_lengths)
-    chain = nested_order(segment_lengths, dilation_rates, mixing, dropout_p)
+    chain = nested_order(segment_lengths, dilation_rates, mixing, dropout_p, head_offsets)
     if chain is not None:
         segment_lengths, dilation_rates = chain
-    return pattern_constexprs(segment_lengths, dilation_rates, mixing, num_heads), out_scale, chain is not None
+    meta = pattern_constexprs(segment_lengths, dilation_rates, mixing, num_heads, head_offsets)
+    return meta, out_scale, chain is not None
 
 
 def walks(nested: bool, w0: int, L: int, owned: int, walked: int, offset: int) -> int:
@@ -1087,7 +1101,8 @@ def _query_offset(q_offset, n_q: int, n: int) -> int:
 
 
 def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: bool, scale: float, mixing: str,
-                     dropout_p: float = 0.0, seed=None, q_offset: int = 0, key_keep=None, softcap=None):
+                     dropout_p: float = 0.0, seed=None, q_offset: int = 0, key_keep=None, softcap=None,
+                     head_offsets: str = "interleaved"):
     """Launch the forward kernel: ``out [B, Hq, Nq, D]`` (q's dtype) and ``lse [B, Hq, Nq]`` (float32, natural log).
 
     k and v hold the ``N`` positions of the sequence; q holds ``Nq`` of them, the positions
@@ -1097,7 +1112,8 @@ def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: boo
     With ``dropout_p > 0`` each branch's probabilities are dropped pairwise (``_dropout_keep``: a function of
     the seed, (b, h), branch, query and key positions) and the kept ones scaled by ``1 / (1 - dropout_p)``; the
     LSE is that of the undropped softmax. ``key_keep``: bool ``[B or 1, N]``, the keys that attend (key padding,
-    ``common.key_padding``)."""
+    ``common.key_padding``). ``head_offsets``: ``"interleaved"`` or ``"grouped"`` (``plan.head_offset``; H is q's
+    head count)."""
     if softcap is not None:
         raise NotImplementedError(f"soft-capping (softcap={softcap}) in the Triton kernels: the exact path runs it")
     B, H, Nq, D = q.shape
@@ -1108,7 +1124,7 @@ def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: boo
         k, v = k.contiguous(), v.contiguous()
     out = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
-    meta, out_scale, nested = _launch_pattern(segment_lengths, dilation_rates, mixing, H, dropout_p)
+    meta, out_scale, nested = _launch_pattern(segment_lengths, dilation_rates, mixing, H, dropout_p, head_offsets)
     seed_t, drop_thr, rdrop, dropout = _dropout_args(dropout_p, seed, lse, segment_lengths, dilation_rates)
     walks_fwd = _walks_constexpr(_dilated_attn_fwd_kernel, "rows", meta, nested, q_offset)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -1132,9 +1148,10 @@ def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: boo
 
 def dilated_attn_bwd(dout, q, k, v, out, lse, segment_lengths, dilation_rates, *, is_causal: bool, scale: float,
                      mixing: str, dropout_p: float = 0.0, seed=None, q_offset: int = 0, key_keep=None,
-                     softcap=None):
-    """Launch the backward kernels: ``(dq, dk, dv)``; ``dropout_p``, ``seed``, ``q_offset`` and ``key_keep`` as in
-    the forward call (dk and dv: the gradients of all ``N`` key rows from the ``Nq`` queries q holds)."""
+                     softcap=None, head_offsets: str = "interleaved"):
+    """Launch the backward kernels: ``(dq, dk, dv)``; ``dropout_p``, ``seed``, ``q_offset``, ``key_keep`` and
+    ``head_offsets`` as in the forward call (dk and dv: the gradients of all ``N`` key rows from the ``Nq`` queries
+    q holds)."""
     if softcap is not None:
         raise NotImplementedError(f"soft-capping (softcap={softcap}) in the Triton kernels: the exact path runs it")
     B, H, Nq, D = q.shape
@@ -1147,7 +1164,7 @@ def dilated_attn_bwd(dout, q, k, v, out, lse, segment_lengths, dilation_rates, *
     dq = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Hkv, N, D), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Hkv, N, D), dtype=v.dtype, device=v.device)
-    meta, out_scale, nested = _launch_pattern(segment_lengths, dilation_rates, mixing, H, dropout_p)
+    meta, out_scale, nested = _launch_pattern(segment_lengths, dilation_rates, mixing, H, dropout_p, head_offsets)
     seed_t, drop_thr, rdrop, dropout = _dropout_args(dropout_p, seed, lse, segment_lengths, dilation_rates)
     keep, key_range_t, stride_keep, key_mask = key_padding_args(key_keep, B, N, q.device)
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),

@@ -436,3 +436,33 @@ def test_compiled_decoding_steps_run_the_kernels_with_dynamic_shapes():
         assert_close(out, ref[:, :, nk - nq:], torch.bfloat16)
         frames.append(counter.frame_count)
     assert frames[0] == frames[1], "the second (Nq, Nk) recompiled"
+
+
+GROUPED_CASES = [  # causal, Hq, Hkv, N, segments, rates
+    (False, 8, 8, 1000, SEGS, RATES),
+    (True, 8, 2, 1000, SEGS, RATES),
+    (True, 6, 6, 777, (128, 256, 512), (1, 2, 4)),     # H not a multiple of the rates
+    (False, 4, 4, 1025, (128, 256), (2, 8)),             # r > H beside r < H
+]
+
+
+@pytest.mark.parametrize("case", GROUPED_CASES, ids=lambda c: f"{'causal' if c[0] else 'full'}-H{c[1]}/{c[2]}-N{c[3]}")
+def test_grouped_head_offsets_on_cuda(case):
+    """head_offsets="grouped" (torchscale's LongNet) through the Triton kernels in bf16, against the float64
+    transcription of torchscale's dilated attention (tests/strategies/test_head_offsets.py)."""
+    from tests.strategies.test_head_offsets import torchscale_dilated_attention
+
+    is_causal, Hq, Hkv, N, segs, rates = case
+    g = torch.Generator(device="cuda").manual_seed(N + Hq)
+    q, k, v = (torch.randn(1, h, N, 64, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+               for h in (Hq, Hkv, Hkv))
+    assert use_kernels(q, v, None, 0.0, len(segs))
+    out = dc.ops.dilated_attention(q, k, v, segs, rates, is_causal=is_causal, head_offsets="grouped")
+    q64, k64, v64 = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
+    ref = torchscale_dilated_attention(q64, k64, v64, segs, rates, is_causal=is_causal, scale=0.125)
+    assert_close(out.cpu(), ref, torch.bfloat16)
+    dout = torch.randn(out.shape, device="cuda", generator=g, dtype=torch.bfloat16)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    for name, a, b in zip(("dq", "dk", "dv"), grads, torch.autograd.grad(ref, (q64, k64, v64), dout.double().cpu())):
+        assert torch.isfinite(a).all(), name
+        assert_close(a.cpu(), b, torch.bfloat16, name)
