@@ -261,7 +261,9 @@ def test_warp_specialised_forward_refuses_grouped_offsets():
     if dilated_op.gluon is None:
         pytest.skip("this Triton has no Gluon")
     q = torch.zeros(1, 4, 64, 64)
-    reason = dilated_op.warp_specialised_reason(q, q, q, None, (8, 16, 32), (1, 2, 4), False, "lse", 0.0, "grouped")
+    reason = dilated_op.warp_specialised_reason(q, q, q, None, (8, 16, 32), (1, 2, 4), False, "lse", 0.0,
+                                                head_offsets="grouped")
     assert "head_offsets='grouped' with rates (1, 2, 4) over 4 heads" in reason
-    reason = dilated_op.warp_specialised_reason(q, q, q, None, (8, 32), (1, 4), False, "lse", 0.0, "grouped")
+    reason = dilated_op.warp_specialised_reason(q, q, q, None, (8, 32), (1, 4), False, "lse", 0.0,
+                                                head_offsets="grouped")
     assert "head_offsets" not in reason
