@@ -90,9 +90,15 @@ def key_padding_values(key_mask: bool, n: int) -> dict:
     return dict(Keep="*i8", KeyRange="*i32", stride_keep=("i32", n if key_mask else 0), KEY_MASK=key_mask)
 
 
-def window_values(n: int, *, key_mask: bool = False, q_lo=None) -> dict:
+def softcap_values(softcap: bool) -> dict:
+    """The soft-capping arguments: off, ``softcap`` None (specialised away, as the launchers pass it), or on."""
+    return dict(softcap="fp32" if softcap else None, SOFTCAP=softcap)
+
+
+def window_values(n: int, *, key_mask: bool = False, q_lo=None, softcap: bool = False) -> dict:
     """The block-sparse kernels' arguments for the causal sliding window at N = ``n``; ``q_lo``: the first query
-    position of a decoding call (q holds the positions from it on), None for self-attention."""
+    position of a decoding call (q holds the positions from it on), None for self-attention; ``softcap``: the
+    scores soft-capped."""
     h, d = 16, 64
     return dict(Q="*bf16", K="*bf16", V="*bf16", Out="*bf16", DO="*bf16", DQ="*bf16", DK="*bf16", DV="*bf16",
                 Lse="*fp32", Delta="*fp32", Terms="*i32", Coords="*i32", Rows="*i32", KvCount="*i32", KvIdx="*i32",
@@ -100,15 +106,15 @@ def window_values(n: int, *, key_mask: bool = False, q_lo=None) -> dict:
                 H=("i32", h), N=("i32", n), NB=("i32", n // 128), KW=("i32", 34), QW=("i32", 34),
                 HEAD_DIM=d, BS=128, IS_CAUSAL=True, GQA=1, PER_HEAD=False, NUM_TERMS=2, CHECKS=3, RAGGED=False,
                 PERMUTED=False, Q_LO=None if q_lo is None else ("i32", q_lo), **key_padding_values(key_mask, n),
-                **_strides(n, h, d, "qkob"))
+                **softcap_values(softcap), **_strides(n, h, d, "qkob"))
 
 
 def dilated_values(n: int, pattern: tuple, causal: bool, kind: str, bm: int, bn: int, *, dropout: int = 0,
                    gqa: int = 1, q_lo: int = 0, drop_thr: int = 0, h: int = 16, d: int = 64,
-                   key_mask: bool = False) -> dict:
+                   key_mask: bool = False, softcap: bool = False) -> dict:
     """The dilated kernel ``kind``'s arguments for ``pattern`` = (segments, rates, mixing) at N = ``n``, with the
     ``WALKS`` and ``SEEDED`` its launcher would pass for the tile ``bm`` x ``bn`` (``dropout``: the ``DROPOUT``
-    constexpr; "walk0": the causal walk-0 kernel)."""
+    constexpr; "walk0": the causal walk-0 kernel; ``softcap``: the scores soft-capped)."""
     segs, rates, mixing = pattern
     meta, _, nested = dt._launch_pattern(segs, rates, mixing, h, 0.1 if dropout else 0.0)
     owner, offset = ("keys", 0) if kind == "dkdv" else ("rows", q_lo)
@@ -119,7 +125,7 @@ def dilated_values(n: int, pattern: tuple, causal: bool, kind: str, bm: int, bn:
                 H=("i32", h), N=("i32", n), Q_LO=("i32", q_lo),
                 N_Q=("i32", n), out_scale="fp32", Seed="*i64", drop_thr=("i32", drop_thr), HEAD_DIM=d,
                 IS_CAUSAL=causal, GQA=gqa, DROPOUT=dropout, WALKS=walks, BLOCK_M=bm, BLOCK_N=bn, **meta,
-                **key_padding_values(key_mask, n), **_strides(n, h, d, "qko"))
+                **key_padding_values(key_mask, n), **softcap_values(softcap), **_strides(n, h, d, "qko"))
 
 
 def main():
@@ -129,6 +135,7 @@ def main():
     ap.add_argument("--kinds", default="fwd,dq,dkdv")
     ap.add_argument("--n", type=int, default=262144)
     ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--softcap", action="store_true", help="the scores soft-capped (SOFTCAP)")
     a = ap.parse_args()
     kernels = KERNELS[a.family]
     if a.family == "block-sparse":
@@ -143,9 +150,9 @@ def main():
         for cfg in space(kind):
             bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
             if a.family == "block-sparse":
-                values = window_values(a.n)
+                values = window_values(a.n, softcap=a.softcap)
             else:
-                values = dilated_values(a.n, CONFIG_A, a.causal, kind, bm, bn)
+                values = dilated_values(a.n, CONFIG_A, a.causal, kind, bm, bn, softcap=a.softcap)
             fn = _jit_fn(kernels[kind])
             values = {name: val for name, val in dict(values, BLOCK_M=bm, BLOCK_N=bn).items() if name in fn.arg_names}
             ck, report = compile_for(fn, values, cfg.num_warps, cfg.num_stages, a.arch, cfg.maxnreg)

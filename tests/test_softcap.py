@@ -215,3 +215,181 @@ def test_registered_attention_function_takes_gemma2_softcap():
     assert_close(got, want, torch.float32)   # Gemma2's eager softmax runs in float32
     plain, _ = eager_attention_forward(layer, q, k, v, causal, scaling=0.3)
     assert (got - plain).abs().max() > 0.05
+
+
+# --- the Triton kernels, launchers called directly (TRITON_INTERPRET=1 on CPU: small shapes, float16/32) ------
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+KERNEL_DILATED_CASES = [
+    # B, Hq, Hkv, Nq, Nk, segments, rates, mixing, head offsets
+    (2, 4, 2, 63, 63, (8, 16, 32), (1, 2, 4), "lse", "interleaved"),   # nested: the walks
+    (1, 3, 3, 40, 40, (8, 16), (1, 2), "head_groups", "interleaved"),
+    (1, 4, 2, 40, 40, (4, 6), (2, 3), "lse", "interleaved"),            # not nested: per-branch blocks
+    (1, 4, 2, 40, 40, (8, 16, 32), (1, 2, 4), "lse", "grouped"),
+    (2, 4, 2, 5, 50, (8, 16, 64), (1, 2, 4), "lse", "interleaved"),     # decoding: the last 5 of 50 positions
+    (1, 2, 2, 200, 200, (64, 128), (1, 2), "lse", "interleaved"),       # whole tiles inside segments
+]
+
+
+def _kernel_inputs(B, Hq, Hkv, Nq, Nk, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return tuple((2 * torch.randn(B, h, n, D, generator=g)).to(DEVICE, dtype) for h, n in
+                 ((Hq, Nq), (Hkv, Nk), (Hkv, Nk)))
+
+
+def _check_kernel_grads(grads, ref, inputs64, dout, dtype):
+    want = torch.autograd.grad(ref, inputs64, dout.double().cpu())
+    for name, a, b in zip(("dq", "dk", "dv"), grads, want):
+        assert a.dtype == dtype and a.shape == b.shape
+        assert_close(a.cpu(), b, dtype, name)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c[3] >= 150 else c
+                                  for c in KERNEL_DILATED_CASES],
+                         ids=lambda c: f"N{c[3]}of{c[4]}-H{c[1]}/{c[2]}-{c[7]}-{c[8]}")
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_dilated_kernels_match_capped_reference(case, is_causal):
+    from dilate_compiler.lowering.dilated.triton import dilated_attn_bwd, dilated_attn_fwd
+
+    B, Hq, Hkv, Nq, Nk, segs, rates, mixing, offsets = case
+    dtype = torch.float32
+    q, k, v = _kernel_inputs(B, Hq, Hkv, Nq, Nk, 32, dtype, seed=Nq + Hq)
+    strategy = dc.Dilated(segs, rates, mixing, head_offsets=offsets)
+    args = dict(is_causal=is_causal, scale=32 ** -0.5, mixing=mixing, q_offset=Nk - Nq, softcap=CAP,
+                head_offsets=offsets)
+    out, lse = dilated_attn_fwd(q, k, v, segs, rates, **args)
+    q64, k64, v64 = (t.double().cpu().requires_grad_() for t in (q, k, v))
+    ref = dilated_reference(strategy, q64, k64, v64, is_causal=is_causal, softcap=CAP)
+    assert_close(out.cpu(), ref, dtype)
+    assert (dilated_reference(strategy, q64, k64, v64, is_causal=is_causal, softcap=None) - ref).abs().max() > 0.05
+    if mixing == "lse":
+        ref_lse = dilated_reference_lse(strategy, q64, k64, is_causal=is_causal, softcap=CAP, scale=32 ** -0.5)
+        linked = torch.isfinite(ref_lse)   # rows no branch links: -inf in both
+        assert torch.equal(torch.isfinite(lse.cpu()), linked)
+        assert_close(lse.cpu()[linked], ref_lse[linked], dtype, "lse")
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    grads = dilated_attn_bwd(dout, q, k, v, out, lse, segs, rates, **args)
+    _check_kernel_grads(grads, ref, (q64, k64, v64), dout, dtype)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_dilated_kernels_with_key_padding_and_cap(is_causal):
+    from dilate_compiler.lowering.dilated.triton import dilated_attn_bwd, dilated_attn_fwd
+
+    B, Hq, Hkv, N, segs, rates = 2, 4, 2, 40, (8, 16), (1, 2)
+    dtype = torch.float32
+    q, k, v = _kernel_inputs(B, Hq, Hkv, N, N, 32, dtype, seed=11)
+    keep = torch.ones(B, N, dtype=torch.bool)
+    keep[0, 3::5] = False
+    keep[1, N - 6:] = False
+    args = dict(is_causal=is_causal, scale=32 ** -0.5, mixing="lse", key_keep=keep.to(DEVICE), softcap=CAP)
+    out, lse = dilated_attn_fwd(q, k, v, segs, rates, **args)
+    q64, k64, v64 = (t.double().cpu().requires_grad_() for t in (q, k, v))
+    mask = torch.where(keep, 0.0, float("-inf")).double().view(B, 1, 1, N)
+    ref = dilated_reference(dc.Dilated(segs, rates), q64, k64, v64, is_causal=is_causal, softcap=CAP, attn_mask=mask)
+    assert_close(out.cpu(), ref, dtype)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
+    grads = dilated_attn_bwd(dout, q, k, v, out, lse, segs, rates, **args)
+    _check_kernel_grads(grads, ref, (q64, k64, v64), dout, dtype)
+
+
+def test_dilated_kernels_with_cap_in_float16():
+    from dilate_compiler.lowering.dilated.triton import dilated_attn_bwd, dilated_attn_fwd
+
+    segs, rates = (8, 16, 32), (1, 2, 4)
+    dtype = torch.float16
+    q, k, v = _kernel_inputs(1, 4, 2, 63, 63, 32, dtype, seed=12)
+    args = dict(is_causal=True, scale=32 ** -0.5, mixing="lse", softcap=CAP)
+    out, lse = dilated_attn_fwd(q, k, v, segs, rates, **args)
+    q64, k64, v64 = (t.double().cpu().requires_grad_() for t in (q, k, v))
+    ref = dilated_reference(dc.Dilated(segs, rates), q64, k64, v64, is_causal=True, softcap=CAP)
+    assert_close(out.cpu(), ref, dtype)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
+    grads = dilated_attn_bwd(dout, q, k, v, out, lse, segs, rates, **args)
+    _check_kernel_grads(grads, ref, (q64, k64, v64), dout, dtype)
+
+
+@pytest.mark.parametrize("nq, nk", [(45, 45), (6, 45)], ids=["self", "decode"])
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True], ids=["all-keys", "key-padding"])
+def test_block_sparse_kernels_match_capped_reference(nq, nk, is_causal, padded):
+    from dilate_compiler.lowering.block_sparse.triton import block_sparse_attn_bwd, block_sparse_attn_fwd
+
+    dtype = torch.float32
+    pattern = P.sliding_window(20) | P.global_tokens(3)
+    q, k, v = _kernel_inputs(2, 4, 2, nq, nk, 32, dtype, seed=nq + 7 * is_causal)
+    keep = None
+    if padded:
+        keep = torch.ones(2, nk, dtype=torch.bool)
+        keep[0, :5] = False
+        keep[1, 20:30] = False
+    key_keep = None if keep is None else keep.to(DEVICE)
+    lay = pattern.layout(nk, BS, num_heads=4, is_causal=is_causal, device=DEVICE)
+    out, lse = block_sparse_attn_fwd(q, k, v, *lay.tensors()[:4], BS, is_causal, 0.2, lay.coords, lay.checks,
+                                     key_keep=key_keep, softcap=CAP)
+    mask = pattern.token_mask(nk, BS, num_heads=4, is_causal=is_causal)[:, nk - nq:]
+    q64, k64, v64 = (t.double().cpu().requires_grad_() for t in (q, k, v))
+    ref = block_sparse_reference(q64, k64, v64, mask, scale=0.2, softcap=CAP, key_keep=keep)
+    if padded and is_causal:   # rows that keep no key: output 0 (the reference's NaN), lse -inf
+        empty = ref.isnan().all(-1)
+        assert (out.cpu()[empty] == 0).all() and (lse.cpu()[empty] == float("-inf")).all()
+        ref = ref.nan_to_num(0.0)
+    assert_close(out.cpu(), ref, dtype)
+    assert (block_sparse_reference(q64, k64, v64, mask, scale=0.2, softcap=None, key_keep=keep).nan_to_num(0.0)
+            - ref).abs().max() > 0.05
+    allowed = mask.unsqueeze(0) if keep is None else mask.unsqueeze(0) & keep.view(2, 1, 1, nk)
+    s = capped_scores(q64.detach(), k64.detach(), 0.2, CAP).masked_fill(~allowed, float("-inf"))
+    ref_lse = torch.logsumexp(s, -1)
+    linked = torch.isfinite(ref_lse)
+    assert_close(lse.cpu()[linked], ref_lse[linked], dtype, "lse")
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE, dtype)
+    grads = block_sparse_attn_bwd(dout, q, k, v, out, lse, *lay.args(), BS, is_causal, 0.2, key_keep=key_keep,
+                                  softcap=CAP)
+    _check_kernel_grads(grads, ref, (q64, k64, v64), dout, dtype)
+
+
+@pytest.mark.parametrize("op", ["dilated", "block_sparse"])
+def test_kernel_dispatch_takes_softcap(op, monkeypatch):
+    """The ops' kernel dispatch no longer refuses soft-capping (tensors the kernels take: any, here)."""
+    from dilate_compiler.lowering.block_sparse import op as bop
+    from dilate_compiler.lowering.block_sparse import triton as bt
+    from dilate_compiler.lowering.dilated import op as dop
+    from dilate_compiler.lowering.dilated import triton as dt
+
+    monkeypatch.setattr(dt, "tensor_unsupported_reason", lambda q: "")
+    monkeypatch.setattr(bt, "tensor_unsupported_reason", lambda q: "")
+    q = torch.empty(1, 2, 8, 32, dtype=torch.float16)
+    if op == "dilated":
+        assert dt.kernel_unsupported_reason(q, None, 0.0, 2, CAP) == ""
+        assert dop.use_kernels(q, q, None, 0.0, 2, CAP)
+    else:
+        assert bt.kernel_unsupported_reason(q, 64, CAP) == ""
+        assert bop.use_kernels(q, q, 64, CAP)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ops_run_the_kernels_with_cap_on_gpu(dtype):
+    """On CUDA the capped ops run the Triton kernels and match the float64 reference, gradients included."""
+    from dilate_compiler.lowering.block_sparse import op as bop
+    from dilate_compiler.lowering.dilated import op as dop
+
+    q, k, v = (t.detach().to("cuda", dtype).requires_grad_() for t in _inputs(2, 4, 2, 256, 256, 64, torch.float64))
+    q64, k64, v64 = (t.detach().double().cpu().requires_grad_() for t in (q, k, v))
+    segs, rates = (64, 128), (1, 2)
+    assert dop.use_kernels(q, v, None, 0.0, len(segs), CAP)
+    out = dc.ops.dilated_attention(q, k, v, segs, rates, is_causal=True, softcap=CAP)
+    ref = dilated_reference(dc.Dilated(segs, rates), q64, k64, v64, is_causal=True, softcap=CAP)
+    assert_close(out.cpu(), ref, dtype)
+    dout = torch.randn_like(out)
+    for name, a, b in zip("qkv", _grads(out, (q, k, v), dout), _grads(ref, (q64, k64, v64), dout.double().cpu())):
+        assert_close(a.cpu(), b, dtype, f"d{name}")
+    pattern = P.sliding_window(128) | P.global_tokens(3)
+    assert bop.use_kernels(q, v, 64, CAP)
+    out = dc.ops.block_sparse_attention(q, k, v, pattern, block_size=64, is_causal=True, softcap=CAP)
+    mask = pattern.token_mask(256, 64, num_heads=4, is_causal=True)
+    ref = block_sparse_reference(q64, k64, v64, mask, scale=64 ** -0.5, softcap=CAP)
+    assert_close(out.cpu(), ref, dtype)
+    for name, a, b in zip("qkv", _grads(out, (q, k, v), dout), _grads(ref, (q64, k64, v64), dout.double().cpu())):
+        assert_close(a.cpu(), b, dtype, f"d{name}")

@@ -39,11 +39,13 @@ import triton.language as tl
 from ...patterns.algebra import GRID_AXES, TERM_COLUMNS
 from ..common.dispatch import tensor_unsupported_reason
 from ..common.key_padding import key_padding_args, key_range, keys_kept
-from ..common.launch import autotune_configs, launch_device, rows_addressable, rows_fit, runner, tile_configs
-from ..common.primitives import LN2, LOG2E, score_scale, softmax_step
+from ..common.launch import (autotune_configs, launch_device, rows_addressable, rows_fit, runner, softcap_args,
+                             tile_configs)
+from ..common.primitives import LN2, LOG2E, score_scale, soft_cap, softmax_step
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)  # 256 unrolls past the H100's shared memory at D=128
-_KEY = ["N", "HEAD_DIM", "BS", "IS_CAUSAL", "GQA", "PER_HEAD", "NUM_TERMS", "CHECKS", "PERMUTED", "KEY_MASK"]
+_KEY = ["N", "HEAD_DIM", "BS", "IS_CAUSAL", "GQA", "PER_HEAD", "NUM_TERMS", "CHECKS", "PERMUTED", "KEY_MASK",
+        "SOFTCAP"]
 assert TERM_COLUMNS == 12 and GRID_AXES == 3   # _token_ok reads the term table and coordinates with these
 
 
@@ -195,7 +197,8 @@ def _list_entry(Idx, Bits, e, ok, MASK: tl.constexpr):
 def _fwd_blocks(acc, m_i, l_i, q, p, Idx, Bits, lo, hi, k_base, v_base, Rows, stride_kn, Terms, Coords, N, qk_scale,
                 MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr,
                 RAGGED: tl.constexpr, PERMUTED: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-                HEAD_DIM: tl.constexpr, keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr):
+                HEAD_DIM: tl.constexpr, keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr,
+                softcap, SOFTCAP: tl.constexpr):
     """The key blocks of list entries ``[lo, hi)`` of row ``Idx`` / ``Bits``, one ``BLOCK_N`` tile per iteration.
     The next tile's block is read one iteration ahead, so the K and V loads pipeline as a contiguous walk's do
     (a load whose address comes from a load of the same iteration gets one buffer fewer)."""
@@ -206,13 +209,17 @@ def _fwd_blocks(acc, m_i, l_i, q, p, Idx, Bits, lo, hi, k_base, v_base, Rows, st
         j = blk * BS + (t % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
         k, v = _load_kv(k_base, v_base, Rows, j, stride_kn, N, MASK, RAGGED, PERMUTED, HEAD_DIM)
         s = tl.dot(q, tl.trans(k)).to(tl.float32)          # raw: scaled inside the step, one multiply-add per score
+        s_scale = qk_scale
+        if SOFTCAP:     # capped before the masks, in base 2: scaled already
+            s, _ = soft_cap(s * qk_scale, softcap)
+            s_scale = 1.0
         if MASK:
             ok = _token_ok(Terms, Coords, bits, p[:, None], j[None, :], N, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED)
             s = tl.where(ok, s, float("-inf"))
         if KEY_MASK:   # key padding is per memory row
             kept = keys_kept(keep_base, _rows(Rows, j, N, PERMUTED, RAGGED), kv_lo, kv_hi, holes) & (j < N)
             s = tl.where(kept[None, :], s, float("-inf"))
-        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, qk_scale, v, MASK or KEY_MASK)
+        acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, s_scale, v, MASK or KEY_MASK)
         blk, bits = _list_entry(Idx, Bits, tl.minimum((t + 1) // SUB, last), True, MASK)
     return acc, m_i, l_i
 
@@ -248,6 +255,7 @@ def _block_sparse_fwd_kernel(
     HEAD_DIM: tl.constexpr, BS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr,
     PER_HEAD: tl.constexpr, NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr, RAGGED: tl.constexpr,
     PERMUTED: tl.constexpr, KEY_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    softcap, SOFTCAP: tl.constexpr,
 ):
     pid_m, bh = _heavy_first(TileOrder, NB, BS, BLOCK_M)
     if pid_m * BLOCK_M >= N:   # a sub-tile past the end of the last (partial) block
@@ -271,10 +279,10 @@ def _block_sparse_fwd_kernel(
     keep_base = Keep + b * stride_keep
     acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, p, idx, bits, 0, n_part, k_base, v_base, Rows, stride_kn, Terms,
                                 Coords, N, qk_scale, True, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED, PERMUTED, BS, BLOCK_N,
-                                HEAD_DIM, keep_base, kv_lo, kv_hi, holes, KEY_MASK)
+                                HEAD_DIM, keep_base, kv_lo, kv_hi, holes, KEY_MASK, softcap, SOFTCAP)
     acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, p, idx, bits, n_part, n_tot, k_base, v_base, Rows, stride_kn, Terms,
                                 Coords, N, qk_scale, False, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED, PERMUTED, BS,
-                                BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes, KEY_MASK)
+                                BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes, KEY_MASK, softcap, SOFTCAP)
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(l_i > 0.0, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
@@ -287,7 +295,8 @@ def _block_sparse_fwd_kernel(
 def _dq_blocks(dq, q, do, lse2, delta, p, Idx, Bits, lo, hi, k_base, v_base, Rows, stride_kn, Terms, Coords, N,
                qk_scale, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr,
                RAGGED: tl.constexpr, PERMUTED: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-               HEAD_DIM: tl.constexpr, keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr):
+               HEAD_DIM: tl.constexpr, keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr,
+               softcap, SOFTCAP: tl.constexpr):
     """dQ over the key blocks of list entries ``[lo, hi)`` (the loop of ``_fwd_blocks``)."""
     SUB: tl.constexpr = BS // BLOCK_N
     last = tl.maximum(hi - 1, lo)
@@ -296,6 +305,8 @@ def _dq_blocks(dq, q, do, lse2, delta, p, Idx, Bits, lo, hi, k_base, v_base, Row
         j = blk * BS + (t % SUB) * BLOCK_N + tl.arange(0, BLOCK_N)
         k, v = _load_kv(k_base, v_base, Rows, j, stride_kn, N, MASK, RAGGED, PERMUTED, HEAD_DIM)
         s = (tl.dot(q, tl.trans(k)) * qk_scale).to(tl.float32)
+        if SOFTCAP:
+            s, dcap = soft_cap(s, softcap)
         pr = tl.exp2(s - lse2[:, None])
         if MASK:
             ok = _token_ok(Terms, Coords, bits, p[:, None], j[None, :], N, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED,
@@ -306,6 +317,8 @@ def _dq_blocks(dq, q, do, lse2, delta, p, Idx, Bits, lo, hi, k_base, v_base, Row
             pr = tl.where(kept[None, :], pr, 0.0)
         dp = tl.dot(do, tl.trans(v)).to(tl.float32)
         ds = pr * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * dcap
         dq = tl.dot(ds.to(k.dtype), k, dq)
         blk, bits = _list_entry(Idx, Bits, tl.minimum((t + 1) // SUB, last), True, MASK)
     return dq
@@ -319,6 +332,7 @@ def _block_sparse_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr,
     PER_HEAD: tl.constexpr, NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr, RAGGED: tl.constexpr,
     PERMUTED: tl.constexpr, KEY_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    softcap, SOFTCAP: tl.constexpr,
 ):
     pid_m, bh = _heavy_first(TileOrder, NB, BS, BLOCK_M)
     if pid_m * BLOCK_M >= N:   # a sub-tile past the end of the last (partial) block
@@ -346,10 +360,10 @@ def _block_sparse_bwd_dq_kernel(
     keep_base = Keep + b * stride_keep
     dq = _dq_blocks(dq, q, do, lse2, delta, p, idx, bits, 0, n_part, k_base, v_base, Rows, stride_kn, Terms, Coords,
                     N, qk_scale, True, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED, PERMUTED, BS, BLOCK_N, HEAD_DIM,
-                    keep_base, kv_lo, kv_hi, holes, KEY_MASK)
+                    keep_base, kv_lo, kv_hi, holes, KEY_MASK, softcap, SOFTCAP)
     dq = _dq_blocks(dq, q, do, lse2, delta, p, idx, bits, n_part, n_tot, k_base, v_base, Rows, stride_kn, Terms,
                     Coords, N, qk_scale, False, IS_CAUSAL, NUM_TERMS, CHECKS, RAGGED, PERMUTED, BS, BLOCK_N, HEAD_DIM,
-                    keep_base, kv_lo, kv_hi, holes, KEY_MASK)
+                    keep_base, kv_lo, kv_hi, holes, KEY_MASK, softcap, SOFTCAP)
     tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -357,7 +371,7 @@ def _block_sparse_bwd_dq_kernel(
 def _dkdv_tile(dk, dv, k, v, j, p, bits, q_base, do_base, lse_base, delta_base, Rows, stride_qn, stride_on, Terms,
                Coords, N, Q_LO, qk_scale, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, NUM_TERMS: tl.constexpr,
                CHECKS: tl.constexpr, RAGGED: tl.constexpr, PERMUTED: tl.constexpr, HEAD_DIM: tl.constexpr,
-               KEY_MASK: tl.constexpr):
+               KEY_MASK: tl.constexpr, softcap, SOFTCAP: tl.constexpr):
     """dK, dV from the query positions ``p`` (one ``BLOCK_M`` tile); rows that don't exist (past a ragged end, or
     before the first query ``Q_LO``) load as zeros and add nothing."""
     offs_d = tl.arange(0, HEAD_DIM)
@@ -373,6 +387,8 @@ def _dkdv_tile(dk, dv, k, v, j, p, bits, q_base, do_base, lse_base, delta_base, 
         lse2 = tl.load(lse_base + r) * LOG2E
         delta = tl.load(delta_base + r)
     st = (tl.dot(k, tl.trans(q)) * qk_scale).to(tl.float32)           # [BLOCK_N, BLOCK_M]
+    if SOFTCAP:
+        st, dcap = soft_cap(st, softcap)
     if KEY_MASK:   # a query row that keeps no key weighs 0
         lse2 = tl.where(lse2 == float("-inf"), float("inf"), lse2)
     pt = tl.exp2(st - lse2[None, :])
@@ -382,6 +398,8 @@ def _dkdv_tile(dk, dv, k, v, j, p, bits, q_base, do_base, lse_base, delta_base, 
     dv = tl.dot(pt.to(do.dtype), do, dv)
     dpt = tl.dot(v, tl.trans(do)).to(tl.float32)
     dst = pt * (dpt - delta[None, :])
+    if SOFTCAP:
+        dst = dst * dcap
     dk = tl.dot(dst.to(q.dtype), q, dk)
     return dk, dv
 
@@ -390,7 +408,8 @@ def _dkdv_tile(dk, dv, k, v, j, p, bits, q_base, do_base, lse_base, delta_base, 
 def _dkdv_blocks(dk, dv, k, v, j, Idx, Bits, lo, hi, q_base, do_base, lse_base, delta_base, Rows, stride_qn,
                  stride_on, Terms, Coords, N, Q_LO, qk_scale, MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
                  NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr, RAGGED: tl.constexpr, PERMUTED: tl.constexpr,
-                 BS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, KEY_MASK: tl.constexpr):
+                 BS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, KEY_MASK: tl.constexpr,
+                 softcap, SOFTCAP: tl.constexpr):
     """dK, dV from the query blocks of list entries ``[lo, hi)`` of a transposed list row, one ``BLOCK_M`` tile
     per iteration (the next tile's block read one iteration ahead, as in ``_fwd_blocks``). With ``Q_LO`` (q holds
     the positions from ``Q_LO`` on) tiles wholly before it are skipped."""
@@ -402,12 +421,12 @@ def _dkdv_blocks(dk, dv, k, v, j, Idx, Bits, lo, hi, q_base, do_base, lse_base, 
         if Q_LO is None:
             dk, dv = _dkdv_tile(dk, dv, k, v, j, p, bits, q_base, do_base, lse_base, delta_base, Rows, stride_qn,
                                 stride_on, Terms, Coords, N, Q_LO, qk_scale, MASK, IS_CAUSAL, NUM_TERMS, CHECKS,
-                                RAGGED, PERMUTED, HEAD_DIM, KEY_MASK)
+                                RAGGED, PERMUTED, HEAD_DIM, KEY_MASK, softcap, SOFTCAP)
         else:
             if not _before_queries(blk * SUB + t % SUB, Q_LO, BLOCK_M):
                 dk, dv = _dkdv_tile(dk, dv, k, v, j, p, bits, q_base, do_base, lse_base, delta_base, Rows,
                                     stride_qn, stride_on, Terms, Coords, N, Q_LO, qk_scale, MASK, IS_CAUSAL,
-                                    NUM_TERMS, CHECKS, RAGGED, PERMUTED, HEAD_DIM, KEY_MASK)
+                                    NUM_TERMS, CHECKS, RAGGED, PERMUTED, HEAD_DIM, KEY_MASK, softcap, SOFTCAP)
         blk, bits = _list_entry(Idx, Bits, tl.minimum((t + 1) // SUB, last), True, MASK)
     return dk, dv
 
@@ -420,6 +439,7 @@ def _block_sparse_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr,
     PER_HEAD: tl.constexpr, NUM_TERMS: tl.constexpr, CHECKS: tl.constexpr, RAGGED: tl.constexpr,
     PERMUTED: tl.constexpr, KEY_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    softcap, SOFTCAP: tl.constexpr,
 ):
     HKV = H // GQA
     pid_n, bkh = _heavy_first(TileOrder, NB, BS, BLOCK_N)
@@ -452,10 +472,10 @@ def _block_sparse_bwd_dkdv_kernel(
         idx, bits = QIdx + col * QW, QBits + col * QW
         dk, dv = _dkdv_blocks(dk, dv, k, v, j, idx, bits, 0, n_part, q_base, do_base, lse_base, delta_base, Rows,
                               stride_qn, stride_on, Terms, Coords, N, Q_LO, qk_scale, True, IS_CAUSAL, NUM_TERMS,
-                              CHECKS, RAGGED, PERMUTED, BS, BLOCK_M, HEAD_DIM, KEY_MASK)
+                              CHECKS, RAGGED, PERMUTED, BS, BLOCK_M, HEAD_DIM, KEY_MASK, softcap, SOFTCAP)
         dk, dv = _dkdv_blocks(dk, dv, k, v, j, idx, bits, n_part, n_tot, q_base, do_base, lse_base, delta_base, Rows,
                               stride_qn, stride_on, Terms, Coords, N, Q_LO, qk_scale, False, IS_CAUSAL, NUM_TERMS,
-                              CHECKS, RAGGED, PERMUTED, BS, BLOCK_M, HEAD_DIM, KEY_MASK)
+                              CHECKS, RAGGED, PERMUTED, BS, BLOCK_M, HEAD_DIM, KEY_MASK, softcap, SOFTCAP)
     if KEY_MASK:   # dropped keys get no gradient
         kv_lo, kv_hi, holes = key_range(KeyRange, b, N, KEY_MASK)
         kept = keys_kept(Keep + b * stride_keep, rows, kv_lo, kv_hi, holes)
@@ -495,12 +515,11 @@ def _kernel(kind: str, bs: int):
 
 
 def kernel_unsupported_reason(q, block_size: int, softcap=None) -> str:
-    """Why the Triton kernels can't run this call (the exact PyTorch path runs instead), or ''."""
+    """Why the Triton kernels can't run this call (the exact PyTorch path runs instead), or ''. Soft-capping
+    (``softcap``) they run."""
     reason = tensor_unsupported_reason(q)
     if reason:
         return reason
-    if softcap is not None:
-        return f"soft-capping of the scores (softcap={softcap}; the kernels have no score modifier yet)"
     if block_size not in SUPPORTED_BLOCK_SIZES:
         return f"block_size {block_size} (kernels: {SUPPORTED_BLOCK_SIZES})"
     return ""
@@ -594,9 +613,8 @@ def block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size:
     only the query blocks holding them are launched). ``order``: sequence position ``p`` of the layout is memory
     row ``order[p]`` of q, k, v, out and lse (the attention runs in that order with no gather; None or empty: the
     identity; only with ``Nq == N``). ``key_keep``: bool ``[B or 1, N]``, the memory rows whose keys attend (key
-    padding, ``common.key_padding``)."""
-    if softcap is not None:
-        raise NotImplementedError(f"soft-capping (softcap={softcap}) in the Triton kernels: the exact path runs it")
+    padding, ``common.key_padding``). ``softcap``: scores ``c * tanh(scale * q.k / c)`` (Gemma2's soft-capping;
+    None: uncapped), capped before the masks."""
     B, H, Nq, D = q.shape
     N = k.shape[2]
     q_lo, first = query_offset(q, k, order)
@@ -613,7 +631,8 @@ def block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size:
             kv_bits, tile_order(kv_count, kv_count.shape[0], B * H, first // block_size), scale,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             out.stride(0), out.stride(1), out.stride(2), H, N, nb, kv_idx.shape[2], keep, key_range_t, stride_keep,
-            q_lo, KEY_MASK=key_mask, **_flags(q, k, kv_idx, terms, order, checks, block_size, is_causal))
+            q_lo, KEY_MASK=key_mask, **softcap_args(softcap), **_flags(q, k, kv_idx, terms, order, checks,
+                                                                       block_size, is_causal))
     return out, lse
 
 
@@ -624,8 +643,6 @@ def block_sparse_attn_bwd(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_b
     empty; dk and dv: the gradients of all N keys from the queries q holds). ``delta``: ``rowsum(dout * out)``
     ``[B, H, Nq]`` when the caller has it (a ring step, whose softmax spans more keys than these; ``out`` is then
     unused), else computed from ``out``."""
-    if softcap is not None:
-        raise NotImplementedError(f"soft-capping (softcap={softcap}) in the Triton kernels: the exact path runs it")
     B, H, Nq, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     q_lo, first = query_offset(q, k, order)
@@ -640,7 +657,7 @@ def block_sparse_attn_bwd(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_b
     nb = kv_idx.shape[1]
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                dout.stride(0), dout.stride(1), dout.stride(2))
-    flags = _flags(q, k, kv_idx, terms, order, checks, block_size, is_causal)
+    flags = dict(_flags(q, k, kv_idx, terms, order, checks, block_size, is_causal), **softcap_args(softcap))
     coords = _table_arg(coords, q, GRID_AXES)
     rows = _table_arg(order, q, 1)
     kv_heads = Hkv if q_count.shape[0] > 1 else 1

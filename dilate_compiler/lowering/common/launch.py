@@ -65,3 +65,15 @@ def rows_fit(t: torch.Tensor) -> bool:
 def rows_addressable(t: torch.Tensor) -> torch.Tensor:
     """``t``, or a contiguous copy when the kernels can't read it in place (``rows_fit``)."""
     return t if rows_fit(t) else t.contiguous()
+
+
+def softcap_args(softcap) -> dict:
+    """The kernels' soft-capping arguments (``primitives.soft_cap``): the runtime ``softcap`` and the constexpr
+    ``SOFTCAP``. Without capping ``softcap`` is None, which Triton specialises away, so the kernels compile as if
+    they had no such argument."""
+    if softcap is None:
+        return dict(softcap=None, SOFTCAP=False)
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0 \
+            or softcap == float("inf"):
+        raise ValueError(f"softcap must be a finite float > 0 or None (no soft-capping), got {softcap!r}")
+    return dict(softcap=float(softcap), SOFTCAP=True)

@@ -46,3 +46,20 @@ def score_scale(sm_scale):
     Python floats so) and the scale of scores in base 2, ``sm_scale * LOG2E``."""
     sm_scale = tl.cast(sm_scale, tl.float32)
     return sm_scale, sm_scale * LOG2E
+
+
+@triton.jit
+def tanh(x):
+    """``tanh(x)`` as ``2 * sigmoid(2x) - 1``: one form for Triton's interpreter and the GPU, exact in the limits
+    (``+-1`` for ``|x|`` large, ``-1`` at ``-inf``)."""
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def soft_cap(s2, softcap):
+    """Gemma2's soft-capping of base-2 scores ``s2 = s * LOG2E``: ``c * tanh(s / c)`` on the natural scale
+    (``c = softcap``), returned in base 2, and its derivative ``1 - tanh(s / c)**2``, the factor a score's
+    gradient takes through the cap. Apply it before the masks (``-inf`` would cap to ``-c``)."""
+    c2 = tl.cast(softcap, tl.float32) * LOG2E
+    t = tanh(s2 / c2)
+    return c2 * t, 1.0 - t * t

@@ -36,8 +36,9 @@ import triton.language as tl
 
 from ..common.dispatch import tensor_unsupported_reason
 from ..common.key_padding import clip_tiles, key_padding_args, key_range, keys_kept
-from ..common.launch import autotune_configs, launch_device, rows_addressable, rows_fit, runner, tile_configs
-from ..common.primitives import LN2, LOG2E, score_scale, softmax_step, softmax_weights
+from ..common.launch import (autotune_configs, launch_device, rows_addressable, rows_fit, runner, softcap_args,
+                             tile_configs)
+from ..common.primitives import LN2, LOG2E, score_scale, soft_cap, softmax_step, softmax_weights
 from .plan import check_head_offsets, head_group_bounds, nested_order, offsets_coincide
 
 MAX_BRANCHES = 8   # the kernels unroll one block (or walk) per branch; longer patterns run the exact path
@@ -59,8 +60,9 @@ def tile_space(kind: str) -> list:
     return tile_configs(space)
 
 
-_KEY = ["N", "HEAD_DIM", "L", "IS_CAUSAL", "MIXING_LSE", "GQA", "DROPOUT", "WALKS", "WS", "RS", "KEY_MASK", "GROUPED"]
-_KEY_WALK0 = ["N", "HEAD_DIM", "L", "GQA", "WS", "RS", "KEY_MASK"]
+_KEY = ["N", "HEAD_DIM", "L", "IS_CAUSAL", "MIXING_LSE", "GQA", "DROPOUT", "WALKS", "WS", "RS", "KEY_MASK", "GROUPED",
+        "SOFTCAP"]
+_KEY_WALK0 = ["N", "HEAD_DIM", "L", "GQA", "WS", "RS", "KEY_MASK", "SOFTCAP"]
 
 
 @triton.jit
@@ -143,7 +145,7 @@ def _query_tile(i_tile, Q_LO, N_Q, L: tl.constexpr, BLOCK_M: tl.constexpr):
 def _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, hi, n_keys, qk_scale,
                W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK: tl.constexpr,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, seed, drop_thr, stream, DROPOUT: tl.constexpr,
-               keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr):
+               keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr, softcap, SOFTCAP: tl.constexpr):
     """Key blocks ``[lo, hi)`` of one branch; ``MASK`` only on boundary blocks (segment edges, causal diagonal).
     Dropout zeroes dropped pairs in ``P @ V`` only (the normaliser keeps them; ``1 / (1 - p)`` is in out_scale).
     ``KEY_MASK``: key padding (``common.key_padding``): tiles of dropped keys only are skipped, the others masked."""
@@ -161,6 +163,10 @@ def _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, hi, n_key
             k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :])
             v = tl.load(v_base + j[:, None] * stride_kn + offs_d[None, :])
         s = tl.dot(q, tl.trans(k)).to(tl.float32)          # [BLOCK_M, BLOCK_N], raw: see softmax_weights
+        s_scale = qk_scale
+        if SOFTCAP:     # capped before the masks, in base 2: scaled already
+            s, _ = soft_cap(s * qk_scale, softcap)
+            s_scale = 1.0
         if MASK:
             ok = k_ok[None, :] & ((j[None, :] // W) == (p[:, None] // W))
             if IS_CAUSAL:
@@ -168,7 +174,7 @@ def _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, hi, n_key
             s = tl.where(ok, s, float("-inf"))
         if KEY_MASK:
             s = tl.where(keys_kept(keep_base, j, kv_lo, kv_hi, holes)[None, :], s, float("-inf"))
-        m_new, alpha, pr = softmax_weights(m_i, s, qk_scale, MASK or KEY_MASK)
+        m_new, alpha, pr = softmax_weights(m_i, s, s_scale, MASK or KEY_MASK)
         l_i = l_i * alpha + tl.sum(pr, 1)
         if DROPOUT:
             pr = tl.where(_keep_tile(seed, p, j, j0, start, stream, drop_thr, R, BLOCK_N, DROPOUT), pr, 0.0)
@@ -200,15 +206,15 @@ def _key_range(p_first, p_last, o, N, W: tl.constexpr, R: tl.constexpr, IS_CAUSA
 def _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N, qk_scale,
                 W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, seed, drop_thr, stream, DROPOUT: tl.constexpr,
-                keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr):
+                keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr, softcap, SOFTCAP: tl.constexpr):
     """Online softmax over one branch's keys for the query rows ``p`` (scores in base 2)."""
     j0, n_keys, n_full = _key_range(p_first, p_last, o, N, W, R, IS_CAUSAL, BLOCK_N)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, 0, n_full, n_keys, qk_scale,
                                W, R, IS_CAUSAL, False, BLOCK_N, HEAD_DIM, seed, drop_thr, stream, DROPOUT,
-                               keep_base, kv_lo, kv_hi, holes, KEY_MASK)
+                               keep_base, kv_lo, kv_hi, holes, KEY_MASK, softcap, SOFTCAP)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, n_full, n_keys, n_keys,
                                qk_scale, W, R, IS_CAUSAL, True, BLOCK_N, HEAD_DIM, seed, drop_thr, stream, DROPOUT,
-                               keep_base, kv_lo, kv_hi, holes, KEY_MASK)
+                               keep_base, kv_lo, kv_hi, holes, KEY_MASK, softcap, SOFTCAP)
     return acc, m_i, l_i
 
 
@@ -301,9 +307,10 @@ def _walk_keys(p_first, p_last, o, N, B: tl.constexpr, WS: tl.constexpr, R: tl.c
 @triton.jit
 def _walk_key_tile(q, k_base, v_base, stride_kn, j0, start, valid_hi, lm, qk_scale, R: tl.constexpr,
                    TAIL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, keep_base, kv_lo, kv_hi,
-                   holes, KEY_MASK: tl.constexpr):
+                   holes, KEY_MASK: tl.constexpr, softcap, SOFTCAP: tl.constexpr):
     """The key tile at ``start`` of a walk (keys ``j0 + R * m``): positions, K, V and the scores in base 2 with
-    the keys' log2 multiplicities ``lm`` added. ``TAIL``: the last, partial tile, whose keys ``>= valid_hi`` are
+    the keys' log2 multiplicities ``lm`` added (``SOFTCAP``: capped first), and the cap's derivative (1.0
+    without). ``TAIL``: the last, partial tile, whose keys ``>= valid_hi`` are
     read at the last valid one and weigh 0."""
     m = start + tl.arange(0, BLOCK_N)
     if TAIL:
@@ -315,20 +322,24 @@ def _walk_key_tile(q, k_base, v_base, stride_kn, j0, start, valid_hi, lm, qk_sca
     offs_d = tl.arange(0, HEAD_DIM)
     k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :])
     v = tl.load(v_base + j[:, None] * stride_kn + offs_d[None, :])
-    s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale + lmt[None, :]
+    s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale
+    dcap = 1.0
+    if SOFTCAP:
+        s, dcap = soft_cap(s, softcap)
+    s = s + lmt[None, :]
     if KEY_MASK:
         s = tl.where(keys_kept(keep_base, j, kv_lo, kv_hi, holes)[None, :], s, float("-inf"))
-    return j, k, v, s
+    return j, k, v, s, dcap
 
 
 @triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, hi, valid_hi, lm, qk_scale, R: tl.constexpr,
                MASK: tl.constexpr, TAIL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, keep_base,
-               kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr):
+               kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr, softcap, SOFTCAP: tl.constexpr):
     """Key tiles ``[lo, hi)`` of a walk (``_walk_key_tile``); ``MASK``: the causal diagonal."""
     for start in range(lo, hi, BLOCK_N):
-        j, k, v, s = _walk_key_tile(q, k_base, v_base, stride_kn, j0, start, valid_hi, lm, qk_scale, R, TAIL,
-                                    BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes, KEY_MASK)
+        j, k, v, s, dcap = _walk_key_tile(q, k_base, v_base, stride_kn, j0, start, valid_hi, lm, qk_scale, R, TAIL,
+                                    BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes, KEY_MASK, softcap, SOFTCAP)
         if MASK:
             s = tl.where(j[None, :] <= p[:, None], s, float("-inf"))
         acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, 1.0, v, MASK or KEY_MASK)
@@ -338,22 +349,26 @@ def _fwd_tiles(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, hi, valid
 @triton.jit
 def _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, lo, hi, valid_hi, qk_scale,
              B: tl.constexpr, R: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-             NUM_BRANCHES: tl.constexpr, RS: tl.constexpr, keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr):
+             NUM_BRANCHES: tl.constexpr, RS: tl.constexpr, keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr,
+             softcap, SOFTCAP: tl.constexpr):
     """Key tiles ``[lo, hi)`` of a walk (``hi <= valid_hi``): whole tiles, then the partial one."""
     if KEY_MASK:
         lo, hi = clip_tiles(lo, hi, j0, R, kv_lo, kv_hi, BLOCK_N)
     lm, whole = _walk_split(j0, lo, hi, valid_hi, h, y, B, R, NUM_BRANCHES, RS, BLOCK_N)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, whole, valid_hi, lm,
-                               qk_scale, R, MASK, False, BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes, KEY_MASK)
+                               qk_scale, R, MASK, False, BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes, KEY_MASK,
+                               softcap, SOFTCAP)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, whole, hi, valid_hi, lm,
-                               qk_scale, R, MASK, True, BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes, KEY_MASK)
+                               qk_scale, R, MASK, True, BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes, KEY_MASK,
+                               softcap, SOFTCAP)
     return acc, m_i, l_i
 
 
 @triton.jit
 def _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N, qk_scale,
               B: tl.constexpr, WS: tl.constexpr, RS: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-              HEAD_DIM: tl.constexpr, keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr):
+              HEAD_DIM: tl.constexpr, keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr,
+              softcap, SOFTCAP: tl.constexpr):
     """Walk ``B`` of a forward program (see the section comment), if branch ``B`` selects class ``c``."""
     R: tl.constexpr = RS[B]
     NUM_BRANCHES: tl.constexpr = len(RS)
@@ -363,30 +378,33 @@ def _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride
         if B > 0:
             acc, m_i, l_i = _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, 0, a_hi, a_hi,
                                      qk_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS, keep_base, kv_lo,
-                                     kv_hi, holes, KEY_MASK)
+                                     kv_hi, holes, KEY_MASK, softcap, SOFTCAP)
         acc, m_i, l_i = _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, b_lo, b_hi, n_keys,
                                  qk_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS, keep_base, kv_lo, kv_hi,
-                                 holes, KEY_MASK)
+                                 holes, KEY_MASK, softcap, SOFTCAP)
         if IS_CAUSAL and B == 0:
             acc, m_i, l_i = _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, b_hi, n_keys, n_keys,
                                      qk_scale, B, R, True, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS, keep_base, kv_lo,
-                                     kv_hi, holes, KEY_MASK)
+                                     kv_hi, holes, KEY_MASK, softcap, SOFTCAP)
     return acc, m_i, l_i
 
 
 @triton.jit
 def _dq_tiles(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, lo, hi, valid_hi, lm, qk_scale, out_scale,
               R: tl.constexpr, MASK: tl.constexpr, TAIL: tl.constexpr, BLOCK_N: tl.constexpr,
-              HEAD_DIM: tl.constexpr, keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr):
+              HEAD_DIM: tl.constexpr, keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr,
+              softcap, SOFTCAP: tl.constexpr):
     """dQ over key tiles ``[lo, hi)`` of a walk (as ``_fwd_tiles``): P = m * exp2(S - LSE), dS = P * (dP - delta)."""
     for start in range(lo, hi, BLOCK_N):
-        j, k, v, s = _walk_key_tile(q, k_base, v_base, stride_kn, j0, start, valid_hi, lm, qk_scale, R, TAIL,
-                                    BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes, KEY_MASK)
+        j, k, v, s, dcap = _walk_key_tile(q, k_base, v_base, stride_kn, j0, start, valid_hi, lm, qk_scale, R, TAIL,
+                                    BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes, KEY_MASK, softcap, SOFTCAP)
         pr = tl.exp2(s - lse2[:, None])
         if MASK:
             pr = tl.where(j[None, :] <= p[:, None], pr, 0.0)
         dp = (tl.dot(do, tl.trans(v)) * out_scale).to(tl.float32)
         ds = pr * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * dcap
         dq = tl.dot(ds.to(k.dtype), k, dq)
     return dq
 
@@ -394,22 +412,26 @@ def _dq_tiles(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, lo, hi, 
 @triton.jit
 def _dq_run(dq, q, do, lse2, delta, p, h, y, k_base, v_base, stride_kn, j0, lo, hi, valid_hi, qk_scale, out_scale,
             B: tl.constexpr, R: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-            NUM_BRANCHES: tl.constexpr, RS: tl.constexpr, keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr):
+            NUM_BRANCHES: tl.constexpr, RS: tl.constexpr, keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr,
+            softcap, SOFTCAP: tl.constexpr):
     """dQ over key tiles ``[lo, hi)`` of a walk: whole tiles, then the partial one (as ``_fwd_run``)."""
     if KEY_MASK:
         lo, hi = clip_tiles(lo, hi, j0, R, kv_lo, kv_hi, BLOCK_N)
     lm, whole = _walk_split(j0, lo, hi, valid_hi, h, y, B, R, NUM_BRANCHES, RS, BLOCK_N)
     dq = _dq_tiles(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, lo, whole, valid_hi, lm, qk_scale,
-                   out_scale, R, MASK, False, BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes, KEY_MASK)
+                   out_scale, R, MASK, False, BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes, KEY_MASK,
+                   softcap, SOFTCAP)
     dq = _dq_tiles(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, whole, hi, valid_hi, lm, qk_scale,
-                   out_scale, R, MASK, True, BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes, KEY_MASK)
+                   out_scale, R, MASK, True, BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes, KEY_MASK,
+                   softcap, SOFTCAP)
     return dq
 
 
 @triton.jit
 def _dq_walk(dq, q, do, lse2, delta, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N, qk_scale, out_scale,
              B: tl.constexpr, WS: tl.constexpr, RS: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-             HEAD_DIM: tl.constexpr, keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr):
+             HEAD_DIM: tl.constexpr, keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr,
+             softcap, SOFTCAP: tl.constexpr):
     """Walk ``B`` of a dQ program, if branch ``B`` selects class ``c``."""
     R: tl.constexpr = RS[B]
     NUM_BRANCHES: tl.constexpr = len(RS)
@@ -419,21 +441,21 @@ def _dq_walk(dq, q, do, lse2, delta, p, p_first, p_last, h, c, k_base, v_base, s
         if B > 0:
             dq = _dq_run(dq, q, do, lse2, delta, p, h, y, k_base, v_base, stride_kn, j0, 0, a_hi, a_hi, qk_scale,
                          out_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS, keep_base, kv_lo, kv_hi, holes,
-                         KEY_MASK)
+                         KEY_MASK, softcap, SOFTCAP)
         dq = _dq_run(dq, q, do, lse2, delta, p, h, y, k_base, v_base, stride_kn, j0, b_lo, b_hi, n_keys, qk_scale,
                      out_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS, keep_base, kv_lo, kv_hi, holes,
-                     KEY_MASK)
+                     KEY_MASK, softcap, SOFTCAP)
         if IS_CAUSAL and B == 0:
             dq = _dq_run(dq, q, do, lse2, delta, p, h, y, k_base, v_base, stride_kn, j0, b_hi, n_keys, n_keys,
                          qk_scale, out_scale, B, R, True, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS, keep_base, kv_lo,
-                         kv_hi, holes, KEY_MASK)
+                         kv_hi, holes, KEY_MASK, softcap, SOFTCAP)
     return dq
 
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stride_qn, stride_on, p0, lo, hi, valid_hi,
                 lm, qk_scale, out_scale, R: tl.constexpr, MASK: tl.constexpr, TAIL: tl.constexpr,
-                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+                BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, softcap, SOFTCAP: tl.constexpr):
     """dK, dV from query tiles ``[lo, hi)`` of a walk (queries ``p0 + R * m``, ``lm`` their log2
     multiplicities), riding on the row's log-sum-exp: P = exp2(S - (LSE - log2 m)). ``TAIL``: the partial tile,
     whose queries ``>= valid_hi`` are read at the last valid one and weigh 0; ``MASK``: the causal diagonal."""
@@ -451,12 +473,16 @@ def _dkdv_tiles(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stride_q
             shift = tl.where(m < valid_hi, shift, float("inf"))
         delta = tl.load(delta_base + p)
         st = (tl.dot(k, tl.trans(q)) * qk_scale).to(tl.float32)           # [BLOCK_N, BLOCK_M]
+        if SOFTCAP:
+            st, dcap = soft_cap(st, softcap)
         pt = tl.exp2(st - shift[None, :])
         if MASK:
             pt = tl.where(j[:, None] <= p[None, :], pt, 0.0)
         dv = tl.dot(pt.to(do.dtype), do, dv)
         dpt = (tl.dot(v, tl.trans(do)) * out_scale).to(tl.float32)
         dst = pt * (dpt - delta[None, :])
+        if SOFTCAP:
+            dst = dst * dcap
         dk = tl.dot(dst.to(q.dtype), q, dk)
     return dk, dv
 
@@ -464,20 +490,21 @@ def _dkdv_tiles(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stride_q
 @triton.jit
 def _dkdv_run(dk, dv, k, v, j, h, y, q_base, do_base, lse_base, delta_base, stride_qn, stride_on, p0, lo, hi,
               valid_hi, qk_scale, out_scale, B: tl.constexpr, R: tl.constexpr, MASK: tl.constexpr,
-              BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, RS: tl.constexpr):
+              BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_BRANCHES: tl.constexpr, RS: tl.constexpr,
+              softcap, SOFTCAP: tl.constexpr):
     """dK, dV from query tiles ``[lo, hi)`` of a walk (``hi <= valid_hi``): whole tiles, then the partial one."""
     lm, whole = _walk_split(p0, lo, hi, valid_hi, h, y, B, R, NUM_BRANCHES, RS, BLOCK_M)
     dk, dv = _dkdv_tiles(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stride_qn, stride_on, p0, lo, whole,
-                         valid_hi, lm, qk_scale, out_scale, R, MASK, False, BLOCK_M, HEAD_DIM)
+                         valid_hi, lm, qk_scale, out_scale, R, MASK, False, BLOCK_M, HEAD_DIM, softcap, SOFTCAP)
     dk, dv = _dkdv_tiles(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stride_qn, stride_on, p0, whole, hi,
-                         valid_hi, lm, qk_scale, out_scale, R, MASK, True, BLOCK_M, HEAD_DIM)
+                         valid_hi, lm, qk_scale, out_scale, R, MASK, True, BLOCK_M, HEAD_DIM, softcap, SOFTCAP)
     return dk, dv
 
 
 @triton.jit
 def _dkdv_walk(dk, dv, k, v, j, j_first, j_last, h, c, q_base, do_base, lse_base, delta_base, stride_qn, stride_on,
                Q_LO, Q_HI, qk_scale, out_scale, B: tl.constexpr, WS: tl.constexpr, RS: tl.constexpr,
-               IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+               IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, softcap, SOFTCAP: tl.constexpr):
     """Walk ``B`` of a dK/dV program whose keys ``[j_first, j_last]`` (class ``c``) lie inside one segment of
     every branch, if branch ``B`` selects the class: its queries inside B's segment but outside branch B-1's,
     among those q holds (``[Q_LO, Q_HI)``)."""
@@ -497,10 +524,10 @@ def _dkdv_walk(dk, dv, k, v, j, j_first, j_last, h, c, q_base, do_base, lse_base
                 full_lo = tl.minimum(tl.cdiv(tl.cdiv(tl.maximum(j_last - p0, 0), R), BLOCK_M) * BLOCK_M, n_q)
                 dk, dv = _dkdv_run(dk, dv, k, v, j, h, y, q_base, do_base, lse_base, delta_base, stride_qn,
                                    stride_on, p0, m_begin, full_lo, n_q, qk_scale, out_scale, B, R, True, BLOCK_M,
-                                   HEAD_DIM, NUM_BRANCHES, RS)
+                                   HEAD_DIM, NUM_BRANCHES, RS, softcap, SOFTCAP)
             dk, dv = _dkdv_run(dk, dv, k, v, j, h, y, q_base, do_base, lse_base, delta_base, stride_qn, stride_on,
                                p0, full_lo, n_q, n_q, qk_scale, out_scale, B, R, False, BLOCK_M, HEAD_DIM,
-                               NUM_BRANCHES, RS)
+                               NUM_BRANCHES, RS, softcap, SOFTCAP)
         else:
             W_PREV: tl.constexpr = WS[B - 1]
             hole = j_first // W_PREV * W_PREV
@@ -508,11 +535,11 @@ def _dkdv_walk(dk, dv, k, v, j, j_first, j_last, h, c, q_base, do_base, lse_base
                 a_hi = tl.minimum(tl.cdiv(tl.maximum(hole - p0, 0), R), n_q)
                 dk, dv = _dkdv_run(dk, dv, k, v, j, h, y, q_base, do_base, lse_base, delta_base, stride_qn,
                                    stride_on, p0, 0, a_hi, a_hi, qk_scale, out_scale, B, R, False, BLOCK_M,
-                                   HEAD_DIM, NUM_BRANCHES, RS)
+                                   HEAD_DIM, NUM_BRANCHES, RS, softcap, SOFTCAP)
             b_lo = tl.cdiv(tl.maximum(hole + W_PREV - p0, 0), R)
             dk, dv = _dkdv_run(dk, dv, k, v, j, h, y, q_base, do_base, lse_base, delta_base, stride_qn, stride_on,
                                p0, b_lo, n_q, n_q, qk_scale, out_scale, B, R, False, BLOCK_M, HEAD_DIM,
-                               NUM_BRANCHES, RS)
+                               NUM_BRANCHES, RS, softcap, SOFTCAP)
     return dk, dv
 
 
@@ -558,7 +585,7 @@ def _dilated_attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, L: tl.constexpr, MIXING_LSE: tl.constexpr, WS: tl.constexpr, RS: tl.constexpr,
     SS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr, WALKS: tl.constexpr,
     SEEDED: tl.constexpr, KEY_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    GROUPED: tl.constexpr,
+    GROUPED: tl.constexpr, softcap, SOFTCAP: tl.constexpr,
 ):
     NUM_BRANCHES: tl.constexpr = len(WS)
     tl.static_assert(NUM_BRANCHES <= 8)   # MAX_BRANCHES
@@ -598,7 +625,7 @@ def _dilated_attn_fwd_kernel(
             for B in tl.static_range(SEEDED, NUM_BRANCHES):   # walk B: branch B's segment outside branch B-1's
                 acc, m_i, l_i = _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N,
                                           qk_scale, B, WS, RS, IS_CAUSAL, BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi,
-                                          holes, KEY_MASK)
+                                          holes, KEY_MASK, softcap, SOFTCAP)
     else:
         if WALKS < 2:   # constexpr: kernels whose programs all walk compile no per-branch block
             for B in tl.static_range(NUM_BRANCHES):   # one block per branch, each adding its keys
@@ -607,7 +634,7 @@ def _dilated_attn_fwd_kernel(
                     acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
                                                 qk_scale, WS[B], RS[B], IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
                                                 seed, drop_thr, stream + B, DROPOUT, keep_base, kv_lo, kv_hi, holes,
-                                                KEY_MASK)
+                                                KEY_MASK, softcap, SOFTCAP)
     # Epilogue: rows no branch links have l_i == 0 -> output 0, lse -inf.
     linked = l_i > 0.0
     out = (acc / tl.where(linked, l_i, 1.0)[:, None] * out_scale).to(tl.float32)
@@ -647,7 +674,7 @@ def _later_walks(p, h, NUM_BRANCHES: tl.constexpr, WS: tl.constexpr, RS: tl.cons
 @triton.jit
 def _walk0_tiles(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, lo, hi, qk_scale,
                  MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, keep_base, kv_lo, kv_hi, holes,
-                 KEY_MASK: tl.constexpr):
+                 KEY_MASK: tl.constexpr, softcap, SOFTCAP: tl.constexpr):
     """Contiguous key tiles ``[lo, hi)`` (``hi - lo`` a multiple of BLOCK_N, every tile starting at the same
     position mod L, so the keys' log2 counts ``lkj`` serve each); ``MASK``: the causal diagonal."""
     offs_d = tl.arange(0, HEAD_DIM)
@@ -660,7 +687,10 @@ def _walk0_tiles(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, lo
             jr = tl.minimum(j, N - 1)
         k = tl.load(k_base + jr[:, None] * stride_kn + offs_d[None, :])
         v = tl.load(v_base + jr[:, None] * stride_kn + offs_d[None, :])
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale + tl.minimum(lkp[:, None], lkj[None, :])
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale
+        if SOFTCAP:
+            s, _ = soft_cap(s, softcap)
+        s = s + tl.minimum(lkp[:, None], lkj[None, :])
         if KEY_MASK:   # a row may keep no past key: its future keys must be -inf, not only far below
             ok = keys_kept(keep_base, j, kv_lo, kv_hi, holes)[None, :]
             if MASK:
@@ -681,7 +711,7 @@ def _dilated_attn_fwd_walk0_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_ob, stride_oh, stride_on, H, N, Q_LO, N_Q, Keep, KeyRange, stride_keep,
     HEAD_DIM: tl.constexpr, L: tl.constexpr, WS: tl.constexpr, RS: tl.constexpr, GQA: tl.constexpr,
-    KEY_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    KEY_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, softcap, SOFTCAP: tl.constexpr,
 ):
     """Walk 0 of a causal nested pattern (section above): program ``(t, b * H + h)`` owns the BLOCK_M
     contiguous positions from ``(Q_LO // BLOCK_M + t) * BLOCK_M`` (inside one segment: WS[0] % BLOCK_M == 0).
@@ -711,9 +741,10 @@ def _dilated_attn_fwd_walk0_kernel(
     kv_lo, kv_hi, holes = key_range(KeyRange, b, N, KEY_MASK)
     keep_base = Keep + b * stride_keep
     acc, m_i, l_i = _walk0_tiles(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, s0, r0, qk_scale,
-                                 False, BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes, KEY_MASK)
+                                 False, BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes, KEY_MASK, softcap, SOFTCAP)
     acc, m_i, l_i = _walk0_tiles(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, r0, r0 + BLOCK_M,
-                                 qk_scale, True, BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes, KEY_MASK)
+                                 qk_scale, True, BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes, KEY_MASK,
+                                 softcap, SOFTCAP)
     more = _later_walks(p, h, NUM_BRANCHES, WS, RS)
     if KEY_MASK:    # rows whose keys are all dropped: output 0, lse -inf
         linked = l_i > 0.0
@@ -733,7 +764,7 @@ def _dilated_attn_fwd_walk0_kernel(
 def _bwd_dq_inner(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, lo, hi, n_keys, qk_scale, out_scale,
                   W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK: tl.constexpr,
                   BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, seed, drop_thr, stream, DROPOUT: tl.constexpr,
-                  keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr):
+                  keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr, softcap, SOFTCAP: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     if KEY_MASK:
         lo, hi = clip_tiles(lo, hi, j0, R, kv_lo, kv_hi, BLOCK_N)
@@ -748,6 +779,8 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, lo, 
             k = tl.load(k_base + j[:, None] * stride_kn + offs_d[None, :])
             v = tl.load(v_base + j[:, None] * stride_kn + offs_d[None, :])
         s = (tl.dot(q, tl.trans(k)) * qk_scale).to(tl.float32)            # [BLOCK_M, BLOCK_N]
+        if SOFTCAP:
+            s, dcap = soft_cap(s, softcap)
         pr = tl.exp2(s - lse2[:, None])
         if MASK:
             ok = k_ok[None, :] & ((j[None, :] // W) == (p[:, None] // W))
@@ -760,6 +793,8 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, lo, 
         if DROPOUT:
             dp = tl.where(_keep_tile(seed, p, j, j0, start, stream, drop_thr, R, BLOCK_N, DROPOUT), dp, 0.0)
         ds = pr * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * dcap
         dq = tl.dot(ds.to(k.dtype), k, dq)                                   # [BLOCK_M, HEAD_DIM]
     return dq
 
@@ -768,15 +803,15 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, lo, 
 def _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N, qk_scale,
                    out_scale, W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, seed, drop_thr, stream, DROPOUT: tl.constexpr,
-                   keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr):
+                   keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr, softcap, SOFTCAP: tl.constexpr):
     """dQ over one branch's keys: P = exp2(S - LSE_merged), dS = P * (dP - delta)."""
     j0, n_keys, n_full = _key_range(p_first, p_last, o, N, W, R, IS_CAUSAL, BLOCK_N)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, 0, n_full, n_keys, qk_scale,
                        out_scale, W, R, IS_CAUSAL, False, BLOCK_N, HEAD_DIM, seed, drop_thr, stream, DROPOUT,
-                       keep_base, kv_lo, kv_hi, holes, KEY_MASK)
+                       keep_base, kv_lo, kv_hi, holes, KEY_MASK, softcap, SOFTCAP)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, p, k_base, v_base, stride_kn, j0, n_full, n_keys, n_keys, qk_scale,
                        out_scale, W, R, IS_CAUSAL, True, BLOCK_N, HEAD_DIM, seed, drop_thr, stream, DROPOUT,
-                       keep_base, kv_lo, kv_hi, holes, KEY_MASK)
+                       keep_base, kv_lo, kv_hi, holes, KEY_MASK, softcap, SOFTCAP)
     return dq
 
 
@@ -789,6 +824,7 @@ def _dilated_attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, L: tl.constexpr, MIXING_LSE: tl.constexpr, WS: tl.constexpr, RS: tl.constexpr,
     SS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr, WALKS: tl.constexpr,
     KEY_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPED: tl.constexpr,
+    softcap, SOFTCAP: tl.constexpr,
 ):
     NUM_BRANCHES: tl.constexpr = len(WS)
     i_tile = tl.program_id(0)
@@ -818,7 +854,7 @@ def _dilated_attn_bwd_dq_kernel(
             for B in tl.static_range(NUM_BRANCHES):
                 dq = _dq_walk(dq, q, do, lse2, delta, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N, qk_scale,
                               out_scale, B, WS, RS, IS_CAUSAL, BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes,
-                              KEY_MASK)
+                              KEY_MASK, softcap, SOFTCAP)
     else:
         if WALKS < 2:   # constexpr, as in the forward
             for B in tl.static_range(NUM_BRANCHES):
@@ -827,7 +863,7 @@ def _dilated_attn_bwd_dq_kernel(
                     dq = _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
                                         qk_scale, out_scale, WS[B], RS[B], IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
                                         seed, drop_thr, stream + B, DROPOUT, keep_base, kv_lo, kv_hi, holes,
-                                        KEY_MASK)
+                                        KEY_MASK, softcap, SOFTCAP)
     dq = (dq * sm_scale).to(tl.float32)
     tl.store(DQ + q_off + pq[:, None] * stride_qn + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None])
@@ -837,7 +873,7 @@ def _dilated_attn_bwd_dq_kernel(
 def _bwd_dkdv_inner(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stride_qn, stride_on, p0, lo, hi, n_q,
                     qk_scale, out_scale, W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr,
                     MASK: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, seed, drop_thr, stream,
-                    DROPOUT: tl.constexpr):
+                    DROPOUT: tl.constexpr, softcap, SOFTCAP: tl.constexpr):
     offs_d = tl.arange(0, HEAD_DIM)
     for start in range(lo, hi, BLOCK_M):
         m = start + tl.arange(0, BLOCK_M)
@@ -854,6 +890,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stri
             lse2 = tl.load(lse_base + p) * LOG2E
             delta = tl.load(delta_base + p)
         st = (tl.dot(k, tl.trans(q)) * qk_scale).to(tl.float32)           # [BLOCK_N, BLOCK_M]
+        if SOFTCAP:
+            st, dcap = soft_cap(st, softcap)
         pt = tl.exp2(st - lse2[None, :])
         if MASK:
             ok = q_ok[None, :] & ((j[:, None] // W) == (p[None, :] // W))
@@ -868,6 +906,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stri
         else:
             dv = tl.dot(pt.to(do.dtype), do, dv)                             # [BLOCK_N, HEAD_DIM]
         dst = pt * (dpt - delta[None, :])
+        if SOFTCAP:
+            dst = dst * dcap
         dk = tl.dot(dst.to(q.dtype), q, dk)                                  # [BLOCK_N, HEAD_DIM]
     return dk, dv
 
@@ -876,7 +916,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stri
 def _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn, stride_on,
                      o, Q_LO, Q_HI, qk_scale, out_scale, W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, seed, drop_thr, stream,
-                     DROPOUT: tl.constexpr):
+                     DROPOUT: tl.constexpr, softcap, SOFTCAP: tl.constexpr):
     """dK, dV of the keys ``j`` from one branch's queries (transposed scores, as FlashAttention-2).
 
     Query blocks split into: masked ones at the causal diagonal, unmasked ones linked to every key of the tile,
@@ -898,13 +938,13 @@ def _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base
     full_hi = tl.maximum(tl.where(seg_lo == seg_hi, full_hi, n_q), full_lo)
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stride_qn, stride_on, p0,
                              m_begin, full_lo, n_q, qk_scale, out_scale, W, R, IS_CAUSAL, True, BLOCK_M, HEAD_DIM,
-                             seed, drop_thr, stream, DROPOUT)
+                             seed, drop_thr, stream, DROPOUT, softcap, SOFTCAP)
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stride_qn, stride_on, p0,
                              full_lo, full_hi, n_q, qk_scale, out_scale, W, R, IS_CAUSAL, False, BLOCK_M, HEAD_DIM,
-                             seed, drop_thr, stream, DROPOUT)
+                             seed, drop_thr, stream, DROPOUT, softcap, SOFTCAP)
     dk, dv = _bwd_dkdv_inner(dk, dv, k, v, j, q_base, do_base, lse_base, delta_base, stride_qn, stride_on, p0,
                              full_hi, n_q, n_q, qk_scale, out_scale, W, R, IS_CAUSAL, True, BLOCK_M, HEAD_DIM,
-                             seed, drop_thr, stream, DROPOUT)
+                             seed, drop_thr, stream, DROPOUT, softcap, SOFTCAP)
     return dk, dv
 
 
@@ -917,6 +957,7 @@ def _dilated_attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, L: tl.constexpr, MIXING_LSE: tl.constexpr, WS: tl.constexpr, RS: tl.constexpr,
     SS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr, WALKS: tl.constexpr,
     KEY_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPED: tl.constexpr,
+    softcap, SOFTCAP: tl.constexpr,
 ):
     NUM_BRANCHES: tl.constexpr = len(WS)
     i_tile = tl.program_id(0)
@@ -964,7 +1005,7 @@ def _dilated_attn_bwd_dkdv_kernel(
                 for B in tl.static_range(NUM_BRANCHES):
                     dk, dv = _dkdv_walk(dk, dv, k, v, j, j_first, j_last, h, c, q_base, do_base, lse_base, delta_base,
                                         stride_qn, stride_on, Q_LO, q_hi, qk_scale, out_scale, B, WS, RS, IS_CAUSAL,
-                                        BLOCK_M, HEAD_DIM)
+                                        BLOCK_M, HEAD_DIM, softcap, SOFTCAP)
         else:
             if WALKS < 2:   # constexpr, as in the forward
                 for B in tl.static_range(NUM_BRANCHES):
@@ -973,7 +1014,7 @@ def _dilated_attn_bwd_dkdv_kernel(
                         dk, dv = _bwd_dkdv_branch(
                             dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base, delta_base, stride_qn,
                             stride_on, o, Q_LO, q_hi, qk_scale, out_scale, WS[B], RS[B], IS_CAUSAL, BLOCK_M, BLOCK_N,
-                            HEAD_DIM, seed, drop_thr, stream + B, DROPOUT)
+                            HEAD_DIM, seed, drop_thr, stream + B, DROPOUT, softcap, SOFTCAP)
     dk = (dk * sm_scale).to(tl.float32)
     dv = (dv * out_scale).to(tl.float32)                                                 # dV = P^T (out_scale * dO)
     if KEY_MASK:    # a dropped key's column of P is 0 (also where an empty row's lse made it NaN)
@@ -987,12 +1028,11 @@ def _dilated_attn_bwd_dkdv_kernel(
 
 
 def kernel_unsupported_reason(q, attn_mask, dropout_p, num_branches, softcap=None) -> str:
-    """Why the Triton kernels can't run this call (the exact PyTorch path runs instead), or ''."""
+    """Why the Triton kernels can't run this call (the exact PyTorch path runs instead), or ''. Soft-capping
+    (``softcap``) they run."""
     reason = tensor_unsupported_reason(q)
     if reason:
         return reason
-    if softcap is not None:
-        return f"soft-capping of the scores (softcap={softcap}; the kernels have no score modifier yet)"
     if attn_mask is not None:
         return "attn_mask (the kernels take the pattern and causality only)"
     if num_branches > MAX_BRANCHES:
@@ -1113,9 +1153,8 @@ def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: boo
     the seed, (b, h), branch, query and key positions) and the kept ones scaled by ``1 / (1 - dropout_p)``; the
     LSE is that of the undropped softmax. ``key_keep``: bool ``[B or 1, N]``, the keys that attend (key padding,
     ``common.key_padding``). ``head_offsets``: ``"interleaved"`` or ``"grouped"`` (``plan.head_offset``; H is q's
-    head count)."""
-    if softcap is not None:
-        raise NotImplementedError(f"soft-capping (softcap={softcap}) in the Triton kernels: the exact path runs it")
+    head count). ``softcap``: scores ``c * tanh(scale * q.k / c)`` (Gemma2's soft-capping; None: uncapped), capped
+    before the pattern's multiplicities and masks."""
     B, H, Nq, D = q.shape
     N = k.shape[2]
     q_offset = _query_offset(q_offset, Nq, N)
@@ -1131,6 +1170,7 @@ def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: boo
                out.stride(0), out.stride(1), out.stride(2), H, N, q_offset, Nq)
     seeded = walk0_applies(meta, nested, is_causal, walks_fwd)
     keep, key_range_t, stride_keep, key_mask = key_padding_args(key_keep, B, N, q.device)
+    cap = softcap_args(softcap)
     out0, lse0 = out, lse                               # unread unless seeded
     with launch_device(q):
         if seeded:
@@ -1138,22 +1178,20 @@ def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: boo
             grid = lambda META: (triton.cdiv(q_offset + Nq, META["BLOCK_M"]) - q_offset // META["BLOCK_M"], B * H)
             runner(_dilated_attn_fwd_walk0_kernel)[grid](
                 q, k, v, out, lse, out0, lse0, scale, *strides, keep, key_range_t, stride_keep, HEAD_DIM=D,
-                GQA=H // k.shape[1], KEY_MASK=key_mask, **{key: meta[key] for key in _KEY_WALK0 if key in meta})
+                GQA=H // k.shape[1], KEY_MASK=key_mask, **cap, **{key: meta[key] for key in _KEY_WALK0 if key in meta})
         runner(_dilated_attn_fwd_kernel)[_rows_grid(Nq, meta["L"], "BLOCK_M", B * H)](
             q, k, v, out, lse, out0, lse0, scale, *strides, out_scale * rdrop, seed_t, drop_thr, keep, key_range_t,
             stride_keep, HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // k.shape[1], DROPOUT=dropout, WALKS=walks_fwd,
-            SEEDED=int(seeded), KEY_MASK=key_mask, **meta)
+            SEEDED=int(seeded), KEY_MASK=key_mask, **cap, **meta)
     return out, lse
 
 
 def dilated_attn_bwd(dout, q, k, v, out, lse, segment_lengths, dilation_rates, *, is_causal: bool, scale: float,
                      mixing: str, dropout_p: float = 0.0, seed=None, q_offset: int = 0, key_keep=None,
                      softcap=None, head_offsets: str = "interleaved"):
-    """Launch the backward kernels: ``(dq, dk, dv)``; ``dropout_p``, ``seed``, ``q_offset``, ``key_keep`` and
-    ``head_offsets`` as in the forward call (dk and dv: the gradients of all ``N`` key rows from the ``Nq`` queries
-    q holds)."""
-    if softcap is not None:
-        raise NotImplementedError(f"soft-capping (softcap={softcap}) in the Triton kernels: the exact path runs it")
+    """Launch the backward kernels: ``(dq, dk, dv)``; ``dropout_p``, ``seed``, ``q_offset``, ``key_keep``,
+    ``softcap`` and ``head_offsets`` as in the forward call (dk and dv: the gradients of all ``N`` key rows from
+    the ``Nq`` queries q holds)."""
     B, H, Nq, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     q_offset = _query_offset(q_offset, Nq, N)
@@ -1170,7 +1208,8 @@ def dilated_attn_bwd(dout, q, k, v, out, lse, segment_lengths, dilation_rates, *
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               dout.stride(0), dout.stride(1), dout.stride(2), H, N, q_offset, Nq, out_scale * rdrop, seed_t, drop_thr,
               keep, key_range_t, stride_keep)
-    flags = dict(HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // Hkv, DROPOUT=dropout, KEY_MASK=key_mask, **meta)
+    flags = dict(HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // Hkv, DROPOUT=dropout, KEY_MASK=key_mask,
+                 **softcap_args(softcap), **meta)
     walks_dq = _walks_constexpr(_dilated_attn_bwd_dq_kernel, "rows", meta, nested, q_offset)
     walks_dkdv = _walks_constexpr(_dilated_attn_bwd_dkdv_kernel, "keys", meta, nested, 0)
     with launch_device(q):
