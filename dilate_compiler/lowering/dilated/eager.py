@@ -310,6 +310,15 @@ def _backward_tile_chunked(t: _BranchTiles, tile: int, q, k, v, d_att, lse, delt
         dk_b[:, :, segs] += torch.matmul(ds.transpose(-1, -2), qs) * scale
 
 
+def _backward_inputs(dout: Tensor, lse: Tensor, plan: DilatedPlan, wdt: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(d_att, lse_w)`` in the working dtype: the output gradient through the plan's output scale, and the LSE with
+    the rows that keep no key (``-inf``) at 0, so their probabilities come out 0."""
+    dout_w = dout.to(wdt)
+    d_att = dout_w * plan.output_scale if plan.output_scale != 1.0 else dout_w
+    lse_w = lse.to(wdt)
+    return d_att, torch.where(torch.isinf(lse_w), 0.0, lse_w)
+
+
 def dilated_attention_backward_eager(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, plan: DilatedPlan, *,
     is_causal: bool, scale: float, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0, seed: int = 0,
@@ -322,19 +331,16 @@ def dilated_attention_backward_eager(
         return _backward_last_queries(dout, q, k, v, out, lse, plan, is_causal, scale, attn_mask, softcap=softcap)
     Hkv = k.shape[1]
     wdt = lse_dtype(q.dtype)
-    dout_w = dout.to(wdt)
-    d_att = dout_w * plan.output_scale if plan.output_scale != 1.0 else dout_w
+    d_att, lse_w = _backward_inputs(dout, lse, plan, wdt)
     n_acc = max([_padded_len(N, b.segment_length) for b in plan.branches] + [N])
     # dq, and dk/dv per *query* head (summed over each GQA group at the end).
     grads = tuple(torch.zeros(B, Hq, n_acc, d, dtype=wdt, device=q.device) for d in (D, D, v.shape[-1]))
-    lse_w = lse.to(wdt)
-    lse_w = torch.where(torch.isinf(lse_w), 0.0, lse_w)
     if fused_route_applies(q, v, attn_mask, dropout_p, scale, softcap):
         out_att = out.to(wdt) / plan.output_scale if plan.output_scale != 1.0 else out.to(wdt)
         for t in _tiles(plan, N, Hq, Hkv, q.device):
             _backward_tile_fused(t, q, k, v, d_att, out_att, lse_w, grads, scale, is_causal, wdt)
     else:
-        delta = (dout_w * out.to(wdt)).sum(-1)
+        delta = (dout.to(wdt) * out.to(wdt)).sum(-1)
         shift = row_shift(attn_mask, wdt)
         for tile, t in enumerate(_tiles(plan, N, Hq, Hkv, q.device)):
             _backward_tile_chunked(t, tile, q, k, v, d_att, lse_w, delta, grads, scale, is_causal, attn_mask,
@@ -362,11 +368,8 @@ def dilated_attention_mask_grad_eager(
         _check_no_dropout(dropout_p, N, k.shape[2])
         _backward_last_queries(dout, q, k, v, out, lse, plan, is_causal, scale, scores_mask, dmask, softcap)
         return dmask.reshape(attn_mask.shape).to(attn_mask.dtype)
-    dout_w = dout.to(wdt)
-    d_att = dout_w * plan.output_scale if plan.output_scale != 1.0 else dout_w
-    delta = (dout_w * out.to(wdt)).sum(-1)
-    lse_w = lse.to(wdt)
-    lse_w = torch.where(torch.isinf(lse_w), 0.0, lse_w)
+    d_att, lse_w = _backward_inputs(dout, lse, plan, wdt)
+    delta = (dout.to(wdt) * out.to(wdt)).sum(-1)
     shift = row_shift(scores_mask, wdt)
     for tile, t in enumerate(_tiles(plan, N, Hq, k.shape[1], q.device)):
         rows = lambda x: _rows(_pad_seq(x, t.n_pad), t.branch, t.group.offset)  # noqa: E731
@@ -529,11 +532,8 @@ def _backward_last_queries(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     B, Hq, n_q, D = q.shape
     Hkv, n_k, Dv = k.shape[1], k.shape[2], v.shape[-1]
     wdt = lse_dtype(q.dtype)
-    dout_w = dout.to(wdt)
-    d_att = dout_w * plan.output_scale if plan.output_scale != 1.0 else dout_w
-    delta = (dout_w * out.to(wdt)).sum(-1)
-    lse_w = lse.to(wdt)
-    lse_w = torch.where(torch.isinf(lse_w), 0.0, lse_w)
+    d_att, lse_w = _backward_inputs(dout, lse, plan, wdt)
+    delta = (dout.to(wdt) * out.to(wdt)).sum(-1)
     shift = row_shift(attn_mask, wdt)
     dq = torch.zeros(B, Hq, n_q + 1, D, dtype=wdt, device=q.device)
     # dk/dv per *query* head (summed over each GQA group at the end)
