@@ -271,3 +271,20 @@ def test_float16_eager_model_with_left_padding_keeps_its_padded_rows():
     with torch.no_grad():
         out, ref = res.module(ids, attention_mask=pad), model(ids, attention_mask=pad)
     torch.testing.assert_close(out, ref, atol=1e-2, rtol=1e-2)
+
+
+def test_a_constant_index_table_that_is_not_positions_is_not_read_as_causal():
+    """A mask built from a constant table (no graph input) is read from its value only when the table steps by one
+    along an axis: a reversed arange compared as transformers compares positions is anti-causal, not causal."""
+
+    def fn(q, k, v):
+        idx = torch.arange(q.shape[2]).flip(0)
+        keep = idx[None, :] <= idx[:, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+    q, k, v = qkv()
+    res = dc.rewrite(Fn(fn), (q, k, v), DENSE)
+    assert all(s.predicate != "causal" for s in res.report.sites), str(res.report)
+    for site in res.report.rewritten:
+        assert site.mask_reason, str(res.report)   # carried to the exact path as the model wrote it
+    torch.testing.assert_close(res.module(q, k, v), fn(q, k, v), atol=1e-5, rtol=1e-5)
