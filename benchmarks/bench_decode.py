@@ -109,7 +109,7 @@ def generate_rows(args, device, dtype, res):
         with torch.no_grad():
             harness.sync(device)
             t0 = time.perf_counter()
-            out = model(prompt, past_key_values=cache, use_cache=True)
+            out = model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
             harness.sync(device)
             prefill = time.perf_counter() - t0
             token = out.logits[:, -1:].argmax(-1)
