@@ -15,11 +15,28 @@ from typing import Optional, Union
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..patterns import INF, MAX_TERMS, Pattern, Term
 from .find_attention import constant, drops, kwargs_of, val
 
 A = torch.ops.aten
+
+
+def same(a, b) -> bool:
+    """``a == b`` for sizes that may be symbolic: true only when it holds for every value of the symbols."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return statically_known_true(a == b)
+
+
+def static_int(x) -> Optional[int]:
+    """``x`` as an int when it is one for every value of its symbols (``s0 - s0``), else None."""
+    if isinstance(x, int):
+        return x
+    if isinstance(x, torch.SymInt) and x.node.expr.is_number:
+        return int(x.node.expr)
+    return None
 
 
 class NotStructured(Exception):
@@ -82,9 +99,13 @@ _NOT = {A.logical_not.default, A.bitwise_not.default}
 class _Reader:
     """Reads a mask over ``q_len`` query rows and ``seq_len`` keys. With ``q_len < seq_len`` (a decode step) the
     query rows are the last key positions: an ``arange`` as long as the queries indexes them as ``p - offset``, so
-    the predicate comes out on absolute positions (``p`` the query's key position)."""
+    the predicate comes out on absolute positions (``p`` the query's key position).
 
-    def __init__(self, seq_len: int, q_len: Optional[int] = None):
+    The lengths may be symbolic (``torch.compile`` with dynamic shapes): the predicate is then read only where it
+    is the same for every length, an offset in an index comparison must cancel (a decode step's query positions
+    ``arange(Nq) + past`` against ``Nk = past + Nq`` keys), and the sizes compared are compared symbolically."""
+
+    def __init__(self, seq_len, q_len=None):
         self.N = seq_len
         self.Nq = seq_len if q_len is None else q_len
         self.offset = self.N - self.Nq
@@ -93,9 +114,10 @@ class _Reader:
     def axis_of(self, n: fx.Node) -> str:
         """For a 1-axis index tensor: which axis it varies along, from its broadcast shape."""
         shape = tuple(val(n).shape)
-        if len(shape) >= 1 and shape[-1] == self.N and all(s == 1 for s in shape[:-1]):
+        if len(shape) >= 1 and same(shape[-1], self.N) and all(same(s, 1) for s in shape[:-1]):
             return "j"
-        if len(shape) >= 2 and shape[-1] == 1 and shape[-2] == self.Nq and all(s == 1 for s in shape[:-2]):
+        if (len(shape) >= 2 and same(shape[-1], 1) and same(shape[-2], self.Nq)
+                and all(same(s, 1) for s in shape[:-2])):
             return "p"
         raise NotStructured(f"{n.name} has shape {list(shape)}: not an index over the query or key axis")
 
@@ -106,7 +128,7 @@ class _Reader:
         k = x.a or x.b
         if k == 0:
             return x
-        if x.a and self.Nq != self.N and len(val(n).shape) == 1:
+        if x.a and not same(self.Nq, self.N) and len(val(n).shape) == 1:
             return x   # the query rows, still 1-D (a cast of the arange): placed when viewed
         return Index(k, 0, x.c) if self.axis_of(n) == "p" else Index(0, k, x.c)
 
@@ -138,9 +160,9 @@ class _Reader:
             return TRUE if bool(value.all()) else FALSE if not bool(value.any()) else None
         if value.is_floating_point() or value.is_complex():
             return None
-        if shape[-2] == 1 and shape[-1] in (1, self.N):
+        if shape[-2] == 1 and (shape[-1] == 1 or same(shape[-1], self.N)):
             line, axis = rows[0, 0], "j"
-        elif shape[-1] == 1 and shape[-2] == self.Nq:
+        elif shape[-1] == 1 and same(shape[-2], self.Nq):
             line, axis = rows[0, :, 0], "p"
         else:
             return None
@@ -157,35 +179,38 @@ class _Reader:
         if not isinstance(v, torch.Tensor) or v.dtype != torch.bool or v.dim() < 1 or v.dim() > 4:
             return False
         shape = (1,) * (4 - v.dim()) + tuple(v.shape)
-        return shape[-1] == self.N and shape[1] == 1 and shape[2] == 1
+        return same(shape[-1], self.N) and same(shape[1], 1) and same(shape[2], 1)
 
     def _read(self, n) -> Expr:
         if not isinstance(n, fx.Node):
+            if isinstance(n, torch.SymInt):
+                return Index(0, 0, n)
             c = constant(n)
             if c is None or c != int(c):
                 raise NotStructured(f"constant {n!r} in the mask is not an integer")
             return Index(0, 0, int(c))
+        if isinstance(val(n), torch.SymInt):   # a symbolic size (an input, or arithmetic on one): a constant
+            return Index(0, 0, val(n))
         t = n.target
         kw = kwargs_of(n) if n.op == "call_function" else {}
         if n.op != "call_function":
             raise NotStructured(f"{n.name} ({n.op}) is an input or a constant tensor, not built from arange")
         if t in (A.arange.default, A.arange.start, A.arange.start_step):
-            start = kw.get("start", 0)
-            end = kw["end"]
-            step = kw.get("step", 1)
-            if step == 1 and self.Nq != self.N and end - start == self.Nq:
-                return Index(1, 0, int(start) - self.offset)   # the query rows, as p - offset
-            if step != 1 or end - start != self.N:
+            start, end, step = (_size(kw.get("start", 0)), _size(kw["end"]), _size(kw.get("step", 1)))
+            if step == 1 and not same(self.Nq, self.N) and same(end - start, self.Nq):
+                return Index(1, 0, start - self.offset)   # the query rows, as p - offset
+            if step != 1 or not same(end - start, self.N):
                 raise NotStructured(f"{n.name}: arange({start}, {end}, {step}) does not index the {self.N} positions")
-            return Index(0, 1, int(start))   # 1-D: broadcasts along the key axis until viewed
+            return Index(0, 1, start)   # 1-D: broadcasts along the key axis until viewed
         if t in _PASS:
             x = self.read(n.args[0])
             return self.place(x, n) if isinstance(x, Index) else x
         if t == A.slice.Tensor:
             x = self.read(kw["self"])
             size = val(kw["self"]).shape[kw.get("dim", 0)]
-            start, end = kw.get("start") or 0, kw.get("end")
-            if start != 0 or (end is not None and end < size):
+            start, end = _size(kw.get("start") or 0), _size(kw.get("end"))
+            to_the_end = end is None or (isinstance(end, int) and end >= 2**62) or statically_known_true(end >= size)
+            if not same(start, 0) or not to_the_end:
                 raise NotStructured(f"{n.name}: a slice [{start}:{end}] of the mask shifts positions")
             return x
         if t in (A.add.Tensor, A.add.Scalar, A.sub.Tensor, A.sub.Scalar):
@@ -206,7 +231,9 @@ class _Reader:
         if t in _CMP:
             a, b = self.read(kw["self"]), self.read(kw["other"])
             if isinstance(a, Abs) and isinstance(b, Index) and not (b.a or b.b):
-                return _abs_leaf(a.x, _CMP[t], b.c, n)
+                if static_int(b.c) is None:
+                    raise NotStructured(f"{n.name}: |index| is compared with a symbolic size ({b.c})")
+                return _abs_leaf(a.x, _CMP[t], static_int(b.c), n)
             if not (isinstance(a, Index) and isinstance(b, Index)):
                 raise NotStructured(f"{n.name}: comparison of boolean masks or of |index| with an index")
             d = Index(a.a - b.a, a.b - b.b, a.c - b.c)            # compare d = a - b with 0
@@ -337,11 +364,20 @@ def _drops_everywhere(n) -> bool:
     return isinstance(n, fx.Node) and n.target in (A.full.default, A.full_like.default) and _drops(kw["fill_value"])
 
 
+def _size(x):
+    """An ``arange``/``slice`` bound: an int, or the symbolic size a node holds."""
+    return val(x) if isinstance(x, fx.Node) else x
+
+
 def _leaf(d: Index, lo: int, hi: int, n) -> Leaf:
     if d.a not in (-1, 0, 1) or d.b not in (-1, 0, 1) or (d.a and d.b and d.a != -d.b):
         raise NotStructured(f"{n.name}: predicate {d.a}*p + {d.b}*j + {d.c} is not on p - j, p or j")
-    lo = lo - d.c if lo > -INF else lo
-    hi = hi - d.c if hi < INF else hi
+    c = static_int(d.c)
+    if c is None:
+        raise NotStructured(f"{n.name}: predicate {d.a}*p + {d.b}*j + {d.c} compares with a symbolic size, so it "
+                            f"differs between lengths")
+    lo = lo - c if lo > -INF else lo
+    hi = hi - c if hi < INF else hi
     return Leaf(d.a, d.b, lo, hi)
 
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from ..patterns import Pattern, Term
+from ..patterns import INF, Pattern, Term
+from ..patterns.algebra import UNBOUNDED
 from .mask_pattern import NotStructured, describe, split_mask
 
 # An added drop value swallows any score (s + drop == drop) when it is this large for the dtype of the add.
@@ -39,15 +40,7 @@ def read_masks(sites: list) -> None:
 
 def _read(site) -> None:
     n = site.k_shape[2]
-    if not isinstance(n, int):
-        site.mask_reason = f"the key length is symbolic ({n}): a mask is read for a static length"
-        site.empty_rows = "nan" if site.kind != "sdpa" and site.nodes.get("softmax") == "softmax" else "zero"
-        return
     n_q = site.q_shape[2] if site.decode else n
-    if not isinstance(n_q, int):
-        site.mask_reason = f"the query length is symbolic ({n_q}): a mask is read for a static length"
-        site.empty_rows = "nan" if site.kind != "sdpa" and site.nodes.get("softmax") == "softmax" else "zero"
-        return
     try:
         split = split_mask(site, n, n_q)
     except NotStructured as e:
@@ -67,17 +60,24 @@ def _read(site) -> None:
     site.empty_rows, site.mask_reason = _empty_rows(site, split.drops)
 
 
-def _predicate(pattern: Pattern, n: int) -> tuple:
+def _reach(n) -> int:
+    """The largest ``|p - j|`` an ``n``-token sequence holds; for a symbolic ``n`` (a predicate read for every
+    length), the unbounded ``INF``."""
+    return n - 1 if isinstance(n, int) else INF
+
+
+def _predicate(pattern: Pattern, n) -> tuple:
     """``(kind, name)``: kind ``"all"`` or ``"causal"`` when the pattern links every pair (every ``j <= p``) of an
-    ``n``-token sequence, else ``""``; the name says what it is (``sliding_window(4096)``, ``causal
-    sliding_window(4096)``, or the term intervals)."""
+    ``n``-token sequence (of every length, when ``n`` is symbolic), else ``""``; the name says what it is
+    (``sliding_window(4096)``, ``causal sliding_window(4096)``, or the term intervals)."""
+    reach = _reach(n)
     if len(pattern.terms) == 1 and not pattern.terms[0].blocks and not pattern.terms[0].uses_grid:
         t = pattern.terms[0]
-        if t.p[0] <= 0 and t.p[1] >= n - 1 and t.j[0] <= 0 and t.j[1] >= n - 1:
+        if t.p[0] <= 0 and t.p[1] >= reach and t.j[0] <= 0 and t.j[1] >= reach:
             lo, hi = t.d
-            if lo <= -(n - 1) and hi >= n - 1:
+            if lo <= -reach and hi >= reach:
                 return "all", "all"
-            if lo == 0 and hi >= n - 1:
+            if lo == 0 and hi >= reach:
                 return "causal", "causal"
             if lo == 0:
                 return "", f"causal sliding_window({hi + 1})"
@@ -86,8 +86,12 @@ def _predicate(pattern: Pattern, n: int) -> tuple:
     return "", describe(pattern)
 
 
-def _links_the_diagonal(pattern: Pattern, n: int) -> bool:
-    """Every query position links its own key (the predicate part of the mask can't leave a row empty)."""
+def _links_the_diagonal(pattern: Pattern, n) -> bool:
+    """Every query position links its own key (the predicate part of the mask can't leave a row empty). For a
+    symbolic ``n``: a term on ``p - j`` alone that holds ``p == j`` at every length."""
+    if not isinstance(n, int):
+        return any(not t.blocks and not t.uses_grid and t.p == UNBOUNDED and t.j == UNBOUNDED
+                   and t.d[0] <= 0 <= t.d[1] for t in pattern.terms)
     coords = pattern.grid.table(n) if pattern.grid is not None else None
     p = torch.arange(n)
     diag = torch.zeros(n, dtype=torch.bool)

@@ -147,9 +147,12 @@ def _key_keep(emit, site: AttentionSite) -> Optional[fx.Node]:
     """The split mask's per-key terms ANDed, bool ``[B or 1, Nk]`` (``SiteCall.key_keep``)."""
     keep = None
     for term in site.key_keep:
-        shape = val(term.node).shape
-        rows = shape[0] if len(shape) == 4 else 1
-        node = emit(A.reshape.default, (term.node, [rows, shape[-1]]))
+        # [B, 1, 1, Nk] (or a shape with every leading size 1): no size is written into the graph, so symbolic
+        # batch sizes and lengths stay symbolic
+        if len(val(term.node).shape) == 4:
+            node = emit(A.squeeze.dims, (term.node, [1, 2]))
+        else:
+            node = emit(A.reshape.default, (term.node, [1, -1]))
         if term.negated:
             node = emit(A.logical_not.default, (node,))
         keep = node if keep is None else emit(A.logical_and.default, (keep, node))

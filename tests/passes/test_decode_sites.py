@@ -135,5 +135,69 @@ def test_compiled_generation_runs_every_decode_step_with_the_strategy():
     torch._dynamo.reset()
     assert report.sites and not report.skipped, str(report)
     assert sum(s.decode for s in report.sites) >= 2
+    # the steps at symbolic key lengths too: their masks are read, not carried to the exact path
+    assert any(not isinstance(s.k_shape[2], int) for s in report.sites), str(report)
+    assert {s.mask_desc for s in report.sites} == {"causal + key padding"}, str(report)
     assert torch.equal(got.sequences, want.sequences)
     assert rel_err(torch.stack(got.logits, 1), torch.stack(want.logits, 1)) <= 1e-5
+
+
+class CacheLongWindow(CachedAttention):
+    """A decode step whose causal window is as long as the cache: ``p - j < past`` compares the distance between
+    query and key with a symbolic size."""
+
+    def forward(self, x, past_k, past_v, keep=None):
+        B, n, _ = x.shape
+        q, k, v = self.qkv(x).view(B, n, 3, self.h, self.d).permute(2, 0, 3, 1, 4)
+        k, v = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
+        past = past_k.shape[2]
+        q_idx, kv_idx = torch.arange(n) + past, torch.arange(past + n)
+        d = q_idx[:, None] - kv_idx[None, :]
+        mask = ((d >= 0) & (d < past))[None, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _compiled_steps(model, pasts, n=3, strategy=STRATEGY):
+    """``model`` under backend="dilated" with dynamic shapes, one call per cache length: (reports, outputs, inputs)."""
+    from dilate_compiler.backend import capture_reports
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="dilated", dynamic=True, options={"strategy": strategy})
+    outs, inputs = [], []
+    with capture_reports() as report:
+        for past in pasts:
+            args = _inputs(n=n, past=past)
+            outs.append(compiled(*args))
+            inputs.append(args)
+    torch._dynamo.reset()
+    return report, outs, inputs
+
+
+def test_decode_masks_are_read_at_symbolic_lengths():
+    """Under dynamic shapes the cache length is a symbol: the causal + padding mask of a decode step is read for
+    every length (the query positions arange(n) + past against past + n keys), and the output is the strategy's."""
+    model = CachedAttention("padding")
+    report, outs, inputs = _compiled_steps(model, (10, 13))
+    (site,) = report.sites
+    assert not isinstance(site.k_shape[2], int), str(report)
+    assert site.decode and site.status == "rewritten" and site.mask_desc == "causal + key padding", str(report)
+    assert "exact path:" not in site.runs or "device cpu" in site.runs, site.runs
+    for (x, pk, pv, keep), got in zip(inputs, outs):
+        n = x.shape[1]
+        q, k_new, v_new = model.qkv(x).view(2, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        k, v = torch.cat([pk, k_new], 2), torch.cat([pv, v_new], 2)
+        q_full = torch.cat([torch.zeros(2, 2, pk.shape[2], 8), q], 2)
+        want = STRATEGY.reference(q_full, k, v, is_causal=True, attn_mask=keep[:, None, None, :])[:, :, -n:]
+        assert rel_err(got, want.float()) <= 1e-5
+
+
+def test_a_mask_that_compares_with_a_symbolic_length_is_carried_with_the_reason():
+    """``p - j < past`` links other pairs at each cache length: it is not read as a predicate, the site keeps the
+    model's mask (exact path) and, under a dense-equivalent strategy, the output is the model's. (A comparison of key positions alone with the cache
+    length, ``j >= past``, is a per-key term and is read as key padding.)"""
+    model = CacheLongWindow("causal")
+    report, outs, inputs = _compiled_steps(model, (10, 13), strategy=DENSE)
+    (site,) = report.sites
+    assert site.status == "rewritten" and "symbolic size" in site.mask_reason, str(report)
+    for args, got in zip(inputs, outs):
+        assert rel_err(got, model(*args)) <= 1e-5

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests.passes.helpers import check_rewrite
+from tests.tolerances import rel_err
 
 transformers = pytest.importorskip("transformers")
 warnings.filterwarnings("ignore", category=UserWarning)
@@ -216,3 +217,32 @@ def test_rewrite_a_causal_lm_called_as_users_call_it():
             out, ref = res.module(IDS, **kwargs), model(IDS, **kwargs)
         torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
     assert model.config.use_cache   # restored after tracing
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["sdpa"])
+def test_dilated_reads_transformers_masks_at_symbolic_lengths(impl):
+    """Under torch.compile with dynamic shapes one graph serves every length: a Llama's causal + padding mask is
+    read for every length (causality and key padding, the kernels' route), and a dense-equivalent pattern keeps
+    the output at each length."""
+    import dilate_compiler as dc
+    from dilate_compiler.backend import capture_reports
+
+    torch.manual_seed(0)
+    hf = _family("llama")
+    hf.set_attn_implementation(impl)
+    model = LastHidden(hf.eval())
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="dilated", dynamic=True, options={"strategy": dc.Dilated((16,), (1,))})
+    with capture_reports() as report, torch.no_grad():
+        for n in (12, 16):
+            ids = torch.randint(0, 100, (2, n), generator=torch.Generator().manual_seed(n))
+            mask = torch.ones(2, n, dtype=torch.long)
+            mask[0, :3] = 0
+            got, want = compiled(ids, attention_mask=mask), model(ids, attention_mask=mask)
+            assert rel_err(got, want) <= 1e-5
+    torch._dynamo.reset()
+    assert any(not isinstance(s.k_shape[-2], int) for s in report.sites), str(report)
+    for site in report.sites:
+        assert site.status == "rewritten" and site.mask_desc == "causal + key padding", str(report)
+        assert site.nodes["route"] == "split", str(report)
