@@ -266,14 +266,17 @@ def _soft_cap(n: fx.Node):
 
 def _tensor_scale(n: fx.Node):
     """``(scores, t)`` when ``n`` is ``scores * t`` or ``scores / t`` (or ``t * scores``) with ``t`` a tensor of one
-    element (a learned temperature, a scale computed at run time); else ``(None, None)``."""
+    element (a learned temperature, a scale computed at run time) or a symbolic number (a Python float attribute
+    such as transformers' ``self.scaling``, which Dynamo passes as an input under dynamic shapes); else
+    ``(None, None)``."""
     kw = kwargs_of(n)
     a, b = kw["self"], kw["other"]
     candidates = [(a, b)] + ([(b, a)] if n.target == A.mul.Tensor else [])
     for scores, t in candidates:
         tv = val(t)
-        if (isinstance(scores, fx.Node) and isinstance(t, fx.Node) and isinstance(tv, torch.Tensor)
-                and tv.numel() == 1 and tv.is_floating_point() and _leads_to_product(scores)):
+        one_number = (isinstance(tv, torch.Tensor) and tv.numel() == 1 and tv.is_floating_point()
+                      or isinstance(tv, (torch.SymFloat, torch.SymInt)))
+        if isinstance(scores, fx.Node) and isinstance(t, fx.Node) and one_number and _leads_to_product(scores):
             return scores, t
     return None, None
 

@@ -181,6 +181,8 @@ def _uniform_row_gradient(emit, q: fx.Node, k: fx.Node, v: fx.Node, scale: float
     by ``scale ((q - sg q) M + sg(q) M')``, M = Kᵀ (V - v̄) / Nk, M' = (K - sg K)ᵀ (V - v̄) / Nk (both 0 in value;
     sg = stop-gradient), in O(N D Dv) per head."""
     n = val(k).shape[-2]
+    if not isinstance(n, int):   # a symbolic length is read from k in the graph, never written in as a number
+        n = emit(A.sym_size.int, (k, len(val(k).shape) - 2))
     v_bar = emit(A.mean.dim, (v, [-2], True))                                        # [B, Hkv, 1, Dv]
     centred = emit(A.sub.Tensor, (v, v_bar))
     k_moving = emit(A.sub.Tensor, (k, emit(A.detach.default, (k,))))
@@ -234,9 +236,10 @@ def _replace(gm: fx.GraphModule, site: AttentionSite, strategy) -> None:
         if nodes.get("merged_terms"):
             heads_3d = (B, H)
         for t, divides in nodes.get("tensor_scales", []):   # s * t == (q * t) . k: the op scales q, autograd sees it
-            t = emit(A.reshape.default, (t, []))
-            if val(t).dtype != val(q).dtype:
-                t = emit(A.to.dtype, (t, val(q).dtype))
+            if isinstance(val(t), torch.Tensor):   # else a symbolic number, which multiplies as it is
+                t = emit(A.reshape.default, (t, []))
+                if val(t).dtype != val(q).dtype:
+                    t = emit(A.to.dtype, (t, val(q).dtype))
             q = emit(A.div.Tensor if divides else A.mul.Tensor, (q, t))
         call = SiteCall(q, k, v, site.is_causal, float(site.scale), site.dropout_p,
                         mask=lambda: _site_mask(emit, site, heads_3d), key_keep=lambda: _key_keep(emit, site))

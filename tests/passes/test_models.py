@@ -220,11 +220,12 @@ def test_rewrite_a_causal_lm_called_as_users_call_it():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("impl", ["sdpa"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_dilated_reads_transformers_masks_at_symbolic_lengths(impl):
     """Under torch.compile with dynamic shapes one graph serves every length: a Llama's causal + padding mask is
-    read for every length (causality and key padding, the kernels' route), and a dense-equivalent pattern keeps
-    the output at each length."""
+    read for every length (causality and key padding, the kernels' route), the eager implementation's scale (a
+    float attribute Dynamo passes as a symbolic number) is read, and a dense-equivalent pattern keeps the output at
+    each length."""
     import dilate_compiler as dc
     from dilate_compiler.backend import capture_reports
 
