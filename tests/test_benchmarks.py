@@ -153,6 +153,17 @@ def test_bench_multi_gpu_dry_run_on_gloo_ranks(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_models_times_a_cold_and_a_warm_first_call(tmp_path):
+    out = _script("bench_models.py", ["--device", "cpu", "--seq-len", "64", "--layers", "1", "--hidden", "64",
+                                      "--heads", "4", "--intermediate", "128", "--steps", "2", "--models", "gpt",
+                                      "--methods", "dilated", "--caches", "cold,warm"], tmp_path)
+    rows = _rows(out, "bench_models")
+    assert [r["caches"] for r in rows] == ["cold", "warm"] and all(r["first_call_s"] > 0 for r in rows)
+    table = (out / "bench_models.md").read_text()
+    assert "| gpt | dilated | cold |" in table and "| gpt | dilated | warm |" in table
+
+
+@pytest.mark.slow
 def test_bench_models_runs_on_the_cpu(tmp_path):
     pytest.importorskip("transformers")
     out = _script("bench_models.py", ["--device", "cpu", "--seq-len", "64", "--layers", "1", "--hidden", "64",
