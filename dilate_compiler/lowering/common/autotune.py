@@ -73,10 +73,12 @@ def cache_enabled() -> bool:
 def streamed_bytes(config: triton.Config, streamed: tuple, head_dim: int, itemsize: int) -> int:
     """A lower bound of the shared memory ``config`` needs: ``streamed = (block, count)`` says that the kernel's
     loop loads ``count`` tiles of ``[config.kwargs[block], head_dim]`` elements of ``itemsize`` bytes (K and V in
-    a forward), which Triton's software pipeline keeps in ``num_stages - 1`` buffers at least (one without
-    pipelining)."""
+    a forward), which Triton's software pipeline keeps in ``num_stages`` buffers (what its sm_90 compiler
+    allocates, ``benchmarks/kernel_spills.py``: the dilated forward's 128 x 64 tile of 3 stages at D=64 holds 3 x
+    16 KiB of K and V beside 16 KiB of Q). Tiles held across the loop (Q in a forward) are left out: a bound
+    below what the compiler asks for, so no configuration that fits is dropped."""
     block, count = streamed
-    return max(config.num_stages - 1, 1) * count * config.kwargs[block] * head_dim * itemsize
+    return config.num_stages * count * config.kwargs[block] * head_dim * itemsize
 
 
 def fit_shared_memory(configs: list, streamed: tuple, head_dim: int, itemsize: int, limit: int) -> list:
@@ -265,12 +267,18 @@ class CachedAutotuner(Autotuner):
                               configs, values, tensor.device)
         path = entry_path(fields)
         best = read_entry(path, fields, configs)
+        traced = type(tensor) is not torch.Tensor
         if best is not None:
             counters["disk_hits"] += 1
-            log.debug("%s (%s): %s, read from %s", self.name, self._call, _config_text(best), path)
+            log.log(logging.INFO if traced else logging.DEBUG, "%s (%s): %s, read from %s%s", self.name, self._call,
+                    _config_text(best), path, " (the one configuration Inductor compiles)" if traced else "")
             self._searched = 1
             return [best]
-        self._pending = (path, fields)
+        if traced:
+            log.info("%s (%s): Inductor compiles and times %d configurations when the graph first runs", self.name,
+                     self._call, len(configs))
+        else:
+            self._pending = (path, fields)
         return configs
 
     def benchmark(self, kernel_call, quantiles):

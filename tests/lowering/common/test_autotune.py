@@ -175,12 +175,12 @@ def test_pruning_drops_the_configs_that_exceed_a_shared_memory_limit():
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=4, num_stages=s)
                for m, n, s in ((128, 128, 3), (128, 64, 3), (64, 64, 2), (128, 128, 1))]
     need = [autotune.streamed_bytes(c, ("BLOCK_N", 2), 128, 2) for c in configs]
-    assert need == [2 * 2 * 128 * 128 * 2, 2 * 2 * 64 * 128 * 2, 1 * 2 * 64 * 128 * 2, 1 * 2 * 128 * 128 * 2]
-    kept = autotune.fit_shared_memory(configs, ("BLOCK_N", 2), 128, 2, limit=64 * 1024)
+    assert need == [3 * 2 * 128 * 128 * 2, 3 * 2 * 64 * 128 * 2, 2 * 2 * 64 * 128 * 2, 1 * 2 * 128 * 128 * 2]
+    kept = autotune.fit_shared_memory(configs, ("BLOCK_N", 2), 128, 2, limit=99 * 1024)   # a 99 KiB card
     assert kept == [configs[1], configs[2], configs[3]]
-    assert autotune.fit_shared_memory(configs, ("BLOCK_N", 2), 128, 2, limit=1024 * 1024) == configs
+    assert autotune.fit_shared_memory(configs, ("BLOCK_N", 2), 128, 2, limit=227 * 1024) == configs   # an H100
     assert autotune.fit_shared_memory(configs, ("BLOCK_N", 2), 128, 2, limit=1024) == [configs[2]]   # the least
-    assert autotune.fit_shared_memory(configs, ("BLOCK_N", 2), 64, 2, limit=64 * 1024) == configs    # D=64: all fit
+    assert autotune.fit_shared_memory(configs, ("BLOCK_N", 2), 64, 2, limit=99 * 1024) == configs    # D=64: all fit
 
 
 def test_the_project_kernels_tune_through_the_cached_autotuner():
@@ -195,3 +195,25 @@ def test_the_project_kernels_tune_through_the_cached_autotuner():
         block, count = kernel.streamed
         assert all(block in c.kwargs for c in kernel.configs) and count == 2
     assert {k.name for k in kernels} >= {"dilated forward", "dilated backward dK/dV"}
+
+
+def test_a_traced_launch_is_pruned_to_the_cached_config(cache, caplog):
+    """What Inductor sees when it traces a launch (it calls the autotuner's pruning on fake tensors): every
+    configuration while the cache lacks the key, the cached best one once it holds it, and a log line saying which."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    kernel = autotuned_copy.scaled_copy_kernel
+    x = torch.arange(60, dtype=torch.float32)
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+        with caplog.at_level(logging.INFO, logger="dilate_compiler"):
+            cold = kernel.prune(kernel.configs, {"X": fake, "Y": fake, "N": 60}, HEAD_DIM=16, SCALE=2)
+    assert cold == kernel.configs and _entries(cache) == []          # a trace writes nothing
+    assert "Inductor compiles and times 3 configurations" in caplog.text
+    autotuned_copy.scaled_copy(x)                                    # an eager call tunes and writes the key
+    caplog.clear()
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+        with caplog.at_level(logging.INFO, logger="dilate_compiler"):
+            warm = kernel.prune(kernel.configs, {"X": fake, "Y": fake, "N": 60}, HEAD_DIM=16, SCALE=2)
+    assert warm == [kernel.best_config] and "the one configuration Inductor compiles" in caplog.text
