@@ -170,19 +170,23 @@ def run_case(name, N, a, device, dtype, flex_compiled) -> dict:
     return row
 
 
-def _flex_over_ours(row, phase):
-    flex, ours = row.get(f"flex_{phase}_ms"), row.get(f"ours_{phase}_ms")
-    return float("nan") if flex is None or ours is None else flex / ours
+def _over_ours(method):
+    """An extra column: ``method``'s time over ours (eager)."""
+    def cell(row, phase):
+        theirs, ours = row.get(f"{method}_{phase}_ms"), row.get(f"ours_{phase}_ms")
+        return float("nan") if theirs is None or ours is None else theirs / ours
+    return f"× {method}", cell
 
 
 def summarise(results, rows, timed, backward):
     harness.ceiling_tables(results, rows, timed, backward=backward, labels=("pattern", "N"),
                            ours_rates=(("ours TF/s useful", "useful_flop"), ("ours TF/s computed", "computed_flop")),
                            share_flop="computed_flop",
-                           extras=(("× flex", _flex_over_ours), ("layout ms", lambda r, phase: r["layout_ms"])),
+                           extras=(_over_ours("ours-compiled"), _over_ours("flex"),
+                                   ("layout ms", lambda r, phase: r["layout_ms"])),
                            notes="Ours: useful, per allowed pair; computed, per pair of every block the kernels visit "
                                  "(the kernels' own rate: the share of the ceiling is taken on it). Dense runs with "
-                                 "the pattern's causality. × flex: Flex's time / ours.")
+                                 "the pattern's causality. × ours-compiled, × flex: their time / ours (eager).")
 
 
 def plot(results, rows, timed):
