@@ -246,6 +246,11 @@ class CachedAutotuner(Autotuner):
         """Triton's ``early_config_prune`` (also called by Inductor when it traces a launch): the configurations
         that fit the card's shared memory; only the best one when the disk cache holds this call's key."""
         self._pending = None
+        kept = self._prune(configs, named_args, kwargs)
+        self._searched, self._timed = len(kept), 0
+        return kept
+
+    def _prune(self, configs: list, named_args: dict, kwargs: dict) -> list:
         if torch.compiler.is_dynamo_compiling():   # a launch Dynamo itself traces: its pruning stays side-effect free
             return configs
         call = {**named_args, **kwargs}
@@ -259,7 +264,6 @@ class CachedAutotuner(Autotuner):
                                         shared_memory_limit(tensor.device.index or 0))
             counters["configs_pruned"] += before - len(configs)
         self._call = describe_call(call)
-        self._searched, self._timed = len(configs), 0
         values = tuned_values(self.keys, named_args, kwargs) if cache_enabled() else None
         if values is None:
             return configs
@@ -272,7 +276,6 @@ class CachedAutotuner(Autotuner):
             counters["disk_hits"] += 1
             log.log(logging.INFO if traced else logging.DEBUG, "%s (%s): %s, read from %s%s", self.name, self._call,
                     _config_text(best), path, " (the one configuration Inductor compiles)" if traced else "")
-            self._searched = 1
             return [best]
         if traced:
             log.info("%s (%s): Inductor compiles and times %d configurations when the graph first runs", self.name,
@@ -283,7 +286,7 @@ class CachedAutotuner(Autotuner):
 
     def benchmark(self, kernel_call, quantiles):
         """Time one configuration (Triton's benchmarker on a GPU, wall time under the interpreter), logging
-        progress. A search left with one configuration times nothing (Triton before 3.7 asks for its time)."""
+        progress. A search left with one configuration times nothing (older Triton versions ask for its time)."""
         if self._searched == 1:
             return [0.0] * len(quantiles)
         self._timed += 1
