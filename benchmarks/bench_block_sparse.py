@@ -1,7 +1,7 @@
 """Block-sparse attention against FlexAttention on the same mask and dense attention, all in one run.
 
     python benchmarks/bench_block_sparse.py --out DIR [--ns 16384,65536,262144] [--patterns window,local+global]
-        [--methods ours,flex,dense] [--backward]
+        [--methods ours,ours-compiled,flex,dense] [--backward]
 
 Patterns (B=1, H=16, D=64, bf16 on CUDA, block size 128):
 - ``window``: causal sliding window of 4096 tokens (Mistral's: p - 4096 < j <= p), token-exact;

@@ -1,7 +1,7 @@
 """Dilated attention (LongNet) against its anchors, all in one run.
 
     python benchmarks/bench_dilated.py --out DIR [--configs A,B] [--ns 16384,65536,262144] [--causal both]
-        [--methods ours,dense,gather,flex] [--backward]
+        [--methods ours,ours-compiled,dense,gather,flex] [--backward]
 
 Pattern: segments (2048, 4096, 8192, 16384), rates (1, 2, 4, 8), ``mixing="lse"``. Config A: H=16, D=64;
 config B: H=8, D=128; B=1, bf16 on CUDA (float32 with ``--device cpu``, a dry run at small sizes).
