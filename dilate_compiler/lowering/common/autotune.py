@@ -206,6 +206,16 @@ def source_hash(fn) -> str:
 # --- the autotuner ------------------------------------------------------------------------------------------
 
 
+def _inductor_caches_off() -> bool:
+    """Whether Inductor was told to use no cache (``force_disable_caches``): a launch it traces then reads none of
+    this one either, and Inductor times every configuration."""
+    try:
+        from torch._inductor import config
+    except ImportError:
+        return False
+    return bool(getattr(config, "force_disable_caches", False))
+
+
 def describe_call(call: dict) -> str:
     """The parts of a launch a person tells tunings apart by: causality, head dim, length, dtype."""
     parts = []
@@ -264,14 +274,15 @@ class CachedAutotuner(Autotuner):
                                         shared_memory_limit(tensor.device.index or 0))
             counters["configs_pruned"] += before - len(configs)
         self._call = describe_call(call)
-        values = tuned_values(self.keys, named_args, kwargs) if cache_enabled() else None
+        traced = type(tensor) is not torch.Tensor
+        values = tuned_values(self.keys, named_args, kwargs) if cache_enabled() and not (
+            traced and _inductor_caches_off()) else None
         if values is None:
             return configs
         fields = cache_fields(f"{self.base_fn.__module__}.{self.base_fn.__qualname__}", source_hash(self.fn),
                               configs, values, tensor.device)
         path = entry_path(fields)
         best = read_entry(path, fields, configs)
-        traced = type(tensor) is not torch.Tensor
         if best is not None:
             counters["disk_hits"] += 1
             log.log(logging.INFO if traced else logging.DEBUG, "%s (%s): %s, read from %s%s", self.name, self._call,

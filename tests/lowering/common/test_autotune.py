@@ -217,3 +217,15 @@ def test_a_traced_launch_is_pruned_to_the_cached_config(cache, caplog):
         with caplog.at_level(logging.INFO, logger="dilate_compiler"):
             warm = kernel.prune(kernel.configs, {"X": fake, "Y": fake, "N": 60}, HEAD_DIM=16, SCALE=2)
     assert warm == [kernel.best_config] and "the one configuration Inductor compiles" in caplog.text
+
+
+def test_a_traced_launch_reads_no_cache_when_inductor_is_told_to_use_none(cache):
+    from torch._inductor import config as inductor_config
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    kernel = autotuned_copy.scaled_copy_kernel
+    x = torch.arange(70, dtype=torch.float32)
+    autotuned_copy.scaled_copy(x)                                    # the key is on disk
+    with FakeTensorMode() as mode, inductor_config.patch(force_disable_caches=True):
+        fake = mode.from_tensor(x)
+        assert kernel.prune(kernel.configs, {"X": fake, "Y": fake, "N": 70}, HEAD_DIM=16, SCALE=2) == kernel.configs
