@@ -1,5 +1,6 @@
-"""What the benchmarks share: timing, the run's environment, a printed table, the files a run writes and an optional
-plot.
+"""What the benchmarks share: timing, the run's environment, a printed table, the files a run writes, an optional
+plot, and the dense ceiling (cuDNN and flash SDPA timed side by side, ours as a share of the faster:
+``ceiling_tables``).
 
 Every benchmark prints, and writes into its ``--out`` folder, a header (hardware, versions, command, date) and one
 Markdown table per measurement, the form ``docs/results.md`` keeps; the raw rows go beside it as JSON.
