@@ -1,7 +1,7 @@
 """Block-sparse attention against FlexAttention on the same mask and dense attention, all in one run.
 
     python benchmarks/bench_block_sparse.py --out DIR [--ns 16384,65536,262144] [--patterns window,local+global]
-        [--methods ours,flex,dense] [--backward]
+        [--methods ours,ours-compiled,flex,dense] [--backward]
 
 Patterns (B=1, H=16, D=64, bf16 on CUDA, block size 128):
 - ``window``: causal sliding window of 4096 tokens (Mistral's: p - 4096 < j <= p), token-exact;
@@ -15,14 +15,17 @@ Methods (``--methods``, comma-separated):
 - ``flex``: ``flex_attention`` (compiled) with the same ``mask_mod``, on our layout's block lists
   (``--flex-mask from-layout``, the default: the same partial / full blocks) or on ``create_block_mask``'s
   (``--flex-mask create``: its first call compiles, for minutes at large N; first call and steady build timed);
-- ``dense``: full (non-causal) attention, the rate ceiling: with the cuDNN and the flash backends on CUDA
-  (``dense-cudnn``, ``dense-flash``), the faster taken.
+- ``dense``: full attention with the pattern's causality, the rate ceiling: with the cuDNN and the flash backends
+  on CUDA (``dense-cudnn``, ``dense-flash``), the faster taken (a backend that refuses the shape is listed as
+  failed; on the CPU both are "unavailable" and PyTorch's default, ``dense-cpu``, runs).
 
 Layout build: ``pattern.layout(...)`` on the device (median of 5 after a first call, which compiles the list
 kernels on CUDA and is timed apart).
 Throughput: 4·D·H FLOPs per allowed (query, key) pair ("useful"), or per pair of every block the kernels visit
-("computed blocks": the kernels' own rate, the one comparable to dense attention's). "ours / dense": ours'
-computed-block rate as a share of the faster dense backend's.
+("computed blocks": the kernels' own rate, the one comparable to dense attention's); dense attention is credited
+with its own pairs (N², N(N+1)/2 causal). "ours / ceiling" (and "ours-compiled / ceiling"): ours' computed-block
+rate as a share of the faster dense backend's in the same run (``harness.ceiling_tables``, shared with
+``bench_dilated.py``).
 """
 
 from __future__ import annotations
@@ -34,13 +37,12 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import dilate_compiler as dc  # noqa: E402
 import harness  # noqa: E402
-from bench_dilated import dense_methods, flex_block_mask  # noqa: E402
+from bench_dilated import flex_block_mask  # noqa: E402
 from dilate_compiler import patterns as P  # noqa: E402
 
 H, D, BS, WINDOW = 16, 64, 128, 4096
@@ -129,7 +131,7 @@ def run_case(name, N, a, device, dtype, flex_compiled) -> dict:
     row["layout_first_call_s"], row["layout_ms"] = first[0], 1e3 * statistics.median(times)
     useful, visited = allowed_pairs(lay)
     row.update(density=lay.density, useful_flop=4 * D * H * useful, computed_flop=4 * D * H * visited,
-               dense_flop=4 * D * H * N * N)
+               dense_flop=4 * D * H * (N * (N + 1) // 2 if causal else N * N))
     ours = lambda: dc.ops.block_sparse_attention(q, k, v, lay, block_size=BS, is_causal=causal)  # noqa: E731
     fns = {"ours": ours}
     if device.type == "cuda":
@@ -154,77 +156,37 @@ def run_case(name, N, a, device, dtype, flex_compiled) -> dict:
             bm = flex_block_mask_from_layout(lay, mask_mod)
         fns["flex"] = lambda: flex_compiled(q, k, v, block_mask=bm)
     if "dense" in a.methods:
-        for dense, backend in dense_methods(device).items():
-            fns[dense] = _dense(q, k, v, backend)
+        harness.add_dense(row, fns, q, k, v, causal)
     with torch.no_grad():          # ours' output stays alive: another method's output can't reuse its memory
         ref = ours()
         for m in ("ours-triton", "ours-compiled", "flex"):
             if m in fns:
                 row[f"{m}_vs_ours_max_abs"] = (fns[m]() - ref).abs().max().item()
         del ref
-    for m, fn in fns.items():
-        with torch.no_grad():
-            try:
-                fn()
-            except RuntimeError as e:            # e.g. a dense backend that doesn't take this shape
-                row[f"{m}_error"] = str(e).splitlines()[0][:200]
-                continue
-            row[f"{m}_fwd_ms"] = harness.measure_ms(fn, device)
-        if a.backward:
-            try:
-                row[f"{m}_fwdbwd_ms"] = harness.measure_ms(fn, device, backward_inputs=(q, k, v))
-            except RuntimeError as e:            # e.g. a dense backend without this backward
-                row[f"{m}_fwdbwd_error"] = str(e).splitlines()[0][:200]
+    harness.time_methods(row, fns, device, backward_inputs=(q, k, v) if a.backward else ())
     del q, k, v
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
 
 
-def _dense(q, k, v, backend):
-    def run():
-        if backend is None:
-            return F.scaled_dot_product_attention(q, k, v)
-        from torch.nn.attention import sdpa_kernel
-
-        with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v)
-    return run
+def _over_ours(method):
+    """An extra column: ``method``'s time over ours (eager)."""
+    def cell(row, phase):
+        theirs, ours = row.get(f"{method}_{phase}_ms"), row.get(f"ours_{phase}_ms")
+        return float("nan") if theirs is None or ours is None else theirs / ours
+    return f"× {method}", cell
 
 
 def summarise(results, rows, timed, backward):
-    nan = float("nan")
-    failed = sorted({f"{k[:-6]}: {r[k]}" for r in rows for k in r if k.endswith("_error")})
-    if failed:
-        print("\nfailed (not timed):\n  " + "\n  ".join(failed), flush=True)
-    for phase, title in (("fwd", "Forward"), ("fwdbwd", "Forward + backward")):
-        if phase == "fwdbwd" and not backward:
-            continue
-        factor = 3.5 if phase == "fwdbwd" else 1.0
-        shown = [m for m in timed if any(f"{m}_{phase}_ms" in r for r in rows)]
-        columns = (["pattern", "N"] + [f"{m} ms" for m in shown]
-                   + ["ours TF/s useful (computed)", "dense TF/s (faster)", "ours / dense", "× flex", "layout ms"])
-        cells = []
-        for r in rows:
-            ours = r.get(f"ours_{phase}_ms")
-
-            def rate(key, m, r=r):
-                return factor * r[key] / r[f"{m}_{phase}_ms"] / 1e9 if f"{m}_{phase}_ms" in r else nan
-
-            dense = {m: rate("dense_flop", m) for m in ("dense-cudnn", "dense-flash", "dense-cpu")
-                     if f"{m}_{phase}_ms" in r}
-            best = max(dense, key=dense.get) if dense else None
-            best_rate = dense[best] if best else nan
-            computed = rate("computed_flop", "ours")
-            flex = r.get(f"flex_{phase}_ms")
-            cells.append([r["pattern"], r["N"]] + [r.get(f"{m}_{phase}_ms", nan) for m in shown]
-                         + [f"{harness.fmt(rate('useful_flop', 'ours'))} ({harness.fmt(computed)})",
-                            f"{harness.fmt(best_rate)} ({best})" if best else "-", computed / best_rate,
-                            nan if flex is None or ours is None else flex / ours, r["layout_ms"]])
-        results.add_table(f"{title}, ms (median)", columns, cells,
-                          notes="useful: 4·D·H FLOPs per allowed pair; computed: per pair of every visited block"
-                                + (", × 3.5 forward + backward" if phase == "fwdbwd" else "")
-                                + "; ours / dense on computed blocks; × flex: Flex's time / ours.")
+    harness.ceiling_tables(results, rows, timed, backward=backward, labels=("pattern", "N"),
+                           ours_rates=(("ours TF/s useful", "useful_flop"), ("ours TF/s computed", "computed_flop")),
+                           share_flop="computed_flop",
+                           extras=(_over_ours("ours-compiled"), _over_ours("flex"),
+                                   ("layout ms", lambda r, phase: r["layout_ms"])),
+                           notes="Ours: useful, per allowed pair; computed, per pair of every block the kernels visit "
+                                 "(the kernels' own rate: the share of the ceiling is taken on it). Dense runs with "
+                                 "the pattern's causality. × ours-compiled, × flex: their time / ours (eager).")
 
 
 def plot(results, rows, timed):

@@ -1,7 +1,7 @@
 """Dilated attention (LongNet) against its anchors, all in one run.
 
     python benchmarks/bench_dilated.py --out DIR [--configs A,B] [--ns 16384,65536,262144] [--causal both]
-        [--methods ours,dense,gather,flex] [--backward]
+        [--methods ours,ours-compiled,dense,gather,flex] [--backward]
 
 Pattern: segments (2048, 4096, 8192, 16384), rates (1, 2, 4, 8), ``mixing="lse"``. Config A: H=16, D=64;
 config B: H=8, D=128; B=1, bf16 on CUDA (float32 with ``--device cpu``, a dry run at small sizes).
@@ -10,10 +10,12 @@ Methods (``--methods``, comma-separated):
 - ``ours``: ``dc.ops.dilated_attention``. On Hopper a non-causal chain at D=64 runs the warp-specialised
   forward; the row's ``ours_forward`` says which forward ran.
 - ``ours-triton``: the same with the warp-specialised forward turned off (CUDA only).
-- ``ours-compiled``: the same under ``torch.compile(fullgraph=True)``, the kernels as Inductor emits them.
+- ``ours-compiled``: the same under ``torch.compile(fullgraph=True)``: the forward eager mode runs (on Hopper the
+  warp-specialised one, through an opaque op), the Triton kernels as Inductor emits them.
 - ``dense``: full attention with ``F.scaled_dot_product_attention``, a different and larger problem: the rate
   ceiling. On CUDA twice, with the cuDNN backend (``dense-cudnn``) and the flash backend (``dense-flash``); the
-  faster is the ceiling the share is taken against.
+  faster is the ceiling. A backend that refuses a shape is listed as failed; on the CPU (a dry run) both are
+  "unavailable" and PyTorch's default (``dense-cpu``) runs.
 - ``gather``: LongNet done the usual way: per branch and head offset a strided gather, flash attention (which
   returns the log-sum-exp), a scatter and a log-sum-exp merge. Its backward treats the mixing weights as
   constants, as torchscale does, so it does less work than ours.
@@ -23,8 +25,10 @@ Methods (``--methods``, comma-separated):
   which needs N² memory or minutes of compilation at 256K); its build time is recorded.
 
 Throughput: 4·D FLOPs per distinct linked (query, key) pair and head (a pair linked by several branches counts
-once: what the kernels compute), 3.5× that forward + backward; dense attention is credited with its own N² work.
-"ours / dense" is ours' rate as a share of the faster dense backend's.
+once: what the kernels compute), 3.5× that forward + backward; dense attention is credited with its own pairs
+(N², N(N+1)/2 causal). "ours / ceiling" (and "ours-compiled / ceiling") is ours' rate as a share of the faster
+dense backend's in the same run. The tables come from ``harness.ceiling_tables``, shared with
+``bench_block_sparse.py``.
 """
 
 from __future__ import annotations
@@ -35,7 +39,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -124,26 +127,6 @@ def gather_sdpa(q, k, v, segs, rates, causal):
     lse = torch.logsumexp(torch.stack(lses), 0)
     out = sum(torch.exp(l - lse).nan_to_num(0.0).unsqueeze(-1) * o for o, l in zip(outs, lses))
     return out.to(q.dtype)
-
-
-def dense_methods(device) -> dict:
-    """The dense attention runs timed: cuDNN and flash on CUDA, PyTorch's default on the CPU."""
-    if device.type != "cuda":
-        return {"dense-cpu": None}
-    from torch.nn.attention import SDPBackend
-
-    return {"dense-cudnn": SDPBackend.CUDNN_ATTENTION, "dense-flash": SDPBackend.FLASH_ATTENTION}
-
-
-def dense_call(q, k, v, causal, backend):
-    def run():
-        if backend is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        from torch.nn.attention import sdpa_kernel
-
-        with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    return run
 
 
 def flex_fns(segs, rates, causal):
@@ -276,8 +259,7 @@ def run_case(cfg, causal, N, a, device, dtype, flex_compiled, check_flex) -> dic
                                  fullgraph=True, dynamic=False)
         fns["ours-compiled"] = lambda: compiled(q, k, v)
     if "dense" in a.methods:
-        for name, backend in dense_methods(device).items():
-            fns[name] = dense_call(q, k, v, causal, backend)
+        harness.add_dense(row, fns, q, k, v, causal)
     if "gather" in a.methods:
         fns["gather"] = lambda: gather_sdpa(q, k, v, SEGS, RATES, causal)
     if "flex" in a.methods:
@@ -291,70 +273,27 @@ def run_case(cfg, causal, N, a, device, dtype, flex_compiled, check_flex) -> dic
             ref32 = ref.float()
             row["flex_vs_ours_rel_l2"] = ((fns["flex"]().float() - ref32).norm() / ref32.norm()).item()
         del ref
-    for m, fn in fns.items():
-        with torch.no_grad():
-            try:
-                fn()
-            except RuntimeError as e:            # e.g. a dense backend that doesn't take this shape
-                row[f"{m}_error"] = str(e).splitlines()[0][:200]
-                continue
-            row[f"{m}_fwd_ms"] = harness.measure_ms(fn, device)
-            row[f"{m}_fwd_peak_extra_mib"] = harness.peak_extra_mib(fn, device)
-        if a.backward and m != "flex":
-            try:
-                row[f"{m}_fwdbwd_ms"] = harness.measure_ms(fn, device, backward_inputs=(q, k, v))
-            except RuntimeError as e:            # e.g. a dense backend without this backward
-                row[f"{m}_fwdbwd_error"] = str(e).splitlines()[0][:200]
+    harness.time_methods(row, fns, device, backward_inputs=(q, k, v) if a.backward else (), forward_only=("flex",))
     del q, k, v
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
 
 
-def _rate(row, m, flop_key, phase, factor=1.0) -> float:
-    ms = row.get(f"{m}_{phase}_ms")
-    return float("nan") if ms is None else factor * row[flop_key] / ms / 1e9
-
-
-def _best_dense(row, phase):
-    """(name, TFLOP/s) of the faster dense backend in this row, or ('-', nan)."""
-    factor = 3.5 if phase == "fwdbwd" else 1.0
-    rates = {m: _rate(row, m, "dense_flop", phase, factor) for m in ("dense-cudnn", "dense-flash", "dense-cpu")
-             if f"{m}_{phase}_ms" in row}
-    if not rates:
-        return "-", float("nan")
-    name = max(rates, key=rates.get)
-    return name, rates[name]
-
-
-def _ratio(a_ms, b_ms) -> float:
-    return float("nan") if a_ms is None or b_ms is None else a_ms / b_ms
+def _times_ours(method):
+    """An extra column: ``method``'s time over ours (how many times faster ours is)."""
+    def cell(row, phase):
+        theirs, ours = row.get(f"{method}_{phase}_ms"), row.get(f"ours_{phase}_ms")
+        return float("nan") if theirs is None or ours is None else theirs / ours
+    return f"× {method}", cell
 
 
 def summarise(results, rows, methods_timed, backward):
-    failed = sorted({f"{k[:-6]}: {r[k]}" for r in rows for k in r if k.endswith("_error")})
-    if failed:
-        print("\nfailed (not timed):\n  " + "\n  ".join(failed), flush=True)
-    for phase, title in (("fwd", "Forward"), ("fwdbwd", "Forward + backward")):
-        if phase == "fwdbwd" and not backward:
-            continue
-        factor = 3.5 if phase == "fwdbwd" else 1.0
-        shown = [m for m in methods_timed if any(f"{m}_{phase}_ms" in r for r in rows)]
-        columns = (["config", "causal", "N"] + [f"{m} ms" for m in shown]
-                   + ["ours TF/s", "dense TF/s (faster)", "ours / dense", "× gather", "× flex"])
-        cells = []
-        for r in rows:
-            ours = r.get(f"ours_{phase}_ms")
-            name, dense_rate = _best_dense(r, phase)
-            ours_rate = _rate(r, "ours", "distinct_flop", phase, factor)
-            cells.append([r["config"], r["causal"], r["N"]] + [r.get(f"{m}_{phase}_ms", float("nan")) for m in shown]
-                         + [ours_rate, f"{harness.fmt(dense_rate)} ({name})" if dense_rate == dense_rate else "-",
-                            ours_rate / dense_rate, _ratio(r.get(f"gather_{phase}_ms"), ours),
-                            _ratio(r.get(f"flex_{phase}_ms"), ours)])
-        results.add_table(f"{title}, ms (median)", columns, cells,
-                          notes="TF/s: 4·D FLOPs per distinct linked (query, key) pair and head"
-                                + (", × 3.5 forward + backward" if phase == "fwdbwd" else "")
-                                + "; dense is credited with its own N² work. × gather, × flex: their time / ours.")
+    harness.ceiling_tables(results, rows, methods_timed, backward=backward, labels=("config", "causal", "N"),
+                           ours_rates=(("ours TF/s", "distinct_flop"),), share_flop="distinct_flop",
+                           extras=(_times_ours("ours-compiled"), _times_ours("gather"), _times_ours("flex")),
+                           notes="Ours is credited with the distinct linked pairs (a pair several branches link "
+                                 "counts once). × ours-compiled, × gather, × flex: their time / ours (eager).")
 
 
 def plot(results, rows, methods_timed):

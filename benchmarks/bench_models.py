@@ -2,7 +2,7 @@
 same size, eager, compiled by Inductor, and compiled with this package's backend.
 
     python benchmarks/bench_models.py --out DIR [--models llama,gpt] [--methods eager,inductor,dilated]
-        [--seq-len 16384] [--batch 1] [--padding] [--layers 4] [--steps 10]
+        [--seq-len 16384] [--batch 1] [--padding] [--layers 4] [--steps 10] [--caches as-is|cold|cold,warm]
 
 Models (built from a configuration, random weights, bf16 on CUDA, float32 with ``--device cpu``):
 - ``llama``: ``transformers.LlamaModel``, ``attn_implementation="sdpa"``, called with ``input_ids`` (and, with
@@ -19,6 +19,10 @@ Methods:
   ``STRATEGY = dc.Dilated((2048, 4096, 8192, 16384), (1, 2, 4, 8))``.
 
 Each (model, method) runs in a fresh process, so its first call includes all its compilation and autotuning.
+``--caches`` says with which caches on disk (this package's autotuning cache, Triton's and Inductor's): ``as-is``
+(the default) the user's own; ``cold`` empty ones, made for the run; ``cold,warm`` a cold process, then a second
+fresh process with the caches the first one filled (a row each). The workers log this package's INFO records
+(autotuning progress, each compiled graph) to standard error as they run.
 Reported: the first step's time (compile + autotune + the step), the median step time over ``--steps`` further
 steps, tokens per second, and for ``dilated`` the compiler's report (``dilate_compiler.backend.REPORTS``):
 attention sites found and rewritten, skip reasons, and whether any rewritten site runs the exact PyTorch path
@@ -114,7 +118,15 @@ class _Warnings(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+CACHE_VARIABLES = {"DILATE_COMPILER_CACHE_DIR": "dilate_compiler", "TRITON_CACHE_DIR": "triton",
+                   "TORCHINDUCTOR_CACHE_DIR": "inductor"}
+
+
 def worker(model_name: str, method: str, a) -> dict:
+    progress = logging.StreamHandler(sys.stderr)
+    progress.setFormatter(logging.Formatter(f"[{model_name} / {method}] %(message)s"))
+    logging.getLogger("dilate_compiler").addHandler(progress)
+    logging.getLogger("dilate_compiler").setLevel(logging.INFO)
     device = harness.check_device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, kwargs = build(model_name, a, device, dtype)
@@ -179,6 +191,8 @@ def _args(argv=None):
     ap.add_argument("--intermediate", type=int, default=2816)
     ap.add_argument("--steps", type=int, default=10, help="about how many steps the step time is a median of")
     ap.add_argument("--device", default=harness.default_device())
+    ap.add_argument("--caches", default="as-is", choices=("as-is", "cold", "cold,warm"),
+                    help="the caches on disk each worker starts with (see above)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     for name, value, accepted in (("--models", a.models, MODELS), ("--methods", a.methods, METHODS)):
@@ -192,15 +206,36 @@ def _args(argv=None):
     return a
 
 
-def _run_worker(model: str, method: str, argv) -> dict:
-    """One (model, method) in a fresh process; its JSON row, or the error it ended with."""
+def _run_worker(model: str, method: str, argv, cache_root=None) -> dict:
+    """One (model, method) in a fresh process, its standard error passed on as it runs; its JSON row, or the error
+    it ended with. ``cache_root``: a folder holding the worker's caches (``CACHE_VARIABLES``), else the user's."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{model}:{method}"] + list(argv)
-    res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines = res.stdout.strip().splitlines()
-    if res.returncode != 0 or not lines:
-        tail = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
-        return {"model": model, "method": method, "error": f"exit {res.returncode}: {tail[:300]}"}
+    env = dict(os.environ)
+    if cache_root is not None:
+        env.update({var: os.path.join(cache_root, sub) for var, sub in CACHE_VARIABLES.items()})
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    tail = "(no output)"
+    for line in proc.stderr:
+        sys.stderr.write(line)
+        tail = line.strip() or tail
+    lines = proc.stdout.read().strip().splitlines()
+    code = proc.wait()
+    if code != 0 or not lines:
+        return {"model": model, "method": method, "error": f"exit {code}: {tail[:300]}"}
     return json.loads(lines[-1])
+
+
+def _runs(model: str, method: str, argv, caches: str) -> list:
+    """The rows of one (model, method): one process with the caches ``caches`` names (``--caches``)."""
+    if caches == "as-is":
+        return [dict(_run_worker(model, method, argv), caches="as-is")]
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench_models_caches_") as root:
+        rows = [dict(_run_worker(model, method, argv, root), caches="cold")]
+        if caches == "cold,warm":
+            rows.append(dict(_run_worker(model, method, argv, root), caches="warm"))
+    return rows
 
 
 def _against(speed: float) -> str:
@@ -212,11 +247,11 @@ def _against(speed: float) -> str:
 
 def summarise(results, rows):
     nan = float("nan")
-    eager = {r["model"]: r.get("step_ms") for r in rows if r["method"] == "eager"}
+    eager = {r["model"]: r.get("step_ms") for r in rows if r["method"] == "eager" and "step_ms" in r}
     cells = []
     for r in rows:
         if "error" in r:
-            cells.append([r["model"], r["method"], "-", "-", "-", "-", "-", r["error"]])
+            cells.append([r["model"], r["method"], r.get("caches", "-"), "-", "-", "-", "-", "-", r["error"]])
             continue
         base = eager.get(r["model"])
         speed = base / r["step_ms"] if base else nan
@@ -226,13 +261,16 @@ def summarise(results, rows):
                 note += "; skipped: " + ", ".join(r["skipped"])
         else:
             note = "dense SDPA"
-        cells.append([r["model"], r["method"], r["first_call_s"], r["step_ms"], r["tokens_per_s"],
+        cells.append([r["model"], r["method"], r.get("caches", "as-is"), r["first_call_s"], r["step_ms"],
+                      r["tokens_per_s"],
                       _against(speed) if r["method"] != "eager" else "(baseline)",
                       r["peak_gib"], note])
     results.add_table("One training step (forward + backward)",
-                      ["model", "method", "first call s", "ms / step", "tokens / s", "against eager", "peak GiB",
-                       "attention"], cells,
-                      notes="first call: compilation, autotuning and one step; ms / step: median of later steps.")
+                      ["model", "method", "caches", "first call s", "ms / step", "tokens / s", "against eager",
+                       "peak GiB", "attention"], cells,
+                      notes="first call: compilation, autotuning and one step, in a fresh process with the caches on "
+                            "disk said (cold: empty; warm: filled by the cold run before it); ms / step: median of "
+                            "later steps.")
 
 
 def plot(results, rows):
@@ -269,7 +307,8 @@ def main(argv=None):
     for model in a.models.split(","):
         for method in a.methods.split(","):
             print(f"{model} / {method}: building, compiling and timing in a fresh process ...", flush=True)
-            results.row(_run_worker(model, method, argv))
+            for row in _runs(model, method, argv, a.caches):
+                results.row(row)
     summarise(results, results.rows)
     results.write()
     plot(results, results.rows)

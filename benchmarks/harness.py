@@ -1,5 +1,6 @@
-"""What the benchmarks share: timing, the run's environment, a printed table, the files a run writes and an optional
-plot.
+"""What the benchmarks share: timing, the run's environment, a printed table, the files a run writes, an optional
+plot, and the dense ceiling (cuDNN and flash SDPA timed side by side, ours as a share of the faster:
+``ceiling_tables``).
 
 Every benchmark prints, and writes into its ``--out`` folder, a header (hardware, versions, command, date) and one
 Markdown table per measurement, the form ``docs/results.md`` keeps; the raw rows go beside it as JSON.
@@ -11,6 +12,7 @@ repeated calls after a warm-up.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import json
 import os
@@ -176,6 +178,152 @@ class Results:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         print(f"wrote {path}", flush=True)
+
+
+# --- timing a set of methods ----------------------------------------------------------------------------------
+
+
+def time_methods(row: dict, fns: dict, device, *, backward_inputs: Sequence[torch.Tensor] = (),
+                 forward_only: Sequence[str] = ()) -> None:
+    """Time each ``fns[name]()`` into ``row[f"{name}_fwd_ms"]`` and, with ``backward_inputs`` (unless ``name`` is in
+    ``forward_only``), forward + backward into ``row[f"{name}_fwdbwd_ms"]``. A method that raises (a dense
+    backend that refuses the shape or has no such backward) is recorded as ``{name}_error`` /
+    ``{name}_fwdbwd_error``, not fatal."""
+    for name, fn in fns.items():
+        with torch.no_grad():
+            try:
+                fn()
+            except RuntimeError as e:
+                row[f"{name}_error"] = str(e).splitlines()[0][:200]
+                continue
+            row[f"{name}_fwd_ms"] = measure_ms(fn, device)
+            row[f"{name}_fwd_peak_extra_mib"] = peak_extra_mib(fn, device)
+        if backward_inputs and name not in forward_only:
+            try:
+                row[f"{name}_fwdbwd_ms"] = measure_ms(fn, device, backward_inputs=backward_inputs)
+            except RuntimeError as e:
+                row[f"{name}_fwdbwd_error"] = str(e).splitlines()[0][:200]
+
+
+# --- the dense ceiling ----------------------------------------------------------------------------------------
+# The dense ceiling is the fastest dense attention on the card: SDPA with the cuDNN backend and with the flash
+# backend, both timed, the faster taken. On the CPU (a dry run) neither exists; PyTorch's default runs instead.
+
+DENSE_NAMES = {"dense-cudnn": "cuDNN", "dense-flash": "flash", "dense-cpu": "CPU default"}
+PHASES = (("fwd", "Forward", 1.0), ("fwdbwd", "Forward + backward", 3.5))   # FLOPs: 4·D per pair forward, 3.5×
+
+
+def dense_runs(device) -> tuple[dict, dict]:
+    """``(runs, unavailable)``: the dense attention timed here, name -> ``SDPBackend`` (None: PyTorch's choice), and
+    the dense backends that can't run here, name -> why (said so in the tables)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {"dense-cpu": None}, {"dense-cudnn": "no CUDA device", "dense-flash": "no CUDA device"}
+    from torch.nn.attention import SDPBackend
+
+    runs, unavailable = {}, {}
+    if torch.backends.cudnn.is_available():
+        runs["dense-cudnn"] = SDPBackend.CUDNN_ATTENTION
+    else:
+        unavailable["dense-cudnn"] = "this torch has no cuDNN"
+    runs["dense-flash"] = SDPBackend.FLASH_ATTENTION
+    return runs, unavailable
+
+
+def dense_call(q, k, v, causal: bool, backend) -> Callable[[], torch.Tensor]:
+    """Dense ``F.scaled_dot_product_attention`` with ``backend`` (None: PyTorch's choice)."""
+    import torch.nn.functional as F
+
+    def run():
+        if backend is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return run
+
+
+def add_dense(row: dict, fns: dict, q, k, v, causal: bool) -> None:
+    """Add the dense runs of ``q``'s device to ``fns`` and note in ``row`` those that can't run here."""
+    runs, unavailable = dense_runs(q.device)
+    for name, backend in runs.items():
+        fns[name] = dense_call(q, k, v, causal, backend)
+    for name, why in unavailable.items():
+        row[f"{name}_unavailable"] = why
+
+
+def rate(row: dict, method: str, flop_key: str, phase: str) -> float:
+    """TFLOP/s of ``method`` in ``phase``, crediting it with ``row[flop_key]`` forward FLOPs (× 3.5 forward +
+    backward); nan when it wasn't timed."""
+    ms = row.get(f"{method}_{phase}_ms")
+    factor = dict((p, f) for p, _, f in PHASES)[phase]
+    return float("nan") if ms is None else factor * row[flop_key] / ms / 1e9
+
+
+def ceiling(row: dict, phase: str) -> tuple[str, float]:
+    """``(name, TFLOP/s)`` of the faster dense run of ``row`` in ``phase``, or ``("-", nan)``."""
+    rates = {m: rate(row, m, "dense_flop", phase) for m in DENSE_NAMES if f"{m}_{phase}_ms" in row}
+    if not rates:
+        return "-", float("nan")
+    name = max(rates, key=rates.get)
+    return name, rates[name]
+
+
+def dense_cell(row: dict, method: str, phase: str) -> str:
+    """A dense run's TFLOP/s, or why there is none: unavailable here, or failed (the error is listed above the
+    tables)."""
+    if f"{method}_unavailable" in row:
+        return f"unavailable ({row[f'{method}_unavailable']})"
+    if f"{method}_{phase}_ms" in row:
+        return fmt(rate(row, method, "dense_flop", phase))
+    if f"{method}_error" in row or f"{method}_{phase}_error" in row:
+        return "failed"
+    return "-"
+
+
+def report_failures(rows: Sequence[dict]) -> None:
+    failed = sorted({f"{k[:-6]}: {r[k]}" for r in rows for k in r if k.endswith("_error")})
+    if failed:
+        print("\nfailed (not timed):\n  " + "\n  ".join(failed), flush=True)
+
+
+def ceiling_tables(results: "Results", rows: Sequence[dict], timed: Sequence[str], *, backward: bool,
+                   labels: Sequence[str], ours_rates: Sequence[tuple], share_flop: str,
+                   extras: Sequence[tuple] = (), notes: str = "") -> None:
+    """One table per phase (forward; forward + backward with ``backward``): the ``labels`` columns of each row, each
+    timed method's milliseconds, ours' rates (``ours_rates``: ``(title, flop key)``), each dense backend's rate (or
+    why there is none), which one is the ceiling, each of ours' runs (``ours``, ``ours-compiled``,
+    ``ours-triton``) as a share of the ceiling's rate with ours credited with ``row[share_flop]``, and ``extras``
+    (``(title, fn(row, phase))``)."""
+    report_failures(rows)
+    dense = [m for m in DENSE_NAMES if any(f"{m}_fwd_ms" in r or f"{m}_unavailable" in r or f"{m}_error" in r
+                                          for r in rows)]
+    for phase, title, factor in PHASES:
+        if phase == "fwdbwd" and not backward:
+            continue
+        shown = [m for m in timed if any(f"{m}_{phase}_ms" in r for r in rows)]
+        ours = [m for m in ("ours", "ours-compiled", "ours-triton") if m in shown]
+        columns = (list(labels) + [f"{m} ms" for m in shown] + [t for t, _ in ours_rates]
+                   + [f"{DENSE_NAMES[m]} TF/s" for m in dense] + ["ceiling"] + [f"{m} / ceiling" for m in ours]
+                   + [t for t, _ in extras])
+        cells, won = [], collections.Counter()
+        for r in rows:
+            best, best_rate = ceiling(r, phase)
+            if best != "-":
+                won[DENSE_NAMES[best]] += 1
+            cells.append([r[c] for c in labels] + [r.get(f"{m}_{phase}_ms", float("nan")) for m in shown]
+                         + [rate(r, "ours", key, phase) for _, key in ours_rates]
+                         + [dense_cell(r, m, phase) for m in dense]
+                         + [DENSE_NAMES.get(best, best)] + [rate(r, m, share_flop, phase) / best_rate for m in ours]
+                         + [fn(r, phase) for _, fn in extras])
+        said = ", ".join(f"{name} in {n} of {len(rows)} rows" for name, n in won.most_common()) or "none timed"
+        results.add_table(f"{title}, ms (median)", columns, cells,
+                          notes=" ".join(filter(None, (
+                              f"Ceiling (the faster dense backend): {said}. TF/s: 4·D FLOPs per pair"
+                              + (", × 3.5 forward + backward" if factor != 1.0 else "")
+                              + "; dense attention is credited with its own pairs (N², or N(N+1)/2 causal).",
+                              notes))))
 
 
 # --- what the op chose: the benchmarks report which forward ran ----------------------------------------------

@@ -5,7 +5,9 @@
 pass pipeline as ``rewrite`` and the backend on the exported graph, and keeps the graph signature pointing at
 the rewritten nodes. The program saves and loads with ``torch.export.save``/``load``; loading needs only
 ``import dilate_compiler`` (which registers the ops). On CUDA the dilated op is a ``triton_op``, so AOTInductor
-embeds its Triton kernels in the package; on the CPU the package calls the exact path.
+embeds its Triton kernels in the package; where eager mode would run a warp-specialised Hopper forward, the package
+calls it through an opaque op instead (built with ``DILATE_COMPILER_WARP_SPECIALISED=0``, it embeds the Triton
+forward there too); on the CPU the package calls the exact path.
 """
 
 from __future__ import annotations

@@ -120,3 +120,13 @@ def test_capture_reports_gathers_every_graph_of_a_call_with_graph_breaks():
     with backend.capture_reports() as again:
         compiled(x)                                   # nothing compiles: nothing captured
     assert not again.sites
+
+
+def test_each_compiled_graph_logs_how_long_inductor_took(caplog):
+    import logging
+
+    compiled = torch.compile(Block(), backend="dilated", options={"strategy": dc.Dilated((64,), (1,))})
+    with caplog.at_level(logging.INFO, logger="dilate_compiler"):
+        compiled(torch.randn(1, 40, 32))
+    timed = [r.getMessage() for r in caplog.records if "Inductor compiled the graph" in r.getMessage()]
+    assert len(timed) == 1 and "(attention sites rewritten: 1)" in timed[0]

@@ -64,6 +64,31 @@ def test_table_cells_and_ratios_in_words():
     assert bench_models._against(2.0) == "2× faster" and bench_models._against(0.25) == "4× slower"
 
 
+def test_ceiling_tables_take_the_faster_dense_backend_and_say_why_one_is_missing(tmp_path, capsys):
+    env = {"hardware": "test"}
+    results = harness.Results("t", str(tmp_path), env)
+    rows = [
+        {"config": "A", "N": 8, "distinct_flop": 1e12, "dense_flop": 4e12, "ours_fwd_ms": 1.0,
+         "ours-compiled_fwd_ms": 2.0,
+         "dense-cudnn_fwd_ms": 2.0, "dense-flash_fwd_ms": 4.0, "ours_fwdbwd_ms": 10.0, "dense-cudnn_fwdbwd_ms": 20.0,
+         "dense-flash_fwdbwd_error": "no backward"},
+        {"config": "A", "N": 16, "distinct_flop": 1e12, "dense_flop": 4e12, "ours_fwd_ms": 1.0,
+         "dense-cudnn_error": "No available kernel", "dense-flash_fwd_ms": 8.0},
+    ]
+    harness.ceiling_tables(results, rows, ["ours", "ours-compiled", "dense-cudnn", "dense-flash"], backward=True,
+                           labels=("config", "N"), ours_rates=(("ours TF/s", "distinct_flop"),),
+                           share_flop="distinct_flop")
+    text = "\n".join(results.sections)
+    forward, both = text.split("## Forward + backward")
+    # row 1: cuDNN 2000 TF/s beats flash 1000; ours 1000 TF/s = 0.5 of it, compiled 0.25
+    assert "| A | 8 | 1 | 2 | 2 | 4 | 1000 | 2000 | 1000 | cuDNN | 0.5 | 0.25 |" in forward
+    # row 2: cuDNN refused the shape: flash (500 TF/s) is the ceiling, ours 2x its rate
+    assert "| A | 16 | 1 | - | - | 8 | 1000 | failed | 500.0 | flash | 2 | - |" in forward
+    assert "cuDNN in 1 of 2 rows, flash in 1 of 2 rows" in forward
+    assert "| A | 8 | 10.0 | 20.0 | 350.0 | 700.0 | failed | cuDNN | 0.5 |" in both  # × 3.5 forward + backward
+    assert "dense-cudnn: No available kernel" in capsys.readouterr().out            # failures listed first
+
+
 def _script(name: str, args: list, tmp_path) -> Path:
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -85,8 +110,12 @@ def test_bench_dilated_runs_on_the_cpu(tmp_path):
     rows = _rows(out, "bench_dilated")
     assert len(rows) == 4 and all("ours_fwdbwd_ms" in r and "gather_fwd_ms" in r and "dense-cpu_fwd_ms" in r
                                   for r in rows)
+    assert all(r["dense-cudnn_unavailable"] == r["dense-flash_unavailable"] == "no CUDA device" for r in rows)
     table = (out / "bench_dilated.md").read_text()
     assert "## Forward, ms (median)" in table and "## Forward + backward" in table and "| hardware |" in table
+    assert "| cuDNN TF/s | flash TF/s | CPU default TF/s | ceiling | ours / ceiling |" in table
+    assert "| unavailable (no CUDA device) | unavailable (no CUDA device) |" in table
+    assert "Ceiling (the faster dense backend): CPU default in 4 of 4 rows" in table
 
 
 @pytest.mark.slow
@@ -94,8 +123,13 @@ def test_bench_block_sparse_runs_on_the_cpu(tmp_path):
     out = _script("bench_block_sparse.py", ["--device", "cpu", "--ns", "256", "--methods", "ours,dense"], tmp_path)
     rows = _rows(out, "bench_block_sparse")
     assert {r["pattern"] for r in rows} == {"window", "local+global"}
-    assert all(0 < r["useful_flop"] <= r["computed_flop"] <= r["dense_flop"] for r in rows)
-    assert "## Forward, ms (median)" in (out / "bench_block_sparse.md").read_text()
+    assert all(0 < r["useful_flop"] <= r["computed_flop"] and r["useful_flop"] <= r["dense_flop"] for r in rows)
+    N, H, D = 256, bench_block_sparse.H, bench_block_sparse.D
+    assert {r["pattern"]: r["dense_flop"] for r in rows} == {"window": 4 * D * H * N * (N + 1) // 2,   # causal
+                                                               "local+global": 4 * D * H * N * N}
+    table = (out / "bench_block_sparse.md").read_text()
+    assert "## Forward, ms (median)" in table and "| ours TF/s useful | ours TF/s computed |" in table
+    assert "| ceiling | ours / ceiling | × ours-compiled | × flex | layout ms |" in table
 
 
 @pytest.mark.slow
@@ -116,6 +150,17 @@ def test_bench_multi_gpu_dry_run_on_gloo_ranks(tmp_path):
     checks = [r for r in rows if r.get("phase") == "check"]
     assert len(checks) == 6 and all(r.get("ok") for r in checks), checks
     assert "## Times" in (out / "bench_multi_gpu.md").read_text()
+
+
+@pytest.mark.slow
+def test_bench_models_times_a_cold_and_a_warm_first_call(tmp_path):
+    out = _script("bench_models.py", ["--device", "cpu", "--seq-len", "64", "--layers", "1", "--hidden", "64",
+                                      "--heads", "4", "--intermediate", "128", "--steps", "2", "--models", "gpt",
+                                      "--methods", "dilated", "--caches", "cold,warm"], tmp_path)
+    rows = _rows(out, "bench_models")
+    assert [r["caches"] for r in rows] == ["cold", "warm"] and all(r["first_call_s"] > 0 for r in rows)
+    table = (out / "bench_models.md").read_text()
+    assert "| gpt | dilated | cold |" in table and "| gpt | dilated | warm |" in table
 
 
 @pytest.mark.slow

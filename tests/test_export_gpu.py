@@ -1,4 +1,5 @@
-"""AOTInductor on CUDA (marker gpu): the package embeds the dilated Triton kernels and runs in a fresh process."""
+"""AOTInductor on CUDA (marker gpu): the package embeds the dilated Triton kernels (on Hopper, calls the
+warp-specialised forward where eager mode runs it) and runs in a fresh process."""
 
 import subprocess
 import sys
@@ -56,6 +57,34 @@ def test_cuda_package_runs_in_fresh_process(tmp_path):
             f"f = torch._inductor.aoti_load_package({package!r})\n"
             f"x, ref = torch.load({str(io)!r})\n"
             "out = f(x.cuda()).cpu()\n"
+            "torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)\nprint('ok')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", (res.returncode, res.stderr[-3000:])
+
+
+class _Attend(torch.nn.Module):
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
+                    reason="needs compute capability 9.0")
+def test_hopper_package_calls_the_warp_specialised_forward_in_a_fresh_process(tmp_path):
+    """A call eager mode sends to the warp-specialised forward (non-causal nested chain, D=64, contiguous q, k, v):
+    the package calls it through ``dilated_attention_forward_hopper`` and runs in a fresh process."""
+    q, k, v = (torch.randn(1, 4, 2048, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    ep = dc.export(_Attend(), (q, k, v), dc.Dilated((1024, 2048), (1, 2)))
+    package = dc.aot_compile(ep, str(tmp_path / "hopper.pt2"))
+    with zipfile.ZipFile(package) as z:
+        wrapper = " ".join(z.read(n).decode() for n in z.namelist() if n.endswith("wrapper.cpp"))
+    assert "dilated_attention_forward_hopper" in wrapper
+    expected = dc.ops.dilated_attention(q, k, v, (1024, 2048), (1, 2))
+    io = tmp_path / "io.pt"
+    torch.save(((q.cpu(), k.cpu(), v.cpu()), expected.cpu()), io)
+    code = ("import torch, dilate_compiler\n"
+            f"f = torch._inductor.aoti_load_package({package!r})\n"
+            f"(q, k, v), ref = torch.load({str(io)!r})\n"
+            "out = f(q.cuda(), k.cuda(), v.cuda()).cpu()\n"
             "torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)\nprint('ok')\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip() == "ok", (res.returncode, res.stderr[-3000:])

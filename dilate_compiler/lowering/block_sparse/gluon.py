@@ -13,8 +13,9 @@ What it takes (``unsupported_reason``): an H100/H200-class GPU (compute capabili
 (at 128 the K/V ring doesn't fit), layout block size 128, N a multiple of it, no causal mask, no position order,
 contiguous q, k, v, and every block of the layout full (``all_blocks_full``: no token mask anywhere). GQA, per-head
 layouts, any batch (a layout built under ``torch.inference_mode`` has no version counter to keep that check on,
-and runs the Triton forward). The op runs it in eager mode only: under ``torch.compile`` or export the Triton forward
-runs, which Inductor sees and schedules (a Gluon kernel can't be wrapped for Inductor). Gluon has no CPU
+and runs the Triton forward). Under ``torch.compile``, export and AOTInductor the op reaches it through the opaque
+``block_sparse_attention_forward_hopper`` (a Gluon kernel can't be wrapped for Inductor), which reads the layout
+when the graph runs and chooses as eager mode does. Gluon has no CPU
 interpreter: ``tests/lowering/block_sparse/test_gluon.py`` checks this kernel against float64 on the GPU.
 ``DILATE_COMPILER_WARP_SPECIALISED=0`` turns it off.
 """
@@ -122,7 +123,8 @@ def all_blocks_full(kv_count: torch.Tensor) -> bool | None:
 
 def unsupported_reason(q, k, v, kv_count, block_size: int, is_causal: bool, order, softcap=None) -> str:
     """Why the warp-specialised forward can't run this call (the Triton forward runs instead), or ''. Reads
-    the layout's partial counts once per layout (``all_blocks_full``)."""
+    the layout's partial counts once per layout (``all_blocks_full``); a traced call can't read them, and leaves
+    that check to ``block_sparse_attention_forward_hopper`` when the graph runs."""
     reason = hg.device_reason(q, (q, k, v, kv_count)) or hg.dtype_reason(q)
     if reason:
         return reason
@@ -137,6 +139,8 @@ def unsupported_reason(q, k, v, kv_count, block_size: int, is_causal: bool, orde
         return "causal or ordered"
     if not all(t.is_contiguous() for t in (q, k, v)):
         return "q, k, v not contiguous"
+    if hg.traced((q, k, v, kv_count)):
+        return ""
     if not all_blocks_full(kv_count):
         return "partial blocks (a token mask), or not known while a CUDA graph captures"
     return ""

@@ -11,9 +11,10 @@
   q may hold the last ``Nq`` of k's ``Nk`` positions (decoding; ``order`` empty): the layout is built for Nk,
   the queries read the layout rows of their positions, and the offset ``Nk - Nq`` is read from the shapes.
   In eager mode on compute capability 9.0, a layout of full blocks only (no token mask; block size 128, head dim
-  64, not causal) runs the warp-specialised Gluon forward of ``gluon`` instead (not under
-  ``torch.compile`` or export, where the Triton forward runs; ``DILATE_COMPILER_WARP_SPECIALISED=0`` turns it
-  off). The backward is the Triton kernels' in both cases.
+  64, not causal) runs the warp-specialised Gluon forward of ``gluon`` instead; a traced call (``torch.compile``,
+  export, AOTInductor) becomes ``block_sparse_attention_forward_hopper``, an opaque op that makes the same
+  choice when the graph runs (``DILATE_COMPILER_WARP_SPECIALISED=0`` turns it off). The backward is the Triton
+  kernels' in both cases.
 - ``dilate_compiler::block_sparse_attention_backward(dout, q, k, v, out, lse, <layout>, ...) -> (dq, dk, dv)``.
 - ``..._exact`` variants: the exact path as opaque custom ops.
 
@@ -28,6 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..common import hopper_gluon
 from ..common.dispatch import kernels_apply, lse_dtype, value_unsupported_reason
 from .eager import block_sparse_backward_eager, block_sparse_forward_eager
 from .triton import block_sparse_attn_bwd, block_sparse_attn_fwd, kernel_unsupported_reason, query_offset, tile_order
@@ -107,6 +109,31 @@ def _fake_backward(dout, q, k, v, *args):
 block_sparse_attention_backward_exact.register_fake(_fake_backward)
 
 
+def _warp_specialised(q, k, v, kv_count, kv_idx, scale):
+    return gluon.block_sparse_attn_fwd_ws(q, k, v, kv_count, kv_idx,
+                                          tile_order(kv_count, kv_count.shape[0], q.shape[0] * q.shape[1]), scale)
+
+
+@torch.library.custom_op("dilate_compiler::block_sparse_attention_forward_hopper", mutates_args=())
+def block_sparse_attention_forward_hopper(
+    q: Tensor, k: Tensor, v: Tensor, terms: Tensor, kv_count: Tensor, kv_idx: Tensor, kv_bits: Tensor,
+    coords: Tensor, checks: int, block_size: int, scale: float,
+) -> tuple[Tensor, Tensor]:
+    """What a traced call of ``block_sparse_attention_forward`` becomes where eager mode could run the
+    warp-specialised forward (``hopper_gluon.traced``), as an opaque op: when the graph runs, the warp-specialised
+    forward for a layout of full blocks only (``gluon.all_blocks_full``), else the Triton forward, as eager mode
+    chooses (non-causal, no order, no key padding, no soft-capping: the traced call's checks)."""
+    if gluon.all_blocks_full(kv_count):
+        return _warp_specialised(q, k, v, kv_count, kv_idx, scale)
+    return block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size, False, scale, coords, checks)
+
+
+@block_sparse_attention_forward_hopper.register_fake
+def _(q, k, v, *args):
+    B, H, N, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, H, N), dtype=torch.float32)
+
+
 @torch.library.triton_op("dilate_compiler::block_sparse_attention_forward", mutates_args=())
 def block_sparse_attention_forward(
     q: Tensor, k: Tensor, v: Tensor, terms: Tensor, kv_count: Tensor, kv_idx: Tensor, kv_bits: Tensor,
@@ -116,8 +143,10 @@ def block_sparse_attention_forward(
     if use_kernels(q, v, block_size, softcap):
         if key_keep is None and not warp_specialised_reason(q, k, v, kv_count, block_size, is_causal, order,
                                                             softcap):
-            return gluon.block_sparse_attn_fwd_ws(
-                q, k, v, kv_count, kv_idx, tile_order(kv_count, kv_count.shape[0], q.shape[0] * q.shape[1]), scale)
+            if hopper_gluon.traced((q, k, v, kv_count)):
+                return torch.ops.dilate_compiler.block_sparse_attention_forward_hopper(
+                    q, k, v, terms, kv_count, kv_idx, kv_bits, coords, checks, block_size, scale)
+            return _warp_specialised(q, k, v, kv_count, kv_idx, scale)
         return block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size, is_causal, scale,
                                      coords, checks, order, key_keep=key_keep, softcap=softcap)
     return torch.ops.dilate_compiler.block_sparse_attention_forward_exact(

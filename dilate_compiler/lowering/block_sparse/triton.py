@@ -38,6 +38,7 @@ import triton.language as tl
 
 from ...patterns.algebra import GRID_AXES, TERM_COLUMNS
 from ..common.dispatch import tensor_unsupported_reason
+from ..common.autotune import autotune
 from ..common.key_padding import key_padding_args, key_range, keys_kept
 from ..common.launch import (autotune_configs, launch_device, rows_addressable, rows_fit, runner, softcap_args,
                              tile_configs)
@@ -503,9 +504,11 @@ def tile_space(kind: str, bs: int) -> list:
 
 @functools.lru_cache(maxsize=None)
 def _autotuned(kind: str, bs: int):
-    fn = {"fwd": _block_sparse_fwd_kernel, "dq": _block_sparse_bwd_dq_kernel,
-          "dkdv": _block_sparse_bwd_dkdv_kernel}[kind]
-    return triton.autotune(configs=autotune_configs(tile_space("fwd" if kind == "fwd" else "bwd", bs)), key=_KEY)(fn)
+    fn, name, streamed = {"fwd": (_block_sparse_fwd_kernel, "block-sparse forward", ("BLOCK_N", 2)),
+                          "dq": (_block_sparse_bwd_dq_kernel, "block-sparse backward dQ", ("BLOCK_N", 2)),
+                          "dkdv": (_block_sparse_bwd_dkdv_kernel, "block-sparse backward dK/dV", ("BLOCK_M", 2))}[kind]
+    return autotune(autotune_configs(tile_space("fwd" if kind == "fwd" else "bwd", bs)), key=_KEY,
+                    name=f"{name} (block size {bs})", streamed=streamed)(fn)
 
 
 def _kernel(kind: str, bs: int):

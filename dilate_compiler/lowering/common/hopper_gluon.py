@@ -16,6 +16,8 @@ Both kernels run one persistent CTA per SM in three partitions:
   P V that reads it retires. Key tiles run back to back across query tiles: a query tile's last P V runs under
   the next query tile's first softmax, and its output then leaves by TMA, its LSE by stores.
 
+Eager calls launch them directly; traced calls (``torch.compile``, export, AOTInductor) through opaque ops that
+launch them when the graph runs (``traced``), so a compiled graph runs the forward eager mode runs.
 Gluon has no CPU interpreter: the kernels are checked against float64 on the GPU only.
 ``DILATE_COMPILER_WARP_SPECIALISED=0`` turns both off.
 """
@@ -64,17 +66,26 @@ def turned_off():
         ENABLED = saved
 
 
+def traced(tensors) -> bool:
+    """Whether the op runs inside a trace (``torch.compile``, export, AOTInductor): the call's ``tensors`` are
+    fake or functional ones. A traced call reaches a warp-specialised forward through an opaque op that launches
+    it when the compiled graph runs (``dilated_attention_forward_hopper``, ``block_sparse_attention_forward_hopper``):
+    Gluon kernels are not Triton kernels Inductor can inline."""
+    return torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in tensors)
+
+
 def device_reason(q, tensors) -> str:
     """Why a warp-specialised forward can't run on ``q``'s device in this context (the Triton forward runs
-    instead), or ''. ``tensors``: the call's tensor arguments (traced ones mean a compiled graph)."""
+    instead), or ''. ``tensors``: the call's tensor arguments."""
     if not ENABLED:
         return "turned off (DILATE_COMPILER_WARP_SPECIALISED=0)"
-    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
+    if (q.device.type != "cuda" or not torch.cuda.is_available()
+            or torch.cuda.get_device_capability(q.device) != (9, 0)):
         return f"device {q.device} (the warp-specialised forward is written for compute capability 9.0)"
     if INTERPRET:
         return "TRITON_INTERPRET=1 (Gluon has no interpreter)"
-    if torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in tensors):
-        return "traced (a compiled graph runs the Triton forward, which Inductor sees)"
+    if any(isinstance(n, torch.SymInt) for t in tensors for n in t.shape):
+        return "dynamic shapes (the warp-specialised forward's tiling is fixed by the sizes when a graph is traced)"
     return ""
 
 

@@ -1,5 +1,5 @@
 """A warp-specialised dilated forward for Hopper (sm_90), written in Gluon: the op's forward for nested patterns
-(``plan.nested_order``), non-causal, in eager mode.
+(``plan.nested_order``), non-causal.
 
 The Triton forward (``dilated.triton``) visits every linked (query, key) pair once and adds the pair's log2
 multiplicity to its score (README, "Each linked pair once"). Its key tiles are runs of one walk's keys, whose
@@ -23,8 +23,9 @@ multiplicity into a slot beside its stage; the consumers are ``common.hopper_glu
 
 What it takes (``unsupported_reason``): compute capability 9.0, fp16/bf16, head dim 64, a nested pattern under
 LSE mixing, no dropout, no mask, not causal, all queries (``q_offset == 0``, as many rows as k), contiguous q, k,
-v, and ``L * 128`` dividing both the shortest segment and N (config A: 1,024). Eager mode only: under
-``torch.compile`` or export the Triton forward runs, which Inductor sees. The backward is the Triton kernels'.
+v, and ``L * 128`` dividing both the shortest segment and N (config A: 1,024), static sizes. Under
+``torch.compile``, export and AOTInductor the op reaches it through the opaque ``dilated_attention_forward_hopper``
+(``op.py``). The backward is the Triton kernels'.
 Gluon has no CPU interpreter: ``tests/lowering/dilated/test_gluon.py`` checks this kernel against float64 on the
 GPU. ``DILATE_COMPILER_WARP_SPECIALISED=0`` turns it off (with the block-sparse one).
 """

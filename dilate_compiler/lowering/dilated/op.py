@@ -7,12 +7,16 @@ Ops (graphs from Dynamo, export and AOTInductor hold them as single nodes):
   -> (out, lse)`` — a ``triton_op``: on
   CUDA it launches the generated Triton kernels through ``wrap_triton`` (so Inductor inlines them into its output
   code); where the kernels don't apply (CPU, other head dims or dtypes, masks, soft-capping) it calls the exact
-  path. q may hold fewer
+  path. On compute capability 9.0 a call the warp-specialised forward takes (``gluon``) runs it: directly in
+  eager mode, through ``dilated_attention_forward_hopper`` in a traced graph, so compiled and eager calls run the
+  same forward. q may hold fewer
   rows than k (``Nq < Nk``): the last Nq key positions (decoding); the offset ``Nk - Nq`` is read from the
   shapes, so the schema has no argument for it.
 - ``dilate_compiler::dilated_attention_backward(dout, q, k, v, attn_mask, out, lse, ...) -> (dq, dk, dv)``,
   dispatched the same way.
 - ``dilate_compiler::dilated_attention_{forward,backward}_exact``: the exact PyTorch path, opaque custom ops.
+- ``dilate_compiler::dilated_attention_forward_hopper(q, k, v, segment_lengths, dilation_rates, scale)``: the
+  warp-specialised forward, an opaque custom op.
 
 The pattern (segments, rates, mixing, head offsets) is an op argument, so it is a compile-time constant of any graph.
 """
@@ -24,6 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..common import hopper_gluon
 from ..common.dispatch import kernels_apply, lse_dtype, value_unsupported_reason
 from .eager import (dilated_attention_backward_eager, dilated_attention_forward_eager,
                     dilated_attention_mask_grad_eager, with_key_keep)
@@ -108,6 +113,24 @@ def _(dout, q, k, v, attn_mask, out, lse, segment_lengths, dilation_rates, is_ca
             torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
+# --- the warp-specialised forward in a traced graph -----------------------------------------------------
+
+
+@torch.library.custom_op("dilate_compiler::dilated_attention_forward_hopper", mutates_args=())
+def dilated_attention_forward_hopper(q: Tensor, k: Tensor, v: Tensor, segment_lengths: list[int],
+                                     dilation_rates: list[int], scale: float) -> tuple[Tensor, Tensor]:
+    """The warp-specialised forward (``gluon.dilated_attn_fwd_ws``) as an opaque op: what a traced call of
+    ``dilated_attention_forward`` becomes where eager mode would run that forward (``hopper_gluon.traced``), so
+    compiled graphs and AOTInductor packages launch it when they run."""
+    return gluon.dilated_attn_fwd_ws(q, k, v, segment_lengths, dilation_rates, scale=scale)
+
+
+@dilated_attention_forward_hopper.register_fake
+def _(q, k, v, segment_lengths, dilation_rates, scale):
+    B, H, N, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, H, N), dtype=torch.float32)
+
+
 # --- the dispatching ops -----------------------------------------------------------------------------------
 
 
@@ -142,6 +165,9 @@ def dilated_attention_forward(
         if key_keep is None and not warp_specialised_reason(q, k, v, attn_mask, segment_lengths, dilation_rates,
                                                             is_causal, mixing, dropout_p, softcap,
                                                             head_offsets):
+            if hopper_gluon.traced((q, k, v)):
+                return torch.ops.dilate_compiler.dilated_attention_forward_hopper(q, k, v, segment_lengths,
+                                                                                  dilation_rates, scale)
             return gluon.dilated_attn_fwd_ws(q, k, v, segment_lengths, dilation_rates, scale=scale)
         return dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, is_causal=is_causal, scale=scale,
                                 mixing=mixing, dropout_p=dropout_p, seed=seed, q_offset=k.shape[2] - q.shape[2],

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from ..common.dispatch import tensor_unsupported_reason
+from ..common.autotune import autotune
 from ..common.key_padding import clip_tiles, key_padding_args, key_range, keys_kept
 from ..common.launch import (autotune_configs, launch_device, rows_addressable, rows_fit, runner, softcap_args,
                              tile_configs)
@@ -576,7 +577,7 @@ def _program_scales(sm_scale, out_scale, Seed, DROPOUT: tl.constexpr):
     return sm_scale, tl.cast(out_scale, tl.float32), qk_scale, seed
 
 
-@triton.autotune(configs=autotune_configs(tile_space("fwd")), key=_KEY + ["SEEDED"])
+@autotune(autotune_configs(tile_space("fwd")), key=_KEY + ["SEEDED"], name="dilated forward", streamed=("BLOCK_N", 2))
 @triton.jit
 def _dilated_attn_fwd_kernel(
     Q, K, V, Out, Lse, Out0, Lse0, sm_scale,
@@ -704,7 +705,8 @@ def _walk0_tiles(acc, m_i, l_i, q, p, lkp, lkj, k_base, v_base, stride_kn, N, lo
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=autotune_configs(tile_space("walk0")), key=_KEY_WALK0)
+@autotune(autotune_configs(tile_space("walk0")), key=_KEY_WALK0, name="dilated forward, shortest branch",
+          streamed=("BLOCK_N", 2))
 @triton.jit
 def _dilated_attn_fwd_walk0_kernel(
     Q, K, V, Out, Lse, Out0, Lse0, sm_scale,
@@ -815,7 +817,7 @@ def _bwd_dq_branch(dq, q, do, lse2, delta, p, p_first, p_last, k_base, v_base, s
     return dq
 
 
-@triton.autotune(configs=autotune_configs(tile_space("bwd")), key=_KEY)
+@autotune(autotune_configs(tile_space("bwd")), key=_KEY, name="dilated backward dQ", streamed=("BLOCK_N", 2))
 @triton.jit
 def _dilated_attn_bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ, sm_scale,
@@ -948,7 +950,8 @@ def _bwd_dkdv_branch(dk, dv, k, v, j, j_first, j_last, q_base, do_base, lse_base
     return dk, dv
 
 
-@triton.autotune(configs=autotune_configs(tile_space("bwd")), key=_KEY)
+@autotune(autotune_configs(tile_space("bwd")), key=_KEY, name="dilated backward dK/dV",
+          streamed=("BLOCK_M", 2))
 @triton.jit
 def _dilated_attn_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, sm_scale,

@@ -1,6 +1,6 @@
 """The warp-specialised Hopper dilated forward (``lowering/dilated/gluon.py``): when the op takes it, and (GPU,
-marker ``gpu``) that it matches float64 and the Triton forward, feeds the Triton backward, leaves compiled graphs to
-the Triton kernels and replays in a CUDA graph. Gluon has no CPU interpreter, so its exactness is checked on the GPU
+marker ``gpu``) that it matches float64 and the Triton forward, feeds the Triton backward, runs in compiled graphs as
+in eager mode and replays in a CUDA graph. Gluon has no CPU interpreter, so its exactness is checked on the GPU
 only."""
 
 import pytest
@@ -10,7 +10,7 @@ import dilate_compiler as dc
 from dilate_compiler.lowering.dilated import gluon as dg
 from dilate_compiler.lowering.common import hopper_gluon as hg
 from dilate_compiler.lowering.dilated import op as dilated_op
-from tests.lowering.block_sparse.test_gluon import (assert_compiled_runs_triton_and_cuda_graph_replays_ws,
+from tests.lowering.block_sparse.test_gluon import (assert_compiled_runs_ws_and_cuda_graph_replays_ws,
                                                    assert_like_triton_forward_with_exact_gradients, counted)
 from tests.tolerances import assert_close, eager_dilated, rel_err
 
@@ -94,11 +94,11 @@ def test_warp_specialised_forward_matches_float64_and_the_triton_forward(name):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="needs compute capability 9.0")
-def test_compiled_graphs_run_the_triton_forward_and_cuda_graphs_the_warp_specialised_one():
+def test_compiled_graphs_and_cuda_graphs_run_the_warp_specialised_forward():
     q, k, v = (torch.randn(1, 4, 4096, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
 
     def op(q, k, v):
         return dc.ops.dilated_attention(q, k, v, SEGS, RATES)
 
-    assert_compiled_runs_triton_and_cuda_graph_replays_ws(op, (q, k, v), dg, "dilated_attn_fwd_ws",
-                                                          "_dilated_attn_fwd_kernel")
+    assert_compiled_runs_ws_and_cuda_graph_replays_ws(op, (q, k, v), dg, "dilated_attn_fwd_ws",
+                                                      "dilated_attention_forward_hopper", "_dilated_attn_fwd_kernel")
