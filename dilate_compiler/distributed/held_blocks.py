@@ -97,6 +97,11 @@ def with_rows(t: Tensor, rows: int) -> Tensor:
     return buf
 
 
+def _first_rows(t: Tensor, n: int) -> Tensor:
+    """Rows ``:n`` of ``t`` along dim 2 (``t`` itself when it has no more)."""
+    return t if t.shape[2] == n else t[:, :, :n]
+
+
 def forward(q: Tensor, k: Tensor, v: Tensor, held: HeldRows, scale: float) -> tuple[Tensor, Tensor]:
     """Queries ``q [B, H, S, D]`` against the held keys ``k, v [B, Hkv, held or held.rows, D]`` (rows as ``held``
     orders them). Returns ``out [B, H, S, D]`` (q's dtype) and ``lse [B, H, S]`` (float32)."""
@@ -105,8 +110,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, held: HeldRows, scale: float) -> tu
     out, lse = block_sparse_attn_fwd(with_rows(q, n), with_rows(k, n), with_rows(v, n), lay.terms, lay.kv_count,
                                      lay.kv_idx, lay.kv_bits, lay.block_size, lay.is_causal, scale, lay.coords,
                                      lay.checks, order=held.table, seq_len=lay.seq_len)
-    S = held.queries
-    return out[:, :, :S], lse[:, :, :S]
+    return _first_rows(out, held.queries), _first_rows(lse, held.queries)
 
 
 def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, held: HeldRows,
@@ -123,4 +127,4 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
     if held.rows > held.held:
         dk[:, :, held.held] = 0
         dv[:, :, held.held] = 0
-    return dq[:, :, :held.queries], dk, dv
+    return _first_rows(dq, held.queries), dk, dv

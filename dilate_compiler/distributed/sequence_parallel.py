@@ -5,8 +5,9 @@ Modes (``ring_attention(..., mode=)``):
 - ``"ring"``: K/V shards travel around the ring (``P - 1`` hops, each started before the step's compute so
   compute and communication overlap); each step's partial softmax merges into the running one by LSE. A step
   whose shard no local query links to skips its compute. The backward passes K/V around again, and the dK/dV
-  accumulators travel with them back to their owners (``P`` hops), as in ring FlashAttention. Default for dense
-  attention.
+  accumulators travel with them back to their owners (``P`` hops), as in ring FlashAttention; each accumulator's
+  hop is in flight while the next step computes its contribution (only the last hop, home, waits alone). Default
+  for dense attention.
 - ``"sparse"``: each rank sends each other rank exactly the K/V rows that rank's queries link to, worked out
   from the pattern on global positions (``links.py``), point to point, in one batch. Dilated: a branch whose
   segments don't cross a shard boundary sends nothing; a segment that does sends only the rows of each head's
@@ -19,11 +20,21 @@ Both run as the custom ops ``dilate_compiler::sequence_parallel_forward/backward
 fake implementations for tracing). The forward first checks that every rank makes the same call
 (``agreement.py``: one all_gather; where they differ, every rank raises the same error).
 
-Per-rank compute: for ``Dilated`` where the Triton kernels apply (CUDA, float16/bfloat16, head dim 32/64/128),
-the single-process kernels on the window of key positions around the rank's queries (``window.py``): the sparse
-mode fills the window from the shard and the received rows; the ring mode keeps the window's rows of each
-visiting shard and runs the kernels once the ring has passed. Dense attention in ring mode runs each step on
-the block-sparse kernels (``dense_steps.py``). Otherwise the exact path of ``attend.py``.
+Per-rank compute, where the Triton kernels apply (CUDA, float16/bfloat16, head dim 32/64/128; block-sparse:
+block size 16..128), on the strategy as the ranks hold the sequence (``DistributedStrategy.sharded``; for
+``dc.Hilbert``, its inner strategy in curve order):
+
+- ``Dilated``: the single-process kernels on the window of key positions around the rank's queries
+  (``window.py``);
+- block-sparse: the single-process kernels on the whole sequence's layout, restricted to the rank's query
+  blocks, reading the rank's rows through an index table (``held_blocks.py``);
+- dense, ring mode: each step on the block-sparse kernels (``dense_steps.py``), merged by LSE.
+
+For the first two the sparse mode runs the kernels on the shard and the received rows; the ring mode keeps the
+rows of each visiting shard that local queries link to and runs the kernels once the ring has passed (the
+backward collects them again and returns their gradients in accumulators that travel the ring). Otherwise (CPU
+outside Triton's interpreter, float32/float64, other head dims; logged once on CUDA) the exact path of
+``attend.py``.
 """
 
 from __future__ import annotations
@@ -307,7 +318,7 @@ def _return_grads(dk, dv, S, peers, group, rank, world, plan: Plan):
 
 def _ring_collect(k, v, group, rank, world, plan: Plan):
     """K/V shards pass around the ring (each hop started before the copy of the visiting shard); each rank keeps
-    the visiting rows inside its windows. Returns the kept rows ``k, v [B, Hkv, K, D]``, their positions
+    the visiting rows its kernels read (``plan.window_rows``: inside its windows, or the held rows). Returns the kept rows ``k, v [B, Hkv, K, D]``, their positions
     ``[Hkv, K]`` and ``[(src, rows)]`` in the order kept."""
     kv = torch.stack((k, v))
     parts, pos, kept = [], [], []
@@ -316,13 +327,13 @@ def _ring_collect(k, v, group, rank, world, plan: Plan):
         shift = comm.RingShift(group, rank, world, "kv").start(kv) if t < world - 1 else None
         rows = plan.window_rows[src]
         if rows.numel():
-            parts.append(kv.index_select(3, rows))
+            parts.append(kv if rows.numel() == kv.shape[3] else kv.index_select(3, rows))
             pos.append(plan.rank_pos[src][rows])
             kept.append((src, rows))
         if shift is not None:
             kv = shift.wait()
     Hkv = k.shape[1]
-    held = torch.cat(parts, 3)
+    held = parts[0] if len(parts) == 1 else torch.cat(parts, 3)
     return held[0], held[1], torch.cat(pos).view(1, -1).expand(Hkv, -1), kept
 
 

@@ -19,7 +19,7 @@ from tests.tolerances import REL_ERR, rel_err
 
 SLIDING = dc.BlockSparse(P.sliding_window(20), block_size=16)
 LOCAL_GLOBAL = dc.BlockSparse(P.local(1) | P.global_tokens(3), block_size=16)
-DILATED_BLOCKS = dc.BlockSparse(P.dilated((1, 2)), block_size=16)
+DILATED_BLOCKS = dc.BlockSparse(P.dilated((2, 3)), block_size=16)   # block distances 0, 2, 3, 4: not 1, 5
 PER_HEAD = dc.BlockSparse(P.random(1, seed=5, per_head=True) | P.local(1), block_size=16)
 HILBERT_BLOCKS = dc.Hilbert((8, 8), dc.BlockSparse(P.sliding_window(12), block_size=16))
 HILBERT_DILATED = dc.Hilbert((8, 8), dc.Dilated((16, 32), (1, 2)))
