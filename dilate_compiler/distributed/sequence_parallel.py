@@ -318,8 +318,11 @@ def _return_grads(dk, dv, S, peers, group, rank, world, plan: Plan):
 
 def _ring_collect(k, v, group, rank, world, plan: Plan):
     """K/V shards pass around the ring (each hop started before the copy of the visiting shard); each rank keeps
-    the visiting rows its kernels read (``plan.window_rows``: inside its windows, or the held rows). Returns the kept rows ``k, v [B, Hkv, K, D]``, their positions
-    ``[Hkv, K]`` and ``[(src, rows)]`` in the order kept."""
+    the visiting rows its kernels read (``plan.window_rows``: inside its windows, or the held rows). Returns the
+    kept rows ``k, v [B, Hkv, K, D]``, their positions ``[Hkv, K]`` and ``[(src, rows)]`` in the order kept."""
+    rows = plan.window_rows[rank]
+    if world == 1 and rows.numel() == k.shape[2]:   # a ring of one that keeps its whole shard: the shard itself
+        return k, v, plan.rank_pos[rank].view(1, -1).expand(k.shape[1], -1), [(rank, rows)]
     kv = torch.stack((k, v))
     parts, pos, kept = [], [], []
     for t in range(world):
@@ -339,7 +342,10 @@ def _ring_collect(k, v, group, rank, world, plan: Plan):
 
 def _ring_return_grads(dk, dv, k, kept, group, rank, world):
     """``dk, dv`` of the kept rows (``_ring_collect``'s order) go home in accumulators that travel the ring with
-    their shard, each rank adding its part; returns this shard's ``(dk, dv)`` (float32)."""
+    their shard, each rank adding its part; returns this shard's ``(dk, dv)`` (float32; as they are on one rank
+    that kept its whole shard)."""
+    if world == 1 and kept[0][1].numel() == k.shape[2]:
+        return dk[:, :, :k.shape[2]], dv[:, :, :k.shape[2]]
     mine, start = {}, 0
     for src, rows in kept:
         n = rows.numel()
@@ -362,7 +368,7 @@ def _held_keys(k, v, cfg, group, rank, world, plan: Plan):
     if cfg.mode == "ring":
         return _ring_collect(k, v, group, rank, world, plan)
     k_all, v_all, pos, peers = _exchange_kv(k, v, group, rank, world, plan)
-    if plan.blocks is None:
+    if plan.blocks is None or pos.shape[1] == k.shape[2]:   # nothing received: the shard's rows are the held rows
         return k_all, v_all, pos, peers
     B, Hkv, n, D = k_all.shape
     U = plan.blocks.held
@@ -383,7 +389,10 @@ def _held_backward(dout, q, k, v, out, lse, cfg, group, rank, world, plan: Plan)
     k_held, v_held, pos, where = _held_keys(k, v, cfg, group, rank, world, plan)
     if plan.blocks is not None:
         dq, dk, dv = held_blocks.backward(dout, q, k_held, v_held, out, lse, plan.blocks, plan.scale)
-        if cfg.mode == "sparse":   # back in the exchange's rows, per kv head (padding: row U, zero)
+        # the returned gradients travel in float32 on every rank (a receiver's buffers take its own dtype)
+        if cfg.mode == "sparse" and pos.shape[1] == k.shape[2]:   # nothing received: the shard's rows
+            dk, dv = (g[:, :, :k.shape[2]] if world == 1 else g[:, :, :k.shape[2]].float() for g in (dk, dv))
+        elif cfg.mode == "sparse":   # back in the exchange's rows, per kv head (padding: row U, zero)
             B, Hkv, _, D = k.shape
             idx = plan.blocks_cols.view(1, Hkv, -1, 1).expand(B, -1, -1, D)
             dk, dv = (held_blocks.with_rows(g.float(), plan.blocks.held + 1).gather(2, idx) for g in (dk, dv))

@@ -107,6 +107,19 @@ def test_hilbert_ranks_run_the_kernels_and_equal_the_single_process_hilbert_op()
     _check(HILBERT_CASES + DENSE_CASES, values(run_ranks(_kernel_worker, 2, HILBERT_CASES + DENSE_CASES)))
 
 
+ONE_RANK_CASES = [   # a ring of one (how the benchmark measures a rank's compute): the shard is the whole sequence
+    (SLIDING, True, "sparse", "contiguous", 4, 2, 64, torch.float32, "held_blocks"),
+    (LOCAL_GLOBAL, False, "ring", "contiguous", 4, 2, 64, torch.float32, "held_blocks"),
+    (HILBERT_DILATED, False, "ring", "contiguous", 4, 2, 64, torch.float32, "window"),
+    (HILBERT_BLOCKS, False, "sparse", "contiguous", 4, 4, 64, torch.float32, "held_blocks"),
+]
+
+
+@pytest.mark.slow
+def test_one_rank_runs_the_kernels_on_its_whole_shard():
+    _check(ONE_RANK_CASES, values(run_ranks(_kernel_worker, 1, ONE_RANK_CASES)))
+
+
 # --- dc.Hilbert as an inner strategy, exact path (float64) ---------------------------------------------------------
 
 HILBERT_EXACT = [   # (strategy, api, mode, layout, Hq, Hkv)
