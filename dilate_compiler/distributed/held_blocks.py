@@ -8,8 +8,9 @@ entries (the kernels' ``order``): the rank's rows are its S queries (rows ``0..S
 then the other key rows it holds (received in the sparse exchange, or kept from the ring), then one spare row,
 where every position the rank doesn't hold points. q and dO are zero past row S, so the query positions of other
 ranks that share a block with this rank's queries compute into rows nobody reads and add nothing to any key's
-gradient; the spare row's results are dropped. (A rank that holds every position, as the only rank does, has no
-spare row.)
+gradient; the spare row's results are dropped. A rank that holds every position has no spare row, and where its
+rows are the positions in order (the only rank of a group) the kernels read them with no table, exactly as the
+single-process op does.
 
 Every key a local query links to is held: the exchange sends, and the ring keeps, every key block some local
 query block lists (``Links.needed``). A listed key that isn't held (causal: past the rank's last query) is masked
@@ -49,6 +50,13 @@ class HeldRows:
     table: Tensor
     queries: int   # S: rows 0..S-1 are the rank's queries (and their keys)
     held: int      # key rows held, the queries' own first; row ``held`` is the spare row
+    in_order: bool  # row p holds position p for every position
+
+    @property
+    def order(self):
+        """The kernels' index table, or None when the rows are the positions in order (a rank holding the whole
+        sequence: no table to read)."""
+        return None if self.in_order else self.table
 
     @property
     def rows(self) -> int:
@@ -73,7 +81,8 @@ def plan(links: BlockSparseLinks, q_pos: Tensor, other_pos: Tensor) -> HeldRows:
     pos = torch.cat([q_pos, other_pos.to(q_pos.device)]).to(lay.state.device)
     table = torch.full((lay.seq_len,), pos.numel(), dtype=torch.int32, device=pos.device)
     table[pos] = torch.arange(pos.numel(), dtype=torch.int32, device=pos.device)
-    return HeldRows(local, table, q_pos.numel(), pos.numel())
+    in_order = pos.numel() == lay.seq_len and bool((pos == torch.arange(pos.numel(), device=pos.device)).all())
+    return HeldRows(local, table, q_pos.numel(), pos.numel(), in_order)
 
 
 def kernel_reason(block_size: int, q: Tensor) -> str:
@@ -109,7 +118,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, held: HeldRows, scale: float) -> tu
     lay, n = held.layout, held.rows
     out, lse = block_sparse_attn_fwd(with_rows(q, n), with_rows(k, n), with_rows(v, n), lay.terms, lay.kv_count,
                                      lay.kv_idx, lay.kv_bits, lay.block_size, lay.is_causal, scale, lay.coords,
-                                     lay.checks, order=held.table, seq_len=lay.seq_len)
+                                     lay.checks, order=held.order, seq_len=lay.seq_len)
     return _first_rows(out, held.queries), _first_rows(lse, held.queries)
 
 
@@ -122,7 +131,7 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
     delta = (dout.float() * out.float()).sum(-1)
     dq, dk, dv = block_sparse_attn_bwd(with_rows(dout.to(q.dtype), n), with_rows(q, n), with_rows(k, n),
                                        with_rows(v, n), None, with_rows(lse.float().unsqueeze(-1), n).squeeze(-1),
-                                       *lay.tensors(), held.table, lay.checks, lay.block_size, lay.is_causal, scale,
+                                       *lay.tensors(), held.order, lay.checks, lay.block_size, lay.is_causal, scale,
                                        delta=with_rows(delta.unsqueeze(-1), n).squeeze(-1), seq_len=lay.seq_len)
     if held.rows > held.held:
         dk[:, :, held.held] = 0
