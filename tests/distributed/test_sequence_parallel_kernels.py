@@ -15,6 +15,7 @@ import dilate_compiler as dc
 from dilate_compiler import patterns as P
 from dilate_compiler.distributed.launch import run_ranks, values
 from tests.distributed.test_sequence_parallel import reference
+from tests.test_backend import Block   # per-token ops around one causal SDPA
 from tests.tolerances import REL_ERR, rel_err
 
 SLIDING = dc.BlockSparse(P.sliding_window(20), block_size=16)
@@ -205,12 +206,13 @@ def test_a_model_rewritten_with_a_hilbert_inner_strategy_equals_the_single_proce
 
 
 def _hilbert_errors_worker(rank, world):
-    from dilate_compiler.distributed import ring_attention, shard_sequence
+    from dilate_compiler.distributed import head_parallel_attention, ring_attention, shard_sequence
 
     strategy = dc.Hilbert((6, 8), dc.BlockSparse(P.local(1), block_size=8))
     q = torch.randn(1, 2, 24, 8, dtype=torch.float64)
     errors = []
     for call in (lambda: ring_attention(q, q, q, strategy, is_causal=True),
+                 lambda: head_parallel_attention(q, q, q, strategy, is_causal=True),
                  lambda: ring_attention(q[:, :, :20], q[:, :, :20], q[:, :, :20], strategy),
                  lambda: ring_attention(q, q, q, dc.Hilbert(None, dc.BlockSparse(P.local(1), block_size=8))),
                  lambda: shard_sequence(torch.randn(1, 2, 48, 8), order=torch.arange(47))):
@@ -219,13 +221,18 @@ def _hilbert_errors_worker(rank, world):
             errors.append("no error")
         except ValueError as e:
             errors.append(str(e))
+    causal_model = Block(16)    # a causal SDPA site: skipped, with the reason
+    report = dc.explain(causal_model, (torch.randn(1, 24, 16),), dc.SequenceParallel(strategy))
+    errors.append(" ".join(s.reason for s in report.skipped) if report.skipped and not report.rewritten else
+                  str(report))
     return errors
 
 
 @pytest.mark.slow
 def test_hilbert_inner_strategy_errors_name_what_does_not_fit():
     for errors in values(run_ranks(_hilbert_errors_worker, 2)):
-        assert "is_causal=True with dc.Hilbert" in errors[0], errors[0]
-        assert "seq_len=40" in errors[1], errors[1]
-        assert "grid=None" in errors[2], errors[2]
-        assert "permutation of the 48" in errors[3], errors[3]
+        assert "is_causal=True with dc.Hilbert" in errors[0] and errors[0] == errors[1], errors[:2]
+        assert "seq_len=40" in errors[2], errors[2]
+        assert "grid=None" in errors[3], errors[3]
+        assert "permutation of the 48" in errors[4], errors[4]
+        assert "is_causal=True with dc.Hilbert" in errors[5], errors[5]
