@@ -13,7 +13,8 @@ kernels on key windows, on held rows, dense ring steps, or the exact path).
 
 Strategies (B=1, H=16, D=64, bf16 by default; each the single-process op it is compared with):
 
-- ``dense``: no strategy (ring mode only; dense steps on the block-sparse kernels) vs ``F.scaled_dot_product_attention``;
+- ``dense``: no strategy (ring mode only; dense steps on the block-sparse kernels) vs
+  ``F.scaled_dot_product_attention``;
 - ``dilated``: ``dc.Dilated((2048, 4096, 8192, 16384), (1, 2, 4, 8))`` vs ``dc.ops.dilated_attention``;
 - ``sliding``: ``dc.BlockSparse(sliding_window(4096))``, ``local-global``: ``local(8) | global_tokens(128)``,
   ``dilated-blocks``: ``local(4) | dilated((64,))`` (block size 128) vs ``dc.ops.block_sparse_attention``;

@@ -23,8 +23,8 @@ op); any other skips it with a reason naming the soft-capping.
 A strategy that also runs sharded over ranks (``dc.SequenceParallel``, ``dc.distributed``) implements
 :class:`DistributedStrategy`: the strategy the ranks run on the sequence as they hold it (``sharded``: itself, or
 ``Hilbert``'s inner strategy in curve order), its link model on global positions (``links``), whether it can run
-sharded (``check_distributed``), the period of its head-dependent rules (``head_period``), the key window around a run of
-queries that holds every key they link (``key_window_span``, for the window kernels), and its computation on a
+sharded (``check_distributed``), the period of its head-dependent rules (``head_period``), the key window around a
+run of queries that holds every key they link (``key_window_span``, for the window kernels), and its computation on a
 subset of the model's heads (``attend_heads``). The distributed code dispatches on these methods only.
 
 Adding a strategy is one file in ``strategies/`` with these methods, plus its tests; the README's "Add a

@@ -1,5 +1,5 @@
-"""Every inner strategy of sequence-parallel attention on the Triton kernels per rank, and ``dc.Hilbert`` as an inner
-strategy, on gloo process groups of 2 spawned ranks.
+"""Every inner strategy of sequence-parallel attention on the Triton kernels per rank, ``dc.Hilbert`` as an inner
+strategy, and the ring backward's overlapped dK/dV hop, on gloo process groups of spawned ranks.
 
 The kernels run here in Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``, float32 and float16: how the
 distributed ops pick them on CPU, ``dispatch.interpreter_runs``); float64 runs the exact path. Every case checks the
@@ -236,3 +236,49 @@ def test_hilbert_inner_strategy_errors_name_what_does_not_fit():
         assert "grid=None" in errors[3], errors[3]
         assert "permutation of the 48" in errors[4], errors[4]
         assert "is_causal=True with dc.Hilbert" in errors[5], errors[5]
+
+
+# --- the ring backward's dK/dV hop overlaps the next step's compute -------------------------------------------------
+
+
+def _ring_backward_events_worker(rank, world):
+    """The order of the ring backward's hop starts, hop waits and step computes on this rank (dense, exact path)."""
+    from dilate_compiler.distributed import comm, ring_attention, shard_sequence
+    from dilate_compiler.distributed import sequence_parallel as sp
+
+    events = []
+    start, wait, attend = comm.RingShift.start, comm.RingShift.wait, sp.attend_backward
+
+    def logged_start(self, t):
+        events.append(("start", self.kind, id(self)))
+        return start(self, t)
+
+    def logged_wait(self):
+        events.append(("wait", self.kind, id(self)))
+        return wait(self)
+
+    def logged_attend(*args, **kwargs):
+        events.append(("compute", None, None))
+        return attend(*args, **kwargs)
+
+    comm.RingShift.start, comm.RingShift.wait, sp.attend_backward = logged_start, logged_wait, logged_attend
+    g = torch.Generator().manual_seed(3)
+    q, k, v, dout = (torch.randn(1, 2, 48, 8, generator=g, dtype=torch.float64) for _ in range(4))
+    local = [shard_sequence(t).requires_grad_() for t in (q, k, v)]
+    out = ring_attention(*local, None, mode="ring")
+    events.clear()
+    torch.autograd.grad(out, local, shard_sequence(dout))
+    return events
+
+
+@pytest.mark.slow
+def test_each_dkdv_hop_but_the_last_is_in_flight_during_a_step_compute():
+    world = 3
+    for events in values(run_ranks(_ring_backward_events_worker, world)):
+        grad_starts = [i for i, (what, kind, _) in enumerate(events) if what == "start" and kind == "grad"]
+        assert len(grad_starts) == world, events                 # P hops take every accumulator home
+        assert sum(what == "compute" for what, _, _ in events) == world, events
+        for i in grad_starts:
+            done = next(j for j in range(i + 1, len(events)) if events[j][0] == "wait" and events[j][2] == events[i][2])
+            between = [e[0] for e in events[i + 1:done]]
+            assert ("compute" in between) == (i != grad_starts[-1]), (i, events)
