@@ -46,6 +46,8 @@ HILBERT_CASES = [
     (HILBERT_BLOCKS, False, "ring", "zigzag", 4, 2, 64, torch.float32, "held_blocks"),
     (HILBERT_DILATED, False, "sparse", "contiguous", 4, 2, 64, torch.float32, "window"),
     (HILBERT_DILATED, False, "ring", "contiguous", 4, 4, 64, torch.float32, "window"),
+    (HILBERT_DILATED, False, "sparse", "contiguous", 4, 2, 64, torch.float16, "window"),
+    (HILBERT_BLOCKS, False, "ring", "contiguous", 4, 2, 64, torch.float16, "held_blocks"),
 ]
 DENSE_CASES = [   # dense attention in ring mode (dense_steps), and in fp16
     (None, True, "ring", "contiguous", 4, 2, 64, torch.float16, "dense_steps"),
