@@ -30,8 +30,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..lowering.block_sparse.op import gluon, warp_specialised_reason
 from ..lowering.block_sparse.triton import (SUPPORTED_BLOCK_SIZES, block_sparse_attn_bwd, block_sparse_attn_fwd,
-                                            kernel_unsupported_reason)
+                                            kernel_unsupported_reason, tile_order)
 from ..lowering.common.dispatch import interpreter_runs, kernels_apply
 from ..patterns import EMPTY, BlockLayout
 from ..patterns.layouts import block_lists
@@ -65,19 +66,25 @@ class HeldRows:
         return self.held + (self.held < self.layout.seq_len)
 
 
+def _query_blocks(links: BlockSparseLinks, mine: Tensor) -> BlockLayout:
+    """``links.layout`` with the lists of the query blocks not in ``mine`` (bool ``[nb]``) emptied."""
+    lay = links.layout
+    mine = mine.view(1, -1, 1)
+    state = torch.where(mine, lay.state, EMPTY).to(lay.state.dtype)
+    bits = torch.where(mine, links.bits, 0)
+    kv_lists = block_lists(state, bits)
+    q_lists = block_lists(state.transpose(1, 2), bits.transpose(1, 2))
+    return BlockLayout(lay.seq_len, lay.block_size, lay.is_causal, state, lay.terms, *kv_lists, *q_lists, lay.coords,
+                       lay.schedule, lay.checks)
+
+
 def plan(links: BlockSparseLinks, q_pos: Tensor, other_pos: Tensor) -> HeldRows:
     """The rank's ``HeldRows``: queries at global positions ``q_pos`` (their keys held in the same rows), the other
     held keys at ``other_pos`` (distinct, none of ``q_pos``), in the order their rows are stored."""
     lay = links.layout
     mine = torch.zeros(lay.num_blocks, dtype=torch.bool, device=lay.state.device)
     mine[torch.unique(q_pos // lay.block_size).to(mine.device)] = True
-    mine = mine.view(1, -1, 1)
-    state = torch.where(mine, lay.state, EMPTY).to(lay.state.dtype)
-    bits = torch.where(mine, links.bits, 0)
-    kv_lists = block_lists(state, bits)
-    q_lists = block_lists(state.transpose(1, 2), bits.transpose(1, 2))
-    local = BlockLayout(lay.seq_len, lay.block_size, lay.is_causal, state, lay.terms, *kv_lists, *q_lists,
-                        lay.coords, lay.schedule, lay.checks)
+    local = lay if bool(mine.all()) else _query_blocks(links, mine)
     pos = torch.cat([q_pos, other_pos.to(q_pos.device)]).to(lay.state.device)
     table = torch.full((lay.seq_len,), pos.numel(), dtype=torch.int32, device=pos.device)
     table[pos] = torch.arange(pos.numel(), dtype=torch.int32, device=pos.device)
@@ -111,11 +118,21 @@ def _first_rows(t: Tensor, n: int) -> Tensor:
     return t if t.shape[2] == n else t[:, :, :n]
 
 
+def _whole_sequence(held: HeldRows) -> bool:
+    """Whether the rank's queries and keys are the whole sequence in order (the only rank of a group): then it
+    runs exactly the single-process op's kernels, the warp-specialised Hopper forward where that op runs it."""
+    return held.in_order and held.queries == held.layout.seq_len
+
+
 def forward(q: Tensor, k: Tensor, v: Tensor, held: HeldRows, scale: float) -> tuple[Tensor, Tensor]:
     """Queries ``q [B, H, S, D]`` against the held keys ``k, v [B, Hkv, held or held.rows, D]`` (rows as ``held``
     orders them). Returns ``out [B, H, S, D]`` (q's dtype) and ``lse [B, H, S]`` (float32)."""
     CALLS["forward"] += 1
     lay, n = held.layout, held.rows
+    if _whole_sequence(held) and not warp_specialised_reason(q, k, v, lay.kv_count, lay.block_size, lay.is_causal,
+                                                             None):
+        order = tile_order(lay.kv_count, lay.kv_count.shape[0], q.shape[0] * q.shape[1])
+        return gluon.block_sparse_attn_fwd_ws(q, k, v, lay.kv_count, lay.kv_idx, order, scale)
     out, lse = block_sparse_attn_fwd(with_rows(q, n), with_rows(k, n), with_rows(v, n), lay.terms, lay.kv_count,
                                      lay.kv_idx, lay.kv_bits, lay.block_size, lay.is_causal, scale, lay.coords,
                                      lay.checks, order=held.order, seq_len=lay.seq_len)
