@@ -164,6 +164,24 @@ def test_bench_models_times_a_cold_and_a_warm_first_call(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_sequence_parallel_rank_dry_run_on_gloo_ranks(tmp_path):
+    out = _script("bench_sequence_parallel_rank.py", ["--device", "cpu", "--world", "2", "--n", "256", "--heads", "2",
+                                                      "--head-dim", "16", "--dtype", "float32", "--reps", "1",
+                                                      "--strategies", "dense,sliding,hilbert-dilated", "--overlap"],
+                  tmp_path)
+    rows = _rows(out, "bench_sequence_parallel_rank")
+    ratio = [r for r in rows if r["phase"] == "ratio"]
+    assert [(r["strategy"], r["mode"]) for r in ratio] == [("dense", "ring"), ("sliding", "sparse"),
+                                                            ("sliding", "ring"), ("hilbert-dilated", "sparse"),
+                                                            ("hilbert-dilated", "ring")]
+    assert all(r["ratio"] > 0 and r["ran"] == "exact path" for r in ratio), ratio   # float32 on CPU: exact path
+    overlap = [r for r in rows if r["phase"] == "overlap"]
+    assert [r["what"] for r in overlap] == ["forward", "backward"], overlap
+    assert all(0.0 <= r["hidden_fraction"] <= 1.0 for r in overlap), overlap
+    assert "## Per-rank forward + backward" in (out / "bench_sequence_parallel_rank.md").read_text()
+
+
+@pytest.mark.slow
 def test_bench_models_runs_on_the_cpu(tmp_path):
     pytest.importorskip("transformers")
     out = _script("bench_models.py", ["--device", "cpu", "--seq-len", "64", "--layers", "1", "--hidden", "64",

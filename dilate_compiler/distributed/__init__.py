@@ -33,17 +33,44 @@ def _shard_len(n: int, world: int, layout: str, dim: int) -> int:
     return n // world
 
 
-def shard_sequence(x: Tensor, *, dim: int = 2, layout: str = "contiguous", group=None) -> Tensor:
-    """This rank's shard of the whole sequence ``x`` along ``dim`` (every rank passes the same ``x``)."""
+def _order(order, n: int, device) -> Optional[Tensor]:
+    """The permutation ``order`` stands for over ``n`` tokens (None: none): a ``dc.Hilbert`` strategy's curve order
+    (``Hilbert.plan``), or a permutation tensor itself."""
+    if order is None:
+        return None
+    if isinstance(order, Tensor):
+        perm = order.long()
+        if perm.shape != (n,) or not torch.equal(torch.sort(perm.cpu()).values, torch.arange(n)):
+            raise ValueError(f"order must be a permutation of the {n} sequence positions, got a tensor of shape "
+                             f"{tuple(order.shape)} that is not one")
+        return perm.to(device)
+    from ..strategies.hilbert import Hilbert
+
+    if not isinstance(order, Hilbert):
+        raise TypeError(f"order must be None, a dc.Hilbert strategy or a permutation tensor, got {order!r}")
+    return order.plan(n)[0].to(device)
+
+
+def shard_sequence(x: Tensor, *, dim: int = 2, layout: str = "contiguous", group=None, order=None) -> Tensor:
+    """This rank's shard of the whole sequence ``x`` along ``dim`` (every rank passes the same ``x``).
+
+    ``order``: shard the sequence in that order (``x`` reordered by it first): a ``dc.Hilbert`` strategy (its curve
+    order, how ranks hold the sequence for ``ring_attention(..., strategy=that Hilbert)``) or a permutation tensor
+    (``x.index_select(dim, order)`` is the sequence sharded). ``layout`` then cuts the reordered sequence: with
+    ``"contiguous"``, rank r holds curve positions ``[r*S, (r+1)*S)``, i.e. tokens ``order[r*S:(r+1)*S]``."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     _, rank, world = resolve_group(group)
-    S = _shard_len(x.shape[dim], world, layout, dim)
-    return x.index_select(dim, positions(shard_ranges(rank, world, S, layout), x.device))
+    n = x.shape[dim]
+    S = _shard_len(n, world, layout, dim)
+    index = positions(shard_ranges(rank, world, S, layout), x.device)
+    perm = _order(order, n, x.device)
+    return x.index_select(dim, index if perm is None else perm[index])
 
 
-def gather_sequence(x: Tensor, *, dim: int = 2, layout: str = "contiguous", group=None) -> Tensor:
-    """The whole sequence from every rank's shard ``x`` along ``dim`` (differentiable)."""
+def gather_sequence(x: Tensor, *, dim: int = 2, layout: str = "contiguous", group=None, order=None) -> Tensor:
+    """The whole sequence from every rank's shard ``x`` along ``dim`` (differentiable); ``order`` as the shards
+    were made with (``shard_sequence``): the result is back in the sequence's own order."""
     import torch.distributed._functional_collectives as funcol
 
     if layout not in LAYOUTS:
@@ -53,7 +80,9 @@ def gather_sequence(x: Tensor, *, dim: int = 2, layout: str = "contiguous", grou
     whole = funcol.all_gather_tensor_autograd(x.contiguous(), dim, group)
     whole = funcol.wait_tensor(whole) if isinstance(whole, funcol.AsyncCollectiveTensor) else whole
     stored = torch.cat([positions(shard_ranges(b, world, S, layout), x.device) for b in range(world)])
-    return whole.index_select(dim, torch.argsort(stored))
+    index = torch.argsort(stored)                 # row of each position of the (reordered) sequence
+    perm = _order(order, S * world, x.device)
+    return whole.index_select(dim, index if perm is None else index[torch.argsort(perm)])
 
 
 __all__ = ["CommCounter", "SequenceParallel", "count_bytes", "gather_sequence", "head_parallel_attention",

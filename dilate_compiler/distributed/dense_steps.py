@@ -11,7 +11,8 @@ pieces pair up any other way (overlapping without being equal) returns None and 
 ``attend.py``.
 
 Kernels: CUDA float16/bfloat16, head dims 32/64/128, layout block size ``BLOCK_SIZE``; under
-``TRITON_INTERPRET=1`` CPU float16/float32 too, with ``INTERPRET_BLOCK_SIZE`` (how the tests run them).
+``TRITON_INTERPRET=1`` CPU float16/float32 too, with ``INTERPRET_BLOCK_SIZE`` (how the tests run them). A whole
+pair's forward runs the warp-specialised Hopper forward where the single-process block-sparse op would run it.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import torch
 from torch import Tensor
 
 from .. import patterns as P
+from ..lowering.block_sparse.op import gluon, warp_specialised_reason
 from ..lowering.block_sparse.triton import (SUPPORTED_BLOCK_SIZES, block_sparse_attn_bwd, block_sparse_attn_fwd,
-                                            kernel_unsupported_reason)
+                                            kernel_unsupported_reason, tile_order)
 from ..lowering.common.dispatch import interpreter_runs, kernels_apply, lse_dtype
 from .attend import merge
 from .links import runs
@@ -102,8 +104,13 @@ def forward(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, is_ca
     bs = _block_size(q)
     for r0, r1, c0, c1, diagonal in todo:
         lay = _layout(r1 - r0, diagonal, bs, str(q.device))
-        o, l_ = block_sparse_attn_fwd(q[:, :, r0:r1], k[:, :, c0:c1], v[:, :, c0:c1], lay.terms, lay.kv_count,
-                                      lay.kv_idx, lay.kv_bits, bs, diagonal, scale, lay.coords, lay.checks)
+        qp, kp, vp = q[:, :, r0:r1], k[:, :, c0:c1], v[:, :, c0:c1]
+        if not warp_specialised_reason(qp, kp, vp, lay.kv_count, bs, diagonal, None):   # the op's Hopper forward
+            order = tile_order(lay.kv_count, lay.kv_count.shape[0], B * H)
+            o, l_ = gluon.block_sparse_attn_fwd_ws(qp, kp, vp, lay.kv_count, lay.kv_idx, order, scale)
+        else:
+            o, l_ = block_sparse_attn_fwd(qp, kp, vp, lay.terms, lay.kv_count, lay.kv_idx, lay.kv_bits, bs, diagonal,
+                                          scale, lay.coords, lay.checks)
         out[:, :, r0:r1], lse[:, :, r0:r1] = merge(out[:, :, r0:r1], lse[:, :, r0:r1], o.to(dt), l_.to(dt))
     CALLS["forward"] += 1
     return out, lse

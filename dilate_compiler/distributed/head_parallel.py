@@ -18,7 +18,7 @@ from torch import Tensor
 from ..patterns.layouts import head_slice as slice_layout_heads  # noqa: F401  (the distributed tests' name)
 from . import comm
 from .agreement import check_call, raise_on_every_rank
-from .links import LAYOUTS, check_strategy, shard_ranges
+from .links import LAYOUTS, check_strategy, shard_ranges, sharded_strategy
 from .sequence_parallel import _CONFIGS, Config, check_inputs, local_attention, register
 
 
@@ -109,7 +109,8 @@ def head_parallel_attention(q: Tensor, k: Tensor, v: Tensor, strategy=None, *, i
         check_strategy(strategy)
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    except (TypeError, ValueError) as e:
+        sharded_strategy(strategy, q.shape[2] * world, bool(is_causal))
+    except (TypeError, ValueError, NotImplementedError) as e:
         raise_on_every_rank(e, group, q, k, v, strategy, "head_parallel", layout, is_causal, scale)
     key = register(Config(strategy, group, "head_parallel", layout, bool(is_causal), scale))
     q_sent, kv_sent = torch.ops.dilate_compiler.head_parallel_pack(q, k, v, key)   # [H, B, S, D], [Hkv, 2, B, S, D]

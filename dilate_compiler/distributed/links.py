@@ -12,7 +12,7 @@ from ..strategies.contract import DistributedStrategy
 from ..strategies.links import BlockSparseLinks, DilatedLinks, Links
 
 __all__ = ["LAYOUTS", "BlockSparseLinks", "DilatedLinks", "Links", "check_strategy", "links_for", "positions",
-           "runs", "shard_ranges"]
+           "runs", "shard_ranges", "sharded_strategy"]
 
 LAYOUTS = ("contiguous", "zigzag")
 
@@ -48,12 +48,20 @@ def runs(pos: Tensor) -> list[tuple[int, int]]:
 
 def check_strategy(strategy, name: str = "strategy") -> None:
     """The strategies the distributed ops take: None (dense), or one that implements the contract's
-    ``DistributedStrategy`` (``Dilated``, ``BlockSparse`` with a fixed pattern) and says it can run sharded."""
+    ``DistributedStrategy`` (``Dilated``, ``BlockSparse`` with a fixed pattern, ``Hilbert`` around either) and says
+    it can run sharded."""
     if strategy is None:
         return
     if not isinstance(strategy, DistributedStrategy):
-        raise TypeError(f"{name} must be None (dense), dc.Dilated or dc.BlockSparse, got {strategy!r}")
+        raise TypeError(f"{name} must be None (dense), dc.Dilated, dc.BlockSparse or dc.Hilbert, got {strategy!r}")
     strategy.check_distributed(name)
+
+
+def sharded_strategy(strategy, seq_len: int, is_causal: bool):
+    """The strategy the ranks run on the ``seq_len`` positions as they hold them (None: dense), from the contract's
+    ``DistributedStrategy.sharded``: the strategy itself, or ``Hilbert``'s inner strategy in curve order. Raises
+    ``ValueError`` where the strategy can't run on that sequence."""
+    return None if strategy is None else strategy.sharded(seq_len, is_causal)
 
 
 def links_for(strategy, seq_len: int, num_heads: int, is_causal: bool, device=None) -> Links:

@@ -5,8 +5,9 @@ Modes (``ring_attention(..., mode=)``):
 - ``"ring"``: K/V shards travel around the ring (``P - 1`` hops, each started before the step's compute so
   compute and communication overlap); each step's partial softmax merges into the running one by LSE. A step
   whose shard no local query links to skips its compute. The backward passes K/V around again, and the dK/dV
-  accumulators travel with them back to their owners (``P`` hops), as in ring FlashAttention. Default for dense
-  attention.
+  accumulators travel with them back to their owners (``P`` hops), as in ring FlashAttention; each accumulator's
+  hop is in flight while the next step computes its contribution (only the last hop, home, waits alone). Default
+  for dense attention.
 - ``"sparse"``: each rank sends each other rank exactly the K/V rows that rank's queries link to, worked out
   from the pattern on global positions (``links.py``), point to point, in one batch. Dilated: a branch whose
   segments don't cross a shard boundary sends nothing; a segment that does sends only the rows of each head's
@@ -19,11 +20,21 @@ Both run as the custom ops ``dilate_compiler::sequence_parallel_forward/backward
 fake implementations for tracing). The forward first checks that every rank makes the same call
 (``agreement.py``: one all_gather; where they differ, every rank raises the same error).
 
-Per-rank compute: for ``Dilated`` where the Triton kernels apply (CUDA, float16/bfloat16, head dim 32/64/128),
-the single-process kernels on the window of key positions around the rank's queries (``window.py``): the sparse
-mode fills the window from the shard and the received rows; the ring mode keeps the window's rows of each
-visiting shard and runs the kernels once the ring has passed. Dense attention in ring mode runs each step on
-the block-sparse kernels (``dense_steps.py``). Otherwise the exact path of ``attend.py``.
+Per-rank compute, where the Triton kernels apply (CUDA, float16/bfloat16, head dim 32/64/128; block-sparse:
+block size 16..128), on the strategy as the ranks hold the sequence (``DistributedStrategy.sharded``; for
+``dc.Hilbert``, its inner strategy in curve order):
+
+- ``Dilated``: the single-process kernels on the window of key positions around the rank's queries
+  (``window.py``);
+- block-sparse: the single-process kernels on the whole sequence's layout, restricted to the rank's query
+  blocks, reading the rank's rows through an index table (``held_blocks.py``);
+- dense, ring mode: each step on the block-sparse kernels (``dense_steps.py``), merged by LSE.
+
+For the first two the sparse mode runs the kernels on the shard and the received rows; the ring mode keeps the
+rows of each visiting shard that local queries link to and runs the kernels once the ring has passed (the
+backward collects them again and returns their gradients in accumulators that travel the ring). Otherwise (CPU
+outside Triton's interpreter, float32/float64, other head dims; logged once on CUDA) the exact path of
+``attend.py``.
 """
 
 from __future__ import annotations
@@ -38,10 +49,11 @@ import torch
 from torch import Tensor
 
 from ..lowering.common.dispatch import lse_dtype
-from . import comm, dense_steps, window
+from . import comm, dense_steps, held_blocks, window
 from .agreement import check_call, raise_on_every_rank, strategy_value
 from .attend import attend_backward, attend_forward, merge
-from .links import LAYOUTS, Links, check_strategy, links_for, positions, shard_ranges
+from .links import (LAYOUTS, BlockSparseLinks, Links, check_strategy, links_for, positions, shard_ranges,
+                    sharded_strategy)
 
 MODES = ("auto", "ring", "sparse")
 
@@ -102,8 +114,11 @@ class Plan:
     recv_pos: dict            # sparse: peer -> [Hkv, n] positions received (padding: -1)
     scale: float
     windows: list = None      # Dilated: the key windows of this rank's query runs (window.py)
-    window_rows: list = None  # Dilated, ring mode: rows of each rank's shard inside this rank's windows
+    window_rows: list = None  # kernels, ring mode: rows of each rank's shard this rank keeps (windows / held_blocks)
     held_pos: Tensor = None   # sparse: [Hkv, S + received] positions of the shard's rows, then each peer's (sorted)
+    strategy: Any = None      # the strategy on the sequence as the ranks hold it (``Links`` are its)
+    blocks: Any = None        # block-sparse: the kernels' rows and layout (held_blocks.HeldRows)
+    blocks_cols: Tensor = None  # block-sparse, sparse mode: [Hkv, S + received] held row of each exchanged row
 
 
 def _rows_needed(links: Links, heads: Tensor, ranges, pos: Tensor, num_kv_heads: int):
@@ -124,12 +139,14 @@ def _plan(key: str, rank: int, world: int, shard_len: int, num_heads: int, num_k
     scale = cfg.scale if cfg.scale is not None else 1.0 / math.sqrt(head_dim)
     if cfg.mode == "local":
         first, total = cfg.head_range
-        links = links_for(cfg.strategy, shard_len, total, cfg.is_causal, dev)
+        strategy = sharded_strategy(cfg.strategy, shard_len, cfg.is_causal)
+        links = links_for(strategy, shard_len, total, cfg.is_causal, dev)
         pos = torch.arange(shard_len, device=dev)
         heads = torch.arange(first, first + num_heads, device=dev)
-        return Plan(links, heads, pos, [pos], [True], {}, {}, scale)
+        return Plan(links, heads, pos, [pos], [True], {}, {}, scale, strategy=strategy)
     N = shard_len * world
-    links = links_for(cfg.strategy, N, num_heads, cfg.is_causal, dev)
+    strategy = sharded_strategy(cfg.strategy, N, cfg.is_causal)
+    links = links_for(strategy, N, num_heads, cfg.is_causal, dev)
     heads = torch.arange(num_heads, device=dev)
     ranges = [shard_ranges(b, world, shard_len, cfg.layout) for b in range(world)]
     rank_pos = [positions(r, dev) for r in ranges]
@@ -140,17 +157,38 @@ def _plan(key: str, rank: int, world: int, shard_len: int, num_heads: int, num_k
         elif b != rank:
             send_idx[b] = _rows_needed(links, heads, ranges[b], rank_pos[rank], num_kv_heads)[0]
             recv_pos[b] = _rows_needed(links, heads, ranges[rank], rank_pos[b], num_kv_heads)[1]
-    plan = Plan(links, heads, rank_pos[rank], rank_pos, linked, send_idx, recv_pos, scale)
+    plan = Plan(links, heads, rank_pos[rank], rank_pos, linked, send_idx, recv_pos, scale, strategy=strategy)
     if cfg.mode == "sparse":
         plan.held_pos = torch.cat([plan.q_pos.view(1, -1).expand(num_kv_heads, -1)] +
                                   [recv_pos[b] for b in sorted(recv_pos)], dim=1)
-    span = None if cfg.strategy is None else cfg.strategy.key_window_span(N)
+    span = None if strategy is None else strategy.key_window_span(N)
     if span is not None:
         plan.windows = window.windows(span, N, ranges[rank])
         if cfg.mode == "ring":
             plan.window_rows = [torch.nonzero(sum((pos >= w.a) & (pos < w.e) for w in plan.windows)).flatten()
                                 for pos in rank_pos]
+    elif isinstance(links, BlockSparseLinks):
+        _plan_held_blocks(plan, cfg.mode, ranges[rank], rank, world)
     return plan
+
+
+def _plan_held_blocks(plan: Plan, mode: str, my_ranges, rank: int, world: int) -> None:
+    """The rows the block-sparse kernels run on (``held_blocks``): sparse mode, the shard and every row received
+    (for any kv head); ring mode, the whole shard and the rows of each other shard some local query links."""
+    S = plan.q_pos.numel()
+    if mode == "sparse":
+        received = plan.held_pos[:, S:]
+        plan.blocks = held_blocks.plan(plan.links, plan.q_pos, torch.unique(received[received >= 0]))
+        rows = plan.blocks.table[plan.held_pos.clamp(min=0)].long()
+        plan.blocks_cols = torch.where(plan.held_pos >= 0, rows, plan.blocks.held)
+        return
+    plan.window_rows = [torch.arange(S, device=plan.q_pos.device) if b == rank else
+                        torch.nonzero(plan.links.needed(plan.heads, my_ranges, pos).any(0)).flatten()
+                        for b, pos in enumerate(plan.rank_pos)]
+    others = [(rank - t) % world for t in range(1, world)]   # in the order the ring brings them
+    other_pos = [plan.rank_pos[b][plan.window_rows[b]] for b in others]
+    plan.blocks = held_blocks.plan(plan.links, plan.q_pos, torch.cat(other_pos) if other_pos else
+                                   plan.q_pos.new_empty(0))
 
 
 def _setup(key: str, q: Tensor, k: Tensor):
@@ -188,27 +226,34 @@ def _ring_forward(q, k, v, group, rank, world, plan: Plan, dense_kernels: bool =
 
 
 def _ring_backward(dout, q, k, v, lse, delta, group, rank, world, plan: Plan, dense_kernels: bool = False):
+    """Each step computes the visiting shard's dK/dV contribution while that shard's accumulator is on its way
+    here (sent at the end of the previous step), then adds it and sends the accumulator on: every dK/dV hop but
+    the last (which takes each accumulator home) overlaps a step's compute, as the K/V hops do."""
     dt = lse_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=dt, device=q.device)
     kv = torch.stack((k, v))
-    dkv = torch.zeros(kv.shape, dtype=dt, device=q.device)
+    grads = None   # the hop bringing the visiting shard's accumulator
     for t in range(world):
         src = (rank - t) % world
         shift = comm.RingShift(group, rank, world, "kv").start(kv) if t < world - 1 else None
+        got = None
         if plan.linked[src]:
             got = dense_steps.backward(dout, q, kv[0], kv[1], lse, delta, plan.q_pos, plan.rank_pos[src],
                                        plan.links.is_causal, plan.scale) if dense_kernels else None
             if got is None:
                 got = attend_backward(dout, q, kv[0], kv[1], plan.q_pos, plan.rank_pos[src].view(1, -1),
                                       plan.links, plan.heads, plan.scale, lse, delta)
-            dq_i, dk_i, dv_i = got
-            dq += dq_i
-            dkv[0] += dk_i
-            dkv[1] += dv_i
+        dkv = torch.zeros(kv.shape, dtype=dt, device=q.device) if grads is None else grads.wait()
+        if got is not None:
+            dq += got[0]
+            dkv[0] += got[1]
+            dkv[1] += got[2]
         if world > 1:   # the accumulator follows its shard; after P hops it is back with its owner
-            dkv = comm.RingShift(group, rank, world, "grad").start(dkv).wait()
+            grads = comm.RingShift(group, rank, world, "grad").start(dkv)
         if shift is not None:
             kv = shift.wait()
+    if grads is not None:
+        dkv = grads.wait()
     return dq, dkv[0], dkv[1]
 
 
@@ -268,13 +313,16 @@ def _return_grads(dk, dv, S, peers, group, rank, world, plan: Plan):
     return mine[0], mine[1]
 
 
-# --- the kernels on key windows (Dilated on CUDA) ----------------------------------------------------------------
+# --- the kernels on the keys a rank holds (Dilated: key windows; block-sparse: held rows) ------------------------
 
 
 def _ring_collect(k, v, group, rank, world, plan: Plan):
     """K/V shards pass around the ring (each hop started before the copy of the visiting shard); each rank keeps
-    the visiting rows inside its windows. Returns the kept rows ``k, v [B, Hkv, K, D]``, their positions
-    ``[Hkv, K]`` and ``[(src, rows)]`` in the order kept."""
+    the visiting rows its kernels read (``plan.window_rows``: inside its windows, or the held rows). Returns the
+    kept rows ``k, v [B, Hkv, K, D]``, their positions ``[Hkv, K]`` and ``[(src, rows)]`` in the order kept."""
+    rows = plan.window_rows[rank]
+    if world == 1 and rows.numel() == k.shape[2]:   # a ring of one that keeps its whole shard: the shard itself
+        return k, v, plan.rank_pos[rank].view(1, -1).expand(k.shape[1], -1), [(rank, rows)]
     kv = torch.stack((k, v))
     parts, pos, kept = [], [], []
     for t in range(world):
@@ -282,19 +330,22 @@ def _ring_collect(k, v, group, rank, world, plan: Plan):
         shift = comm.RingShift(group, rank, world, "kv").start(kv) if t < world - 1 else None
         rows = plan.window_rows[src]
         if rows.numel():
-            parts.append(kv.index_select(3, rows))
+            parts.append(kv if rows.numel() == kv.shape[3] else kv.index_select(3, rows))
             pos.append(plan.rank_pos[src][rows])
             kept.append((src, rows))
         if shift is not None:
             kv = shift.wait()
     Hkv = k.shape[1]
-    held = torch.cat(parts, 3)
+    held = parts[0] if len(parts) == 1 else torch.cat(parts, 3)
     return held[0], held[1], torch.cat(pos).view(1, -1).expand(Hkv, -1), kept
 
 
 def _ring_return_grads(dk, dv, k, kept, group, rank, world):
     """``dk, dv`` of the kept rows (``_ring_collect``'s order) go home in accumulators that travel the ring with
-    their shard, each rank adding its part; returns this shard's ``(dk, dv)`` (float32)."""
+    their shard, each rank adding its part; returns this shard's ``(dk, dv)`` (float32; as they are on one rank
+    that kept its whole shard)."""
+    if world == 1 and kept[0][1].numel() == k.shape[2]:
+        return dk[:, :, :k.shape[2]], dv[:, :, :k.shape[2]]
     mine, start = {}, 0
     for src, rows in kept:
         n = rows.numel()
@@ -311,25 +362,58 @@ def _ring_return_grads(dk, dv, k, kept, group, rank, world):
 
 
 def _held_keys(k, v, cfg, group, rank, world, plan: Plan):
-    """The keys a rank holds for its windows: sparse mode, its shard and the rows received (4th item: the peers);
-    ring mode, the window rows of every shard (4th item: which rows of which shard)."""
-    if cfg.mode == "sparse":
-        return _exchange_kv(k, v, group, rank, world, plan)
-    return _ring_collect(k, v, group, rank, world, plan)
+    """The keys a rank holds for the kernels: sparse mode, its shard and the rows received (4th item: the peers);
+    ring mode, the kept rows of every shard (4th item: which rows of which shard). Block-sparse, sparse mode:
+    the received rows of every kv head in the held rows of ``plan.blocks`` (one row per position)."""
+    if cfg.mode == "ring":
+        return _ring_collect(k, v, group, rank, world, plan)
+    k_all, v_all, pos, peers = _exchange_kv(k, v, group, rank, world, plan)
+    if plan.blocks is None or pos.shape[1] == k.shape[2]:   # nothing received: the shard's rows are the held rows
+        return k_all, v_all, pos, peers
+    B, Hkv, n, D = k_all.shape
+    U = plan.blocks.held
+    held = k_all.new_zeros(2, B, Hkv, U + 1, D)
+    held.scatter_(3, plan.blocks_cols.view(1, 1, Hkv, n, 1).expand(2, B, Hkv, n, D), torch.stack((k_all, v_all)))
+    held[:, :, :, U] = 0          # the exchange's padding rows landed on row U (the spare row, or a scratch row)
+    return held[0, :, :, :plan.blocks.rows], held[1, :, :, :plan.blocks.rows], pos, peers
 
 
-def _window_forward(q, k, v, cfg, group, rank, world, plan: Plan):
+def _held_forward(q, k, v, cfg, group, rank, world, plan: Plan):
     k_held, v_held, pos, _ = _held_keys(k, v, cfg, group, rank, world, plan)
-    return window.forward(q, k_held, v_held, pos, plan.windows, cfg.strategy, cfg.is_causal, plan.scale)
+    if plan.blocks is not None:
+        return held_blocks.forward(q, k_held, v_held, plan.blocks, plan.scale)
+    return window.forward(q, k_held, v_held, pos, plan.windows, plan.strategy, cfg.is_causal, plan.scale)
 
 
-def _window_backward(dout, q, k, v, out, lse, cfg, group, rank, world, plan: Plan):
+def _held_backward(dout, q, k, v, out, lse, cfg, group, rank, world, plan: Plan):
     k_held, v_held, pos, where = _held_keys(k, v, cfg, group, rank, world, plan)
-    dq, dk, dv = window.backward(dout, q, k_held, v_held, pos, out, lse, plan.windows, cfg.strategy, cfg.is_causal,
-                                 plan.scale)
+    if plan.blocks is not None:
+        dq, dk, dv = held_blocks.backward(dout, q, k_held, v_held, out, lse, plan.blocks, plan.scale)
+        # the returned gradients travel in float32 on every rank (a receiver's buffers take its own dtype)
+        if cfg.mode == "sparse" and pos.shape[1] == k.shape[2]:   # nothing received: the shard's rows
+            dk, dv = (g[:, :, :k.shape[2]] if world == 1 else g[:, :, :k.shape[2]].float() for g in (dk, dv))
+        elif cfg.mode == "sparse":   # back in the exchange's rows, per kv head (padding: row U, zero)
+            B, Hkv, _, D = k.shape
+            idx = plan.blocks_cols.view(1, Hkv, -1, 1).expand(B, -1, -1, D)
+            dk, dv = (held_blocks.with_rows(g.float(), plan.blocks.held + 1).gather(2, idx) for g in (dk, dv))
+    else:
+        dq, dk, dv = window.backward(dout, q, k_held, v_held, pos, out, lse, plan.windows, plan.strategy,
+                                     cfg.is_causal, plan.scale)
     if cfg.mode == "sparse":
         return (dq,) + _return_grads(dk, dv, k.shape[2], where, group, rank, world, plan)
     return (dq,) + _ring_return_grads(dk, dv, k, where, group, rank, world)
+
+
+def _held_kernels(cfg, plan: Plan, q) -> bool:
+    """Whether this rank runs the kernels on the keys it holds: ``Dilated`` on key windows (``window``), block-sparse
+    on its held rows (``held_blocks``), where the kernels take the call."""
+    if cfg.mode == "local":
+        return False
+    if plan.windows is not None:
+        return window.use_window_kernels(plan.strategy, q)
+    if plan.blocks is not None:
+        return held_blocks.use_kernels(plan.links.layout.block_size, q)
+    return False
 
 
 # --- the ops --------------------------------------------------------------------------------------------------
@@ -339,9 +423,9 @@ def _forward_impl(q, k, v, key):
     if _CONFIGS[key].mode != "local":
         check_call(q, k, v, _CONFIGS[key])
     cfg, group, rank, world, plan = _setup(key, q, k)
-    if cfg.mode != "local" and plan.windows is not None and window.use_window_kernels(cfg.strategy, q):
-        out, lse = _window_forward(q, k, v, cfg, group, rank, world, plan)
-        return out, lse.to(lse_dtype(q.dtype))
+    if _held_kernels(cfg, plan, q):
+        out, lse = _held_forward(q, k, v, cfg, group, rank, world, plan)
+        return _unaliased(out, q.dtype), _unaliased(lse, lse_dtype(q.dtype))
     if cfg.mode == "sparse":
         out, lse = _sparse_forward(q, k, v, group, rank, world, plan)
     else:   # ring; "local" is a ring of one
@@ -356,14 +440,14 @@ def _dense_kernels(cfg, q) -> bool:
 
 def _unaliased(t: Tensor, dtype) -> Tensor:
     """``t`` in ``dtype``, copied when it is a view (custom op outputs must not alias each other)."""
-    return t if t.dtype == dtype and t._base is None else t.to(dtype, copy=True)
+    return t if t.dtype == dtype and t._base is None else t.to(dtype, copy=True).contiguous()
 
 
 def _backward_impl(dout, q, k, v, out, lse, key):
     cfg, group, rank, world, plan = _setup(key, q, k)
-    if cfg.mode != "local" and plan.windows is not None and window.use_window_kernels(cfg.strategy, q):
-        dq, dk, dv = _window_backward(dout, q, k, v, out, lse, cfg, group, rank, world, plan)
-        return dq.to(q.dtype), _unaliased(dk, k.dtype), _unaliased(dv, v.dtype)
+    if _held_kernels(cfg, plan, q):
+        dq, dk, dv = _held_backward(dout, q, k, v, out, lse, cfg, group, rank, world, plan)
+        return _unaliased(dq, q.dtype), _unaliased(dk, k.dtype), _unaliased(dv, v.dtype)
     dt = lse_dtype(q.dtype)
     delta = (dout.to(dt) * out.to(dt)).sum(-1)                 # rowsum(dO * O), both on the output's scale
     dout = dout.to(dt) * plan.links.output_scale
@@ -436,8 +520,11 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, strategy=None, *, is_causal:
     Args:
         q: this rank's query shard ``[B, Hq, S, D]`` (S = N / world size, the same on every rank).
         k, v: this rank's key/value shards ``[B, Hkv, S, D]`` (GQA when ``Hq % Hkv == 0``).
-        strategy: ``None`` (dense), ``dc.Dilated`` (both mixings) or ``dc.BlockSparse`` with a fixed pattern; its
-            semantics are those of the single-process op on the whole sequence.
+        strategy: ``None`` (dense), ``dc.Dilated`` (both mixings), ``dc.BlockSparse`` with a fixed pattern, or
+            ``dc.Hilbert`` around either (its grid given); its semantics are those of the single-process op on the
+            whole sequence. With ``dc.Hilbert`` the ranks hold shards of the sequence in curve order
+            (``shard_sequence(x, order=strategy)``), and the output shard is of the curve-ordered output
+            (``gather_sequence(out, order=strategy)`` puts it back in the model's order).
         is_causal: causal masking on global positions.
         group: process group (default: the world).
         mode: ``"auto"`` (sparse exchange for Dilated/BlockSparse, ring for dense), ``"ring"`` or ``"sparse"``.
@@ -455,7 +542,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, strategy=None, *, is_causal:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         check_strategy(strategy)
         mode = resolve_mode(strategy, mode)
-    except (TypeError, ValueError) as e:
+        sharded_strategy(strategy, q.shape[2] * comm.resolve_group(group)[2], bool(is_causal))
+    except (TypeError, ValueError, NotImplementedError) as e:
         raise_on_every_rank(e, group, q, k, v, strategy, mode, layout, is_causal, scale)
     key = register(Config(strategy, group, mode, layout, bool(is_causal), scale))
     return torch.ops.dilate_compiler.sequence_parallel_forward(q, k, v, key)[0]

@@ -12,7 +12,8 @@ import torch
 from ..strategies.contract import Emitted
 from ..strategies.reference import weighted_softmax_attention
 from . import comm
-from .links import LAYOUTS, check_strategy
+from ..passes.site import static_int
+from .links import LAYOUTS, check_strategy, sharded_strategy
 from .sequence_parallel import Config, MODES, register, resolve_mode
 
 PARALLEL_MODES = MODES + ("head_parallel",)
@@ -25,8 +26,14 @@ class SequenceParallel:
     Every rank runs the same model on its shard ``[B, N/P, E]`` of each sequence; each attention site becomes
     ``dc.distributed.ring_attention`` (``mode`` ``"auto"``, ``"ring"``, ``"sparse"``) or
     ``dc.distributed.head_parallel_attention`` (``mode="head_parallel"``) with ``inner`` (None: dense,
-    ``dc.Dilated``, ``dc.BlockSparse`` with a fixed pattern). Sites with a mask tensor or dropout are skipped with
-    the reason (a mask over the local shard says nothing about the other ranks' keys).
+    ``dc.Dilated``, ``dc.BlockSparse`` with a fixed pattern, ``dc.Hilbert`` around either). Sites with a mask tensor
+    or dropout are skipped with the reason (a mask over the local shard says nothing about the other ranks' keys).
+
+    With ``inner=dc.Hilbert(grid, ...)`` the ranks hold the sequence in curve order: shard the model's input with
+    ``dc.distributed.shard_sequence(x, dim=1, order=inner)`` (rank r holds the tokens
+    ``curve_order[r*S:(r+1)*S]``), and ``gather_sequence(y, dim=1, order=inner)`` restores the output's order.
+    Per-token layers don't care about the order; attention runs the inner strategy in curve order, which is what
+    the single-process ``dc.Hilbert`` computes.
     """
 
     inner: Any = None
@@ -56,9 +63,15 @@ class SequenceParallel:
         if site.dropout_p > 0.0:
             return f"dropout_p={site.dropout_p}: sequence-parallel attention has no attention dropout"
         try:
-            comm.resolve_group(self.group)
+            _, _, world = comm.resolve_group(self.group)
         except RuntimeError as e:
             return str(e)
+        n = static_int(q[2])
+        if n is not None:
+            try:
+                sharded_strategy(self.inner, n * world, bool(site.is_causal))
+            except (ValueError, NotImplementedError) as e:
+                return str(e)
         site.detail = f"{self.mode if self.mode != 'auto' else resolve_mode(self.inner, 'auto')}, inner={self.inner!r}"
         return None
 

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..lowering.common.dispatch import interpreter_runs, kernels_apply
+from ..lowering.dilated.op import gluon, warp_specialised_reason
 from ..lowering.dilated.triton import MAX_BRANCHES, dilated_attn_bwd, dilated_attn_fwd, kernel_unsupported_reason
 from ..strategies.dilated import Dilated
 
@@ -117,11 +118,16 @@ def forward(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, wins: list[Window], st
     global positions ``pos [Hkv, K]``. Returns ``out`` (q's dtype, output scale applied) and ``lse`` (float32)."""
     CALLS["forward"] += 1
     outs, lses = [], []
+    segments, rates = strategy.segment_lengths, strategy.dilation_rates
     for win in wins:
-        kw, vw, off, _ = _window_keys(win, k, v, pos, q.shape[2])
-        o, l = dilated_attn_fwd(q[:, :, win.row:win.row + win.hi - win.lo], kw, vw, strategy.segment_lengths,
-                                strategy.dilation_rates, is_causal=is_causal, scale=scale, mixing=strategy.mixing,
-                                q_offset=off)
+        kw, vw, off, own = _window_keys(win, k, v, pos, q.shape[2])
+        qw = q[:, :, win.row:win.row + win.hi - win.lo]
+        if own and not warp_specialised_reason(qw, kw, vw, None, segments, rates, is_causal, strategy.mixing, 0.0):
+            # the run is a whole sequence of its own: the single-process op's warp-specialised Hopper forward
+            o, l = gluon.dilated_attn_fwd_ws(qw, kw, vw, segments, rates, scale=scale)
+        else:
+            o, l = dilated_attn_fwd(qw, kw, vw, segments, rates, is_causal=is_causal, scale=scale,
+                                    mixing=strategy.mixing, q_offset=off)
         outs.append(o)
         lses.append(l)
     if len(outs) == 1:

@@ -152,6 +152,9 @@ class BlockSparse:
             raise ValueError(f"{name}=BlockSparse('auto') reads a site's mask over one shard only; distributed "
                              f"attention needs a fixed pattern (dc.BlockSparse(pattern))")
 
+    def sharded(self, seq_len: int, is_causal: bool) -> "BlockSparse":
+        return self
+
     def links(self, seq_len: int, num_heads: int, is_causal: bool, device=None):
         from .links import BlockSparseLinks
 

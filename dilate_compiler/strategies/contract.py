@@ -21,9 +21,10 @@ mask) is given only to a strategy whose ``applies_softcap`` is true (its ``emit_
 op); any other skips it with a reason naming the soft-capping.
 
 A strategy that also runs sharded over ranks (``dc.SequenceParallel``, ``dc.distributed``) implements
-:class:`DistributedStrategy`: its link model on global positions (``links``), whether it can run sharded
-(``check_distributed``), the period of its head-dependent rules (``head_period``), the key window around a run of
-queries that holds every key they link (``key_window_span``, for the window kernels), and its computation on a
+:class:`DistributedStrategy`: the strategy the ranks run on the sequence as they hold it (``sharded``: itself, or
+``Hilbert``'s inner strategy in curve order), its link model on global positions (``links``), whether it can run
+sharded (``check_distributed``), the period of its head-dependent rules (``head_period``), the key window around a
+run of queries that holds every key they link (``key_window_span``, for the window kernels), and its computation on a
 subset of the model's heads (``attend_heads``). The distributed code dispatches on these methods only.
 
 Adding a strategy is one file in ``strategies/`` with these methods, plus its tests; the README's "Add a
@@ -85,6 +86,12 @@ class DistributedStrategy(Protocol):
     def check_distributed(self, name: str = "strategy") -> None:
         """Raises (``ValueError`` naming ``name`` for a value that can't run sharded, ``NotImplementedError`` for what
         isn't done) unless the strategy can run sharded over ranks."""
+        ...
+
+    def sharded(self, seq_len: int, is_causal: bool):
+        """The strategy the ranks run on the ``seq_len`` positions in the order they hold them (every other method
+        is asked of it): itself, or another that computes the same attention in that order. Raises ``ValueError``
+        naming what doesn't fit where it can't run on that sequence."""
         ...
 
     def links(self, seq_len: int, num_heads: int, is_causal: bool, device=None):

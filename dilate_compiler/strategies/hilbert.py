@@ -242,6 +242,39 @@ class Hilbert:
         lse = None if emitted.lse is None else emit(torch.ops.aten.index_select.default, (emitted.lse, 2, inv_node))
         return Emitted(gather(emitted.out, inv_node, 2, "from"), lse)
 
+    # --- sharded over ranks (``strategies.contract.DistributedStrategy``) --------------------------------------
+    # The ranks hold the sequence in curve order, each a shard of it (``dc.distributed.shard_sequence(x,
+    # order=strategy)``): they run the inner strategy as it runs in curve order (``sharded``), and their outputs
+    # are the curve-ordered output's shards.
+
+    def check_distributed(self, name: str = "strategy") -> None:
+        if self.grid is None:
+            raise ValueError(f"{name}=dc.Hilbert(grid=None): sharded attention needs the grid up front (the ranks "
+                             f"hold the sequence in its curve order); pass grid=")
+        self.inner.check_distributed(f"{name}.inner")
+
+    def sharded(self, seq_len: int, is_causal: bool):
+        """The inner strategy in curve order (``plan``) for ``seq_len`` tokens."""
+        if is_causal:
+            raise ValueError("is_causal=True with dc.Hilbert: causality is an order of the model's tokens, which the "
+                             "curve order doesn't keep (the single-process dc.Hilbert op has no causal form); pass "
+                             "is_causal=False")
+        return self._plan(seq_len)[1]
+
+    def links(self, seq_len: int, num_heads: int, is_causal: bool, device=None):
+        return self.sharded(seq_len, is_causal).links(seq_len, num_heads, is_causal, device)
+
+    @property
+    def head_period(self) -> int:
+        return self.inner.head_period
+
+    def key_window_span(self, seq_len: int) -> Optional[int]:
+        return self.sharded(seq_len, False).key_window_span(seq_len)
+
+    def attend_heads(self, q, k, v, *, first_head: int, num_heads: int, is_causal: bool, scale):
+        return self.sharded(q.shape[2], is_causal).attend_heads(q, k, v, first_head=first_head, num_heads=num_heads,
+                                                                is_causal=is_causal, scale=scale)
+
     def reference(self, q, k, v, *, is_causal: bool = False, scale: Optional[float] = None, attn_mask=None):
         """float64: the inner strategy's mask in curve order (``token_mask``), in the model's token order."""
         keep = self.token_mask(q.shape[2], q.shape[1])

@@ -580,10 +580,21 @@ def tile_order(count, heads: int, programs: int, first: int = 0) -> torch.Tensor
     return kept_on(count, key, sort)
 
 
-def _flags(q, k, kv_idx, terms, order, checks, block_size, is_causal):
+def _flags(q, k, kv_idx, terms, order, checks, block_size, is_causal, seq_len: int):
     return dict(HEAD_DIM=q.shape[-1], BS=block_size, IS_CAUSAL=bool(is_causal), GQA=q.shape[1] // k.shape[1],
                 PER_HEAD=kv_idx.shape[0] > 1, NUM_TERMS=terms.shape[0], CHECKS=int(checks),
-                RAGGED=k.shape[2] % block_size != 0, PERMUTED=order is not None and order.numel() > 0)
+                RAGGED=seq_len % block_size != 0, PERMUTED=order is not None and order.numel() > 0)
+
+
+def layout_length(k, order, seq_len) -> int:
+    """The layout's sequence length: k's rows, or ``seq_len`` when the rows hold only some of the layout's
+    positions; then ``order`` (an index table of ``seq_len`` entries) must map every position to a row."""
+    if seq_len is None or seq_len == k.shape[2]:
+        return k.shape[2]
+    if order is None or order.numel() != seq_len or seq_len < k.shape[2]:
+        raise ValueError(f"seq_len={seq_len} with k of {k.shape[2]} rows needs an order table of seq_len entries "
+                         f"(every position's row), got {None if order is None else order.numel()} entries")
+    return seq_len
 
 
 def query_offset(q, k, order) -> tuple:
@@ -608,8 +619,19 @@ def _table_arg(t, q, dummy_len: int):
     return t.to(torch.int32).contiguous()
 
 
+def _per_head_entries(t, n: int):
+    """``t [B, H, rows]`` contiguous, in a ``[B, H, n]`` buffer when ``n`` > rows (the kernels read ``n`` entries
+    per head; the entries past ``rows`` are never read)."""
+    if t.shape[2] >= n:
+        return t.contiguous()
+    buf = t.new_zeros(t.shape[:2] + (n,))
+    buf[:, :, :t.shape[2]] = t
+    return buf
+
+
 def block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size: int, is_causal: bool,
-                          scale: float, coords, checks: int, order=None, key_keep=None, softcap=None):
+                          scale: float, coords, checks: int, order=None, key_keep=None, softcap=None,
+                          seq_len=None):
     """Forward kernel: ``out [B, Hq, Nq, D]`` and ``lse [B, Hq, Nq]`` (float32, natural log).
 
     k and v hold the ``N`` positions the layout was built for; q holds all of them, or the last ``Nq`` (decoding:
@@ -617,17 +639,22 @@ def block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size:
     row ``order[p]`` of q, k, v, out and lse (the attention runs in that order with no gather; None or empty: the
     identity; only with ``Nq == N``). ``key_keep``: bool ``[B or 1, N]``, the memory rows whose keys attend (key
     padding, ``common.key_padding``). ``softcap``: scores ``c * tanh(scale * q.k / c)`` (Gemma2's soft-capping;
-    None: uncapped), capped before the masks."""
+    None: uncapped), capped before the masks.
+
+    ``seq_len``: the layout's sequence length when q, k and v hold fewer rows than it has positions (a rank of a
+    sequence-parallel call: its queries and the keys it holds); ``order`` then maps each of the ``seq_len``
+    positions to a row, several positions may share a row whose results are not used, and ``lse`` is a view of a
+    ``[B, H, seq_len]`` buffer (the kernels address it by row within ``seq_len`` entries per head)."""
     B, H, Nq, D = q.shape
-    N = k.shape[2]
+    N = layout_length(k, order, seq_len)
     q_lo, first = query_offset(q, k, order)
     q = rows_addressable(q)
     if k.stride() != v.stride() or not rows_fit(k):   # v is read with k's strides
         k, v = k.contiguous(), v.contiguous()
     out = torch.empty((B, H, Nq, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    lse = torch.empty((B, H, N if q_lo is None else Nq), dtype=torch.float32, device=q.device)
     nb = kv_idx.shape[1]
-    keep, key_range_t, stride_keep, key_mask = key_padding_args(key_keep, B, N, q.device)
+    keep, key_range_t, stride_keep, key_mask = key_padding_args(key_keep, B, k.shape[2], q.device)
     with launch_device(q):
         _kernel("fwd", block_size)[_grid(N, block_size, "BLOCK_M", B * H, first // block_size)](
             q, k, v, out, lse, terms, _table_arg(coords, q, GRID_AXES), _table_arg(order, q, 1), kv_count, kv_idx,
@@ -635,36 +662,36 @@ def block_sparse_attn_fwd(q, k, v, terms, kv_count, kv_idx, kv_bits, block_size:
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             out.stride(0), out.stride(1), out.stride(2), H, N, nb, kv_idx.shape[2], keep, key_range_t, stride_keep,
             q_lo, KEY_MASK=key_mask, **softcap_args(softcap), **_flags(q, k, kv_idx, terms, order, checks,
-                                                                       block_size, is_causal))
-    return out, lse
+                                                                       block_size, is_causal, N))
+    return out, (lse if lse.shape[2] == Nq else lse[:, :, :Nq])
 
 
 def block_sparse_attn_bwd(dout, q, k, v, out, lse, terms, kv_count, kv_idx, kv_bits, q_count, q_idx, q_bits,
                           coords, order, checks: int, block_size: int, is_causal: bool, scale: float, *, delta=None,
-                          key_keep=None, softcap=None):
+                          key_keep=None, softcap=None, seq_len=None):
     """Backward kernels: ``(dq, dk, dv)`` (``order`` and q's rows as in ``block_sparse_attn_fwd``; ``order`` may be
     empty; dk and dv: the gradients of all N keys from the queries q holds). ``delta``: ``rowsum(dout * out)``
     ``[B, H, Nq]`` when the caller has it (a ring step, whose softmax spans more keys than these; ``out`` is then
-    unused), else computed from ``out``."""
+    unused), else computed from ``out``. ``seq_len``: as in ``block_sparse_attn_fwd`` (the rows past q's in each
+    head's ``seq_len`` entries of ``lse`` and ``delta`` are never read)."""
     B, H, Nq, D = q.shape
-    Hkv, N = k.shape[1], k.shape[2]
+    Hkv, N = k.shape[1], layout_length(k, order, seq_len)
     q_lo, first = query_offset(q, k, order)
     q, k, v, dout = (t.contiguous() for t in (q, k, v, dout))
     if delta is None:
         delta = (dout.float() * out.float()).sum(-1)
-    delta = delta.float().contiguous()
-    lse = lse.contiguous()
+    delta, lse = (_per_head_entries(t.float(), N if q_lo is None else Nq) for t in (delta, lse))
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     nb = kv_idx.shape[1]
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                dout.stride(0), dout.stride(1), dout.stride(2))
-    flags = dict(_flags(q, k, kv_idx, terms, order, checks, block_size, is_causal), **softcap_args(softcap))
+    flags = dict(_flags(q, k, kv_idx, terms, order, checks, block_size, is_causal, N), **softcap_args(softcap))
     coords = _table_arg(coords, q, GRID_AXES)
     rows = _table_arg(order, q, 1)
     kv_heads = Hkv if q_count.shape[0] > 1 else 1
-    keep, key_range_t, stride_keep, key_mask = key_padding_args(key_keep, B, N, q.device)
+    keep, key_range_t, stride_keep, key_mask = key_padding_args(key_keep, B, k.shape[2], q.device)
     with launch_device(q):
         _kernel("dq", block_size)[_grid(N, block_size, "BLOCK_M", B * H, first // block_size)](
             q, k, v, dout, lse, delta, dq, terms, coords, rows, kv_count, kv_idx, kv_bits,
