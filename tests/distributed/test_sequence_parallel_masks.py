@@ -121,14 +121,20 @@ def hf_inputs():
     return ids, mask, positions, dout
 
 
-def _hf_worker(rank, world, models):
+def _hf_worker(rank, world, models, mode):
     """Per (model, attention implementation): the sequence-parallel rewrite of the model on this rank's shard against
     the single-process rewrite on the whole batch: the largest relative error of the output and of every parameter
     gradient, and the sharded model's report."""
     import torch.distributed as dist
 
-    from dilate_compiler.distributed import shard_sequence
+    from dilate_compiler.distributed import hybrid_groups, shard_sequence
 
+    if mode == "hybrid":
+        head_group, sequence_group = hybrid_groups(2)
+        strategy = dc.SequenceParallel(HF_STRATEGY, mode="hybrid", head_group=head_group,
+                                       sequence_group=sequence_group)
+    else:
+        strategy = dc.SequenceParallel(HF_STRATEGY, mode=mode)
     got = {}
     for name, impl in models:
         ids, mask, positions, dout = hf_inputs()
@@ -141,7 +147,7 @@ def _hf_worker(rank, world, models):
 
         shard = lambda t: shard_sequence(t, dim=1)  # noqa: E731
         local = dict(attention_mask=shard(mask), position_ids=shard(positions))
-        sharded = dc.rewrite(model, (shard(ids),), dc.SequenceParallel(HF_STRATEGY), example_kwargs=local)
+        sharded = dc.rewrite(model, (shard(ids),), strategy, example_kwargs=local)
         out = sharded.module(shard(ids), **local)
         params = dict(sharded.module.named_parameters())
         grads = torch.autograd.grad(out, [params[n] for n in names], shard(dout), allow_unused=True)
@@ -155,13 +161,14 @@ def _hf_worker(rank, world, models):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [2, 4])
-def test_transformers_decoders_with_left_padding_equal_the_single_process_rewrite(world):
+@pytest.mark.parametrize("world,mode", [(2, "sparse"), (4, "sparse"), (2, "ring"), (4, "hybrid")])
+def test_transformers_decoders_with_left_padding_equal_the_single_process_rewrite(world, mode):
     """Llama and Qwen2 (eager attention: padding rows are the mean of v over every key; SDPA: 0) on 2 and 4 ranks:
-    the sequence-parallel rewrite of each rank's shard equals the single-process rewrite, forward and gradients."""
+    the sequence-parallel rewrite of each rank's shard equals the single-process rewrite, forward and gradients
+    (sparse exchange, ring, and the 2 x 2 hybrid)."""
     pytest.importorskip("transformers")
     models = [("llama", "eager"), ("qwen2", "sdpa")]
-    for got in values(run_ranks(_hf_worker, world, models)):
+    for got in values(run_ranks(_hf_worker, world, models, mode)):
         for (name, impl), (err, report, empty_rows) in got.items():
             assert "2 attention site(s): 2 rewritten" in report, report
             assert "causal + key padding" in report, report
