@@ -5,8 +5,9 @@ This is the per-rank compute of the sequence-parallel ops: a rank's queries agai
 rows; each chunk asks the strategy's ``Links`` which of the held keys it needs and reads only those, so the
 work follows the pattern (a dilated chunk reads its segments, not the whole sequence) and memory is bounded by
 the chunk. One softmax over the union: ``log(count)`` is added to the scores, so a key counts once per
-linking branch. Returns the log-sum-exp too, so partial results over disjoint key sets merge exactly
-(``merge``), and the backward recomputes the probabilities from it, as FlashAttention does.
+linking branch; key padding (``key_keep``) adds -inf to the scores of dropped keys. Returns the log-sum-exp
+too, so partial results over disjoint key sets merge exactly (``merge``), and the backward recomputes the
+probabilities from it, as FlashAttention does.
 
 Accumulation is float32 (float64 for float64 inputs).
 """

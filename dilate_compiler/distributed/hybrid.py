@@ -20,9 +20,10 @@ the sparse exchange moves the rows the pattern links across the ``Ps`` sub-seque
 the same again (the all-to-alls reversed; the ring's K/V again and dK/dV home).
 
 Groups: ``hybrid_groups(Ph)`` builds both with ``dist.new_group`` (a collective: every rank calls it, and
-builds every group, in the same order). Explicit groups must tile the world as above; the first call checks
-that they do (one all_gather over the world of each rank's groups) and every rank raises the same ``ValueError``
-where they don't, as for calls that differ (``agreement.py``).
+builds every group, in the same order). Explicit groups must tile the world as above. Each call first checks, over
+the world, that every rank makes the same call (``agreement.py``: its fingerprint holds the group sizes, so a rank
+calling another distributed op, or with other sizes, is named), then that the groups tile the world (one
+all_gather of every rank's group members); every rank raises the same ``ValueError`` where either fails.
 """
 
 from __future__ import annotations
@@ -82,6 +83,17 @@ def hybrid_groups(head_size: int):
     return heads[rank // head_size], sequences[rank % head_size]
 
 
+def groups_text(head_group, sequence_group) -> str:
+    """The hybrid's groups as the agreement check compares them: their sizes (members differ by rank)."""
+    sizes = []
+    for group in (head_group, sequence_group):
+        try:
+            sizes.append(str(comm.resolve_group(group)[2]))
+        except (RuntimeError, ValueError, TypeError, AttributeError):
+            sizes.append("not a group this rank is in")
+    return f"head groups of {sizes[0]}, sequence groups of {sizes[1]}"
+
+
 def _members(group) -> list:
     """Global ranks of ``group`` in group-rank order, or [] where this process is not a member."""
     try:
@@ -126,8 +138,8 @@ def hybrid_pack(q: Tensor, k: Tensor, v: Tensor, config: str, key_keep: Optional
     graphs too), then packs what the head group's all-to-alls send, heads first: q ``[H, B, S, D]``, k and v
     ``[Hkv, 2, B, S, D]``, and the head group's key padding ``[B', Ph * S]`` (uint8; ``[0]`` without)."""
     cfg = _HYBRID[config]
+    check_call(q, k, v, cfg.world, key_keep, groups_text(cfg.head_group, cfg.sequence_group))
     _check_groups(cfg.head_group, cfg.sequence_group, q.device)
-    check_call(q, k, v, cfg.world, key_keep)
     keep = torch.zeros(0, dtype=torch.uint8, device=q.device)
     if key_keep is not None:
         group, _, ph = comm.resolve_group(cfg.head_group)
@@ -196,9 +208,8 @@ def hybrid_attention(q: Tensor, k: Tensor, v: Tensor, strategy=None, *, head_gro
     try:
         mode = check_hybrid_arguments(q, k, v, strategy, sequence_mode, key_keep, head_group)
     except (TypeError, ValueError) as e:
-        _check_groups(head_group, sequence_group, q.device if isinstance(q, Tensor) else torch.device("cpu"))
         raise_on_every_rank(e, world_group, q, k, v, strategy, f"hybrid/{mode}", "contiguous", is_causal, scale,
-                            key_keep)
+                            key_keep, groups_text(head_group, sequence_group))
     cfg = HybridConfig(Config(strategy, world_group, f"hybrid/{mode}", "contiguous", bool(is_causal), scale),
                        head_group, sequence_group, mode)
     return hybrid_by_key(q, k, v, register_hybrid(cfg), key_keep, return_lse)

@@ -15,6 +15,11 @@ Modes (``ring_attention(..., mode=)``):
   keys. The backward exchanges the same rows again and returns their gradients to their owners. Default for
   ``Dilated`` and ``BlockSparse``.
 
+Key padding (``key_keep [B or 1, S]``, the shard's keys that attend) moves with the keys it belongs to: in ring
+mode every shard's flags travel the ring's path (``_ring_key_keep``), in sparse mode each peer gets the flags of the
+rows it gets (``_exchange_key_keep``); the per-rank compute adds -inf to the scores of dropped keys, so a query
+row that keeps no key is 0 with LSE -inf, as in the single-process ops.
+
 Both run as the custom ops ``dilate_compiler::sequence_parallel_forward/backward`` (opaque to torch.compile;
 fake implementations for tracing). The forward first checks that every rank makes the same call
 (``agreement.py``: one all_gather; where they differ, every rank raises the same error).
@@ -23,7 +28,8 @@ Per-rank compute: for ``Dilated`` where the Triton kernels apply (CUDA, float16/
 the single-process kernels on the window of key positions around the rank's queries (``window.py``): the sparse
 mode fills the window from the shard and the received rows; the ring mode keeps the window's rows of each
 visiting shard and runs the kernels once the ring has passed. Dense attention in ring mode runs each step on
-the block-sparse kernels (``dense_steps.py``). Otherwise the exact path of ``attend.py``.
+the block-sparse kernels (``dense_steps.py``). Otherwise (and with key padding, which neither takes yet) the exact
+path of ``attend.py``.
 """
 
 from __future__ import annotations

@@ -124,7 +124,10 @@ def _bad_groups_worker(rank, world, case):
     if case == "one rank's heads" and rank == 3:
         k = torch.randn(1, 3, 8, 4, dtype=torch.float64)
     try:
-        hybrid_attention(q, k, k, head_group=head_group, sequence_group=sequence_group)
+        if case == "ring and hybrid" and rank >= 2:
+            dc.distributed.ring_attention(q, k, k)
+        else:
+            hybrid_attention(q, k, k, head_group=head_group, sequence_group=sequence_group)
     except ValueError as e:
         return str(e)
     return "no error"
@@ -135,6 +138,7 @@ def _bad_groups_worker(rank, world, case):
     ("swapped", "must tile the world's 4 ranks"),
     ("heads", "3 kv head(s) on a head group of 2 ranks"),
     ("one rank's heads", "differ in k shape"),
+    ("ring and hybrid", "differ in mode (rank 0: 'hybrid/ring', rank 1: 'hybrid/ring', rank 2: 'ring', rank 3: 'ring')"),
 ])
 def test_bad_groups_and_heads_get_the_same_error_on_every_rank(case, expected):
     messages = values(run_ranks(_bad_groups_worker, 4, case))

@@ -273,3 +273,43 @@ def test_ranks_that_differ_in_key_padding_all_get_a_clear_error():
     for messages in values(run_ranks(_keep_mismatch_worker, 2)):
         for message in messages:
             assert "differ in key padding (rank 0: (1, 8), rank 1: none)" in message, message
+
+
+def _compile_worker(rank, world, mode):
+    """torch.compile with the backend: a causal + key padding mask, rewritten to sequence-parallel attention with a
+    dense-equivalent inner strategy, equals the model on the whole sequence (output and parameter gradients)."""
+    import torch.distributed as dist
+
+    from dilate_compiler.backend import dilated_backend
+    from dilate_compiler.distributed import hybrid_groups, shard_sequence
+
+    torch.manual_seed(0)
+    model = MaskedAttention("causal").double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, N, E, generator=g, dtype=torch.float64)
+    dout = torch.randn(2, N, E, generator=g, dtype=torch.float64)
+    keep = key_padding(2)
+    ref = model(x, keep)
+    params = list(model.parameters())
+    ref_grads = torch.autograd.grad(ref, params, dout)
+    dense = dc.Dilated((N,), (1,))
+    if mode == "hybrid":
+        head_group, sequence_group = hybrid_groups(2)
+        strategy = dc.SequenceParallel(dense, mode="hybrid", head_group=head_group, sequence_group=sequence_group)
+    else:
+        strategy = dc.SequenceParallel(dense, mode=mode)
+    shard = lambda t: shard_sequence(t, dim=1)  # noqa: E731
+    run = torch.compile(model, backend=lambda gm, ex: dilated_backend(gm, ex, {"strategy": strategy, "strict": True}),
+                        fullgraph=True)
+    out = run(shard(x), shard(keep))
+    grads = torch.autograd.grad(out, params, shard(dout))
+    for g in grads:
+        dist.all_reduce(g)
+    return max([rel_err(out, shard(ref))] + [rel_err(a, b) for a, b in zip(grads, ref_grads)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["sparse", "hybrid"])
+def test_compiled_model_with_key_padding_equals_the_whole_model(mode):
+    for err in values(run_ranks(_compile_worker, 2, mode)):
+        assert err <= REL_ERR[torch.float64], err
