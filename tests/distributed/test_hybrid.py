@@ -138,7 +138,8 @@ def _bad_groups_worker(rank, world, case):
     ("swapped", "must tile the world's 4 ranks"),
     ("heads", "3 kv head(s) on a head group of 2 ranks"),
     ("one rank's heads", "differ in k shape"),
-    ("ring and hybrid", "differ in mode (rank 0: 'hybrid/ring', rank 1: 'hybrid/ring', rank 2: 'ring', rank 3: 'ring')"),
+    ("ring and hybrid",
+     "differ in mode (rank 0: 'hybrid/ring', rank 1: 'hybrid/ring', rank 2: 'ring', rank 3: 'ring')"),
 ])
 def test_bad_groups_and_heads_get_the_same_error_on_every_rank(case, expected):
     messages = values(run_ranks(_bad_groups_worker, 4, case))
