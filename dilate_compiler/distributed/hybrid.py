@@ -13,6 +13,10 @@ group ``i``: ``i, i + Ph, i + 2 Ph, ...``. A call
    sub-sequence as its shard; key padding is gathered over the head group first and then travels as in the op;
 3. all-to-alls the output (and, for the rewrite, the log-sum-exp) back to sequence shards.
 
+Without a sequence group (``sequence_group=None``: ``Ps = 1``, the head group is the whole group of the call) this
+is head-parallel attention that takes key padding and gives the log-sum-exp; ``dc.SequenceParallel(mode=
+"head_parallel")`` runs masked sites so (step 2 is then the exact single-process path on the rank's heads).
+
 Bytes per rank, forward, with ``q, k, v, o`` this rank's shards (``S`` rows): the all-to-alls move
 ``(Ph - 1) / Ph`` of ``q + k + v`` out and of ``o`` back; the ring moves ``Ps - 1`` hops of ``Hkv / Ph`` kv heads
 over ``Ph * S`` rows, i.e. ``(Ps - 1) x (k + v)``, against ``(P - 1) x (k + v)`` for a ring over all ``P`` ranks;
@@ -47,8 +51,8 @@ WHAT = "hybrid attention"
 
 @dataclass(frozen=True, eq=False)
 class HybridConfig:
-    """One hybrid call site: the call's ``Config`` over the world (what every rank agrees on), the two groups and
-    the sequence stage's mode."""
+    """One hybrid call site: the call's ``Config`` over the world (what every rank agrees on), the two groups
+    (``sequence_group`` None: head-parallel only) and the sequence stage's mode."""
 
     world: Config
     head_group: Any
@@ -87,6 +91,9 @@ def groups_text(head_group, sequence_group) -> str:
     """The hybrid's groups as the agreement check compares them: their sizes (members differ by rank)."""
     sizes = []
     for group in (head_group, sequence_group):
+        if group is None:
+            sizes.append("1")
+            continue
         try:
             sizes.append(str(comm.resolve_group(group)[2]))
         except (RuntimeError, ValueError, TypeError, AttributeError):
@@ -139,7 +146,8 @@ def hybrid_pack(q: Tensor, k: Tensor, v: Tensor, config: str, key_keep: Optional
     ``[Hkv, 2, B, S, D]``, and the head group's key padding ``[B', Ph * S]`` (uint8; ``[0]`` without)."""
     cfg = _HYBRID[config]
     check_call(q, k, v, cfg.world, key_keep, groups_text(cfg.head_group, cfg.sequence_group))
-    _check_groups(cfg.head_group, cfg.sequence_group, q.device)
+    if cfg.sequence_group is not None:    # else the head group is the call's group: nothing to tile
+        _check_groups(cfg.head_group, cfg.sequence_group, q.device)
     keep = torch.zeros(0, dtype=torch.uint8, device=q.device)
     if key_keep is not None:
         group, _, ph = comm.resolve_group(cfg.head_group)
@@ -232,8 +240,11 @@ def hybrid_by_key(q: Tensor, k: Tensor, v: Tensor, config: str, key_keep: Option
     kvh = kv_shuffle.to_heads(kv_sent.view(Hkv, 2 * B, S, D))
     kvh = kvh.view(kv_counts[i], 2, B, ph * S, D).permute(1, 2, 0, 3, 4)
     w = cfg.world
-    inner = register(Config(w.strategy, cfg.sequence_group, cfg.sequence_mode, "contiguous", w.is_causal, w.scale,
-                            (i * q_counts[i], H)))
+    if cfg.sequence_group is None:       # head-parallel only: the rank's heads over the whole sequence
+        inner = register(Config(w.strategy, None, "local", "contiguous", w.is_causal, w.scale, (i * q_counts[i], H)))
+    else:
+        inner = register(Config(w.strategy, cfg.sequence_group, cfg.sequence_mode, "contiguous", w.is_causal,
+                                w.scale, (i * q_counts[i], H)))
     out, lse = torch.ops.dilate_compiler.sequence_parallel_forward(qh, kvh[0], kvh[1], inner,
                                                                    None if key_keep is None else keep.bool())
     out = q_shuffle.to_shards(out.transpose(0, 1)).transpose(0, 1)

@@ -10,6 +10,9 @@ A site's mask, as ``passes.read_masks`` split it (a static index predicate AND k
 - the key padding ``[B or 1, S]`` of the shard goes to the op, which moves it with the keys it belongs to;
 - rows that keep no key get the model's value: 0 from the op, NaN from the rewrite (the op's log-sum-exp), and
   where the model's softmax is uniform over every key, the mean over the whole sequence (``empty_rows.py``).
+
+``mode="head_parallel"`` runs a masked site as the hybrid without a sequence stage (``hybrid.py``), which takes key
+padding and gives the log-sum-exp.
 """
 
 from __future__ import annotations
@@ -85,7 +88,10 @@ class SequenceParallel:
         if site.dropout_p > 0.0:
             return f"dropout_p={site.dropout_p}: sequence-parallel attention has no attention dropout"
         try:
-            comm.resolve_group(self.group)
+            world = comm.resolve_group(self.group)[2]
+            if self.mode == "head_parallel" and site.nodes.get("terms") and k[1] % world:
+                return (f"the site has a mask ({site.mask_desc}): mode='head_parallel' takes one with the kv heads "
+                        f"split evenly, got {k[1]} kv head(s) on {world} ranks")
             if self.mode == "hybrid":
                 ph = comm.resolve_group(self.head_group)[2]
                 comm.resolve_group(self.sequence_group)
@@ -110,9 +116,9 @@ class SequenceParallel:
                 return (f"the site's {site.mask_kind} mask is not read as an index predicate and key padding "
                         f"({site.mask_reason or 'not read'}); a mask tensor over the local shard says nothing about "
                         f"the other ranks' keys")
-            if self.mode == "head_parallel":
-                return (f"the site has a mask ({site.mask_desc}); mode='head_parallel' takes none yet: use "
-                        f"mode='ring', 'sparse' or 'hybrid'")
+            if self.mode == "head_parallel" and self.layout != "contiguous":
+                return (f"the site has a mask ({site.mask_desc}); mode='head_parallel' takes one with contiguous "
+                        f"shards only, got layout={self.layout!r}")
             kind, name = global_predicate(site.pattern)
             if kind == "absolute":
                 return (f"the mask's predicate ({name}) bounds absolute positions or blocks: built over the local "
@@ -134,12 +140,17 @@ class SequenceParallel:
         inner, causal = site.nodes["sequence_parallel"]
         causal = bool(causal or call.is_causal)
         key_keep = call.key_keep() if site.key_keep else None
-        if self.mode == "hybrid":
+        if self.mode == "hybrid" or (self.mode == "head_parallel" and site.nodes.get("terms")):
             from .hybrid import HybridConfig, hybrid_by_key, register_hybrid, world_key
 
-            mode = resolve_mode(inner, self.sequence_mode)
-            key = register_hybrid(HybridConfig(Config(inner, group, f"hybrid/{mode}", "contiguous", causal,
-                                                      float(call.scale)), self.head_group, self.sequence_group, mode))
+            if self.mode == "hybrid":
+                mode = resolve_mode(inner, self.sequence_mode)
+                cfg = HybridConfig(Config(inner, group, f"hybrid/{mode}", "contiguous", causal, float(call.scale)),
+                                   self.head_group, self.sequence_group, mode)
+            else:   # head-parallel with key padding and the LSE: a hybrid without a sequence stage
+                cfg = HybridConfig(Config(inner, group, "head_parallel", "contiguous", causal, float(call.scale)),
+                                   group, None, "local")
+            key = register_hybrid(cfg)
             both = emit(hybrid_by_key, (call.q, call.k, call.v, key, key_keep, True))
             out, lse = emit(operator.getitem, (both, 0)), emit(operator.getitem, (both, 1))
             return self._empty_rows(emit, site, call, out, lse, world_key(key))

@@ -161,11 +161,12 @@ def _hf_worker(rank, world, models, mode):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world,mode", [(2, "sparse"), (4, "sparse"), (2, "ring"), (4, "hybrid")])
+@pytest.mark.parametrize("world,mode", [(2, "sparse"), (4, "sparse"), (2, "ring"), (4, "hybrid"),
+                                        (2, "head_parallel")])
 def test_transformers_decoders_with_left_padding_equal_the_single_process_rewrite(world, mode):
     """Llama and Qwen2 (eager attention: padding rows are the mean of v over every key; SDPA: 0) on 2 and 4 ranks:
     the sequence-parallel rewrite of each rank's shard equals the single-process rewrite, forward and gradients
-    (sparse exchange, ring, and the 2 x 2 hybrid)."""
+    (sparse exchange, ring, the 2 x 2 hybrid, head-parallel)."""
     pytest.importorskip("transformers")
     models = [("llama", "eager"), ("qwen2", "sdpa")]
     for got in values(run_ranks(_hf_worker, world, models, mode)):
@@ -215,8 +216,9 @@ def test_masks_sequence_parallel_attention_cannot_take_are_skipped_with_the_reas
     absolute = dc.explain(MaskedAttention("global"), (x, keep),
                           dc.SequenceParallel(dc.BlockSparse(P.local(8), block_size=8)))
     assert "bounds absolute positions" in absolute.skipped[0].reason, str(absolute)
-    heads = dc.explain(MaskedAttention("causal"), (x, keep), dc.SequenceParallel(None, mode="head_parallel"))
-    assert "mode='head_parallel' takes none yet" in heads.skipped[0].reason, str(heads)
+    heads = dc.explain(MaskedAttention("causal"), (x, keep),
+                       dc.SequenceParallel(None, mode="head_parallel", layout="zigzag"))
+    assert "mode='head_parallel' takes one with contiguous shards only" in heads.skipped[0].reason, str(heads)
 
 
 def _window_worker(rank, world, mode):
@@ -309,7 +311,7 @@ def _compile_worker(rank, world, mode):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["sparse", "hybrid"])
+@pytest.mark.parametrize("mode", ["sparse", "hybrid", "head_parallel"])
 def test_compiled_model_with_key_padding_equals_the_whole_model(mode):
     for err in values(run_ranks(_compile_worker, 2, mode)):
         assert err <= REL_ERR[torch.float64], err
