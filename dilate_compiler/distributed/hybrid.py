@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..lowering.common.dispatch import kernels_apply
 from . import comm
 from .agreement import check_call, raise_on_every_rank
 from .head_parallel import _Shuffle
@@ -241,6 +242,8 @@ def hybrid_by_key(q: Tensor, k: Tensor, v: Tensor, config: str, key_keep: Option
     kvh = kvh.view(kv_counts[i], 2, B, ph * S, D).permute(1, 2, 0, 3, 4)
     w = cfg.world
     if cfg.sequence_group is None:       # head-parallel only: the rank's heads over the whole sequence
+        kernels_apply("head-parallel attention with a mask", q, "each rank's heads run the exact path, which takes "
+                      "key padding and gives the log-sum-exp")
         inner = register(Config(w.strategy, None, "local", "contiguous", w.is_causal, w.scale, (i * q_counts[i], H)))
     else:
         inner = register(Config(w.strategy, cfg.sequence_group, cfg.sequence_mode, "contiguous", w.is_causal,

@@ -43,7 +43,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ..lowering.common.dispatch import lse_dtype
+from ..lowering.common.dispatch import kernels_apply, lse_dtype
 from . import comm, dense_steps, window
 from .agreement import check_call, raise_on_every_rank, strategy_value
 from .attend import attend_backward, attend_forward, merge
@@ -398,18 +398,29 @@ def _forward_impl(q, k, v, key, key_keep=None):
 
 def _window_kernels(cfg, plan: Plan, q, key_keep) -> bool:
     """Whether this call runs the kernels on key windows (``window.py``): not with key padding, nor on a subset of
-    heads whose head-dependent rules the kernels would read by local head index (they take neither yet)."""
-    if cfg.mode == "local" or plan.windows is None or key_keep is not None:
+    heads whose head-dependent rules the kernels would read by local head index (they take neither yet; logged once
+    on CUDA)."""
+    if cfg.mode == "local" or plan.windows is None:
         return False
+    if key_keep is not None:
+        return kernels_apply("sequence-parallel dilated attention", q, "the window kernels take no key padding yet")
     if cfg.head_range is not None and (cfg.strategy.mixing != "lse" or cfg.head_range[0] % cfg.strategy.head_period):
-        return False
+        return kernels_apply("sequence-parallel dilated attention", q,
+                             f"a hybrid rank's first head {cfg.head_range[0]} is not a multiple of the rates' lcm "
+                             f"{cfg.strategy.head_period} (or mixing='head_groups'): the window kernels read residues "
+                             f"by local head index")
     return window.use_window_kernels(cfg.strategy, q)
 
 
 def _dense_kernels(cfg, q, key_keep=None) -> bool:
     """Dense attention in ring mode whose steps can run the Triton kernels (``dense_steps``; not with key padding,
-    which they don't take yet)."""
-    return cfg.strategy is None and cfg.mode == "ring" and key_keep is None and dense_steps.use_kernels(q)
+    which they don't take yet: logged once on CUDA)."""
+    if cfg.strategy is not None or cfg.mode != "ring":
+        return False
+    if key_keep is not None:
+        return kernels_apply("sequence-parallel dense ring attention", q,
+                             "the ring step kernels take no key padding yet")
+    return dense_steps.use_kernels(q)
 
 
 def _unaliased(t: Tensor, dtype) -> Tensor:
