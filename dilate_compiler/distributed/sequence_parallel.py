@@ -230,7 +230,7 @@ def _ring_key_keep(key_keep, group, rank, world) -> Optional[dict]:
     travel the ring's path, ``P - 1`` hops of one byte per key and batch row, ahead of the K/V hops."""
     if key_keep is None:
         return None
-    keep_of, held = {rank: key_keep}, key_keep.to(torch.uint8)      # as bytes: gloo sends no bool tensors
+    keep_of, held = {rank: key_keep}, key_keep.to(torch.uint8)      # as uint8, a dtype every backend sends
     for t in range(1, world):
         held = comm.RingShift(group, rank, world, "keep").start(held).wait()
         keep_of[(rank - t) % world] = held.bool()
@@ -272,7 +272,7 @@ def _exchange_key_keep(key_keep, group, rank, world, plan: Plan):
     if key_keep is None:
         return None
     Hkv = plan.held_pos.shape[0]
-    flags = key_keep.to(torch.uint8)                                   # as bytes: gloo sends no bool tensors
+    flags = key_keep.to(torch.uint8)                                   # as uint8, a dtype every backend sends
     sends = {b: flags[:, idx] for b, idx in plan.send_idx.items() if idx.shape[1]}             # [B', Hkv, n]
     shapes = {b: (key_keep.shape[0],) + tuple(pos.shape) for b, pos in plan.recv_pos.items()}
     got = comm.exchange(group, sends, shapes, torch.uint8, key_keep.device, "keep")
