@@ -1,12 +1,22 @@
 """Train a small causal language model with sequence-parallel dilated attention under DDP, FSDP2 or PyTorch
 Lightning, and check its loss curve against single-process training on the same data.
 
-Every rank sees the same batch of sequences and keeps its contiguous shard of each sequence; only the attention
-communicates (``dc.nn.create_multihead_dilated_attention("ring", ...)``). Each rank's loss is the mean over its
-tokens; the engine averages gradients over ranks, which is the gradient of the mean over all tokens (the shards
-are equal), so the run must follow single-process training step for step.
+Two models:
 
-    python examples/sequence_parallel_training.py [--engine ddp|fsdp2|lightning] [--world 2] [--steps 10]
+- ``tiny``: a model written with the drop-in module ``dc.nn.create_multihead_dilated_attention("ring", ...)``;
+- ``llama``: a transformers ``LlamaForCausalLM`` built from a small config, unchanged, rewritten by the compiler:
+  ``dc.rewrite(model, shard, dc.SequenceParallel(dc.Dilated(...)))`` on each rank (its materialised causal mask
+  is read as causality and key padding), against ``dc.rewrite(model, batch, dc.Dilated(...))`` in one process.
+  Each rank passes the global positions of its shard (``position_ids``: rotary embeddings see where the tokens
+  are) and its shard of the attention mask; the engine wraps the rewritten module.
+
+Every rank sees the same batch of sequences and keeps its contiguous shard of each sequence; only the attention
+communicates. Each rank's loss is the mean over its tokens; the engine averages gradients over ranks, which is the
+gradient of the mean over all tokens (the shards are equal), so the run must follow single-process training step
+for step.
+
+    python examples/sequence_parallel_training.py [--model tiny|llama] [--engine ddp|fsdp2|lightning] [--world 2]
+                                                  [--steps 10]
 """
 
 from __future__ import annotations
@@ -145,6 +155,78 @@ def lightning_module(steps: int):
     return SequenceParallelLM()
 
 
+# --- a transformers Llama, rewritten ---------------------------------------------------------------------------------
+
+
+def llama():
+    """A small ``LlamaForCausalLM`` (float64), the same weights in every process."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=EMBED, intermediate_size=2 * EMBED,
+                                      num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=2,
+                                      max_position_embeddings=SEQ, use_cache=False, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).double()
+
+
+def llama_inputs(tokens, shard: bool) -> dict:
+    """The keyword inputs of a batch (or of this rank's shard of it): the attention mask and global positions."""
+    positions = torch.arange(SEQ).view(1, -1).expand(tokens.shape[0], -1)
+    kwargs = {"attention_mask": torch.ones(tokens.shape[0], SEQ, dtype=torch.long), "position_ids": positions}
+    return {k: _shard(v) for k, v in kwargs.items()} if shard else kwargs
+
+
+def llama_rewritten(strategy, shard: bool):
+    """The Llama rewritten for ``strategy`` on the shape of a batch (``shard``: of this rank's shard of it)."""
+    tokens, _ = next(batches(1))
+    example = _shard(tokens) if shard else tokens
+    res = dc.rewrite(llama(), (example,), strategy, example_kwargs=llama_inputs(tokens, shard))
+    return res.module
+
+
+def llama_loss(model, tokens, targets, shard: bool):
+    inputs = llama_inputs(tokens, shard)
+    if shard:
+        tokens, targets = _shard(tokens), _shard(targets)
+    logits = model(tokens, **inputs).logits
+    return F.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
+
+
+def train_llama_single(steps: int) -> list:
+    model = llama_rewritten(dc.Dilated(**DILATED), shard=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for tokens, targets in batches(steps):
+        loss = llama_loss(model, tokens, targets, shard=False)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def train_llama_rank(rank: int, world: int, engine: str, steps: int) -> list:
+    """One rank of sequence-parallel training of the rewritten Llama under ``engine`` (``ddp`` or ``fsdp2``)."""
+    model = llama_rewritten(dc.SequenceParallel(dc.Dilated(**DILATED)), shard=True)
+    if engine == "ddp":
+        model = nn.parallel.DistributedDataParallel(model)
+    elif engine == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model)
+    else:
+        raise ValueError(f"engine must be 'ddp' or 'fsdp2' here, got {engine!r}")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for tokens, targets in batches(steps):
+        loss = llama_loss(model, tokens, targets, shard=True)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(_global_mean(loss))
+    return losses
+
+
 def train_lightning_rank(rank: int, world: int, steps: int, port: int) -> list:
     """One rank of Lightning DDP training; the processes are launched outside Lightning (as torchrun would)."""
     import lightning as L
@@ -162,17 +244,24 @@ def train_lightning_rank(rank: int, world: int, steps: int, port: int) -> list:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=("tiny", "llama"), default="tiny")
     ap.add_argument("--engine", choices=("ddp", "fsdp2", "lightning"), default="ddp")
     ap.add_argument("--world", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args()
     from dilate_compiler.distributed.launch import free_port, run_ranks, values
 
-    if args.engine == "lightning":
+    if args.model == "llama":
+        if args.engine == "lightning":
+            ap.error("--model llama runs under --engine ddp or fsdp2")
+        got = values(run_ranks(train_llama_rank, args.world, args.engine, args.steps))
+        ref = train_llama_single(args.steps)
+    elif args.engine == "lightning":
         got = values(run_ranks(train_lightning_rank, args.world, args.steps, free_port(), init=False))
+        ref = train_single(args.steps)
     else:
         got = values(run_ranks(train_rank, args.world, args.engine, args.steps))
-    ref = train_single(args.steps)
+        ref = train_single(args.steps)
     print(f"{'step':>4}  {'single process':>14}  {args.engine} x{args.world}")
     for i, (a, b) in enumerate(zip(ref, got[0])):
         print(f"{i:>4}  {a:>14.8f}  {b:.8f}")

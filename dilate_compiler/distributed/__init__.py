@@ -3,6 +3,8 @@
 - ``ring_attention``: sequence-parallel; ring passing for dense attention, pattern-following sparse exchange for
   dilated and block-sparse attention.
 - ``head_parallel_attention``: all-to-all to head shards and back (DeepSpeed-Ulysses).
+- ``hybrid_attention``: the 2-D hybrid, head-parallel inside groups of ranks and sequence-parallel across them;
+  ``hybrid_groups`` builds its process groups.
 - ``SequenceParallel``: the strategy that rewrites a model's attention sites into these.
 - ``shard_sequence`` / ``gather_sequence``: cut a whole sequence into this rank's shard and put it back.
 - ``count_bytes``: what the ops sent and received on this rank.
@@ -20,6 +22,7 @@ from torch import Tensor
 
 from .comm import CommCounter, count_bytes, resolve_group
 from .head_parallel import head_parallel_attention
+from .hybrid import hybrid_attention, hybrid_groups
 from .links import LAYOUTS, positions, shard_ranges
 from .sequence_parallel import ring_attention
 from .strategy import SequenceParallel
@@ -86,4 +89,4 @@ def gather_sequence(x: Tensor, *, dim: int = 2, layout: str = "contiguous", grou
 
 
 __all__ = ["CommCounter", "SequenceParallel", "count_bytes", "gather_sequence", "head_parallel_attention",
-           "ring_attention", "shard_sequence"]
+           "hybrid_attention", "hybrid_groups", "ring_attention", "shard_sequence"]

@@ -5,8 +5,9 @@ order, on tensors of the same shapes. Ranks whose calls differ would hang, abort
 backend, or each return a mixture of two attentions (one rank's queries causal, the other's not). So every call
 first compares, in one all_gather of a fixed-size int64 fingerprint (``comm.check_agreement``)::
 
-    q, k, v shard shapes | their dtypes | strategy (a hash of its value) | mode (ring, sparse, head_parallel)
-    | shard layout | is_causal | scale (None: 1/sqrt(D)) | the rank's own argument checks (passed, or the error)
+    q, k, v shard shapes | their dtypes | strategy (a hash of its value) | mode (ring, sparse, head_parallel, hybrid)
+    | shard layout | is_causal | scale (None: 1/sqrt(D)) | key padding (none, or the shape of ``key_keep``)
+    | groups (the hybrid's group sizes; none) | the rank's own argument checks (passed, or the error)
 
 and every rank raises the same ``ValueError``, naming each field that differs and every rank's value. The check
 runs inside the ops' implementations (``sequence_parallel_forward``, ``head_parallel_pack``), which run eagerly in
@@ -82,7 +83,15 @@ def strategy_value(strategy) -> tuple:
     return _strategy_entry(strategy)[0]
 
 
-def _fields(q, k, v, strategy, mode: str, layout: str, is_causal, scale, error: str) -> list:
+def key_padding_text(key_keep) -> str:
+    """How a call's key padding reads in the fingerprint: ``none``, or ``key_keep``'s shape."""
+    if key_keep is None:
+        return "none"
+    return f"{tuple(key_keep.shape)}" if isinstance(key_keep, Tensor) else f"not a tensor ({type(key_keep).__name__})"
+
+
+def _fields(q, k, v, strategy, mode: str, layout: str, is_causal, scale, error: str, key_keep=None,
+            groups: str = "none") -> list:
     """The fingerprint of one call: the same fields, one int64 each, for every entry point, so ranks calling
     different ones (or failing their own argument checks) still meet in one all_gather. A field's value is the
     hash of its text, which is exact (a float's repr round-trips), except the strategy's: the hash of its value."""
@@ -105,26 +114,31 @@ def _fields(q, k, v, strategy, mode: str, layout: str, is_causal, scale, error: 
         ("layout", repr(layout)),
         ("is_causal", repr(bool(is_causal) if isinstance(is_causal, int) else is_causal)),
         ("scale", repr(float(scale) if isinstance(scale, (int, float)) else scale)),
+        ("key padding", key_padding_text(key_keep)),
+        ("groups", groups),
         ("argument checks", error or "passed"),
     ]
     return [comm.Field(name, (strategy_hash if name == "strategy" else value_hash(text),), text)
             for name, text in texts]
 
 
-def check_call(q: Tensor, k: Tensor, v: Tensor, config) -> None:
-    """Every rank of ``config.group`` makes the same call (``config``: its ``sequence_parallel.Config``), or every
-    rank raises the same ``ValueError``."""
+def check_call(q: Tensor, k: Tensor, v: Tensor, config, key_keep=None, groups: str = "none") -> None:
+    """Every rank of ``config.group`` makes the same call (``config``: its ``sequence_parallel.Config``;
+    ``key_keep``: its key padding or None; ``groups``: how the hybrid's groups read, ``hybrid.groups_text``), or
+    every rank raises the same ``ValueError``."""
     group, _, world = comm.resolve_group(config.group)
     comm.check_agreement(group, world, WHAT, _fields(q, k, v, config.strategy, config.mode, config.layout,
-                                                     config.is_causal, config.scale, ""), q.device)
+                                                     config.is_causal, config.scale, "", key_keep, groups), q.device)
 
 
-def raise_on_every_rank(error: Exception, group, q, k, v, strategy, mode, layout, is_causal, scale):
+def raise_on_every_rank(error: Exception, group, q, k, v, strategy, mode, layout, is_causal, scale, key_keep=None,
+                        groups: str = "none"):
     """A rank whose own arguments failed their checks (``error``) still takes part in the check the other ranks
     run, so they raise too instead of waiting for it; then it raises the check's error (every rank's), or
     ``error`` itself where every rank failed alike. ``group``: the resolved process group."""
     world = comm.resolve_group(group)[2]
     device = q.device if isinstance(q, Tensor) else torch.device("cpu")
-    fields = _fields(q, k, v, strategy, mode, layout, is_causal, scale, f"{type(error).__name__}: {error}")
+    fields = _fields(q, k, v, strategy, mode, layout, is_causal, scale, f"{type(error).__name__}: {error}",
+                     key_keep, groups)
     comm.check_agreement(group, world, WHAT, fields, device, cause=error)
     raise error

@@ -15,13 +15,16 @@ import torch.distributed as dist
 from torch import Tensor
 
 _COUNTERS: list = []
-TAGS = {"kv": 1, "grad": 2, "heads": 3, "meta": 4}   # message tags by kind (gloo matches on them; NCCL orders by posting)
+# message tags by kind (gloo matches on them; NCCL orders by posting)
+TAGS = {"kv": 1, "grad": 2, "heads": 3, "meta": 4, "keep": 5}
 
 
 @dataclass
 class CommCounter:
     """Bytes this rank sent and received, and messages sent, while the counter was active, by kind
-    (``"kv"``: keys/values forward, ``"grad"``: their gradients backward, ``"meta"``: agreement checks)."""
+    (``"kv"``: keys/values forward, ``"grad"``: their gradients backward, ``"keep"``: key padding flags,
+    ``"heads"``: head-parallel all-to-alls, ``"reduce"``: all-reduces (counted as a ring all-reduce moves them),
+    ``"meta"``: agreement checks)."""
 
     sent: dict = field(default_factory=dict)
     received: dict = field(default_factory=dict)

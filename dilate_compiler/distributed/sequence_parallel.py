@@ -16,6 +16,11 @@ Modes (``ring_attention(..., mode=)``):
   keys. The backward exchanges the same rows again and returns their gradients to their owners. Default for
   ``Dilated`` and ``BlockSparse``.
 
+Key padding (``key_keep [B or 1, S]``, the shard's keys that attend) moves with the keys it belongs to: in ring
+mode every shard's flags travel the ring's path (``_ring_key_keep``), in sparse mode each peer gets the flags of the
+rows it gets (``_exchange_key_keep``); the per-rank compute adds -inf to the scores of dropped keys, so a query
+row that keeps no key is 0 with LSE -inf, as in the single-process ops.
+
 Both run as the custom ops ``dilate_compiler::sequence_parallel_forward/backward`` (opaque to torch.compile;
 fake implementations for tracing). The forward first checks that every rank makes the same call
 (``agreement.py``: one all_gather; where they differ, every rank raises the same error).
@@ -33,8 +38,8 @@ block size 16..128), on the strategy as the ranks hold the sequence (``Distribut
 For the first two the sparse mode runs the kernels on the shard and the received rows; the ring mode keeps the
 rows of each visiting shard that local queries link to and runs the kernels once the ring has passed (the
 backward collects them again and returns their gradients in accumulators that travel the ring). Otherwise (CPU
-outside Triton's interpreter, float32/float64, other head dims; logged once on CUDA) the exact path of
-``attend.py``.
+outside Triton's interpreter, float32/float64, other head dims, and key padding, which these kernel paths don't
+take yet; logged once on CUDA) the exact path of ``attend.py``.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ..lowering.common.dispatch import lse_dtype
+from ..lowering.common.dispatch import kernels_apply, lse_dtype
 from . import comm, dense_steps, held_blocks, window
 from .agreement import check_call, raise_on_every_rank, strategy_value
 from .attend import attend_backward, attend_forward, merge
@@ -68,7 +73,9 @@ class Config:
     layout: str
     is_causal: bool
     scale: Optional[float]
-    head_range: Optional[tuple] = None   # mode "local": (first global query head, total query heads)
+    # (first global query head, total query heads) of the heads this rank holds: mode "local", and the sequence
+    # stage of the 2-D hybrid (``hybrid.py``); None: every head of the model
+    head_range: Optional[tuple] = None
 
 
 _CONFIGS: dict = {}
@@ -146,8 +153,9 @@ def _plan(key: str, rank: int, world: int, shard_len: int, num_heads: int, num_k
         return Plan(links, heads, pos, [pos], [True], {}, {}, scale, strategy=strategy)
     N = shard_len * world
     strategy = sharded_strategy(cfg.strategy, N, cfg.is_causal)
-    links = links_for(strategy, N, num_heads, cfg.is_causal, dev)
-    heads = torch.arange(num_heads, device=dev)
+    first, total = cfg.head_range if cfg.head_range is not None else (0, num_heads)
+    links = links_for(strategy, N, total, cfg.is_causal, dev)
+    heads = torch.arange(first, first + num_heads, device=dev)
     ranges = [shard_ranges(b, world, shard_len, cfg.layout) for b in range(world)]
     rank_pos = [positions(r, dev) for r in ranges]
     linked, send_idx, recv_pos = [], {}, {}
@@ -203,8 +211,10 @@ def _setup(key: str, q: Tensor, k: Tensor):
 # --- ring -----------------------------------------------------------------------------------------------------
 
 
-def _ring_forward(q, k, v, group, rank, world, plan: Plan, dense_kernels: bool = False):
-    """``dense_kernels``: dense attention whose steps run the Triton kernels (``dense_steps``)."""
+def _ring_forward(q, k, v, group, rank, world, plan: Plan, dense_kernels: bool = False, key_keep=None):
+    """``dense_kernels``: dense attention whose steps run the Triton kernels (``dense_steps``); ``key_keep``: this
+    shard's key padding ``[B', S]`` (it travels the ring as the shard does: ``_ring_key_keep``)."""
+    keep_of = _ring_key_keep(key_keep, group, rank, world)
     B, H, S, D = q.shape
     dt = lse_dtype(q.dtype)
     out = torch.zeros(B, H, S, D, dtype=dt, device=q.device)
@@ -218,17 +228,19 @@ def _ring_forward(q, k, v, group, rank, world, plan: Plan, dense_kernels: bool =
                                       plan.scale) if dense_kernels else None
             if got is None:
                 got = attend_forward(q, kv[0], kv[1], plan.q_pos, plan.rank_pos[src].view(1, -1), plan.links,
-                                     plan.heads, plan.scale)
+                                     plan.heads, plan.scale, _visiting_keep(keep_of, src))
             out, lse = merge(out, lse, *got)
         if shift is not None:
             kv = shift.wait()
     return out, lse
 
 
-def _ring_backward(dout, q, k, v, lse, delta, group, rank, world, plan: Plan, dense_kernels: bool = False):
+def _ring_backward(dout, q, k, v, lse, delta, group, rank, world, plan: Plan, dense_kernels: bool = False,
+                   key_keep=None):
     """Each step computes the visiting shard's dK/dV contribution while that shard's accumulator is on its way
     here (sent at the end of the previous step), then adds it and sends the accumulator on: every dK/dV hop but
     the last (which takes each accumulator home) overlaps a step's compute, as the K/V hops do."""
+    keep_of = _ring_key_keep(key_keep, group, rank, world)
     dt = lse_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=dt, device=q.device)
     kv = torch.stack((k, v))
@@ -242,7 +254,7 @@ def _ring_backward(dout, q, k, v, lse, delta, group, rank, world, plan: Plan, de
                                        plan.links.is_causal, plan.scale) if dense_kernels else None
             if got is None:
                 got = attend_backward(dout, q, kv[0], kv[1], plan.q_pos, plan.rank_pos[src].view(1, -1),
-                                      plan.links, plan.heads, plan.scale, lse, delta)
+                                      plan.links, plan.heads, plan.scale, lse, delta, _visiting_keep(keep_of, src))
         dkv = torch.zeros(kv.shape, dtype=dt, device=q.device) if grads is None else grads.wait()
         if got is not None:
             dq += got[0]
@@ -255,6 +267,23 @@ def _ring_backward(dout, q, k, v, lse, delta, group, rank, world, plan: Plan, de
     if grads is not None:
         dkv = grads.wait()
     return dq, dkv[0], dkv[1]
+
+
+def _ring_key_keep(key_keep, group, rank, world) -> Optional[dict]:
+    """Every shard's key padding as it visits this rank: ``{src: [B', S]}`` (None without key padding). The flags
+    travel the ring's path, ``P - 1`` hops of one byte per key and batch row, ahead of the K/V hops."""
+    if key_keep is None:
+        return None
+    keep_of, held = {rank: key_keep}, key_keep.to(torch.uint8)      # as uint8, a dtype every backend sends
+    for t in range(1, world):
+        held = comm.RingShift(group, rank, world, "keep").start(held).wait()
+        keep_of[(rank - t) % world] = held.bool()
+    return keep_of
+
+
+def _visiting_keep(keep_of: Optional[dict], src: int):
+    """The key padding of shard ``src`` as ``attend_*`` take it, ``[B', 1, S]`` (None without)."""
+    return None if keep_of is None else keep_of[src].unsqueeze(1)
 
 
 # --- sparse exchange ------------------------------------------------------------------------------------------
@@ -281,15 +310,31 @@ def _exchange_kv(k, v, group, rank, world, plan: Plan):
     return keys[0], keys[1], pos, peers
 
 
-def _sparse_forward(q, k, v, group, rank, world, plan: Plan):
+def _exchange_key_keep(key_keep, group, rank, world, plan: Plan):
+    """The key padding of the keys this rank holds after the exchange, ``[B', Hkv, S + received]`` in
+    ``_exchange_kv``'s order (None without key padding): each peer is sent the flags of the rows it is sent."""
+    if key_keep is None:
+        return None
+    Hkv = plan.held_pos.shape[0]
+    flags = key_keep.to(torch.uint8)                                   # as uint8, a dtype every backend sends
+    sends = {b: flags[:, idx] for b, idx in plan.send_idx.items() if idx.shape[1]}             # [B', Hkv, n]
+    shapes = {b: (key_keep.shape[0],) + tuple(pos.shape) for b, pos in plan.recv_pos.items()}
+    got = comm.exchange(group, sends, shapes, torch.uint8, key_keep.device, "keep")
+    own = key_keep.unsqueeze(1).expand(-1, Hkv, -1)
+    return torch.cat([own] + [got[b].bool() for b in sorted(got)], dim=-1)
+
+
+def _sparse_forward(q, k, v, group, rank, world, plan: Plan, key_keep=None):
     k_all, v_all, pos, _ = _exchange_kv(k, v, group, rank, world, plan)
-    return attend_forward(q, k_all, v_all, plan.q_pos, pos, plan.links, plan.heads, plan.scale)
+    keep = _exchange_key_keep(key_keep, group, rank, world, plan)
+    return attend_forward(q, k_all, v_all, plan.q_pos, pos, plan.links, plan.heads, plan.scale, keep)
 
 
-def _sparse_backward(dout, q, k, v, lse, delta, group, rank, world, plan: Plan):
+def _sparse_backward(dout, q, k, v, lse, delta, group, rank, world, plan: Plan, key_keep=None):
     k_all, v_all, pos, peers = _exchange_kv(k, v, group, rank, world, plan)
+    keep = _exchange_key_keep(key_keep, group, rank, world, plan)
     dq, dk, dv = attend_backward(dout, q, k_all, v_all, plan.q_pos, pos, plan.links, plan.heads, plan.scale,
-                                 lse, delta)
+                                 lse, delta, keep)
     return (dq,) + _return_grads(dk, dv, k.shape[2], peers, group, rank, world, plan)
 
 
@@ -404,11 +449,21 @@ def _held_backward(dout, q, k, v, out, lse, cfg, group, rank, world, plan: Plan)
     return (dq,) + _ring_return_grads(dk, dv, k, where, group, rank, world)
 
 
-def _held_kernels(cfg, plan: Plan, q) -> bool:
+def _held_kernels(cfg, plan: Plan, q, key_keep=None) -> bool:
     """Whether this rank runs the kernels on the keys it holds: ``Dilated`` on key windows (``window``), block-sparse
-    on its held rows (``held_blocks``), where the kernels take the call."""
-    if cfg.mode == "local":
+    on its held rows (``held_blocks``), where the kernels take the call: not with key padding, nor on a subset of
+    heads whose head-dependent rules the kernels would read by local head index (they take neither yet; logged
+    once on CUDA)."""
+    if cfg.mode == "local" or (plan.windows is None and plan.blocks is None):
         return False
+    what = "sequence-parallel " + ("dilated" if plan.windows is not None else "block-sparse") + " attention"
+    if key_keep is not None:
+        return kernels_apply(what, q, "the held-key kernels take no key padding yet")
+    if cfg.head_range is not None and (plan.windows is None or plan.strategy.mixing != "lse"
+                                       or cfg.head_range[0] % plan.strategy.head_period):
+        return kernels_apply(what, q, f"a hybrid rank's heads start at {cfg.head_range[0]} (dilated: not a multiple of "
+                                      f"the rates' lcm, or mixing='head_groups'; block-sparse: any subset): the "
+                                      f"held-key kernels read head-dependent rules by local head index")
     if plan.windows is not None:
         return window.use_window_kernels(plan.strategy, q)
     if plan.blocks is not None:
@@ -419,23 +474,30 @@ def _held_kernels(cfg, plan: Plan, q) -> bool:
 # --- the ops --------------------------------------------------------------------------------------------------
 
 
-def _forward_impl(q, k, v, key):
+def _forward_impl(q, k, v, key, key_keep=None):
     if _CONFIGS[key].mode != "local":
-        check_call(q, k, v, _CONFIGS[key])
+        check_call(q, k, v, _CONFIGS[key], key_keep)
     cfg, group, rank, world, plan = _setup(key, q, k)
-    if _held_kernels(cfg, plan, q):
+    if _held_kernels(cfg, plan, q, key_keep):
         out, lse = _held_forward(q, k, v, cfg, group, rank, world, plan)
         return _unaliased(out, q.dtype), _unaliased(lse, lse_dtype(q.dtype))
     if cfg.mode == "sparse":
-        out, lse = _sparse_forward(q, k, v, group, rank, world, plan)
+        out, lse = _sparse_forward(q, k, v, group, rank, world, plan, key_keep=key_keep)
     else:   # ring; "local" is a ring of one
-        out, lse = _ring_forward(q, k, v, group, rank, world, plan, _dense_kernels(cfg, q))
+        out, lse = _ring_forward(q, k, v, group, rank, world, plan, _dense_kernels(cfg, q, key_keep),
+                                 key_keep=key_keep)
     return (out * plan.links.output_scale).to(q.dtype), lse
 
 
-def _dense_kernels(cfg, q) -> bool:
-    """Dense attention in ring mode whose steps can run the Triton kernels (``dense_steps``)."""
-    return cfg.strategy is None and cfg.mode == "ring" and dense_steps.use_kernels(q)
+def _dense_kernels(cfg, q, key_keep=None) -> bool:
+    """Dense attention in ring mode whose steps can run the Triton kernels (``dense_steps``; not with key padding,
+    which they don't take yet: logged once on CUDA)."""
+    if cfg.strategy is not None or cfg.mode != "ring":
+        return False
+    if key_keep is not None:
+        return kernels_apply("sequence-parallel dense ring attention", q,
+                             "the ring step kernels take no key padding yet")
+    return dense_steps.use_kernels(q)
 
 
 def _unaliased(t: Tensor, dtype) -> Tensor:
@@ -443,54 +505,57 @@ def _unaliased(t: Tensor, dtype) -> Tensor:
     return t if t.dtype == dtype and t._base is None else t.to(dtype, copy=True).contiguous()
 
 
-def _backward_impl(dout, q, k, v, out, lse, key):
+def _backward_impl(dout, q, k, v, out, lse, key, key_keep=None):
     cfg, group, rank, world, plan = _setup(key, q, k)
-    if _held_kernels(cfg, plan, q):
+    if _held_kernels(cfg, plan, q, key_keep):
         dq, dk, dv = _held_backward(dout, q, k, v, out, lse, cfg, group, rank, world, plan)
         return _unaliased(dq, q.dtype), _unaliased(dk, k.dtype), _unaliased(dv, v.dtype)
     dt = lse_dtype(q.dtype)
     delta = (dout.to(dt) * out.to(dt)).sum(-1)                 # rowsum(dO * O), both on the output's scale
     dout = dout.to(dt) * plan.links.output_scale
     if cfg.mode == "sparse":
-        dq, dk, dv = _sparse_backward(dout, q, k, v, lse, delta, group, rank, world, plan)
+        dq, dk, dv = _sparse_backward(dout, q, k, v, lse, delta, group, rank, world, plan, key_keep=key_keep)
     else:
-        dq, dk, dv = _ring_backward(dout, q, k, v, lse, delta, group, rank, world, plan, _dense_kernels(cfg, q))
+        dq, dk, dv = _ring_backward(dout, q, k, v, lse, delta, group, rank, world, plan,
+                                    _dense_kernels(cfg, q, key_keep), key_keep=key_keep)
     return dq.to(q.dtype), _unaliased(dk, k.dtype), _unaliased(dv, v.dtype)
 
 
 @torch.library.custom_op("dilate_compiler::sequence_parallel_forward", mutates_args=())
-def sequence_parallel_forward(q: Tensor, k: Tensor, v: Tensor, config: str) -> tuple[Tensor, Tensor]:
-    """This rank's output shard and its log-sum-exp (``config``: a key from ``register``)."""
-    return _forward_impl(q, k, v, config)
+def sequence_parallel_forward(q: Tensor, k: Tensor, v: Tensor, config: str,
+                              key_keep: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """This rank's output shard and its log-sum-exp (``config``: a key from ``register``; ``key_keep``: this
+    shard's key padding, bool ``[B or 1, S]``, True where the key attends)."""
+    return _forward_impl(q, k, v, config, key_keep)
 
 
 @sequence_parallel_forward.register_fake
-def _(q, k, v, config):
+def _(q, k, v, config, key_keep=None):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=lse_dtype(q.dtype))   # contiguous, as the impl
 
 
 @torch.library.custom_op("dilate_compiler::sequence_parallel_backward", mutates_args=())
 def sequence_parallel_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                               config: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _backward_impl(dout, q, k, v, out, lse, config)
+                               config: str, key_keep: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward_impl(dout, q, k, v, out, lse, config, key_keep)
 
 
 @sequence_parallel_backward.register_fake
-def _(dout, q, k, v, out, lse, config):
+def _(dout, q, k, v, out, lse, config, key_keep=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, config = inputs
-    ctx.save_for_backward(q, k, v, *output)
+    q, k, v, config, key_keep = inputs
+    ctx.save_for_backward(q, k, v, *output, key_keep)
     ctx.config = config
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, key_keep = ctx.saved_tensors
     dq, dk, dv = torch.ops.dilate_compiler.sequence_parallel_backward(dout.contiguous(), q, k, v, out, lse,
-                                                                       ctx.config)
-    return dq, dk, dv, None
+                                                                       ctx.config, key_keep)
+    return dq, dk, dv, None, None
 
 
 sequence_parallel_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -513,8 +578,16 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
 
 
+def check_shard_key_keep(key_keep, q: Tensor) -> None:
+    """``key_keep`` is None or bool ``[B or 1, S]`` on q's device (this shard's key padding)."""
+    from ..lowering.common.key_padding import check_key_keep
+
+    check_key_keep(key_keep, q.shape[0], q.shape[2], q.device)
+
+
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, strategy=None, *, is_causal: bool = False, group=None,
-                   scale: Optional[float] = None, mode: str = "auto", layout: str = "contiguous") -> Tensor:
+                   scale: Optional[float] = None, mode: str = "auto", layout: str = "contiguous",
+                   key_keep: Optional[Tensor] = None) -> Tensor:
     """Attention over a sequence sharded across the ranks of ``group``; exact, forward and backward.
 
     Args:
@@ -530,6 +603,9 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, strategy=None, *, is_causal:
         mode: ``"auto"`` (sparse exchange for Dilated/BlockSparse, ring for dense), ``"ring"`` or ``"sparse"``.
         layout: ``"contiguous"`` (rank r holds ``[r*S, (r+1)*S)``) or ``"zigzag"`` (chunks ``r`` and ``2P-1-r``
             of ``2P``: balances causal work; shard with ``shard_sequence``).
+        key_keep: optional bool ``[B or 1, S]``: which keys of this rank's shard attend (key padding, sharded as
+            k is); the flags travel with the keys they belong to. A query row that keeps no key is 0, as in the
+            single-process ops.
 
     Returns this rank's output shard ``[B, Hq, S, D]``. Every rank of ``group`` must make the same call (shard
     shapes, dtypes, strategy by value, mode, layout, causality, scale); where they differ, every rank raises the
@@ -543,10 +619,11 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, strategy=None, *, is_causal:
         check_strategy(strategy)
         mode = resolve_mode(strategy, mode)
         sharded_strategy(strategy, q.shape[2] * comm.resolve_group(group)[2], bool(is_causal))
+        check_shard_key_keep(key_keep, q)
     except (TypeError, ValueError, NotImplementedError) as e:
-        raise_on_every_rank(e, group, q, k, v, strategy, mode, layout, is_causal, scale)
+        raise_on_every_rank(e, group, q, k, v, strategy, mode, layout, is_causal, scale, key_keep)
     key = register(Config(strategy, group, mode, layout, bool(is_causal), scale))
-    return torch.ops.dilate_compiler.sequence_parallel_forward(q, k, v, key)[0]
+    return torch.ops.dilate_compiler.sequence_parallel_forward(q, k, v, key, key_keep)[0]
 
 
 def local_attention(q: Tensor, k: Tensor, v: Tensor, strategy, *, first_head: int, num_heads: int,
