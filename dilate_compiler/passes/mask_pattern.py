@@ -19,6 +19,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..patterns import INF, MAX_TERMS, Pattern, Term
 from .find_attention import constant, drops, kwargs_of, val
+from .site import static_int
 
 A = torch.ops.aten
 
@@ -28,15 +29,6 @@ def same(a, b) -> bool:
     if isinstance(a, int) and isinstance(b, int):
         return a == b
     return statically_known_true(a == b)
-
-
-def static_int(x) -> Optional[int]:
-    """``x`` as an int when it is one for every value of its symbols (``s0 - s0``), else None."""
-    if isinstance(x, int):
-        return x
-    if isinstance(x, torch.SymInt) and x.node.expr.is_number:
-        return int(x.node.expr)
-    return None
 
 
 class NotStructured(Exception):
