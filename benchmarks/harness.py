@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -24,6 +25,11 @@ import time
 from typing import Callable, Sequence
 
 import torch
+
+# Run from a clone without installing the package (``python benchmarks/bench_x.py``, and the fresh worker
+# processes some benchmarks start): the package is the repository's own.
+if importlib.util.find_spec("dilate_compiler") is None:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def default_device() -> str:
