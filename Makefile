@@ -30,11 +30,13 @@ test-fast: $(VENV)/.installed
 GPU_PY ?= python3
 BENCH_OUT ?= benchmarks/out
 
-# Six pytest processes at once: each kernel file's every-tile test apart from the rest of that file (the dilated
-# file's nested-walk, query-offset and Inductor-autotuning tests apart again), then everything else; logs, with
-# the slowest tests, in $(BENCH_OUT).
+# Nine pytest processes at once, so the kernels' compilation spreads over the machine's cores: each kernel file's
+# every-tile test apart from the rest of that file (the dilated file split twice more), the Gluon tests, the
+# distributed tests, and the model-level tests; logs, with the slowest tests, in $(BENCH_OUT).
 DILATED_GPU := tests/lowering/dilated/test_gpu.py
 BLOCK_SPARSE_GPU := tests/lowering/block_sparse/test_gpu.py
+GLUON_GPU := tests/lowering/dilated/test_gluon.py tests/lowering/block_sparse/test_gluon.py
+DILATED_REST := not every_tile and not nested and not offset and not two_shapes
 
 test-gpu:
 	mkdir -p $(BENCH_OUT)
@@ -43,10 +45,14 @@ test-gpu:
 	pids=""; \
 	run 1 $(DILATED_GPU) -k every_tile & pids="$$pids $$!"; \
 	run 2 $(DILATED_GPU) -k "not every_tile and (nested or offset or two_shapes)" & pids="$$pids $$!"; \
-	run 6 $(DILATED_GPU) -k "not every_tile and not nested and not offset and not two_shapes" & pids="$$pids $$!"; \
+	run 6 $(DILATED_GPU) -k "$(DILATED_REST) and op_on_cuda" & pids="$$pids $$!"; \
+	run 7 $(DILATED_GPU) -k "$(DILATED_REST) and not op_on_cuda" & pids="$$pids $$!"; \
 	run 3 $(BLOCK_SPARSE_GPU) -k every_tile & pids="$$pids $$!"; \
 	run 4 $(BLOCK_SPARSE_GPU) -k "not every_tile" & pids="$$pids $$!"; \
-	run 5 tests --ignore=$(DILATED_GPU) --ignore=$(BLOCK_SPARSE_GPU) & pids="$$pids $$!"; \
+	run 5 $(GLUON_GPU) & pids="$$pids $$!"; \
+	run 8 tests/distributed & pids="$$pids $$!"; \
+	run 9 tests --ignore=$(DILATED_GPU) --ignore=$(BLOCK_SPARSE_GPU) --ignore=tests/distributed \
+		$(patsubst %,--ignore=%,$(GLUON_GPU)) & pids="$$pids $$!"; \
 	rc=0; for pid in $$pids; do wait $$pid || rc=1; done; \
 	tail -n 2 $(BENCH_OUT)/test-gpu-*.log; exit $$rc
 
