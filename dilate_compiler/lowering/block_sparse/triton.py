@@ -40,8 +40,8 @@ from ...patterns.algebra import GRID_AXES, TERM_COLUMNS
 from ..common.dispatch import tensor_unsupported_reason
 from ..common.autotune import autotune
 from ..common.key_padding import key_padding_args, key_range, keys_kept
-from ..common.launch import (autotune_configs, launch_device, rows_addressable, rows_fit, runner, softcap_args,
-                             tile_configs)
+from ..common.launch import (autotune_configs, head_shape, launch_device, rows_addressable, rows_fit, runner,
+                             softcap_args, tile_configs)
 from ..common.primitives import LN2, LOG2E, score_scale, soft_cap, softmax_step
 
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)  # 256 unrolls past the H100's shared memory at D=128
@@ -581,7 +581,8 @@ def tile_order(count, heads: int, programs: int, first: int = 0) -> torch.Tensor
 
 
 def _flags(q, k, kv_idx, terms, order, checks, block_size, is_causal, seq_len: int):
-    return dict(HEAD_DIM=q.shape[-1], BS=block_size, IS_CAUSAL=bool(is_causal), GQA=q.shape[1] // k.shape[1],
+    H, Hkv, D = head_shape(q, k)
+    return dict(HEAD_DIM=D, BS=block_size, IS_CAUSAL=bool(is_causal), GQA=H // Hkv,
                 PER_HEAD=kv_idx.shape[0] > 1, NUM_TERMS=terms.shape[0], CHECKS=int(checks),
                 RAGGED=seq_len % block_size != 0, PERMUTED=order is not None and order.numel() > 0)
 

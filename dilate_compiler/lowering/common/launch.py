@@ -67,6 +67,13 @@ def rows_addressable(t: torch.Tensor) -> torch.Tensor:
     return t if rows_fit(t) else t.contiguous()
 
 
+def head_shape(q: torch.Tensor, k: torch.Tensor) -> tuple[int, int, int]:
+    """``(Hq, Hkv, D)`` as ints: the kernels compile them in (``GQA``, ``HEAD_DIM``, the head-group starts). Under
+    ``torch.compile(dynamic=True)`` they arrive symbolic; ``int`` specialises them, so Dynamo guards on them and
+    another head count or head dim recompiles (the lengths stay symbolic)."""
+    return int(q.shape[1]), int(k.shape[1]), int(q.shape[-1])
+
+
 def softcap_args(softcap) -> dict:
     """The kernels' soft-capping arguments (``primitives.soft_cap``): the runtime ``softcap`` and the constexpr
     ``SOFTCAP``. Without capping ``softcap`` is None, which Triton specialises away, so the kernels compile as if

@@ -37,8 +37,8 @@ import triton.language as tl
 from ..common.dispatch import tensor_unsupported_reason
 from ..common.autotune import autotune
 from ..common.key_padding import clip_tiles, key_padding_args, key_range, keys_kept
-from ..common.launch import (autotune_configs, launch_device, rows_addressable, rows_fit, runner, softcap_args,
-                             tile_configs)
+from ..common.launch import (autotune_configs, head_shape, launch_device, rows_addressable, rows_fit, runner,
+                             softcap_args, tile_configs)
 from ..common.primitives import LN2, LOG2E, score_scale, soft_cap, softmax_step, softmax_weights
 from .plan import check_head_offsets, head_group_bounds, nested_order, offsets_coincide
 
@@ -1158,8 +1158,8 @@ def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: boo
     ``common.key_padding``). ``head_offsets``: ``"interleaved"`` or ``"grouped"`` (``plan.head_offset``; H is q's
     head count). ``softcap``: scores ``c * tanh(scale * q.k / c)`` (Gemma2's soft-capping; None: uncapped), capped
     before the pattern's multiplicities and masks."""
-    B, H, Nq, D = q.shape
-    N = k.shape[2]
+    B, Nq, N = q.shape[0], q.shape[2], k.shape[2]
+    H, Hkv, D = head_shape(q, k)
     q_offset = _query_offset(q_offset, Nq, N)
     q = rows_addressable(q)
     if k.stride() != v.stride() or not rows_fit(k):  # the kernel reads v with k's strides
@@ -1181,10 +1181,10 @@ def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: boo
             grid = lambda META: (triton.cdiv(q_offset + Nq, META["BLOCK_M"]) - q_offset // META["BLOCK_M"], B * H)
             runner(_dilated_attn_fwd_walk0_kernel)[grid](
                 q, k, v, out, lse, out0, lse0, scale, *strides, keep, key_range_t, stride_keep, HEAD_DIM=D,
-                GQA=H // k.shape[1], KEY_MASK=key_mask, **cap, **{key: meta[key] for key in _KEY_WALK0 if key in meta})
+                GQA=H // Hkv, KEY_MASK=key_mask, **cap, **{key: meta[key] for key in _KEY_WALK0 if key in meta})
         runner(_dilated_attn_fwd_kernel)[_rows_grid(Nq, meta["L"], "BLOCK_M", B * H)](
             q, k, v, out, lse, out0, lse0, scale, *strides, out_scale * rdrop, seed_t, drop_thr, keep, key_range_t,
-            stride_keep, HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // k.shape[1], DROPOUT=dropout, WALKS=walks_fwd,
+            stride_keep, HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // Hkv, DROPOUT=dropout, WALKS=walks_fwd,
             SEEDED=int(seeded), KEY_MASK=key_mask, **cap, **meta)
     return out, lse
 
@@ -1195,8 +1195,8 @@ def dilated_attn_bwd(dout, q, k, v, out, lse, segment_lengths, dilation_rates, *
     """Launch the backward kernels: ``(dq, dk, dv)``; ``dropout_p``, ``seed``, ``q_offset``, ``key_keep``,
     ``softcap`` and ``head_offsets`` as in the forward call (dk and dv: the gradients of all ``N`` key rows from
     the ``Nq`` queries q holds)."""
-    B, H, Nq, D = q.shape
-    Hkv, N = k.shape[1], k.shape[2]
+    B, Nq, N = q.shape[0], q.shape[2], k.shape[2]
+    H, Hkv, D = head_shape(q, k)
     q_offset = _query_offset(q_offset, Nq, N)
     # dq/dk/dv are stored with q's and k's strides, and v is read with k's: all contiguous here.
     q, k, v, dout = (t.contiguous() for t in (q, k, v, dout))
