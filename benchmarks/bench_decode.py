@@ -10,7 +10,10 @@ keys, ``[B, H, 1, D]`` against ``[B, Hkv, N, D]``:
 - ``dilated``: ``dc.ops.dilated_attention`` with config A's pattern (segments 2048..16384, rates 1..8), causal,
   the query the last of the ``N`` positions;
 - ``window``: ``dc.ops.block_sparse_attention`` with ``sliding_window(4096)``, causal, block size 128.
-Reported: milliseconds, the keys the newest position links, and the speed-up over dense.
+Reported: milliseconds of one eager call (Python and kernel launches included) and of replaying the call captured in
+a CUDA graph (the GPU's time alone: how a decoding loop under CUDA graphs runs it), the keys the newest position
+links, and the speed-up over dense for each; the window's layout is built once per length and its build timed
+apart.
 
 Generation: a 4-layer Llama from a configuration (hidden 1024, 16 heads, 8 kv heads) generates
 ``--generate-tokens`` tokens after a ``--generate-prompt``-token prompt, greedy: ``attn_implementation="sdpa"``
@@ -52,6 +55,10 @@ def linked_keys(strategy, n: int) -> int:
     return most
 
 
+def _linked(name: str, n: int) -> int:
+    return n if name == "dense" else linked_keys(CONFIG_A, n) if name == "dilated" else min(n, 4096)
+
+
 def step_rows(args, device, dtype, res):
     rows = []
     for n in args.cached:
@@ -59,23 +66,31 @@ def step_rows(args, device, dtype, res):
         q = torch.randn(args.batch, args.heads, 1, args.head_dim, device=device, dtype=dtype, generator=g)
         k = torch.randn(args.batch, args.kv_heads, n, args.head_dim, device=device, dtype=dtype, generator=g)
         v = torch.randn_like(k)
+        # The window's layout is built once for the n cached positions (timed apart): a call that builds it from
+        # the pattern copies the pattern's tables to the device, which a CUDA graph can't hold.
+        build = lambda: WINDOW.layout(n, 128, is_causal=True, device=device)   # noqa: E731
+        layout = build()
+        layout_ms = harness.measure_ms(build, device)
         methods = {
             "dense": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
             "dilated": lambda: dc.ops.dilated_attention(q, k, v, CONFIG_A.segment_lengths, CONFIG_A.dilation_rates,
                                                         is_causal=True),
-            "window": lambda: dc.ops.block_sparse_attention(q, k, v, WINDOW, block_size=128, is_causal=True),
+            "window": lambda: dc.ops.block_sparse_attention(q, k, v, layout, block_size=128, is_causal=True),
         }
         times = {}
         for name, fn in methods.items():
             with torch.no_grad():
-                times[name] = harness.measure_ms(fn, device)
-            linked = n if name == "dense" else linked_keys(CONFIG_A, n) if name == "dilated" else min(n, 4096)
-            res.row({"part": "step", "cached": n, "method": name, "ms": times[name], "linked_keys": linked})
-        for name in methods:
-            rows.append([n, name, times[name], n if name == "dense" else
-                         linked_keys(CONFIG_A, n) if name == "dilated" else min(n, 4096),
-                         times["dense"] / times[name]])
-        del q, k, v
+                call = harness.measure_ms(fn, device)
+                graph, why = harness.graph_ms(fn, device)
+            times[name] = (call, graph)
+            res.row({"part": "step", "cached": n, "method": name, "ms": call, "graph_ms": graph,
+                     "graph_failed": why, "linked_keys": _linked(name, n),
+                     "layout_ms": layout_ms if name == "window" else None})
+        for name, (call, graph) in times.items():
+            dense_call, dense_graph = times["dense"]
+            rows.append([n, name, call, graph, _linked(name, n), dense_call / call, dense_graph / graph,
+                         layout_ms if name == "window" else "-"])
+        del q, k, v, layout
     return rows
 
 
@@ -149,9 +164,12 @@ def main(argv=None) -> None:
     res = harness.Results("bench_decode", args.out, harness.environment(device))
     res.add_table(f"One decode step of attention (B={args.batch}, H={args.heads}, Hkv={args.kv_heads}, "
                   f"D={args.head_dim}, {str(dtype).replace('torch.', '')})",
-                  ["cached keys", "method", "ms", "keys linked", "× dense"], step_rows(args, device, dtype, res),
+                  ["cached keys", "method", "ms / call", "ms / graph replay", "keys linked", "× dense (call)",
+                   "× dense (graph)", "layout build ms"], step_rows(args, device, dtype, res),
                   "dilated: config A (segments 2048..16384, rates 1..8), causal; window: sliding_window(4096), "
-                  "block size 128. The query is the newest position.")
+                  "block size 128, its layout built once per length (timed apart). The query is the newest "
+                  "position. ms / call: one eager call, Python and launches included; ms / graph replay: the "
+                  "call captured in a CUDA graph, the GPU's time alone (NaN: not capturable, reason in the JSON).")
     if args.generate_tokens > 0:
         import transformers  # noqa: F401  (recorded in the environment)
 

@@ -75,6 +75,29 @@ def measure_ms(fn: Callable[[], object], device, *, backward_inputs: Sequence[to
     return statistics.median(times)
 
 
+def graph_ms(fn: Callable[[], object], device) -> tuple[float, str]:
+    """Median milliseconds of replaying ``fn()`` captured in a CUDA graph (the GPU's time for the call, without
+    the Python and launch time of calling it), and '' ; or NaN and why it can't be captured (a call that copies
+    between host and device or syncs, for instance). NaN and "CUDA only" off CUDA."""
+    if torch.device(device).type != "cuda":
+        return float("nan"), "CUDA only"
+    import triton
+
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):       # warm-up off the capture: autotuning and compilation happen here
+            fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as e:
+        torch.cuda.synchronize(device)
+        return float("nan"), f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    return triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median"), ""
+
+
 def peak_extra_mib(fn: Callable[[], object], device) -> float:
     """Memory allocated beyond what was live before one call of ``fn`` (CUDA; nan elsewhere)."""
     if torch.device(device).type != "cuda":
