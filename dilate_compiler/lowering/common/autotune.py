@@ -89,6 +89,10 @@ def fit_shared_memory(configs: list, streamed: tuple, head_dim: int, itemsize: i
     return kept or [min(configs, key=lambda c: streamed_bytes(c, streamed, head_dim, itemsize))]
 
 
+# The cache entries whose Inductor autotuning was announced in this process (``CachedAutotuner._prune``).
+_ANNOUNCED: set = set()
+
+
 @functools.lru_cache(maxsize=None)
 def shared_memory_limit(device_index: int) -> int:
     """Shared memory one block may use on CUDA device ``device_index`` (the opt-in maximum), in bytes."""
@@ -288,7 +292,8 @@ class CachedAutotuner(Autotuner):
             log.log(logging.INFO if traced else logging.DEBUG, "%s (%s): %s, read from %s%s", self.name, self._call,
                     _config_text(best), path, " (the one configuration Inductor compiles)" if traced else "")
             return [best]
-        if traced:
+        if traced and path not in _ANNOUNCED:   # once per kernel and shape: every call site of a graph traces here
+            _ANNOUNCED.add(path)
             log.info("%s (%s): Inductor compiles and times %d configurations when the graph first runs", self.name,
                      self._call, len(configs))
         else:
