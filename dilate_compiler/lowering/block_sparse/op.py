@@ -141,8 +141,9 @@ def block_sparse_attention_forward(
     is_causal: bool, scale: float, key_keep: Optional[Tensor] = None, softcap: Optional[float] = None,
 ) -> tuple[Tensor, Tensor]:
     if use_kernels(q, v, block_size, softcap):
-        if key_keep is None and not warp_specialised_reason(q, k, v, kv_count, block_size, is_causal, order,
-                                                            softcap):
+        # the warp-specialised forward is non-causal: a causal call (every decode step) skips its checks
+        if key_keep is None and not is_causal and not warp_specialised_reason(q, k, v, kv_count, block_size,
+                                                                              is_causal, order, softcap):
             if hopper_gluon.traced((q, k, v, kv_count)):
                 return torch.ops.dilate_compiler.block_sparse_attention_forward_hopper(
                     q, k, v, terms, kv_count, kv_idx, kv_bits, coords, checks, block_size, scale)

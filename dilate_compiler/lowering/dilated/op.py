@@ -162,9 +162,10 @@ def dilated_attention_forward(
     head_offsets: str = "interleaved",
 ) -> tuple[Tensor, Tensor]:
     if use_kernels(q, v, attn_mask, dropout_p, len(segment_lengths), softcap):
-        if key_keep is None and not warp_specialised_reason(q, k, v, attn_mask, segment_lengths, dilation_rates,
-                                                            is_causal, mixing, dropout_p, softcap,
-                                                            head_offsets):
+        # the warp-specialised forward is non-causal: a causal call (every decode step) skips its checks
+        if key_keep is None and not is_causal and not warp_specialised_reason(
+                q, k, v, attn_mask, segment_lengths, dilation_rates, is_causal, mixing, dropout_p, softcap,
+                head_offsets):
             if hopper_gluon.traced((q, k, v)):
                 return torch.ops.dilate_compiler.dilated_attention_forward_hopper(q, k, v, segment_lengths,
                                                                                   dilation_rates, scale)
