@@ -18,8 +18,8 @@ Modes (``ring_attention(..., mode=)``):
 
 Key padding (``key_keep [B or 1, S]``, the shard's keys that attend) moves with the keys it belongs to: in ring
 mode every shard's flags travel the ring's path (``_ring_key_keep``), in sparse mode each peer gets the flags of the
-rows it gets (``_exchange_key_keep``); the per-rank compute adds -inf to the scores of dropped keys, so a query
-row that keeps no key is 0 with LSE -inf, as in the single-process ops.
+rows it gets (``_exchange_key_keep``); the per-rank compute drops those keys (the exact path adds -inf to their
+scores, the kernels mask them), so a query row that keeps no key is 0 with LSE -inf, as in the single-process ops.
 
 Both run as the custom ops ``dilate_compiler::sequence_parallel_forward/backward`` (opaque to torch.compile;
 fake implementations for tracing). The forward first checks that every rank makes the same call
@@ -37,9 +37,12 @@ block size 16..128), on the strategy as the ranks hold the sequence (``Distribut
 
 For the first two the sparse mode runs the kernels on the shard and the received rows; the ring mode keeps the
 rows of each visiting shard that local queries link to and runs the kernels once the ring has passed (the
-backward collects them again and returns their gradients in accumulators that travel the ring). Otherwise (CPU
-outside Triton's interpreter, float32/float64, other head dims, and key padding, which these kernel paths don't
-take yet; logged once on CUDA) the exact path of ``attend.py``.
+backward collects them again and returns their gradients in accumulators that travel the ring). With key padding
+the kernels get the flags of the keys they hold, gathered as the keys were (``_held_keys``; a ring step, its
+visiting shard's). ``mode="local"`` (the rank's heads over a whole sequence: head-parallel ranks and the
+hybrid without a sequence stage) is a ring of one. Otherwise (CPU outside Triton's interpreter, float32/float64,
+other head dims, and a subset of heads whose head-dependent rules the kernels would read by local head index;
+logged once on CUDA) the exact path of ``attend.py``.
 """
 
 from __future__ import annotations
@@ -643,7 +646,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, strategy=None, *, is_causal:
 
 def local_attention(q: Tensor, k: Tensor, v: Tensor, strategy, *, first_head: int, num_heads: int,
                     is_causal: bool = False, scale: Optional[float] = None) -> Tensor:
-    """Exact single-process attention for query heads ``first_head .. first_head + Hq`` of a ``num_heads``-head
-    model (the strategy's head-dependent rules use the global head index)."""
+    """Single-process attention for query heads ``first_head .. first_head + Hq`` of a ``num_heads``-head model (the
+    strategy's head-dependent rules use the global head index): a ring of one, on the kernels where they take these
+    heads, else on the exact path."""
     cfg = Config(strategy, None, "local", "contiguous", bool(is_causal), scale, (int(first_head), int(num_heads)))
     return torch.ops.dilate_compiler.sequence_parallel_forward(q, k, v, register(cfg))[0]

@@ -1,10 +1,12 @@
-"""Every inner strategy of sequence-parallel attention on the Triton kernels per rank, ``dc.Hilbert`` as an inner
-strategy, and the ring backward's overlapped dK/dV hop, on gloo process groups of spawned ranks.
+"""Every inner strategy of sequence-parallel attention on the Triton kernels per rank (with and without key padding),
+``dc.Hilbert`` as an inner strategy, and the ring backward's overlapped dK/dV hop, on gloo process groups of spawned
+ranks.
 
 The kernels run here in Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``, float32 and float16: how the
 distributed ops pick them on CPU, ``dispatch.interpreter_runs``); float64 runs the exact path. Every case checks the
 output and dq/dk/dv shards against the float64 single-process reference, and that the kernels ran (the per-rank
-compute modules count their calls).
+compute modules count their calls). With key padding the kernel path is also checked against the exact path of the
+same sharded call (float64), and query rows that keep no key must be exactly 0, output and dq.
 """
 
 import pytest
@@ -406,3 +408,49 @@ def test_key_padding_runs_the_held_block_kernels_and_equals_the_exact_path():
 @pytest.mark.slow
 def test_key_padding_runs_the_dense_ring_step_kernels_and_equals_the_exact_path():
     _check_padded(PAD_DENSE_CASES, values(run_ranks(_padded_worker, 2, PAD_DENSE_CASES, timeout=900)))
+
+
+# (strategy, causal, Hq, Hkv, batch rows of key_keep, dtype, counted, ranks whose heads run the kernels)
+PAD_HEAD_PARALLEL_CASES = [
+    (None, True, 4, 2, 2, torch.float32, "dense_steps", (0, 1)),
+    (dc.Dilated((16, 64), (1, 2)), True, 4, 2, 2, torch.float32, "window", (0, 1)),   # rank 1's heads from 2
+    (dc.Dilated((16, 64), (1, 4)), False, 4, 2, 1, torch.float32, "window", (0,)),    # from 2: not a multiple of 4
+    (SLIDING, False, 4, 2, 2, torch.float32, "held_blocks", ()),                     # a block-sparse head subset
+]
+
+
+def _padded_head_parallel_worker(rank, world, cases):
+    """Head-parallel attention with key padding (the hybrid without a sequence stage: each rank's heads over the
+    whole sequence as a ring of one): per case, (forward, backward) kernel calls of the counted module and the
+    largest relative error of out, dq, dk, dv against the float64 single-process op."""
+    import importlib
+
+    from dilate_compiler.distributed import hybrid_attention, shard_sequence
+
+    results = []
+    for strategy, causal, hq, hkv, rows, dtype, counted, _ in cases:
+        calls_of = importlib.import_module(f"dilate_compiler.distributed.{counted}").CALLS
+        g = torch.Generator().manual_seed(5)
+        q, k, v = (torch.randn(2, h, PAD_N, 32, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv))
+        dout = torch.randn(2, hq, PAD_N, 32, generator=g, dtype=torch.float64)
+        keep = pad_keep(rows)
+        full = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref = single_process_padded(strategy, *full, causal, keep)
+        ref_grads = torch.autograd.grad(ref, full, dout)
+        local = [shard_sequence(t).to(dtype).requires_grad_() for t in (q, k, v)]
+        calls = dict(calls_of)
+        out = hybrid_attention(*local, strategy, head_group=None, sequence_group=None, is_causal=causal,
+                               key_keep=shard_sequence(keep, dim=1))
+        grads = torch.autograd.grad(out, local, shard_sequence(dout).to(dtype))
+        ran = (calls_of["forward"] - calls["forward"], calls_of["backward"] - calls["backward"])
+        results.append((ran, max(rel_err(a, shard_sequence(b)) for a, b in zip((out,) + grads, (ref,) + ref_grads))))
+    return results
+
+
+@pytest.mark.slow
+def test_key_padding_on_head_parallel_ranks_runs_the_kernels_where_they_take_the_heads():
+    results = values(run_ranks(_padded_head_parallel_worker, 2, PAD_HEAD_PARALLEL_CASES, timeout=900))
+    for rank, per_case in enumerate(results):
+        for case, (ran, err) in zip(PAD_HEAD_PARALLEL_CASES, per_case):
+            assert ran == ((1, 1) if rank in case[-1] else (0, 0)), (rank, case, ran)
+            assert err <= REL_ERR[case[5]], (rank, case, err)
