@@ -410,6 +410,19 @@ def test_key_padding_runs_the_dense_ring_step_kernels_and_equals_the_exact_path(
     _check_padded(PAD_DENSE_CASES, values(run_ranks(_padded_worker, 2, PAD_DENSE_CASES, timeout=900)))
 
 
+PAD_ONE_RANK_CASES = [   # a ring of one: the kernels on the whole sequence in order, with key padding
+    (DILATED_CROSSING, True, "sparse", "contiguous", 4, 2, 2, torch.float32, "window"),
+    (SLIDING, False, "ring", "contiguous", 4, 2, 2, torch.float32, "held_blocks"),
+    (LOCAL_GLOBAL, True, "sparse", "contiguous", 4, 2, 1, torch.float32, "held_blocks"),
+    (None, True, "ring", "contiguous", 4, 2, 2, torch.float32, "dense_steps"),
+]
+
+
+@pytest.mark.slow
+def test_key_padding_on_one_rank_runs_the_kernels_on_its_whole_shard():
+    _check_padded(PAD_ONE_RANK_CASES, values(run_ranks(_padded_worker, 1, PAD_ONE_RANK_CASES, timeout=900)))
+
+
 # (strategy, causal, Hq, Hkv, batch rows of key_keep, dtype, counted, ranks whose heads run the kernels)
 PAD_HEAD_PARALLEL_CASES = [
     (None, True, 4, 2, 2, torch.float32, "dense_steps", (0, 1)),
