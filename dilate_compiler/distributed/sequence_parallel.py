@@ -483,9 +483,10 @@ def _held_kernels(cfg, plan: Plan, q) -> bool:
     what = "sequence-parallel " + ("dilated" if plan.windows is not None else "block-sparse") + " attention"
     if cfg.head_range is not None and (plan.windows is None or plan.strategy.mixing != "lse"
                                        or cfg.head_range[0] % plan.strategy.head_period):
-        return kernels_apply(what, q, f"a hybrid rank's heads start at {cfg.head_range[0]} (dilated: not a multiple of "
-                                      f"the rates' lcm, or mixing='head_groups'; block-sparse: any subset): the "
-                                      f"held-key kernels read head-dependent rules by local head index")
+        return kernels_apply(what, q, f"this rank's heads (hybrid or head-parallel) start at {cfg.head_range[0]} "
+                                      f"(dilated: not a multiple of the rates' lcm, or mixing='head_groups'; "
+                                      f"block-sparse: any subset): the held-key kernels read head-dependent rules by "
+                                      f"local head index")
     if plan.windows is not None:
         return window.use_window_kernels(plan.strategy, q)
     if plan.blocks is not None:
