@@ -8,7 +8,7 @@ visible pair is one launch of the block-sparse kernels with a layout of every bl
 they return the log-sum-exp, so pairs and ring steps merge exactly (``attend.merge``), and their backward takes
 the log-sum-exp and ``rowsum(dO * O)`` of the whole softmax, as a ring attention's backward must. A step whose
 pieces pair up any other way (overlapping without being equal) returns None and runs the exact path of
-``attend.py``.
+``attend.py``. Key padding (the visiting shard's flags) goes to each launch with its key piece.
 
 Kernels: CUDA float16/bfloat16, head dims 32/64/128, layout block size ``BLOCK_SIZE``; under
 ``TRITON_INTERPRET=1`` CPU float16/float32 too, with ``INTERPRET_BLOCK_SIZE`` (how the tests run them). A whole
@@ -90,10 +90,16 @@ def _layout(n: int, diagonal: bool, block_size: int, device: str) -> P.BlockLayo
     return P.build_layout(P.local(-(-n // block_size)), n, block_size, is_causal=diagonal, device=device)
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, is_causal: bool,
-            scale: float) -> Optional[tuple[Tensor, Tensor]]:
+def _piece_keep(key_keep: Optional[Tensor], c0: int, c1: int) -> Optional[Tensor]:
+    """The key padding of key rows ``c0:c1`` of the shard (None without)."""
+    return None if key_keep is None else key_keep[:, c0:c1]
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, is_causal: bool, scale: float,
+            key_keep: Optional[Tensor] = None) -> Optional[tuple[Tensor, Tensor]]:
     """``(out, lse)`` of q's rows over this K/V shard (float32 accumulation dtype; ``lse = -inf``, ``out = 0``
-    where no key is visible), or None when the runs don't pair up (see ``pairs``)."""
+    where no key is visible or kept), or None when the runs don't pair up (see ``pairs``). ``key_keep``: optional
+    bool ``[B or 1, S]``, which of the shard's keys attend (key padding)."""
     todo = pairs(q_pos, k_pos, is_causal)
     if todo is None:
         return None
@@ -105,21 +111,23 @@ def forward(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, is_ca
     for r0, r1, c0, c1, diagonal in todo:
         lay = _layout(r1 - r0, diagonal, bs, str(q.device))
         qp, kp, vp = q[:, :, r0:r1], k[:, :, c0:c1], v[:, :, c0:c1]
-        if not warp_specialised_reason(qp, kp, vp, lay.kv_count, bs, diagonal, None):   # the op's Hopper forward
-            order = tile_order(lay.kv_count, lay.kv_count.shape[0], B * H)
+        keep = _piece_keep(key_keep, c0, c1)
+        if keep is None and not warp_specialised_reason(qp, kp, vp, lay.kv_count, bs, diagonal, None):
+            order = tile_order(lay.kv_count, lay.kv_count.shape[0], B * H)   # the op's Hopper forward
             o, l_ = gluon.block_sparse_attn_fwd_ws(qp, kp, vp, lay.kv_count, lay.kv_idx, order, scale)
         else:
             o, l_ = block_sparse_attn_fwd(qp, kp, vp, lay.terms, lay.kv_count, lay.kv_idx, lay.kv_bits, bs, diagonal,
-                                          scale, lay.coords, lay.checks)
+                                          scale, lay.coords, lay.checks, key_keep=keep)
         out[:, :, r0:r1], lse[:, :, r0:r1] = merge(out[:, :, r0:r1], lse[:, :, r0:r1], o.to(dt), l_.to(dt))
     CALLS["forward"] += 1
     return out, lse
 
 
 def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: Tensor, q_pos: Tensor,
-             k_pos: Tensor, is_causal: bool, scale: float) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+             k_pos: Tensor, is_causal: bool, scale: float,
+             key_keep: Optional[Tensor] = None) -> Optional[tuple[Tensor, Tensor, Tensor]]:
     """This shard's share of ``(dq, dk, dv)`` (float32), given the ``lse`` and ``delta = rowsum(dout * out)`` of
-    the whole softmax, or None when the runs don't pair up."""
+    the whole softmax (``key_keep`` as for ``forward``), or None when the runs don't pair up."""
     todo = pairs(q_pos, k_pos, is_causal)
     if todo is None:
         return None
@@ -133,7 +141,7 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, delta: 
         lay = _layout(r1 - r0, diagonal, bs, str(q.device))
         g = block_sparse_attn_bwd(dout[:, :, r0:r1], q[:, :, r0:r1], k[:, :, c0:c1], v[:, :, c0:c1], None,
                                   lse[:, :, r0:r1], *lay.tensors(), None, lay.checks, bs, diagonal, scale,
-                                  delta=delta[:, :, r0:r1])
+                                  delta=delta[:, :, r0:r1], key_keep=_piece_keep(key_keep, c0, c1))
         dq[:, :, r0:r1] += g[0]
         dk[:, :, c0:c1] += g[1]
         dv[:, :, c0:c1] += g[2]

@@ -16,6 +16,10 @@ Every key a local query links to is held: the exchange sends, and the ring keeps
 query block lists (``Links.needed``). A listed key that isn't held (causal: past the rank's last query) is masked
 for every local query by causality, so it never enters their softmax.
 
+Key padding (a model's padding mask) is read by row, as the kernels read it: each held row carries the flag of the
+key it holds (``key_keep [B', held]``, the shard's flags first, then those of the received or kept rows), the spare
+row is dropped, so a position the rank doesn't hold never attends.
+
 Memory beyond the held rows: the table (N int32) and the kernels' log-sum-exp and ``rowsum(dO * O)`` buffers (N
 floats per batch and head; the kernels address them by row within N entries per head).
 
@@ -26,6 +30,7 @@ Kernels: CUDA float16/bfloat16, head dims 32/64/128, the strategy's block size i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -124,32 +129,46 @@ def _whole_sequence(held: HeldRows) -> bool:
     return held.in_order and held.queries == held.layout.seq_len
 
 
-def forward(q: Tensor, k: Tensor, v: Tensor, held: HeldRows, scale: float) -> tuple[Tensor, Tensor]:
+def _row_flags(key_keep: Optional[Tensor], rows: int) -> Optional[Tensor]:
+    """Key padding of the held rows ``[B', n]`` (n <= rows) as the kernels read it, ``[B', rows]``: the rows past
+    ``n`` (the spare row) dropped. None without key padding."""
+    if key_keep is None or key_keep.shape[1] == rows:
+        return key_keep
+    return torch.cat((key_keep, key_keep.new_zeros(key_keep.shape[0], rows - key_keep.shape[1])), 1)
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, held: HeldRows, scale: float,
+            key_keep: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Queries ``q [B, H, S, D]`` against the held keys ``k, v [B, Hkv, held or held.rows, D]`` (rows as ``held``
-    orders them). Returns ``out [B, H, S, D]`` (q's dtype) and ``lse [B, H, S]`` (float32)."""
+    orders them); ``key_keep``: optional bool ``[B or 1, held or held.rows]``, which of those rows' keys attend (key
+    padding, by row as k). Returns ``out [B, H, S, D]`` (q's dtype) and ``lse [B, H, S]`` (float32; a query that
+    keeps no key: out 0, lse -inf)."""
     CALLS["forward"] += 1
     lay, n = held.layout, held.rows
-    if _whole_sequence(held) and not warp_specialised_reason(q, k, v, lay.kv_count, lay.block_size, lay.is_causal,
-                                                             None):
+    if (_whole_sequence(held) and key_keep is None
+            and not warp_specialised_reason(q, k, v, lay.kv_count, lay.block_size, lay.is_causal, None)):
         order = tile_order(lay.kv_count, lay.kv_count.shape[0], q.shape[0] * q.shape[1])
         return gluon.block_sparse_attn_fwd_ws(q, k, v, lay.kv_count, lay.kv_idx, order, scale)
     out, lse = block_sparse_attn_fwd(with_rows(q, n), with_rows(k, n), with_rows(v, n), lay.terms, lay.kv_count,
                                      lay.kv_idx, lay.kv_bits, lay.block_size, lay.is_causal, scale, lay.coords,
-                                     lay.checks, order=held.order, seq_len=lay.seq_len)
+                                     lay.checks, order=held.order, key_keep=_row_flags(key_keep, n),
+                                     seq_len=lay.seq_len)
     return _first_rows(out, held.queries), _first_rows(lse, held.queries)
 
 
 def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, held: HeldRows,
-             scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients for ``forward``: ``dq [B, H, S, D]`` (q's dtype) and ``dk, dv [B, Hkv, held.rows, D]``, the
-    gradients of the held key rows from this rank's queries (the spare row, if any, zero)."""
+             scale: float, key_keep: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients for ``forward`` (``key_keep`` as there): ``dq [B, H, S, D]`` (q's dtype) and ``dk, dv [B, Hkv,
+    held.rows, D]``, the gradients of the held key rows from this rank's queries (the spare row, if any, and
+    dropped keys zero)."""
     CALLS["backward"] += 1
     lay, n = held.layout, held.rows
     delta = (dout.float() * out.float()).sum(-1)
     dq, dk, dv = block_sparse_attn_bwd(with_rows(dout.to(q.dtype), n), with_rows(q, n), with_rows(k, n),
                                        with_rows(v, n), None, with_rows(lse.float().unsqueeze(-1), n).squeeze(-1),
                                        *lay.tensors(), held.order, lay.checks, lay.block_size, lay.is_causal, scale,
-                                       delta=with_rows(delta.unsqueeze(-1), n).squeeze(-1), seq_len=lay.seq_len)
+                                       delta=with_rows(delta.unsqueeze(-1), n).squeeze(-1),
+                                       key_keep=_row_flags(key_keep, n), seq_len=lay.seq_len)
     if held.rows > held.held:
         dk[:, :, held.held] = 0
         dv[:, :, held.held] = 0

@@ -15,7 +15,8 @@ group ``i``: ``i, i + Ph, i + 2 Ph, ...``. A call
 
 Without a sequence group (``sequence_group=None``: ``Ps = 1``, the head group is the whole group of the call) this
 is head-parallel attention that takes key padding and gives the log-sum-exp; ``dc.SequenceParallel(mode=
-"head_parallel")`` runs masked sites so (step 2 is then the exact single-process path on the rank's heads).
+"head_parallel")`` runs masked sites so (step 2 is then the op as a ring of one on the rank's heads: the kernels where
+they take those heads, as in the sequence stage, else the exact path).
 
 Bytes per rank, forward, with ``q, k, v, o`` this rank's shards (``S`` rows): the all-to-alls move
 ``(Ph - 1) / Ph`` of ``q + k + v`` out and of ``o`` back; the ring moves ``Ps - 1`` hops of ``Hkv / Ph`` kv heads
@@ -40,7 +41,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ..lowering.common.dispatch import kernels_apply
 from . import comm
 from .agreement import check_call, raise_on_every_rank
 from .head_parallel import _Shuffle
@@ -242,8 +242,6 @@ def hybrid_by_key(q: Tensor, k: Tensor, v: Tensor, config: str, key_keep: Option
     kvh = kvh.view(kv_counts[i], 2, B, ph * S, D).permute(1, 2, 0, 3, 4)
     w = cfg.world
     if cfg.sequence_group is None:       # head-parallel only: the rank's heads over the whole sequence
-        kernels_apply("head-parallel attention with a mask", q, "each rank's heads run the exact path, which takes "
-                      "key padding and gives the log-sum-exp")
         inner = register(Config(w.strategy, None, "local", "contiguous", w.is_causal, w.scale, (i * q_counts[i], H)))
     else:
         inner = register(Config(w.strategy, cfg.sequence_group, cfg.sequence_mode, "contiguous", w.is_causal,

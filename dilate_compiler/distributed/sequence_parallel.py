@@ -18,8 +18,8 @@ Modes (``ring_attention(..., mode=)``):
 
 Key padding (``key_keep [B or 1, S]``, the shard's keys that attend) moves with the keys it belongs to: in ring
 mode every shard's flags travel the ring's path (``_ring_key_keep``), in sparse mode each peer gets the flags of the
-rows it gets (``_exchange_key_keep``); the per-rank compute adds -inf to the scores of dropped keys, so a query
-row that keeps no key is 0 with LSE -inf, as in the single-process ops.
+rows it gets (``_exchange_key_keep``); the per-rank compute drops those keys (the exact path adds -inf to their
+scores, the kernels mask them), so a query row that keeps no key is 0 with LSE -inf, as in the single-process ops.
 
 Both run as the custom ops ``dilate_compiler::sequence_parallel_forward/backward`` (opaque to torch.compile;
 fake implementations for tracing). The forward first checks that every rank makes the same call
@@ -37,9 +37,12 @@ block size 16..128), on the strategy as the ranks hold the sequence (``Distribut
 
 For the first two the sparse mode runs the kernels on the shard and the received rows; the ring mode keeps the
 rows of each visiting shard that local queries link to and runs the kernels once the ring has passed (the
-backward collects them again and returns their gradients in accumulators that travel the ring). Otherwise (CPU
-outside Triton's interpreter, float32/float64, other head dims, and key padding, which these kernel paths don't
-take yet; logged once on CUDA) the exact path of ``attend.py``.
+backward collects them again and returns their gradients in accumulators that travel the ring). With key padding
+the kernels get the flags of the keys they hold, gathered as the keys were (``_held_keys``; a ring step, its
+visiting shard's). ``mode="local"`` (the rank's heads over a whole sequence: head-parallel ranks and the
+hybrid without a sequence stage) is a ring of one. Otherwise (CPU outside Triton's interpreter, float32/float64,
+other head dims, and a subset of heads whose head-dependent rules the kernels would read by local head index;
+logged once on CUDA) the exact path of ``attend.py``.
 """
 
 from __future__ import annotations
@@ -144,13 +147,7 @@ def _plan(key: str, rank: int, world: int, shard_len: int, num_heads: int, num_k
     cfg = _CONFIGS[key]
     dev = torch.device(device)
     scale = cfg.scale if cfg.scale is not None else 1.0 / math.sqrt(head_dim)
-    if cfg.mode == "local":
-        first, total = cfg.head_range
-        strategy = sharded_strategy(cfg.strategy, shard_len, cfg.is_causal)
-        links = links_for(strategy, shard_len, total, cfg.is_causal, dev)
-        pos = torch.arange(shard_len, device=dev)
-        heads = torch.arange(first, first + num_heads, device=dev)
-        return Plan(links, heads, pos, [pos], [True], {}, {}, scale, strategy=strategy)
+    mode = "ring" if cfg.mode == "local" else cfg.mode   # "local": a ring of one (rank 0 of 1) on head_range's heads
     N = shard_len * world
     strategy = sharded_strategy(cfg.strategy, N, cfg.is_causal)
     first, total = cfg.head_range if cfg.head_range is not None else (0, num_heads)
@@ -160,23 +157,23 @@ def _plan(key: str, rank: int, world: int, shard_len: int, num_heads: int, num_k
     rank_pos = [positions(r, dev) for r in ranges]
     linked, send_idx, recv_pos = [], {}, {}
     for b in range(world):
-        if cfg.mode == "ring":
+        if mode == "ring":
             linked.append(bool(links.needed(heads, ranges[rank], rank_pos[b]).any()))
         elif b != rank:
             send_idx[b] = _rows_needed(links, heads, ranges[b], rank_pos[rank], num_kv_heads)[0]
             recv_pos[b] = _rows_needed(links, heads, ranges[rank], rank_pos[b], num_kv_heads)[1]
     plan = Plan(links, heads, rank_pos[rank], rank_pos, linked, send_idx, recv_pos, scale, strategy=strategy)
-    if cfg.mode == "sparse":
+    if mode == "sparse":
         plan.held_pos = torch.cat([plan.q_pos.view(1, -1).expand(num_kv_heads, -1)] +
                                   [recv_pos[b] for b in sorted(recv_pos)], dim=1)
     span = None if strategy is None else strategy.key_window_span(N)
     if span is not None:
         plan.windows = window.windows(span, N, ranges[rank])
-        if cfg.mode == "ring":
+        if mode == "ring":
             plan.window_rows = [torch.nonzero(sum((pos >= w.a) & (pos < w.e) for w in plan.windows)).flatten()
                                 for pos in rank_pos]
     elif isinstance(links, BlockSparseLinks):
-        _plan_held_blocks(plan, cfg.mode, ranges[rank], rank, world)
+        _plan_held_blocks(plan, mode, ranges[rank], rank, world)
     return plan
 
 
@@ -225,7 +222,7 @@ def _ring_forward(q, k, v, group, rank, world, plan: Plan, dense_kernels: bool =
         shift = comm.RingShift(group, rank, world, "kv").start(kv) if t < world - 1 else None
         if plan.linked[src]:
             got = dense_steps.forward(q, kv[0], kv[1], plan.q_pos, plan.rank_pos[src], plan.links.is_causal,
-                                      plan.scale) if dense_kernels else None
+                                      plan.scale, _shard_keep(keep_of, src)) if dense_kernels else None
             if got is None:
                 got = attend_forward(q, kv[0], kv[1], plan.q_pos, plan.rank_pos[src].view(1, -1), plan.links,
                                      plan.heads, plan.scale, _visiting_keep(keep_of, src))
@@ -251,7 +248,8 @@ def _ring_backward(dout, q, k, v, lse, delta, group, rank, world, plan: Plan, de
         got = None
         if plan.linked[src]:
             got = dense_steps.backward(dout, q, kv[0], kv[1], lse, delta, plan.q_pos, plan.rank_pos[src],
-                                       plan.links.is_causal, plan.scale) if dense_kernels else None
+                                       plan.links.is_causal, plan.scale, _shard_keep(keep_of, src)) if dense_kernels \
+                else None
             if got is None:
                 got = attend_backward(dout, q, kv[0], kv[1], plan.q_pos, plan.rank_pos[src].view(1, -1),
                                       plan.links, plan.heads, plan.scale, lse, delta, _visiting_keep(keep_of, src))
@@ -279,6 +277,11 @@ def _ring_key_keep(key_keep, group, rank, world) -> Optional[dict]:
         held = comm.RingShift(group, rank, world, "keep").start(held).wait()
         keep_of[(rank - t) % world] = held.bool()
     return keep_of
+
+
+def _shard_keep(keep_of: Optional[dict], src: int):
+    """The key padding of shard ``src``, ``[B', S]`` (None without)."""
+    return None if keep_of is None else keep_of[src]
 
 
 def _visiting_keep(keep_of: Optional[dict], src: int):
@@ -406,34 +409,56 @@ def _ring_return_grads(dk, dv, k, kept, group, rank, world):
     return acc[0], acc[1]
 
 
-def _held_keys(k, v, cfg, group, rank, world, plan: Plan):
+def _held_keys(k, v, cfg, group, rank, world, plan: Plan, key_keep=None):
     """The keys a rank holds for the kernels: sparse mode, its shard and the rows received (4th item: the peers);
-    ring mode, the kept rows of every shard (4th item: which rows of which shard). Block-sparse, sparse mode:
-    the received rows of every kv head in the held rows of ``plan.blocks`` (one row per position)."""
-    if cfg.mode == "ring":
-        return _ring_collect(k, v, group, rank, world, plan)
+    ring mode (and "local", a ring of one), the kept rows of every shard (4th item: which rows of which shard).
+    Block-sparse, sparse mode: the received rows of every kv head in the held rows of ``plan.blocks`` (one row per
+    position). 5th item: the held keys' padding flags from this shard's ``key_keep`` (None without), moved as the
+    exact path moves them: ``[B', Hkv or 1, K]`` beside k's rows (``window``), block-sparse ``[B', rows]`` by held
+    row (``held_blocks``)."""
+    if cfg.mode != "sparse":
+        keep_of = _ring_key_keep(key_keep, group, rank, world)
+        k_held, v_held, pos, kept = _ring_collect(k, v, group, rank, world, plan)
+        keep = None if keep_of is None else torch.cat([keep_of[src][:, rows] for src, rows in kept], 1)
+        return k_held, v_held, pos, kept, keep if keep is None or plan.blocks is not None else keep.unsqueeze(1)
     k_all, v_all, pos, peers = _exchange_kv(k, v, group, rank, world, plan)
-    if plan.blocks is None or pos.shape[1] == k.shape[2]:   # nothing received: the shard's rows are the held rows
-        return k_all, v_all, pos, peers
+    keep = _exchange_key_keep(key_keep, group, rank, world, plan)
+    if plan.blocks is None:
+        return k_all, v_all, pos, peers, keep
+    if pos.shape[1] == k.shape[2]:   # nothing received: the shard's rows are the held rows
+        return k_all, v_all, pos, peers, key_keep
     B, Hkv, n, D = k_all.shape
     U = plan.blocks.held
     held = k_all.new_zeros(2, B, Hkv, U + 1, D)
     held.scatter_(3, plan.blocks_cols.view(1, 1, Hkv, n, 1).expand(2, B, Hkv, n, D), torch.stack((k_all, v_all)))
     held[:, :, :, U] = 0          # the exchange's padding rows landed on row U (the spare row, or a scratch row)
-    return held[0, :, :, :plan.blocks.rows], held[1, :, :, :plan.blocks.rows], pos, peers
+    return (held[0, :, :, :plan.blocks.rows], held[1, :, :, :plan.blocks.rows], pos, peers,
+            None if keep is None else _held_row_keep(keep, plan))
 
 
-def _held_forward(q, k, v, cfg, group, rank, world, plan: Plan):
-    k_held, v_held, pos, _ = _held_keys(k, v, cfg, group, rank, world, plan)
+def _held_row_keep(keep: Tensor, plan: Plan) -> Tensor:
+    """The exchanged keys' flags ``[B', Hkv, S + received]`` (``_exchange_key_keep``) as flags of the held rows of
+    ``plan.blocks``, ``[B', rows]``: a position's flag is the same in every kv head that holds it; the exchange's
+    padding entries land on row U, which is dropped."""
+    Bk, U = keep.shape[0], plan.blocks.held
+    flags = torch.zeros(Bk, U + 1, dtype=torch.uint8, device=keep.device)   # uint8: scatter_reduce on any device
+    flags.scatter_reduce_(1, plan.blocks_cols.reshape(1, -1).expand(Bk, -1), keep.reshape(Bk, -1).to(torch.uint8),
+                          "amax")
+    flags[:, U] = 0
+    return flags[:, :plan.blocks.rows].bool()
+
+
+def _held_forward(q, k, v, cfg, group, rank, world, plan: Plan, key_keep=None):
+    k_held, v_held, pos, _, keep = _held_keys(k, v, cfg, group, rank, world, plan, key_keep)
     if plan.blocks is not None:
-        return held_blocks.forward(q, k_held, v_held, plan.blocks, plan.scale)
-    return window.forward(q, k_held, v_held, pos, plan.windows, plan.strategy, cfg.is_causal, plan.scale)
+        return held_blocks.forward(q, k_held, v_held, plan.blocks, plan.scale, keep)
+    return window.forward(q, k_held, v_held, pos, plan.windows, plan.strategy, cfg.is_causal, plan.scale, keep)
 
 
-def _held_backward(dout, q, k, v, out, lse, cfg, group, rank, world, plan: Plan):
-    k_held, v_held, pos, where = _held_keys(k, v, cfg, group, rank, world, plan)
+def _held_backward(dout, q, k, v, out, lse, cfg, group, rank, world, plan: Plan, key_keep=None):
+    k_held, v_held, pos, where, keep = _held_keys(k, v, cfg, group, rank, world, plan, key_keep)
     if plan.blocks is not None:
-        dq, dk, dv = held_blocks.backward(dout, q, k_held, v_held, out, lse, plan.blocks, plan.scale)
+        dq, dk, dv = held_blocks.backward(dout, q, k_held, v_held, out, lse, plan.blocks, plan.scale, keep)
         # the returned gradients travel in float32 on every rank (a receiver's buffers take its own dtype)
         if cfg.mode == "sparse" and pos.shape[1] == k.shape[2]:   # nothing received: the shard's rows
             dk, dv = (g[:, :, :k.shape[2]] if world == 1 else g[:, :, :k.shape[2]].float() for g in (dk, dv))
@@ -443,27 +468,25 @@ def _held_backward(dout, q, k, v, out, lse, cfg, group, rank, world, plan: Plan)
             dk, dv = (held_blocks.with_rows(g.float(), plan.blocks.held + 1).gather(2, idx) for g in (dk, dv))
     else:
         dq, dk, dv = window.backward(dout, q, k_held, v_held, pos, out, lse, plan.windows, plan.strategy,
-                                     cfg.is_causal, plan.scale)
+                                     cfg.is_causal, plan.scale, keep)
     if cfg.mode == "sparse":
         return (dq,) + _return_grads(dk, dv, k.shape[2], where, group, rank, world, plan)
     return (dq,) + _ring_return_grads(dk, dv, k, where, group, rank, world)
 
 
-def _held_kernels(cfg, plan: Plan, q, key_keep=None) -> bool:
+def _held_kernels(cfg, plan: Plan, q) -> bool:
     """Whether this rank runs the kernels on the keys it holds: ``Dilated`` on key windows (``window``), block-sparse
-    on its held rows (``held_blocks``), where the kernels take the call: not with key padding, nor on a subset of
-    heads whose head-dependent rules the kernels would read by local head index (they take neither yet; logged
-    once on CUDA)."""
-    if cfg.mode == "local" or (plan.windows is None and plan.blocks is None):
+    on its held rows (``held_blocks``), with or without key padding, where the kernels take the call: not on a
+    subset of heads whose head-dependent rules the kernels would read by local head index (logged once on CUDA)."""
+    if plan.windows is None and plan.blocks is None:
         return False
     what = "sequence-parallel " + ("dilated" if plan.windows is not None else "block-sparse") + " attention"
-    if key_keep is not None:
-        return kernels_apply(what, q, "the held-key kernels take no key padding yet")
     if cfg.head_range is not None and (plan.windows is None or plan.strategy.mixing != "lse"
                                        or cfg.head_range[0] % plan.strategy.head_period):
-        return kernels_apply(what, q, f"a hybrid rank's heads start at {cfg.head_range[0]} (dilated: not a multiple of "
-                                      f"the rates' lcm, or mixing='head_groups'; block-sparse: any subset): the "
-                                      f"held-key kernels read head-dependent rules by local head index")
+        return kernels_apply(what, q, f"this rank's heads (hybrid or head-parallel) start at {cfg.head_range[0]} "
+                                      f"(dilated: not a multiple of the rates' lcm, or mixing='head_groups'; "
+                                      f"block-sparse: any subset): the held-key kernels read head-dependent rules by "
+                                      f"local head index")
     if plan.windows is not None:
         return window.use_window_kernels(plan.strategy, q)
     if plan.blocks is not None:
@@ -478,25 +501,21 @@ def _forward_impl(q, k, v, key, key_keep=None):
     if _CONFIGS[key].mode != "local":
         check_call(q, k, v, _CONFIGS[key], key_keep)
     cfg, group, rank, world, plan = _setup(key, q, k)
-    if _held_kernels(cfg, plan, q, key_keep):
-        out, lse = _held_forward(q, k, v, cfg, group, rank, world, plan)
+    if _held_kernels(cfg, plan, q):
+        out, lse = _held_forward(q, k, v, cfg, group, rank, world, plan, key_keep)
         return _unaliased(out, q.dtype), _unaliased(lse, lse_dtype(q.dtype))
     if cfg.mode == "sparse":
         out, lse = _sparse_forward(q, k, v, group, rank, world, plan, key_keep=key_keep)
     else:   # ring; "local" is a ring of one
-        out, lse = _ring_forward(q, k, v, group, rank, world, plan, _dense_kernels(cfg, q, key_keep),
-                                 key_keep=key_keep)
+        out, lse = _ring_forward(q, k, v, group, rank, world, plan, _dense_kernels(cfg, q), key_keep=key_keep)
     return (out * plan.links.output_scale).to(q.dtype), lse
 
 
-def _dense_kernels(cfg, q, key_keep=None) -> bool:
-    """Dense attention in ring mode whose steps can run the Triton kernels (``dense_steps``; not with key padding,
-    which they don't take yet: logged once on CUDA)."""
-    if cfg.strategy is not None or cfg.mode != "ring":
+def _dense_kernels(cfg, q) -> bool:
+    """Dense attention in ring mode (or "local", a ring of one) whose steps can run the Triton kernels
+    (``dense_steps``, with or without key padding)."""
+    if cfg.strategy is not None or cfg.mode not in ("ring", "local"):
         return False
-    if key_keep is not None:
-        return kernels_apply("sequence-parallel dense ring attention", q,
-                             "the ring step kernels take no key padding yet")
     return dense_steps.use_kernels(q)
 
 
@@ -507,8 +526,8 @@ def _unaliased(t: Tensor, dtype) -> Tensor:
 
 def _backward_impl(dout, q, k, v, out, lse, key, key_keep=None):
     cfg, group, rank, world, plan = _setup(key, q, k)
-    if _held_kernels(cfg, plan, q, key_keep):
-        dq, dk, dv = _held_backward(dout, q, k, v, out, lse, cfg, group, rank, world, plan)
+    if _held_kernels(cfg, plan, q):
+        dq, dk, dv = _held_backward(dout, q, k, v, out, lse, cfg, group, rank, world, plan, key_keep)
         return _unaliased(dq, q.dtype), _unaliased(dk, k.dtype), _unaliased(dv, v.dtype)
     dt = lse_dtype(q.dtype)
     delta = (dout.to(dt) * out.to(dt)).sum(-1)                 # rowsum(dO * O), both on the output's scale
@@ -516,8 +535,8 @@ def _backward_impl(dout, q, k, v, out, lse, key, key_keep=None):
     if cfg.mode == "sparse":
         dq, dk, dv = _sparse_backward(dout, q, k, v, lse, delta, group, rank, world, plan, key_keep=key_keep)
     else:
-        dq, dk, dv = _ring_backward(dout, q, k, v, lse, delta, group, rank, world, plan,
-                                    _dense_kernels(cfg, q, key_keep), key_keep=key_keep)
+        dq, dk, dv = _ring_backward(dout, q, k, v, lse, delta, group, rank, world, plan, _dense_kernels(cfg, q),
+                                    key_keep=key_keep)
     return dq.to(q.dtype), _unaliased(dk, k.dtype), _unaliased(dv, v.dtype)
 
 
@@ -628,7 +647,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, strategy=None, *, is_causal:
 
 def local_attention(q: Tensor, k: Tensor, v: Tensor, strategy, *, first_head: int, num_heads: int,
                     is_causal: bool = False, scale: Optional[float] = None) -> Tensor:
-    """Exact single-process attention for query heads ``first_head .. first_head + Hq`` of a ``num_heads``-head
-    model (the strategy's head-dependent rules use the global head index)."""
+    """Single-process attention for query heads ``first_head .. first_head + Hq`` of a ``num_heads``-head model (the
+    strategy's head-dependent rules use the global head index): a ring of one, on the kernels where they take these
+    heads, else on the exact path."""
     cfg = Config(strategy, None, "local", "contiguous", bool(is_causal), scale, (int(first_head), int(num_heads)))
     return torch.ops.dilate_compiler.sequence_parallel_forward(q, k, v, register(cfg))[0]

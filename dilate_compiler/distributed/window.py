@@ -15,6 +15,9 @@ The rank fills the window's K/V rows from what it holds: its own shard and the r
 ring) brought. Rows it does not hold stay zero; no query of the run links to them (the exchange sends every
 linked row), so they never enter a softmax of these queries and their gradients come out zero.
 
+Key padding (a model's padding mask) comes with the held keys, a flag per held key; the window's rows take the
+flags of the positions they hold (``fill_key_keep``), the rows the rank doesn't hold are dropped.
+
 Memory: the window buffer, ``(e - a)`` rows per kv head, ``<= S + 2 W`` for a contiguous shard of S rows; no
 buffer at all when the window is exactly the run's own rows (a shard made of whole segments of every branch,
 the usual case: then the shard sends and receives nothing either). A branch whose segment covers the whole
@@ -25,6 +28,7 @@ of such a branch does.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -102,32 +106,47 @@ def fill(win: Window, k: Tensor, v: Tensor, pos: Tensor) -> tuple[Tensor, Tensor
     return buf[0, :, :, :win.length], buf[1, :, :, :win.length]
 
 
-def _window_keys(win: Window, k: Tensor, v: Tensor, pos: Tensor, shard_len: int):
-    """``(k, v, q_offset, own)`` for the kernels: the shard's rows in place when the window is exactly the run
-    (``own``), else a filled window buffer."""
+def fill_key_keep(win: Window, key_keep: Tensor, pos: Tensor) -> Tensor:
+    """Key padding of the held keys, ``key_keep [B', Hkv or 1, K]`` (keys at global positions ``pos [Hkv, K]``), as
+    the flags of the window's rows ``[B', length]``. A position's flag is the same for every kv head that holds it;
+    a row the rank doesn't hold is dropped (no query of the run links to it)."""
+    Bk, (Hkv, K) = key_keep.shape[0], pos.shape
+    flags = key_keep.expand(Bk, Hkv, K).reshape(Bk, Hkv * K).to(torch.uint8)   # uint8: scatter_reduce on any device
+    rows = torch.zeros(Bk, win.length + 1, dtype=torch.uint8, device=key_keep.device)
+    rows.scatter_reduce_(1, _rows_in(win, pos).reshape(1, -1).expand(Bk, -1), flags, "amax")
+    return rows[:, :win.length].bool()
+
+
+def _window_keys(win: Window, k: Tensor, v: Tensor, pos: Tensor, shard_len: int, key_keep: Optional[Tensor]):
+    """``(k, v, key_keep, q_offset, own)`` for the kernels: the shard's rows (and flags) in place when the window
+    is exactly the run (``own``), else a filled window buffer and its rows' flags."""
     if _own_rows(win, shard_len, pos):
         rows = slice(win.row, win.row + win.hi - win.lo)
-        return k[:, :, rows], v[:, :, rows], 0, True
+        return k[:, :, rows], v[:, :, rows], None if key_keep is None else key_keep[:, 0, rows], 0, True
     kw, vw = fill(win, k, v, pos)
-    return kw, vw, win.lo - win.a, False
+    keep = None if key_keep is None else fill_key_keep(win, key_keep, pos)
+    return kw, vw, keep, win.lo - win.a, False
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, wins: list[Window], strategy: Dilated, is_causal: bool,
-            scale: float) -> tuple[Tensor, Tensor]:
+            scale: float, key_keep: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Queries ``q [B, H, S, D]`` (runs ``wins``) against the keys the rank holds: ``k, v [B, Hkv, K, D]`` at
-    global positions ``pos [Hkv, K]``. Returns ``out`` (q's dtype, output scale applied) and ``lse`` (float32)."""
+    global positions ``pos [Hkv, K]``; ``key_keep``: optional bool ``[B or 1, Hkv or 1, K]``, which of them attend
+    (key padding). Returns ``out`` (q's dtype, output scale applied) and ``lse`` (float32; a query that keeps no
+    key: out 0, lse -inf)."""
     CALLS["forward"] += 1
     outs, lses = [], []
     segments, rates = strategy.segment_lengths, strategy.dilation_rates
     for win in wins:
-        kw, vw, off, own = _window_keys(win, k, v, pos, q.shape[2])
+        kw, vw, keep, off, own = _window_keys(win, k, v, pos, q.shape[2], key_keep)
         qw = q[:, :, win.row:win.row + win.hi - win.lo]
-        if own and not warp_specialised_reason(qw, kw, vw, None, segments, rates, is_causal, strategy.mixing, 0.0):
+        if own and keep is None and not warp_specialised_reason(qw, kw, vw, None, segments, rates, is_causal,
+                                                                strategy.mixing, 0.0):
             # the run is a whole sequence of its own: the single-process op's warp-specialised Hopper forward
             o, l = gluon.dilated_attn_fwd_ws(qw, kw, vw, segments, rates, scale=scale)
         else:
             o, l = dilated_attn_fwd(qw, kw, vw, segments, rates, is_causal=is_causal, scale=scale,
-                                    mixing=strategy.mixing, q_offset=off)
+                                    mixing=strategy.mixing, q_offset=off, key_keep=keep)
         outs.append(o)
         lses.append(l)
     if len(outs) == 1:
@@ -136,23 +155,25 @@ def forward(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, wins: list[Window], st
 
 
 def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, pos: Tensor, out: Tensor, lse: Tensor,
-             wins: list[Window], strategy: Dilated, is_causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients for ``forward``: ``dq [B, H, S, D]`` (q's dtype) and ``dk, dv [B, Hkv, K, D]``, the gradients of
-    the held key rows from this rank's queries, in ``k``'s row order."""
+             wins: list[Window], strategy: Dilated, is_causal: bool, scale: float,
+             key_keep: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients for ``forward`` (``key_keep`` as there): ``dq [B, H, S, D]`` (q's dtype) and ``dk, dv [B, Hkv,
+    K, D]``, the gradients of the held key rows from this rank's queries, in ``k``'s row order (dropped keys: 0)."""
     CALLS["backward"] += 1
     S = q.shape[2]
     if len(wins) == 1 and _own_rows(wins[0], S, pos):   # the kernels' own outputs, no accumulation buffers
         return dilated_attn_bwd(dout, q, k, v, out, lse, strategy.segment_lengths, strategy.dilation_rates,
-                                is_causal=is_causal, scale=scale, mixing=strategy.mixing)
+                                is_causal=is_causal, scale=scale, mixing=strategy.mixing,
+                                key_keep=None if key_keep is None else key_keep[:, 0])
     dqs = []
     dk_all = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv_all = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     for win in wins:
         rows = slice(win.row, win.row + win.hi - win.lo)
-        kw, vw, off, own = _window_keys(win, k, v, pos, S)
+        kw, vw, keep, off, own = _window_keys(win, k, v, pos, S, key_keep)
         dq, dk, dv = dilated_attn_bwd(dout[:, :, rows], q[:, :, rows], kw, vw, out[:, :, rows], lse[:, :, rows],
                                       strategy.segment_lengths, strategy.dilation_rates, is_causal=is_causal,
-                                      scale=scale, mixing=strategy.mixing, q_offset=off)
+                                      scale=scale, mixing=strategy.mixing, q_offset=off, key_keep=keep)
         dqs.append(dq)
         if own:
             dk_all[:, :, rows] += dk

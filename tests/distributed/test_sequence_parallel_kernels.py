@@ -1,10 +1,12 @@
-"""Every inner strategy of sequence-parallel attention on the Triton kernels per rank, ``dc.Hilbert`` as an inner
-strategy, and the ring backward's overlapped dK/dV hop, on gloo process groups of spawned ranks.
+"""Every inner strategy of sequence-parallel attention on the Triton kernels per rank (with and without key padding),
+``dc.Hilbert`` as an inner strategy, and the ring backward's overlapped dK/dV hop, on gloo process groups of spawned
+ranks.
 
 The kernels run here in Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``, float32 and float16: how the
 distributed ops pick them on CPU, ``dispatch.interpreter_runs``); float64 runs the exact path. Every case checks the
 output and dq/dk/dv shards against the float64 single-process reference, and that the kernels ran (the per-rank
-compute modules count their calls).
+compute modules count their calls). With key padding the kernel path is also checked against the exact path of the
+same sharded call (float64), and query rows that keep no key must be exactly 0, output and dq.
 """
 
 import pytest
@@ -284,3 +286,184 @@ def test_each_dkdv_hop_but_the_last_is_in_flight_during_a_step_compute():
             done = next(j for j in range(i + 1, len(events)) if events[j][0] == "wait" and events[j][2] == events[i][2])
             between = [e[0] for e in events[i + 1:done]]
             assert ("compute" in between) == (i != grad_starts[-1]), (i, events)
+
+
+# --- key padding on the kernels --------------------------------------------------------------------------------------
+
+PAD_N = 64
+DILATED_CROSSING = dc.Dilated((16, 64), (1, 4))   # the 64-branch crosses the shards: windows hold received rows
+DILATED_OWN = dc.Dilated((16, 32), (1, 2))        # shards of whole segments: each rank's window is its own shard
+
+# (strategy, causal, mode, layout, Hq, Hkv, batch rows of key_keep, dtype, counted)
+PAD_WINDOW_CASES = [
+    (DILATED_CROSSING, True, "sparse", "contiguous", 4, 2, 2, torch.float32, "window"),
+    (DILATED_CROSSING, False, "ring", "zigzag", 4, 2, 2, torch.float32, "window"),
+    (DILATED_CROSSING, True, "ring", "contiguous", 2, 2, 1, torch.float32, "window"),
+    (DILATED_OWN, True, "sparse", "contiguous", 4, 2, 2, torch.float32, "window"),
+    (DILATED_CROSSING, False, "sparse", "zigzag", 4, 2, 2, torch.float16, "window"),
+]
+PAD_BLOCK_CASES = [
+    (SLIDING, True, "sparse", "contiguous", 4, 2, 2, torch.float32, "held_blocks"),
+    (SLIDING, False, "ring", "zigzag", 4, 2, 2, torch.float32, "held_blocks"),
+    (LOCAL_GLOBAL, False, "sparse", "contiguous", 4, 2, 1, torch.float32, "held_blocks"),
+    (LOCAL_GLOBAL, True, "ring", "contiguous", 4, 2, 2, torch.float32, "held_blocks"),
+    (DILATED_BLOCKS, False, "sparse", "contiguous", 4, 2, 2, torch.float32, "held_blocks"),
+    (DILATED_BLOCKS, True, "ring", "contiguous", 4, 2, 2, torch.float16, "held_blocks"),
+]
+PAD_DENSE_CASES = [
+    (None, True, "ring", "contiguous", 4, 2, 2, torch.float32, "dense_steps"),
+    (None, False, "ring", "zigzag", 4, 2, 1, torch.float32, "dense_steps"),
+    (None, True, "ring", "zigzag", 2, 1, 2, torch.float16, "dense_steps"),
+]
+
+
+def pad_keep(rows: int) -> torch.Tensor:
+    """Row 0: left padding (its first queries keep no key when causal, or when their segment or window is all
+    padding); row 1: a hole across a block boundary and right padding."""
+    keep = torch.ones(rows, PAD_N, dtype=torch.bool)
+    keep[0, :24] = False
+    if rows > 1:
+        keep[1, 28:37] = False
+        keep[1, 52:] = False
+    return keep
+
+
+def single_process_padded(strategy, q, k, v, causal, keep):
+    """The single-process op with key padding on whole sequences (float64: its exact path)."""
+    if strategy is None:
+        return dc.ops.dilated_attention(q, k, v, (q.shape[2],), (1,), is_causal=causal, key_keep=keep)
+    if isinstance(strategy, dc.Dilated):
+        return dc.ops.dilated_attention(q, k, v, strategy.segment_lengths, strategy.dilation_rates, is_causal=causal,
+                                        mixing=strategy.mixing, key_keep=keep)
+    return dc.ops.block_sparse_attention(q, k, v, strategy.pattern, block_size=strategy.block_size,
+                                         is_causal=causal, key_keep=keep)
+
+
+def _padded_worker(rank, world, cases):
+    """Per case: (forward, backward) kernel calls of the case's counted module; the largest relative error of the
+    kernel path's out, dq, dk, dv against the float64 exact path of the same sharded call and against the float64
+    single-process op; how many query rows keep no key (reference 0) and whether the kernel path's output and dq are
+    exactly 0 there; whether dtypes were kept."""
+    import importlib
+
+    from dilate_compiler.distributed import ring_attention, shard_sequence
+
+    results = []
+    for strategy, causal, mode, layout, hq, hkv, rows, dtype, counted in cases:
+        calls_of = importlib.import_module(f"dilate_compiler.distributed.{counted}").CALLS
+        g = torch.Generator().manual_seed(4)
+        q, k, v = (torch.randn(2, h, PAD_N, 32, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv))
+        dout = torch.randn(2, hq, PAD_N, 32, generator=g, dtype=torch.float64)
+        keep = pad_keep(rows)
+        shard = lambda t, dim=2: shard_sequence(t, dim=dim, layout=layout)  # noqa: E731
+        full = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref = single_process_padded(strategy, *full, causal, keep)
+        ref_grads = torch.autograd.grad(ref, full, dout)
+
+        def sharded(dt):
+            local = [shard(t).to(dt).requires_grad_() for t in (q, k, v)]
+            out = ring_attention(*local, strategy, is_causal=causal, mode=mode, layout=layout,
+                                 key_keep=shard(keep, 1))
+            return (out,) + torch.autograd.grad(out, local, shard(dout).to(dt))
+
+        exact = sharded(torch.float64)
+        calls = dict(calls_of)
+        got = sharded(dtype)
+        ran = (calls_of["forward"] - calls["forward"], calls_of["backward"] - calls["backward"])
+        err_exact = max(rel_err(a, b) for a, b in zip(got, exact))
+        err_ref = max(rel_err(a, shard(b)) for a, b in zip(got, (ref,) + ref_grads))
+        empty = (shard(ref) == 0).all(-1)                                   # [B, Hq, S]: rows that keep no key
+        zero_there = bool((got[0][empty] == 0).all() and (got[1][empty] == 0).all())
+        dtypes_kept = all(t.dtype == dtype for t in got)
+        results.append((ran, err_exact, err_ref, int(empty.sum()), zero_there, dtypes_kept))
+    return results
+
+
+def _check_padded(cases, results_per_rank):
+    for rank, results in enumerate(results_per_rank):
+        for case, (ran, err_exact, err_ref, empty, zero_there, dtypes_kept) in zip(cases, results):
+            causal, layout, dtype = case[1], case[3], case[7]
+            if case[-1] == "dense_steps":
+                assert ran in ((2, 2), (1, 1)), (case, ran)   # causal: a rank may skip a shard it doesn't see
+            else:
+                assert ran == (1, 1), (case, ran)
+            assert err_exact <= REL_ERR[dtype], (case, "against the exact path", err_exact)
+            assert err_ref <= REL_ERR[dtype], (case, "against the single-process op", err_ref)
+            if causal and (rank == 0 or layout == "zigzag"):   # left padding: the sequence's first queries keep none
+                assert empty > 0, case
+            assert zero_there, case
+            assert dtypes_kept, case
+
+
+@pytest.mark.slow
+def test_key_padding_runs_the_window_kernels_and_equals_the_exact_path():
+    _check_padded(PAD_WINDOW_CASES, values(run_ranks(_padded_worker, 2, PAD_WINDOW_CASES, timeout=900)))
+
+
+@pytest.mark.slow
+def test_key_padding_runs_the_held_block_kernels_and_equals_the_exact_path():
+    _check_padded(PAD_BLOCK_CASES, values(run_ranks(_padded_worker, 2, PAD_BLOCK_CASES, timeout=900)))
+
+
+@pytest.mark.slow
+def test_key_padding_runs_the_dense_ring_step_kernels_and_equals_the_exact_path():
+    _check_padded(PAD_DENSE_CASES, values(run_ranks(_padded_worker, 2, PAD_DENSE_CASES, timeout=900)))
+
+
+PAD_ONE_RANK_CASES = [   # a ring of one: the kernels on the whole sequence in order, with key padding
+    (DILATED_CROSSING, True, "sparse", "contiguous", 4, 2, 2, torch.float32, "window"),
+    (SLIDING, False, "ring", "contiguous", 4, 2, 2, torch.float32, "held_blocks"),
+    (LOCAL_GLOBAL, True, "sparse", "contiguous", 4, 2, 1, torch.float32, "held_blocks"),
+    (None, True, "ring", "contiguous", 4, 2, 2, torch.float32, "dense_steps"),
+]
+
+
+@pytest.mark.slow
+def test_key_padding_on_one_rank_runs_the_kernels_on_its_whole_shard():
+    _check_padded(PAD_ONE_RANK_CASES, values(run_ranks(_padded_worker, 1, PAD_ONE_RANK_CASES, timeout=900)))
+
+
+# (strategy, causal, Hq, Hkv, batch rows of key_keep, dtype, counted, ranks whose heads run the kernels)
+PAD_HEAD_PARALLEL_CASES = [
+    (None, True, 4, 2, 2, torch.float32, "dense_steps", (0, 1)),
+    (dc.Dilated((16, 64), (1, 2)), True, 4, 2, 2, torch.float32, "window", (0, 1)),   # rank 1's heads from 2
+    (dc.Dilated((16, 64), (1, 4)), False, 4, 2, 1, torch.float32, "window", (0,)),    # from 2: not a multiple of 4
+    (SLIDING, False, 4, 2, 2, torch.float32, "held_blocks", ()),                     # a block-sparse head subset
+]
+
+
+def _padded_head_parallel_worker(rank, world, cases):
+    """Head-parallel attention with key padding (the hybrid without a sequence stage: each rank's heads over the
+    whole sequence as a ring of one): per case, (forward, backward) kernel calls of the counted module and the
+    largest relative error of out, dq, dk, dv against the float64 single-process op."""
+    import importlib
+
+    from dilate_compiler.distributed import hybrid_attention, shard_sequence
+
+    results = []
+    for strategy, causal, hq, hkv, rows, dtype, counted, _ in cases:
+        calls_of = importlib.import_module(f"dilate_compiler.distributed.{counted}").CALLS
+        g = torch.Generator().manual_seed(5)
+        q, k, v = (torch.randn(2, h, PAD_N, 32, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv))
+        dout = torch.randn(2, hq, PAD_N, 32, generator=g, dtype=torch.float64)
+        keep = pad_keep(rows)
+        full = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref = single_process_padded(strategy, *full, causal, keep)
+        ref_grads = torch.autograd.grad(ref, full, dout)
+        local = [shard_sequence(t).to(dtype).requires_grad_() for t in (q, k, v)]
+        calls = dict(calls_of)
+        out = hybrid_attention(*local, strategy, head_group=None, sequence_group=None, is_causal=causal,
+                               key_keep=shard_sequence(keep, dim=1))
+        grads = torch.autograd.grad(out, local, shard_sequence(dout).to(dtype))
+        ran = (calls_of["forward"] - calls["forward"], calls_of["backward"] - calls["backward"])
+        results.append((ran, max(rel_err(a, shard_sequence(b)) for a, b in zip((out,) + grads, (ref,) + ref_grads))))
+    return results
+
+
+@pytest.mark.slow
+def test_key_padding_on_head_parallel_ranks_runs_the_kernels_where_they_take_the_heads():
+    results = values(run_ranks(_padded_head_parallel_worker, 2, PAD_HEAD_PARALLEL_CASES, timeout=900))
+    for rank, per_case in enumerate(results):
+        for case, (ran, err) in zip(PAD_HEAD_PARALLEL_CASES, per_case):
+            assert ran == ((1, 1) if rank in case[-1] else (0, 0)), (rank, case, ran)
+            assert err <= REL_ERR[case[5]], (rank, case, err)
