@@ -69,6 +69,7 @@ def _run(mode: str) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["present", "absent"])
 def test_backend_name_resolves_once_with_or_without_the_entry_point(mode):
     res = _run(mode)

@@ -191,7 +191,8 @@ def test_one_query_over_many_keys_attends_only_its_segments_and_rows():
 
 
 @pytest.mark.parametrize("name", ["lse", "head_groups"])
-@pytest.mark.parametrize("nk,nq", [(63, 1), (63, 4), (50, 50)])
+@pytest.mark.parametrize("nk,nq", [(63, 1), pytest.param(63, 4, marks=pytest.mark.slow),
+                                   pytest.param(50, 50, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("key_padding", [False, True], ids=["", "left-padded"])
 def test_dilated_kernels_on_trailing_queries(name, nk, nq, key_padding):
     from dilate_compiler.lowering.dilated.triton import dilated_attn_bwd, dilated_attn_fwd
@@ -213,8 +214,8 @@ def test_dilated_kernels_on_trailing_queries(name, nk, nq, key_padding):
 
 
 @pytest.mark.parametrize("name", sorted(BLOCK_SPARSE))
-@pytest.mark.parametrize("nk,nq", [(45, 1), (45, 7), (64, 20)])
-@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("nk,nq", [(45, 1), (45, 7), pytest.param(64, 20, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("is_causal", [pytest.param(False, marks=pytest.mark.slow), True], ids=["full", "causal"])
 def test_block_sparse_kernels_on_trailing_queries(name, nk, nq, is_causal):
     """The launchers read the first query position from the shapes: only the query blocks holding queries run,
     the rows before the first query are masked, dK/dV walks only those rows."""

@@ -140,6 +140,7 @@ def test_generation_gives_the_logits_of_one_full_forward(names, which):
     assert rel_err(stepped, full) <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["dilated", "window"])
 def test_evicting_cache_generates_the_same_tokens_with_bounded_keys(names, which):
     strategy = DILATED if which == "dilated" else WINDOW

@@ -248,7 +248,7 @@ def _check_kernel_grads(grads, ref, inputs64, dout, dtype):
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c[3] >= 150 else c
                                   for c in KERNEL_DILATED_CASES],
                          ids=lambda c: f"N{c[3]}of{c[4]}-H{c[1]}/{c[2]}-{c[7]}-{c[8]}")
-@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("is_causal", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_dilated_kernels_match_capped_reference(case, is_causal):
     from dilate_compiler.lowering.dilated.triton import dilated_attn_bwd, dilated_attn_fwd
 
@@ -310,7 +310,7 @@ def test_dilated_kernels_with_cap_in_float16():
     _check_kernel_grads(grads, ref, (q64, k64, v64), dout, dtype)
 
 
-@pytest.mark.parametrize("nq, nk", [(45, 45), (6, 45)], ids=["self", "decode"])
+@pytest.mark.parametrize("nq, nk", [pytest.param(45, 45, marks=pytest.mark.slow), (6, 45)], ids=["self", "decode"])
 @pytest.mark.parametrize("is_causal", [False, True])
 @pytest.mark.parametrize("padded", [False, True], ids=["all-keys", "key-padding"])
 def test_block_sparse_kernels_match_capped_reference(nq, nk, is_causal, padded):

@@ -103,6 +103,7 @@ def _assert_same_error_everywhere(outcomes, field, texts):
         assert f"rank {r}: {value}" in message, message
 
 
+@pytest.mark.slow
 def test_entry_points_raise_the_same_error_on_every_rank():
     results = values(run_ranks(_entry_points_worker, 2, timeout=240, pg_timeout_s=20))
     for case, (_, _, field, texts) in CASES.items():
@@ -123,6 +124,7 @@ def _registry_worker(rank, world):
     return len(sp._CONFIGS) - configs, sp._plan.cache_info().hits - hits
 
 
+@pytest.mark.slow
 def test_ring_attention_with_a_new_equal_strategy_reuses_its_config_and_plan():
     for new_configs, new_hits in values(run_ranks(_registry_worker, 2, timeout=120, pg_timeout_s=20)):
         assert (new_configs, new_hits) == (0, 1)
@@ -190,6 +192,7 @@ def _model_worker(rank, world):
     return seen
 
 
+@pytest.mark.slow
 def test_rewritten_compiled_and_module_paths_raise_the_same_error_on_every_rank():
     results = values(run_ranks(_model_worker, 2, timeout=400, pg_timeout_s=20))
     for name in results[0]:
@@ -216,6 +219,7 @@ def _outside_group_worker(rank, world):
         return ("raised", type(e).__name__, str(e))
 
 
+@pytest.mark.slow
 def test_a_rank_outside_the_group_it_passes_gets_a_clear_error():
     inside, outside = values(run_ranks(_outside_group_worker, 2, timeout=120, pg_timeout_s=20))
     assert inside == ("returned", (B, H, N, D), "")      # a group of one: rank 0 attends over its whole sequence

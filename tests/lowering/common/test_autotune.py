@@ -48,6 +48,7 @@ def _entries(cache_dir: Path) -> list:
     return sorted((cache_dir / "autotune").rglob("*.json"))
 
 
+@pytest.mark.slow
 def test_a_fresh_process_reads_the_best_config_and_times_none(cache):
     first = _fresh_process(cache, 100)
     assert first.get("configs_timed") == 3 and first.get("disk_writes") == 1 and not first.get("disk_hits")
@@ -62,6 +63,7 @@ def test_a_fresh_process_reads_the_best_config_and_times_none(cache):
     assert other.get("configs_timed") == 3 and len(_entries(cache)) == 2
 
 
+@pytest.mark.slow
 def test_the_cache_turned_off_times_every_process(cache):
     for _ in range(2):
         counts = _fresh_process(cache, 100, DILATE_COMPILER_AUTOTUNE_CACHE="0")

@@ -40,7 +40,7 @@ def _slow_from(cases, n_index, n_min):
 
 @pytest.mark.parametrize("case", _slow_from(CASES, 3, 150),
                          ids=lambda c: f"N{c[3]}-H{c[1]}/{c[2]}-{c[7] and 'causal' or 'full'}-{c[8]}")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.float32, marks=pytest.mark.slow)])
 def test_kernels_match_reference(case, dtype):
     B, Hq, Hkv, N, D, segs, rates, is_causal, mixing = case
     if dtype == torch.float32 and N == 1:
@@ -274,6 +274,7 @@ DROPOUT_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", DROPOUT_CASES, ids=lambda c: f"N{c[3]}-{c[8]}-p{c[9]}")
 def test_kernels_with_dropout_match_reference(case):
     """Outputs and dq/dk/dv with in-kernel dropout against float64 with the documented keep masks."""
@@ -355,7 +356,7 @@ def _key_keep(N: int) -> torch.Tensor:
     return keep
 
 
-@pytest.mark.parametrize("case", _slow_from(KEY_PADDING_CASES, 2, 150),
+@pytest.mark.parametrize("case", _slow_from(KEY_PADDING_CASES, 2, 60),
                          ids=lambda c: f"N{c[2]}-H{c[0]}/{c[1]}-{c[5] and 'causal' or 'full'}-{c[6]}")
 def test_kernels_with_key_padding_match_reference(case):
     Hq, Hkv, N, segs, rates, is_causal, mixing = case
