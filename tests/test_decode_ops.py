@@ -214,7 +214,8 @@ def test_dilated_kernels_on_trailing_queries(name, nk, nq, key_padding):
 
 
 @pytest.mark.parametrize("name", sorted(BLOCK_SPARSE))
-@pytest.mark.parametrize("nk,nq", [(45, 1), (45, 7), pytest.param(64, 20, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("nk,nq", [(45, 1), pytest.param(45, 7, marks=pytest.mark.slow),
+                                   pytest.param(64, 20, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("is_causal", [pytest.param(False, marks=pytest.mark.slow), True], ids=["full", "causal"])
 def test_block_sparse_kernels_on_trailing_queries(name, nk, nq, is_causal):
     """The launchers read the first query position from the shapes: only the query blocks holding queries run,

@@ -127,7 +127,8 @@ def test_tile_order_is_sorted_once_per_layout_and_again_after_a_change():
 
 
 @pytest.mark.parametrize("name", [pytest.param("window|global-ragged-causal", marks=pytest.mark.slow),
-                                  "window-ragged-full", pytest.param("dilated-bs32-causal", marks=pytest.mark.slow)])
+                                  pytest.param("window-ragged-full", marks=pytest.mark.slow),
+                                  pytest.param("dilated-bs32-causal", marks=pytest.mark.slow)])
 def test_kernels_with_key_padding_match_reference(name):
     """Four batch rows: left padding, right padding, holes, and no key kept (its output is 0, its lse -inf)."""
     pattern, N, Hq, Hkv, bs, causal = CASES[name]
