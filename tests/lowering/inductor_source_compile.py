@@ -15,6 +15,8 @@ from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitiv
 
 from kernel_spills import CONFIG_A, KERNELS, _jit_fn, compile_for, dilated_values, window_values  # noqa: E402
 
+from dilate_compiler.lowering.dilated import triton as dt  # noqa: E402
+
 # (family, kernel kind, causal, tile, key padding, first query position): config A's walks (causal: seeded by the
 # walk-0 kernel), the backward's, and the block-sparse window's forward and backward, each without and with key
 # padding; the block-sparse kernels also for a decoding step (q holds the last position only)
@@ -23,6 +25,20 @@ CASES = [case + (key_mask, None) for key_mask in (False, True) for case in (
     ("dilated", "dq", True, (64, 64)), ("dilated", "dkdv", True, (64, 64)), ("block-sparse", "fwd", True, (128, 64)),
     ("block-sparse", "dq", True, (64, 64)), ("block-sparse", "dkdv", True, (64, 64)))]
 CASES += [("block-sparse", kind, True, (64, 64), True, 262143) for kind in ("fwd", "dq", "dkdv")]
+# split-K: the dilated forward of a decoding step (q holds the last position) in 4 splits, and their combine
+SPLIT_CASES = [("dilated", "fwd", causal, (64, 64), key_mask, 262143) for causal in (True, False)
+               for key_mask in (False, True)]
+
+
+def split_values(values: dict, q_lo: int) -> dict:
+    """A forward's arguments for a decoding step split in 4: fp32 partials, the last position's row only."""
+    return dict(values, Out="*fp32", Lse="*fp32", Q_LO=("i32", q_lo), N_Q=("i32", 1), SPLITS=4)
+
+
+def combine_values(head_dim: int) -> dict:
+    return dict(Part="*fp32", PartLse="*fp32", Out="*bf16", Lse="*fp32", N_Q=("i32", 3), stride_ob=("i32", 16 * 3 * 64),
+                stride_oh=("i32", 3 * 64), stride_on=("i32", 64), H=("i32", 16), HEAD_DIM=head_dim, SPLITS=4,
+                BLOCK_R=16)
 
 
 def inductor_kernel(kernel, tmp: str):
@@ -41,10 +57,14 @@ def inductor_kernel(kernel, tmp: str):
 def main() -> int:
     failed = 0
     with tempfile.TemporaryDirectory() as tmp:
-        for family, kind, causal, (bm, bn), key_mask, q_lo in CASES:
+        for split, (family, kind, causal, (bm, bn), key_mask, q_lo) in [(False, c) for c in CASES] + [
+                (True, c) for c in SPLIT_CASES]:
             kernel = inductor_kernel(KERNELS[family][kind], tmp)
             if family == "dilated":
-                values = dilated_values(262144, CONFIG_A, causal, kind, bm, bn, key_mask=key_mask)
+                values = dict(dilated_values(262144, CONFIG_A, causal, kind, bm, bn, key_mask=key_mask,
+                                             q_lo=q_lo or 0), SPLITS=1)
+                if split:
+                    values = split_values(values, q_lo)
             else:
                 values = dict(window_values(262144, key_mask=key_mask, q_lo=q_lo), BLOCK_M=bm, BLOCK_N=bn)
             values = {name: ("fp64" if name in ("sm_scale", "out_scale") else v) for name, v in values.items()
@@ -56,6 +76,13 @@ def main() -> int:
                 failed += 1
                 print(f"{family} {kind} causal={causal} key_mask={key_mask} q_lo={q_lo}: FAILED {type(e).__name__}: "
                       f"{e}")
+        kernel = inductor_kernel(dt._dilated_attn_fwd_combine_kernel, tmp)
+        try:
+            compile_for(kernel, combine_values(64), 4, 1, 90)
+            print("dilated split-K combine: built")
+        except Exception as e:  # noqa: BLE001
+            failed += 1
+            print(f"dilated split-K combine: FAILED {type(e).__name__}: {e}")
     return 1 if failed else 0
 
 

@@ -15,6 +15,16 @@ softmax, so a key linked by two branches counts twice (LongNet's mixing) and the
 are written once. The dK/dV kernel mirrors it: a program owns ``BLOCK_N`` keys of one class of one kv head
 and loops over the query heads of its GQA group and their selecting branches.
 
+Split-K (flash-decoding) in the forward: a program walks all of its rows' key tiles one after another, so a call
+with few query rows (a decode step: ``Nq`` rows at the end of ``N`` keys, a handful of programs per head) leaves
+the card with a few long serial loops. When the query tiles are short and the programs too few to fill the card
+(``forward_splits``, ``choose_splits``), the grid gains a third axis of ``SPLITS`` programs per query tile: they
+deal the program's key tiles round themselves, tile ``k`` of the program's loops (every branch block, walk,
+partial tail tile and causal diagonal, after key-padding clipping) to split ``k % SPLITS`` (``_split_tiles``).
+Each split writes its normalised partial output and base-2 log-sum-exp to an fp32 workspace (a split given no
+linked key: lse ``-inf``), and ``_dilated_attn_fwd_combine_kernel`` merges them per row with their softmax masses.
+``SPLITS == 1`` compiles the kernel without any of this; split calls run no walk-0 kernel, and dropout runs unsplit.
+
 Log-sum-exps are kept in base 2 inside the kernels (``exp2``, ``common.primitives``); the op stores natural-log
 LSE.
 
@@ -29,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 import triton
@@ -37,8 +48,8 @@ import triton.language as tl
 from ..common.dispatch import tensor_unsupported_reason
 from ..common.autotune import autotune
 from ..common.key_padding import clip_tiles, key_padding_args, key_range, keys_kept
-from ..common.launch import (autotune_configs, head_shape, launch_device, rows_addressable, rows_fit, runner,
-                             softcap_args, tile_configs)
+from ..common.launch import (INTERPRET, autotune_configs, head_shape, launch_device, rows_addressable, rows_fit,
+                             runner, softcap_args, tile_configs)
 from ..common.primitives import LN2, LOG2E, score_scale, soft_cap, softmax_step, softmax_weights
 from .plan import check_head_offsets, head_group_bounds, nested_order, offsets_coincide
 
@@ -143,17 +154,36 @@ def _query_tile(i_tile, Q_LO, N_Q, L: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _split_tiles(lo, hi, split, turn, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+    """Split-K: where split ``split`` of ``SPLITS`` starts in the tiles ``[lo, hi)`` (tiles at ``lo + k * BLOCK``;
+    it then takes every ``SPLITS``-th), and the program's tile count past them. ``turn`` counts the tiles of the
+    program's loops before this one: tile ``k`` is the program's tile ``turn + k`` and goes to split ``(turn + k) %
+    SPLITS``, so each tile of every loop goes to exactly one split, dealt round the splits in turn across loops.
+    ``SPLITS == 1``: ``(lo, turn)``."""
+    if SPLITS > 1:
+        first = lo + (split + SPLITS - turn % SPLITS) % SPLITS * BLOCK
+        turn = turn + tl.cdiv(tl.maximum(hi - lo, 0), BLOCK)
+    else:
+        first = lo
+    return first, turn
+
+
+@triton.jit
 def _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, hi, n_keys, qk_scale,
                W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK: tl.constexpr,
                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, seed, drop_thr, stream, DROPOUT: tl.constexpr,
-               keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr, softcap, SOFTCAP: tl.constexpr):
+               keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr, softcap, SOFTCAP: tl.constexpr,
+               split, turn, SPLITS: tl.constexpr):
     """Key blocks ``[lo, hi)`` of one branch; ``MASK`` only on boundary blocks (segment edges, causal diagonal).
     Dropout zeroes dropped pairs in ``P @ V`` only (the normaliser keeps them; ``1 / (1 - p)`` is in out_scale).
-    ``KEY_MASK``: key padding (``common.key_padding``): tiles of dropped keys only are skipped, the others masked."""
+    ``KEY_MASK``: key padding (``common.key_padding``): tiles of dropped keys only are skipped, the others masked.
+    ``SPLITS > 1``: split ``split``'s share of the blocks (``_split_tiles``); returns the program's tile count
+    ``turn`` past these blocks."""
     offs_d = tl.arange(0, HEAD_DIM)
     if KEY_MASK:
         lo, hi = clip_tiles(lo, hi, j0, R, kv_lo, kv_hi, BLOCK_N)
-    for start in range(lo, hi, BLOCK_N):
+    first, turn = _split_tiles(lo, hi, split, turn, SPLITS, BLOCK_N)
+    for start in range(first, hi, SPLITS * BLOCK_N):
         m = start + tl.arange(0, BLOCK_N)
         j = j0 + m * R                                                   # key positions: a strided view
         if MASK:
@@ -181,7 +211,7 @@ def _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, hi, n_key
             pr = tl.where(_keep_tile(seed, p, j, j0, start, stream, drop_thr, R, BLOCK_N, DROPOUT), pr, 0.0)
         acc = tl.dot(pr.to(v.dtype), v, acc * alpha[:, None])           # [BLOCK_M, HEAD_DIM]
         m_i = m_new
-    return acc, m_i, l_i
+    return acc, m_i, l_i, turn
 
 
 @triton.jit
@@ -207,16 +237,18 @@ def _key_range(p_first, p_last, o, N, W: tl.constexpr, R: tl.constexpr, IS_CAUSA
 def _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N, qk_scale,
                 W: tl.constexpr, R: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, seed, drop_thr, stream, DROPOUT: tl.constexpr,
-                keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr, softcap, SOFTCAP: tl.constexpr):
+                keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr, softcap, SOFTCAP: tl.constexpr,
+                split, turn, SPLITS: tl.constexpr):
     """Online softmax over one branch's keys for the query rows ``p`` (scores in base 2)."""
     j0, n_keys, n_full = _key_range(p_first, p_last, o, N, W, R, IS_CAUSAL, BLOCK_N)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, 0, n_full, n_keys, qk_scale,
-                               W, R, IS_CAUSAL, False, BLOCK_N, HEAD_DIM, seed, drop_thr, stream, DROPOUT,
-                               keep_base, kv_lo, kv_hi, holes, KEY_MASK, softcap, SOFTCAP)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, n_full, n_keys, n_keys,
-                               qk_scale, W, R, IS_CAUSAL, True, BLOCK_N, HEAD_DIM, seed, drop_thr, stream, DROPOUT,
-                               keep_base, kv_lo, kv_hi, holes, KEY_MASK, softcap, SOFTCAP)
-    return acc, m_i, l_i
+    acc, m_i, l_i, turn = _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, 0, n_full, n_keys, qk_scale,
+                                     W, R, IS_CAUSAL, False, BLOCK_N, HEAD_DIM, seed, drop_thr, stream, DROPOUT,
+                                     keep_base, kv_lo, kv_hi, holes, KEY_MASK, softcap, SOFTCAP, split, turn, SPLITS)
+    acc, m_i, l_i, turn = _fwd_inner(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, n_full, n_keys, n_keys,
+                                     qk_scale, W, R, IS_CAUSAL, True, BLOCK_N, HEAD_DIM, seed, drop_thr, stream,
+                                     DROPOUT, keep_base, kv_lo, kv_hi, holes, KEY_MASK, softcap, SOFTCAP, split, turn,
+                                     SPLITS)
+    return acc, m_i, l_i, turn
 
 
 # --- nested patterns: every distinct (query, key) pair once, weighted by how many branches link it ---------
@@ -336,40 +368,43 @@ def _walk_key_tile(q, k_base, v_base, stride_kn, j0, start, valid_hi, lm, qk_sca
 @triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, hi, valid_hi, lm, qk_scale, R: tl.constexpr,
                MASK: tl.constexpr, TAIL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, keep_base,
-               kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr, softcap, SOFTCAP: tl.constexpr):
-    """Key tiles ``[lo, hi)`` of a walk (``_walk_key_tile``); ``MASK``: the causal diagonal."""
-    for start in range(lo, hi, BLOCK_N):
+               kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr, softcap, SOFTCAP: tl.constexpr, split, turn,
+               SPLITS: tl.constexpr):
+    """Key tiles ``[lo, hi)`` of a walk (``_walk_key_tile``); ``MASK``: the causal diagonal. ``SPLITS > 1``:
+    split ``split``'s share of them (``_split_tiles``); returns the program's tile count ``turn`` past them."""
+    first, turn = _split_tiles(lo, hi, split, turn, SPLITS, BLOCK_N)
+    for start in range(first, hi, SPLITS * BLOCK_N):
         j, k, v, s, dcap = _walk_key_tile(q, k_base, v_base, stride_kn, j0, start, valid_hi, lm, qk_scale, R, TAIL,
                                     BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes, KEY_MASK, softcap, SOFTCAP)
         if MASK:
             s = tl.where(j[None, :] <= p[:, None], s, float("-inf"))
         acc, m_i, l_i = softmax_step(acc, m_i, l_i, s, 1.0, v, MASK or KEY_MASK)
-    return acc, m_i, l_i
+    return acc, m_i, l_i, turn
 
 
 @triton.jit
 def _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, lo, hi, valid_hi, qk_scale,
              B: tl.constexpr, R: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
              NUM_BRANCHES: tl.constexpr, RS: tl.constexpr, keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr,
-             softcap, SOFTCAP: tl.constexpr):
+             softcap, SOFTCAP: tl.constexpr, split, turn, SPLITS: tl.constexpr):
     """Key tiles ``[lo, hi)`` of a walk (``hi <= valid_hi``): whole tiles, then the partial one."""
     if KEY_MASK:
         lo, hi = clip_tiles(lo, hi, j0, R, kv_lo, kv_hi, BLOCK_N)
     lm, whole = _walk_split(j0, lo, hi, valid_hi, h, y, B, R, NUM_BRANCHES, RS, BLOCK_N)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, whole, valid_hi, lm,
-                               qk_scale, R, MASK, False, BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes, KEY_MASK,
-                               softcap, SOFTCAP)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, whole, hi, valid_hi, lm,
-                               qk_scale, R, MASK, True, BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes, KEY_MASK,
-                               softcap, SOFTCAP)
-    return acc, m_i, l_i
+    acc, m_i, l_i, turn = _fwd_tiles(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, lo, whole, valid_hi, lm,
+                                     qk_scale, R, MASK, False, BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes,
+                                     KEY_MASK, softcap, SOFTCAP, split, turn, SPLITS)
+    acc, m_i, l_i, turn = _fwd_tiles(acc, m_i, l_i, q, p, k_base, v_base, stride_kn, j0, whole, hi, valid_hi, lm,
+                                     qk_scale, R, MASK, True, BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi, holes,
+                                     KEY_MASK, softcap, SOFTCAP, split, turn, SPLITS)
+    return acc, m_i, l_i, turn
 
 
 @triton.jit
 def _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N, qk_scale,
               B: tl.constexpr, WS: tl.constexpr, RS: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
               HEAD_DIM: tl.constexpr, keep_base, kv_lo, kv_hi, holes, KEY_MASK: tl.constexpr,
-              softcap, SOFTCAP: tl.constexpr):
+              softcap, SOFTCAP: tl.constexpr, split, turn, SPLITS: tl.constexpr):
     """Walk ``B`` of a forward program (see the section comment), if branch ``B`` selects class ``c``."""
     R: tl.constexpr = RS[B]
     NUM_BRANCHES: tl.constexpr = len(RS)
@@ -377,17 +412,18 @@ def _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride
         j0, a_hi, b_lo, b_hi, n_keys = _walk_keys(p_first, p_last, h % R, N, B, WS, R, IS_CAUSAL, BLOCK_N)
         y = c - h
         if B > 0:
-            acc, m_i, l_i = _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, 0, a_hi, a_hi,
-                                     qk_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS, keep_base, kv_lo,
-                                     kv_hi, holes, KEY_MASK, softcap, SOFTCAP)
-        acc, m_i, l_i = _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, b_lo, b_hi, n_keys,
-                                 qk_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS, keep_base, kv_lo, kv_hi,
-                                 holes, KEY_MASK, softcap, SOFTCAP)
+            acc, m_i, l_i, turn = _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, 0, a_hi, a_hi,
+                                           qk_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS, keep_base,
+                                           kv_lo, kv_hi, holes, KEY_MASK, softcap, SOFTCAP, split, turn, SPLITS)
+        acc, m_i, l_i, turn = _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, b_lo, b_hi, n_keys,
+                                       qk_scale, B, R, False, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS, keep_base, kv_lo,
+                                       kv_hi, holes, KEY_MASK, softcap, SOFTCAP, split, turn, SPLITS)
         if IS_CAUSAL and B == 0:
-            acc, m_i, l_i = _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, b_hi, n_keys, n_keys,
-                                     qk_scale, B, R, True, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS, keep_base, kv_lo,
-                                     kv_hi, holes, KEY_MASK, softcap, SOFTCAP)
-    return acc, m_i, l_i
+            acc, m_i, l_i, turn = _fwd_run(acc, m_i, l_i, q, p, h, y, k_base, v_base, stride_kn, j0, b_hi, n_keys,
+                                           n_keys, qk_scale, B, R, True, BLOCK_N, HEAD_DIM, NUM_BRANCHES, RS,
+                                           keep_base, kv_lo, kv_hi, holes, KEY_MASK, softcap, SOFTCAP, split, turn,
+                                           SPLITS)
+    return acc, m_i, l_i, turn
 
 
 @triton.jit
@@ -577,7 +613,8 @@ def _program_scales(sm_scale, out_scale, Seed, DROPOUT: tl.constexpr):
     return sm_scale, tl.cast(out_scale, tl.float32), qk_scale, seed
 
 
-@autotune(autotune_configs(tile_space("fwd")), key=_KEY + ["SEEDED"], name="dilated forward", streamed=("BLOCK_N", 2))
+@autotune(autotune_configs(tile_space("fwd")), key=_KEY + ["SEEDED", "SPLITS"], name="dilated forward",
+          streamed=("BLOCK_N", 2))
 @triton.jit
 def _dilated_attn_fwd_kernel(
     Q, K, V, Out, Lse, Out0, Lse0, sm_scale,
@@ -586,13 +623,23 @@ def _dilated_attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, L: tl.constexpr, MIXING_LSE: tl.constexpr, WS: tl.constexpr, RS: tl.constexpr,
     SS: tl.constexpr, IS_CAUSAL: tl.constexpr, GQA: tl.constexpr, DROPOUT: tl.constexpr, WALKS: tl.constexpr,
     SEEDED: tl.constexpr, KEY_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    GROUPED: tl.constexpr, softcap, SOFTCAP: tl.constexpr,
+    GROUPED: tl.constexpr, softcap, SOFTCAP: tl.constexpr, SPLITS: tl.constexpr,
 ):
+    """Program ``(t, b * H + h[, s])``: query tile ``t`` (``_query_tile``) of head ``h``. ``SPLITS > 1`` (split-K,
+    module docstring): split ``s`` walks its share of the key tiles and writes its partial output and base-2
+    log-sum-exp to the fp32 workspaces ``Out [SPLITS, B * H, N_Q, HEAD_DIM]`` and ``Lse [SPLITS, B * H, N_Q]``
+    (``_dilated_attn_fwd_combine_kernel`` merges them)."""
     NUM_BRANCHES: tl.constexpr = len(WS)
     tl.static_assert(NUM_BRANCHES <= 8)   # MAX_BRANCHES
     tl.static_assert(not SEEDED or WALKS == 2)
+    tl.static_assert(SPLITS == 1 or (not SEEDED and not DROPOUT))
     i_tile = tl.program_id(0)
     i_bh, b, h = _program_head(H)
+    if SPLITS > 1:
+        split = tl.program_id(2)
+    else:
+        split = 0
+    turn = i_bh * 0                                     # key tiles walked so far (split-K's deal, _split_tiles)
     c, p, row_ok, p_first, p_last, n_left = _query_tile(i_tile, Q_LO, N_Q, L, BLOCK_M)
     if n_left <= 0:
         return
@@ -624,25 +671,70 @@ def _dilated_attn_fwd_kernel(
     if _one_segment(p_first, p_last, WS[0], WALKS, BLOCK_N, L):
         if WALKS > 0:   # constexpr: kernels whose programs never walk compile no walk
             for B in tl.static_range(SEEDED, NUM_BRANCHES):   # walk B: branch B's segment outside branch B-1's
-                acc, m_i, l_i = _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base, stride_kn, N,
-                                          qk_scale, B, WS, RS, IS_CAUSAL, BLOCK_N, HEAD_DIM, keep_base, kv_lo, kv_hi,
-                                          holes, KEY_MASK, softcap, SOFTCAP)
+                acc, m_i, l_i, turn = _fwd_walk(acc, m_i, l_i, q, p, p_first, p_last, h, c, k_base, v_base,
+                                                stride_kn, N, qk_scale, B, WS, RS, IS_CAUSAL, BLOCK_N, HEAD_DIM,
+                                                keep_base, kv_lo, kv_hi, holes, KEY_MASK, softcap, SOFTCAP, split,
+                                                turn, SPLITS)
     else:
         if WALKS < 2:   # constexpr: kernels whose programs all walk compile no per-branch block
             for B in tl.static_range(NUM_BRANCHES):   # one block per branch, each adding its keys
                 o, sel = _branch_offset(h, B, RS[B], SS[B], SS[B + 1], MIXING_LSE, c, H, GROUPED)
                 if sel:
-                    acc, m_i, l_i = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base, stride_kn, o, N,
-                                                qk_scale, WS[B], RS[B], IS_CAUSAL, BLOCK_M, BLOCK_N, HEAD_DIM,
-                                                seed, drop_thr, stream + B, DROPOUT, keep_base, kv_lo, kv_hi, holes,
-                                                KEY_MASK, softcap, SOFTCAP)
-    # Epilogue: rows no branch links have l_i == 0 -> output 0, lse -inf.
+                    acc, m_i, l_i, turn = _fwd_branch(acc, m_i, l_i, q, p, p_first, p_last, k_base, v_base,
+                                                      stride_kn, o, N, qk_scale, WS[B], RS[B], IS_CAUSAL, BLOCK_M,
+                                                      BLOCK_N, HEAD_DIM, seed, drop_thr, stream + B, DROPOUT,
+                                                      keep_base, kv_lo, kv_hi, holes, KEY_MASK, softcap, SOFTCAP,
+                                                      split, turn, SPLITS)
+    # Epilogue: rows no branch links have l_i == 0 -> output 0, lse -inf (a split given none of a row's keys too).
     linked = l_i > 0.0
     out = (acc / tl.where(linked, l_i, 1.0)[:, None] * out_scale).to(tl.float32)
-    lse = tl.where(linked, (m_i + tl.log2(tl.where(linked, l_i, 1.0))) * LN2, float("-inf"))
-    o_base = Out + b * stride_ob + h.to(tl.int64) * stride_oh
-    tl.store(o_base + pq[:, None] * stride_on + offs_d[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(Lse + i_bh.to(tl.int64) * N_Q + pq, lse, mask=row_ok)
+    if SPLITS > 1:  # the split's partial: fp32 output and base-2 lse, row (split * B * H + b * H + h) * N_Q + pq
+        part = (split * tl.num_programs(1) + i_bh).to(tl.int64) * N_Q + pq
+        lse2 = tl.where(linked, m_i + tl.log2(tl.where(linked, l_i, 1.0)), float("-inf"))
+        tl.store(Out + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
+        tl.store(Lse + part, lse2, mask=row_ok)
+    else:
+        lse = tl.where(linked, (m_i + tl.log2(tl.where(linked, l_i, 1.0))) * LN2, float("-inf"))
+        o_base = Out + b * stride_ob + h.to(tl.int64) * stride_oh
+        tl.store(o_base + pq[:, None] * stride_on + offs_d[None, :], out.to(Out.dtype.element_ty),
+                 mask=row_ok[:, None])
+        tl.store(Lse + i_bh.to(tl.int64) * N_Q + pq, lse, mask=row_ok)
+
+
+@triton.jit
+def _dilated_attn_fwd_combine_kernel(Part, PartLse, Out, Lse, N_Q, stride_ob, stride_oh, stride_on, H,
+                                     HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Split-K's merge: program ``(t, b * H + h)`` combines the ``SPLITS`` partials (``Part [SPLITS, B * H, N_Q,
+    HEAD_DIM]`` fp32, normalised; ``PartLse`` their base-2 log-sum-exps, ``-inf`` where a split linked nothing) of
+    rows ``t * BLOCK_R ..`` into ``out = sum_s 2^(lse_s - m) out_s / sum_s 2^(lse_s - m)`` (``m`` the largest
+    ``lse_s``) and ``lse = m + log2(sum_s 2^(lse_s - m))``, stored as the natural log; a row no split links gets
+    output 0 and lse ``-inf``. The partials carry ``out_scale`` already (a weighted mean commutes with it)."""
+    i_bh = tl.program_id(1)
+    bh = tl.num_programs(1)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < N_Q
+    offs_d = tl.arange(0, HEAD_DIM)
+    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    for s in tl.static_range(SPLITS):
+        part = (s * bh + i_bh).to(tl.int64) * N_Q + rows
+        m = tl.maximum(m, tl.load(PartLse + part, mask=row_ok, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros([BLOCK_R, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for s in tl.static_range(SPLITS):
+        part = (s * bh + i_bh).to(tl.int64) * N_Q + rows
+        w = tl.exp2(tl.load(PartLse + part, mask=row_ok, other=float("-inf")) - m_safe)   # 0 for an empty split
+        o = tl.load(Part + part[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        acc += w[:, None] * o
+        l_i += w
+    linked = l_i > 0.0
+    out = acc / tl.where(linked, l_i, 1.0)[:, None]
+    lse = tl.where(linked, (m_safe + tl.log2(tl.where(linked, l_i, 1.0))) * LN2, float("-inf"))
+    b = (i_bh // H).to(tl.int64)
+    h = (i_bh % H).to(tl.int64)
+    tl.store(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_on + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(Lse + i_bh.to(tl.int64) * N_Q + rows, lse, mask=row_ok)
 
 
 # --- causal nested patterns: walk 0 over contiguous query rows ------------------------------------------------
@@ -1115,8 +1207,98 @@ def walk0_applies(meta: dict, nested: bool, is_causal: bool, walks_fwd: int) -> 
                for cfg in _dilated_attn_fwd_walk0_kernel.configs)
 
 
-def _rows_grid(n: int, L: int, block: str, programs_b: int):
+def _rows_grid(n: int, L: int, block: str, programs_b: int, splits: int = 1):
+    if splits > 1:
+        return lambda META: (L * triton.cdiv(triton.cdiv(n, L), META[block]), programs_b, splits)
     return lambda META: (L * triton.cdiv(triton.cdiv(n, L), META[block]), programs_b)
+
+
+# --- split-K ------------------------------------------------------------------------------------------------
+
+MAX_SPLITS = 16       # splits the launcher chooses at most (``choose_splits``)
+MAX_FORCED_SPLITS = 64
+SPLIT_FILL = 4        # split while the forward has fewer programs than SPLIT_FILL per SM
+INTERPRETER_SMS = 4   # the "card" the interpreter stands for: the tests' decode-sized calls split
+_COMBINE_ROWS = 16    # rows per program of the combine kernel
+
+
+def _forced_splits_from_env():
+    """``DILATE_COMPILER_FWD_SPLITS``: the split-K count of every forward without dropout (None: unset, chosen per
+    call by ``forward_splits``)."""
+    value = os.environ.get("DILATE_COMPILER_FWD_SPLITS", "")
+    if value == "":
+        return None
+    if not value.isdigit() or not 1 <= int(value) <= MAX_FORCED_SPLITS:
+        raise ValueError(f"DILATE_COMPILER_FWD_SPLITS must be an integer in [1, {MAX_FORCED_SPLITS}] (the forward's "
+                         f"split-K count) or unset (chosen per call), got {value!r}")
+    return int(value)
+
+
+FORCED_SPLITS = _forced_splits_from_env()
+
+
+def choose_splits(programs: int, key_tiles: int, sm_count: int) -> int:
+    """How many splits (split-K) a forward with short query tiles runs: 1 (none) or ``S`` in ``[2, MAX_SPLITS]``.
+
+    ``programs``: the forward's programs that own rows (query tiles x B x H); ``key_tiles``: how many key tiles
+    a row links at most; ``sm_count``: the card's SMs. A forward program walks all of its rows' key tiles one after
+    another, so with few programs (a decode step: one query row per head) the card holds a few long serial loops
+    and waits on their loads. S splits give each program's key tiles to S programs, at the cost of an fp32 partial
+    output per split and a combine launch. Split while there are fewer than ``SPLIT_FILL`` programs per SM:
+    ``S = ceil(SPLIT_FILL * sm_count / programs)``, at most ``MAX_SPLITS`` and at most ``key_tiles`` (a split
+    with no tile to walk only costs)."""
+    if programs <= 0 or programs >= SPLIT_FILL * sm_count or key_tiles < 2:
+        return 1
+    return max(1, min(MAX_SPLITS, key_tiles, -(-SPLIT_FILL * sm_count // programs)))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    """The SMs of CUDA device ``device_index`` (its properties, read once: no host sync)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _keys_per_row(segment_lengths, dilation_rates, mixing: str, n) -> int:
+    """A bound of the keys one query row links: under ``mixing="lse"`` each branch's keys in its segment (a
+    segment clipped to ``n`` keys when ``n`` is an int), summed; under ``"head_groups"`` the largest branch's."""
+    per_branch = [-(-(min(w, n) if isinstance(n, int) else w) // r) for w, r in zip(segment_lengths, dilation_rates)]
+    return sum(per_branch) if mixing == "lse" else max(per_branch)
+
+
+def forward_splits(num_splits, *, batch, num_heads: int, n_q, n, L: int, segment_lengths, dilation_rates,
+                   mixing: str, dropout_p: float, device) -> int:
+    """The split-K count of one forward launch. ``num_splits``, an int in ``[1, MAX_FORCED_SPLITS]``, forces it
+    (with dropout only 1: the kernel with dropout runs unsplit); None leaves it to ``DILATE_COMPILER_FWD_SPLITS``
+    where set (dropout: 1), else to ``choose_splits``, which splits only where every residue class's query rows
+    fit one query tile of the tile space (short query tiles: decode steps) and only on a GPU or the interpreter.
+    Under ``torch.compile`` with dynamic shapes a symbolic batch or query count is not split unless forced: the
+    choice reads static facts only, so it adds no guard (a symbolic key count ``n`` bounds a row's keys by the
+    segments alone)."""
+    if num_splits is not None:
+        if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_FORCED_SPLITS:
+            raise ValueError(f"num_splits must be None (chosen per call) or an int in [1, {MAX_FORCED_SPLITS}], got "
+                             f"{num_splits!r}")
+        if num_splits > 1 and dropout_p > 0.0:
+            raise NotImplementedError(f"split-K (num_splits={num_splits}) with dropout (dropout_p={dropout_p}): the "
+                                      f"forward with dropout runs unsplit; accepted: num_splits=1 or None")
+        return num_splits
+    if dropout_p > 0.0:
+        return 1
+    if FORCED_SPLITS is not None:
+        return FORCED_SPLITS
+    configs = _dilated_attn_fwd_kernel.configs
+    block_m = min(cfg.kwargs["BLOCK_M"] for cfg in configs)
+    block_n = max(cfg.kwargs["BLOCK_N"] for cfg in configs)
+    if not isinstance(batch, int) or not isinstance(n_q, int) or -(-n_q // L) > block_m:
+        return 1
+    if device.type == "cuda":
+        sm_count = _sm_count(device.index)
+    elif INTERPRET:
+        sm_count = INTERPRETER_SMS
+    else:
+        return 1
+    key_tiles = -(-_keys_per_row(segment_lengths, dilation_rates, mixing, n) // block_n)
+    return choose_splits(batch * num_heads * min(n_q, L), key_tiles, sm_count)
 
 
 def _dropout_args(dropout_p: float, seed, dummy, segment_lengths, dilation_rates) -> tuple:
@@ -1145,7 +1327,7 @@ def _query_offset(q_offset, n_q: int, n: int) -> int:
 
 def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: bool, scale: float, mixing: str,
                      dropout_p: float = 0.0, seed=None, q_offset: int = 0, key_keep=None, softcap=None,
-                     head_offsets: str = "interleaved"):
+                     head_offsets: str = "interleaved", num_splits=None):
     """Launch the forward kernel: ``out [B, Hq, Nq, D]`` (q's dtype) and ``lse [B, Hq, Nq]`` (float32, natural log).
 
     k and v hold the ``N`` positions of the sequence; q holds ``Nq`` of them, the positions
@@ -1157,7 +1339,8 @@ def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: boo
     LSE is that of the undropped softmax. ``key_keep``: bool ``[B or 1, N]``, the keys that attend (key padding,
     ``common.key_padding``). ``head_offsets``: ``"interleaved"`` or ``"grouped"`` (``plan.head_offset``; H is q's
     head count). ``softcap``: scores ``c * tanh(scale * q.k / c)`` (Gemma2's soft-capping; None: uncapped), capped
-    before the pattern's multiplicities and masks."""
+    before the pattern's multiplicities and masks. ``num_splits``: split-K's count (``forward_splits``; None:
+    chosen per call)."""
     B, Nq, N = q.shape[0], q.shape[2], k.shape[2]
     H, Hkv, D = head_shape(q, k)
     q_offset = _query_offset(q_offset, Nq, N)
@@ -1171,10 +1354,17 @@ def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: boo
     walks_fwd = _walks_constexpr(_dilated_attn_fwd_kernel, "rows", meta, nested, q_offset)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                out.stride(0), out.stride(1), out.stride(2), H, N, q_offset, Nq)
-    seeded = walk0_applies(meta, nested, is_causal, walks_fwd)
+    splits = forward_splits(num_splits, batch=B, num_heads=H, n_q=Nq, n=N, L=meta["L"],
+                            segment_lengths=segment_lengths, dilation_rates=dilation_rates, mixing=mixing,
+                            dropout_p=dropout_p, device=q.device)
+    seeded = splits == 1 and walk0_applies(meta, nested, is_causal, walks_fwd)
     keep, key_range_t, stride_keep, key_mask = key_padding_args(key_keep, B, N, q.device)
     cap = softcap_args(softcap)
     out0, lse0 = out, lse                               # unread unless seeded
+    part, part_lse = out, lse                           # what the forward kernel writes: out and lse unless split
+    if splits > 1:
+        part = torch.empty((splits, B, H, Nq, D), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((splits, B, H, Nq), dtype=torch.float32, device=q.device)
     with launch_device(q):
         if seeded:
             out0, lse0 = torch.empty_like(out), torch.empty_like(lse)
@@ -1182,10 +1372,14 @@ def dilated_attn_fwd(q, k, v, segment_lengths, dilation_rates, *, is_causal: boo
             runner(_dilated_attn_fwd_walk0_kernel)[grid](
                 q, k, v, out, lse, out0, lse0, scale, *strides, keep, key_range_t, stride_keep, HEAD_DIM=D,
                 GQA=H // Hkv, KEY_MASK=key_mask, **cap, **{key: meta[key] for key in _KEY_WALK0 if key in meta})
-        runner(_dilated_attn_fwd_kernel)[_rows_grid(Nq, meta["L"], "BLOCK_M", B * H)](
-            q, k, v, out, lse, out0, lse0, scale, *strides, out_scale * rdrop, seed_t, drop_thr, keep, key_range_t,
-            stride_keep, HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // Hkv, DROPOUT=dropout, WALKS=walks_fwd,
-            SEEDED=int(seeded), KEY_MASK=key_mask, **cap, **meta)
+        runner(_dilated_attn_fwd_kernel)[_rows_grid(Nq, meta["L"], "BLOCK_M", B * H, splits)](
+            q, k, v, part, part_lse, out0, lse0, scale, *strides, out_scale * rdrop, seed_t, drop_thr, keep,
+            key_range_t, stride_keep, HEAD_DIM=D, IS_CAUSAL=is_causal, GQA=H // Hkv, DROPOUT=dropout,
+            WALKS=walks_fwd, SEEDED=int(seeded), KEY_MASK=key_mask, **cap, **meta, SPLITS=splits)
+        if splits > 1:
+            runner(_dilated_attn_fwd_combine_kernel)[(triton.cdiv(Nq, _COMBINE_ROWS), B * H)](
+                part, part_lse, out, lse, Nq, out.stride(0), out.stride(1), out.stride(2), H, HEAD_DIM=D,
+                SPLITS=splits, BLOCK_R=_COMBINE_ROWS)
     return out, lse
 
 
