@@ -114,7 +114,8 @@ def dilated_values(n: int, pattern: tuple, causal: bool, kind: str, bm: int, bn:
                    key_mask: bool = False, softcap: bool = False) -> dict:
     """The dilated kernel ``kind``'s arguments for ``pattern`` = (segments, rates, mixing) at N = ``n``, with the
     ``WALKS`` and ``SEEDED`` its launcher would pass for the tile ``bm`` x ``bn`` (``dropout``: the ``DROPOUT``
-    constexpr; "walk0": the causal walk-0 kernel; ``softcap``: the scores soft-capped)."""
+    constexpr; "walk0": the causal walk-0 kernel; ``softcap``: the scores soft-capped; the forward unsplit,
+    ``SPLITS=1``)."""
     segs, rates, mixing = pattern
     meta, _, nested = dt._launch_pattern(segs, rates, mixing, h, 0.1 if dropout else 0.0)
     owner, offset = ("keys", 0) if kind == "dkdv" else ("rows", q_lo)
@@ -124,7 +125,7 @@ def dilated_values(n: int, pattern: tuple, causal: bool, kind: str, bm: int, bn:
                 Out0="*bf16", Lse0="*fp32", SEEDED=int(seeded), Lse="*fp32", Delta="*fp32", sm_scale="fp32",
                 H=("i32", h), N=("i32", n), Q_LO=("i32", q_lo),
                 N_Q=("i32", n), out_scale="fp32", Seed="*i64", drop_thr=("i32", drop_thr), HEAD_DIM=d,
-                IS_CAUSAL=causal, GQA=gqa, DROPOUT=dropout, WALKS=walks, BLOCK_M=bm, BLOCK_N=bn, **meta,
+                IS_CAUSAL=causal, GQA=gqa, DROPOUT=dropout, WALKS=walks, SPLITS=1, BLOCK_M=bm, BLOCK_N=bn, **meta,
                 **key_padding_values(key_mask, n), **softcap_values(softcap), **_strides(n, h, d, "qko"))
 
 
