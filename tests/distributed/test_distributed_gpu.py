@@ -54,7 +54,7 @@ def test_distributed_ops_on_cuda_match_float64(nccl_group, api, strategy, causal
 def test_key_padding_runs_the_kernels_on_cuda_and_matches_float64(nccl_group, mode, strategy, causal, counted):
     import importlib
 
-    from tests.distributed.test_sequence_parallel_kernels import single_process_padded
+    from tests.distributed.test_sequence_parallel_masks import single_process
 
     calls_of = importlib.import_module(f"dilate_compiler.distributed.{counted}").CALLS
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -66,7 +66,7 @@ def test_key_padding_runs_the_kernels_on_cuda_and_matches_float64(nccl_group, mo
     keep[1, 500:620] = False               # a hole and right padding
     keep[1, 900:] = False
     full = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = single_process_padded(strategy, *full, causal, keep)
+    ref = single_process(strategy, *full, causal, keep)
     ref_grads = torch.autograd.grad(ref, full, dout.double())
     before = dict(calls_of)
     out = dc.distributed.ring_attention(q, k, v, strategy, is_causal=causal, mode=mode, key_keep=keep)

@@ -17,6 +17,7 @@ import dilate_compiler as dc
 from dilate_compiler import patterns as P
 from dilate_compiler.distributed.launch import run_ranks, values
 from tests.distributed.test_sequence_parallel import reference
+from tests.distributed.test_sequence_parallel_masks import single_process
 from tests.test_backend import Block   # per-token ops around one causal SDPA
 from tests.tolerances import REL_ERR, rel_err
 
@@ -328,17 +329,6 @@ def pad_keep(rows: int) -> torch.Tensor:
     return keep
 
 
-def single_process_padded(strategy, q, k, v, causal, keep):
-    """The single-process op with key padding on whole sequences (float64: its exact path)."""
-    if strategy is None:
-        return dc.ops.dilated_attention(q, k, v, (q.shape[2],), (1,), is_causal=causal, key_keep=keep)
-    if isinstance(strategy, dc.Dilated):
-        return dc.ops.dilated_attention(q, k, v, strategy.segment_lengths, strategy.dilation_rates, is_causal=causal,
-                                        mixing=strategy.mixing, key_keep=keep)
-    return dc.ops.block_sparse_attention(q, k, v, strategy.pattern, block_size=strategy.block_size,
-                                         is_causal=causal, key_keep=keep)
-
-
 def _padded_worker(rank, world, cases):
     """Per case: (forward, backward) kernel calls of the case's counted module; the largest relative error of the
     kernel path's out, dq, dk, dv against the float64 exact path of the same sharded call and against the float64
@@ -357,7 +347,7 @@ def _padded_worker(rank, world, cases):
         keep = pad_keep(rows)
         shard = lambda t, dim=2: shard_sequence(t, dim=dim, layout=layout)  # noqa: E731
         full = [t.clone().requires_grad_() for t in (q, k, v)]
-        ref = single_process_padded(strategy, *full, causal, keep)
+        ref = single_process(strategy, *full, causal, keep)
         ref_grads = torch.autograd.grad(ref, full, dout)
 
         def sharded(dt):
@@ -448,7 +438,7 @@ def _padded_head_parallel_worker(rank, world, cases):
         dout = torch.randn(2, hq, PAD_N, 32, generator=g, dtype=torch.float64)
         keep = pad_keep(rows)
         full = [t.clone().requires_grad_() for t in (q, k, v)]
-        ref = single_process_padded(strategy, *full, causal, keep)
+        ref = single_process(strategy, *full, causal, keep)
         ref_grads = torch.autograd.grad(ref, full, dout)
         local = [shard_sequence(t).to(dtype).requires_grad_() for t in (q, k, v)]
         calls = dict(calls_of)

@@ -45,8 +45,10 @@ def key_padding(batch: int) -> torch.Tensor:
 
 
 def single_process(strategy, q, k, v, causal, keep):
+    """The single-process op with key padding ``keep`` on whole sequences (dense attention: one branch of rate 1
+    as long as the sequence)."""
     if strategy is None:
-        return dc.ops.dilated_attention(q, k, v, (N,), (1,), is_causal=causal, key_keep=keep)
+        return dc.ops.dilated_attention(q, k, v, (q.shape[2],), (1,), is_causal=causal, key_keep=keep)
     if isinstance(strategy, dc.Dilated):
         return dc.ops.dilated_attention(q, k, v, strategy.segment_lengths, strategy.dilation_rates, is_causal=causal,
                                         mixing=strategy.mixing, key_keep=keep)
