@@ -76,9 +76,9 @@ def measure_ms(fn: Callable[[], object], device, *, backward_inputs: Sequence[to
 
 
 def graph_ms(fn: Callable[[], object], device) -> tuple[float, str]:
-    """Median milliseconds of replaying ``fn()`` captured in a CUDA graph (the GPU's time for the call, without
-    the Python and launch time of calling it), and '' ; or NaN and why it can't be captured (a call that copies
-    between host and device or syncs, for instance). NaN and "CUDA only" off CUDA."""
+    """``(ms, '')``: the median milliseconds of replaying ``fn()`` captured in a CUDA graph (the GPU's time for the
+    call, without the Python and launch time of calling it); or ``(NaN, why)`` when it can't be captured (a call
+    that copies between host and device or syncs, for instance), ``(NaN, "CUDA only")`` off CUDA."""
     if torch.device(device).type != "cuda":
         return float("nan"), "CUDA only"
     import triton
